@@ -1,0 +1,112 @@
+"""Routing by agreement (paper Procedure 1, Eq. 3), forward and backward.
+
+Per sample, with prediction vectors u_hat[i, j] (what input capsule i predicts for parent j):
+
+    b = 0                                      # [I, J] routing logits, new for every sample
+    for t in 1..r:
+        c = softmax_j(b)                       # coupling coefficients; each row sums to 1 over PARENTS j
+        s_j = sum_i c_ij u_hat_ij (+ bias_j)   # [J, D] total input of parent j (Eq. 2)
+        v_j = squash(s_j)                      # [J, D] output of parent j (Eq. 1)
+        if t < r: b_ij += u_hat_ij . v_j       # agreement (Procedure 1, line 7)
+    return v
+
+Since b starts at 0, b^(t) = u_hat . V^(t) with V^(t) = v^(1) + ... + v^(t-1): the logits are
+a function of the running sum of outputs. The forward below is written that way because it is
+how the kernels compute it and how the backward is derived.
+
+Gradient policies (SPEC section 3):
+- agreement_grad=True (default, as the official code): the gradient flows through every
+  iteration, including the agreement terms u_hat . v of the inner iterations.
+- agreement_grad=False: the common variant that treats u_hat as a constant inside the agreement
+  b = u_hat . V; the gradient reaches u_hat only through s = sum_i c u_hat of each iteration
+  (it still flows through V into earlier iterations' v and so into their s).
+"""
+
+import numpy as np
+
+from .squash import squash_backward, squash_forward
+
+__all__ = ["routing_forward", "routing_backward", "softmax"]
+
+
+def softmax(logits, axis):
+    """Max-subtracted softmax, so large logits never overflow."""
+    shifted = logits - np.max(logits, axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def routing_forward(u_hat, iterations=3, *, bias=None, agreement_grad=True):
+    """Route prediction vectors u_hat [B, I, J, D] to output capsules v [B, J, D].
+
+    iterations: r >= 1; r = 1 is a single pass with uniform coupling c = 1/J.
+    bias: optional [J, D] added to s in every iteration (the official code has one; off by default).
+    Returns (v, cache); the cache holds what routing_backward needs.
+    """
+    u_hat = np.asarray(u_hat)
+    if u_hat.ndim != 4:
+        raise ValueError(f"u_hat must have shape [B, I, J, D] (4 axes), got shape {u_hat.shape}")
+    if not np.issubdtype(u_hat.dtype, np.floating):
+        raise ValueError(f"u_hat must be a floating-point array, got dtype {u_hat.dtype}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    B, I, J, D = u_hat.shape
+    if bias is not None:
+        bias = np.asarray(bias)
+        if bias.shape != (J, D):
+            raise ValueError(f"bias must have shape [J, D] = {(J, D)}, got {bias.shape}")
+
+    v_sum = np.zeros((B, J, D), dtype=u_hat.dtype)                 # V^(t) = v^(1) + ... + v^(t-1)
+    couplings, v_sums, totals = [], [], []
+    for _ in range(iterations):
+        logits = np.einsum("bijd,bjd->bij", u_hat, v_sum)          # [B, I, J]   b^(t)
+        c = softmax(logits, axis=2)                                # [B, I, J]   over parents j
+        s = np.einsum("bij,bijd->bjd", c, u_hat)                   # [B, J, D]
+        if bias is not None:
+            s = s + bias                                           # [B, J, D]
+        v = squash_forward(s)                                      # [B, J, D]
+        couplings.append(c)
+        v_sums.append(v_sum)
+        totals.append(s)
+        v_sum = v_sum + v                                          # [B, J, D]
+    cache = dict(u_hat=u_hat, couplings=couplings, v_sums=v_sums, totals=totals,
+                 has_bias=bias is not None, agreement_grad=agreement_grad)
+    return v, cache
+
+
+def routing_backward(dv, cache):
+    """du_hat [B, I, J, D] for the loss gradient dv = dL/dv [B, J, D] of the last iteration.
+
+    Walks the iterations backwards. In iteration t, with ds = squash_backward(dL/dv^(t), s^(t)):
+        du_hat += c ds                                  (through s = sum_i c u_hat)
+        dc      = u_hat . ds                            [B, I, J]
+        db      = c (dc - sum_j c dc)                   (softmax over j)
+        du_hat += db V^(t)                              (through b = u_hat . V; full policy only)
+        dV      = sum_i db u_hat                        [B, J, D]
+    and, because V^(t) = v^(1) + ... + v^(t-1), dV adds to dL/dv of every earlier iteration.
+    Returns du_hat, or (du_hat, dbias) when the forward had a bias.
+    """
+    u_hat = cache["u_hat"]
+    dv = np.asarray(dv)
+    B, I, J, D = u_hat.shape
+    if dv.shape != (B, J, D):
+        raise ValueError(f"dv must have shape [B, J, D] = {(B, J, D)}, got {dv.shape}")
+
+    du_hat = np.zeros_like(u_hat)                                  # [B, I, J, D]
+    dbias = np.zeros((J, D), dtype=u_hat.dtype)                    # [J, D]
+    dv_t = dv                                                      # dL/dv^(t), starts at the last
+    dv_later = np.zeros_like(dv)                                   # sum of dV over later iterations
+    for t in reversed(range(len(cache["totals"]))):
+        c, v_sum, s = cache["couplings"][t], cache["v_sums"][t], cache["totals"][t]
+        ds = squash_backward(dv_t, s)                              # [B, J, D]
+        dbias += ds.sum(axis=0)                                    # [J, D]
+        du_hat += c[..., None] * ds[:, None, :, :]                 # [B, I, J, D]
+        dc = np.einsum("bijd,bjd->bij", u_hat, ds)                 # [B, I, J]
+        dlogits = c * (dc - np.sum(c * dc, axis=2, keepdims=True)) # [B, I, J]
+        if cache["agreement_grad"]:
+            du_hat += dlogits[..., None] * v_sum[:, None, :, :]    # [B, I, J, D]
+        dv_later = dv_later + np.einsum("bij,bijd->bjd", dlogits, u_hat)  # [B, J, D]
+        dv_t = dv_later                                            # v^(t-1) feeds every V^(t'), t' >= t
+    if cache["has_bias"]:
+        return du_hat, dbias
+    return du_hat

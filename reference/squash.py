@@ -1,0 +1,81 @@
+"""Squash, the capsule non-linearity (paper Eq. 1).
+
+    v = (|s|^2 / (1 + |s|^2)) * s / |s|  =  f(n) * s,   n = |s|,   f(n) = n / (1 + n^2)
+
+It shrinks short vectors to almost zero and long ones to just under unit length, keeping the
+direction, so a capsule's length can be read as the probability that its entity is present.
+
+Numerics pinned by the specification (SPEC section 2):
+- no epsilon anywhere: for every finite non-zero s the result is the exact formula, rounded;
+- s = 0 gives v = 0 and, since the Jacobian at 0 is 0, a gradient of exactly 0 (never NaN);
+- no overflow: the norm is taken of s / max|s| and f(n) is written as 1 / (n + 1/n) for n >= 1.
+"""
+
+import numpy as np
+
+__all__ = ["squash_forward", "squash_backward"]
+
+
+def _norm_and_direction(s):
+    """Return n = |s| (keepdims) and the unit vector s / n (0 where s = 0), without overflow."""
+    scale = np.max(np.abs(s), axis=-1, keepdims=True)             # [..., 1]
+    safe_scale = np.where(scale > 0, scale, 1.0)                   # [..., 1]
+    t = s / safe_scale                                             # [..., D], |t| <= 1
+    t_norm = np.sqrt(np.sum(t * t, axis=-1, keepdims=True))        # [..., 1], in [1, sqrt(D)] or 0
+    n = scale * t_norm                                             # [..., 1]
+    direction = t / np.where(t_norm > 0, t_norm, 1.0)              # [..., D], unit or 0
+    return n, direction
+
+
+def _f(n):
+    """f(n) = n / (1 + n^2), written as 1 / (n + 1/n) for n >= 1 so that n^2 never overflows."""
+    small = np.minimum(n, 1.0)                                     # the n < 1 branch, n^2 < 1
+    large = np.maximum(n, 1.0)                                     # the n >= 1 branch, 1/n <= 1
+    return np.where(n < 1.0, small / (1.0 + small * small), 1.0 / (large + 1.0 / large))
+
+
+def _g(n):
+    """g(n) = n f'(n) = n (1 - n^2) / (1 + n^2)^2, overflow-safe in the same way as f."""
+    small = np.minimum(n, 1.0)
+    large = np.maximum(n, 1.0)
+    inv = 1.0 / large
+    return np.where(
+        n < 1.0,
+        small * (1.0 - small * small) / (1.0 + small * small) ** 2,
+        inv * (inv * inv - 1.0) / (1.0 + inv * inv) ** 2,
+    )
+
+
+def squash_forward(s):
+    """v = f(|s|) s over the last axis (Eq. 1). Any shape [..., D], any float dtype."""
+    s = _check(s, "s")
+    n, _ = _norm_and_direction(s)                                  # [..., 1]
+    return _f(n) * s                                               # [..., D]
+
+
+def squash_backward(dv, s):
+    """ds for v = squash(s), given dv = dL/dv (same shape as s).
+
+    With n = |s|, s_hat = s / n and g(n) = n f'(n) = n (1 - n^2) / (1 + n^2)^2:
+
+        ds = f(n) dv + g(n) (s_hat . dv) s_hat
+
+    which is SPEC's `f(n) dv + f'(n) ((s . dv) / n) s` with s = n s_hat; g(0) = 0, so the
+    second term vanishes at s = 0 without dividing by n.
+    """
+    s = _check(s, "s")
+    dv = np.asarray(dv)
+    if dv.shape != s.shape:
+        raise ValueError(f"dv has shape {dv.shape} but s has shape {s.shape}; they must match")
+    n, direction = _norm_and_direction(s)                          # [..., 1], [..., D]
+    radial = np.sum(direction * dv, axis=-1, keepdims=True)        # [..., 1]
+    return _f(n) * dv + _g(n) * radial * direction                 # [..., D]
+
+
+def _check(x, name):
+    x = np.asarray(x)
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have at least one axis (the capsule dimension), got a scalar")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    return x
