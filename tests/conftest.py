@@ -1,0 +1,69 @@
+"""Test-session set-up shared by every test file.
+
+Triton's interpreter must be chosen before triton is first imported anywhere in the process,
+so this runs before any test module is collected: on a machine without a CUDA GPU the kernels
+run through the interpreter (TRITON_INTERPRET=1), on a GPU machine natively.
+"""
+
+import os
+import shutil
+import subprocess
+
+
+def _has_cuda_gpu():
+    # Asked without importing torch or triton, so that the interpreter flag is set first.
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+if "TRITON_INTERPRET" not in os.environ and not _has_cuda_gpu():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "ci" (the default) is derandomized so that CI is reproducible; "dev" is quick; "thorough" is
+# for a long local run. Pick one with HYPOTHESIS_PROFILE=name.
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
+settings.register_profile("dev", max_examples=8, **_common)
+settings.register_profile("thorough", max_examples=300, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def interpreted():
+    """True when Triton kernels run through the CPU interpreter in this session."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same seeds, so a failure reproduces."""
+    np.random.seed(0)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+MNIST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist")
+
+
+@pytest.fixture
+def mnist_dir():
+    """The real MNIST IDX files where this machine has them beside the repo; skip otherwise."""
+    path = os.path.abspath(MNIST_DIR)
+    if not os.path.isfile(os.path.join(path, "train-labels-idx1-ubyte.gz")):
+        pytest.skip("real MNIST not present beside the repo (../shared/datasets/mnist)")
+    return path
