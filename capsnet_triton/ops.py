@@ -48,20 +48,25 @@ def _norm_and_direction(s):
 def _f_and_g(n):
     """f(n) = n / (1 + n^2) and g(n) = n f'(n) = n (1 - n^2) / (1 + n^2)^2, written with 1/n for
     n >= 1 so that n^2 never overflows."""
-    small = n.clamp(max=1.0)
-    inv = 1.0 / n.clamp(min=1.0)
-    large = n >= 1.0
+    small, inv, large = _branches(n)
     f = torch.where(large, inv / (1.0 + inv * inv), small / (1.0 + small * small))
     g = torch.where(large, inv * (inv * inv - 1.0) / (1.0 + inv * inv) ** 2,
                     small * (1.0 - small * small) / (1.0 + small * small) ** 2)
     return f, g
 
 
+def _branches(n):
+    """n clamped to [0, 1], 1/n clamped to (0, 1], and the mask n >= 1 that picks between them."""
+    return n.clamp(max=1.0), 1.0 / n.clamp(min=1.0), n >= 1.0
+
+
 def _squash_forward_torch(s):
+    """v = |v| s/|s| with |v| = n^2 / (1 + n^2) (Eq. 1 as the paper writes it)."""
     x = s.to(_compute_dtype(s.dtype))
-    n, _ = _norm_and_direction(x)
-    f, _ = _f_and_g(n)
-    return (f * x).to(s.dtype)
+    n, direction = _norm_and_direction(x)
+    small, inv, large = _branches(n)
+    length = torch.where(large, 1.0 / (1.0 + inv * inv), small * small / (1.0 + small * small))
+    return (length * direction).to(s.dtype)
 
 
 def _squash_backward_torch(dv, s):
@@ -315,7 +320,8 @@ def dynamic_routing(u_hat, iterations=3, *, backend=None, bias=None, agreement_g
             raise ValueError(f"bias must have shape [J, D] = {tuple(u_hat.shape[2:])}, "
                              f"got {tuple(bias.shape)}")
         if bias.device != u_hat.device:
-            raise ValueError(f"bias is on {bias.device} but u_hat is on {u_hat.device}")
+            raise ValueError(f"bias is on device {bias.device} but u_hat is on device {u_hat.device}; "
+                             "they must be on the same device")
     backend = _pick_backend(backend, u_hat)
     v, _ = _routing_forward_op(u_hat, iterations, bias, bool(agreement_grad), backend)
     return v

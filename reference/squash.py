@@ -8,7 +8,9 @@ direction, so a capsule's length can be read as the probability that its entity 
 Numerics pinned by the specification (SPEC section 2):
 - no epsilon anywhere: for every finite non-zero s the result is the exact formula, rounded;
 - s = 0 gives v = 0 and, since the Jacobian at 0 is 0, a gradient of exactly 0 (never NaN);
-- no overflow: the norm is taken of s / max|s| and f(n) is written as 1 / (n + 1/n) for n >= 1.
+- no overflow: the norm is taken of s / max|s|, and every function of n is written with 1/n for
+  n >= 1, so n^2 is never formed where it could overflow. The forward is computed as the paper
+  writes it, length times direction, which stays right even where |s| itself overflows.
 """
 
 import numpy as np
@@ -25,6 +27,13 @@ def _norm_and_direction(s):
     n = scale * t_norm                                             # [..., 1]
     direction = t / np.where(t_norm > 0, t_norm, 1.0)              # [..., D], unit or 0
     return n, direction
+
+
+def _length(n):
+    """|v| = n^2 / (1 + n^2), written as 1 / (1 + 1/n^2) for n >= 1."""
+    small = np.minimum(n, 1.0)
+    inv = 1.0 / np.maximum(n, 1.0)
+    return np.where(n < 1.0, small * small / (1.0 + small * small), 1.0 / (1.0 + inv * inv))
 
 
 def _f(n):
@@ -47,10 +56,10 @@ def _g(n):
 
 
 def squash_forward(s):
-    """v = f(|s|) s over the last axis (Eq. 1). Any shape [..., D], any float dtype."""
+    """v = (|s|^2 / (1 + |s|^2)) s / |s| over the last axis (Eq. 1). Any shape [..., D]."""
     s = _check(s, "s")
-    n, _ = _norm_and_direction(s)                                  # [..., 1]
-    return _f(n) * s                                               # [..., D]
+    n, direction = _norm_and_direction(s)                          # [..., 1], [..., D]
+    return _length(n) * direction                                  # [..., D]
 
 
 def squash_backward(dv, s):
