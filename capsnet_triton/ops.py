@@ -241,7 +241,8 @@ def _(u_hat, iterations, bias, agreement_grad, backend):
 
 @_routing_backward_op.register_fake
 def _(dv, u_hat, s_all, agreement_grad, backend):
-    return torch.empty_like(u_hat), torch.empty_like(s_all)
+    # Both implementations return a contiguous du_hat whatever u_hat's strides are.
+    return u_hat.new_empty(u_hat.shape), torch.empty_like(s_all)
 
 
 def _routing_setup_context(ctx, inputs, output):

@@ -1,0 +1,109 @@
+"""CapsNet losses (paper Eq. 4 and Section 4.1) on torch tensors.
+
+    margin          L = mean_b sum_k T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2
+    reconstruction  R = mean_b sum_pixels (reconstruction - image)^2
+    total           L + 0.0005 R
+
+Both are computed in at least float32: under autocast (or with half-precision inputs) the
+squared errors of 784 pixels summed in bfloat16 would lose most of their bits.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["LossTerms", "margin_loss", "reconstruction_loss", "capsnet_loss"]
+
+
+class LossTerms(NamedTuple):
+    """The total training loss and the two terms it is made of (scalars)."""
+
+    total: torch.Tensor
+    margin: torch.Tensor
+    reconstruction: torch.Tensor
+
+
+def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5):
+    """Margin loss (Eq. 4): batch mean of the per-sample sum over classes k of
+
+        T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2
+
+    lengths: [B, J] capsule lengths |v_k|; labels: integer [B] in [0, J), T_k = [k == label].
+    Returns a scalar, float32 for half-precision lengths.
+    """
+    if not isinstance(lengths, torch.Tensor) or lengths.ndim != 2:
+        raise ValueError(f"lengths must be a tensor of shape [B, J], got {_describe(lengths)}")
+    if not lengths.is_floating_point():
+        raise TypeError(f"lengths must be a floating-point tensor, got dtype {lengths.dtype}")
+    if lengths.shape[0] == 0:
+        raise ValueError("lengths has an empty batch; the batch mean is undefined")
+    check_labels(labels, lengths.shape[0], lengths.shape[1])
+    lengths = _at_least_float32(lengths)
+    present = one_hot_mask(labels, lengths.shape[1]).to(lengths.dtype)       # [B, J]  T_k
+    missing_penalty = torch.relu(m_plus - lengths) ** 2                      # [B, J]
+    spurious_penalty = torch.relu(lengths - m_minus) ** 2                    # [B, J]
+    per_class = present * missing_penalty + lambda_ * (1.0 - present) * spurious_penalty
+    return per_class.sum(dim=1).mean()
+
+
+def reconstruction_loss(reconstruction, images):
+    """Batch mean of the per-sample sum of squared errors (Section 4.1).
+
+    reconstruction: [B, K] decoder output; images: [B, C, H, W] with C * H * W = K.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise ValueError(f"images must be a tensor of shape [B, C, H, W], got {_describe(images)}")
+    expected = (images.shape[0], images[0].numel())
+    if not isinstance(reconstruction, torch.Tensor) or tuple(reconstruction.shape) != expected:
+        raise ValueError(
+            f"reconstruction must have shape [B, C*H*W] = {list(expected)} for images of shape "
+            f"{list(images.shape)}, got {_describe(reconstruction)}"
+        )
+    error = _at_least_float32(reconstruction) - _at_least_float32(images).flatten(1)  # [B, K]
+    return (error * error).sum(dim=1).mean()
+
+
+def capsnet_loss(output, images, labels, *, reconstruction_weight=0.0005):
+    """Total loss = margin + reconstruction_weight * reconstruction (Section 4.1).
+
+    output: a `CapsNetOutput` (lengths [B, J], reconstruction [B, C*H*W] or None for a model
+    without decoder, whose reconstruction term is then 0). Returns `LossTerms`.
+    """
+    margin = margin_loss(output.lengths, labels)
+    if output.reconstruction is None:
+        reconstruction = margin.new_zeros(())
+    else:
+        reconstruction = reconstruction_loss(output.reconstruction, images)
+    return LossTerms(margin + reconstruction_weight * reconstruction, margin, reconstruction)
+
+
+def check_labels(labels, batch, num_classes):
+    """Raise unless labels is an integer tensor of shape [batch] with values in [0, num_classes)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if tuple(labels.shape) != (batch,):
+        raise ValueError(f"labels must have shape [B] = [{batch}], got {list(labels.shape)}")
+    # The range check reads the values (a device sync); a compiled graph skips it rather than break.
+    if labels.numel() and not torch.compiler.is_compiling():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) for {num_classes} classes, got values in [{low}, {high}]"
+            )
+
+
+def one_hot_mask(labels, num_classes):
+    """Boolean [B, num_classes] with True at each sample's class (no value checks, compile-friendly)."""
+    return labels[:, None] == torch.arange(num_classes, device=labels.device)
+
+
+def _at_least_float32(x):
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"shape {list(x.shape)}"
+    return type(x).__name__

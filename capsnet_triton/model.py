@@ -1,0 +1,95 @@
+"""The MNIST CapsNet of Sabour, Frosst & Hinton (2017), Section 4, as a torch module.
+
+    images [B, C, H, W]
+      -> conv1: Conv kernel x kernel, stride 1, ReLU             [B, 256, 20, 20]
+      -> primary_caps: Conv stride 2, grouped into capsules,     u [B, 1152, 8]
+         squashed (Eq. 1)
+      -> digit_caps: u_hat = W u (Eq. 2), routing (Procedure 1)  v [B, 10, 16]
+      -> lengths |v_j| (class probabilities)                     [B, 10]
+      -> decoder (Section 4.1) of v with all capsules but one    [B, C*H*W]
+         masked: the label's in training, the longest's otherwise
+
+Parameter names and shapes match the NumPy reference network (`capsnet_triton.reference.network`),
+so its parameters load with `load_state_dict` one to one. The defaults have the paper's
+8,215,568 parameters (6,804,224 without decoder).
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .layers import Decoder, DigitCaps, PrimaryCaps
+from .losses import check_labels, one_hot_mask
+
+__all__ = ["CapsNet", "CapsNetOutput"]
+
+
+class CapsNetOutput(NamedTuple):
+    """What `CapsNet.forward` returns."""
+
+    v: torch.Tensor                          # [B, J, D] output (digit) capsules
+    lengths: torch.Tensor                    # [B, J] |v_j|, float32 at least
+    reconstruction: Optional[torch.Tensor]   # [B, C*H*W], None without decoder
+
+
+class CapsNet(nn.Module):
+    """CapsNet with dynamic routing; see the module docstring for the architecture.
+
+    routing_iterations, agreement_grad, routing_bias and routing_backend configure DigitCaps
+    (`capsnet_triton.ops.dynamic_routing`); decoder=False drops the reconstruction network.
+    """
+
+    def __init__(self, in_channels=1, image_size=28, num_classes=10, conv_channels=256,
+                 kernel_size=9, primary_types=32, primary_dims=8, digit_dims=16,
+                 routing_iterations=3, agreement_grad=True, routing_bias=False, decoder=True,
+                 decoder_hidden=(512, 1024), routing_backend=None):
+        super().__init__()
+        conv1_size = image_size - kernel_size + 1
+        grid = (conv1_size - kernel_size) // 2 + 1                     # PrimaryCaps conv, stride 2
+        if grid < 1:
+            raise ValueError(
+                f"image_size {image_size} is too small for two {kernel_size}x{kernel_size} convolutions "
+                f"(needs at least {2 * kernel_size - 1})"
+            )
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.conv1 = nn.Conv2d(in_channels, conv_channels, kernel_size)
+        self.primary_caps = PrimaryCaps(conv_channels, primary_types, primary_dims, kernel_size, stride=2)
+        self.digit_caps = DigitCaps(primary_types * grid * grid, primary_dims, num_classes, digit_dims,
+                                    routing_iterations=routing_iterations, agreement_grad=agreement_grad,
+                                    bias=routing_bias, backend=routing_backend)
+        self.decoder = (Decoder(num_classes * digit_dims, decoder_hidden, in_channels * image_size ** 2)
+                        if decoder else None)
+
+    def forward(self, images, labels=None):
+        """images [B, C, H, W]; labels integer [B] or None -> `CapsNetOutput`.
+
+        The decoder sees v flattened to [B, J*D] with every capsule zeroed except the label's
+        (when labels are given, as in training) or the longest one's (Section 4.1).
+        """
+        self._check_images(images)
+        features = torch.relu(self.conv1(images))                     # [B, 256, 20, 20]
+        u = self.primary_caps(features)                                # [B, I, P]
+        v = self.digit_caps(u)                                         # [B, J, D]
+        lengths = torch.linalg.vector_norm(v, dim=-1, dtype=torch.promote_types(v.dtype, torch.float32))
+        if self.decoder is None:
+            return CapsNetOutput(v, lengths, None)
+        if labels is None:
+            keep = one_hot_mask(lengths.argmax(dim=1), self.num_classes)  # [B, J]
+        else:
+            check_labels(labels, images.shape[0], self.num_classes)
+            keep = one_hot_mask(labels, self.num_classes)              # [B, J]
+        masked = (v * keep.unsqueeze(-1).to(v.dtype)).flatten(1)     # [B, J*D]
+        return CapsNetOutput(v, lengths, self.decoder(masked))
+
+    def _check_images(self, images):
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"CapsNet expects images of shape [B, {expected[0]}, {expected[1]}, {expected[2]}], "
+                f"got {list(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor (scale uint8 to [0, 1]), got {images.dtype}")

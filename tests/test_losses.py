@@ -1,0 +1,130 @@
+"""The torch losses (capsnet_triton.losses) against the NumPy reference and by hand."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from capsnet_triton import margin_loss
+from capsnet_triton.losses import LossTerms, capsnet_loss, reconstruction_loss
+from capsnet_triton.model import CapsNetOutput
+from capsnet_triton.reference import margin_loss_backward, margin_loss_forward
+from capsnet_triton.reference.losses import reconstruction_loss_backward, reconstruction_loss_forward
+
+
+def rel_error(out, ref):
+    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return np.linalg.norm(out - ref) / max(np.linalg.norm(ref), np.finfo(np.float64).tiny)
+
+
+@st.composite
+def lengths_and_labels(draw):
+    batch = draw(st.integers(1, 5))
+    classes = draw(st.integers(1, 10))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    # Lengths in [0, 1.2) cover both sides of m- = 0.1 and m+ = 0.9, so every branch of max(0, .) is hit.
+    lengths = rng.uniform(0.0, 1.2, size=(batch, classes))
+    labels = rng.integers(0, classes, size=batch)
+    return lengths, labels
+
+
+@given(lengths_and_labels(), st.sampled_from([(0.9, 0.1, 0.5), (0.8, 0.2, 1.0)]))
+def test_margin_loss_matches_reference(data, constants):
+    lengths, labels = data
+    m_plus, m_minus, lambda_ = constants
+    ref_loss, cache = margin_loss_forward(lengths, labels, m_plus, m_minus, lambda_)
+    ref_grad = margin_loss_backward(1.0, cache)
+
+    lengths_t = torch.tensor(lengths, requires_grad=True)
+    loss = margin_loss(lengths_t, torch.from_numpy(labels), m_plus=m_plus, m_minus=m_minus, lambda_=lambda_)
+    loss.backward()
+
+    assert loss.dtype == torch.float64 and loss.ndim == 0
+    assert abs(loss.item() - float(ref_loss)) <= 1e-12 * max(abs(float(ref_loss)), 1e-300)
+    assert rel_error(lengths_t.grad.numpy(), ref_grad) <= 1e-12
+
+
+def test_margin_loss_by_hand():
+    lengths = torch.tensor([[0.95, 0.30, 0.05],
+                            [0.05, 0.50, 0.80]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    # Sample 0: present 0.95 >= m+ -> 0; absent 0.30 -> 0.5 * 0.2^2 = 0.02; absent 0.05 <= m- -> 0.
+    # Sample 1: absent 0.05 -> 0; present 0.50 -> 0.4^2 = 0.16; absent 0.80 -> 0.5 * 0.7^2 = 0.245.
+    expected = ((0.0 + 0.02 + 0.0) + (0.0 + 0.16 + 0.245)) / 2
+    assert margin_loss(lengths, labels).item() == pytest.approx(expected, rel=1e-14)
+
+
+def test_margin_loss_half_precision_computes_in_float32():
+    lengths = torch.tensor([[0.3, 0.7], [0.95, 0.02]], dtype=torch.bfloat16)
+    labels = torch.tensor([1, 0])
+    loss = margin_loss(lengths, labels)
+    assert loss.dtype == torch.float32
+    expected = margin_loss(lengths.double(), labels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_reconstruction_loss_matches_reference_and_by_hand(rng):
+    images = rng.uniform(size=(3, 2, 4, 5))
+    reconstruction = rng.uniform(size=(3, 40))
+    ref, cache = reconstruction_loss_forward(reconstruction, images.reshape(3, 40))
+    ref_grad = reconstruction_loss_backward(1.0, cache)
+
+    recon_t = torch.tensor(reconstruction, requires_grad=True)
+    loss = reconstruction_loss(recon_t, torch.from_numpy(images))
+    loss.backward()
+    assert loss.item() == pytest.approx(float(ref), rel=1e-13)
+    assert rel_error(recon_t.grad.numpy(), ref_grad) <= 1e-13
+
+    # By hand: one sample, error 0.5 in 2 of 4 pixels -> 2 * 0.25.
+    small = reconstruction_loss(torch.tensor([[0.5, 0.0, 1.0, 0.25]]), torch.tensor([[[[0.0, 0.0], [0.5, 0.25]]]]))
+    assert small.item() == pytest.approx(0.5)
+
+
+def test_capsnet_loss_combines_terms():
+    lengths = torch.tensor([[0.2, 0.6], [0.9, 0.4]])
+    labels = torch.tensor([1, 0])
+    images = torch.rand(2, 1, 3, 3)
+    reconstruction = torch.rand(2, 9)
+    output = CapsNetOutput(v=torch.zeros(2, 2, 4), lengths=lengths, reconstruction=reconstruction)
+
+    terms = capsnet_loss(output, images, labels, reconstruction_weight=0.01)
+    assert isinstance(terms, LossTerms)
+    assert terms.margin.item() == pytest.approx(margin_loss(lengths, labels).item())
+    assert terms.reconstruction.item() == pytest.approx(reconstruction_loss(reconstruction, images).item())
+    assert terms.total.item() == pytest.approx(terms.margin.item() + 0.01 * terms.reconstruction.item())
+
+    default = capsnet_loss(output, images, labels)
+    assert default.total.item() == pytest.approx(default.margin.item() + 0.0005 * default.reconstruction.item())
+
+    without_decoder = capsnet_loss(output._replace(reconstruction=None), images, labels)
+    assert without_decoder.reconstruction.item() == 0.0
+    assert without_decoder.total.item() == pytest.approx(without_decoder.margin.item())
+
+
+@pytest.mark.parametrize("labels, error, match", [
+    (torch.tensor([0.0, 1.0]), TypeError, "integer"),
+    (torch.tensor([True, False]), TypeError, "integer"),
+    ([0, 1], TypeError, "integer torch.Tensor"),
+    (torch.tensor([0, 3]), ValueError, r"\[0, 3\)"),
+    (torch.tensor([-1, 0]), ValueError, r"\[0, 3\)"),
+    (torch.tensor([0, 1, 2]), ValueError, r"shape \[B\] = \[2\]"),
+    (torch.tensor([[0, 1]]), ValueError, r"shape \[B\] = \[2\]"),
+])
+def test_margin_loss_rejects_bad_labels(labels, error, match):
+    with pytest.raises(error, match=match):
+        margin_loss(torch.rand(2, 3), labels)
+
+
+def test_losses_reject_bad_shapes():
+    with pytest.raises(ValueError, match=r"lengths must be a tensor of shape \[B, J\]"):
+        margin_loss(torch.rand(2, 3, 4), torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="floating-point"):
+        margin_loss(torch.ones(2, 3, dtype=torch.int64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="empty batch"):
+        margin_loss(torch.rand(0, 3), torch.tensor([], dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"reconstruction must have shape \[B, C\*H\*W\] = \[2, 16\]"):
+        reconstruction_loss(torch.rand(2, 15), torch.rand(2, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"images must be a tensor of shape \[B, C, H, W\]"):
+        reconstruction_loss(torch.rand(2, 16), torch.rand(2, 16))

@@ -1,0 +1,254 @@
+"""The PyTorch CapsNet (capsnet_triton.model / layers) end to end, tied to the NumPy reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from capsnet_triton import CapsNet
+from capsnet_triton.layers import Decoder, DigitCaps, PrimaryCaps, predict
+from capsnet_triton.losses import capsnet_loss
+from capsnet_triton.model import CapsNetOutput
+from capsnet_triton.reference import (CapsNetConfig, init_params, network_backward, network_forward,
+                                      parameter_shapes, prediction_forward, squash_forward)
+
+# A network small enough for float64 and the interpreter: 12x12 images, 3x3 kernels, conv1 -> 10x10,
+# primary grid 4x4, I = 2 types * 16 = 32 capsules of 3 dims, 3 classes of 4 dims, decoder (6, 8).
+TINY = dict(in_channels=1, image_size=12, num_classes=3, conv_channels=4, kernel_size=3,
+            primary_types=2, primary_dims=3, digit_dims=4, decoder_hidden=(6, 8))
+
+
+def rel_error(out, ref):
+    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+def tiny_batch(batch=5, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(7)
+    images = torch.rand(batch, 1, 12, 12, generator=generator, dtype=dtype)
+    labels = torch.arange(batch) % TINY["num_classes"]
+    return images, labels
+
+
+def test_default_network_has_the_papers_parameters():
+    model = CapsNet()
+    assert sum(p.numel() for p in model.parameters()) == 8_215_568
+    assert sum(p.numel() for p in CapsNet(decoder=False).parameters()) == 6_804_224
+    assert sum(p.numel() for p in CapsNet(routing_bias=True).parameters()) == 8_215_568 + 10 * 16
+
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert shapes == parameter_shapes(CapsNetConfig())
+    assert list(shapes) == [
+        "conv1.weight", "conv1.bias", "primary_caps.conv.weight", "primary_caps.conv.bias",
+        "digit_caps.weight", "decoder.fc1.weight", "decoder.fc1.bias", "decoder.fc2.weight",
+        "decoder.fc2.bias", "decoder.fc3.weight", "decoder.fc3.bias",
+    ]
+    with_bias = CapsNet(routing_bias=True).state_dict()
+    assert tuple(with_bias["digit_caps.bias"].shape) == (10, 16)
+    assert list(with_bias) == list(parameter_shapes(CapsNetConfig(routing_bias=True)))
+
+
+def test_digit_caps_weight_initialisation():
+    weight = CapsNet().digit_caps.weight.detach()
+    assert tuple(weight.shape) == (1152, 10, 16, 8)
+    assert abs(weight.std().item() - 0.01) < 1e-4 and abs(weight.mean().item()) < 1e-4
+    assert not CapsNet(routing_bias=True).digit_caps.bias.any()
+
+
+def test_tiny_forward_shapes():
+    images, labels = tiny_batch(batch=5)
+    out = CapsNet(**TINY)(images, labels)
+    assert isinstance(out, CapsNetOutput)
+    assert out.v.shape == (5, 3, 4) and out.lengths.shape == (5, 3)
+    assert out.reconstruction.shape == (5, 144)
+    assert torch.allclose(out.lengths, out.v.norm(dim=-1))
+    assert ((out.reconstruction > 0) & (out.reconstruction < 1)).all()
+
+    no_decoder = CapsNet(**TINY, decoder=False)(images)
+    assert no_decoder.reconstruction is None and no_decoder.v.shape == (5, 3, 4)
+
+
+def test_primary_caps_groups_channels_of_one_position():
+    layer = PrimaryCaps(in_channels=2, types=3, dims=4, kernel_size=3, stride=2).double()
+    x = torch.randn(2, 2, 9, 9, dtype=torch.float64)
+    conv = layer.conv(x)                                                # [B, T*P, h, w]
+    u = layer(x)                                                        # [B, I, P]
+    _, _, h, w = conv.shape
+    assert u.shape == (2, 3 * h * w, 4)
+    for b in range(2):
+        for t in range(3):
+            for y in range(h):
+                for x_ in range(w):
+                    s = conv[b, t * 4:(t + 1) * 4, y, x_].detach().numpy()
+                    i = t * h * w + y * w + x_
+                    np.testing.assert_allclose(u[b, i].detach().numpy(), squash_forward(s), rtol=1e-13)
+
+
+def test_prediction_vectors_match_reference(rng):
+    u = rng.normal(size=(3, 7, 5))
+    weight = rng.normal(size=(7, 4, 6, 5))
+    expected, _ = prediction_forward(u, weight)
+    u_hat = predict(torch.from_numpy(u), torch.from_numpy(weight))
+    assert u_hat.shape == (3, 7, 4, 6)
+    assert rel_error(u_hat.numpy(), expected) <= 1e-13
+
+
+def _tied_pair(agreement_grad, routing_bias, backend, rng):
+    """The reference's parameters for TINY, and a float64 CapsNet holding the same values."""
+    config = CapsNetConfig(**TINY, routing_bias=routing_bias)
+    params = init_params(config, rng)
+    # Larger prediction weights and a non-zero bias than at initialisation, so that the
+    # couplings move away from uniform and the agreement term of the gradient matters.
+    params["digit_caps.weight"] = params["digit_caps.weight"] * 40.0
+    if routing_bias:
+        params["digit_caps.bias"] = rng.normal(0.0, 0.1, size=params["digit_caps.bias"].shape)
+    model = CapsNet(**TINY, agreement_grad=agreement_grad, routing_bias=routing_bias,
+                    routing_backend=backend).double()
+    model.load_state_dict({name: torch.from_numpy(value) for name, value in params.items()})
+    return config, params, model
+
+
+@pytest.mark.parametrize("routing_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("agreement_grad", [True, False], ids=["full_grad", "stop_agreement_grad"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_model_matches_reference_loss_and_every_gradient(agreement_grad, routing_bias, backend, rng):
+    config, params, model = _tied_pair(agreement_grad, routing_bias, backend, rng)
+    images = rng.uniform(size=(4, 1, 12, 12))
+    labels = np.array([0, 2, 1, 2])
+
+    ref_total, cache = network_forward(params, images, labels, config, routing_iterations=3,
+                                       agreement_grad=agreement_grad)
+    ref_grads = network_backward(cache)
+
+    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
+    output = model(images_t, labels_t)
+    terms = capsnet_loss(output, images_t, labels_t)
+    terms.total.backward()
+
+    assert abs(terms.total.item() - float(ref_total)) <= 1e-10 * abs(float(ref_total))
+    assert abs(terms.margin.item() - float(cache["margin_loss"])) <= 1e-10 * abs(float(cache["margin_loss"]))
+    assert rel_error(output.v.detach().numpy(), cache["v"]) <= 1e-10
+    assert rel_error(output.reconstruction.detach().numpy(), cache["reconstruction"]) <= 1e-10
+    grads = dict(model.named_parameters())
+    assert set(grads) == set(ref_grads)
+    for name, ref_grad in ref_grads.items():
+        assert rel_error(grads[name].grad.numpy(), ref_grad) <= 1e-10, name
+
+
+def test_gradient_policies_differ_on_the_tied_network(rng):
+    """The tie above could not tell the two gradient policies apart if the agreement term were
+    negligible at its scale; it is not."""
+    config, params, _ = _tied_pair(True, False, "torch", rng)
+    images, labels = rng.uniform(size=(4, 1, 12, 12)), np.array([0, 2, 1, 2])
+    full = network_backward(network_forward(params, images, labels, config, agreement_grad=True)[1])
+    stopped = network_backward(network_forward(params, images, labels, config, agreement_grad=False)[1])
+    assert rel_error(stopped["digit_caps.weight"], full["digit_caps.weight"]) > 1e-3
+
+
+def _decoder_input(model, images, labels=None):
+    seen = []
+    handle = model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    output = model(images, labels)
+    handle.remove()
+    return output, seen[0].view(output.v.shape)
+
+
+def test_decoder_sees_only_the_labelled_or_longest_capsule():
+    model = CapsNet(**TINY)
+    with torch.no_grad():
+        model.digit_caps.weight.mul_(40.0)                       # distinct lengths per class
+    images, _ = tiny_batch(batch=6)
+
+    out_longest, seen_longest = _decoder_input(model, images)
+    longest = out_longest.lengths.argmax(dim=1)
+    # Labels that differ from the longest capsule in every sample.
+    labels = (longest + 1) % TINY["num_classes"]
+    out_labelled, seen_labelled = _decoder_input(model, images, labels)
+
+    for seen, chosen, out in [(seen_longest, longest, out_longest), (seen_labelled, labels, out_labelled)]:
+        rows = torch.arange(images.shape[0])
+        assert torch.equal(seen[rows, chosen], out.v[rows, chosen].detach())
+        others = torch.ones_like(out.lengths, dtype=torch.bool)
+        others[rows, chosen] = False
+        assert not seen[others].any()
+    assert not torch.allclose(out_longest.reconstruction, out_labelled.reconstruction)
+    # Labels equal to the longest capsule reproduce the evaluation-time reconstruction.
+    assert torch.equal(model(images, longest).reconstruction, out_longest.reconstruction)
+
+
+def test_adam_steps_cut_the_loss():
+    torch.manual_seed(3)
+    model = CapsNet(**TINY)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    images, labels = tiny_batch(batch=8)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = capsnet_loss(model(images, labels), images, labels).total
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_autocast_bfloat16_forward_is_finite_and_close_to_float32():
+    model = CapsNet(**TINY)
+    with torch.no_grad():
+        model.digit_caps.weight.mul_(40.0)
+    images, labels = tiny_batch(batch=6)
+    reference = model(images, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(images, labels)
+        terms = capsnet_loss(low, images, labels)
+    assert low.lengths.dtype == torch.float32 and terms.total.dtype == torch.float32
+    for name in ("v", "lengths", "reconstruction"):
+        value = getattr(low, name)
+        assert torch.isfinite(value).all(), name
+        assert rel_error(value.detach().float().numpy(), getattr(reference, name).detach().numpy()) <= 3e-2, name
+    terms.total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_torch_compile_matches_eager():
+    model = CapsNet(**TINY)
+    images, labels = tiny_batch(batch=4)
+    compiled = torch.compile(model, fullgraph=True)
+    eager_out = model(images, labels)
+    compiled_out = compiled(images, labels)
+    for name in ("v", "lengths", "reconstruction"):
+        torch.testing.assert_close(getattr(compiled_out, name), getattr(eager_out, name), rtol=1e-5, atol=1e-6)
+
+    eager_loss = capsnet_loss(eager_out, images, labels).total
+    compiled_loss = capsnet_loss(compiled_out, images, labels).total
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    for eager_grad, compiled_grad in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((2, 2, 12, 12), r"expects images of shape \[B, 1, 12, 12\], got \[2, 2, 12, 12\]"),
+    ((2, 1, 14, 14), r"expects images of shape \[B, 1, 12, 12\], got \[2, 1, 14, 14\]"),
+    ((1, 12, 12), r"expects images of shape \[B, 1, 12, 12\], got \[1, 12, 12\]"),
+])
+def test_model_rejects_wrong_image_shapes(shape, match):
+    with pytest.raises(ValueError, match=match):
+        CapsNet(**TINY)(torch.rand(shape))
+
+
+def test_model_rejects_bad_inputs_and_configs():
+    model = CapsNet(**TINY)
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(2, 1, 12, 12, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        model(torch.rand(2, 1, 12, 12), torch.tensor([0, 3]))
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.rand(2, 1, 12, 12), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="too small"):
+        CapsNet(image_size=16)
+    with pytest.raises(ValueError, match="routing_iterations"):
+        CapsNet(**TINY, routing_iterations=0)
+    with pytest.raises(ValueError, match=r"u of shape \[B, I, P\] = \[B, 32, 3\]"):
+        DigitCaps(32, 3, 3, 4)(torch.rand(2, 32, 4))
+    with pytest.raises(ValueError, match="two hidden layers"):
+        Decoder(12, hidden=(6,), out_features=144)
