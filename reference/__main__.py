@@ -1,0 +1,80 @@
+"""Train a reduced-width CapsNet on MNIST with nothing but NumPy, to show the reference learns.
+
+    python -m capsnet_triton.reference --data DIR [--steps 300] [--batch 32]
+
+DIR holds MNIST's IDX files (train-images-idx3-ubyte.gz etc., gzipped or not). The network is
+the paper's (Section 4) with fewer channels so that a few hundred Adam steps take minutes on a
+laptop CPU; it prints the loss falling and the accuracy on held-out test images rising.
+"""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from .mnist import load_mnist
+from .network import CapsNetConfig, init_params, network_backward, network_forward, parameter_count, predict
+from .optim import Adam
+
+
+def _small_config(image_size):
+    """The paper's network at a quarter of the conv width and a half of the decoder's."""
+    return CapsNetConfig(image_size=image_size, conv_channels=64, primary_types=8, decoder_hidden=(256, 512))
+
+
+def _as_input(images):
+    """uint8 [N, H, W] -> float32 [N, 1, H, W] in [0, 1]."""
+    return images[:, None, :, :].astype(np.float32) / 255
+
+
+def _accuracy(params, images, labels, config, batch=100):
+    correct = 0
+    for start in range(0, len(images), batch):
+        classes, _ = predict(params, _as_input(images[start:start + batch]), config)
+        correct += int(np.sum(classes == labels[start:start + batch]))
+    return correct / len(images)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m capsnet_triton.reference", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, metavar="DIR", help="folder with MNIST's IDX files")
+    parser.add_argument("--steps", type=int, default=300, help="Adam steps (default 300)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--eval", type=int, default=1000, help="held-out test images to score (default 1000)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.eval < 1:
+        parser.error("--steps, --batch and --eval must be positive")
+
+    try:
+        train_images, train_labels = load_mnist(args.data, train=True)
+        test_images, test_labels = load_mnist(args.data, train=False)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    test_images, test_labels = test_images[:args.eval], test_labels[:args.eval]
+    config = _small_config(train_images.shape[1])
+    rng = np.random.default_rng(args.seed)
+    params = init_params(config, rng, dtype=np.float32)
+    optimizer = Adam(params)
+    print(f"NumPy CapsNet: conv {config.conv_channels} ch, {config.primary_types} primary types, "
+          f"{parameter_count(config):,} parameters; {len(train_images):,} training images, "
+          f"{len(test_images):,} held out")
+
+    report_every = max(1, args.steps // 6)
+    losses, started = [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        chosen = rng.integers(0, len(train_images), size=args.batch)
+        loss, cache = network_forward(params, _as_input(train_images[chosen]), train_labels[chosen], config)
+        optimizer.step(params, network_backward(cache))
+        losses.append(float(loss))
+        if step % report_every == 0 or step == args.steps:
+            accuracy = _accuracy(params, test_images, test_labels, config)
+            print(f"step {step:5d}  loss {np.mean(losses):.4f}  held-out accuracy {100 * accuracy:5.1f}%  "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            losses = []
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

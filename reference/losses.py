@@ -1,0 +1,119 @@
+"""Capsule lengths and the two losses of the paper (Eq. 4 and Section 4.1), forward and backward.
+
+- Capsule length: |v_k| is the probability that entity k is present.
+- Margin loss (Eq. 4), per sample, summed over the classes k and averaged over the batch:
+
+      L = sum_k T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2
+
+  with T_k = 1 for the true class only, m+ = 0.9, m- = 0.1, lambda = 0.5.
+- Reconstruction loss (Section 4.1): per sample the sum over pixels of the squared error,
+  averaged over the batch. The network weighs it by 0.0005 so that it does not dominate.
+"""
+
+import numpy as np
+
+__all__ = [
+    "capsule_length_forward",
+    "capsule_length_backward",
+    "margin_loss_forward",
+    "margin_loss_backward",
+    "reconstruction_loss_forward",
+    "reconstruction_loss_backward",
+    "one_hot",
+]
+
+
+def capsule_length_forward(v):
+    """lengths = |v| over the last axis. v [..., D] -> (lengths [...], cache)."""
+    v = np.asarray(v)
+    if v.ndim < 1:
+        raise ValueError("v must have at least one axis (the capsule dimension), got a scalar")
+    lengths = np.sqrt(np.sum(v * v, axis=-1))                      # [...]
+    return lengths, (v, lengths)
+
+
+def capsule_length_backward(dlengths, cache):
+    """dv = dlengths v / |v|, and 0 where v = 0 (a subgradient; never NaN). -> dv [..., D]."""
+    v, lengths = cache
+    dlengths = np.asarray(dlengths)
+    if dlengths.shape != lengths.shape:
+        raise ValueError(f"dlengths must have shape {lengths.shape}, got {dlengths.shape}")
+    safe = np.where(lengths > 0, lengths, 1.0)                     # [...]
+    return (dlengths / safe)[..., None] * v                        # [..., D]
+
+
+def _check_labels(labels, batch, num_classes):
+    labels = np.asarray(labels)
+    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape [B] = ({batch},), got {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in 0..{num_classes - 1} (J = {num_classes} classes), "
+            f"found values in {labels.min()}..{labels.max()}"
+        )
+    return labels
+
+
+def _upstream_scalar(dloss, dtype):
+    """dL/dloss for a scalar loss, in the loss's dtype (so float32 stays float32)."""
+    if np.ndim(dloss) != 0:
+        raise ValueError(f"dloss must be a scalar (the loss is a batch mean), got shape {np.shape(dloss)}")
+    return np.asarray(dloss, dtype=dtype)
+
+
+def one_hot(labels, num_classes, dtype=np.float64):
+    """T [B, J] with T[b, labels[b]] = 1 and 0 elsewhere."""
+    targets = np.zeros((labels.shape[0], num_classes), dtype=dtype)   # [B, J]
+    targets[np.arange(labels.shape[0]), labels] = 1.0
+    return targets
+
+
+def margin_loss_forward(lengths, labels, m_plus=0.9, m_minus=0.1, lambda_=0.5):
+    """Batch mean of the per-sample margin loss (Eq. 4). lengths [B, J], integer labels [B].
+
+    Returns (loss, cache); loss is a 0-d array of lengths' dtype.
+    """
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 2:
+        raise ValueError(f"lengths must have shape [B, J] (2 axes), got shape {lengths.shape}")
+    if not np.issubdtype(lengths.dtype, np.floating):
+        raise ValueError(f"lengths must be a floating-point array, got dtype {lengths.dtype}")
+    B, J = lengths.shape
+    if B == 0:
+        raise ValueError("lengths has an empty batch; the batch mean is undefined")
+    labels = _check_labels(labels, B, J)
+    T = one_hot(labels, J, lengths.dtype)                          # [B, J]
+    present = np.maximum(0.0, m_plus - lengths)                    # [B, J]
+    absent = np.maximum(0.0, lengths - m_minus)                    # [B, J]
+    per_sample = np.sum(T * present**2 + lambda_ * (1.0 - T) * absent**2, axis=1)  # [B]
+    loss = np.mean(per_sample)                                     # []
+    return loss, (T, present, absent, lambda_)
+
+
+def margin_loss_backward(dloss, cache):
+    """dlengths [B, J] = dloss / B * (-2 T max(0, m+ - |v|) + 2 lambda (1 - T) max(0, |v| - m-))."""
+    T, present, absent, lambda_ = cache
+    scale = _upstream_scalar(dloss, T.dtype) / T.shape[0]
+    return scale * (-2.0 * T * present + 2.0 * lambda_ * (1.0 - T) * absent)  # [B, J]
+
+
+def reconstruction_loss_forward(reconstruction, target):
+    """Batch mean of the per-sample sum of squared errors. reconstruction, target [B, K]."""
+    reconstruction, target = np.asarray(reconstruction), np.asarray(target)
+    if reconstruction.ndim != 2:
+        raise ValueError(f"reconstruction must have shape [B, K] (2 axes), got shape {reconstruction.shape}")
+    if target.shape != reconstruction.shape:
+        raise ValueError(f"target has shape {target.shape} but reconstruction has {reconstruction.shape}")
+    if reconstruction.shape[0] == 0:
+        raise ValueError("reconstruction has an empty batch; the batch mean is undefined")
+    error = reconstruction - target                                # [B, K]
+    loss = np.mean(np.sum(error * error, axis=1))                  # []
+    return loss, error
+
+
+def reconstruction_loss_backward(dloss, cache):
+    """d reconstruction [B, K] = dloss * 2 (reconstruction - target) / B."""
+    error = cache
+    return _upstream_scalar(dloss, error.dtype) * 2.0 / error.shape[0] * error  # [B, K]

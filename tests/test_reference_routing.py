@@ -1,0 +1,138 @@
+"""Routing by agreement (Procedure 1): gradients against finite differences and torch autograd
+for both gradient policies, and the properties the paper's procedure must have."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from capsnet_triton.reference import routing_backward, routing_forward, squash_forward
+from reference_checks import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices, torch_routing
+
+
+@st.composite
+def routing_problems(draw):
+    """u_hat [B, I, J, D] (B <= 3, I <= 12, J <= 6, D <= 5), r in 1..4, an optional bias, dv."""
+    B, I, J, D = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 6)), draw(st.integers(1, 5))
+    iterations = draw(st.integers(1, 4))
+    scale = draw(st.sampled_from([0.05, 0.5, 2.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    u_hat = rng.normal(size=(B, I, J, D)) * scale
+    bias = rng.normal(size=(J, D)) * scale if draw(st.booleans()) else None
+    dv = rng.normal(size=(B, J, D))
+    return u_hat, iterations, bias, dv, rng
+
+
+def projected_loss(u_hat, iterations, bias, dv, agreement_grad=True):
+    v, _ = routing_forward(u_hat, iterations, bias=bias, agreement_grad=agreement_grad)
+    return np.sum(v * dv)
+
+
+def analytic_gradients(u_hat, iterations, bias, dv, agreement_grad=True):
+    """(du_hat, dbias or None) from the reference backward."""
+    _, cache = routing_forward(u_hat, iterations, bias=bias, agreement_grad=agreement_grad)
+    grads = routing_backward(dv, cache)
+    return grads if bias is not None else (grads, None)
+
+
+@given(routing_problems())
+def test_backward_matches_finite_differences(problem):
+    u_hat, iterations, bias, dv, rng = problem
+    du_hat, dbias = analytic_gradients(u_hat, iterations, bias, dv)
+    indices = sample_indices(u_hat.shape, rng, 60)
+    numeric = numerical_gradient(lambda: projected_loss(u_hat, iterations, bias, dv), u_hat, indices)
+    assert relative_error(du_hat.ravel()[indices], numeric) <= FD_TOLERANCE
+    if bias is not None:
+        numeric_bias = numerical_gradient(lambda: projected_loss(u_hat, iterations, bias, dv), bias)
+        assert relative_error(dbias.ravel(), numeric_bias) <= FD_TOLERANCE
+
+
+@pytest.mark.parametrize("agreement_grad", [True, False])
+@given(problem=routing_problems())
+def test_matches_torch_autograd(problem, agreement_grad):
+    torch = pytest.importorskip("torch")
+    u_hat, iterations, bias, dv, _ = problem
+    u_hat_t = torch.tensor(u_hat, requires_grad=True)
+    bias_t = None if bias is None else torch.tensor(bias, requires_grad=True)
+    v_t = torch_routing(u_hat_t, iterations, bias_t, agreement_grad)
+    v_t.backward(torch.tensor(dv))
+
+    v, _ = routing_forward(u_hat, iterations, bias=bias, agreement_grad=agreement_grad)
+    du_hat, dbias = analytic_gradients(u_hat, iterations, bias, dv, agreement_grad)
+    assert relative_error(v, v_t.detach().numpy()) <= 1e-12
+    assert relative_error(du_hat, u_hat_t.grad.numpy()) <= 1e-12
+    if bias is not None:
+        assert relative_error(dbias, bias_t.grad.numpy()) <= 1e-12
+
+
+def test_policies_differ_only_from_the_second_iteration(rng):
+    u_hat, dv = rng.normal(size=(2, 7, 4, 3)), rng.normal(size=(2, 4, 3))
+    full = analytic_gradients(u_hat, 1, None, dv, True)[0]
+    assert np.array_equal(full, analytic_gradients(u_hat, 1, None, dv, False)[0])
+    full = analytic_gradients(u_hat, 3, None, dv, True)[0]
+    assert relative_error(analytic_gradients(u_hat, 3, None, dv, False)[0], full) > 1e-3
+
+
+@given(routing_problems())
+def test_couplings_sum_to_one_over_parents_and_outputs_are_shorter_than_one(problem):
+    u_hat, iterations, bias, _, _ = problem
+    v, cache = routing_forward(u_hat, iterations, bias=bias)
+    assert len(cache["couplings"]) == iterations
+    for c in cache["couplings"]:
+        assert c.shape == u_hat.shape[:3] and (c >= 0).all()
+        np.testing.assert_allclose(c.sum(axis=2), 1.0, rtol=0, atol=1e-12)
+    assert (np.linalg.norm(v, axis=-1) < 1).all()
+
+
+@given(routing_problems())
+def test_one_iteration_is_squash_of_the_uniformly_coupled_sum(problem):
+    # r = 1: c = 1/J for every (i, j), so s_j = sum_i u_hat_ij / J (a mean over i only when I = J).
+    u_hat, _, bias, _, _ = problem
+    J = u_hat.shape[2]
+    s = u_hat.sum(axis=1) / J + (0 if bias is None else bias)
+    v, _ = routing_forward(u_hat, 1, bias=bias)
+    assert relative_error(v, squash_forward(s)) <= 1e-12
+
+
+@given(routing_problems())
+def test_logits_start_at_zero_for_every_sample(problem):
+    # Routing a batch must equal routing each sample alone, forward and backward.
+    u_hat, iterations, bias, dv, _ = problem
+    v, cache = routing_forward(u_hat, iterations, bias=bias)
+    du_hat = routing_backward(dv, cache)
+    du_hat = du_hat[0] if bias is not None else du_hat
+    for b in range(u_hat.shape[0]):
+        v_b, cache_b = routing_forward(u_hat[b:b + 1], iterations, bias=bias)
+        du_b = routing_backward(dv[b:b + 1], cache_b)
+        du_b = du_b[0] if bias is not None else du_b
+        assert relative_error(v[b], v_b[0]) <= 1e-14
+        assert relative_error(du_hat[b], du_b[0]) <= 1e-14
+
+
+def test_agreement_moves_coupling_towards_the_agreeing_parent():
+    # Two parents; every input predicts the same vector for parent 0 and scattered ones for
+    # parent 1, so routing must couple more strongly to parent 0 with each iteration.
+    rng = np.random.default_rng(7)
+    I, D = 8, 4
+    u_hat = np.empty((1, I, 2, D))
+    u_hat[0, :, 0] = np.array([1.0, 0.5, 0.0, 0.0])
+    u_hat[0, :, 1] = rng.normal(size=(I, D))
+    _, cache = routing_forward(u_hat, 4)
+    coupling_to_agreeing = [c[0, :, 0].mean() for c in cache["couplings"]]
+    assert coupling_to_agreeing[0] == pytest.approx(0.5)
+    assert all(later > earlier for earlier, later in zip(coupling_to_agreeing, coupling_to_agreeing[1:]))
+
+
+def test_bad_input_raises(rng):
+    with pytest.raises(ValueError, match="4 axes"):
+        routing_forward(rng.normal(size=(2, 3, 4)))
+    with pytest.raises(ValueError, match="floating-point"):
+        routing_forward(np.ones((1, 2, 3, 4), dtype=np.int32))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="iterations"):
+            routing_forward(rng.normal(size=(1, 2, 3, 4)), bad)
+    with pytest.raises(ValueError, match="bias"):
+        routing_forward(rng.normal(size=(1, 2, 3, 4)), bias=np.zeros((4, 3)))
+    _, cache = routing_forward(rng.normal(size=(1, 2, 3, 4)))
+    with pytest.raises(ValueError, match="dv"):
+        routing_backward(np.zeros((1, 3, 5)), cache)
