@@ -1,0 +1,173 @@
+"""The fused routing kernels (kernels/routing.py) against the float64 NumPy reference (SPEC 3 and 8).
+
+Every check runs forward and backward: v and every iteration's s against the reference forward,
+du_hat and the bias gradient ds_all.sum((0, 1)) against the reference backward, under both
+gradient policies, with all outputs poisoned with NaN before the kernels write them.
+"""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from kernel_checks import DEVICE, DTYPES, as_float64, assert_agrees, dtype_id, magnitudes, poisoned, sample
+
+from capsnet_triton.kernels import routing_backward, routing_forward
+from capsnet_triton.reference import routing_backward as reference_routing_backward
+from capsnet_triton.reference import routing_forward as reference_routing_forward
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_routing(u_hat, iterations, dv, *, bias=None, agreement_grad=True, block_i=None):
+    """Run both kernels on poisoned outputs, compare with the reference, return (v, s_all, du_hat, ds_all)."""
+    B, I, J, D = u_hat.shape
+    dtype = u_hat.dtype
+    v, s_all = routing_forward(
+        u_hat, iterations, bias, block_i=block_i,
+        out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
+    du_hat, ds_all = routing_backward(
+        dv, u_hat, s_all, agreement_grad=agreement_grad, block_i=block_i,
+        out=(poisoned((B, I, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
+
+    # A zero bias changes nothing in the reference and makes it return dL/dbias = sum of every ds.
+    bias64 = np.zeros((J, D)) if bias is None else as_float64(bias)
+    ref_v, cache = reference_routing_forward(as_float64(u_hat), iterations, bias=bias64,
+                                             agreement_grad=agreement_grad)
+    ref_du_hat, ref_dbias = reference_routing_backward(as_float64(dv), cache)
+    assert_agrees(v, ref_v, dtype, "v")
+    assert_agrees(s_all, np.stack(cache["totals"]), dtype, "s_all")
+    assert_agrees(du_hat, ref_du_hat, dtype, "du_hat")
+    assert_agrees(ds_all.sum((0, 1)), ref_dbias, dtype, "dbias = ds_all.sum((0, 1))")
+    return v, s_all, du_hat, ds_all
+
+
+@st.composite
+def routing_cases(draw, dtype):
+    return dict(
+        magnitude=draw(st.sampled_from(magnitudes(dtype))),
+        shape=tuple(draw(st.integers(1, most)) for most in (3, 40, 10, 16)),                # B, I, J, D
+        iterations=draw(st.integers(1, 4)),
+        with_bias=draw(st.booleans()),
+        agreement_grad=draw(st.booleans()),
+        block_i=draw(st.sampled_from([None, 4, 16])),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+# One Hypothesis run per dtype, so that each gets the profile's full number of examples.
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@given(data=st.data())
+def test_routing_kernels_match_reference(dtype, data):
+    case = data.draw(routing_cases(dtype))
+    rng = np.random.default_rng(case["seed"])
+    B, I, J, D = case["shape"]
+    u_hat = sample(rng, case["shape"], dtype, case["magnitude"])
+    bias = sample(rng, (J, D), dtype, case["magnitude"]) if case["with_bias"] else None
+    dv = sample(rng, (B, J, D), dtype)
+    check_routing(u_hat, case["iterations"], dv, bias=bias, agreement_grad=case["agreement_grad"],
+                  block_i=case["block_i"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("iterations", [1, 5])
+def test_routing_of_a_single_capsule(dtype, iterations, rng):
+    """I = J = D = 1: the coupling is 1, v = squash(u_hat + bias), in every iteration."""
+    u_hat = sample(rng, (2, 1, 1, 1), dtype)
+    check_routing(u_hat, iterations, sample(rng, (2, 1, 1), dtype), bias=sample(rng, (1, 1), dtype))
+
+
+@pytest.mark.parametrize("block_i", [4, 16])
+@pytest.mark.parametrize("agreement_grad", [True, False])
+def test_routing_with_inputs_not_a_multiple_of_the_block(block_i, agreement_grad, rng):
+    u_hat = sample(rng, (2, 37, 10, 16), torch.float32)
+    dv = sample(rng, (2, 10, 16), torch.float32)
+    bias = sample(rng, (10, 16), torch.float32)
+    check_routing(u_hat, 3, dv, bias=bias, agreement_grad=agreement_grad, block_i=block_i)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 4, 5])
+def test_routing_for_each_number_of_iterations(iterations, rng):
+    u_hat = sample(rng, (2, 9, 4, 5), torch.float64)
+    dv = sample(rng, (2, 4, 5), torch.float64)
+    for agreement_grad in (True, False):
+        check_routing(u_hat, iterations, dv, agreement_grad=agreement_grad)
+
+
+@pytest.mark.parametrize("view", ["permuted", "strided"])
+def test_routing_of_non_contiguous_u_hat_equals_contiguous(view, rng):
+    """The kernels take u_hat's strides: a view gives bit for bit the result of its contiguous copy."""
+    if view == "permuted":
+        u_hat = sample(rng, (2, 10, 13, 16), torch.float32).permute(0, 2, 1, 3)   # [2, 13, 10, 16]
+    else:
+        u_hat = sample(rng, (2, 13, 10, 32), torch.float32)[..., ::2]             # D stride 2
+    assert not u_hat.is_contiguous()
+    dv = sample(rng, (2, 10, 16), torch.float32)
+    results = check_routing(u_hat, 3, dv, block_i=4)
+    v, s_all = routing_forward(u_hat.contiguous(), 3, block_i=4)
+    du_hat, ds_all = routing_backward(dv, u_hat.contiguous(), s_all, block_i=4)
+    for got, expected in zip(results, (v, s_all, du_hat, ds_all)):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype, agreement_grad",
+                         [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32", "float32-agreement_grad=False", "bfloat16"])
+def test_routing_at_the_mnist_shape(dtype, agreement_grad, rng):
+    """DigitCaps of the MNIST network (SPEC 5): I = 1152, J = 10, D = 16, 3 iterations."""
+    u_hat = sample(rng, (2, 1152, 10, 16), dtype)
+    check_routing(u_hat, 3, sample(rng, (2, 10, 16), dtype), agreement_grad=agreement_grad)
+
+
+def test_routing_allocates_its_outputs_when_not_given(rng):
+    u_hat = sample(rng, (3, 7, 5, 6), torch.float16)
+    dv = sample(rng, (3, 5, 6), torch.float16)
+    v, s_all, du_hat, ds_all = check_routing(u_hat, 2, dv)
+    v_new, s_all_new = routing_forward(u_hat, 2)
+    du_hat_new, ds_all_new = routing_backward(dv, u_hat, s_all_new)
+    assert v_new.dtype == du_hat_new.dtype == torch.float16
+    assert s_all_new.dtype == ds_all_new.dtype == torch.float32
+    for got, expected in zip((v_new, s_all_new, du_hat_new, ds_all_new), (v, s_all, du_hat, ds_all)):
+        assert torch.equal(got, expected)
+
+
+def test_routing_of_an_empty_batch():
+    u_hat = torch.empty(0, 5, 3, 4, device=DEVICE)
+    v, s_all = routing_forward(u_hat, 3)
+    assert v.shape == (0, 3, 4) and s_all.shape == (3, 0, 3, 4)
+    du_hat, ds_all = routing_backward(torch.empty(0, 3, 4, device=DEVICE), u_hat, s_all)
+    assert du_hat.shape == (0, 5, 3, 4) and ds_all.shape == (3, 0, 3, 4)
+
+
+def test_routing_rejects_bad_input():
+    u_hat = torch.ones(2, 5, 3, 4, device=DEVICE)
+    _, s_all = routing_forward(u_hat, 2)
+    dv = torch.ones(2, 3, 4, device=DEVICE)
+    cases = [
+        (TypeError, "torch.Tensor", lambda: routing_forward(np.ones((2, 5, 3, 4)), 2)),
+        (ValueError, "4 axes", lambda: routing_forward(torch.ones(5, 3, 4, device=DEVICE), 2)),
+        (ValueError, "float16, bfloat16", lambda: routing_forward(u_hat.long(), 2)),
+        (ValueError, "at least one input capsule",
+         lambda: routing_forward(torch.ones(2, 0, 3, 4, device=DEVICE), 2)),
+        (ValueError, "iterations must be an integer >= 1", lambda: routing_forward(u_hat, 0)),
+        (ValueError, "iterations must be an integer >= 1", lambda: routing_forward(u_hat, True)),
+        (ValueError, "iterations must be an integer >= 1", lambda: routing_forward(u_hat, 2.0)),
+        (ValueError, r"bias must have shape \[J, D\]",
+         lambda: routing_forward(u_hat, 2, torch.ones(4, 3, device=DEVICE))),
+        (ValueError, "one device", lambda: routing_forward(u_hat, 2, torch.ones(3, 4, device="meta"))),
+        (ValueError, "power of two", lambda: routing_forward(u_hat, 2, block_i=3)),
+        (ValueError, "power of two", lambda: routing_backward(dv, u_hat, s_all, block_i=0)),
+        (ValueError, r"out\[0\] \(v\)",
+         lambda: routing_forward(u_hat, 2, out=(torch.empty(2, 4, 3, device=DEVICE), s_all))),
+        (ValueError, r"dv must have shape \[B, J, D\]", lambda: routing_backward(dv[:1], u_hat, s_all)),
+        (ValueError, "s_all must be routing_forward's", lambda: routing_backward(dv, u_hat, s_all.double())),
+        (ValueError, "s_all must be routing_forward's", lambda: routing_backward(dv, u_hat, s_all[:, :1])),
+        (ValueError, r"out\[1\] \(ds_all\)",
+         lambda: routing_backward(dv, u_hat, s_all,
+                                  out=(torch.empty_like(u_hat), torch.empty(3, 2, 3, 4, device=DEVICE)))),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
