@@ -1,10 +1,6 @@
 """Helpers shared by the reference tests: finite differences, relative error, straightforward
-torch versions of squash and routing (torch is imported inside, so this module loads without it),
-and small MNIST-shaped IDX files.
+torch versions of squash and routing (torch is imported inside, so this module loads without it).
 """
-
-import gzip
-import os
 
 import numpy as np
 
@@ -75,25 +71,3 @@ def torch_routing(u_hat, iterations, bias=None, agreement_grad=True):
             agreeing = u_hat if agreement_grad else u_hat.detach()
             b = b + (agreeing * v[:, None]).sum(dim=-1)
     return v
-
-
-def idx_bytes(array, type_code=0x08):
-    """The IDX encoding of a uint8 array: magic, big-endian uint32 sizes, then the data."""
-    header = bytes([0, 0, type_code, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def write(path, data):
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wb") as f:
-        f.write(data)
-    return path
-
-
-def write_mnist(directory, train_count, test_count, rng, size=28):
-    """Small MNIST-shaped IDX files (gzipped images, raw labels) in directory."""
-    for prefix, count in (("train", train_count), ("t10k", test_count)):
-        images = rng.integers(0, 256, size=(count, size, size), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=count, dtype=np.uint8)
-        write(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), idx_bytes(images))
-        write(os.path.join(directory, f"{prefix}-labels-idx1-ubyte"), idx_bytes(labels))

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from reference_checks import write_mnist
+from idx_files import write_mnist
 
 
 def run_demo(*args):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from capsnet_triton.reference import load_mnist, read_idx
-from reference_checks import idx_bytes, write, write_mnist
+from idx_files import idx_bytes, write, write_mnist
 
 
 @pytest.mark.parametrize("name", ["data.gz", "data"])

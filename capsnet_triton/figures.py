@@ -1,0 +1,210 @@
+"""PNG figures of a trained CapsNet and its training run (matplotlib, no display needed).
+
+- `reconstruction_figure`: inputs above the decoder's reconstructions (paper Figure 3).
+- `perturbation_figure` of `capsule_perturbations`: each of the 16 dimensions of the predicted
+  digit capsule shifted by -0.25 .. 0.25 in steps of 0.05 and decoded (paper Figure 4).
+- `training_curves_figure`: loss and accuracy from the JSON-lines log that training writes.
+
+Figures are built on `matplotlib.figure.Figure` with the Agg canvas and never touch pyplot, so
+no GUI backend or global state is involved. A grid of images is drawn as one tiled image rather
+than hundreds of axes, which keeps a 16 x 11 grid fast to render.
+"""
+
+import json
+import os
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .data import to_float
+
+__all__ = [
+    "PERTURBATIONS", "capsule_perturbations", "reconstruction_figure", "perturbation_figure",
+    "training_curves_figure", "read_log", "write_figures",
+]
+
+# Figure 4: every dimension of the capsule moved by -0.25, -0.20, ..., 0.25 (11 values).
+PERTURBATIONS = tuple(round(0.05 * k, 2) for k in range(-5, 6))
+
+
+def _to_hwc(images):
+    """[..., C, H, W] tensor in [0, 1] -> NumPy [..., H, W, C] float, clipped."""
+    array = images.detach().float().cpu().numpy()
+    return np.clip(np.moveaxis(array, -3, -1), 0.0, 1.0)
+
+
+def _tile(grid, gap=2):
+    """[R, K, H, W, C] -> one [R*H + (R-1)*gap, K*W + (K-1)*gap, C] image, white between cells."""
+    rows, cols, height, width, channels = grid.shape
+    out = np.ones((rows * (height + gap) - gap, cols * (width + gap) - gap, channels))
+    for r in range(rows):
+        for c in range(cols):
+            top, left = r * (height + gap), c * (width + gap)
+            out[top:top + height, left:left + width] = grid[r, c]
+    return out, height + gap, width + gap
+
+
+def _show(ax, tiled):
+    if tiled.shape[-1] == 1:
+        ax.imshow(tiled[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow(tiled, interpolation="nearest")
+
+
+def _save(fig, path):
+    FigureCanvasAgg(fig)
+    fig.savefig(os.fspath(path), dpi=100)
+    return os.fspath(path)
+
+
+def reconstruction_figure(images, reconstructions, path, *, labels=None, predictions=None):
+    """Inputs (top row) above their reconstructions (bottom row); writes a PNG to `path`.
+
+    images [N, C, H, W] in [0, 1]; reconstructions [N, C*H*W] (the decoder's output) or
+    [N, C, H, W]; labels / predictions: optional integer [N], printed above each column.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape [N, C, H, W], got {list(images.shape)}")
+    if reconstructions.shape[0] != images.shape[0] or reconstructions[0].numel() != images[0].numel():
+        raise ValueError(
+            f"reconstructions of shape {list(reconstructions.shape)} do not match images of shape {list(images.shape)}"
+        )
+    pair = torch.stack([images, reconstructions.reshape(images.shape)])     # [2, N, C, H, W]
+    tiled, _, cell_width = _tile(_to_hwc(pair))
+    count = images.shape[0]
+    fig = Figure(figsize=(max(4.0, 0.9 * count), 2.4))
+    ax = fig.add_subplot()
+    _show(ax, tiled)
+    ax.set_yticks([images.shape[2] / 2, cell_width + images.shape[2] / 2], ["input", "reconstruction"])
+    if labels is not None or predictions is not None:
+        captions = []
+        for n in range(count):
+            parts = []
+            if labels is not None:
+                parts.append(f"label {int(labels[n])}")
+            if predictions is not None:
+                parts.append(f"pred {int(predictions[n])}")
+            captions.append("\n".join(parts))
+        ax.set_xticks([n * cell_width + images.shape[3] / 2 for n in range(count)], captions, fontsize=7)
+        ax.xaxis.tick_top()
+    else:
+        ax.set_xticks([])
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def capsule_perturbations(model, image, *, deltas=PERTURBATIONS, capsule=None):
+    """Decode one digit capsule with each dimension perturbed in turn (paper Figure 4).
+
+    model: a CapsNet with a decoder; image [C, H, W] in [0, 1]. The capsule is the longest one
+    (the prediction) unless `capsule` names a class. With v its D-dim vector and e_d the d-th
+    unit vector, decodes v + delta e_d for every d and every delta in `deltas`, all other
+    capsules masked to zero as in Section 4.1.
+    Returns (capsule index, decoded images [D, len(deltas), C, H, W]).
+    """
+    if model.decoder is None:
+        raise ValueError("the model has no decoder, so there is nothing to perturb and decode")
+    was_training = model.training
+    model.eval()
+    try:
+        output = model(image[None])
+        lengths = output.lengths[0]                                       # [J]
+        j = int(lengths.argmax()) if capsule is None else int(capsule)
+        if not 0 <= j < lengths.shape[0]:
+            raise ValueError(f"capsule must be a class in [0, {lengths.shape[0]}), got {capsule}")
+        v = output.v[0]                                                   # [J, D]
+        num_caps, dims = v.shape
+        shifts = torch.tensor(deltas, dtype=v.dtype, device=v.device)    # [K]
+        basis = torch.eye(dims, dtype=v.dtype, device=v.device)          # [D, D]
+        perturbed = v[j] + shifts[None, :, None] * basis[:, None, :]      # [D, K, D]
+        masked = v.new_zeros(dims, len(deltas), num_caps, dims)           # [D, K, J, D]
+        masked[:, :, j] = perturbed
+        decoded = model.decoder(masked.reshape(-1, num_caps * dims))      # [D*K, C*H*W]
+    finally:
+        model.train(was_training)
+    return j, decoded.reshape(dims, len(deltas), *image.shape)
+
+
+def perturbation_figure(grid, path, *, capsule=None, deltas=PERTURBATIONS):
+    """Draw the [D, K, C, H, W] output of `capsule_perturbations` as a D x K grid; writes `path`."""
+    if grid.ndim != 5 or grid.shape[1] != len(deltas):
+        raise ValueError(f"grid must have shape [D, {len(deltas)}, C, H, W], got {list(grid.shape)}")
+    dims = grid.shape[0]
+    tiled, cell_height, cell_width = _tile(_to_hwc(grid))
+    fig = Figure(figsize=(0.55 * len(deltas) + 1.2, 0.55 * dims + 0.8))
+    ax = fig.add_subplot()
+    _show(ax, tiled)
+    ax.set_xticks([k * cell_width + grid.shape[4] / 2 for k in range(len(deltas))],
+                  [f"{d:+.2f}" for d in deltas], fontsize=7)
+    ax.set_yticks([d * cell_height + grid.shape[3] / 2 for d in range(dims)], [str(d) for d in range(dims)], fontsize=7)
+    ax.set_xlabel("perturbation")
+    ax.set_ylabel("capsule dimension")
+    ax.set_title("dimension perturbations" + ("" if capsule is None else f" of capsule {capsule}"))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def read_log(path):
+    """The records of a JSON-lines training log, as a list of dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def training_curves_figure(log_path, path):
+    """Training and validation loss (left) and accuracy (right) against the step; writes `path`.
+
+    Reads the JSON-lines log of `capsnet_triton.train`: "train" records (every few steps) and
+    "validation" records (every epoch), both with "step", "loss" and "accuracy".
+    """
+    records = read_log(log_path)
+    fig = Figure(figsize=(10, 4))
+    loss_ax, accuracy_ax = fig.subplots(1, 2)
+    for event, style in (("train", "-"), ("validation", "o-")):
+        points = [r for r in records if r.get("event") == event]
+        if not points:
+            continue
+        steps = [r["step"] for r in points]
+        loss_ax.plot(steps, [r["loss"] for r in points], style, label=event)
+        accuracy_ax.plot(steps, [100.0 * r["accuracy"] for r in points], style, label=event)
+    loss_ax.set_yscale("log")
+    loss_ax.set(xlabel="step", ylabel="loss (margin + 0.0005 reconstruction)", title="loss")
+    accuracy_ax.set(xlabel="step", ylabel="accuracy (%)", title="accuracy")
+    for ax in (loss_ax, accuracy_ax):
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def write_figures(model, split, out_dir, *, log_path=None, count=8):
+    """Write the figures of a model on the first `count` samples of `split` into `out_dir`.
+
+    model: a CapsNet (not DDP-wrapped); split: a `data.Split` on the model's device.
+    reconstructions.png and perturbations.png need the decoder; training_curves.png needs
+    the log. Returns the paths written.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    if log_path is not None and os.path.isfile(log_path):
+        written.append(training_curves_figure(log_path, os.path.join(out_dir, "training_curves.png")))
+    if model.decoder is None:
+        return written
+    was_training = model.training
+    model.eval()
+    try:
+        images = to_float(split.images[:count])                           # [N, C, H, W]
+        output = model(images)                                            # decoder masked by the prediction
+        written.append(reconstruction_figure(
+            images, output.reconstruction, os.path.join(out_dir, "reconstructions.png"),
+            labels=split.labels[:count], predictions=output.lengths.argmax(dim=1),
+        ))
+        capsule, grid = capsule_perturbations(model, images[0])
+        written.append(perturbation_figure(grid, os.path.join(out_dir, "perturbations.png"), capsule=capsule))
+    finally:
+        model.train(was_training)
+    return written

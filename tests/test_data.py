@@ -1,0 +1,254 @@
+"""The data pipeline: finding and loading IDX files, download with checksums, the validation
+split, the epoch order and the random-shift augmentation."""
+
+import gzip
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from capsnet_triton import data
+from capsnet_triton.data import DATASETS, DatasetSource, DownloadError, IdxFile
+from idx_files import make_digits, write_dataset, write_idx
+
+STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+# --- finding and loading --------------------------------------------------------------------
+
+def test_load_flat_gz_layout(tmp_path):
+    write_dataset(tmp_path, train_count=30, test_count=12)
+    train = data.load_split(tmp_path, train=True)
+    test = data.load_split(tmp_path, train=False)
+    expected_images, expected_labels = make_digits(30, 0)
+    assert train.images.dtype == torch.uint8 and train.images.shape == (30, 1, 28, 28)
+    assert train.labels.dtype == torch.int64 and len(train) == 30 and len(test) == 12
+    assert np.array_equal(train.images[:, 0].numpy(), expected_images)
+    assert np.array_equal(train.labels.numpy(), expected_labels)
+
+
+@pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_load_torchvision_layout_uncompressed(tmp_path, dataset, folder):
+    write_dataset(tmp_path / folder / "raw", train_count=20, test_count=10, compress=False)
+    assert data.find_split_dir(tmp_path, dataset, train=False) == os.path.join(tmp_path, folder, "raw")
+    assert len(data.load_split(tmp_path, dataset, train=False)) == 10
+
+
+def test_torchvision_layout_tells_the_datasets_apart(tmp_path):
+    write_dataset(tmp_path / "MNIST" / "raw", train_count=20, test_count=10, seed=0)
+    write_dataset(tmp_path / "FashionMNIST" / "raw", train_count=20, test_count=10, seed=5)
+    mnist = data.load_split(tmp_path, "mnist", train=True)
+    fashion = data.load_split(tmp_path, "fashion-mnist", train=True)
+    assert not torch.equal(mnist.images, fashion.images)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--download"):
+        data.load_split(tmp_path, train=True)
+    with pytest.raises(FileNotFoundError, match="data directory not found"):
+        data.load_split(tmp_path / "nowhere", train=True)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", make_digits(5, 0)[0])
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        data.load_split(tmp_path, train=False)
+
+
+def test_unknown_dataset(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        data.load_split(tmp_path, "cifar")
+
+
+def test_truncated_file_names_file_and_problem(tmp_path):
+    write_dataset(tmp_path, train_count=10, test_count=5)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    payload = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(payload[:-100]))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz.*truncated"):
+        data.load_split(tmp_path, train=True)
+
+
+def test_corrupt_gzip_names_file(tmp_path):
+    write_dataset(tmp_path, train_count=10, test_count=5)
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-12])                        # cut the stream and its trailer
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz"):
+        data.load_split(tmp_path, train=False)
+
+
+def test_image_and_label_counts_must_agree(tmp_path):
+    write_dataset(tmp_path, train_count=10, test_count=5)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(4, np.uint8))
+    with pytest.raises(ValueError, match="5 images but .* 4 labels"):
+        data.load_split(tmp_path, train=False)
+
+
+def test_real_mnist(mnist_dir):
+    train = data.load_split(mnist_dir, "mnist", train=True)
+    test = data.load_split(mnist_dir, "mnist", train=False)
+    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
+    assert set(train.labels.unique().tolist()) == set(range(10)) == set(test.labels.unique().tolist())
+    for idx_file in DATASETS["mnist"].files:                          # the pinned content checksums
+        data._verify(os.path.join(mnist_dir, idx_file.stem + ".gz"), idx_file)
+
+
+# --- download -------------------------------------------------------------------------------
+
+def _fake_source(monkeypatch, mirror_dir, digest_of="content"):
+    """Register a dataset 'tiny' whose checksums are those of the files in mirror_dir."""
+    files = []
+    for stem in STEMS:
+        raw = (mirror_dir / f"{stem}.gz").read_bytes()
+        digest = hashlib.md5(gzip.decompress(raw) if digest_of == "content" else raw).hexdigest()
+        files.append(IdxFile(stem, digest, digest_of))
+    source = DatasetSource("tiny", "Tiny", (mirror_dir.as_uri() + "/",), tuple(files))
+    monkeypatch.setitem(DATASETS, "tiny", source)
+    return source
+
+
+@pytest.mark.parametrize("digest_of", ["content", "gzip"])
+def test_download_from_local_mirror(tmp_path, monkeypatch, digest_of):
+    mirror = tmp_path / "mirror"
+    write_dataset(mirror, train_count=20, test_count=10)
+    _fake_source(monkeypatch, mirror, digest_of)
+    messages = []
+    target = data.download(tmp_path / "data", "tiny", progress=messages.append)
+    assert target == os.path.join(tmp_path, "data", "Tiny", "raw")
+    assert sorted(os.listdir(target)) == sorted(stem + ".gz" for stem in STEMS)   # no temporary left
+    assert len(messages) == 4 and all(m.startswith("downloading file://") for m in messages)
+    assert len(data.load_split(tmp_path / "data", "tiny", train=True)) == 20
+    # Verified files already there are kept: a second call fetches nothing.
+    messages.clear()
+    data.download(tmp_path / "data", "tiny", mirrors=["file:///nonexistent/"], progress=messages.append)
+    assert messages == []
+
+
+def test_download_bad_checksum_leaves_nothing(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    write_dataset(mirror, train_count=20, test_count=10)
+    _fake_source(monkeypatch, mirror)
+    write_idx(mirror / "train-labels-idx1-ubyte.gz", np.ones(20, np.uint8))   # content changed after hashing
+    with pytest.raises(DownloadError, match=r"train-labels-idx1-ubyte.gz.*MD5 of its decompressed content"):
+        data.download(tmp_path / "data", "tiny", progress=lambda _: None)
+    target = tmp_path / "data" / "Tiny" / "raw"
+    assert sorted(os.listdir(target)) == ["train-images-idx3-ubyte.gz"]          # the file before it only
+
+
+def test_download_broken_gzip_leaves_nothing(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    write_dataset(mirror, train_count=20, test_count=10)
+    _fake_source(monkeypatch, mirror)
+    images = mirror / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:200])
+    with pytest.raises(DownloadError, match="not a complete gzip stream"):
+        data.download(tmp_path / "data", "tiny", progress=lambda _: None)
+    assert os.listdir(tmp_path / "data" / "Tiny" / "raw") == []
+
+
+def test_download_falls_back_to_next_mirror_and_replaces_corrupt_file(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    write_dataset(mirror, train_count=20, test_count=10)
+    _fake_source(monkeypatch, mirror)
+    target = tmp_path / "data" / "Tiny" / "raw"
+    target.mkdir(parents=True)
+    (target / "t10k-images-idx3-ubyte.gz").write_bytes(b"not what it should be")
+    data.download(tmp_path / "data", "tiny", mirrors=[(tmp_path / "empty").as_uri(), mirror.as_uri()],
+                  progress=lambda _: None)
+    assert (target / "t10k-images-idx3-ubyte.gz").read_bytes() == (mirror / "t10k-images-idx3-ubyte.gz").read_bytes()
+    assert len(os.listdir(target)) == 4
+
+
+def test_download_every_mirror_failing_lists_each(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    write_dataset(mirror, train_count=20, test_count=10)
+    _fake_source(monkeypatch, mirror)
+    with pytest.raises(DownloadError) as error:
+        data.download(tmp_path / "data", "tiny", mirrors=[(tmp_path / "a").as_uri(), (tmp_path / "b").as_uri()],
+                      progress=lambda _: None)
+    assert str(tmp_path / "a") in str(error.value) and str(tmp_path / "b") in str(error.value)
+
+
+def test_download_real_mnist_checksums(tmp_path, mnist_dir):
+    # The real files served from a file:// mirror pass the pinned MNIST checksums.
+    target = data.download(tmp_path, "mnist", mirrors=[f"file://{os.path.abspath(mnist_dir)}/"],
+                           progress=lambda _: None)
+    assert len(data.load_split(tmp_path, "mnist", train=False)) == 10000
+    assert target == os.path.join(tmp_path, "MNIST", "raw")
+
+
+# --- split, order, augmentation -------------------------------------------------------------
+
+def test_validation_split_disjoint_and_fixed_by_seed():
+    train, val = data.validation_split(1000, 100, seed=3)
+    assert len(val) == 100 and len(train) == 900
+    assert torch.equal(torch.sort(torch.cat([train, val])).values, torch.arange(1000))
+    again_train, again_val = data.validation_split(1000, 100, seed=3)
+    assert torch.equal(val, again_val) and torch.equal(train, again_train)
+    assert not torch.equal(val, data.validation_split(1000, 100, seed=4)[1])
+    for bad in (0, 1000):
+        with pytest.raises(ValueError, match="validation_size"):
+            data.validation_split(1000, bad)
+
+
+def test_epoch_order_is_a_permutation_per_epoch():
+    first, second = data.epoch_order(500, seed=1, epoch=0), data.epoch_order(500, seed=1, epoch=1)
+    assert torch.equal(torch.sort(first).values, torch.arange(500))
+    assert not torch.equal(first, second)
+    assert torch.equal(first, data.epoch_order(500, seed=1, epoch=0))
+
+
+def _shifted(image, dy, dx):
+    """image [C, H, W] moved down by dy and right by dx, zero filled (the slow obvious way)."""
+    out = torch.zeros_like(image)
+    height, width = image.shape[-2:]
+    out[:, max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+        image[:, max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
+    return out
+
+
+@given(batch=st.integers(1, 6), channels=st.integers(1, 2), height=st.integers(1, 9), width=st.integers(1, 9),
+       max_shift=st.integers(0, 3), seed=st.integers(0, 2**32 - 1))
+def test_random_shift_is_a_translation_by_at_most_max_shift(batch, channels, height, width, max_shift, seed):
+    images = torch.randint(1, 256, (batch, channels, height, width), generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.uint8)
+    out = data.random_shift(images, max_shift, generator=torch.Generator().manual_seed(seed))
+    assert out.shape == images.shape and out.dtype == images.dtype
+    offsets = range(-max_shift, max_shift + 1)
+    for image, moved in zip(images, out):
+        # Some translation within the bound explains the output (several only when it moved the
+        # whole tiny image out, leaving zeros).
+        assert any(torch.equal(moved, _shifted(image, dy, dx)) for dy in offsets for dx in offsets)
+
+
+def test_random_shift_preserves_interior_content_and_uses_every_offset():
+    images = torch.zeros(400, 1, 28, 28)
+    images[:, :, 2:26, 2:26] = torch.rand(400, 1, 24, 24) + 0.1        # nothing within 2 pixels of the border
+    out = data.random_shift(images, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)))
+    seen = set()
+    for image, moved in zip(images, out):
+        nonzero = moved[0].nonzero()
+        dy, dx = (nonzero.min(dim=0).values - 2).tolist()
+        assert -2 <= dy <= 2 and -2 <= dx <= 2
+        assert torch.equal(moved, _shifted(image, dy, dx))
+        seen.add((dy, dx))
+    assert len(seen) == 25                                             # uniform over [-2, 2]^2: all appear
+
+
+def test_random_shift_is_reproducible_and_checks_arguments():
+    images = torch.rand(8, 1, 28, 28)
+    first = data.random_shift(images, 2, generator=data.shift_generator(0, 5))
+    assert torch.equal(first, data.random_shift(images, 2, generator=data.shift_generator(0, 5)))
+    assert not torch.equal(first, data.random_shift(images, 2, generator=data.shift_generator(0, 6)))
+    assert data.random_shift(images, 0) is images
+    with pytest.raises(ValueError, match="max_shift"):
+        data.random_shift(images, -1)
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        data.random_shift(images[0], 2)
+
+
+def test_to_float_scales_to_unit_interval():
+    pixels = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)
+    assert torch.equal(data.to_float(pixels), torch.tensor([[[[0.0, 128 / 255, 1.0]]]]))

@@ -1,0 +1,223 @@
+"""The training and evaluation commands end to end on a tiny synthetic dataset and a tiny model:
+files written, exact resume (also after a SIGKILL), distributed training equal to one process,
+and the figures."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from capsnet_triton import evaluate, train
+from capsnet_triton.data import load_split, to_float
+from capsnet_triton.figures import PERTURBATIONS, capsule_perturbations
+from idx_files import write_dataset
+
+# One xdist worker runs this file (addopts use --dist loadgroup), so the module's runs are shared.
+pytestmark = pytest.mark.xdist_group("train")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = ["--conv-channels", "8", "--primary-types", "2", "--decoder-hidden", "16", "32"]
+STEPS_PER_EPOCH = 10                                        # 160 training images / batch 16
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(write_dataset(tmp_path_factory.mktemp("digits"), train_count=200, test_count=40))
+
+
+def tiny_args(data_dir, out, *extra):
+    return ["--data", data_dir, "--out", str(out), "--batch-size", "16", "--validation-size", "40",
+            "--limit-test", "24", "--log-every", "2", "--checkpoint-every", "3", "--seed", "7",
+            "--device", "cpu", *TINY_MODEL, *extra]
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def load(run_dir, name="last.pt"):
+    return torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a, b):
+    """Model and optimizer of two checkpoints bit-identical."""
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), (index, name)
+    assert a["scheduler"] == b["scheduler"]
+    assert a["position"] == b["position"]
+
+
+def subprocess_env():
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())         # the same threads as this process
+    return env
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+    """Two uninterrupted epochs (20 steps): the reference the resumed runs must equal."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    assert train.main(tiny_args(data_dir, out, "--epochs", "2")) == 0
+    return out
+
+
+def test_smoke_run_writes_log_checkpoints_and_figures(straight_run, capsys):
+    files = set(os.listdir(straight_run))
+    assert {"log.jsonl", "last.pt", "best.pt", "training_curves.png", "reconstructions.png",
+            "perturbations.png"} <= files
+    assert not [name for name in files if name.endswith(".tmp")]
+    for figure in ("training_curves.png", "reconstructions.png", "perturbations.png"):
+        with open(os.path.join(straight_run, figure), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    records = read_log(straight_run)
+    events = [r["event"] for r in records]
+    assert events.count("train") == 2 * STEPS_PER_EPOCH // 2 and events.count("validation") == 2
+    assert events[-1] == "test" and events.count("test") == 1
+    for record in records:
+        assert 0.0 <= record["accuracy"] <= 1.0 and record["loss"] > 0
+    for record in (r for r in records if r["event"] == "train"):
+        # lr = 1e-3 * 0.96^(step / 2000), the official code's continuous decay.
+        assert record["lr"] == pytest.approx(1e-3 * 0.96 ** (record["step"] / 2000), rel=1e-12)
+    validation = [r for r in records if r["event"] == "validation"]
+    assert [r["count"] for r in validation] == [40, 40] and records[-1]["count"] == 24
+    last, best = load(straight_run), load(straight_run, "best.pt")
+    assert last["position"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 20}
+    best_epoch = max(validation, key=lambda r: r["accuracy"])["epoch"]   # first of equals: strict improvement
+    assert best["epoch"] == best_epoch == records[-1]["best_epoch"]
+    assert best["validation"]["accuracy"] == max(r["accuracy"] for r in validation)
+
+
+def test_evaluate_command_reports_test_accuracy_and_figures(straight_run, data_dir, tmp_path, capsys):
+    assert evaluate.main([str(straight_run / "best.pt"), "--data", data_dir, "--limit", "24",
+                          "--device", "cpu", "--out", str(tmp_path)]) == 0
+    output = capsys.readouterr().out
+    test_record = read_log(straight_run)[-1]
+    assert f"test accuracy {test_record['accuracy']:.2%}" in output and "on 24 images" in output
+    assert {"reconstructions.png", "perturbations.png", "training_curves.png"} <= set(os.listdir(tmp_path))
+
+
+def test_resume_at_epoch_end_with_more_epochs_is_bit_identical(straight_run, data_dir, tmp_path):
+    out = tmp_path / "resumed"
+    train.main(tiny_args(data_dir, out, "--epochs", "1"))
+    assert load(out)["position"]["global_step"] == STEPS_PER_EPOCH
+    train.main(["--out", str(out), "--resume", "--epochs", "2"])
+    assert_same_state(load(out), load(straight_run))
+    for key, value in load(out, "best.pt")["model"].items():
+        assert torch.equal(value, load(straight_run, "best.pt")["model"][key])
+    assert without_timing(read_log(out)) == without_timing(read_log(straight_run))
+
+
+def test_resume_after_sigkill_is_bit_identical(straight_run, data_dir, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "capsnet_triton.train", *tiny_args(data_dir, out, "--epochs", "2")]
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = out / "last.pt"
+    try:
+        while not checkpoint.exists() and process.poll() is None:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    interrupted_at = load(out)["position"]["global_step"]
+    assert 0 < interrupted_at < 2 * STEPS_PER_EPOCH                # the run was cut off mid-training
+    train.main(["--out", str(out), "--resume"])
+    assert_same_state(load(out), load(straight_run))
+    for key, value in load(out, "best.pt")["model"].items():
+        assert torch.equal(value, load(straight_run, "best.pt")["model"][key])
+    assert without_timing(read_log(out)) == without_timing(read_log(straight_run))
+
+
+def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path):
+    one_step = ["--epochs", "1", "--limit-train", "16", "--limit-val", "8", "--limit-test", "8"]
+    train.main(tiny_args(data_dir, tmp_path / "single", *one_step))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "capsnet_triton.train", *tiny_args(data_dir, tmp_path / "ddp", *one_step)]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = load(tmp_path / "single"), load(tmp_path / "ddp")
+    assert ddp["world_size"] == 2 and ddp["position"]["global_step"] == 1
+    torch.manual_seed(7)                                           # the run's seed: its initial parameters
+    initial = evaluate.build_model(single["config"]).state_dict()
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    # Adam's first step moves a parameter with a clear gradient by about lr = 1e-3, far beyond the tolerance.
+    assert max((value - initial[key]).abs().max() for key, value in single["model"].items()) > 5e-4
+    # Both ranks saw their halves of the same global batch: the metrics of the step agree.
+    single_log, ddp_log = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
+    assert ddp_log[0]["train_accuracy"] == single_log[0]["train_accuracy"]
+    assert ddp_log[0]["train_loss"] == pytest.approx(single_log[0]["train_loss"], rel=1e-5)
+
+
+def test_amp_run_is_finite(data_dir, tmp_path):
+    train.main(tiny_args(data_dir, tmp_path / "amp", "--epochs", "1", "--limit-train", "32", "--amp",
+                         "--no-agreement-grad", "--routing-bias"))
+    records = read_log(tmp_path / "amp")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert "digit_caps.bias" in load(tmp_path / "amp")["model"]
+
+
+def test_no_decoder_run_writes_only_the_curves(data_dir, tmp_path):
+    train.main(tiny_args(data_dir, tmp_path / "bare", "--epochs", "1", "--limit-train", "32", "--no-decoder"))
+    files = os.listdir(tmp_path / "bare")
+    assert "training_curves.png" in files and "reconstructions.png" not in files
+    assert all(r["reconstruction"] == 0.0 for r in read_log(tmp_path / "bare"))
+
+
+def test_command_line_errors(straight_run, data_dir, tmp_path, capsys):
+    def fails(argv, message):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+    fails(["--out", str(tmp_path / "none"), "--resume"], "no checkpoint")
+    fails(tiny_args(data_dir, straight_run), "already holds a run")
+    fails(["--out", str(straight_run), "--resume", "--lr", "0.01"], "--lr 0.01 differs from the run's 0.001")
+    fails(["--out", str(tmp_path / "x")], "--data DIR is required")
+    fails(tiny_args(data_dir, tmp_path / "x", "--epochs", "0"), "--epochs must be positive")
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        train.main(tiny_args(data_dir, tmp_path / "small", "--limit-train", "8"))
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    device = torch.device("cpu")
+    state = train._rng_state(device)
+    train.save_atomic({"rng": state}, tmp_path / "rng.pt")
+    draws = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    train._set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"], device)
+    assert torch.equal(torch.rand(3), draws[0])
+    assert np.array_equal(np.random.rand(3), draws[1])
+    assert [random.random() for _ in range(3)] == draws[2]
+    assert os.listdir(tmp_path) == ["rng.pt"]
+
+
+def test_perturbations_follow_figure_4(straight_run, data_dir):
+    model, _ = evaluate.load_model(straight_run / "best.pt")
+    image = to_float(load_split(data_dir, train=False).images[:1])
+    capsule, grid = capsule_perturbations(model, image[0])
+    assert grid.shape == (16, 11, 1, 28, 28) and len(PERTURBATIONS) == 11
+    assert PERTURBATIONS[0] == -0.25 and PERTURBATIONS[-1] == 0.25
+    with torch.no_grad():
+        output = model(image)
+    assert capsule == int(output.lengths.argmax())
+    # The zero perturbation is the plain reconstruction, whichever dimension is "moved".
+    for d in range(16):
+        torch.testing.assert_close(grid[d, 5].flatten(), output.reconstruction[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(grid[:, 0], grid[:, 10])
