@@ -57,13 +57,15 @@ def rng():
     return np.random.default_rng(1234)
 
 
-MNIST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist")
+# Real MNIST: $CAPSNET_MNIST_DIR, else a datasets/mnist folder in a shared/ beside the checkout.
+MNIST_DIR = os.environ.get("CAPSNET_MNIST_DIR") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist")
 
 
 @pytest.fixture
 def mnist_dir():
-    """The real MNIST IDX files where this machine has them beside the repo; skip otherwise."""
+    """The real MNIST IDX files where this machine has them; skip otherwise."""
     path = os.path.abspath(MNIST_DIR)
     if not os.path.isfile(os.path.join(path, "train-labels-idx1-ubyte.gz")):
-        pytest.skip("real MNIST not present beside the repo (../shared/datasets/mnist)")
+        pytest.skip(f"real MNIST not found in {path} (set CAPSNET_MNIST_DIR to its folder)")
     return path
