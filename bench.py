@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How fast is each implementation of CapsNet's dynamic routing, and how far from the hardware?
 
-    python bench.py                 # about 3 minutes on a 2-core CPU; a CUDA GPU is used when present
+    python bench.py                 # about 2 minutes on a 2-core CPU; a CUDA GPU is used when present
     python bench.py --quick         # under a minute
     python bench.py --tiny          # seconds, small shapes: the smoke test
     python bench.py --json out.json --plot out.png
@@ -9,8 +9,8 @@
 Providers (one row each):
   numpy-ref      capsnet_triton.reference, the NumPy ground truth, fed float32 (small batches only)
   torch-eager    the routing loop as public CapsNet repos write it: autograd through a Python loop
-  torch-einsum   the same loop written with einsum (no temporary of u_hat's size), u_hat = W u as
-                 one einsum: a clean eager version
+  torch-einsum   the same loop with each contraction one einsum, and u_hat = W u as one einsum
+                 (W is never copied per sample): a clean eager version
   torch-compile  torch.compile of torch-eager's squash and routing loop; u_hat = W u stays eager
                  (compiled, its backward ran over 10x slower than eager on CPU)
   project-torch  capsnet_triton.ops with backend="torch"
@@ -20,11 +20,11 @@ Providers (one row each):
 Workloads, float32, at the MNIST shape I=1152, J=10, D=16, P=8, r=3 unless a row says otherwise:
   squash           v = squash(s), s [B, I, P] (the primary capsules)            B up to 128 (CPU)
   routing fwd      u_hat [B, I, J, D] -> v [B, J, D]                            or 512 (GPU)
-  routing fwd+bwd  also du_hat for a random upstream gradient dv; and a sweep over r = 1..5
+  routing fwd+bwd  also du_hat for a random upstream gradient dv; and a sweep over r (1..5; --quick: 5)
   digitcaps        u [B, I, P], W [I, J, D, P] -> u_hat (Eq. 2) -> v, with du and dW
   train step       one Adam step of the whole CapsNet (margin + reconstruction loss); the rows
                    differ only in DigitCaps (PrimaryCaps' squash is the project's, backend=None)
-The last two run at one batch, B = 128 (16 with --quick).
+The last two run at one batch: B = 128 (on a CPU with --quick, 16).
 
 Before a provider is timed, its outputs and gradients are compared with float64 ground truth:
 the NumPy reference, or for batches above the NumPy limit torch-einsum's code run in float64 on
@@ -46,6 +46,7 @@ import datetime
 import functools
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
@@ -53,8 +54,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional
 
-# Read before anything can import triton: under the interpreter a "triton" timing would measure
-# NumPy emulating a GPU, so the triton provider refuses to run.
+# Under Triton's interpreter a "triton" timing would measure NumPy emulating a GPU: the triton
+# provider refuses to run, and on a GPU bench refuses to start.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 
 import numpy as np  # noqa: E402
@@ -73,10 +74,10 @@ FLOAT32 = 4               # bytes
 # The eager baseline, as public CapsNet repos write it (softmax over parents j, as SPEC asks)
 # ---------------------------------------------------------------------------------------------
 
-def baseline_squash(s, dim=-1):
+def baseline_squash(s):
     """Eq. 1 as gram-ai/capsule-networks writes it: no epsilon, so s = 0 gives NaN (random inputs
     never hit it). Reads s twice and writes two temporaries of its size besides v."""
-    squared_norm = (s ** 2).sum(dim=dim, keepdim=True)
+    squared_norm = (s ** 2).sum(dim=-1, keepdim=True)
     scale = squared_norm / (1 + squared_norm)
     return scale * s / torch.sqrt(squared_norm)
 
@@ -106,8 +107,9 @@ def einsum_predict(u, W):
 
 
 def einsum_routing(u_hat, iterations=3):
-    """Procedure 1 as a careful eager implementation writes it: each contraction one einsum, so
-    no product of u_hat's size is materialised, but autograd still keeps every iteration's c and b."""
+    """Procedure 1 as a careful eager implementation writes it: each contraction one einsum, no
+    explicit product of u_hat's size (torch may still copy u_hat to lay out a contraction), and
+    autograd keeps every iteration's c and b."""
     b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype, device=u_hat.device)   # [B, I, J]
     for t in range(iterations):
         c = torch.softmax(b, dim=2)                                        # [B, I, J], over parents
@@ -155,14 +157,10 @@ def make_providers():
         EINSUM,
         Provider("torch-compile", "torch.compile of torch-eager's squash and routing", **compiled),
     ]
+    from capsnet_triton.layers import predict
+    from capsnet_triton.ops import dynamic_routing, squash
     for name, backend in (("project-torch", "torch"), ("triton", "triton")):
         about = f'capsnet_triton.ops, backend="{backend}"'
-        try:
-            from capsnet_triton.layers import predict
-            from capsnet_triton.ops import dynamic_routing, squash
-        except ImportError as exc:
-            providers.append(Provider(name, about, unavailable=f"unavailable: {exc}"))
-            continue
         refusal = None
         if backend == "triton" and TRITON_INTERPRET:
             refusal = ("refused: TRITON_INTERPRET is set, so Triton would time its CPU interpreter; "
@@ -539,17 +537,18 @@ def ground_truth(workload, arrays, shape, use_numpy):
 
 
 def check_ground_truth(workloads=WORKLOADS):
-    """torch-einsum in float64 must equal the NumPy reference to rounding, or it cannot stand in
-    for the reference on large batches."""
-    shape = Shape(2, 72, 3, conv_channels=16)
+    """torch-einsum in float64 must equal the NumPy reference to rounding, at every r the plans
+    time, or it cannot stand in for the reference on large batches."""
     for workload in workloads:
-        arrays = make_arrays(workload, shape)
-        expected = ground_truth(workload, arrays, shape, use_numpy=True)
-        got = ground_truth(workload, arrays, shape, use_numpy=False)
-        err = relative_error(got, expected)
-        if not err <= GROUND_TRUTH_TOLERANCE:
-            sys.exit(f"bench: torch-einsum in float64 differs from the NumPy reference on {workload.name} "
-                     f"(relative error {err:.1e}); ground truth for large batches is broken")
+        for r in (1, 2, 3, 4, 5) if workload.name == SWEPT else (3,):
+            shape = Shape(2, 72, r, conv_channels=16)
+            arrays = make_arrays(workload, shape)
+            expected = ground_truth(workload, arrays, shape, use_numpy=True)
+            got = ground_truth(workload, arrays, shape, use_numpy=False)
+            err = relative_error(got, expected)
+            if not err <= GROUND_TRUTH_TOLERANCE:
+                sys.exit(f"bench: torch-einsum in float64 differs from the NumPy reference on {workload.name} "
+                         f"at r = {r} (relative error {err:.1e}); ground truth for large batches is broken")
 
 
 def measure(row, provider, workload, shape, arrays, expected, device, plan, bandwidth):
@@ -686,6 +685,9 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     timed = [r for r in rows if r.status == "ok"]
+    if not timed:
+        print(f"bench: no row was timed, so there is no plot ({path} not written)", file=sys.stderr)
+        return
     swept_batches = {r.B for r in timed if r.workload == SWEPT and r.r != 3}   # the r sweep's batch
     panels = [(w, "B") for w in dict.fromkeys(r.workload for r in timed)] + [(SWEPT, "r")] * bool(swept_batches)
     columns = min(3, len(panels))
@@ -715,7 +717,9 @@ def plot(rows, path):
         ax.set(title=workload + (" (r sweep)" if axis == "r" else ""), xlabel=axis, ylabel="median ms", yscale="log")
         if axis == "B":
             ax.set_xscale("log", base=2)
-    axes.flat[0].legend(fontsize=8)
+    line_panels = [ax for ax in axes.flat if ax.get_lines()]
+    if line_panels:                                        # bar panels name providers on their axis
+        line_panels[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -742,6 +746,9 @@ def main(argv=None):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda, but torch sees no CUDA GPU")
+        if TRITON_INTERPRET:
+            # CapsNet's squash picks Triton for CUDA tensors: every train-step row would time the interpreter.
+            parser.error("TRITON_INTERPRET is set: unset it to benchmark on a GPU")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     plan = PLANS[(device.type, "tiny" if args.tiny else "quick" if args.quick else "default")]
@@ -756,7 +763,10 @@ def main(argv=None):
     print(format_table(rows, env, providers))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, out, indent=1)
+            # An infinite relative error (a provider that gave NaN) becomes null: JSON has no Infinity.
+            records = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
+                       for r in rows]
+            json.dump({"environment": env, "rows": records}, out, indent=1)
     if args.plot:
         plot(rows, args.plot)
     failed = [r for r in rows if r.status == "FAILED"]
