@@ -35,7 +35,7 @@ from .reference.mnist import load_mnist
 __all__ = [
     "DATASETS", "DatasetSource", "IdxFile", "Split", "DownloadError",
     "find_split_dir", "load_split", "download", "validation_split", "epoch_order",
-    "shift_generator", "derive_seed", "random_shift", "to_float",
+    "shift_generator", "derive_seed", "random_shift", "to_float", "default_permissions",
 ]
 
 
@@ -211,6 +211,7 @@ def download(directory, dataset="mnist", *, mirrors=None, progress=print):
             url = mirror.rstrip("/") + "/" + name
             progress(f"downloading {url}")
             fd, partial = tempfile.mkstemp(dir=target, prefix=f".{name}.", suffix=".part")
+            default_permissions(fd)
             try:
                 with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
                     shutil.copyfileobj(response, out)
@@ -290,6 +291,14 @@ def random_shift(images, max_shift=2, *, generator=None):
     ]                                                                   # [B, C, H, W]
 
 
+def default_permissions(fd):
+    """Give a file from tempfile.mkstemp (mode 0600) the mode open() would: 0666 less the umask,
+    so that downloads and checkpoints renamed into place are as readable as any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
 def to_float(images):
     """uint8 pixels [B, C, H, W] -> float32 in [0, 1], the model's input (and decoder target)."""
-    return images.float().div_(255.0)
+    return images.to(torch.float32) / 255.0

@@ -51,8 +51,8 @@ def resolve_device(name, local_rank=0):
 def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=False):
     """Loss terms and accuracy of `model` over a whole `data.Split` (on the model's device).
 
-    The loss is the training objective (decoder masked by the true label); the accuracy counts
-    the longest capsule (Section 4). Under torch.distributed each rank evaluates a contiguous
+    As SPEC section 4 has it for evaluation, the decoder sees the longest capsule, not the true
+    label's; the margin loss uses the labels, and the accuracy counts the longest capsule. Under torch.distributed each rank evaluates a contiguous
     share and the sums are all-reduced, so every rank returns the totals of the whole split.
     Returns a dict: loss, margin, reconstruction (batch means), accuracy, count.
     """
@@ -68,7 +68,7 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
         for index in share.split(batch_size):
             images, labels = to_float(split.images[index]), split.labels[index]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                output = model(images, labels)
+                output = model(images)
             terms = capsnet_loss(output, images, labels, reconstruction_weight=reconstruction_weight)
             loss_sums += torch.stack(terms).double() * len(index)
             correct += (output.lengths.argmax(dim=1) == labels).sum()
@@ -131,7 +131,7 @@ def main(argv=None):
         test = test.subset(slice(0, args.limit))
     test = test.to(device)
     metrics = evaluate(model, test, batch_size=args.batch_size,
-                       reconstruction_weight=config["reconstruction_weight"])
+                       reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
     print(f"test accuracy {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
           f"{metrics['count']} images, loss {metrics['loss']:.5f}")
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint))

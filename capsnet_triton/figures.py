@@ -72,12 +72,12 @@ def reconstruction_figure(images, reconstructions, path, *, labels=None, predict
             f"reconstructions of shape {list(reconstructions.shape)} do not match images of shape {list(images.shape)}"
         )
     pair = torch.stack([images, reconstructions.reshape(images.shape)])     # [2, N, C, H, W]
-    tiled, _, cell_width = _tile(_to_hwc(pair))
+    tiled, cell_height, cell_width = _tile(_to_hwc(pair))
     count = images.shape[0]
     fig = Figure(figsize=(max(4.0, 0.9 * count), 2.4))
     ax = fig.add_subplot()
     _show(ax, tiled)
-    ax.set_yticks([images.shape[2] / 2, cell_width + images.shape[2] / 2], ["input", "reconstruction"])
+    ax.set_yticks([images.shape[2] / 2, cell_height + images.shape[2] / 2], ["input", "reconstruction"])
     if labels is not None or predictions is not None:
         captions = []
         for n in range(count):
@@ -170,7 +170,7 @@ def training_curves_figure(log_path, path):
         loss_ax.plot(steps, [r["loss"] for r in points], style, label=event)
         accuracy_ax.plot(steps, [100.0 * r["accuracy"] for r in points], style, label=event)
     loss_ax.set_yscale("log")
-    loss_ax.set(xlabel="step", ylabel="loss (margin + 0.0005 reconstruction)", title="loss")
+    loss_ax.set(xlabel="step", ylabel="total loss (margin + weighted reconstruction)", title="loss")
     accuracy_ax.set(xlabel="step", ylabel="accuracy (%)", title="accuracy")
     for ax in (loss_ax, accuracy_ax):
         ax.grid(alpha=0.3)

@@ -23,8 +23,9 @@ bit-identical on CPU to one never interrupted.
 
 Distributed: under torchrun (RANK / WORLD_SIZE in the environment) every rank trains on its
 shard of each global batch through DistributedDataParallel (NCCL on GPUs, gloo on CPUs);
---batch-size is the global batch. Only rank 0 logs and writes files; resuming expects RUN_DIR
-on a file system every rank can read.
+--batch-size is the global batch. Only rank 0 logs and writes files, but every rank reads
+RUN_DIR/best.pt for the final test (and last.pt on --resume): across nodes, RUN_DIR must be on a
+file system they share (on one node any folder will do).
 """
 
 import argparse
@@ -42,8 +43,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .data import (DATASETS, download, epoch_order, load_split, random_shift, shift_generator, to_float,
-                   validation_split)
+from .data import (DATASETS, default_permissions, download, epoch_order, load_split, random_shift,
+                   shift_generator, to_float, validation_split)
 from .evaluate import build_model, evaluate, resolve_device
 from .figures import write_figures
 from .losses import capsnet_loss
@@ -54,7 +55,8 @@ __all__ = ["build_parser", "main", "train", "save_atomic", "MIN_LR"]
 MIN_LR = 1e-6
 CHECKPOINT_FORMAT = 1
 
-# Options a resumed run may change: they do not alter the trajectory of the parameters.
+# Options a resumed run may change: they do not alter the trajectory of the parameters, except
+# --device (CPU and GPU round differently, so a run resumed on the other loses bit-exactness).
 # Every other option is part of the run and must match the checkpoint's.
 RESUMABLE = ("data", "download", "epochs", "device", "checkpoint_every", "log_every", "limit_test")
 
@@ -76,40 +78,41 @@ def build_parser(suppress_defaults=False):
 
     data = parser.add_argument_group("data")
     add(data, "--data", metavar="DIR", help="folder with the IDX files (flat, or torchvision's MNIST/raw layout)")
-    add(data, "--dataset", default="mnist", choices=sorted(DATASETS))
+    add(data, "--dataset", default="mnist", choices=sorted(DATASETS), help="which dataset's files to load")
     add(data, "--download", default=False, action="store_true",
         help="fetch missing files from the canonical mirrors into DIR/<MNIST|FashionMNIST>/raw")
     add(data, "--validation-size", default=5000, type=int, help="training images held out for model selection")
     add(data, "--split-seed", default=0, type=int, help="seed of the validation split (fixed across runs)")
     add(data, "--max-shift", default=2, type=int, help="random shift augmentation in pixels (0: none)")
-    add(data, "--limit-train", type=int, metavar="N", help="train on the first N training images only (smoke runs)")
+    add(data, "--limit-train", type=int, metavar="N", help="train on N images of the shuffled training split only (smoke runs)")
     add(data, "--limit-val", type=int, metavar="N", help="validate on N images only")
     add(data, "--limit-test", type=int, metavar="N", help="test on N images only")
 
     optim = parser.add_argument_group("optimisation")
-    add(optim, "--epochs", default=50, type=int)
+    add(optim, "--epochs", default=50, type=int, help="passes over the training split")
     add(optim, "--batch-size", default=128, type=int, help="global batch, split over the ranks")
     add(optim, "--lr", default=1e-3, type=float, help="Adam learning rate")
     add(optim, "--lr-decay", default=0.96, type=float, help="learning rate factor per --lr-decay-steps")
-    add(optim, "--lr-decay-steps", default=2000, type=int)
-    add(optim, "--reconstruction-weight", default=0.0005, type=float)
-    add(optim, "--seed", default=0, type=int)
+    add(optim, "--lr-decay-steps", default=2000, type=int, help="steps per --lr-decay factor (applied continuously)")
+    add(optim, "--reconstruction-weight", default=0.0005, type=float, help="weight of the reconstruction loss")
+    add(optim, "--seed", default=0, type=int, help="seed of the initialisation, the batch order and the shifts")
     add(optim, "--amp", default=False, action="store_true", help="bfloat16 autocast")
 
     model = parser.add_argument_group("model")
-    add(model, "--routing-iterations", default=3, type=int)
+    add(model, "--routing-iterations", default=3, type=int, help="r of Procedure 1")
     add(model, "--no-agreement-grad", dest="agreement_grad", default=True, action="store_false",
         help="treat u_hat as a constant inside the routing agreement (stop-gradient variant)")
     add(model, "--routing-bias", default=False, action="store_true", help="learned bias added to s_j")
     add(model, "--no-decoder", dest="decoder", default=True, action="store_false", help="no reconstruction network")
     add(model, "--conv-channels", default=256, type=int, help="channels of Conv1")
     add(model, "--primary-types", default=32, type=int, help="capsule types of PrimaryCaps")
-    add(model, "--decoder-hidden", default=[512, 1024], type=int, nargs=2, metavar=("H1", "H2"))
+    add(model, "--decoder-hidden", default=[512, 1024], type=int, nargs=2, metavar=("H1", "H2"),
+        help="widths of the decoder's two hidden layers")
 
     run = parser.add_argument_group("run")
-    add(run, "--out", default="runs/capsnet", metavar="RUN_DIR")
+    add(run, "--out", default="runs/capsnet", metavar="RUN_DIR", help="folder of the log, checkpoints and figures")
     add(run, "--resume", default=False, action="store_true", help="continue the run in RUN_DIR from last.pt")
-    add(run, "--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add(run, "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     add(run, "--checkpoint-every", default=500, type=int, metavar="STEPS",
         help="also checkpoint every STEPS steps (0: only at epoch ends)")
     add(run, "--log-every", default=50, type=int, metavar="STEPS", help="steps per 'train' record of the log")
@@ -204,6 +207,7 @@ def save_atomic(obj, path):
     after a kill) sees either the old file or the complete new one, never a partial write."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    default_permissions(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -304,10 +308,13 @@ class _Log:
         self.path, self.file = path, None
         if not enabled:
             return
-        if truncate_to is not None:
-            # Records written after the checkpoint belong to steps that are about to be redone.
-            with open(path, "r+b") as f:
-                f.truncate(truncate_to)
+        if truncate_to is None:
+            # A fresh run: the log of an earlier run in RUN_DIR that never reached a checkpoint goes.
+            self.file = open(path, "w")
+            return
+        # Records written after the checkpoint belong to steps that are about to be redone.
+        with open(path, "r+b") as f:
+            f.truncate(truncate_to)
         self.file = open(path, "a")
 
     def write(self, **record):

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -101,6 +102,19 @@ def test_smoke_run_writes_log_checkpoints_and_figures(straight_run, capsys):
     best_epoch = max(validation, key=lambda r: r["accuracy"])["epoch"]   # first of equals: strict improvement
     assert best["epoch"] == best_epoch == records[-1]["best_epoch"]
     assert best["validation"]["accuracy"] == max(r["accuracy"] for r in validation)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("last.pt", "best.pt"):      # written through mkstemp (0600), then given open()'s mode
+        assert stat.S_IMODE(os.stat(straight_run / name).st_mode) == 0o666 & ~umask, name
+
+
+def test_a_fresh_run_replaces_the_log_of_an_earlier_run_that_never_checkpointed(data_dir, tmp_path):
+    out = tmp_path / "reused"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps({"event": "train", "step": 999}) + "\n")
+    assert train.main(tiny_args(data_dir, out, "--epochs", "1", "--limit-train", "32")) == 0
+    steps = [r["step"] for r in read_log(out) if "step" in r]
+    assert 999 not in steps and steps == sorted(steps)
 
 
 def test_evaluate_command_reports_test_accuracy_and_figures(straight_run, data_dir, tmp_path, capsys):
