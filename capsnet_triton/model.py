@@ -38,6 +38,7 @@ class CapsNet(nn.Module):
 
     routing_iterations, agreement_grad, routing_bias and routing_backend configure DigitCaps
     (`capsnet_triton.ops.dynamic_routing`); decoder=False drops the reconstruction network.
+    PrimaryCaps' squash always picks its backend by device (Triton for CUDA tensors).
     """
 
     def __init__(self, in_channels=1, image_size=28, num_classes=10, conv_channels=256,

@@ -175,10 +175,6 @@ def _routing_backward_torch(dv, u_hat, s_all, agreement_grad):
 # ---------------------------------------------------------------------------------------------
 
 def _kernels():
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "backend='triton' needs a CUDA GPU, or Triton's interpreter on CPU: set "
-            "TRITON_INTERPRET=1 in the environment before triton is first imported")
     from capsnet_triton.kernels import routing, squash as squash_kernels
     return routing, squash_kernels
 
@@ -281,14 +277,19 @@ def _pick_backend(backend, tensor):
         return "triton" if tensor.is_cuda else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}), or Triton's "
+            "interpreter for CPU tensors: set TRITON_INTERPRET=1 before triton is first imported")
     return backend
 
 
 def _check_floating(x, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), "
+                        f"got {x.dtype}")
 
 
 def squash(s, dim=-1, *, backend=None):

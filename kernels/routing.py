@@ -246,10 +246,12 @@ def _check_u_hat(u_hat):
         raise ValueError("u_hat needs at least one input capsule, parent and dimension, "
                          f"got shape {tuple(u_hat.shape)}")
     # Offsets inside one sample are int32 in the kernels (the batch offset is int64).
+    if I * J * D > _INT32_MAX:
+        raise ValueError(f"one sample of u_hat has more than 2**31 - 1 elements: shape {tuple(u_hat.shape)}")
     span = sum((n - 1) * abs(st) for n, st in zip(u_hat.shape[1:], u_hat.stride()[1:]))
-    if max(span, I * J * D) > _INT32_MAX:
-        raise ValueError("one sample of u_hat spans more than 2**31 - 1 elements: "
-                         f"shape {tuple(u_hat.shape)}, strides {u_hat.stride()}")
+    if span > _INT32_MAX:
+        # A batch-inner layout (DigitCaps' u_hat is one) at a large batch: one copy, on purpose.
+        return u_hat.contiguous()
     return u_hat
 
 

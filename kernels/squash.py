@@ -166,7 +166,7 @@ def _max_tile(dtype):
 
 
 def _launch_options(tile_elements):
-    """num_warps for a tile of this many elements (at most 16 values a thread), and FMA
+    """num_warps for a tile of this many elements (16 values a thread at the GPU tile limit), and FMA
     contraction asked for explicitly, so that the numerics do not change when a Triton release
     flips its default."""
     return dict(num_warps=4 if tile_elements <= 2048 else 8, enable_fp_fusion=True)

@@ -112,6 +112,22 @@ def test_routing_of_non_contiguous_u_hat_equals_contiguous(view, rng):
         assert torch.equal(got, expected)
 
 
+def test_routing_copies_once_a_layout_whose_offsets_would_overflow_int32(rng, monkeypatch):
+    """DigitCaps' u_hat is batch-inner (input stride B J D); at a large batch one sample spans
+    more than int32 offsets reach, and the launchers copy it. A lowered limit shows it at a small
+    shape: the batch-inner view spans 3999 elements, one sample holds 2080."""
+    from capsnet_triton.kernels import routing
+    u_hat = sample(rng, (13, 2, 10, 16), torch.float32).permute(1, 0, 2, 3)     # [2, 13, 10, 16]
+    dv = sample(rng, (2, 10, 16), torch.float32)
+    expected = check_routing(u_hat, 3, dv, block_i=4)
+    monkeypatch.setattr(routing, "_INT32_MAX", 3000)
+    for got, want in zip(check_routing(u_hat, 3, dv, block_i=4), expected):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(routing, "_INT32_MAX", 2000)
+    with pytest.raises(ValueError, match="more than 2\\*\\*31 - 1 elements"):
+        routing_forward(u_hat, 3)
+
+
 @pytest.mark.parametrize("dtype, agreement_grad",
                          [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)],
                          ids=["float32", "float32-agreement_grad=False", "bfloat16"])

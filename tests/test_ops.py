@@ -226,7 +226,17 @@ def test_compile_fullgraph_traces_through_the_ops():
     (lambda: squash(torch.tensor(1.0)), ValueError, "scalar"),
     (lambda: squash(torch.ones(3, dtype=torch.int32)), TypeError, "floating"),
     (lambda: squash(torch.randn(3), backend="numpy"), ValueError, "backend"),
+    (lambda: squash(torch.randn(3).to(torch.float8_e4m3fn)), TypeError, "float16, bfloat16"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_says_so(monkeypatch):
+    # Where CUDA exists, Triton would otherwise fail on the CPU pointer with an obscure message.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for call in (lambda: squash(torch.randn(3), backend="triton"),
+                 lambda: dynamic_routing(torch.randn(2, 3, 4, 5), backend="triton")):
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            call()
