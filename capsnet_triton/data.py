@@ -134,7 +134,8 @@ def find_split_dir(directory, dataset="mnist", train=True):
     """The folder under `directory` that holds both IDX files of a split.
 
     Looks in `directory/<MNIST|FashionMNIST>/raw`, `directory/raw` and `directory` itself, in
-    that order; each file may be gzipped or not. Raises FileNotFoundError naming what is missing.
+    that order, and returns the first that holds both; each file may be gzipped or not. Raises
+    FileNotFoundError naming what is missing.
     """
     source = _source(dataset)
     directory = os.fspath(directory)
@@ -142,12 +143,14 @@ def find_split_dir(directory, dataset="mnist", train=True):
         raise FileNotFoundError(f"data directory not found: {directory}")
     stems = [f.stem for f in source.split_files(train)]
     candidates = _candidate_dirs(directory, source)
+    found = {candidate: [_present(candidate, stem) for stem in stems] for candidate in candidates}
     for candidate in candidates:
-        found = [_present(candidate, stem) for stem in stems]
-        if all(found):
+        if all(found[candidate]):
             return candidate
-        if any(found):
-            missing = stems[found.index(False)]
+    # No folder has both; one that has half of the pair is most likely what the user meant.
+    for candidate in candidates:
+        if any(found[candidate]):
+            missing = stems[found[candidate].index(False)]
             raise FileNotFoundError(f"{missing}(.gz) is missing from {candidate} (its companion file is there)")
     raise FileNotFoundError(
         f"{source.name} {'training' if train else 'test'} files ({' and '.join(s + '(.gz)' for s in stems)}) "

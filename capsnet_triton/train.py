@@ -80,7 +80,8 @@ def build_parser(suppress_defaults=False):
     add(data, "--data", metavar="DIR", help="folder with the IDX files (flat, or torchvision's MNIST/raw layout)")
     add(data, "--dataset", default="mnist", choices=sorted(DATASETS), help="which dataset's files to load")
     add(data, "--download", default=False, action="store_true",
-        help="fetch missing files from the canonical mirrors into DIR/<MNIST|FashionMNIST>/raw")
+        help="fetch the .gz files from the canonical mirrors into DIR/<MNIST|FashionMNIST>/raw, "
+             "keeping those already there that pass their checksum")
     add(data, "--validation-size", default=5000, type=int, help="training images held out for model selection")
     add(data, "--split-seed", default=0, type=int, help="seed of the validation split (fixed across runs)")
     add(data, "--max-shift", default=2, type=int, help="random shift augmentation in pixels (0: none)")

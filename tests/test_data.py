@@ -56,6 +56,15 @@ def test_missing_files_are_named(tmp_path):
         data.load_split(tmp_path, train=False)
 
 
+def test_a_complete_folder_wins_over_a_half_filled_one(tmp_path):
+    # What an interrupted --download leaves: one file of the pair in MNIST/raw, the set flat in DIR.
+    write_dataset(tmp_path, train_count=12, test_count=6)
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    write_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz", make_digits(3, 9)[0])
+    assert data.find_split_dir(tmp_path, train=False) == os.fspath(tmp_path)
+    assert len(data.load_split(tmp_path, train=False)) == 6
+
+
 def test_unknown_dataset(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         data.load_split(tmp_path, "cifar")
