@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .data import load_split, to_float
+from .data import DATASETS, load_split, to_float
 from .figures import write_figures
 from .losses import capsnet_loss
 from .model import CapsNet
@@ -104,7 +104,7 @@ def build_parser():
     )
     parser.add_argument("checkpoint", help="a checkpoint written by training (RUN_DIR/best.pt or last.pt)")
     parser.add_argument("--data", help="dataset directory (default: the one the run was trained on)")
-    parser.add_argument("--dataset", choices=["mnist", "fashion-mnist"],
+    parser.add_argument("--dataset", choices=sorted(DATASETS),
                         help="default: the run's dataset")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=256)
@@ -123,10 +123,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     model, checkpoint = load_model(args.checkpoint, device)
     config = checkpoint["config"]
-    data_dir = args.data or config["data"]
-    if data_dir is None:
-        parser.error("--data is required: the checkpoint does not record a data directory")
-    test = load_split(data_dir, args.dataset or config["dataset"], train=False)
+    test = load_split(args.data or config["data"], args.dataset or config["dataset"], train=False)
     if args.limit is not None:
         test = test.subset(slice(0, args.limit))
     test = test.to(device)
