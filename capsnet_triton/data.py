@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .reference.mnist import load_mnist
+from .reference.mnist import find_idx, load_mnist
 
 __all__ = [
     "DATASETS", "DatasetSource", "IdxFile", "Split", "DownloadError",
@@ -126,10 +126,6 @@ def _candidate_dirs(directory, source):
     return [os.path.join(directory, source.folder, "raw"), os.path.join(directory, "raw"), directory]
 
 
-def _present(directory, stem):
-    return any(os.path.isfile(os.path.join(directory, stem + ext)) for ext in (".gz", ""))
-
-
 def find_split_dir(directory, dataset="mnist", train=True):
     """The folder under `directory` that holds both IDX files of a split.
 
@@ -143,7 +139,7 @@ def find_split_dir(directory, dataset="mnist", train=True):
         raise FileNotFoundError(f"data directory not found: {directory}")
     stems = [f.stem for f in source.split_files(train)]
     candidates = _candidate_dirs(directory, source)
-    found = {candidate: [_present(candidate, stem) for stem in stems] for candidate in candidates}
+    found = {candidate: [find_idx(candidate, stem) is not None for stem in stems] for candidate in candidates}
     for candidate in candidates:
         if all(found[candidate]):
             return candidate

@@ -18,7 +18,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["read_idx", "load_mnist"]
+__all__ = ["read_idx", "find_idx", "load_mnist"]
 
 _UBYTE = 0x08
 
@@ -71,12 +71,20 @@ def read_idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape).copy()
 
 
-def _find(directory, stem):
+def find_idx(directory, stem):
+    """The path of `stem`.gz or `stem` in `directory` (the gzipped one first), or None."""
     for name in (stem + ".gz", stem):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"neither {stem}.gz nor {stem} found in {directory}")
+    return None
+
+
+def _find(directory, stem):
+    path = find_idx(directory, stem)
+    if path is None:
+        raise FileNotFoundError(f"neither {stem}.gz nor {stem} found in {directory}")
+    return path
 
 
 def load_mnist(directory, train=True):
