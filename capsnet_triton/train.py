@@ -464,6 +464,13 @@ def main(argv=None):
     parser = build_parser()
     config, checkpoint = _resolve_config(argv, parser)
     train(config, checkpoint)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker ends here without Python's teardown: with gloo, torch 2.13 sometimes
+        # aborts a rank at interpreter exit ("terminate called without an active exception"),
+        # after every file is written, and torchrun then reports the whole run as failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
