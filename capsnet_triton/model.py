@@ -55,13 +55,11 @@ class CapsNet(nn.Module):
                 f"image_size {image_size} is too small for two {kernel_size}x{kernel_size} convolutions "
                 f"(needs at least {2 * kernel_size - 1})"
             )
-        if routing_gradient != "full":
-            raise ValueError(f"routing_gradient {routing_gradient!r} is not supported by this DigitCaps yet")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.conv1 = nn.Conv2d(in_channels, conv_channels, kernel_size)
         self.primary_caps = PrimaryCaps(conv_channels, primary_types, primary_dims, kernel_size, stride=2)
         self.digit_caps = DigitCaps(primary_types * grid * grid, primary_dims, num_classes, digit_dims,
-                                    routing_iterations=routing_iterations, agreement_grad=True,
+                                    routing_iterations=routing_iterations, gradient=routing_gradient,
                                     bias=routing_bias, backend=routing_backend)
         self.decoder = (Decoder(num_classes * digit_dims, decoder_hidden, in_channels * image_size ** 2)
                         if decoder else None)

@@ -184,10 +184,11 @@ def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path):
 
 def test_amp_run_is_finite(data_dir, tmp_path):
     train.main(tiny_args(data_dir, tmp_path / "amp", "--epochs", "1", "--limit-train", "32", "--amp",
-                         "--routing-bias"))
+                         "--routing-gradient", "last", "--routing-bias"))
     records = read_log(tmp_path / "amp")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert "digit_caps.bias" in load(tmp_path / "amp")["model"]
+    assert load(tmp_path / "amp")["config"]["routing_gradient"] == "last"
 
 
 def test_no_decoder_run_writes_only_the_curves(data_dir, tmp_path):
