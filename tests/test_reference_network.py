@@ -17,8 +17,8 @@ from capsnet_triton.reference import (
     predict,
     squash_forward,
 )
-from reference_checks import (FD_TOLERANCE, numerical_gradient, relative_error, sample_indices, torch_routing,
-                              torch_squash)
+from capsnet_triton.numerics import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices
+from reference_checks import torch_routing
 
 TINY = CapsNetConfig(in_channels=1, image_size=12, conv_channels=4, kernel_size=3, primary_types=2, primary_dims=3,
                      num_classes=3, digit_dims=4, decoder_hidden=(6, 8))
@@ -108,6 +108,8 @@ def torch_network_loss(params, images, labels, config, iterations, agreement_gra
     """The same network written with torch ops, for autograd to differentiate."""
     import torch
     import torch.nn.functional as F
+
+    from capsnet_triton.baselines import squash as torch_squash
 
     T, P, h = config.primary_types, config.primary_dims, config.primary_grid
     B = images.shape[0]
