@@ -17,7 +17,7 @@ from capsnet_triton.reference import (
     predict,
     squash_forward,
 )
-from reference_checks import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices, torch_squash
+from capsnet_triton.numerics import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices
 
 TINY = CapsNetConfig(in_channels=1, image_size=12, conv_channels=4, kernel_size=3, primary_types=2, primary_dims=3,
                      num_classes=3, digit_dims=4, decoder_hidden=(6, 8))
@@ -109,6 +109,7 @@ def torch_network_loss(params, images, labels, config, iterations, routing_gradi
     import torch.nn.functional as F
 
     from capsnet_triton.baselines import routing
+    from capsnet_triton.baselines import squash as torch_squash
 
     T, P, h = config.primary_types, config.primary_dims, config.primary_grid
     B = images.shape[0]
