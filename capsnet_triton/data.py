@@ -1,8 +1,17 @@
-"""MNIST and Fashion-MNIST as in-memory tensors: finding, downloading, splitting, augmenting.
+"""MNIST, Fashion-MNIST and the paper's MNIST-derived sets as in-memory tensors: finding,
+downloading, splitting, augmenting.
 
 Each dataset is one entry of DATASETS (a `DatasetSpec`): its image shape, number of classes,
-loader and files. Training, evaluation and `model.build_model` read the shape, the classes and
-the dataset choices from there, so a new dataset is a new entry.
+loader and files, and how its training batches and its evaluation split are made from what the
+loader read. Training, evaluation and `model.build_model` read everything from there, so a new
+dataset is a new entry. Besides MNIST and Fashion-MNIST (SPEC 9):
+- multimnist: pairs of overlapping MNIST digits on 36 x 36 (`synthetic.multimnist`), drawn
+  afresh for every training step from (seed, step), and fixed by a seed for validation (one
+  pair per held-out digit) and test (ten per test digit);
+- mnist40: MNIST on a 40 x 40 canvas, each digit at a random position (shifts of up to 6);
+- affnist-generated: a test set of the MNIST test digits on 40 x 40 under random affine maps of
+  affNIST's ranges (`synthetic.affine_transform`), fixed by a seed; generated, not affNIST;
+- affnist: affNIST's own test files, for those who have them (`affnist.read_affnist`).
 
 The whole dataset fits in memory (60,000 x 28 x 28 bytes = 47 MB), so it is held as one uint8
 tensor on the training device and every batch is a single indexing operation; there is no
@@ -27,7 +36,7 @@ import shutil
 import tempfile
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -35,9 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from .reference.mnist import find_idx, load_mnist
+from .synthetic import multimnist
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "IdxFile", "Split", "DownloadError", "dataset_spec",
+    "DATASETS", "DatasetSpec", "IdxFile", "Split", "Batch", "DownloadError",
+    "dataset_spec", "multimnist",
     "find_split_dir", "load_split", "load_idx_split", "download", "validation_split", "epoch_order",
     "shift_generator", "derive_seed", "random_shift", "to_float", "default_permissions",
 ]
@@ -56,12 +67,23 @@ class IdxFile:
     digest_of: str = "content"
 
 
+def _as_loaded(split, *_):
+    return split
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A dataset: what its examples look like, how to load a split, and where its files come from.
 
     loader(spec, directory, train) -> Split reads one split from `directory`; `load_split`
-    checks that its images have image_shape.
+    checks that its images have stored_shape (image_shape unless the examples are built from
+    what is stored, like MultiMNIST's pairs from 28 x 28 digits).
+    training_split(split) -> what training draws its batches from: an object with len() and
+    augmented(index, seed, step, max_shift) -> Batch (a Split, or a `PairSource`).
+    evaluation_split(split, test) -> the fixed split that validation (test=False) or the test
+    (test=True) scores: an object with len(), subset(), to(device) and batch(index) -> Batch.
+    defaults: training options whose default differs for this dataset.
+    metric: the name of what `evaluate` counts as right, for printing.
     """
 
     name: str
@@ -71,6 +93,11 @@ class DatasetSpec:
     folder: str                  # torchvision's class name, the folder above `raw/`
     mirrors: tuple
     files: tuple                 # IdxFile: train images, train labels, test images, test labels
+    stored_shape: tuple = None
+    training_split: Callable = _as_loaded
+    evaluation_split: Callable = _as_loaded
+    defaults: dict = field(default_factory=dict)
+    metric: str = "accuracy"
 
     def split_files(self, train):
         """The (images, labels) IdxFile pair of the training or the test split."""
@@ -117,6 +144,17 @@ DATASETS = {
 }
 
 
+class Batch(NamedTuple):
+    """One batch as the model and `losses.capsnet_loss` take it."""
+
+    images: torch.Tensor           # float [B, C, H, W] in [0, 1], the model's input
+    labels: torch.Tensor           # int64 [B], or [B, K]: the K distinct classes present (MultiMNIST: K = 2)
+    targets: torch.Tensor          # what the decoder reconstructs: [B, C, H, W], or [B, K, C, H, W] one per label
+
+    def shard(self, index):
+        return Batch(*(tensor[index] for tensor in self))
+
+
 class Split(NamedTuple):
     """A dataset split in memory: images uint8 [N, C, H, W] and labels int64 [N]."""
 
@@ -132,6 +170,16 @@ class Split(NamedTuple):
 
     def to(self, device):
         return Split(self.images.to(device), self.labels.to(device))
+
+    def batch(self, index):
+        """The `Batch` of the samples at `index`: each image is its own target."""
+        images = to_float(self.images[index])
+        return Batch(images, self.labels[index], images)
+
+    def augmented(self, index, seed, step, max_shift):
+        """The training `Batch` of global step `step`: the samples at `index`, shifted (SPEC 6)."""
+        images = to_float(random_shift(self.images[index], max_shift, generator=shift_generator(seed, step)))
+        return Batch(images, self.labels[index], images)
 
 
 class DownloadError(OSError):
@@ -187,9 +235,10 @@ def load_split(directory, dataset="mnist", train=True):
     """
     spec = dataset_spec(dataset)
     split = spec.loader(spec, directory, train)
-    if tuple(split.images.shape[1:]) != tuple(spec.image_shape):
+    expected = spec.stored_shape or spec.image_shape
+    if tuple(split.images.shape[1:]) != tuple(expected):
         raise ValueError(f"{spec.name} images in {directory} have shape {list(split.images.shape[1:])}, "
-                         f"expected {list(spec.image_shape)}")
+                         f"expected {list(expected)}")
     return split
 
 
@@ -223,6 +272,8 @@ def download(directory, dataset="mnist", *, mirrors=None, progress=print):
     Returns the folder the files are in.
     """
     spec = dataset_spec(dataset)
+    if not spec.mirrors:
+        raise DownloadError(f"{spec.name} has no download here: put its published files in the data folder")
     target = os.path.join(os.fspath(directory), spec.folder, "raw")
     os.makedirs(target, exist_ok=True)
     for idx_file in spec.files:
@@ -330,3 +381,8 @@ def default_permissions(fd):
 def to_float(images):
     """uint8 pixels [B, C, H, W] -> float32 in [0, 1], the model's input (and decoder target)."""
     return images.to(torch.float32) / 255.0
+
+
+# The MNIST-derived datasets of SPEC 9 add their entries to DATASETS; imported last because they
+# are built from the names above.
+from . import mnist_variants  # noqa: E402,F401

@@ -15,9 +15,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from .data import DATASETS, load_split, to_float
+from .data import DATASETS, dataset_spec, load_split
 from .figures import write_figures
-from .losses import capsnet_loss
+from .losses import capsnet_loss, correct_predictions
 from .model import build_model
 from .training.checkpoint import load_checkpoint
 from .training.distributed import resolve_device
@@ -27,10 +27,14 @@ __all__ = ["evaluate", "load_model", "main"]
 
 @torch.no_grad()
 def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=False):
-    """Loss terms and accuracy of `model` over a whole `data.Split` (on the model's device).
+    """Loss terms and accuracy of `model` over a whole evaluation split (on the model's device).
 
-    As SPEC section 4 has it for evaluation, the decoder sees the longest capsule, not the true
-    label's; the margin loss uses the labels, and the accuracy counts the longest capsule. Under
+    split: a `data.Split` or any object with len() and batch(index) -> `data.Batch` (MultiMNIST's
+    `mnist_variants.PairSplit`). As SPEC section 4 has it for evaluation, the decoder sees the
+    longest capsule, not the true label's; the margin loss uses the labels, and the accuracy
+    counts the longest capsule. Examples of K labels (MultiMNIST, SPEC 9) count as right only
+    when the K longest capsules are their K classes, and each digit is reconstructed from its own
+    class's capsule, since each reconstruction is scored against that digit's canvas. Under
     torch.distributed each rank evaluates a contiguous share and the sums are all-reduced, so
     every rank returns the totals of the whole split.
     Returns a dict: loss, margin, reconstruction (batch means), accuracy, count.
@@ -39,18 +43,18 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     was_training = model.training
     model.eval()
-    device = split.images.device
+    device = next(model.parameters()).device
     loss_sums = torch.zeros(3, dtype=torch.float64, device=device)     # total, margin, reconstruction
     correct = torch.zeros((), dtype=torch.float64, device=device)
     share = torch.tensor_split(torch.arange(len(split), device=device), world)[rank]
     try:
         for index in share.split(batch_size):
-            images, labels = to_float(split.images[index]), split.labels[index]
+            batch = split.batch(index)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                output = model(images)
-            terms = capsnet_loss(output, images, labels, reconstruction_weight=reconstruction_weight)
+                output = model(batch.images, batch.labels if batch.labels.ndim == 2 else None)
+            terms = capsnet_loss(output, batch.targets, batch.labels, reconstruction_weight=reconstruction_weight)
             loss_sums += torch.stack(terms).double() * len(index)
-            correct += (output.lengths.argmax(dim=1) == labels).sum()
+            correct += correct_predictions(output.lengths, batch.labels).sum()
     finally:
         model.train(was_training)
     sums = torch.cat([loss_sums, correct[None], loss_sums.new_tensor([len(share)])])
@@ -82,10 +86,11 @@ def build_parser():
     parser.add_argument("checkpoint", help="a checkpoint written by training (RUN_DIR/best.pt or last.pt)")
     parser.add_argument("--data", help="dataset directory (default: the one the run was trained on)")
     parser.add_argument("--dataset", choices=sorted(DATASETS),
-                        help="default: the run's dataset")
+                        help="default: the run's dataset; a mnist40 model also scores on affnist-generated "
+                             "(an affNIST-like set generated from the MNIST test digits) or affnist (its files)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images (or pairs)")
     parser.add_argument("--out", metavar="DIR", help="where to write the figures (default: the checkpoint's folder)")
     return parser
 
@@ -103,13 +108,19 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     config = checkpoint["config"]
-    test = load_split(args.data or config["data"], args.dataset or config["dataset"], train=False)
+    spec = dataset_spec(args.dataset or config["dataset"])
+    trained_on = dataset_spec(config["dataset"])
+    if (spec.image_shape, spec.num_classes) != (trained_on.image_shape, trained_on.num_classes):
+        parser.error(f"the model was trained on {trained_on.name} ({list(trained_on.image_shape)}, "
+                     f"{trained_on.num_classes} classes) and cannot score {spec.name} ({list(spec.image_shape)}, "
+                     f"{spec.num_classes} classes)")
+    test = spec.evaluation_split(load_split(args.data or config["data"], spec.name, train=False), True)
     if args.limit is not None:
         test = test.subset(slice(0, args.limit))
     test = test.to(device)
     metrics = evaluate(model, test, batch_size=args.batch_size,
                        reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
-    print(f"test accuracy {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
+    print(f"{spec.name} test {spec.metric} {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
           f"{metrics['count']} images, loss {metrics['loss']:.5f}")
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     for path in write_figures(model, test, args.out or run_dir, log_path=os.path.join(run_dir, "log.jsonl")):

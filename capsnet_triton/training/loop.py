@@ -10,10 +10,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data import download, epoch_order, load_split, random_shift, shift_generator, to_float, validation_split
+from ..data import dataset_spec, download, epoch_order, load_split, validation_split
 from ..evaluate import evaluate
 from ..figures import write_figures
-from ..losses import capsnet_loss
+from ..losses import capsnet_loss, correct_predictions
 from ..model import build_model
 from .checkpoint import load_checkpoint, restore_training_state, save_best_model, save_training_state, seed_everything
 from .distributed import init_distributed
@@ -42,32 +42,34 @@ def _learning_rate_factor(config):
 
 
 def _load_data(config, context, device):
-    """(train, validation) splits on `device`: the held-out split, then the --limit-* cuts."""
+    """(train, validation) sets on `device`: the held-out split, the dataset entry's training
+    and evaluation forms of each (`data.DatasetSpec`), then the --limit-* cuts."""
+    spec = dataset_spec(config["dataset"])
     if config["download"] and context.local_rank == 0:
         download(config["data"], config["dataset"])
     context.barrier(device)
     full = load_split(config["data"], config["dataset"], train=True)
     train_index, val_index = validation_split(len(full), config["validation_size"], config["split_seed"])
-    train_set = full.subset(train_index[:config["limit_train"]])
-    val_set = full.subset(val_index[:config["limit_val"]])
+    train_set = spec.training_split(full.subset(train_index[:config["limit_train"]]))
+    val_set = spec.evaluation_split(full.subset(val_index), False).subset(slice(0, config["limit_val"]))
     return train_set.to(device), val_set.to(device)
 
 
-def _train_step(model, optimizer, scheduler, images, labels, config, context):
-    """One Adam step on this rank's shard; returns the global batch's sums (see _EMPTY_SUMS)."""
-    images = to_float(images)
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=config["amp"]):
-        output = model(images, labels)
+def _train_step(model, optimizer, scheduler, batch, config, context):
+    """One Adam step on this rank's shard (a `data.Batch`); returns the global batch's sums (see _EMPTY_SUMS)."""
+    with torch.autocast(batch.images.device.type, dtype=torch.bfloat16, enabled=config["amp"]):
+        output = model(batch.images, batch.labels)
     # Each rank's loss is the mean over its equal shard, so DDP's average of the gradients is
     # the gradient of the global batch mean.
-    terms = capsnet_loss(output, images, labels, reconstruction_weight=config["reconstruction_weight"])
+    terms = capsnet_loss(output, batch.targets, batch.labels, reconstruction_weight=config["reconstruction_weight"])
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
     optimizer.step()
     scheduler.step()
-    correct = (output.lengths.argmax(dim=1) == labels).sum()
-    sums = torch.cat([torch.stack(terms).detach().double() * labels.shape[0],
-                      torch.stack([correct.double(), correct.new_tensor(labels.shape[0]).double()])])
+    correct = correct_predictions(output.lengths, batch.labels).sum()
+    count = batch.labels.shape[0]
+    sums = torch.cat([torch.stack(terms).detach().double() * count,
+                      torch.stack([correct.double(), correct.new_tensor(count).double()])])
     if context.distributed:
         dist.all_reduce(sums)
     return sums.tolist()
@@ -96,6 +98,7 @@ def _train(config, checkpoint, context, device):
     shard = batch_size // world
 
     seed_everything(config["seed"])
+    spec = dataset_spec(config["dataset"])
     train_set, val_set = _load_data(config, context, device)
     steps_per_epoch = len(train_set) // batch_size                    # the last partial batch is dropped
     if steps_per_epoch == 0:
@@ -129,13 +132,11 @@ def _train(config, checkpoint, context, device):
             for step_in_epoch in range(step_in_epoch, steps_per_epoch):
                 step = epoch * steps_per_epoch + step_in_epoch          # global index of this step
                 index = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
-                # The whole global batch is shifted with the step's generator, then sharded, so
+                # The whole global batch is drawn from the step's generator, then sharded, so
                 # every world size sees the same augmented batch.
-                images = random_shift(train_set.images[index], config["max_shift"],
-                                      generator=shift_generator(config["seed"], step))
+                batch = train_set.augmented(index, config["seed"], step, config["max_shift"])
                 mine = slice(context.rank * shard, (context.rank + 1) * shard)
-                step_sums = _train_step(trained, optimizer, scheduler, images[mine], train_set.labels[index][mine],
-                                        config, context)
+                step_sums = _train_step(trained, optimizer, scheduler, batch.shard(mine), config, context)
                 for key in sums:
                     sums[key] = [a + b for a, b in zip(sums[key], step_sums)]
                 running = _means(sums["epoch"])
@@ -174,16 +175,16 @@ def _train(config, checkpoint, context, device):
         context.barrier(device)
         best_state = load_checkpoint(paths["best.pt"])
         model.load_state_dict(best_state["model"])
-        test_set = load_split(config["data"], config["dataset"], train=False)
+        test_set = spec.evaluation_split(load_split(config["data"], config["dataset"], train=False), True)
         test_set = test_set.subset(slice(0, config["limit_test"])).to(device)
         test = evaluate(model, test_set, batch_size=batch_size,
                         reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
-        log.write(event="test", best_epoch=best_state["epoch"], **test)
+        log.write(event="test", best_epoch=best_state["epoch"], metric=spec.metric, **test)
     finally:
         log.close()
     if context.is_main:
-        print(f"test accuracy {test['accuracy']:.2%} (error {1 - test['accuracy']:.2%}) on {test['count']} images, "
+        print(f"test {spec.metric} {test['accuracy']:.2%} (error {1 - test['accuracy']:.2%}) on {test['count']} images, "
               f"best model from epoch {best_state['epoch']} "
-              f"(validation accuracy {best_state['validation']['accuracy']:.2%})")
+              f"(validation {spec.metric} {best_state['validation']['accuracy']:.2%})")
         write_figures(model, test_set, run_dir, log_path=paths["log.jsonl"])
     return test
