@@ -60,6 +60,21 @@ def _load_data(config, context, device):
     return train_set.to(device), val_set.to(device), test_set.subset(slice(0, config["limit_test"]))
 
 
+def _shard(train_set, order, step_in_epoch, step, config, context):
+    """This rank's (images, labels) of global step `step`, the `step_in_epoch`-th batch of `order`.
+
+    The whole global batch is shifted with the step's generator, on the data's device, then
+    sharded, so every world size sees the same augmented batch.
+    """
+    batch_size = config["batch_size"]
+    shard = batch_size // context.world_size
+    index = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
+    images = random_shift(train_set.images[index], config["max_shift"],
+                          generator=shift_generator(config["seed"], step, train_set.images.device))
+    mine = slice(context.rank * shard, (context.rank + 1) * shard)
+    return images[mine], train_set.labels[index][mine]
+
+
 def _train_step(model, optimizer, scheduler, images, labels, config, context):
     """One Adam step on this rank's shard, without waiting for the device.
 
@@ -123,7 +138,6 @@ def _train(config, checkpoint, context, device):
     batch_size, world = config["batch_size"], context.world_size
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the {world} ranks")
-    shard = batch_size // world
 
     seed_everything(config["seed"])
     train_set, val_set, test_set = _load_data(config, context, device)
@@ -163,14 +177,8 @@ def _train(config, checkpoint, context, device):
                             disable=not context.is_main, dynamic_ncols=True)
             for step_in_epoch in range(step_in_epoch, steps_per_epoch):
                 step = epoch * steps_per_epoch + step_in_epoch          # global index of this step
-                index = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
-                # The whole global batch is shifted with the step's generator, then sharded, so
-                # every world size sees the same augmented batch.
-                images = random_shift(train_set.images[index], config["max_shift"],
-                                      generator=shift_generator(config["seed"], step, device))
-                mine = slice(context.rank * shard, (context.rank + 1) * shard)
-                step_sums = _train_step(trained, optimizer, scheduler, images[mine], train_set.labels[index][mine],
-                                        config, context)
+                images, labels = _shard(train_set, order, step_in_epoch, step, config, context)
+                step_sums = _train_step(trained, optimizer, scheduler, images, labels, config, context)
                 for key in sums:
                     sums[key] += step_sums[:SUM_COUNT]
                 diverged_steps += step_sums[SUM_COUNT]
