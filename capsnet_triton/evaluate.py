@@ -9,7 +9,6 @@ Also home of `evaluate`, the accuracy and loss of a model over a whole split, wh
 uses for its validation and test passes.
 """
 
-import argparse
 import os
 
 import torch
@@ -21,7 +20,7 @@ from .losses import capsnet_loss, check_labels
 from .model import build_model
 from .training.checkpoint import load_checkpoint
 from .training.distributed import resolve_device
-from .training.errors import run_command
+from .training.errors import ArgumentParser, run_command
 
 __all__ = ["evaluate", "load_model", "main"]
 
@@ -85,7 +84,7 @@ def load_model(path, device="cpu"):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m capsnet_triton.evaluate",
         description="Test-set accuracy and figures of a trained CapsNet checkpoint.",
     )

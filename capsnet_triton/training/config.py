@@ -10,6 +10,7 @@ import os
 
 from ..data import DATASETS
 from .checkpoint import load_checkpoint
+from .errors import ArgumentParser
 
 __all__ = ["RESUMABLE", "MAX_LR", "HelpFormatter", "build_parser", "check_config", "resolve_config"]
 
@@ -33,7 +34,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(suppress_defaults=False):
     """The command-line parser. With suppress_defaults, options not given are absent from the
     result, which is how a resumed run tells what the user changed from what they left out."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m capsnet_triton.train",
         description="Train CapsNet with dynamic routing (Sabour et al. 2017) on MNIST or Fashion-MNIST.",
         argument_default=argparse.SUPPRESS if suppress_defaults else None,

@@ -6,16 +6,24 @@ that diverged) ends with one line, "PROG: error: what is wrong and what to do", 
 status 1; --verbose shows the traceback as well.
 """
 
+import argparse
 import sys
 import traceback
 
 import torch
 
-__all__ = ["TrainingDiverged", "USER_ERRORS", "run_command"]
+__all__ = ["TrainingDiverged", "USER_ERRORS", "ArgumentParser", "run_command"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss, a gradient or a parameter became NaN or infinite: the run is stopped."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line (with a pointer to --help), not the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # OSError covers missing files, permissions, a full disk and download failures (DownloadError).
