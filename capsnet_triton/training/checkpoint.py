@@ -5,7 +5,7 @@ A run folder holds two checkpoints of one format (CHECKPOINT_FORMAT), both loada
 
 - last.pt, the full training state: the run configuration, the model, the optimizer, the
   scheduler, the RNG states (torch, NumPy, Python, CUDA), the position (epoch, step), the best
-  validation so far, the running sums of the metrics and the length of the log;
+  validation so far, the running sums of the metrics and the length and SHA-256 of the log;
 - best.pt, the model with the best validation accuracy: configuration, model, epoch, step and
   its validation metrics.
 
