@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -331,6 +333,16 @@ def test_user_errors_are_one_line_with_usage_and_failure_statuses(finished_run, 
     status, err = run(evaluate.main, [str(tmp_path / "mismatched.pt"), "--data", fake_mnist, "--device", "cpu"],
                       capsys)
     assert status == 2 and "do not fit the model its config describes" in one_line(err)
+
+
+def test_the_command_line_process_ends_with_one_line_and_its_status(fake_mnist, tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for extra, status, message in ((["--lr", "nan"], 2, "--lr must be a number"),
+                                   (["--data", str(tmp_path / "no_data")], 1, "data directory not found")):
+        command = [sys.executable, "-m", "capsnet_triton.train", *args(fake_mnist, tmp_path / "run"), *extra]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == status and message in one_line(result.stderr)
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary(fake_mnist, tmp_path, capsys, monkeypatch):
