@@ -9,7 +9,6 @@ Also home of `evaluate`, the accuracy and loss of a model over a whole split, wh
 uses for its validation and test passes.
 """
 
-import argparse
 import os
 
 import torch
@@ -17,10 +16,11 @@ import torch.distributed as dist
 
 from .data import DATASETS, dataset_spec, load_split
 from .figures import write_figures
-from .losses import capsnet_loss, correct_predictions
+from .losses import capsnet_loss, check_labels, correct_predictions
 from .model import build_model
 from .training.checkpoint import load_checkpoint
 from .training.distributed import resolve_device
+from .training.errors import ArgumentParser, run_command
 
 __all__ = ["evaluate", "load_model", "main"]
 
@@ -37,8 +37,10 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
     class's capsule, since each reconstruction is scored against that digit's canvas. Under
     torch.distributed each rank evaluates a contiguous share and the sums are all-reduced, so
     every rank returns the totals of the whole split.
+    The labels are checked once for the whole split, not per batch (each check waits for the device).
     Returns a dict: loss, margin, reconstruction (batch means), accuracy, count.
     """
+    check_labels(split.labels, len(split), model.num_classes)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     was_training = model.training
@@ -51,8 +53,9 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
         for index in share.split(batch_size):
             batch = split.batch(index)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                output = model(batch.images, batch.labels if batch.labels.ndim == 2 else None)
-            terms = capsnet_loss(output, batch.targets, batch.labels, reconstruction_weight=reconstruction_weight)
+                output = model(batch.images, batch.labels if batch.labels.ndim == 2 else None, validate=False)
+            terms = capsnet_loss(output, batch.targets, batch.labels, reconstruction_weight=reconstruction_weight,
+                                 validate=False)
             loss_sums += torch.stack(terms).double() * len(index)
             correct += correct_predictions(output.lengths, batch.labels).sum()
     finally:
@@ -70,16 +73,23 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
 def load_model(path, device="cpu"):
     """Rebuild the model saved in a training checkpoint (best.pt or last.pt).
 
-    Returns (model in eval mode on `device`, the checkpoint dict).
+    Returns (model in eval mode on `device`, the checkpoint dict). ValueError, in one line, for
+    a checkpoint that cannot be loaded (see `load_checkpoint`) or whose weights do not fit the
+    model its config describes.
     """
     checkpoint = load_checkpoint(path)
-    model = build_model(checkpoint["config"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = build_model(checkpoint["config"])
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path}: the weights do not fit the model its config describes ({reason}); "
+                         f"was the checkpoint written by another version or edited?") from e
     return model.to(device).eval(), checkpoint
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m capsnet_triton.evaluate",
         description="Test-set accuracy and figures of a trained CapsNet checkpoint.",
     )
@@ -92,6 +102,9 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images (or pairs)")
     parser.add_argument("--out", metavar="DIR", help="where to write the figures (default: the checkpoint's folder)")
+    parser.add_argument("--no-verify-data", dest="verify_data", action="store_false",
+                        help="skip the MD5 check of the test files (for deliberately modified data)")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -102,19 +115,25 @@ def main(argv=None):
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be positive, got {args.limit}")
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         model, checkpoint = load_model(args.checkpoint, device)
     except ValueError as e:
         parser.error(str(e))
+    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device)
+
+
+def _evaluate_checkpoint(args, model, checkpoint, device):
     config = checkpoint["config"]
     spec = dataset_spec(args.dataset or config["dataset"])
     trained_on = dataset_spec(config["dataset"])
     if (spec.image_shape, spec.num_classes) != (trained_on.image_shape, trained_on.num_classes):
-        parser.error(f"the model was trained on {trained_on.name} ({list(trained_on.image_shape)}, "
-                     f"{trained_on.num_classes} classes) and cannot score {spec.name} ({list(spec.image_shape)}, "
-                     f"{spec.num_classes} classes)")
-    test = spec.evaluation_split(load_split(args.data or config["data"], spec.name, train=False), True)
+        raise ValueError(f"the model was trained on {trained_on.name} ({list(trained_on.image_shape)}, "
+                         f"{trained_on.num_classes} classes) and cannot score {spec.name} "
+                         f"({list(spec.image_shape)}, {spec.num_classes} classes)")
+    # The MD5s tell the datasets apart: a folder of MNIST is refused as Fashion-MNIST's.
+    test = load_split(args.data or config["data"], spec.name, train=False, verify=args.verify_data)
+    test = spec.evaluation_split(test, True)
     if args.limit is not None:
         test = test.subset(slice(0, args.limit))
     test = test.to(device)
@@ -125,7 +144,6 @@ def main(argv=None):
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     for path in write_figures(model, test, args.out or run_dir, log_path=os.path.join(run_dir, "log.jsonl")):
         print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LossTerms", "margin_loss", "reconstruction_loss", "capsnet_loss", "correct_predictions"]
+__all__ = ["LossTerms", "margin_loss", "reconstruction_loss", "capsnet_loss", "correct_predictions", "check_labels"]
 
 
 class LossTerms(NamedTuple):
@@ -27,13 +27,15 @@ class LossTerms(NamedTuple):
     reconstruction: torch.Tensor
 
 
-def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5):
+def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5, validate=True):
     """Margin loss (Eq. 4): batch mean of the per-sample sum over classes k of
 
         T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2
 
     lengths: [B, J] capsule lengths |v_k|; labels: integer [B] in [0, J), T_k = [k == label],
     or [B, K] of K distinct classes present in each image, T_k = [k among them] (MultiMNIST).
+    validate=False skips the range check of the label values, the one check that reads them
+    (a wait for the device): for labels already checked, as training checks each split once.
     Returns a scalar, float32 for half-precision lengths.
     """
     if not isinstance(lengths, torch.Tensor) or lengths.ndim != 2:
@@ -42,7 +44,7 @@ def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5):
         raise TypeError(f"lengths must be a floating-point tensor, got dtype {lengths.dtype}")
     if lengths.shape[0] == 0:
         raise ValueError("lengths has an empty batch; the batch mean is undefined")
-    check_labels(labels, lengths.shape[0], lengths.shape[1])
+    check_labels(labels, lengths.shape[0], lengths.shape[1], values=validate)
     lengths = _at_least_float32(lengths)
     present = one_hot_mask(labels, lengths.shape[1])                         # [B, (K,) J]
     present = (present.any(dim=1) if labels.ndim == 2 else present).to(lengths.dtype)  # [B, J]  T_k
@@ -72,15 +74,15 @@ def reconstruction_loss(reconstruction, images):
     return (error * error).flatten(1).sum(dim=1).mean()
 
 
-def capsnet_loss(output, images, labels, *, reconstruction_weight=0.0005):
+def capsnet_loss(output, images, labels, *, reconstruction_weight=0.0005, validate=True):
     """Total loss = margin + reconstruction_weight * reconstruction (Section 4.1).
 
     output: a `CapsNetOutput` (lengths [B, J], reconstruction [B, C*H*W] or None for a model
     without decoder, whose reconstruction term is then 0); images: the reconstruction targets;
     labels [B], or [B, K] with images [B, K, C, H, W] one target per label (see
-    `reconstruction_loss`). Returns `LossTerms`.
+    `reconstruction_loss`). validate: as in `margin_loss`. Returns `LossTerms`.
     """
-    margin = margin_loss(output.lengths, labels)
+    margin = margin_loss(output.lengths, labels, validate=validate)
     if output.reconstruction is None:
         reconstruction = margin.new_zeros(())
     else:
@@ -97,9 +99,12 @@ def correct_predictions(lengths, labels):
     return (longest.sort(dim=1).values == labels.sort(dim=1).values).all(dim=1)
 
 
-def check_labels(labels, batch, num_classes):
+def check_labels(labels, batch, num_classes, values=True):
     """Raise unless labels is an integer tensor of shape [batch] with values in [0, num_classes),
-    or [batch, K] with K <= num_classes distinct such values per row."""
+    or [batch, K] with K <= num_classes distinct such values per row.
+
+    values=False checks the type and shape only, which needs no read of the values.
+    """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
@@ -108,7 +113,7 @@ def check_labels(labels, batch, num_classes):
         raise ValueError(f"labels must have shape [B] = [{batch}] or [B, K] with 1 <= K <= {num_classes}, "
                          f"got {list(labels.shape)}")
     # The value checks read the labels (a device sync); a compiled graph skips them rather than break.
-    if labels.numel() and not torch.compiler.is_compiling():
+    if values and labels.numel() and not torch.compiler.is_compiling():
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= num_classes:
             raise ValueError(

@@ -28,6 +28,11 @@ class PairSplit(NamedTuple):
     def __len__(self):
         return self.recipe.index.shape[0]
 
+    @property
+    def labels(self):
+        """int64 [N, 2]: the classes of each pair's two digits."""
+        return self.digits.labels[self.recipe.index]
+
     def subset(self, index):
         return PairSplit(self.digits, PairRecipe(*(tensor[index] for tensor in self.recipe)))
 

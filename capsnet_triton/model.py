@@ -64,12 +64,14 @@ class CapsNet(nn.Module):
         self.decoder = (Decoder(num_classes * digit_dims, decoder_hidden, in_channels * image_size ** 2)
                         if decoder else None)
 
-    def forward(self, images, labels=None):
+    def forward(self, images, labels=None, *, validate=True):
         """images [B, C, H, W]; labels integer [B], [B, K] or None -> `CapsNetOutput`.
 
         The decoder sees v flattened to [B, J*D] with every capsule zeroed except the label's
         (when labels are given, as in training) or the longest one's (Section 4.1). With labels
         [B, K] (K distinct classes per image, SPEC 9) it decodes each of the K capsules alone.
+        validate=False skips the range check of the label values (a wait for the device), for
+        labels checked beforehand, as training checks each split once.
         """
         self._check_images(images)
         features = torch.relu(self.conv1(images))                     # [B, 256, 20, 20]
@@ -81,7 +83,7 @@ class CapsNet(nn.Module):
         if labels is None:
             labels = lengths.argmax(dim=1)                             # [B] the longest capsule
         else:
-            check_labels(labels, images.shape[0], self.num_classes)
+            check_labels(labels, images.shape[0], self.num_classes, values=validate)
         keep = one_hot_mask(labels, self.num_classes)                  # [B, J] or [B, K, J]
         # Labels [B, K] (several digits, MultiMNIST): each of the K capsules decoded on its own.
         capsules = v.unsqueeze(1) if labels.ndim == 2 else v           # [B, (1,) J, D]

@@ -141,7 +141,7 @@ def test_model_matches_reference_loss_and_every_gradient(gradient, routing_bias,
     labels = np.array([0, 2, 1, 2])
 
     ref_total, cache = network_forward(params, images, labels, config, routing_iterations=3,
-                                       gradient=gradient)
+                                       routing_gradient=gradient)
     ref_grads = network_backward(cache)
 
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
@@ -164,8 +164,8 @@ def test_gradient_policies_differ_on_the_tied_network(rng):
     negligible at its scale; it is not."""
     config, params, _ = _tied_pair("full", False, "torch", rng)
     images, labels = rng.uniform(size=(4, 1, 12, 12)), np.array([0, 2, 1, 2])
-    full = network_backward(network_forward(params, images, labels, config, gradient="full")[1])
-    last = network_backward(network_forward(params, images, labels, config, gradient="last")[1])
+    full = network_backward(network_forward(params, images, labels, config, routing_gradient="full")[1])
+    last = network_backward(network_forward(params, images, labels, config, routing_gradient="last")[1])
     assert rel_error(last["digit_caps.weight"], full["digit_caps.weight"]) > 1e-3
 
 

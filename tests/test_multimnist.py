@@ -52,7 +52,7 @@ def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--data", data_dir, "--dataset", "multimnist", "--out", str(out), "--epochs", "1",
                        "--batch-size", "16", "--validation-size", "40", "--limit-train", "64", "--limit-val", "24",
-                       "--limit-test", "40", "--log-every", "2", "--device", "cpu", *TINY_MODEL]) == 0
+                       "--limit-test", "40", "--log-every", "2", "--device", "cpu", "--no-verify-data", *TINY_MODEL]) == 0
     printed = capsys.readouterr().out
     assert "test both-digit accuracy" in printed and "on 40 images" in printed
     assert {"segmentation.png", "perturbations.png", "training_curves.png", "best.pt"} <= set(os.listdir(out))
@@ -63,6 +63,7 @@ def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
     assert [r["count"] for r in records if r["event"] == "validation"] == [24]
     config = torch.load(out / "last.pt", weights_only=True)["config"]
     assert (config["lr_decay_steps"], config["max_shift"]) == (20000, 4)     # SPEC 9's defaults
-    assert evaluate.main([str(out / "best.pt"), "--limit", "20", "--device", "cpu", "--out", str(tmp_path / "f")]) == 0
+    assert evaluate.main([str(out / "best.pt"), "--limit", "20", "--device", "cpu", "--out", str(tmp_path / "f"),
+                          "--no-verify-data"]) == 0
     assert "multimnist test both-digit accuracy" in capsys.readouterr().out
     assert len(load_split(data_dir, "multimnist", train=False)) == 30
