@@ -51,7 +51,7 @@ def test_default_network_has_the_papers_parameters():
 
 
 def _run_config(dataset):
-    return dict(dataset=dataset, conv_channels=4, primary_types=2, routing_iterations=2, agreement_grad=True,
+    return dict(dataset=dataset, conv_channels=4, primary_types=2, routing_iterations=2, routing_gradient="full",
                 routing_bias=False, decoder=True, decoder_hidden=[6, 8])
 
 
@@ -117,7 +117,7 @@ def test_prediction_vectors_match_reference(rng):
     assert rel_error(u_hat.numpy(), expected) <= 1e-13
 
 
-def _tied_pair(agreement_grad, routing_bias, backend, rng):
+def _tied_pair(gradient, routing_bias, backend, rng):
     """The reference's parameters for TINY, and a float64 CapsNet holding the same values."""
     config = CapsNetConfig(**TINY, routing_bias=routing_bias)
     params = init_params(config, rng)
@@ -126,22 +126,22 @@ def _tied_pair(agreement_grad, routing_bias, backend, rng):
     params["digit_caps.weight"] = params["digit_caps.weight"] * 40.0
     if routing_bias:
         params["digit_caps.bias"] = rng.normal(0.0, 0.1, size=params["digit_caps.bias"].shape)
-    model = CapsNet(**TINY, agreement_grad=agreement_grad, routing_bias=routing_bias,
+    model = CapsNet(**TINY, routing_gradient=gradient, routing_bias=routing_bias,
                     routing_backend=backend).double()
     model.load_state_dict({name: torch.from_numpy(value) for name, value in params.items()})
     return config, params, model
 
 
 @pytest.mark.parametrize("routing_bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("agreement_grad", [True, False], ids=["full_grad", "stop_agreement_grad"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_model_matches_reference_loss_and_every_gradient(agreement_grad, routing_bias, backend, rng):
-    config, params, model = _tied_pair(agreement_grad, routing_bias, backend, rng)
+def test_model_matches_reference_loss_and_every_gradient(gradient, routing_bias, backend, rng):
+    config, params, model = _tied_pair(gradient, routing_bias, backend, rng)
     images = rng.uniform(size=(4, 1, 12, 12))
     labels = np.array([0, 2, 1, 2])
 
     ref_total, cache = network_forward(params, images, labels, config, routing_iterations=3,
-                                       agreement_grad=agreement_grad)
+                                       gradient=gradient)
     ref_grads = network_backward(cache)
 
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
@@ -162,11 +162,11 @@ def test_model_matches_reference_loss_and_every_gradient(agreement_grad, routing
 def test_gradient_policies_differ_on_the_tied_network(rng):
     """The tie above could not tell the two gradient policies apart if the agreement term were
     negligible at its scale; it is not."""
-    config, params, _ = _tied_pair(True, False, "torch", rng)
+    config, params, _ = _tied_pair("full", False, "torch", rng)
     images, labels = rng.uniform(size=(4, 1, 12, 12)), np.array([0, 2, 1, 2])
-    full = network_backward(network_forward(params, images, labels, config, agreement_grad=True)[1])
-    stopped = network_backward(network_forward(params, images, labels, config, agreement_grad=False)[1])
-    assert rel_error(stopped["digit_caps.weight"], full["digit_caps.weight"]) > 1e-3
+    full = network_backward(network_forward(params, images, labels, config, gradient="full")[1])
+    last = network_backward(network_forward(params, images, labels, config, gradient="last")[1])
+    assert rel_error(last["digit_caps.weight"], full["digit_caps.weight"]) > 1e-3
 
 
 def _decoder_input(model, images, labels=None):
