@@ -34,11 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .losses import check_labels
 from .reference.mnist import find_idx, load_mnist
 
 __all__ = [
     "DATASETS", "DatasetSpec", "IdxFile", "Split", "DownloadError", "dataset_spec",
-    "find_split_dir", "load_split", "load_idx_split", "download", "validation_split", "epoch_order",
+    "find_split_dir", "verify_split", "load_split", "load_idx_split", "download", "validation_split", "epoch_order",
     "shift_generator", "derive_seed", "random_shift", "to_float", "default_permissions",
 ]
 
@@ -178,25 +179,34 @@ def find_split_dir(directory, dataset="mnist", train=True):
     )
 
 
-def load_split(directory, dataset="mnist", train=True):
+def load_split(directory, dataset="mnist", train=True, *, verify=False):
     """Load the training or test split of `dataset` from `directory` into memory.
 
     Returns a `Split` (images uint8 [N, *image_shape], labels int64 [N]), by the entry's loader.
     Corrupt or truncated files raise ValueError naming the file and the problem (see
-    `reference.mnist.read_idx`); images of another shape than the entry's raise ValueError.
+    `reference.mnist.read_idx`); images of another shape than the entry's, or labels outside
+    [0, num_classes), raise ValueError. verify: first check the files' MD5s (`verify_split`).
     """
     spec = dataset_spec(dataset)
+    if verify:
+        verify_split(directory, dataset, train)
     split = spec.loader(spec, directory, train)
     if tuple(split.images.shape[1:]) != tuple(spec.image_shape):
         raise ValueError(f"{spec.name} images in {directory} have shape {list(split.images.shape[1:])}, "
                          f"expected {list(spec.image_shape)}")
+    check_labels(split.labels, len(split), spec.num_classes)
     return split
 
 
-def _md5(path, digest_of):
+def _md5(path, digest_of, compressed):
+    """MD5 of the file at `path`: of its IDX content ("content": decompressed when `compressed`,
+    so a re-compressed copy has the digest of the original) or of the .gz file itself."""
+    if digest_of == "gzip" and not compressed:
+        raise ValueError(f"{path}: the published MD5 is of the .gz file, so an uncompressed copy cannot be "
+                         f"checked; use the .gz file, or pass --no-verify-data to skip the check")
     digest = hashlib.md5()
     try:
-        with (gzip.open(path, "rb") if digest_of == "content" else open(path, "rb")) as f:
+        with (gzip.open(path, "rb") if compressed and digest_of == "content" else open(path, "rb")) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -204,56 +214,92 @@ def _md5(path, digest_of):
     return digest.hexdigest()
 
 
-def _verify(path, idx_file):
-    """Raise ValueError unless the file at `path` has idx_file's MD5."""
-    actual = _md5(path, idx_file.digest_of)
+def _verify(path, idx_file, compressed=None):
+    """Raise ValueError unless the file at `path` (gzipped if `compressed`, by default if its
+    name ends in .gz) has idx_file's MD5."""
+    compressed = path.endswith(".gz") if compressed is None else compressed
+    actual = _md5(path, idx_file.digest_of, compressed)
     if actual != idx_file.md5:
-        what = "its decompressed content" if idx_file.digest_of == "content" else "the .gz file"
+        what = ("the .gz file" if idx_file.digest_of == "gzip"
+                else "its decompressed content" if compressed else "its content")
         raise ValueError(f"{path}: MD5 of {what} is {actual}, expected {idx_file.md5} for {idx_file.stem}")
 
 
-def download(directory, dataset="mnist", *, mirrors=None, progress=print):
-    """Fetch the four `.gz` files of `dataset` into `directory/<MNIST|FashionMNIST>/raw`.
+def verify_split(directory, dataset="mnist", train=True):
+    """Check both files of a split (where `find_split_dir` finds them) against their MD5s.
 
-    Files already there that pass their checksum are kept. Each download goes to a temporary
-    file in the same folder, is verified, and only then renamed into place; every failure
-    (network error, checksum mismatch, broken gzip) removes the temporary file and tries the
-    next mirror. Raises DownloadError, listing each mirror's failure, when no mirror works.
+    Raises ValueError naming the file and both digests on the first mismatch (a file of another
+    dataset, a modified or a corrupt one); FileNotFoundError as `find_split_dir`.
+    """
+    spec = dataset_spec(dataset)
+    folder = find_split_dir(directory, dataset, train)
+    for idx_file in spec.split_files(train):
+        try:
+            _verify(find_idx(folder, idx_file.stem), idx_file)
+        except ValueError as e:
+            raise ValueError(f"{e} of {spec.name}; pass --no-verify-data to use other data deliberately") from e
+
+
+def _split_in_place(directory, dataset, train):
+    """Whether both files of a split are already somewhere `find_split_dir` looks, and pass."""
+    try:
+        verify_split(directory, dataset, train)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def download(directory, dataset="mnist", *, mirrors=None, progress=print):
+    """Fetch the `.gz` files of `dataset` into `directory/<MNIST|FashionMNIST>/raw`.
+
+    A split whose two files are already where `find_split_dir` looks (flat in `directory`, in
+    `raw/`, or in the dataset's folder) and pass their checksums is kept as it is; so are files
+    already in the target folder that pass. Each download goes to a temporary file in the same
+    folder, is verified, and only then renamed into place; every failure (network error,
+    checksum mismatch, broken gzip) removes the temporary file and tries the next mirror.
+    Raises DownloadError, listing each mirror's failure, when no mirror works.
     mirrors: base URLs to use instead of the canonical ones (any scheme urllib opens, file:// too).
-    Returns the folder the files are in.
+    Returns the folder the downloads went to.
     """
     spec = dataset_spec(dataset)
     target = os.path.join(os.fspath(directory), spec.folder, "raw")
     os.makedirs(target, exist_ok=True)
-    for idx_file in spec.files:
-        name = idx_file.stem + ".gz"
-        final = os.path.join(target, name)
-        failures = []
-        if os.path.isfile(final):
-            try:
-                _verify(final, idx_file)
-                continue
-            except ValueError as e:
-                failures.append(f"existing file: {e}")
-        for mirror in mirrors or spec.mirrors:
-            url = mirror.rstrip("/") + "/" + name
-            progress(f"downloading {url}")
-            fd, partial = tempfile.mkstemp(dir=target, prefix=f".{name}.", suffix=".part")
-            default_permissions(fd)
-            try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-                    shutil.copyfileobj(response, out)
-                _verify(partial, idx_file)
-                os.replace(partial, final)
-                break
-            except (OSError, ValueError) as e:                        # URLError is an OSError
-                failures.append(f"{url}: {e}")
-            finally:
-                if os.path.exists(partial):
-                    os.remove(partial)
-        else:
-            raise DownloadError(f"could not download {name} of {spec.name}:\n  " + "\n  ".join(failures))
+    for train in (True, False):
+        if _split_in_place(directory, dataset, train):
+            continue
+        for idx_file in spec.split_files(train):
+            _fetch(idx_file, target, spec, mirrors or spec.mirrors, progress)
     return target
+
+
+def _fetch(idx_file, target, spec, mirrors, progress):
+    """Put idx_file's verified .gz into `target`, keeping the one there if it passes."""
+    name = idx_file.stem + ".gz"
+    final = os.path.join(target, name)
+    failures = []
+    if os.path.isfile(final):
+        try:
+            _verify(final, idx_file)
+            return
+        except ValueError as e:
+            failures.append(f"existing file: {e}")
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + "/" + name
+        progress(f"downloading {url}")
+        fd, partial = tempfile.mkstemp(dir=target, prefix=f".{name}.", suffix=".part")
+        default_permissions(fd)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+                shutil.copyfileobj(response, out)
+            _verify(partial, idx_file, compressed=True)
+            os.replace(partial, final)
+            return
+        except (OSError, ValueError) as e:                            # URLError is an OSError
+            failures.append(f"{url}: {e}")
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    raise DownloadError(f"could not download {name} of {spec.name}:\n  " + "\n  ".join(failures))
 
 
 def derive_seed(*keys):
@@ -265,8 +311,8 @@ def derive_seed(*keys):
     return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0])
 
 
-def _generator(*keys):
-    return torch.Generator().manual_seed(derive_seed(*keys))
+def _generator(*keys, device="cpu"):
+    return torch.Generator(device).manual_seed(derive_seed(*keys))
 
 
 def validation_split(count, validation_size, seed=0):
@@ -286,9 +332,10 @@ def epoch_order(count, seed, epoch):
     return torch.randperm(count, generator=_generator(seed, 1, epoch))
 
 
-def shift_generator(seed, step):
-    """The generator of the random shifts of global training step `step` (see `random_shift`)."""
-    return _generator(seed, 2, step)
+def shift_generator(seed, step, device="cpu"):
+    """The generator on `device` of the random shifts of global training step `step` (see
+    `random_shift`). Seeding it is host-side work only: no transfer, no wait for the device."""
+    return _generator(seed, 2, step, device=device)
 
 
 def random_shift(images, max_shift=2, *, generator=None):
@@ -296,8 +343,9 @@ def random_shift(images, max_shift=2, *, generator=None):
 
     images [B, C, H, W] (any dtype) -> the same shape, vacated pixels zero. Pads by max_shift
     and gathers one H x W window per sample with a single advanced-indexing operation.
-    generator: a CPU torch.Generator for the offsets (they are drawn on the CPU, so the same
-    generator gives the same shifts on every device).
+    generator: a torch.Generator on the images' device for the offsets, which are drawn on that
+    device so that a training step never copies them from the host (the draws of one seed are
+    the same on every device of a type, CPU and CUDA draw different ones).
     """
     if images.ndim != 4:
         raise ValueError(f"images must have shape [B, C, H, W], got {list(images.shape)}")
@@ -308,7 +356,7 @@ def random_shift(images, max_shift=2, *, generator=None):
     batch, channels, height, width = images.shape
     device = images.device
     padded = F.pad(images, (max_shift,) * 4)                            # [B, C, H+2m, W+2m]
-    start = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator).to(device)  # window corner
+    start = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator, device=device)  # window corner
     rows = start[0, :, None] + torch.arange(height, device=device)      # [B, H]
     cols = start[1, :, None] + torch.arange(width, device=device)       # [B, W]
     return padded[

@@ -3,13 +3,14 @@
     python -m capsnet_triton.evaluate RUN_DIR/best.pt --data DIR
 
 prints the test accuracy and writes reconstructions.png, perturbations.png (paper Figures 3
-and 4) and, when the run's log.jsonl sits beside the checkpoint, training_curves.png.
+and 4) and, when the run's log.jsonl sits beside the checkpoint, training_curves.png. The
+checkpoint's checksum and the test files' MD5s (unless --no-verify-data) are checked first, so
+a corrupt checkpoint or another dataset's files are refused, not scored.
 
 Also home of `evaluate`, the accuracy and loss of a model over a whole split, which training
 uses for its validation and test passes.
 """
 
-import argparse
 import os
 
 import torch
@@ -17,10 +18,11 @@ import torch.distributed as dist
 
 from .data import DATASETS, load_split, to_float
 from .figures import write_figures
-from .losses import capsnet_loss
+from .losses import capsnet_loss, check_labels
 from .model import build_model
 from .training.checkpoint import load_checkpoint
 from .training.distributed import resolve_device
+from .training.errors import ArgumentParser, run_command
 
 __all__ = ["evaluate", "load_model", "main"]
 
@@ -33,8 +35,10 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
     label's; the margin loss uses the labels, and the accuracy counts the longest capsule. Under
     torch.distributed each rank evaluates a contiguous share and the sums are all-reduced, so
     every rank returns the totals of the whole split.
+    The labels are checked once for the whole split, not per batch (each check waits for the device).
     Returns a dict: loss, margin, reconstruction (batch means), accuracy, count.
     """
+    check_labels(split.labels, len(split), model.num_classes)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     was_training = model.training
@@ -48,7 +52,7 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
             images, labels = to_float(split.images[index]), split.labels[index]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 output = model(images)
-            terms = capsnet_loss(output, images, labels, reconstruction_weight=reconstruction_weight)
+            terms = capsnet_loss(output, images, labels, reconstruction_weight=reconstruction_weight, validate=False)
             loss_sums += torch.stack(terms).double() * len(index)
             correct += (output.lengths.argmax(dim=1) == labels).sum()
     finally:
@@ -66,16 +70,23 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
 def load_model(path, device="cpu"):
     """Rebuild the model saved in a training checkpoint (best.pt or last.pt).
 
-    Returns (model in eval mode on `device`, the checkpoint dict).
+    Returns (model in eval mode on `device`, the checkpoint dict). ValueError, in one line, for
+    a checkpoint that cannot be loaded (see `load_checkpoint`) or whose weights do not fit the
+    model its config describes.
     """
     checkpoint = load_checkpoint(path)
-    model = build_model(checkpoint["config"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = build_model(checkpoint["config"])
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path}: the weights do not fit the model its config describes ({reason}); "
+                         f"was the checkpoint written by another version or edited?") from e
     return model.to(device).eval(), checkpoint
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m capsnet_triton.evaluate",
         description="Test-set accuracy and figures of a trained CapsNet checkpoint.",
     )
@@ -87,6 +98,9 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images")
     parser.add_argument("--out", metavar="DIR", help="where to write the figures (default: the checkpoint's folder)")
+    parser.add_argument("--no-verify-data", dest="verify_data", action="store_false",
+                        help="skip the MD5 check of the test files (for deliberately modified data)")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -97,13 +111,19 @@ def main(argv=None):
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be positive, got {args.limit}")
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         model, checkpoint = load_model(args.checkpoint, device)
     except ValueError as e:
         parser.error(str(e))
+    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device)
+
+
+def _evaluate_checkpoint(args, model, checkpoint, device):
     config = checkpoint["config"]
-    test = load_split(args.data or config["data"], args.dataset or config["dataset"], train=False)
+    # The MD5s tell the datasets apart: a folder of MNIST is refused as Fashion-MNIST's.
+    test = load_split(args.data or config["data"], args.dataset or config["dataset"], train=False,
+                      verify=args.verify_data)
     if args.limit is not None:
         test = test.subset(slice(0, args.limit))
     test = test.to(device)
@@ -114,7 +134,6 @@ def main(argv=None):
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     for path in write_figures(model, test, args.out or run_dir, log_path=os.path.join(run_dir, "log.jsonl")):
         print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

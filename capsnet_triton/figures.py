@@ -148,9 +148,18 @@ def perturbation_figure(grid, path, *, capsule=None, deltas=PERTURBATIONS):
 
 
 def read_log(path):
-    """The records of a JSON-lines training log, as a list of dicts."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSON-lines training log, as a list of dicts; ValueError naming the first
+    line that is not a JSON record."""
+    records = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f"{path}, line {number}, is not a JSON record ({e})") from e
+    return records
 
 
 def training_curves_figure(log_path, path):

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LossTerms", "margin_loss", "reconstruction_loss", "capsnet_loss"]
+__all__ = ["LossTerms", "margin_loss", "reconstruction_loss", "capsnet_loss", "check_labels"]
 
 
 class LossTerms(NamedTuple):
@@ -23,12 +23,14 @@ class LossTerms(NamedTuple):
     reconstruction: torch.Tensor
 
 
-def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5):
+def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5, validate=True):
     """Margin loss (Eq. 4): batch mean of the per-sample sum over classes k of
 
         T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2
 
     lengths: [B, J] capsule lengths |v_k|; labels: integer [B] in [0, J), T_k = [k == label].
+    validate=False skips the range check of the label values, the one check that reads them
+    (a wait for the device): for labels already checked, as training checks each split once.
     Returns a scalar, float32 for half-precision lengths.
     """
     if not isinstance(lengths, torch.Tensor) or lengths.ndim != 2:
@@ -37,7 +39,7 @@ def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5):
         raise TypeError(f"lengths must be a floating-point tensor, got dtype {lengths.dtype}")
     if lengths.shape[0] == 0:
         raise ValueError("lengths has an empty batch; the batch mean is undefined")
-    check_labels(labels, lengths.shape[0], lengths.shape[1])
+    check_labels(labels, lengths.shape[0], lengths.shape[1], values=validate)
     lengths = _at_least_float32(lengths)
     present = one_hot_mask(labels, lengths.shape[1]).to(lengths.dtype)       # [B, J]  T_k
     missing_penalty = torch.relu(m_plus - lengths) ** 2                      # [B, J]
@@ -63,13 +65,14 @@ def reconstruction_loss(reconstruction, images):
     return (error * error).sum(dim=1).mean()
 
 
-def capsnet_loss(output, images, labels, *, reconstruction_weight=0.0005):
+def capsnet_loss(output, images, labels, *, reconstruction_weight=0.0005, validate=True):
     """Total loss = margin + reconstruction_weight * reconstruction (Section 4.1).
 
     output: a `CapsNetOutput` (lengths [B, J], reconstruction [B, C*H*W] or None for a model
-    without decoder, whose reconstruction term is then 0). Returns `LossTerms`.
+    without decoder, whose reconstruction term is then 0). validate: as in `margin_loss`.
+    Returns `LossTerms`.
     """
-    margin = margin_loss(output.lengths, labels)
+    margin = margin_loss(output.lengths, labels, validate=validate)
     if output.reconstruction is None:
         reconstruction = margin.new_zeros(())
     else:
@@ -77,8 +80,11 @@ def capsnet_loss(output, images, labels, *, reconstruction_weight=0.0005):
     return LossTerms(margin + reconstruction_weight * reconstruction, margin, reconstruction)
 
 
-def check_labels(labels, batch, num_classes):
-    """Raise unless labels is an integer tensor of shape [batch] with values in [0, num_classes)."""
+def check_labels(labels, batch, num_classes, values=True):
+    """Raise unless labels is an integer tensor of shape [batch] with values in [0, num_classes).
+
+    values=False checks the type and shape only, which needs no read of the values.
+    """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
@@ -86,7 +92,7 @@ def check_labels(labels, batch, num_classes):
     if tuple(labels.shape) != (batch,):
         raise ValueError(f"labels must have shape [B] = [{batch}], got {list(labels.shape)}")
     # The range check reads the values (a device sync); a compiled graph skips it rather than break.
-    if labels.numel() and not torch.compiler.is_compiling():
+    if values and labels.numel() and not torch.compiler.is_compiling():
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= num_classes:
             raise ValueError(

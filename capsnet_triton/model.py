@@ -64,11 +64,13 @@ class CapsNet(nn.Module):
         self.decoder = (Decoder(num_classes * digit_dims, decoder_hidden, in_channels * image_size ** 2)
                         if decoder else None)
 
-    def forward(self, images, labels=None):
+    def forward(self, images, labels=None, *, validate=True):
         """images [B, C, H, W]; labels integer [B] or None -> `CapsNetOutput`.
 
         The decoder sees v flattened to [B, J*D] with every capsule zeroed except the label's
         (when labels are given, as in training) or the longest one's (Section 4.1).
+        validate=False skips the range check of the label values (a wait for the device), for
+        labels checked beforehand, as training checks each split once.
         """
         self._check_images(images)
         features = torch.relu(self.conv1(images))                     # [B, 256, 20, 20]
@@ -80,7 +82,7 @@ class CapsNet(nn.Module):
         if labels is None:
             keep = one_hot_mask(lengths.argmax(dim=1), self.num_classes)  # [B, J]
         else:
-            check_labels(labels, images.shape[0], self.num_classes)
+            check_labels(labels, images.shape[0], self.num_classes, values=validate)
             keep = one_hot_mask(labels, self.num_classes)              # [B, J]
         masked = (v * keep.unsqueeze(-1).to(v.dtype)).flatten(1)     # [B, J*D]
         return CapsNetOutput(v, lengths, self.decoder(masked))
