@@ -3,7 +3,9 @@
     python -m capsnet_triton.evaluate RUN_DIR/best.pt --data DIR
 
 prints the test accuracy and writes reconstructions.png, perturbations.png (paper Figures 3
-and 4) and, when the run's log.jsonl sits beside the checkpoint, training_curves.png.
+and 4) and, when the run's log.jsonl sits beside the checkpoint, training_curves.png. The
+checkpoint's checksum and the test files' MD5s (unless --no-verify-data) are checked first, so
+a corrupt checkpoint or another dataset's files are refused, not scored.
 
 Also home of `evaluate`, the accuracy and loss of a model over a whole split, which training
 uses for its validation and test passes.
