@@ -1,11 +1,14 @@
 """Evaluate a trained CapsNet checkpoint on the test set and draw its figures.
 
     python -m capsnet_triton.evaluate RUN_DIR/best.pt --data DIR
+    python -m capsnet_triton.evaluate RUN_DIR/best.pt --dataset affnist-generated   (a mnist40 model)
 
-prints the test accuracy and writes reconstructions.png, perturbations.png (paper Figures 3
-and 4) and, when the run's log.jsonl sits beside the checkpoint, training_curves.png. The
-checkpoint's checksum and the test files' MD5s (unless --no-verify-data) are checked first, so
-a corrupt checkpoint or another dataset's files are refused, not scored.
+prints the test accuracy (both-digit accuracy for MultiMNIST) and writes reconstructions.png and
+perturbations.png (paper Figures 3 and 4; segmentation.png, the paper's Figure 5, instead of
+reconstructions.png for MultiMNIST) and, when the run's log.jsonl sits beside the checkpoint,
+training_curves.png. The checkpoint's checksum and the test files' MD5s (unless
+--no-verify-data) are checked first, so a corrupt checkpoint or another dataset's files are
+refused, not scored.
 
 Also home of `evaluate`, the accuracy and loss of a model over a whole split, which training
 uses for its validation and test passes.

@@ -109,7 +109,8 @@ def check_labels(labels, batch, num_classes, values=True):
         raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if labels.ndim not in (1, 2) or labels.shape[0] != batch or labels.ndim == 2 and not 1 <= labels.shape[1] <= num_classes:
+    several = labels.ndim == 2 and 1 <= labels.shape[1] <= num_classes
+    if labels.ndim not in (1, 2) or labels.shape[0] != batch or labels.ndim == 2 and not several:
         raise ValueError(f"labels must have shape [B] = [{batch}] or [B, K] with 1 <= K <= {num_classes}, "
                          f"got {list(labels.shape)}")
     # The value checks read the labels (a device sync); a compiled graph skips them rather than break.

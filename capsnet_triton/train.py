@@ -1,4 +1,5 @@
-"""Train CapsNet on MNIST or Fashion-MNIST with the paper's recipe (SPEC section 6).
+"""Train CapsNet on MNIST or Fashion-MNIST with the paper's recipe (SPEC section 6), or on the
+MNIST-derived sets of its other experiments (SPEC section 9: --dataset multimnist, mnist40).
 
     python -m capsnet_triton.train --data DIR --out runs/mnist            (or: capsnet-train ...)
     python -m capsnet_triton.train --out runs/mnist --resume              (continue a run)

@@ -36,7 +36,8 @@ def build_parser(suppress_defaults=False):
     result, which is how a resumed run tells what the user changed from what they left out."""
     parser = ArgumentParser(
         prog="python -m capsnet_triton.train",
-        description="Train CapsNet with dynamic routing (Sabour et al. 2017) on MNIST or Fashion-MNIST.",
+        description="Train CapsNet with dynamic routing (Sabour et al. 2017) on MNIST, Fashion-MNIST, "
+                    "MultiMNIST or MNIST on 40x40.",
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
         formatter_class=HelpFormatter,
     )

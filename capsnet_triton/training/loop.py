@@ -233,7 +233,8 @@ def _train(config, checkpoint, context, device):
     finally:
         log.close()
     if context.is_main:
-        print(f"test {spec.metric} {test['accuracy']:.2%} (error {1 - test['accuracy']:.2%}) on {test['count']} images, "
+        print(f"test {spec.metric} {test['accuracy']:.2%} (error {1 - test['accuracy']:.2%}) "
+              f"on {test['count']} images, "
               f"best model from epoch {best_state['epoch']} "
               f"(validation {spec.metric} {best_state['validation']['accuracy']:.2%})")
         write_figures(model, test_set, run_dir, log_path=paths["log.jsonl"])
