@@ -36,7 +36,7 @@ import shutil
 import tempfile
 import urllib.request
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -178,7 +178,8 @@ class Split(NamedTuple):
 
     def augmented(self, index, seed, step, max_shift):
         """The training `Batch` of global step `step`: the samples at `index`, shifted (SPEC 6)."""
-        images = to_float(random_shift(self.images[index], max_shift, generator=shift_generator(seed, step)))
+        generator = shift_generator(seed, step, self.images.device)
+        images = to_float(random_shift(self.images[index], max_shift, generator=generator))
         return Batch(images, self.labels[index], images)
 
 

@@ -2,7 +2,6 @@
 reader of affNIST's own .mat files (on tiny files written here), and `evaluate` scoring a
 mnist40 model on them."""
 
-import os
 import struct
 import zlib
 

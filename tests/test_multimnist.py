@@ -4,7 +4,6 @@ training and evaluation commands end to end."""
 import json
 import os
 
-import pytest
 import torch
 
 from capsnet_triton import evaluate, train
