@@ -120,8 +120,9 @@ def compose_pairs(digits, shift, canvas=MULTI_CANVAS):
     pairs [B, C, canvas, canvas] = min(1, parts[:, 0] + parts[:, 1]) (SPEC 9: add and clip).
     """
     batch, _, channels, height, width = digits.shape
-    corner = shift + torch.tensor([(canvas - height) // 2, (canvas - width) // 2], device=shift.device)
-    parts = place(digits.flatten(0, 1), corner[..., 0].flatten(), corner[..., 1].flatten(), canvas)
+    top = shift[..., 0].flatten() + (canvas - height) // 2                            # [B*2] centred, then shifted
+    left = shift[..., 1].flatten() + (canvas - width) // 2
+    parts = place(digits.flatten(0, 1), top, left, canvas)
     parts = parts.unflatten(0, (batch, 2))                                            # [B, 2, C, S, S]
     return torch.clamp(parts[:, 0] + parts[:, 1], max=1.0), parts
 
