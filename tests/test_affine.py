@@ -11,7 +11,7 @@ import torch
 
 from capsnet_triton import evaluate, train
 from capsnet_triton.affnist import read_affnist, read_mat
-from capsnet_triton.data import dataset_spec, load_split
+from capsnet_triton.data import DownloadError, dataset_spec, download, load_split
 from idx_files import make_digits, write_dataset
 
 TINY_MODEL = ["--conv-channels", "8", "--primary-types", "2", "--decoder-hidden", "16", "32"]
@@ -87,6 +87,8 @@ def test_affnist_reader_errors(tmp_path):
         read_affnist(tmp_path)
     with pytest.raises(ValueError, match="test set only"):
         load_split(tmp_path, "affnist", train=True)
+    with pytest.raises(DownloadError, match="no download"):
+        download(tmp_path, "affnist")
 
 
 # --- mnist40 and the generated set --------------------------------------------------------------

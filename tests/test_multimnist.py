@@ -4,6 +4,7 @@ training and evaluation commands end to end."""
 import json
 import os
 
+import pytest
 import torch
 
 from capsnet_triton import evaluate, train
@@ -66,3 +67,10 @@ def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
                           "--no-verify-data"]) == 0
     assert "multimnist test both-digit accuracy" in capsys.readouterr().out
     assert len(load_split(data_dir, "multimnist", train=False)) == 30
+
+
+def test_a_shift_that_would_push_a_digit_off_the_canvas_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(tmp_path), "--dataset", "multimnist", "--max-shift", "5", "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert "--max-shift must be at most 4 pixels for multimnist" in capsys.readouterr().err

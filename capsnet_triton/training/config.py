@@ -115,10 +115,17 @@ def check_config(config, error):
     for key in ("checkpoint_every", "max_shift", "seed", "split_seed"):
         if config[key] < 0:
             error(f"{flag(key)} must not be negative, got {config[key]}")
-    _, height, width = DATASETS[config["dataset"]].image_shape
+    spec = DATASETS[config["dataset"]]
+    _, height, width = spec.image_shape
     if config["max_shift"] > min(height, width) // 4:
         error(f"--max-shift must be at most {min(height, width) // 4} pixels (a quarter of the "
               f"{config['dataset']} image), got {config['max_shift']}")
+    if spec.stored_shape and config["max_shift"] > (height - spec.stored_shape[1]) // 2:
+        # Examples built by placing smaller stored digits on the canvas (MultiMNIST): a larger
+        # shift would push a digit off it.
+        error(f"--max-shift must be at most {(height - spec.stored_shape[1]) // 2} pixels for {config['dataset']} "
+              f"(a {spec.stored_shape[1]}x{spec.stored_shape[2]} digit on a {height}x{width} canvas), "
+              f"got {config['max_shift']}")
     if not (math.isfinite(config["lr"]) and 0 < config["lr"] <= MAX_LR):
         error(f"--lr must be a number in (0, {MAX_LR}], got {config['lr']}")
     if not 0 < config["lr_decay"] <= 1:
