@@ -6,15 +6,17 @@
 #   tests     the test suite on the GPU, Hypothesis profile "gpu" (more examples, every dtype)
 #   memcheck  a small routing forward + backward under compute-sanitizer --tool memcheck
 #   bench     bench.py at B = 32, 128, 512, every provider -> OUT/bench.json, OUT/bench.png
-#   train     the paper's MNIST recipe, 50 epochs -> OUT/train/ (log and figures, no checkpoints)
+#   train     the paper's MNIST recipe, 50 epochs -> OUT/train/ (log and figures, no checkpoints);
+#             stopped by its limit, the model it chose on validation so far is tested (stage evaluate)
 # then OUT/summary.md, one table of every stage's result and figures: the one file to read.
 #
 #   scripts/gpu_check.sh DATA_DIR OUT_DIR           on a CUDA GPU, at most 9 minutes
 #   scripts/gpu_check.sh --smoke DATA_DIR OUT_DIR   the same stages on a CPU at tiny sizes, < 3 minutes
 #
 # DATA_DIR holds MNIST's IDX files. The project must be importable by $PYTHON (default python3):
-# ./setup.sh does that without downloading where python3 has a CUDA torch. Exit status 0 when every
-# stage that ran passed.
+# ./setup.sh does that without downloading where python3 has a CUDA torch. GPU_CHECK_BUDGET (seconds
+# for all stages: 515 on a GPU, 170 for --smoke) and GPU_CHECK_LIMITS (e.g. "bench=300 train=900",
+# seconds per stage) override the defaults. Exit status 0 when every stage that ran passed.
 set -uo pipefail
 
 smoke=0
@@ -47,30 +49,32 @@ print("routing forward and backward of u_hat", tuple(u_hat.shape), "on", device,
 '
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 
-# The suite runs whole on the GPU but for the smoke test of this script (a CPU run of the script
-# itself); the smoke runs a few fast tests of the suite, not the suite inside the suite.
+# On a GPU the whole suite runs but for tests/test_gpu_check.py (this script's smoke run, on the
+# CPU); the smoke runs a few fast tests of the suite, not the suite inside the suite.
 if (( smoke )); then
-    budget=165
+    budget=170
     summary_args=(--smoke)
-    limits=(ceilings 30 tests 60 memcheck 30 bench 60 train 90)
+    limits=(ceilings 30 tests 60 memcheck 30 bench 60 train 90 evaluate 30)
     ceilings_args=(--smoke --device cpu)
     pytest_args=(-n 0 -k "squash and zero")
-    bench_args=(--tiny --device cpu --workloads "squash,routing fwd+bwd")
+    bench_args=(--tiny --device cpu --workloads "routing fwd+bwd")
     epochs=1
     train_args=(--device cpu --batch-size 16 --validation-size 40 --limit-test 40 --log-every 5
                 --conv-channels 8 --primary-types 2 --decoder-hidden 16 32)
 else
     budget=515
     summary_args=()
-    limits=(ceilings 40 tests 150 memcheck 60 bench 180 train 515)
+    limits=(ceilings 40 tests 120 memcheck 60 bench 210 train 515 evaluate 40)
     ceilings_args=()
     pytest_args=(-n 6)
     bench_args=(--quick --batches 32,128,512 --device cuda)
     epochs=50
     train_args=()
 fi
+budget=${GPU_CHECK_BUDGET:-$budget}
 declare -A limit
 for ((k = 0; k < ${#limits[@]}; k += 2)); do limit[${limits[k]}]=${limits[k + 1]}; done
+for pair in ${GPU_CHECK_LIMITS:-}; do limit[${pair%%=*}]=${pair#*=}; done
 
 started=$SECONDS
 : > "$out/stages.tsv"
@@ -84,11 +88,12 @@ record() {    # NAME STATUS SECONDS LIMIT NOTE
 }
 
 # stage NAME COMMAND...: COMMAND's output goes to OUT/NAME.log; it is stopped (with $signal, TERM
-# unless set; KILL 10 s later) at the stage's limit or when the budget runs out, whichever is first.
+# unless set; KILL 10 s later) at the stage's limit or when the budget, less $reserve seconds kept
+# for later stages, runs out, whichever is first.
 stage() {
     local name=$1 t0=$SECONDS rc status=fail
     shift
-    local seconds=${limit[$name]} left=$((budget - (SECONDS - started)))
+    local seconds=${limit[$name]} left=$((budget - ${reserve:-0} - (SECONDS - started)))
     (( seconds > left )) && seconds=$left
     if (( seconds < 5 )); then
         record "$name" skipped 0 "$seconds" "no time left of the $budget s budget"
@@ -123,9 +128,12 @@ fi
 
 stage bench "$python" bench.py "${bench_args[@]}" --json "$out/bench.json" --plot "$out/bench.png"
 
-stage train "$python" -m capsnet_triton.train --data "$data" --out "$scratch/train" --epochs "$epochs" \
-    --checkpoint-every 0 "${train_args[@]}"
+reserve=${limit[evaluate]} stage train "$python" -m capsnet_triton.train --data "$data" --out "$scratch/train" \
+    --epochs "$epochs" --checkpoint-every 0 "${train_args[@]}"
 mkdir -p "$out/train"
+if [[ $(tail -n 1 "$out/stages.tsv" | cut -f 2) == timeout && -f $scratch/train/best.pt ]]; then
+    stage evaluate "$python" -m capsnet_triton.evaluate "$scratch/train/best.pt" --data "$data" --out "$out/train"
+fi
 cp "$scratch"/train/*.jsonl "$scratch"/train/*.png "$out/train/" 2>/dev/null
 
 timeout 60 "$python" -m capsnet_triton.bench.summary "$out" --epochs "$epochs" "${summary_args[@]}"

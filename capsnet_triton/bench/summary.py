@@ -1,6 +1,7 @@
 """OUT/summary.md of scripts/gpu_check.sh: one table with every stage's result and figures,
 read from what the stages left in OUT (stages.tsv, ceilings.json, tests.log, memcheck.log,
-bench.json, train/log.jsonl). A stage that failed or ran out of time still shows what it wrote.
+bench.json, train/log.jsonl, evaluate.log). A stage that failed or ran out of time still shows what
+it wrote.
 
     python -m capsnet_triton.bench.summary OUT --epochs 50 [--smoke]
 """
@@ -28,6 +29,11 @@ def _json(out, name):
         return json.loads(text) if text else None
     except json.JSONDecodeError:
         return None
+
+
+def _last_line(out, name):
+    lines = [line.strip() for line in (_read(out, name) or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "(empty)"
 
 
 def stages(out):
@@ -61,9 +67,8 @@ def tests_figures(out):
 
 
 def memcheck_figures(out):
-    log = _read(out, "memcheck.log") or ""
-    found = re.findall(r"ERROR SUMMARY: (\d+) errors?", log)
-    return f"compute-sanitizer memcheck: {found[-1]} errors" if found else (log.strip().splitlines() or [""])[-1][:200]
+    found = re.findall(r"ERROR SUMMARY: (\d+) errors?", _read(out, "memcheck.log") or "")
+    return f"compute-sanitizer memcheck: {found[-1]} errors" if found else _last_line(out, "memcheck.log")[:200]
 
 
 def bench_figures(out):
@@ -101,10 +106,16 @@ def train_figures(out, epochs):
     return text + (f"; **test {test['accuracy']:.2%}** (model of epoch {test['best_epoch']})" if test else "; not tested")
 
 
+def evaluate_figures(out):
+    """The evaluation of the model training chose on validation before its limit stopped it."""
+    lines = [line for line in (_read(out, "evaluate.log") or "").splitlines() if line.startswith("test accuracy")]
+    return f"**{lines[-1]}** (the validation-chosen model of the epochs done)" if lines else "no test accuracy"
+
+
 def write_summary(out, epochs, smoke=False):
     figures = {"ceilings": lambda: ceilings_figures(out), "tests": lambda: tests_figures(out),
                "memcheck": lambda: memcheck_figures(out), "bench": lambda: bench_figures(out),
-               "train": lambda: train_figures(out, epochs)}
+               "train": lambda: train_figures(out, epochs), "evaluate": lambda: evaluate_figures(out)}
     mode = "smoke run on a CPU, tiny sizes" if smoke else "GPU run"
     lines = [f"# GPU check ({mode}), {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}", "",
              "| stage | result | seconds (limit) | figures |", "| --- | --- | --- | --- |"]
@@ -113,6 +124,9 @@ def write_summary(out, epochs, smoke=False):
             text = figures[name]() if name in figures else ""
         except (KeyError, TypeError, ValueError) as exc:       # a stage cut off mid-write
             text = f"unreadable output ({type(exc).__name__}: {exc})"
+        if status in ("fail", "timeout"):
+            ending = _last_line(out, name + ".log")[:200].replace("`", "'")
+            text += f"; its log ends: `{ending}`"
         text = "; ".join(filter(None, [note, text])).replace("|", "/")
         lines.append(f"| {name} | {status.upper() if status != 'pass' else 'pass'} | {seconds} ({limit}) | {text} |")
     lines += ["", "Each stage's output is OUT/<stage>.log; bench.json, ceilings.json and train/ (log and "
