@@ -57,6 +57,7 @@ if (( smoke )); then
     limits=(ceilings 30 tests 60 memcheck 30 bench 60 train 90 evaluate 30)
     ceilings_args=(--smoke --device cpu)
     pytest_args=(-n 0 -k "squash and zero")
+    tests_note="a few fast tests: -k 'squash and zero'"
     bench_args=(--tiny --device cpu --workloads "routing fwd+bwd")
     epochs=1
     train_args=(--device cpu --batch-size 16 --validation-size 40 --limit-test 40 --log-every 5
@@ -67,6 +68,7 @@ else
     limits=(ceilings 40 tests 120 memcheck 60 bench 210 train 515 evaluate 40)
     ceilings_args=()
     pytest_args=(-n 6)
+    tests_note="all but tests/test_gpu_check.py, this script's smoke run on the CPU"
     bench_args=(--quick --batches 32,128,512 --device cuda)
     epochs=50
     train_args=()
@@ -114,7 +116,7 @@ command -v nvidia-smi >/dev/null && timeout 30 nvidia-smi > "$out/nvidia-smi.txt
 stage ceilings "$python" -m capsnet_triton.bench.ceilings --json "$out/ceilings.json" "${ceilings_args[@]}"
 
 # SIGINT lets pytest print its summary line (the counts) before it stops.
-signal=INT HYPOTHESIS_PROFILE=gpu stage tests "$python" -m pytest -q -p no:cacheprovider -rfE \
+signal=INT note=$tests_note HYPOTHESIS_PROFILE=gpu stage tests "$python" -m pytest -q -p no:cacheprovider -rfE \
     --ignore=tests/test_gpu_check.py "${pytest_args[@]}"
 
 if [[ -n $sanitizer ]]; then
