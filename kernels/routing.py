@@ -7,7 +7,11 @@ Per sample, with prediction vectors u_hat [I, J, D] and V^(t) = v^(1) + ... + v^
     s^(t)  = sum_i c^(t) u_hat (+ bias)  [J, D]  (Eq. 2)
     v^(t)  = squash(s^(t))               [J, D]  (Eq. 1)
 
-the same function and gradient as capsnet_triton.reference.routing. Neither b nor c is ever
+the same function and gradients as capsnet_triton.reference.routing, under both gradient
+policies of SPEC section 3 ("full" and "last"), and the same NaN policy: a sample whose u_hat
+holds a NaN or inf gets NaN in all of its v: its first iteration's logits u_hat . 0 are NaN
+where the bad value is, the softmax spreads that to the input capsule's whole row of couplings,
+and that row to every s. Neither b nor c is ever
 written to memory: every kernel keeps V in registers and recomputes b and c from the u_hat tile
 it has loaded. Everything saved for backward is s_all = (s^(1), ..., s^(r)) [r, B, J, D]; v is
 recomputed from it with squash (s is stored, not v, because squash is not invertible).
@@ -16,26 +20,58 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - eager PyTorch: each iteration reads u_hat twice and writes and reads b and c (B I J each),
   and autograd keeps every iteration's c and b: O(r U) read, O(r B I J) saved.
 - routing_forward: reads u_hat r times, writes r B J D + B J D; saves r B J D.
-- routing_backward: reads u_hat r times (r - 1 in kernel A, once in kernel B), writes du_hat
-  once and r B J D of ds_all.
+- routing_backward, gradient="full": reads u_hat r times (r - 1 in kernel A, once in kernel B),
+  writes du_hat once and r B J D of ds_all.
+- routing_backward, gradient="last": no kernel A; reads u_hat once (kernel B), writes du_hat once.
 """
 
 import triton
 import triton.language as tl
 
-from .squash import (
-    _check_float_tensor,
-    _compute_dtype,
-    _interpreting,
-    _launch_options,
-    _max_tile,
-    _output,
-    _squash_backward_tile,
-    _squash_tile,
-    _tl_dtype,
+from capsnet_triton.checks import (
+    check_bias,
+    check_float_tensor,
+    check_gradient,
+    check_iterations,
+    check_u_hat,
+    compute_dtype,
+    interpreting,
 )
 
+from .launch import launch_options, max_tile, output, tl_dtype
+from .squash import squash_backward, squash_backward_tile, squash_tile
+
 __all__ = ["routing_forward", "routing_backward"]
+
+
+@triton.jit
+def _sample_layout(u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D,
+                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sample and the [BLOCK_J, BLOCK_D] offsets and mask every routing kernel uses.
+
+    Returns (sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets): the sample index
+    (int64, for the batch offset), the pointer to u_hat[sample], which parents are real
+    [BLOCK_J], which (j, d) are real [BLOCK_J, BLOCK_D], offsets into a contiguous [J, D], and
+    offsets into u_hat[sample, i] through u_hat's strides.
+    """
+    sample = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_J)
+    d = tl.arange(0, BLOCK_D)
+    j_valid = j < J
+    jd_mask = j_valid[:, None] & (d < D)[None, :]                          # [BLOCK_J, BLOCK_D]
+    jd_offsets = j[:, None] * D + d[None, :]                               # into contiguous [J, D]
+    u_jd_offsets = j[:, None] * stride_uj + d[None, :] * stride_ud         # into u_hat[b, i]
+    return sample, u_hat_ptr + sample * stride_ub, j_valid, jd_mask, jd_offsets, u_jd_offsets
+
+
+@triton.jit
+def _load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask, COMPUTE_DTYPE: tl.constexpr):
+    """The u_hat tile of inputs i [BLOCK_I] in the compute dtype, padded entries 0, and its mask,
+    both [BLOCK_I, BLOCK_J, BLOCK_D]."""
+    mask = (i < I)[:, None, None] & jd_mask[None, :, :]
+    u_hat = tl.load(u_hat_sample + i[:, None, None] * stride_ui + u_jd_offsets[None, :, :],
+                    mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    return u_hat, mask
 
 
 @triton.jit
@@ -52,7 +88,7 @@ def _coupling(u_hat, v_sum, j_valid):
 
 
 @triton.jit
-def _agreement_grad(u_hat, coupling, ds):
+def _logits_grad(u_hat, coupling, ds):
     """db = c (dc - sum_j c dc) with dc = u_hat . ds: the gradient of the logits b [BLOCK_I, BLOCK_J].
 
     dc is the gradient of the coupling through s = sum_i c u_hat; the softmax over j turns it
@@ -72,7 +108,7 @@ def _v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
     v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
     for k in range(t):
         s = tl.load(s_all_ptr + (k * B + sample) * J * D + jd_offsets, mask=jd_mask, other=0.0)
-        v_sum += _squash_tile(s)
+        v_sum += squash_tile(s)
     return v_sum
 
 
@@ -96,15 +132,9 @@ def _routing_forward_kernel(
     Memory traffic per program: reads iterations * I J D elements of u_hat (+ J D of bias),
     writes (iterations + 1) J D elements.
     """
-    sample = tl.program_id(0).to(tl.int64)
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = _sample_layout(
+        u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
-    j = tl.arange(0, BLOCK_J)
-    d = tl.arange(0, BLOCK_D)
-    j_valid = j < J
-    jd_mask = j_valid[:, None] & (d < D)[None, :]                          # [BLOCK_J, BLOCK_D]
-    jd_offsets = j[:, None] * D + d[None, :]                               # into contiguous [J, D]
-    u_jd_offsets = j[:, None] * stride_uj + d[None, :] * stride_ud         # into u_hat[b, i]
-    u_hat_sample = u_hat_ptr + sample * stride_ub
     sample_offset = sample * J * D
     if HAS_BIAS:
         bias = tl.load(bias_ptr + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
@@ -114,22 +144,20 @@ def _routing_forward_kernel(
     for t in range(iterations):
         s = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            i = i_start + i_in_block
-            mask = (i < I)[:, None, None] & jd_mask[None, :, :]
-            u_hat = tl.load(u_hat_sample + i[:, None, None] * stride_ui + u_jd_offsets[None, :, :],
-                            mask=mask, other=0.0).to(COMPUTE_DTYPE)       # [BLOCK_I, BLOCK_J, BLOCK_D]
+            u_hat, _ = _load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+                                   jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             coupling = _coupling(u_hat, v_sum, j_valid)                    # [BLOCK_I, BLOCK_J]
             s += tl.sum(coupling[:, :, None] * u_hat, axis=0)
         if HAS_BIAS:
             s += bias
         tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
-        v = _squash_tile(s)
+        v = squash_tile(s)
         v_sum += v
     tl.store(v_ptr + sample_offset + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
 
 @triton.jit
-def _routing_backward_totals_kernel(
+def _routing_backward_ds_all_kernel(
     u_hat_ptr, dv_ptr, s_all_ptr, ds_all_ptr,
     B, I, J, D, iterations,
     stride_ub, stride_ui, stride_uj, stride_ud,
@@ -147,15 +175,9 @@ def _routing_backward_totals_kernel(
     Memory traffic per program: reads (iterations - 1) I J D elements of u_hat and
     O(iterations^2 J D) of s_all, writes iterations J D elements.
     """
-    sample = tl.program_id(0).to(tl.int64)
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = _sample_layout(
+        u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
-    j = tl.arange(0, BLOCK_J)
-    d = tl.arange(0, BLOCK_D)
-    j_valid = j < J
-    jd_mask = j_valid[:, None] & (d < D)[None, :]
-    jd_offsets = j[:, None] * D + d[None, :]
-    u_jd_offsets = j[:, None] * stride_uj + d[None, :] * stride_ud
-    u_hat_sample = u_hat_ptr + sample * stride_ub
     sample_offset = sample * J * D
 
     grad_v = tl.load(dv_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
@@ -164,21 +186,19 @@ def _routing_backward_totals_kernel(
         t = iterations - 1 - k                                             # 0-based, t >= 1
         offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
         s = tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0)
-        ds = _squash_backward_tile(grad_v, s)
+        ds = squash_backward_tile(grad_v, s)
         tl.store(ds_all_ptr + offsets, ds, mask=jd_mask)
         v_sum = _v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            i = i_start + i_in_block
-            mask = (i < I)[:, None, None] & jd_mask[None, :, :]
-            u_hat = tl.load(u_hat_sample + i[:, None, None] * stride_ui + u_jd_offsets[None, :, :],
-                            mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            u_hat, _ = _load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+                                   jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             coupling = _coupling(u_hat, v_sum, j_valid)
-            grad_logits = _agreement_grad(u_hat, coupling, ds)             # [BLOCK_I, BLOCK_J]
+            grad_logits = _logits_grad(u_hat, coupling, ds)                # [BLOCK_I, BLOCK_J]
             grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
         grad_v = grad_v_sum
     s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
-    tl.store(ds_all_ptr + sample_offset + jd_offsets, _squash_backward_tile(grad_v, s), mask=jd_mask)
+    tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
 
 
 @triton.jit
@@ -186,45 +206,44 @@ def _routing_backward_u_hat_kernel(
     u_hat_ptr, s_all_ptr, ds_all_ptr, du_hat_ptr,
     B, I, J, D, iterations,
     stride_ub, stride_ui, stride_uj, stride_ud,
-    AGREEMENT_GRAD: tl.constexpr,
+    GRADIENT_FULL: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
     """Kernel B of the backward: du_hat for BLOCK_I input capsules of one sample; grid (B, cdiv(I, BLOCK_I)).
 
-        du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]        (the second term only if AGREEMENT_GRAD)
+        GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
+        otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy: c^(r) is a constant)
 
     with c^(t) and db^(t) recomputed from the u_hat tile, loaded once and kept in registers, and
-    V^(t) from s_all. AGREEMENT_GRAD=False is the variant that treats u_hat as a constant inside
-    the agreement b = u_hat . V (ds^(t) from kernel A still carries the gradient through V).
+    V^(t) from s_all ("last" recomputes only V^(r), to get c^(r)).
     u_hat_ptr: u_hat [B, I, J, D] with strides (stride_ub, ...), any float dtype.
     s_all_ptr, ds_all_ptr: [iterations, B, J, D], contiguous, COMPUTE_DTYPE.
     du_hat_ptr: du_hat [B, I, J, D], contiguous, u_hat's dtype.
     Memory traffic per program: reads BLOCK_I J D elements of u_hat and 2 iterations J D of
-    s_all and ds_all, writes BLOCK_I J D elements of du_hat.
+    s_all and ds_all ("last": iterations J D of s_all, J D of ds_all), writes BLOCK_I J D
+    elements of du_hat.
     """
-    sample = tl.program_id(0).to(tl.int64)
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = _sample_layout(
+        u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    j = tl.arange(0, BLOCK_J)
-    d = tl.arange(0, BLOCK_D)
-    j_valid = j < J
-    jd_mask = j_valid[:, None] & (d < D)[None, :]
-    jd_offsets = j[:, None] * D + d[None, :]
-    mask = (i < I)[:, None, None] & jd_mask[None, :, :]
-
-    u_hat = tl.load(u_hat_ptr + sample * stride_ub + i[:, None, None] * stride_ui
-                    + (j[:, None] * stride_uj + d[None, :] * stride_ud)[None, :, :],
-                    mask=mask, other=0.0).to(COMPUTE_DTYPE)                # [BLOCK_I, BLOCK_J, BLOCK_D]
+    u_hat, mask = _load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask,
+                              COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
     du_hat = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-    v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)                    # V^(t)
-    for t in range(iterations):
+    if GRADIENT_FULL:
+        first = 0
+    else:
+        first = iterations - 1
+    v_sum = _v_sum_before(s_all_ptr, first, B, sample, J, D, jd_offsets, jd_mask,
+                          BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                 # V^(t)
+    for t in range(first, iterations):
         offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
         ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
         coupling = _coupling(u_hat, v_sum, j_valid)
         du_hat += coupling[:, :, None] * ds[None, :, :]
-        if AGREEMENT_GRAD:
-            du_hat += _agreement_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
-        v_sum += _squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+        if GRADIENT_FULL:
+            du_hat += _logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
+        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
     tl.store(du_hat_ptr + sample * I * J * D + (i * J * D)[:, None, None] + jd_offsets[None, :, :],
              du_hat.to(du_hat_ptr.dtype.element_ty), mask=mask)
 
@@ -237,14 +256,11 @@ _INTERPRETER_MAX_BLOCK_I = 2048
 _INT32_MAX = 2**31 - 1
 
 
-def _check_u_hat(u_hat):
-    u_hat = _check_float_tensor(u_hat, "u_hat")
-    if u_hat.dim() != 4:
-        raise ValueError(f"u_hat must have shape [B, I, J, D] (4 axes), got shape {tuple(u_hat.shape)}")
-    B, I, J, D = u_hat.shape
-    if min(I, J, D) < 1:
-        raise ValueError("u_hat needs at least one input capsule, parent and dimension, "
-                         f"got shape {tuple(u_hat.shape)}")
+def _u_hat_for_kernels(u_hat):
+    """u_hat, checked, as the kernels read it: through its own strides, or copied once where
+    they would overflow the kernels' int32 offsets inside a sample."""
+    check_u_hat(u_hat)
+    _, I, J, D = u_hat.shape
     # Offsets inside one sample are int32 in the kernels (the batch offset is int64).
     if I * J * D > _INT32_MAX:
         raise ValueError(f"one sample of u_hat has more than 2**31 - 1 elements: shape {tuple(u_hat.shape)}")
@@ -260,15 +276,15 @@ def _routing_launch_config(I, J, D, dtype, block_i):
     block_j = triton.next_power_of_2(J)
     block_d = triton.next_power_of_2(D)
     if block_i is None:
-        if _interpreting():
+        if interpreting():
             block_i = min(triton.next_power_of_2(I), _INTERPRETER_MAX_BLOCK_I)
         else:
             # Keep a [BLOCK_I, BLOCK_J, BLOCK_D] tile small enough to stay in registers.
-            block_i = min(triton.next_power_of_2(I), max(1, _max_tile(dtype) // (block_j * block_d)))
+            block_i = min(triton.next_power_of_2(I), max(1, max_tile(dtype) // (block_j * block_d)))
     elif isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
         raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")
-    return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, COMPUTE_DTYPE=_tl_dtype(dtype),
-                **_launch_options(block_i * block_j * block_d))
+    return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, COMPUTE_DTYPE=tl_dtype(dtype),
+                **launch_options(block_i * block_j * block_d))
 
 
 def routing_forward(u_hat, iterations, bias=None, *, block_i=None, out=None):
@@ -282,54 +298,49 @@ def routing_forward(u_hat, iterations, bias=None, *, block_i=None, out=None):
     in the compute dtype (float64 for float64 u_hat, else float32), all routing_backward needs.
     out: optional (v, s_all) of contiguous tensors of those shapes and dtypes to write into.
     """
-    u_hat = _check_u_hat(u_hat)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    u_hat = _u_hat_for_kernels(u_hat)
+    check_iterations(iterations)
+    bias = check_bias(bias, u_hat)
     B, I, J, D = u_hat.shape
-    if bias is not None:
-        bias = _check_float_tensor(bias, "bias")
-        if bias.shape != (J, D):
-            raise ValueError(f"bias must have shape [J, D] = {(J, D)}, got {tuple(bias.shape)}")
-        if bias.device != u_hat.device:
-            raise ValueError(f"bias is on {bias.device} but u_hat is on {u_hat.device}; "
-                             "they must be on one device")
-        bias = bias.contiguous()
-    compute_dtype = _compute_dtype(u_hat.dtype)
     v_out, s_all_out = (None, None) if out is None else out
-    v = _output(v_out, (B, J, D), u_hat.dtype, u_hat.device, "out[0] (v)")
-    s_all = _output(s_all_out, (iterations, B, J, D), compute_dtype, u_hat.device, "out[1] (s_all)")
+    v = output(v_out, (B, J, D), u_hat.dtype, u_hat.device, "out[0] (v)")
+    s_all = output(s_all_out, (iterations, B, J, D), compute_dtype(u_hat.dtype), u_hat.device,
+                   "out[1] (s_all)")
     if B == 0:
         return v, s_all
     config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
     # Without a bias the kernel never reads bias_ptr; s_all stands in for the pointer.
     _routing_forward_kernel[(B,)](
-        u_hat, bias if bias is not None else s_all, v, s_all,
+        u_hat, bias.contiguous() if bias is not None else s_all, v, s_all,
         B, I, J, D, iterations, *u_hat.stride(),
         HAS_BIAS=bias is not None, **config,
     )
     return v, s_all
 
 
-def routing_backward(dv, u_hat, s_all, *, agreement_grad=True, block_i=None, out=None):
+def routing_backward(dv, u_hat, s_all, *, gradient="full", block_i=None, out=None):
     """Gradients of routing_forward: (du_hat [B, I, J, D] in u_hat's dtype, ds_all [r, B, J, D]).
 
     dv: dL/dv [B, J, D]; s_all: routing_forward's second output. ds_all[t] = dL/ds^(t) in the
     compute dtype; the bias gradient is ds_all.sum((0, 1)).
-    agreement_grad=False treats u_hat as a constant inside the agreement b = u_hat . V of the
-    inner iterations (SPEC section 3's variant); the default lets the gradient flow through it.
-    Two launches: kernel A, one program per sample, walks the iterations backwards to ds_all;
-    kernel B, fully parallel over (sample, block of I), writes du_hat once.
+    gradient: "full" (default) lets the gradient flow through every iteration; "last" treats
+    u_hat and the bias as constants in iterations 1..r-1 (SPEC section 3), so ds_all is 0 but
+    for ds^(r) = squash_backward(dv, s^(r)) and du_hat = c^(r) ds^(r).
+    "full": two launches: kernel A, one program per sample, walks the iterations backwards to
+    ds_all; kernel B, fully parallel over (sample, block of I), writes du_hat once. "last": the
+    squash backward kernel on [B, J, D] gives ds^(r), then kernel B.
     out: optional (du_hat, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """
-    u_hat = _check_u_hat(u_hat)
+    u_hat = _u_hat_for_kernels(u_hat)
+    check_gradient(gradient)
     B, I, J, D = u_hat.shape
-    dv = _check_float_tensor(dv, "dv")
-    s_all = _check_float_tensor(s_all, "s_all")
+    check_float_tensor(dv, "dv")
+    check_float_tensor(s_all, "s_all")
     if dv.shape != (B, J, D):
         raise ValueError(f"dv must have shape [B, J, D] = {(B, J, D)}, got {tuple(dv.shape)}")
-    compute_dtype = _compute_dtype(u_hat.dtype)
-    if s_all.dim() != 4 or s_all.shape[0] < 1 or s_all.shape[1:] != (B, J, D) or s_all.dtype != compute_dtype:
-        raise ValueError(f"s_all must be routing_forward's [r, B, J, D] = [r, {B}, {J}, {D}] {compute_dtype} "
+    dtype = compute_dtype(u_hat.dtype)
+    if s_all.dim() != 4 or s_all.shape[0] < 1 or s_all.shape[1:] != (B, J, D) or s_all.dtype != dtype:
+        raise ValueError(f"s_all must be routing_forward's [r, B, J, D] = [r, {B}, {J}, {D}] {dtype} "
                          f"output, got shape {tuple(s_all.shape)} {s_all.dtype}")
     s_all = s_all.contiguous()
     for name, x in (("dv", dv), ("s_all", s_all)):
@@ -338,18 +349,22 @@ def routing_backward(dv, u_hat, s_all, *, agreement_grad=True, block_i=None, out
                              "they must be on one device")
     iterations = s_all.shape[0]
     du_hat_out, ds_all_out = (None, None) if out is None else out
-    du_hat = _output(du_hat_out, u_hat.shape, u_hat.dtype, u_hat.device, "out[0] (du_hat)")
-    ds_all = _output(ds_all_out, s_all.shape, compute_dtype, u_hat.device, "out[1] (ds_all)")
+    du_hat = output(du_hat_out, u_hat.shape, u_hat.dtype, u_hat.device, "out[0] (du_hat)")
+    ds_all = output(ds_all_out, s_all.shape, dtype, u_hat.device, "out[1] (ds_all)")
     if B == 0:
         return du_hat, ds_all
     config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
-    _routing_backward_totals_kernel[(B,)](
-        u_hat, dv.contiguous(), s_all, ds_all,
-        B, I, J, D, iterations, *u_hat.stride(), **config,
-    )
+    if gradient == "full":
+        _routing_backward_ds_all_kernel[(B,)](
+            u_hat, dv.contiguous(), s_all, ds_all,
+            B, I, J, D, iterations, *u_hat.stride(), **config,
+        )
+    else:
+        ds_all[:-1].zero_()
+        squash_backward(dv, s_all[-1], out=ds_all[-1])
     _routing_backward_u_hat_kernel[(B, triton.cdiv(I, config["BLOCK_I"]))](
         u_hat, s_all, ds_all, du_hat,
         B, I, J, D, iterations, *u_hat.stride(),
-        AGREEMENT_GRAD=bool(agreement_grad), **config,
+        GRADIENT_FULL=gradient == "full", **config,
     )
     return du_hat, ds_all

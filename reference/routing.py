@@ -10,23 +10,42 @@ Per sample, with prediction vectors u_hat[i, j] (what input capsule i predicts f
         if t < r: b_ij += u_hat_ij . v_j       # agreement (Procedure 1, line 7)
     return v
 
-Since b starts at 0, b^(t) = u_hat . V^(t) with V^(t) = v^(1) + ... + v^(t-1): the logits are
-a function of the running sum of outputs. The forward below is written that way because it is
-how the kernels compute it and how the backward is derived.
+routing_forward is that loop, with b stored and updated. The kernels compute the same function
+without ever storing b or c, from an identity: since b starts at 0,
 
-Gradient policies (SPEC section 3):
-- agreement_grad=True (default, as the official code): the gradient flows through every
-  iteration, including the agreement terms u_hat . v of the inner iterations.
-- agreement_grad=False: the common variant that treats u_hat as a constant inside the agreement
-  b = u_hat . V; the gradient reaches u_hat only through s = sum_i c u_hat of each iteration
-  (it still flows through V into earlier iterations' v and so into their s).
+    b^(t) = u_hat . V^(t),   V^(t) = v^(1) + ... + v^(t-1)        (v_sum, [J, D] per sample)
+
+so the running sum of the outputs is all the state routing needs, and b and c are recomputed
+from the u_hat tile in registers. routing_backward is derived with the same identity: the
+gradient reaches u_hat through s = sum_i c u_hat and through b = u_hat . V, and reaches every
+earlier output v^(t) through each later V.
+
+Gradient policies (SPEC section 3), `gradient=`:
+- "full" (default, as the official code): the gradient flows through every iteration,
+  agreement included.
+- "last": u_hat (and the bias) are constants in iterations 1..r-1, so the coupling c^(r) is a
+  constant and the gradient reaches u_hat only through the last iteration's s:
+  du_hat = c^(r) ds^(r), dbias = sum over the batch of ds^(r). The backward needs no pass over
+  the earlier iterations.
+
+Non-finite input (SPEC section 7): a sample whose u_hat holds a NaN or inf gives NaN in all of
+its v (and gradients); the other samples are unaffected. An empty batch gives empty results.
 """
 
 import numpy as np
 
 from .squash import squash_backward, squash_forward
 
-__all__ = ["routing_forward", "routing_backward", "softmax"]
+__all__ = ["routing_forward", "routing_backward", "softmax", "GRADIENT_POLICIES", "check_gradient"]
+
+GRADIENT_POLICIES = ("full", "last")
+
+
+def check_gradient(gradient):
+    """The gradient policy, or a ValueError that names the choices."""
+    if not isinstance(gradient, str) or gradient not in GRADIENT_POLICIES:
+        raise ValueError(f"gradient must be one of {GRADIENT_POLICIES}, got {gradient!r}")
+    return gradient
 
 
 def softmax(logits, axis):
@@ -36,54 +55,64 @@ def softmax(logits, axis):
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
-def routing_forward(u_hat, iterations=3, *, bias=None, agreement_grad=True):
-    """Route prediction vectors u_hat [B, I, J, D] to output capsules v [B, J, D].
+def routing_forward(u_hat, iterations=3, *, bias=None, gradient="full"):
+    """Route prediction vectors u_hat [B, I, J, D] to output capsules v [B, J, D] (Procedure 1).
 
     iterations: r >= 1; r = 1 is a single pass with uniform coupling c = 1/J.
     bias: optional [J, D] added to s in every iteration (the official code has one; off by default).
-    Returns (v, cache); the cache holds what routing_backward needs.
+    gradient: "full" or "last", the policy routing_backward follows (see the module docstring).
+    Returns (v, cache); the cache holds every iteration's coupling, s and v for routing_backward.
     """
     u_hat = np.asarray(u_hat)
     if u_hat.ndim != 4:
         raise ValueError(f"u_hat must have shape [B, I, J, D] (4 axes), got shape {u_hat.shape}")
     if not np.issubdtype(u_hat.dtype, np.floating):
         raise ValueError(f"u_hat must be a floating-point array, got dtype {u_hat.dtype}")
+    if min(u_hat.shape[1:]) < 1:
+        raise ValueError(f"u_hat needs at least one input capsule, parent and dimension, got shape {u_hat.shape}")
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    check_gradient(gradient)
     B, I, J, D = u_hat.shape
     if bias is not None:
         bias = np.asarray(bias)
         if bias.shape != (J, D):
             raise ValueError(f"bias must have shape [J, D] = {(J, D)}, got {bias.shape}")
+    # 0 for a sample whose u_hat is finite, NaN for one that is not: added to every s, it makes
+    # all of that sample's outputs NaN (SPEC 7), not only the parents the bad value reaches.
+    finite = np.isfinite(u_hat).all(axis=(1, 2, 3))                # [B]
+    non_finite = np.where(finite, 0.0, np.nan).astype(u_hat.dtype)[:, None, None]  # [B, 1, 1]
 
-    v_sum = np.zeros((B, J, D), dtype=u_hat.dtype)                 # V^(t) = v^(1) + ... + v^(t-1)
-    couplings, v_sums, totals = [], [], []
-    for _ in range(iterations):
-        logits = np.einsum("bijd,bjd->bij", u_hat, v_sum)          # [B, I, J]   b^(t)
-        c = softmax(logits, axis=2)                                # [B, I, J]   over parents j
-        s = np.einsum("bij,bijd->bjd", c, u_hat)                   # [B, J, D]
+    logits = np.zeros((B, I, J), dtype=u_hat.dtype)                # [B, I, J]   b = 0
+    couplings, s_all, v_all = [], [], []
+    for t in range(iterations):
+        coupling = softmax(logits, axis=2)                         # [B, I, J]   c, over parents j
+        s = np.einsum("bij,bijd->bjd", coupling, u_hat) + non_finite  # [B, J, D]
         if bias is not None:
             s = s + bias                                           # [B, J, D]
         v = squash_forward(s)                                      # [B, J, D]
-        couplings.append(c)
-        v_sums.append(v_sum)
-        totals.append(s)
-        v_sum = v_sum + v                                          # [B, J, D]
-    cache = dict(u_hat=u_hat, couplings=couplings, v_sums=v_sums, totals=totals,
-                 has_bias=bias is not None, agreement_grad=agreement_grad)
+        if t < iterations - 1:
+            logits = logits + np.einsum("bijd,bjd->bij", u_hat, v) # [B, I, J]   b += u_hat . v
+        couplings.append(coupling)
+        s_all.append(s)
+        v_all.append(v)
+    cache = dict(u_hat=u_hat, couplings=couplings, s_all=s_all, v_all=v_all,
+                 has_bias=bias is not None, gradient=gradient)
     return v, cache
 
 
 def routing_backward(dv, cache):
     """du_hat [B, I, J, D] for the loss gradient dv = dL/dv [B, J, D] of the last iteration.
 
-    Walks the iterations backwards. In iteration t, with ds = squash_backward(dL/dv^(t), s^(t)):
+    Walks the iterations backwards ("last": the last iteration only). In iteration t, with
+    V^(t) = v^(1) + ... + v^(t-1) and ds = squash_backward(dL/dv^(t), s^(t)):
         du_hat += c ds                                  (through s = sum_i c u_hat)
         dc      = u_hat . ds                            [B, I, J]
         db      = c (dc - sum_j c dc)                   (softmax over j)
-        du_hat += db V^(t)                              (through b = u_hat . V; full policy only)
+        du_hat += db V^(t)                              (through b = u_hat . V)
         dV      = sum_i db u_hat                        [B, J, D]
-    and, because V^(t) = v^(1) + ... + v^(t-1), dV adds to dL/dv of every earlier iteration.
+    and, because v^(t-1) enters every V^(t'), t' >= t, dL/dv^(t-1) is the sum of dV over the
+    iterations from t on (grad_v_sum).
     Returns du_hat, or (du_hat, dbias) when the forward had a bias.
     """
     u_hat = cache["u_hat"]
@@ -91,22 +120,26 @@ def routing_backward(dv, cache):
     B, I, J, D = u_hat.shape
     if dv.shape != (B, J, D):
         raise ValueError(f"dv must have shape [B, J, D] = {(B, J, D)}, got {dv.shape}")
+    iterations = len(cache["s_all"])
+    # V^(t) for t = 1..r: the running sums of the outputs before each iteration.
+    v_sums = np.cumsum([np.zeros_like(dv)] + cache["v_all"][:-1], axis=0)   # [r, B, J, D]
 
     du_hat = np.zeros_like(u_hat)                                  # [B, I, J, D]
     dbias = np.zeros((J, D), dtype=u_hat.dtype)                    # [J, D]
-    dv_t = dv                                                      # dL/dv^(t), starts at the last
-    dv_later = np.zeros_like(dv)                                   # sum of dV over later iterations
-    for t in reversed(range(len(cache["totals"]))):
-        c, v_sum, s = cache["couplings"][t], cache["v_sums"][t], cache["totals"][t]
-        ds = squash_backward(dv_t, s)                              # [B, J, D]
+    grad_v = dv                                                    # dL/dv^(t), starts at the last
+    grad_v_sum = np.zeros_like(dv)                                 # sum of dV over later iterations
+    for t in reversed(range(iterations)):
+        coupling, s, v_sum = cache["couplings"][t], cache["s_all"][t], v_sums[t]
+        ds = squash_backward(grad_v, s)                            # [B, J, D]
         dbias += ds.sum(axis=0)                                    # [J, D]
-        du_hat += c[..., None] * ds[:, None, :, :]                 # [B, I, J, D]
+        du_hat += coupling[..., None] * ds[:, None, :, :]          # [B, I, J, D]
+        if cache["gradient"] == "last":
+            break                                                  # c^(r) is a constant: done
         dc = np.einsum("bijd,bjd->bij", u_hat, ds)                 # [B, I, J]
-        dlogits = c * (dc - np.sum(c * dc, axis=2, keepdims=True)) # [B, I, J]
-        if cache["agreement_grad"]:
-            du_hat += dlogits[..., None] * v_sum[:, None, :, :]    # [B, I, J, D]
-        dv_later = dv_later + np.einsum("bij,bijd->bjd", dlogits, u_hat)  # [B, J, D]
-        dv_t = dv_later                                            # v^(t-1) feeds every V^(t'), t' >= t
+        dlogits = coupling * (dc - np.sum(coupling * dc, axis=2, keepdims=True))  # [B, I, J]
+        du_hat += dlogits[..., None] * v_sum[:, None, :, :]        # [B, I, J, D]
+        grad_v_sum = grad_v_sum + np.einsum("bij,bijd->bjd", dlogits, u_hat)  # [B, J, D]
+        grad_v = grad_v_sum                                        # v^(t-1) feeds every V^(t'), t' >= t
     if cache["has_bias"]:
         return du_hat, dbias
     return du_hat

@@ -6,9 +6,10 @@ import torch
 from conftest import interpreted
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_checks import DEVICE, DTYPES, as_float64, assert_agrees, dtype_id, magnitudes, poisoned, sample
+from kernel_checks import DEVICE, DTYPES, dtype_id, magnitudes, poisoned, sample
 
 from capsnet_triton.kernels import squash_backward, squash_forward
+from capsnet_triton.numerics import as_float64, assert_agrees
 from capsnet_triton.reference import squash_backward as reference_squash_backward
 from capsnet_triton.reference import squash_forward as reference_squash_forward
 
@@ -108,13 +109,38 @@ def test_squash_of_empty_tensor_is_empty():
     s = torch.empty(0, 4, device=DEVICE)
     assert squash_forward(s).shape == (0, 4)
     assert squash_backward(s, s).shape == (0, 4)
+    with pytest.raises(ValueError, match="0 dimensions"):
+        squash_forward(torch.empty(4, 0, device=DEVICE))
+    with pytest.raises(ValueError, match="0 dimensions"):
+        squash_backward(torch.empty(4, 0, device=DEVICE), torch.empty(4, 0, device=DEVICE))
+
+
+# The interpreter's NumPy warns of the NaN this test asks for.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_squash_of_a_capsule_holding_nan_or_inf_is_all_nan(dtype, rng):
+    """SPEC 7: a NaN or inf anywhere in a capsule (here in a padded block, D = 5 of 8) gives NaN
+    in all of its v and ds, as the reference does; the other capsules are unaffected."""
+    s = sample(rng, (6, 5), dtype)
+    dv = sample(rng, (6, 5), dtype)
+    s[0, 4] = float("nan")
+    s[1, 0] = float("inf")
+    s[2, 2] = -float("inf")
+    s[3, 1], s[3, 3] = float("inf"), -float("inf")
+    v = squash_forward(s, out=poisoned((6, 5), dtype))
+    ds = squash_backward(dv, s, out=poisoned((6, 5), dtype))
+    v_ref, ds_ref = reference_squash_forward(as_float64(s)), reference_squash_backward(as_float64(dv), as_float64(s))
+    assert np.isnan(v_ref[:4]).all() and np.isnan(ds_ref[:4]).all() and not np.isnan(v_ref[4:]).any()
+    assert_agrees(v, v_ref, dtype, "v")                    # NaN exactly where the reference has it
+    assert_agrees(ds, ds_ref, dtype, "ds")
 
 
 def test_squash_rejects_bad_input():
     s = torch.ones(3, 4, device=DEVICE)
     with pytest.raises(TypeError, match="torch.Tensor"):
         squash_forward(np.ones((3, 4)))
-    with pytest.raises(ValueError, match="float16, bfloat16, float32 or float64"):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         squash_forward(torch.ones(3, 4, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="at least one axis"):
         squash_forward(torch.tensor(1.0, device=DEVICE))

@@ -1,5 +1,7 @@
 """The PyTorch CapsNet (capsnet_triton.model / layers) end to end, tied to the NumPy reference."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ import torch
 from capsnet_triton import CapsNet
 from capsnet_triton.layers import Decoder, DigitCaps, PrimaryCaps, predict
 from capsnet_triton.losses import capsnet_loss
-from capsnet_triton.model import CapsNetOutput
+from capsnet_triton.data import DATASETS
+from capsnet_triton.model import CapsNetOutput, build_model
 from capsnet_triton.reference import (CapsNetConfig, init_params, network_backward, network_forward,
                                       parameter_shapes, prediction_forward, squash_forward)
 
@@ -45,6 +48,28 @@ def test_default_network_has_the_papers_parameters():
     with_bias = CapsNet(routing_bias=True).state_dict()
     assert tuple(with_bias["digit_caps.bias"].shape) == (10, 16)
     assert list(with_bias) == list(parameter_shapes(CapsNetConfig(routing_bias=True)))
+
+
+def _run_config(dataset):
+    return dict(dataset=dataset, conv_channels=4, primary_types=2, routing_iterations=2, routing_gradient="full",
+                routing_bias=False, decoder=True, decoder_hidden=[6, 8])
+
+
+def test_build_model_takes_shape_and_classes_from_the_dataset_entry(monkeypatch):
+    assert build_model(_run_config("fashion-mnist")).image_size == 28
+    monkeypatch.setitem(DATASETS, "wide", dataclasses.replace(DATASETS["mnist"], name="wide",
+                                                              image_shape=(3, 20, 20), num_classes=4))
+    model = build_model(_run_config("wide"))
+    assert (model.in_channels, model.image_size, model.num_classes) == (3, 20, 4)
+    out = model(torch.rand(2, 3, 20, 20))
+    assert out.v.shape == (2, 4, 16) and out.reconstruction.shape == (2, 3 * 20 * 20)
+    assert model.digit_caps.weight.shape[0] == 2 * 2 * 2                  # 20 -> 12 -> 2x2 grid, 2 types
+    monkeypatch.setitem(DATASETS, "oblong", dataclasses.replace(DATASETS["mnist"], name="oblong",
+                                                                image_shape=(1, 28, 36)))
+    with pytest.raises(ValueError, match="square images"):
+        build_model(_run_config("oblong"))
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        build_model(_run_config("cifar"))
 
 
 def test_digit_caps_weight_initialisation():
@@ -92,7 +117,7 @@ def test_prediction_vectors_match_reference(rng):
     assert rel_error(u_hat.numpy(), expected) <= 1e-13
 
 
-def _tied_pair(agreement_grad, routing_bias, backend, rng):
+def _tied_pair(gradient, routing_bias, backend, rng):
     """The reference's parameters for TINY, and a float64 CapsNet holding the same values."""
     config = CapsNetConfig(**TINY, routing_bias=routing_bias)
     params = init_params(config, rng)
@@ -101,22 +126,22 @@ def _tied_pair(agreement_grad, routing_bias, backend, rng):
     params["digit_caps.weight"] = params["digit_caps.weight"] * 40.0
     if routing_bias:
         params["digit_caps.bias"] = rng.normal(0.0, 0.1, size=params["digit_caps.bias"].shape)
-    model = CapsNet(**TINY, agreement_grad=agreement_grad, routing_bias=routing_bias,
+    model = CapsNet(**TINY, routing_gradient=gradient, routing_bias=routing_bias,
                     routing_backend=backend).double()
     model.load_state_dict({name: torch.from_numpy(value) for name, value in params.items()})
     return config, params, model
 
 
 @pytest.mark.parametrize("routing_bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("agreement_grad", [True, False], ids=["full_grad", "stop_agreement_grad"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_model_matches_reference_loss_and_every_gradient(agreement_grad, routing_bias, backend, rng):
-    config, params, model = _tied_pair(agreement_grad, routing_bias, backend, rng)
+def test_model_matches_reference_loss_and_every_gradient(gradient, routing_bias, backend, rng):
+    config, params, model = _tied_pair(gradient, routing_bias, backend, rng)
     images = rng.uniform(size=(4, 1, 12, 12))
     labels = np.array([0, 2, 1, 2])
 
     ref_total, cache = network_forward(params, images, labels, config, routing_iterations=3,
-                                       agreement_grad=agreement_grad)
+                                       gradient=gradient)
     ref_grads = network_backward(cache)
 
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
@@ -137,11 +162,11 @@ def test_model_matches_reference_loss_and_every_gradient(agreement_grad, routing
 def test_gradient_policies_differ_on_the_tied_network(rng):
     """The tie above could not tell the two gradient policies apart if the agreement term were
     negligible at its scale; it is not."""
-    config, params, _ = _tied_pair(True, False, "torch", rng)
+    config, params, _ = _tied_pair("full", False, "torch", rng)
     images, labels = rng.uniform(size=(4, 1, 12, 12)), np.array([0, 2, 1, 2])
-    full = network_backward(network_forward(params, images, labels, config, agreement_grad=True)[1])
-    stopped = network_backward(network_forward(params, images, labels, config, agreement_grad=False)[1])
-    assert rel_error(stopped["digit_caps.weight"], full["digit_caps.weight"]) > 1e-3
+    full = network_backward(network_forward(params, images, labels, config, gradient="full")[1])
+    last = network_backward(network_forward(params, images, labels, config, gradient="last")[1])
+    assert rel_error(last["digit_caps.weight"], full["digit_caps.weight"]) > 1e-3
 
 
 def _decoder_input(model, images, labels=None):

@@ -16,7 +16,7 @@ from capsnet_triton.reference import (
     sigmoid_backward,
     sigmoid_forward,
 )
-from reference_checks import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices
+from capsnet_triton.numerics import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices
 
 
 @st.composite

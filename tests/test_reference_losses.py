@@ -13,7 +13,7 @@ from capsnet_triton.reference import (
     reconstruction_loss_backward,
     reconstruction_loss_forward,
 )
-from reference_checks import FD_TOLERANCE, numerical_gradient, relative_error
+from capsnet_triton.numerics import FD_TOLERANCE, numerical_gradient, relative_error
 
 seeds = st.integers(0, 2**32 - 1)
 

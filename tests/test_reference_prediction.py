@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from capsnet_triton.reference import prediction_backward, prediction_forward
-from reference_checks import FD_TOLERANCE, numerical_gradient, relative_error
+from capsnet_triton.numerics import FD_TOLERANCE, numerical_gradient, relative_error
 
 
 @st.composite

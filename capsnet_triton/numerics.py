@@ -1,0 +1,181 @@
+"""What "agree" means (SPEC section 8): the one place the project's numerical rules are written.
+
+Every comparison against the float64 reference, in the tests and in bench's correctness gate,
+goes through this module:
+
+- relative error ||out - ref|| / ||ref|| within a ceiling per dtype: float64 1e-12, float32
+  1e-5, float16 5e-3, bfloat16 3e-2 (inputs rounded to the low-precision dtype first);
+- for float16 and bfloat16 outputs also the flash-attention rule: the error at most 3x the
+  error of the reference simply rounded to that dtype, because the ceilings above are far
+  looser than the real error and would let a systematic 1% bug pass. That rule is never made
+  stricter than one unit in the last place (ulp) per element: where an output has a few
+  elements that happen to lie near representable values, 3x their rounding error is less than
+  the half-ulp any correct float32-to-low-precision conversion may add, and Triton's interpreter
+  truncates float32 to bfloat16 instead of rounding (up to 1 ulp). A 1% bug is 2.5 bfloat16
+  ulps or 20 float16 ulps per element, so it still fails;
+- an underflow floor of one smallest normal number of the output dtype per element, since
+  values below it come back flushed to zero or as subnormals, which no format holds to any
+  relative tolerance;
+- NaN never passes, except at exactly the places where the reference has NaN (SPEC 7's NaN
+  policy: non-finite input propagates);
+- a float64 backward agrees with central finite differences (step 1e-6) to 1e-6.
+
+NumPy only, so that the reference's tests run where torch is not installed; the helpers that
+take torch tensors import torch when called.
+"""
+
+import numpy as np
+
+__all__ = [
+    "TOLERANCE", "ROUNDING_FACTOR", "FD_STEP", "FD_TOLERANCE", "relative_error", "rounding_error",
+    "agreement_error", "assert_agrees", "as_float64", "poisoned", "sample_indices",
+    "numerical_gradient", "dtype_name",
+]
+
+# Ceilings of the relative error by the name of the input dtype ("float32", "bfloat16", ...).
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
+ROUNDING_FACTOR = 3.0          # low precision: error <= 3 x the error of rounding the reference
+LOW_PRECISION = ("float16", "bfloat16")
+FD_STEP = 1e-6
+FD_TOLERANCE = 1e-6
+
+# The smallest normal number of each output dtype: the underflow floor per element.
+_TINY = {"float64": np.finfo(np.float64).tiny, "float32": np.finfo(np.float32).tiny,
+         "float16": np.finfo(np.float16).tiny, "bfloat16": 2.0 ** -126}
+
+
+def dtype_name(dtype):
+    """"float32" for torch.float32, np.float32 or "float32"."""
+    if isinstance(dtype, str):
+        name = dtype
+    elif type(dtype).__module__.startswith("torch"):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = np.dtype(dtype).name
+    return name if name == "bfloat16" else np.dtype(name).name
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected|| (||actual|| where expected is all zero); inf when the
+    shapes differ or anything is NaN or inf."""
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape or not (np.all(np.isfinite(actual)) and np.all(np.isfinite(expected))):
+        return np.inf
+    scale = np.linalg.norm(expected)
+    return float(np.linalg.norm(actual - expected) / (scale if scale > 0 else 1.0))
+
+
+def _round_to(values, dtype):
+    """float64 values as dtype holds them, back in float64 (bfloat16: round to nearest even of
+    the top 16 bits of float32, what torch does)."""
+    if dtype == "bfloat16":
+        bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    return values.astype(dtype).astype(np.float64)
+
+
+def _ulp(values, dtype):
+    """The spacing of dtype's numbers at each |value| (bfloat16: float32's exponent, 8 bits)."""
+    if dtype == "bfloat16":
+        exponent = np.floor(np.log2(np.maximum(np.abs(values), 2.0 ** -126)))
+        return 2.0 ** (exponent - 7)
+    return np.spacing(np.abs(values).astype(dtype)).astype(np.float64)
+
+
+def rounding_error(expected, dtype):
+    """||round(expected, dtype) - expected||: the error of a perfect kernel with dtype output."""
+    expected = np.asarray(expected, dtype=np.float64)
+    return float(np.linalg.norm(_round_to(expected, dtype_name(dtype)) - expected))
+
+
+def agreement_error(actual, expected, input_dtype, output_dtype=None):
+    """None when actual agrees with the float64 reference `expected` under SPEC 8, else a message.
+
+    input_dtype names the tolerance (the dtype the inputs were rounded to); output_dtype (default
+    the input dtype) sets the underflow floor and, for float16/bfloat16, the rounding rule.
+    """
+    input_dtype = dtype_name(input_dtype)
+    output_dtype = input_dtype if output_dtype is None else dtype_name(output_dtype)
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        return f"shape {actual.shape}, expected {expected.shape}"
+    expected_nan = np.isnan(expected)
+    if not np.array_equal(np.isnan(actual), expected_nan):
+        return (f"NaN at {np.count_nonzero(np.isnan(actual))} places, the reference at "
+                f"{np.count_nonzero(expected_nan)} (or at other places)")
+    actual, expected = actual[~expected_nan], expected[~expected_nan]
+    if not np.all(np.isfinite(actual)):
+        return f"{np.count_nonzero(~np.isfinite(actual))} infinite values"
+    if not np.any(expected):
+        return None if not np.any(actual) else f"the reference is all zero, max |out| is {np.abs(actual).max():.3e}"
+    error = np.linalg.norm(actual - expected)
+    floor = np.sqrt(expected.size) * _TINY[output_dtype]
+    allowed = TOLERANCE[input_dtype] * np.linalg.norm(expected) + floor
+    if error > allowed:
+        return (f"relative error {error / np.linalg.norm(expected):.3e} over the {input_dtype} "
+                f"ceiling {TOLERANCE[input_dtype]:.0e}")
+    if output_dtype in LOW_PRECISION:
+        rounding = rounding_error(expected, output_dtype)
+        ulp = float(np.linalg.norm(_ulp(expected, output_dtype)))
+        if error > max(ROUNDING_FACTOR * rounding, ulp) + floor:
+            return (f"error {error:.3e} is {error / max(rounding, floor):.2f}x the error of rounding the "
+                    f"reference to {output_dtype} ({rounding:.3e}); at most {ROUNDING_FACTOR:g}x, or one "
+                    f"ulp per element ({ulp:.3e})")
+    return None
+
+
+def as_float64(x):
+    """A tensor's (or array's) values as a float64 NumPy array."""
+    if hasattr(x, "detach"):
+        import torch
+        return x.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def assert_agrees(out, ref, input_dtype, name, output_dtype=None):
+    """Assert SPEC 8's agreement of `out` (a tensor or array) with the float64 reference `ref`.
+
+    output_dtype defaults to out's own dtype (a tensor's) or the input dtype (an array's).
+    """
+    if output_dtype is None:
+        output_dtype = out.dtype if hasattr(out, "detach") else input_dtype
+    message = agreement_error(as_float64(out), ref, input_dtype, output_dtype)
+    assert message is None, f"{name}: {message}"
+
+
+def poisoned(shape, dtype, device="cpu"):
+    """A tensor full of NaN: an output buffer whose unwritten elements fail assert_agrees."""
+    import torch
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def sample_indices(shape, rng, count):
+    """Up to `count` distinct flat indices into an array of `shape` (all of them if fewer): where
+    a finite-difference check samples a large gradient."""
+    size = int(np.prod(shape))
+    if size <= count:
+        return np.arange(size)
+    return rng.choice(size, size=count, replace=False)
+
+
+def numerical_gradient(loss, x, indices=None, step=FD_STEP):
+    """Central differences of the scalar loss() w.r.t. the float64 array x at flat `indices`.
+
+    x is perturbed in place and restored, so loss() must read x. Returns the gradient entries
+    in the order of `indices` (all entries when None). The difference is taken in the loss's own
+    precision (a long double x gives long double losses), then stored as float64.
+    """
+    flat = x.reshape(-1)
+    assert np.shares_memory(flat, x), "x must be contiguous so that perturbing the view moves x"
+    indices = np.arange(flat.size) if indices is None else np.asarray(indices)
+    grad = np.empty(len(indices))
+    for n, k in enumerate(indices):
+        original = flat[k]
+        flat[k] = original + step
+        plus = loss()
+        flat[k] = original - step
+        minus = loss()
+        flat[k] = original
+        grad[n] = (plus - minus) / (2 * step)
+    return grad

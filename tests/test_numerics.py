@@ -1,0 +1,65 @@
+"""SPEC 8's agreement rule (capsnet_triton.numerics) catches what it must and passes what it must."""
+
+import numpy as np
+import pytest
+import torch
+
+from capsnet_triton.numerics import (TOLERANCE, agreement_error, assert_agrees, numerical_gradient,
+                                     relative_error, rounding_error)
+
+LOW = (torch.float16, torch.bfloat16)
+
+
+def reference(rng, n=4096):
+    return rng.standard_normal(n) * np.exp(rng.uniform(-3, 3, n))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_correctly_rounded_output_passes(rng, dtype):
+    ref = reference(rng)
+    assert agreement_error(torch.from_numpy(ref).to(dtype).double().numpy(), ref, dtype) is None
+
+
+@pytest.mark.parametrize("dtype, bug", [(torch.float16, 0.003), (torch.bfloat16, 0.01)], ids=str)
+def test_a_systematic_bug_within_the_ceiling_fails(rng, dtype, bug):
+    ref = reference(rng)
+    buggy = torch.from_numpy(ref * (1 + bug)).to(dtype).double().numpy()
+    assert relative_error(buggy, ref) < TOLERANCE[str(dtype).removeprefix("torch.")]
+    assert "rounding" in agreement_error(buggy, ref, dtype)
+
+
+def test_one_ulp_on_a_single_element_passes_and_two_fail():
+    ref = np.array([1.0 + 2.0 ** -7 + 2.0 ** -12])         # near the bfloat16 number 1 + 2^-7
+    assert rounding_error(ref, "bfloat16") == 2.0 ** -12
+    assert agreement_error(np.array([1.0 + 2.0 ** -6]), ref, "bfloat16") is None
+    assert agreement_error(np.array([1.0 + 3 * 2.0 ** -7]), ref, "bfloat16") is not None
+
+
+def test_nan_passes_only_where_the_reference_has_nan():
+    ref = np.array([1.0, np.nan, 2.0])
+    assert agreement_error(np.array([1.0, np.nan, 2.0]), ref, "float32") is None
+    assert agreement_error(np.array([1.0, 5.0, 2.0]), ref, "float32") is not None
+    assert agreement_error(np.array([np.nan, np.nan, 2.0]), ref, "float32") is not None
+    assert agreement_error(np.array([np.inf, 1.0]), np.array([1.0, 1.0]), "float32") is not None
+
+
+def test_zero_reference_needs_exact_zero_and_underflow_has_a_floor():
+    assert agreement_error(np.zeros(3), np.zeros(3), "float64") is None
+    assert agreement_error(np.array([0.0, 1e-300, 0.0]), np.zeros(3), "float64") is not None
+    tiny = np.full(4, 1e-42)                                # below float32's smallest normal number
+    assert agreement_error(np.zeros(4), tiny, "float32") is None
+    assert agreement_error(np.zeros(4), np.full(4, 1e-30), "float32") is not None
+
+
+def test_assert_agrees_names_the_output_and_takes_tensors():
+    ref = np.linspace(1, 2, 10)
+    assert_agrees(torch.tensor(ref, dtype=torch.float32), ref, torch.float32, "v")
+    with pytest.raises(AssertionError, match="^v: relative error"):
+        assert_agrees(torch.tensor(ref * 1.001, dtype=torch.float32), ref, torch.float32, "v")
+    with pytest.raises(AssertionError, match="shape"):
+        assert_agrees(torch.tensor(ref[:3]), ref, torch.float64, "v")
+
+
+def test_numerical_gradient_of_a_cubic(rng):
+    x = rng.standard_normal(5)
+    assert relative_error(numerical_gradient(lambda: np.sum(x ** 3), x), 3 * x ** 2) <= 1e-8
