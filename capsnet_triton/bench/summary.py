@@ -90,7 +90,8 @@ def bench_figures(out):
             parts.append(f"{workload} B={B}: {best['provider']} {best['median_ms']:.3g} ms{eager}{share}")
     failed = sum(r["status"] == "FAILED" for r in rows)
     timed = sum(r["status"] == "ok" for r in rows)
-    return "; ".join(parts + [f"{timed} rows timed, {failed} FAILED"])
+    cut = [] if report.get("complete", True) else ["the run was cut off: these are the rows it finished"]
+    return "; ".join(parts + [f"{timed} rows timed, {failed} FAILED"] + cut)
 
 
 def train_figures(out, epochs):
