@@ -8,6 +8,10 @@
 #   bench     bench.py at B = 32, 128, 512, every provider -> OUT/bench.json, OUT/bench.png
 #   train     the paper's MNIST recipe, 50 epochs -> OUT/train/ (log and figures, no checkpoints);
 #             stopped by its limit, the model it chose on validation so far is tested (stage evaluate)
+# and, only with GPU_CHECK_EXPERIMENTS=1, last and outside the budget (SPEC 9's full recipes, hours):
+#   multimnist  the MultiMNIST recipe, 50 epochs -> OUT/multimnist/ (both-digit accuracy, Figure 5)
+#   mnist40     MNIST on 40x40, 50 epochs -> OUT/mnist40/; then affnist scores it on the generated
+#               affNIST-like set (not affNIST) -> OUT/mnist40/generated/
 # then OUT/summary.md, one table of every stage's result and figures: the one file to read.
 #
 #   scripts/gpu_check.sh DATA_DIR OUT_DIR           on a CUDA GPU, at most 9 minutes
@@ -16,7 +20,8 @@
 # DATA_DIR holds MNIST's IDX files. The project must be importable by $PYTHON (default python3):
 # ./setup.sh does that without downloading where python3 has a CUDA torch. GPU_CHECK_BUDGET (seconds
 # for all stages: 515 on a GPU, 170 for --smoke) and GPU_CHECK_LIMITS (e.g. "bench=300 train=900",
-# seconds per stage) override the defaults. Exit status 0 when every stage that ran passed.
+# seconds per stage; the optional ones default to multimnist=36000 mnist40=36000 affnist=600) override
+# the defaults. Exit status 0 when every stage that ran passed.
 set -uo pipefail
 
 smoke=0
@@ -54,7 +59,7 @@ sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanit
 if (( smoke )); then
     budget=170
     summary_args=(--smoke)
-    limits=(ceilings 30 tests 60 memcheck 30 bench 60 train 90 evaluate 30)
+    limits=(ceilings 30 tests 60 memcheck 30 bench 60 train 90 evaluate 30 multimnist 90 mnist40 90 affnist 60)
     ceilings_args=(--smoke --device cpu)
     pytest_args=(-n 0 -k "squash and zero")
     tests_note="a few fast tests: -k 'squash and zero'"
@@ -67,7 +72,8 @@ if (( smoke )); then
 else
     budget=515
     summary_args=()
-    limits=(ceilings 40 tests 120 memcheck 60 bench 210 train 515 evaluate 40)
+    limits=(ceilings 40 tests 120 memcheck 60 bench 210 train 515 evaluate 40 multimnist 36000 mnist40 36000
+            affnist 600)
     ceilings_args=()
     pytest_args=(-n 6)
     tests_note="all but tests/test_gpu_check.py, this script's smoke run on the CPU"
@@ -141,6 +147,21 @@ if [[ $(tail -n 1 "$out/stages.tsv" | cut -f 2) == timeout && -f $scratch/train/
         "${evaluate_args[@]}"
 fi
 cp "$scratch"/train/*.jsonl "$scratch"/train/*.png "$out/train/" 2>/dev/null
+
+if [[ ${GPU_CHECK_EXPERIMENTS:-0} == 1 ]]; then
+    # Outside the budget: each of these stages is bounded by its own limit only.
+    budget=$((SECONDS - started + limit[multimnist] + limit[mnist40] + limit[affnist])) reserve=0
+    for experiment in multimnist mnist40; do
+        stage "$experiment" "$python" -m capsnet_triton.train --data "$data" --dataset "$experiment" \
+            --out "$scratch/$experiment" --epochs "$epochs" --checkpoint-every 0 "${train_args[@]}"
+        mkdir -p "$out/$experiment"
+        cp "$scratch/$experiment"/*.jsonl "$scratch/$experiment"/*.png "$out/$experiment/" 2>/dev/null
+    done
+    if [[ -f $scratch/mnist40/best.pt ]]; then
+        stage affnist "$python" -m capsnet_triton.evaluate "$scratch/mnist40/best.pt" --data "$data" \
+            --dataset affnist-generated --out "$out/mnist40/generated" "${evaluate_args[@]}"
+    fi
+fi
 
 timeout 60 "$python" -m capsnet_triton.bench.summary "$out" --epochs "$epochs" "${summary_args[@]}"
 echo "gpu_check: $((SECONDS - started)) s; $failures stage(s) failed or timed out; read $out/summary.md"

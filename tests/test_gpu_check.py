@@ -38,8 +38,11 @@ def test_smoke_run_writes_a_summary_of_every_stage(tmp_path):
 
 def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     (tmp_path / "stages.tsv").write_text("ceilings\tpass\t9\t40\t\ntests\tfail\t80\t150\t\n"
-                                         "bench\tfail\t3\t180\t\ntrain\ttimeout\t200\t200\t\nevaluate\tpass\t6\t40\t\n")
+                                         "bench\tfail\t3\t180\t\ntrain\ttimeout\t200\t200\t\nevaluate\tpass\t6\t40\t\n"
+                                         "multimnist\tpass\t900\t36000\t\n")
     (tmp_path / "bench.log").write_text("Traceback (most recent call last):\nRuntimeError: CUDA error\n")
+    (tmp_path / "multimnist.log").write_text("test both-digit accuracy 94.10% (error 5.90%) on 100000 images, "
+                                             "best model from epoch 40\nsome warning\n")
     (tmp_path / "evaluate.log").write_text("test accuracy 99.10% (error 0.90%) on 10000 images, loss 0.01\n")
     (tmp_path / "tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
                                         "2 failed, 181 passed, 3 skipped in 79.10s (0:01:19)\n")
@@ -57,6 +60,7 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     assert "not tested" in rows["train"]
     assert "its log ends: `RuntimeError: CUDA error`" in rows["bench"]
     assert "| evaluate | pass |" in rows["evaluate"] and "test accuracy 99.10%" in rows["evaluate"]
+    assert "**test both-digit accuracy 94.10%" in rows["multimnist"]        # the optional SPEC 9 stages
 
 
 def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path):

@@ -52,7 +52,8 @@ def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--data", data_dir, "--dataset", "multimnist", "--out", str(out), "--epochs", "1",
                        "--batch-size", "16", "--validation-size", "40", "--limit-train", "64", "--limit-val", "24",
-                       "--limit-test", "40", "--log-every", "2", "--device", "cpu", "--no-verify-data", *TINY_MODEL]) == 0
+                       "--limit-test", "40", "--log-every", "2", "--device", "cpu", "--no-verify-data",
+                       *TINY_MODEL]) == 0
     printed = capsys.readouterr().out
     assert "test both-digit accuracy" in printed and "on 40 images" in printed
     assert {"segmentation.png", "perturbations.png", "training_curves.png", "best.pt"} <= set(os.listdir(out))
@@ -71,6 +72,7 @@ def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
 
 def test_a_shift_that_would_push_a_digit_off_the_canvas_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--data", str(tmp_path), "--dataset", "multimnist", "--max-shift", "5", "--out", str(tmp_path / "r")])
+        train.main(["--data", str(tmp_path), "--dataset", "multimnist", "--max-shift", "5",
+                    "--out", str(tmp_path / "r")])
     assert exit_info.value.code == 2
     assert "--max-shift must be at most 4 pixels for multimnist" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """OUT/summary.md of scripts/gpu_check.sh: one table with every stage's result and figures,
 read from what the stages left in OUT (stages.tsv, ceilings.json, tests.log, memcheck.log,
-bench.json, train/log.jsonl, evaluate.log). A stage that failed or ran out of time still shows what
-it wrote.
+bench.json, train/log.jsonl, evaluate.log, and the optional multimnist.log, mnist40.log and
+affnist.log). A stage that failed or ran out of time still shows what it wrote.
 
     python -m capsnet_triton.bench.summary OUT --epochs 50 [--smoke]
 """
@@ -113,10 +113,19 @@ def evaluate_figures(out):
     return f"**{lines[-1]}** (the validation-chosen model of the epochs done)" if lines else "no test accuracy"
 
 
+def experiment_figures(out, name):
+    """The test line of one of SPEC 9's optional stages (multimnist, mnist40, affnist)."""
+    log = (_read(out, name + ".log") or "").splitlines()
+    lines = [line for line in log if "test " in line and " accuracy " in line]
+    return f"**{lines[-1]}**" if lines else "no test accuracy"
+
+
 def write_summary(out, epochs, smoke=False):
     figures = {"ceilings": lambda: ceilings_figures(out), "tests": lambda: tests_figures(out),
                "memcheck": lambda: memcheck_figures(out), "bench": lambda: bench_figures(out),
-               "train": lambda: train_figures(out, epochs), "evaluate": lambda: evaluate_figures(out)}
+               "train": lambda: train_figures(out, epochs), "evaluate": lambda: evaluate_figures(out),
+               **{name: lambda name=name: experiment_figures(out, name)
+                  for name in ("multimnist", "mnist40", "affnist")}}
     mode = "smoke run on a CPU, tiny sizes" if smoke else "GPU run"
     lines = [f"# GPU check ({mode}), {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}", "",
              "| stage | result | seconds (limit) | figures |", "| --- | --- | --- | --- |"]
