@@ -23,6 +23,11 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - routing_backward, gradient="full": reads u_hat r times (r - 1 in kernel A, once in kernel B),
   writes du_hat once and r B J D of ds_all.
 - routing_backward, gradient="last": no kernel A; reads u_hat once (kernel B), writes du_hat once.
+
+Two variants of the forward and of backward kernel A, chosen by the launchers' `variant=`:
+"sample" (the default, in this file), one program per sample for all iterations, and "split"
+(kernels/routing_split.py), one launch per iteration over (sample, chunk of I), which fills a
+GPU at small batches. Both move the same bytes; the default follows a GPU measurement of both.
 """
 
 import triton

@@ -4,7 +4,10 @@ public function.
 The PyTorch path is written for CPUs, with the kernels' memory plan: the forward saves only the
 per-iteration s (s_all, [r, B, J, D]); the backward recomputes the couplings from u_hat. Every
 contraction over capsule dims is one batched matrix product against a block-diagonal matrix
-built from a [B, J, D] tensor, so no temporary is ever as large as u_hat.
+built from a [B, J, D] tensor, so no temporary is ever as large as u_hat. These products do
+J times the multiply-adds the contraction needs, yet on a CPU at the MNIST shape they beat the
+alternatives measured (one bmm per parent over strided views, einsum, multiply-and-sum, a
+[B, J, I, D] copy of u_hat; docs/PERF.md).
 """
 
 from typing import Optional
