@@ -34,7 +34,8 @@ def _direct_norm(s):
     capsule's n^2 lies in [tiny / eps, sqrt(max)] of the dtype: then no square lost bits to
     underflow, none of n, n^2 and (1 + n^2)^2 overflows, so f(n) = n / (1 + n^2) and
     h(n) = 2n / (1 + n^2)^2 can be computed as written, exact to rounding like the scaled forms.
-    No zero, NaN or inf capsule passes. The check reads only n, 1/D of s."""
+    No zero, NaN or inf capsule passes. The check reads only n, 1/D of s (on a GPU it costs a
+    host sync: this path is written for CPUs)."""
     if s.numel() == 0:
         return None
     n = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
