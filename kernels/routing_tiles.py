@@ -1,0 +1,78 @@
+"""The tile helpers every routing kernel shares (kernels/routing.py, kernels/routing_split.py):
+a program's sample layout, u_hat tiles, couplings and their gradient, and V^(t) from s_all.
+"""
+
+import triton
+import triton.language as tl
+
+from .squash import squash_tile
+
+__all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before"]
+
+
+@triton.jit
+def sample_layout(u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D,
+                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sample and the [BLOCK_J, BLOCK_D] offsets and mask every routing kernel uses.
+
+    Returns (sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets): the sample index
+    (int64, for the batch offset), the pointer to u_hat[sample], which parents are real
+    [BLOCK_J], which (j, d) are real [BLOCK_J, BLOCK_D], offsets into a contiguous [J, D], and
+    offsets into u_hat[sample, i] through u_hat's strides.
+    """
+    sample = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_J)
+    d = tl.arange(0, BLOCK_D)
+    j_valid = j < J
+    jd_mask = j_valid[:, None] & (d < D)[None, :]                          # [BLOCK_J, BLOCK_D]
+    jd_offsets = j[:, None] * D + d[None, :]                               # into contiguous [J, D]
+    u_jd_offsets = j[:, None] * stride_uj + d[None, :] * stride_ud         # into u_hat[b, i]
+    return sample, u_hat_ptr + sample * stride_ub, j_valid, jd_mask, jd_offsets, u_jd_offsets
+
+
+@triton.jit
+def load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask, COMPUTE_DTYPE: tl.constexpr):
+    """The u_hat tile of inputs i [BLOCK_I] in the compute dtype, padded entries 0, and its mask,
+    both [BLOCK_I, BLOCK_J, BLOCK_D]."""
+    mask = (i < I)[:, None, None] & jd_mask[None, :, :]
+    u_hat = tl.load(u_hat_sample + i[:, None, None] * stride_ui + u_jd_offsets[None, :, :],
+                    mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    return u_hat, mask
+
+
+@triton.jit
+def coupling_tile(u_hat, v_sum, j_valid):
+    """c = softmax_j(b), b = u_hat . V (Procedure 1 lines 4 and 7): [BLOCK_I, BLOCK_J].
+
+    u_hat [BLOCK_I, BLOCK_J, BLOCK_D], v_sum = V [BLOCK_J, BLOCK_D], j_valid [BLOCK_J]. The
+    logits are max-subtracted; padded parents get -inf, so their coupling is exactly 0.
+    """
+    agreement = tl.sum(u_hat * v_sum[None, :, :], axis=2)                 # [BLOCK_I, BLOCK_J]
+    agreement = tl.where(j_valid[None, :], agreement, float("-inf"))
+    e = tl.exp(agreement - tl.max(agreement, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def logits_grad(u_hat, coupling, ds):
+    """db = c (dc - sum_j c dc) with dc = u_hat . ds: the gradient of the logits b [BLOCK_I, BLOCK_J].
+
+    dc is the gradient of the coupling through s = sum_i c u_hat; the softmax over j turns it
+    into db. Padded parents (c = 0) and padded inputs (u_hat = 0) get db = 0.
+    """
+    dc = tl.sum(u_hat * ds[None, :, :], axis=2)                            # [BLOCK_I, BLOCK_J]
+    return coupling * (dc - tl.sum(coupling * dc, axis=1)[:, None])
+
+
+@triton.jit
+def v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
+                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """V^(t) = squash(s^(1)) + ... + squash(s^(t-1)) (0-based t: the first t iterations) [BLOCK_J, BLOCK_D].
+
+    Summed in the forward kernel's order, so that the recomputed V matches it bit for bit.
+    """
+    v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+    for k in range(t):
+        s = tl.load(s_all_ptr + (k * B + sample) * J * D + jd_offsets, mask=jd_mask, other=0.0)
+        v_sum += squash_tile(s)
+    return v_sum
