@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from capsnet_triton.numerics import (TOLERANCE, agreement_error, assert_agrees, numerical_gradient,
+from capsnet_triton.numerics import (TOLERANCE, agreement_error, assert_agrees, input_sensitivity, numerical_gradient,
                                      relative_error, rounding_error)
 
 LOW = (torch.float16, torch.bfloat16)
@@ -63,3 +63,20 @@ def test_assert_agrees_names_the_output_and_takes_tensors():
 def test_numerical_gradient_of_a_cubic(rng):
     x = rng.standard_normal(5)
     assert relative_error(numerical_gradient(lambda: np.sum(x ** 3), x), 3 * x ** 2) <= 1e-8
+
+
+def test_spread_measures_ill_conditioning_and_widens_only_by_it():
+    terms = np.array([1.0, -1.0 + 1e-9])                  # a sum that cancels to 1e-9
+
+    def total(x):
+        return (np.array([x.sum()]),)
+
+    (spread,) = input_sensitivity(total, (terms,), "float32")
+    assert 1e-9 < spread < 2 * 2.0 ** -24                # ~eps32 against a result of 1e-9
+    exact = np.array([1e-9])
+    off = exact + 3 * spread
+    assert agreement_error(off, exact, "float32") is not None
+    assert agreement_error(off, exact, "float32", spread=spread) is None
+    assert agreement_error(exact + 10 * spread, exact, "float32", spread=spread) is not None
+    (calm,) = input_sensitivity(total, (np.array([1.0, 2.0]),), "float32")
+    assert calm / 3.0 < 0.01 * TOLERANCE["float32"]       # relative to the sum 3: changes nothing
