@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .losses import check_labels
-from .reference.mnist import find_idx, load_mnist
+from .reference.mnist import SPLIT_FILES, find_idx, load_mnist
 from .synthetic import multimnist
 
 __all__ = [
@@ -110,37 +110,32 @@ def load_idx_split(spec, directory, train):
     return Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long())
 
 
+# Every MNIST-format dataset ships the same four files: train images, labels, test images, labels.
+IDX_STEMS = SPLIT_FILES[True] + SPLIT_FILES[False]
+
+
+def mnist_format(name, folder, mirrors, md5s, digest_of="content"):
+    """The entry of a 28 x 28 grey, ten-class dataset in MNIST's IDX files, with the MD5s of
+    IDX_STEMS' four files (what they cover: `IdxFile.digest_of`)."""
+    return DatasetSpec(name=name, image_shape=(1, 28, 28), num_classes=10, loader=load_idx_split,
+                       folder=folder, mirrors=mirrors,
+                       files=tuple(IdxFile(stem, md5, digest_of) for stem, md5 in zip(IDX_STEMS, md5s, strict=True)))
+
+
 DATASETS = {
-    "mnist": DatasetSpec(
-        name="mnist",
-        image_shape=(1, 28, 28),
-        num_classes=10,
-        loader=load_idx_split,
-        folder="MNIST",
-        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
-        # MD5 of the decompressed files: mirrors serve byte-different gzips of the same data.
-        files=(
-            IdxFile("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
-            IdxFile("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
-            IdxFile("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
-            IdxFile("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
-        ),
-    ),
-    "fashion-mnist": DatasetSpec(
-        name="fashion-mnist",
-        image_shape=(1, 28, 28),
-        num_classes=10,
-        loader=load_idx_split,
-        folder="FashionMNIST",
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        # The MD5s torchvision publishes (torchvision/datasets/mnist.py), which are of the .gz files.
-        files=(
-            IdxFile("train-images-idx3-ubyte", "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "gzip"),
-            IdxFile("train-labels-idx1-ubyte", "25c81989df183df01b3e8a0aad5dffbe", "gzip"),
-            IdxFile("t10k-images-idx3-ubyte", "bef4ecab320f06d8554ea6380940ec79", "gzip"),
-            IdxFile("t10k-labels-idx1-ubyte", "bb300cfdad3c16e7a12a480ee83cd310", "gzip"),
-        ),
-    ),
+    # MD5s of the decompressed files: mirrors serve byte-different gzips of the same data.
+    "mnist": mnist_format(
+        "mnist", "MNIST",
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        ("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
+         "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637")),
+    # The MD5s torchvision publishes (torchvision/datasets/mnist.py), which are of the .gz files.
+    "fashion-mnist": mnist_format(
+        "fashion-mnist", "FashionMNIST",
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+         "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"),
+        digest_of="gzip"),
 }
 
 

@@ -133,6 +133,19 @@ def _squash_launch_config(rows, D, dtype):
                 **launch_options(block_rows * block_d))
 
 
+def _launch_over_rows(kernel, inputs, s, result):
+    """Launch a squash kernel over the capsules (rows of D values) of s, reading `inputs` (made
+    contiguous) and writing `result`; an empty s launches nothing."""
+    if s.numel() == 0:
+        return result
+    D = s.shape[-1]
+    rows = s.numel() // D
+    config = _squash_launch_config(rows, D, s.dtype)
+    kernel[(triton.cdiv(rows, config["BLOCK_ROWS"]),)](
+        *(x.contiguous() for x in inputs), result, rows, D, **config)
+    return result
+
+
 def squash_forward(s, *, out=None):
     """v = squash(s) over the last axis (Eq. 1); any leading shape, v in s's dtype.
 
@@ -141,18 +154,7 @@ def squash_forward(s, *, out=None):
     out: optional contiguous tensor of s's shape and dtype to write v into.
     """
     s = check_capsules(s, "s")
-    v = output(out, s.shape, s.dtype, s.device, "out")
-    if s.numel() == 0:
-        return v
-    D = s.shape[-1]
-    rows = s.numel() // D
-    config = _squash_launch_config(rows, D, s.dtype)
-    grid = (triton.cdiv(rows, config["BLOCK_ROWS"]),)
-    _squash_forward_kernel[grid](
-        s.contiguous(), v, rows, D,
-        **config,
-    )
-    return v
+    return _launch_over_rows(_squash_forward_kernel, (s,), s, output(out, s.shape, s.dtype, s.device, "out"))
 
 
 def squash_backward(dv, s, *, out=None):
@@ -167,15 +169,4 @@ def squash_backward(dv, s, *, out=None):
         raise ValueError(f"dv has shape {tuple(dv.shape)} but s has shape {tuple(s.shape)}; they must match")
     if dv.device != s.device:
         raise ValueError(f"dv is on {dv.device} but s is on {s.device}; they must be on one device")
-    ds = output(out, s.shape, s.dtype, s.device, "out")
-    if s.numel() == 0:
-        return ds
-    D = s.shape[-1]
-    rows = s.numel() // D
-    config = _squash_launch_config(rows, D, s.dtype)
-    grid = (triton.cdiv(rows, config["BLOCK_ROWS"]),)
-    _squash_backward_kernel[grid](
-        dv.contiguous(), s.contiguous(), ds, rows, D,
-        **config,
-    )
-    return ds
+    return _launch_over_rows(_squash_backward_kernel, (dv, s), s, output(out, s.shape, s.dtype, s.device, "out"))

@@ -18,12 +18,12 @@ import zlib
 
 import numpy as np
 
-__all__ = ["read_idx", "find_idx", "load_mnist"]
+__all__ = ["SPLIT_FILES", "read_idx", "find_idx", "load_mnist"]
 
 _UBYTE = 0x08
 
 # (images, labels) file names per split, without the optional ".gz".
-_FILES = {
+SPLIT_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
@@ -93,7 +93,7 @@ def load_mnist(directory, train=True):
     Returns (images uint8 [N, 28, 28], labels uint8 [N]) with labels in 0..9.
     """
     directory = os.fspath(directory)
-    image_stem, label_stem = _FILES[bool(train)]
+    image_stem, label_stem = SPLIT_FILES[bool(train)]
     image_path, label_path = _find(directory, image_stem), _find(directory, label_stem)
     images = read_idx(image_path)                                  # [N, 28, 28]
     labels = read_idx(label_path)                                  # [N]
