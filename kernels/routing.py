@@ -23,19 +23,49 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
 import triton
 import triton.language as tl
 
-from .squash import (
-    _check_float_tensor,
-    _compute_dtype,
-    _interpreting,
-    _launch_options,
-    _max_tile,
-    _output,
-    _squash_backward_tile,
-    _squash_tile,
-    _tl_dtype,
+from capsnet_triton.checks import (
+    check_bias,
+    check_float_tensor,
+    check_iterations,
+    check_u_hat,
+    compute_dtype,
+    interpreting,
 )
 
+from .launch import launch_options, max_tile, output, tl_dtype
+from .squash import squash_backward_tile, squash_tile
+
 __all__ = ["routing_forward", "routing_backward"]
+
+
+@triton.jit
+def _sample_layout(u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D,
+                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sample and the [BLOCK_J, BLOCK_D] offsets and mask every routing kernel uses.
+
+    Returns (sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets): the sample index
+    (int64, for the batch offset), the pointer to u_hat[sample], which parents are real
+    [BLOCK_J], which (j, d) are real [BLOCK_J, BLOCK_D], offsets into a contiguous [J, D], and
+    offsets into u_hat[sample, i] through u_hat's strides.
+    """
+    sample = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_J)
+    d = tl.arange(0, BLOCK_D)
+    j_valid = j < J
+    jd_mask = j_valid[:, None] & (d < D)[None, :]                          # [BLOCK_J, BLOCK_D]
+    jd_offsets = j[:, None] * D + d[None, :]                               # into contiguous [J, D]
+    u_jd_offsets = j[:, None] * stride_uj + d[None, :] * stride_ud         # into u_hat[b, i]
+    return sample, u_hat_ptr + sample * stride_ub, j_valid, jd_mask, jd_offsets, u_jd_offsets
+
+
+@triton.jit
+def _load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask, COMPUTE_DTYPE: tl.constexpr):
+    """The u_hat tile of inputs i [BLOCK_I] in the compute dtype, padded entries 0, and its mask,
+    both [BLOCK_I, BLOCK_J, BLOCK_D]."""
+    mask = (i < I)[:, None, None] & jd_mask[None, :, :]
+    u_hat = tl.load(u_hat_sample + i[:, None, None] * stride_ui + u_jd_offsets[None, :, :],
+                    mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    return u_hat, mask
 
 
 @triton.jit
@@ -72,7 +102,7 @@ def _v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
     v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
     for k in range(t):
         s = tl.load(s_all_ptr + (k * B + sample) * J * D + jd_offsets, mask=jd_mask, other=0.0)
-        v_sum += _squash_tile(s)
+        v_sum += squash_tile(s)
     return v_sum
 
 
@@ -96,15 +126,9 @@ def _routing_forward_kernel(
     Memory traffic per program: reads iterations * I J D elements of u_hat (+ J D of bias),
     writes (iterations + 1) J D elements.
     """
-    sample = tl.program_id(0).to(tl.int64)
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = _sample_layout(
+        u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
-    j = tl.arange(0, BLOCK_J)
-    d = tl.arange(0, BLOCK_D)
-    j_valid = j < J
-    jd_mask = j_valid[:, None] & (d < D)[None, :]                          # [BLOCK_J, BLOCK_D]
-    jd_offsets = j[:, None] * D + d[None, :]                               # into contiguous [J, D]
-    u_jd_offsets = j[:, None] * stride_uj + d[None, :] * stride_ud         # into u_hat[b, i]
-    u_hat_sample = u_hat_ptr + sample * stride_ub
     sample_offset = sample * J * D
     if HAS_BIAS:
         bias = tl.load(bias_ptr + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
@@ -114,22 +138,20 @@ def _routing_forward_kernel(
     for t in range(iterations):
         s = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            i = i_start + i_in_block
-            mask = (i < I)[:, None, None] & jd_mask[None, :, :]
-            u_hat = tl.load(u_hat_sample + i[:, None, None] * stride_ui + u_jd_offsets[None, :, :],
-                            mask=mask, other=0.0).to(COMPUTE_DTYPE)       # [BLOCK_I, BLOCK_J, BLOCK_D]
+            u_hat, _ = _load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+                                   jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             coupling = _coupling(u_hat, v_sum, j_valid)                    # [BLOCK_I, BLOCK_J]
             s += tl.sum(coupling[:, :, None] * u_hat, axis=0)
         if HAS_BIAS:
             s += bias
         tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
-        v = _squash_tile(s)
+        v = squash_tile(s)
         v_sum += v
     tl.store(v_ptr + sample_offset + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
 
 @triton.jit
-def _routing_backward_totals_kernel(
+def _routing_backward_ds_all_kernel(
     u_hat_ptr, dv_ptr, s_all_ptr, ds_all_ptr,
     B, I, J, D, iterations,
     stride_ub, stride_ui, stride_uj, stride_ud,
@@ -147,15 +169,9 @@ def _routing_backward_totals_kernel(
     Memory traffic per program: reads (iterations - 1) I J D elements of u_hat and
     O(iterations^2 J D) of s_all, writes iterations J D elements.
     """
-    sample = tl.program_id(0).to(tl.int64)
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = _sample_layout(
+        u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
-    j = tl.arange(0, BLOCK_J)
-    d = tl.arange(0, BLOCK_D)
-    j_valid = j < J
-    jd_mask = j_valid[:, None] & (d < D)[None, :]
-    jd_offsets = j[:, None] * D + d[None, :]
-    u_jd_offsets = j[:, None] * stride_uj + d[None, :] * stride_ud
-    u_hat_sample = u_hat_ptr + sample * stride_ub
     sample_offset = sample * J * D
 
     grad_v = tl.load(dv_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
@@ -164,21 +180,19 @@ def _routing_backward_totals_kernel(
         t = iterations - 1 - k                                             # 0-based, t >= 1
         offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
         s = tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0)
-        ds = _squash_backward_tile(grad_v, s)
+        ds = squash_backward_tile(grad_v, s)
         tl.store(ds_all_ptr + offsets, ds, mask=jd_mask)
         v_sum = _v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            i = i_start + i_in_block
-            mask = (i < I)[:, None, None] & jd_mask[None, :, :]
-            u_hat = tl.load(u_hat_sample + i[:, None, None] * stride_ui + u_jd_offsets[None, :, :],
-                            mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            u_hat, _ = _load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+                                   jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             coupling = _coupling(u_hat, v_sum, j_valid)
             grad_logits = _agreement_grad(u_hat, coupling, ds)             # [BLOCK_I, BLOCK_J]
             grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
         grad_v = grad_v_sum
     s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
-    tl.store(ds_all_ptr + sample_offset + jd_offsets, _squash_backward_tile(grad_v, s), mask=jd_mask)
+    tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
 
 
 @triton.jit
@@ -203,18 +217,11 @@ def _routing_backward_u_hat_kernel(
     Memory traffic per program: reads BLOCK_I J D elements of u_hat and 2 iterations J D of
     s_all and ds_all, writes BLOCK_I J D elements of du_hat.
     """
-    sample = tl.program_id(0).to(tl.int64)
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = _sample_layout(
+        u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    j = tl.arange(0, BLOCK_J)
-    d = tl.arange(0, BLOCK_D)
-    j_valid = j < J
-    jd_mask = j_valid[:, None] & (d < D)[None, :]
-    jd_offsets = j[:, None] * D + d[None, :]
-    mask = (i < I)[:, None, None] & jd_mask[None, :, :]
-
-    u_hat = tl.load(u_hat_ptr + sample * stride_ub + i[:, None, None] * stride_ui
-                    + (j[:, None] * stride_uj + d[None, :] * stride_ud)[None, :, :],
-                    mask=mask, other=0.0).to(COMPUTE_DTYPE)                # [BLOCK_I, BLOCK_J, BLOCK_D]
+    u_hat, mask = _load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask,
+                              COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
     du_hat = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
     v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)                    # V^(t)
     for t in range(iterations):
@@ -224,7 +231,7 @@ def _routing_backward_u_hat_kernel(
         du_hat += coupling[:, :, None] * ds[None, :, :]
         if AGREEMENT_GRAD:
             du_hat += _agreement_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
-        v_sum += _squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
     tl.store(du_hat_ptr + sample * I * J * D + (i * J * D)[:, None, None] + jd_offsets[None, :, :],
              du_hat.to(du_hat_ptr.dtype.element_ty), mask=mask)
 
@@ -237,14 +244,11 @@ _INTERPRETER_MAX_BLOCK_I = 2048
 _INT32_MAX = 2**31 - 1
 
 
-def _check_u_hat(u_hat):
-    u_hat = _check_float_tensor(u_hat, "u_hat")
-    if u_hat.dim() != 4:
-        raise ValueError(f"u_hat must have shape [B, I, J, D] (4 axes), got shape {tuple(u_hat.shape)}")
-    B, I, J, D = u_hat.shape
-    if min(I, J, D) < 1:
-        raise ValueError("u_hat needs at least one input capsule, parent and dimension, "
-                         f"got shape {tuple(u_hat.shape)}")
+def _u_hat_for_kernels(u_hat):
+    """u_hat, checked, as the kernels read it: through its own strides, or copied once where
+    they would overflow the kernels' int32 offsets inside a sample."""
+    check_u_hat(u_hat)
+    _, I, J, D = u_hat.shape
     # Offsets inside one sample are int32 in the kernels (the batch offset is int64).
     if I * J * D > _INT32_MAX:
         raise ValueError(f"one sample of u_hat has more than 2**31 - 1 elements: shape {tuple(u_hat.shape)}")
@@ -260,15 +264,15 @@ def _routing_launch_config(I, J, D, dtype, block_i):
     block_j = triton.next_power_of_2(J)
     block_d = triton.next_power_of_2(D)
     if block_i is None:
-        if _interpreting():
+        if interpreting():
             block_i = min(triton.next_power_of_2(I), _INTERPRETER_MAX_BLOCK_I)
         else:
             # Keep a [BLOCK_I, BLOCK_J, BLOCK_D] tile small enough to stay in registers.
-            block_i = min(triton.next_power_of_2(I), max(1, _max_tile(dtype) // (block_j * block_d)))
+            block_i = min(triton.next_power_of_2(I), max(1, max_tile(dtype) // (block_j * block_d)))
     elif isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
         raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")
-    return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, COMPUTE_DTYPE=_tl_dtype(dtype),
-                **_launch_options(block_i * block_j * block_d))
+    return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, COMPUTE_DTYPE=tl_dtype(dtype),
+                **launch_options(block_i * block_j * block_d))
 
 
 def routing_forward(u_hat, iterations, bias=None, *, block_i=None, out=None):
@@ -282,28 +286,20 @@ def routing_forward(u_hat, iterations, bias=None, *, block_i=None, out=None):
     in the compute dtype (float64 for float64 u_hat, else float32), all routing_backward needs.
     out: optional (v, s_all) of contiguous tensors of those shapes and dtypes to write into.
     """
-    u_hat = _check_u_hat(u_hat)
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    u_hat = _u_hat_for_kernels(u_hat)
+    check_iterations(iterations)
+    bias = check_bias(bias, u_hat)
     B, I, J, D = u_hat.shape
-    if bias is not None:
-        bias = _check_float_tensor(bias, "bias")
-        if bias.shape != (J, D):
-            raise ValueError(f"bias must have shape [J, D] = {(J, D)}, got {tuple(bias.shape)}")
-        if bias.device != u_hat.device:
-            raise ValueError(f"bias is on {bias.device} but u_hat is on {u_hat.device}; "
-                             "they must be on one device")
-        bias = bias.contiguous()
-    compute_dtype = _compute_dtype(u_hat.dtype)
     v_out, s_all_out = (None, None) if out is None else out
-    v = _output(v_out, (B, J, D), u_hat.dtype, u_hat.device, "out[0] (v)")
-    s_all = _output(s_all_out, (iterations, B, J, D), compute_dtype, u_hat.device, "out[1] (s_all)")
+    v = output(v_out, (B, J, D), u_hat.dtype, u_hat.device, "out[0] (v)")
+    s_all = output(s_all_out, (iterations, B, J, D), compute_dtype(u_hat.dtype), u_hat.device,
+                   "out[1] (s_all)")
     if B == 0:
         return v, s_all
     config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
     # Without a bias the kernel never reads bias_ptr; s_all stands in for the pointer.
     _routing_forward_kernel[(B,)](
-        u_hat, bias if bias is not None else s_all, v, s_all,
+        u_hat, bias.contiguous() if bias is not None else s_all, v, s_all,
         B, I, J, D, iterations, *u_hat.stride(),
         HAS_BIAS=bias is not None, **config,
     )
@@ -321,15 +317,15 @@ def routing_backward(dv, u_hat, s_all, *, agreement_grad=True, block_i=None, out
     kernel B, fully parallel over (sample, block of I), writes du_hat once.
     out: optional (du_hat, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """
-    u_hat = _check_u_hat(u_hat)
+    u_hat = _u_hat_for_kernels(u_hat)
     B, I, J, D = u_hat.shape
-    dv = _check_float_tensor(dv, "dv")
-    s_all = _check_float_tensor(s_all, "s_all")
+    check_float_tensor(dv, "dv")
+    check_float_tensor(s_all, "s_all")
     if dv.shape != (B, J, D):
         raise ValueError(f"dv must have shape [B, J, D] = {(B, J, D)}, got {tuple(dv.shape)}")
-    compute_dtype = _compute_dtype(u_hat.dtype)
-    if s_all.dim() != 4 or s_all.shape[0] < 1 or s_all.shape[1:] != (B, J, D) or s_all.dtype != compute_dtype:
-        raise ValueError(f"s_all must be routing_forward's [r, B, J, D] = [r, {B}, {J}, {D}] {compute_dtype} "
+    dtype = compute_dtype(u_hat.dtype)
+    if s_all.dim() != 4 or s_all.shape[0] < 1 or s_all.shape[1:] != (B, J, D) or s_all.dtype != dtype:
+        raise ValueError(f"s_all must be routing_forward's [r, B, J, D] = [r, {B}, {J}, {D}] {dtype} "
                          f"output, got shape {tuple(s_all.shape)} {s_all.dtype}")
     s_all = s_all.contiguous()
     for name, x in (("dv", dv), ("s_all", s_all)):
@@ -338,12 +334,12 @@ def routing_backward(dv, u_hat, s_all, *, agreement_grad=True, block_i=None, out
                              "they must be on one device")
     iterations = s_all.shape[0]
     du_hat_out, ds_all_out = (None, None) if out is None else out
-    du_hat = _output(du_hat_out, u_hat.shape, u_hat.dtype, u_hat.device, "out[0] (du_hat)")
-    ds_all = _output(ds_all_out, s_all.shape, compute_dtype, u_hat.device, "out[1] (ds_all)")
+    du_hat = output(du_hat_out, u_hat.shape, u_hat.dtype, u_hat.device, "out[0] (du_hat)")
+    ds_all = output(ds_all_out, s_all.shape, dtype, u_hat.device, "out[1] (ds_all)")
     if B == 0:
         return du_hat, ds_all
     config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
-    _routing_backward_totals_kernel[(B,)](
+    _routing_backward_ds_all_kernel[(B,)](
         u_hat, dv.contiguous(), s_all, ds_all,
         B, I, J, D, iterations, *u_hat.stride(), **config,
     )

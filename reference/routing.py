@@ -10,9 +10,15 @@ Per sample, with prediction vectors u_hat[i, j] (what input capsule i predicts f
         if t < r: b_ij += u_hat_ij . v_j       # agreement (Procedure 1, line 7)
     return v
 
-Since b starts at 0, b^(t) = u_hat . V^(t) with V^(t) = v^(1) + ... + v^(t-1): the logits are
-a function of the running sum of outputs. The forward below is written that way because it is
-how the kernels compute it and how the backward is derived.
+routing_forward is that loop, with b stored and updated. The kernels compute the same function
+without ever storing b or c, from an identity: since b starts at 0,
+
+    b^(t) = u_hat . V^(t),   V^(t) = v^(1) + ... + v^(t-1)        (v_sum, [J, D] per sample)
+
+so the running sum of the outputs is all the state routing needs, and b and c are recomputed
+from the u_hat tile in registers. routing_backward is derived with the same identity: the
+gradient reaches u_hat through s = sum_i c u_hat and through b = u_hat . V, and reaches every
+earlier output v^(t) through each later V.
 
 Gradient policies (SPEC section 3):
 - agreement_grad=True (default, as the official code): the gradient flows through every
@@ -37,11 +43,11 @@ def softmax(logits, axis):
 
 
 def routing_forward(u_hat, iterations=3, *, bias=None, agreement_grad=True):
-    """Route prediction vectors u_hat [B, I, J, D] to output capsules v [B, J, D].
+    """Route prediction vectors u_hat [B, I, J, D] to output capsules v [B, J, D] (Procedure 1).
 
     iterations: r >= 1; r = 1 is a single pass with uniform coupling c = 1/J.
     bias: optional [J, D] added to s in every iteration (the official code has one; off by default).
-    Returns (v, cache); the cache holds what routing_backward needs.
+    Returns (v, cache); the cache holds every iteration's coupling, s and v for routing_backward.
     """
     u_hat = np.asarray(u_hat)
     if u_hat.ndim != 4:
@@ -56,20 +62,20 @@ def routing_forward(u_hat, iterations=3, *, bias=None, agreement_grad=True):
         if bias.shape != (J, D):
             raise ValueError(f"bias must have shape [J, D] = {(J, D)}, got {bias.shape}")
 
-    v_sum = np.zeros((B, J, D), dtype=u_hat.dtype)                 # V^(t) = v^(1) + ... + v^(t-1)
-    couplings, v_sums, totals = [], [], []
-    for _ in range(iterations):
-        logits = np.einsum("bijd,bjd->bij", u_hat, v_sum)          # [B, I, J]   b^(t)
-        c = softmax(logits, axis=2)                                # [B, I, J]   over parents j
-        s = np.einsum("bij,bijd->bjd", c, u_hat)                   # [B, J, D]
+    logits = np.zeros((B, I, J), dtype=u_hat.dtype)                # [B, I, J]   b = 0
+    couplings, s_all, v_all = [], [], []
+    for t in range(iterations):
+        coupling = softmax(logits, axis=2)                         # [B, I, J]   c, over parents j
+        s = np.einsum("bij,bijd->bjd", coupling, u_hat)            # [B, J, D]
         if bias is not None:
             s = s + bias                                           # [B, J, D]
         v = squash_forward(s)                                      # [B, J, D]
-        couplings.append(c)
-        v_sums.append(v_sum)
-        totals.append(s)
-        v_sum = v_sum + v                                          # [B, J, D]
-    cache = dict(u_hat=u_hat, couplings=couplings, v_sums=v_sums, totals=totals,
+        if t < iterations - 1:
+            logits = logits + np.einsum("bijd,bjd->bij", u_hat, v) # [B, I, J]   b += u_hat . v
+        couplings.append(coupling)
+        s_all.append(s)
+        v_all.append(v)
+    cache = dict(u_hat=u_hat, couplings=couplings, s_all=s_all, v_all=v_all,
                  has_bias=bias is not None, agreement_grad=agreement_grad)
     return v, cache
 
@@ -77,13 +83,15 @@ def routing_forward(u_hat, iterations=3, *, bias=None, agreement_grad=True):
 def routing_backward(dv, cache):
     """du_hat [B, I, J, D] for the loss gradient dv = dL/dv [B, J, D] of the last iteration.
 
-    Walks the iterations backwards. In iteration t, with ds = squash_backward(dL/dv^(t), s^(t)):
+    Walks the iterations backwards. In iteration t, with V^(t) = v^(1) + ... + v^(t-1) and
+    ds = squash_backward(dL/dv^(t), s^(t)):
         du_hat += c ds                                  (through s = sum_i c u_hat)
         dc      = u_hat . ds                            [B, I, J]
         db      = c (dc - sum_j c dc)                   (softmax over j)
-        du_hat += db V^(t)                              (through b = u_hat . V; full policy only)
+        du_hat += db V^(t)                              (through b = u_hat . V; agreement_grad only)
         dV      = sum_i db u_hat                        [B, J, D]
-    and, because V^(t) = v^(1) + ... + v^(t-1), dV adds to dL/dv of every earlier iteration.
+    and, because v^(t-1) enters every V^(t'), t' >= t, dL/dv^(t-1) is the sum of dV over the
+    iterations from t on (grad_v_sum).
     Returns du_hat, or (du_hat, dbias) when the forward had a bias.
     """
     u_hat = cache["u_hat"]
@@ -91,22 +99,25 @@ def routing_backward(dv, cache):
     B, I, J, D = u_hat.shape
     if dv.shape != (B, J, D):
         raise ValueError(f"dv must have shape [B, J, D] = {(B, J, D)}, got {dv.shape}")
+    iterations = len(cache["s_all"])
+    # V^(t) for t = 1..r: the running sums of the outputs before each iteration.
+    v_sums = np.cumsum([np.zeros_like(dv)] + cache["v_all"][:-1], axis=0)   # [r, B, J, D]
 
     du_hat = np.zeros_like(u_hat)                                  # [B, I, J, D]
     dbias = np.zeros((J, D), dtype=u_hat.dtype)                    # [J, D]
-    dv_t = dv                                                      # dL/dv^(t), starts at the last
-    dv_later = np.zeros_like(dv)                                   # sum of dV over later iterations
-    for t in reversed(range(len(cache["totals"]))):
-        c, v_sum, s = cache["couplings"][t], cache["v_sums"][t], cache["totals"][t]
-        ds = squash_backward(dv_t, s)                              # [B, J, D]
+    grad_v = dv                                                    # dL/dv^(t), starts at the last
+    grad_v_sum = np.zeros_like(dv)                                 # sum of dV over later iterations
+    for t in reversed(range(iterations)):
+        coupling, s, v_sum = cache["couplings"][t], cache["s_all"][t], v_sums[t]
+        ds = squash_backward(grad_v, s)                            # [B, J, D]
         dbias += ds.sum(axis=0)                                    # [J, D]
-        du_hat += c[..., None] * ds[:, None, :, :]                 # [B, I, J, D]
+        du_hat += coupling[..., None] * ds[:, None, :, :]          # [B, I, J, D]
         dc = np.einsum("bijd,bjd->bij", u_hat, ds)                 # [B, I, J]
-        dlogits = c * (dc - np.sum(c * dc, axis=2, keepdims=True)) # [B, I, J]
+        dlogits = coupling * (dc - np.sum(coupling * dc, axis=2, keepdims=True))  # [B, I, J]
         if cache["agreement_grad"]:
             du_hat += dlogits[..., None] * v_sum[:, None, :, :]    # [B, I, J, D]
-        dv_later = dv_later + np.einsum("bij,bijd->bjd", dlogits, u_hat)  # [B, J, D]
-        dv_t = dv_later                                            # v^(t-1) feeds every V^(t'), t' >= t
+        grad_v_sum = grad_v_sum + np.einsum("bij,bijd->bjd", dlogits, u_hat)  # [B, J, D]
+        grad_v = grad_v_sum                                        # v^(t-1) feeds every V^(t'), t' >= t
     if cache["has_bias"]:
         return du_hat, dbias
     return du_hat

@@ -41,7 +41,7 @@ def test_kernels_compile_for_h100_without_spills(dtype):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in results}
     assert kernels == {"_squash_forward_kernel", "_squash_backward_kernel", "_routing_forward_kernel",
-                       "_routing_backward_totals_kernel", "_routing_backward_u_hat_kernel"}
+                       "_routing_backward_ds_all_kernel", "_routing_backward_u_hat_kernel"}
     for r in results:
         print(f"{dtype:9s} {r['kernel']:32s} {r['config']}: {r['registers']} registers, "
               f"{r['local_bytes']} B local, {r['stack_bytes']} B stack")
@@ -109,7 +109,7 @@ def _compile_mnist_launches(dtype_name):
     dtype = getattr(torch, dtype_name)
     launches = []
     for module, names in ((squash, ("_squash_forward_kernel", "_squash_backward_kernel")),
-                          (routing, ("_routing_forward_kernel", "_routing_backward_totals_kernel",
+                          (routing, ("_routing_forward_kernel", "_routing_backward_ds_all_kernel",
                                      "_routing_backward_u_hat_kernel"))):
         for name in names:
             setattr(module, name, _Recorder(getattr(module, name), launches))

@@ -114,7 +114,7 @@ def test_squash_rejects_bad_input():
     s = torch.ones(3, 4, device=DEVICE)
     with pytest.raises(TypeError, match="torch.Tensor"):
         squash_forward(np.ones((3, 4)))
-    with pytest.raises(ValueError, match="float16, bfloat16, float32 or float64"):
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         squash_forward(torch.ones(3, 4, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="at least one axis"):
         squash_forward(torch.tensor(1.0, device=DEVICE))

@@ -1,82 +1,25 @@
-"""The PyTorch face of squash and dynamic routing: differentiable, dispatching, compile-friendly.
+"""dynamic_routing (paper Procedure 1) for torch tensors: the PyTorch path, the custom ops, the
+public function.
 
-`squash` and `dynamic_routing` validate their input, then call torch.library custom ops
-(`capsnet_triton::*`), so `torch.compile(..., fullgraph=True)` traces through them as single
-nodes. Each op has two implementations, chosen by `backend`:
-
-- "triton": the fused kernels of `capsnet_triton.kernels` (CUDA tensors; CPU tensors only when
-  TRITON_INTERPRET=1 was set before triton was imported);
-- "torch": a PyTorch path written for CPUs, with the same memory plan as the kernels: the forward
-  saves only the per-iteration s ([r, B, J, D]); the backward recomputes the couplings from u_hat.
-  Every contraction over capsule dims is one batched matrix product against a block-diagonal
-  matrix built from a [B, J, D] tensor, so no temporary is ever as large as u_hat.
-
-`backend=None` picks "triton" for CUDA tensors and "torch" otherwise.
+The PyTorch path is written for CPUs, with the kernels' memory plan: the forward saves only the
+per-iteration s (s_all, [r, B, J, D]); the backward recomputes the couplings from u_hat. Every
+contraction over capsule dims is one batched matrix product against a block-diagonal matrix
+built from a [B, J, D] tensor, so no temporary is ever as large as u_hat.
 """
 
-import os
 from typing import Optional
 
 import torch
 
-__all__ = ["squash", "dynamic_routing", "BACKENDS"]
+from ..checks import check_bias, check_iterations, check_u_hat, compute_dtype, pick_backend
+from .squash import squash_backward_torch, squash_forward_torch
 
-BACKENDS = ("torch", "triton")
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(dtype):
-    """Half and bfloat16 inputs are computed in float32; float32 and float64 in themselves."""
-    return torch.float32 if dtype in _HALF else dtype
+__all__ = ["dynamic_routing"]
 
 
 # ---------------------------------------------------------------------------------------------
 # The PyTorch path
 # ---------------------------------------------------------------------------------------------
-
-def _norm_and_direction(s):
-    """|s| (keepdim) and s / |s| (0 where s = 0) over the last axis, free of overflow and
-    underflow: the norm is taken of s / max|s| (see reference/squash.py)."""
-    scale = s.abs().amax(dim=-1, keepdim=True)
-    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    t = s / safe_scale
-    t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    direction = t / torch.where(t_norm > 0, t_norm, torch.ones_like(t_norm))
-    return scale * t_norm, direction
-
-
-def _f_and_g(n):
-    """f(n) = n / (1 + n^2) and g(n) = n f'(n) = n (1 - n^2) / (1 + n^2)^2, written with 1/n for
-    n >= 1 so that n^2 never overflows."""
-    small, inv, large = _branches(n)
-    f = torch.where(large, inv / (1.0 + inv * inv), small / (1.0 + small * small))
-    g = torch.where(large, inv * (inv * inv - 1.0) / (1.0 + inv * inv) ** 2,
-                    small * (1.0 - small * small) / (1.0 + small * small) ** 2)
-    return f, g
-
-
-def _branches(n):
-    """n clamped to [0, 1], 1/n clamped to (0, 1], and the mask n >= 1 that picks between them."""
-    return n.clamp(max=1.0), 1.0 / n.clamp(min=1.0), n >= 1.0
-
-
-def _squash_forward_torch(s):
-    """v = |v| s/|s| with |v| = n^2 / (1 + n^2) (Eq. 1 as the paper writes it)."""
-    x = s.to(_compute_dtype(s.dtype))
-    n, direction = _norm_and_direction(x)
-    small, inv, large = _branches(n)
-    length = torch.where(large, 1.0 / (1.0 + inv * inv), small * small / (1.0 + small * small))
-    return (length * direction).to(s.dtype)
-
-
-def _squash_backward_torch(dv, s):
-    x = s.to(_compute_dtype(s.dtype))
-    n, direction = _norm_and_direction(x)
-    f, g = _f_and_g(n)
-    dv = dv.to(x.dtype)
-    radial = (direction * dv).sum(dim=-1, keepdim=True)
-    return (f * dv + g * radial * direction).to(s.dtype)
-
 
 def _block_diagonal(x):
     """[B, T, J, D] -> [B, T*J, J*D] with row (t, j) holding x[b, t, j] in columns j*D .. j*D+D-1.
@@ -113,7 +56,7 @@ def _as_rows(u_hat):
     """u_hat [B, I, J, D] in the compute dtype, viewed as [B, I, J*D] (a copy only when u_hat is
     half precision or its J and D axes cannot be merged)."""
     B, I, J, D = u_hat.shape
-    return u_hat.to(_compute_dtype(u_hat.dtype)).reshape(B, I, J * D)
+    return u_hat.to(compute_dtype(u_hat.dtype)).reshape(B, I, J * D)
 
 
 def _routing_forward_torch(u_hat, iterations, bias):
@@ -130,7 +73,7 @@ def _routing_forward_torch(u_hat, iterations, bias):
         if bias is not None:
             s = s + bias.to(s.dtype)
         s_all[t] = s
-        v = _squash_forward_torch(s)
+        v = squash_forward_torch(s)
         v_sum = v if v_sum is None else v_sum + v
     return v.to(u_hat.dtype), s_all
 
@@ -138,7 +81,7 @@ def _routing_forward_torch(u_hat, iterations, bias):
 def _routing_backward_torch(dv, u_hat, s_all, agreement_grad):
     r, B, J, D = s_all.shape
     u3 = _as_rows(u_hat)
-    v_all = _squash_forward_torch(s_all)                           # [r, B, J, D]
+    v_all = squash_forward_torch(s_all)                           # [r, B, J, D]
     v_sums = (torch.cumsum(v_all, dim=0) - v_all).transpose(0, 1)  # [B, r, J, D], V^(t)
     # The couplings of iterations 2..r, recomputed in one product (the first is uniform).
     couplings = _coupling(_agreement(u3, v_sums[:, 1:])) if r > 1 else None
@@ -147,7 +90,7 @@ def _routing_backward_torch(dv, u_hat, s_all, agreement_grad):
     grad_v = dv.to(s_all.dtype)                                    # dL/dv^(t)
     grad_v_sum = torch.zeros_like(grad_v)                          # sum of dV over later t
     for t in reversed(range(r)):
-        ds = _squash_backward_torch(grad_v, s_all[t])              # [B, J, D]
+        ds = squash_backward_torch(grad_v, s_all[t])              # [B, J, D]
         ds_all[t] = ds
         if t == 0:
             break                                                  # V^(1) = 0: no agreement
@@ -174,56 +117,13 @@ def _routing_backward_torch(dv, u_hat, s_all, agreement_grad):
 # Custom ops: one schema, two implementations chosen by `backend`
 # ---------------------------------------------------------------------------------------------
 
-def _kernels():
-    from capsnet_triton.kernels import routing, squash as squash_kernels
-    return routing, squash_kernels
-
-
-@torch.library.custom_op("capsnet_triton::squash_forward", mutates_args=())
-def _squash_forward_op(s: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return _kernels()[1].squash_forward(s)
-    return _squash_forward_torch(s)
-
-
-@torch.library.custom_op("capsnet_triton::squash_backward", mutates_args=())
-def _squash_backward_op(dv: torch.Tensor, s: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return _kernels()[1].squash_backward(dv, s)
-    return _squash_backward_torch(dv, s)
-
-
-@_squash_forward_op.register_fake
-def _(s, backend):
-    return torch.empty_like(s)
-
-
-@_squash_backward_op.register_fake
-def _(dv, s, backend):
-    return torch.empty_like(s)
-
-
-def _squash_setup_context(ctx, inputs, output):
-    s, backend = inputs
-    ctx.save_for_backward(s)
-    ctx.backend = backend
-
-
-def _squash_backward_rule(ctx, dv):
-    (s,) = ctx.saved_tensors
-    return _squash_backward_op(dv.contiguous(), s, ctx.backend), None
-
-
-_squash_forward_op.register_autograd(_squash_backward_rule, setup_context=_squash_setup_context)
-
-
 @torch.library.custom_op("capsnet_triton::routing_forward", mutates_args=())
 def _routing_forward_op(u_hat: torch.Tensor, iterations: int, bias: Optional[torch.Tensor],
                         agreement_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     # agreement_grad is unused here; it is an input so that the backward rule can read it.
     if backend == "triton":
-        v, s_all = _kernels()[0].routing_forward(u_hat, iterations, bias)
-        return v, s_all
+        from capsnet_triton.kernels import routing_forward
+        return routing_forward(u_hat, iterations, bias)
     return _routing_forward_torch(u_hat, iterations, bias)
 
 
@@ -231,7 +131,8 @@ def _routing_forward_op(u_hat: torch.Tensor, iterations: int, bias: Optional[tor
 def _routing_backward_op(dv: torch.Tensor, u_hat: torch.Tensor, s_all: torch.Tensor,
                          agreement_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _kernels()[0].routing_backward(dv, u_hat, s_all, agreement_grad=agreement_grad)
+        from capsnet_triton.kernels import routing_backward
+        return routing_backward(dv, u_hat, s_all, agreement_grad=agreement_grad)
     return _routing_backward_torch(dv, u_hat, s_all, agreement_grad)
 
 
@@ -239,7 +140,7 @@ def _routing_backward_op(dv: torch.Tensor, u_hat: torch.Tensor, s_all: torch.Ten
 def _(u_hat, iterations, bias, agreement_grad, backend):
     B, _, J, D = u_hat.shape
     v = u_hat.new_empty((B, J, D))
-    return v, u_hat.new_empty((iterations, B, J, D), dtype=_compute_dtype(u_hat.dtype))
+    return v, u_hat.new_empty((iterations, B, J, D), dtype=compute_dtype(u_hat.dtype))
 
 
 @_routing_backward_op.register_fake
@@ -248,7 +149,7 @@ def _(dv, u_hat, s_all, agreement_grad, backend):
     return u_hat.new_empty(u_hat.shape), torch.empty_like(s_all)
 
 
-def _routing_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     u_hat, _, bias, agreement_grad, backend = inputs
     _, s_all = output
     ctx.save_for_backward(u_hat, s_all)
@@ -257,7 +158,7 @@ def _routing_setup_context(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _routing_backward_rule(ctx, dv, _ds_all_unused):
+def _backward(ctx, dv, _ds_all_unused):
     u_hat, s_all = ctx.saved_tensors
     du_hat, ds_all = _routing_backward_op(dv.contiguous(), u_hat, s_all, ctx.agreement_grad,
                                           ctx.backend)
@@ -265,46 +166,12 @@ def _routing_backward_rule(ctx, dv, _ds_all_unused):
     return du_hat, None, dbias, None, None
 
 
-_routing_forward_op.register_autograd(_routing_backward_rule, setup_context=_routing_setup_context)
+_routing_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# Public functions
+# The public function
 # ---------------------------------------------------------------------------------------------
-
-def _pick_backend(backend, tensor):
-    if backend is None:
-        return "triton" if tensor.is_cuda else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
-    if backend == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}), or Triton's "
-            "interpreter for CPU tensors: set TRITON_INTERPRET=1 before triton is first imported")
-    return backend
-
-
-def _check_floating(x, name):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32 or float64), "
-                        f"got {x.dtype}")
-
-
-def squash(s, dim=-1, *, backend=None):
-    """Squash (paper Eq. 1) over `dim`: v = s |s| / (1 + |s|^2).
-
-    Exact (no epsilon), 0 -> 0 with gradient exactly 0, overflow-safe. Half and bfloat16 inputs
-    are computed in float32 and returned in their own dtype.
-    """
-    _check_floating(s, "s")
-    if s.dim() == 0:
-        raise ValueError("s must have at least one axis (the capsule dimension), got a scalar")
-    backend = _pick_backend(backend, s)
-    moved = s.movedim(dim, -1)
-    return _squash_forward_op(moved.contiguous(), backend).movedim(-1, dim)
-
 
 def dynamic_routing(u_hat, iterations=3, *, backend=None, bias=None, agreement_grad=True):
     """Routing by agreement (paper Procedure 1) from prediction vectors to output capsules.
@@ -318,19 +185,9 @@ def dynamic_routing(u_hat, iterations=3, *, backend=None, bias=None, agreement_g
         through s = sum_i c_ij u_hat_ij of each iteration.
     Returns v [B, J, D] in u_hat's dtype (half precision is accumulated in float32).
     """
-    _check_floating(u_hat, "u_hat")
-    if u_hat.dim() != 4:
-        raise ValueError(f"u_hat must have shape [B, I, J, D] (4 axes), got shape {tuple(u_hat.shape)}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    if bias is not None:
-        _check_floating(bias, "bias")
-        if tuple(bias.shape) != tuple(u_hat.shape[2:]):
-            raise ValueError(f"bias must have shape [J, D] = {tuple(u_hat.shape[2:])}, "
-                             f"got {tuple(bias.shape)}")
-        if bias.device != u_hat.device:
-            raise ValueError(f"bias is on device {bias.device} but u_hat is on device {u_hat.device}; "
-                             "they must be on the same device")
-    backend = _pick_backend(backend, u_hat)
+    check_u_hat(u_hat)
+    check_iterations(iterations)
+    check_bias(bias, u_hat)
+    backend = pick_backend(backend, u_hat)
     v, _ = _routing_forward_op(u_hat, iterations, bias, bool(agreement_grad), backend)
     return v

@@ -1,0 +1,88 @@
+"""Input checks shared by the public ops (capsnet_triton.ops) and the kernel launchers
+(capsnet_triton.kernels), so that a mistake gets the same exception and message wherever it is
+made: TypeError for a wrong type or dtype, ValueError for a wrong shape or value.
+
+Imports torch only (never triton), so that the ops' CPU path works where triton is absent.
+"""
+
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "interpreting", "check_float_tensor",
+           "check_capsules", "check_u_hat", "check_iterations", "check_bias", "pick_backend"]
+
+BACKENDS = ("torch", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(dtype):
+    """float64 is computed in float64; float32, float16 and bfloat16 in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def interpreting():
+    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_float_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating-point dtype (float16, bfloat16, float32 or "
+                        f"float64), got {x.dtype}")
+    return x
+
+
+def check_capsules(s, name):
+    """s [..., D]: a float tensor whose last axis holds the capsules' dimensions."""
+    check_float_tensor(s, name)
+    if s.dim() < 1:
+        raise ValueError(f"{name} must have at least one axis (the capsule dimension), got a scalar")
+    return s
+
+
+def check_u_hat(u_hat):
+    """u_hat [B, I, J, D], a float tensor with at least one input capsule, parent and dimension."""
+    check_float_tensor(u_hat, "u_hat")
+    if u_hat.dim() != 4:
+        raise ValueError(f"u_hat must have shape [B, I, J, D] (4 axes), got shape {tuple(u_hat.shape)}")
+    if min(u_hat.shape[1:]) < 1:
+        raise ValueError("u_hat needs at least one input capsule, parent and dimension, "
+                         f"got shape {tuple(u_hat.shape)}")
+    return u_hat
+
+
+def check_iterations(iterations):
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    return iterations
+
+
+def check_bias(bias, u_hat):
+    """bias [J, D] on u_hat's device, or None."""
+    if bias is None:
+        return None
+    check_float_tensor(bias, "bias")
+    if tuple(bias.shape) != tuple(u_hat.shape[2:]):
+        raise ValueError(f"bias must have shape [J, D] = {tuple(u_hat.shape[2:])}, got {tuple(bias.shape)}")
+    if bias.device != u_hat.device:
+        raise ValueError(f"bias is on {bias.device} but u_hat is on {u_hat.device}; "
+                         "they must be on one device")
+    return bias
+
+
+def pick_backend(backend, tensor):
+    """backend None -> "triton" for CUDA tensors, "torch" otherwise; a forced "triton" on CPU
+    tensors needs the interpreter (on a machine with CUDA, Triton would otherwise fail on the
+    CPU pointer with an obscure message)."""
+    if backend is None:
+        return "triton" if tensor.is_cuda else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" and not tensor.is_cuda and not interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}), or Triton's "
+            "interpreter for CPU tensors: set TRITON_INTERPRET=1 before triton is first imported")
+    return backend

@@ -1,0 +1,20 @@
+"""The PyTorch face of the CapsNet ops: differentiable, dispatching, compile-friendly.
+
+One file per op, each holding, in order, the op's PyTorch path, its torch.library custom-op
+registration (`capsnet_triton::*`, fake and autograd rules) and its public function, which
+validates its input (with capsnet_triton.checks) and calls the custom op, so that
+`torch.compile(..., fullgraph=True)` traces through it as a single node. Each op has two
+implementations, chosen by `backend`:
+
+- "triton": the fused kernels of `capsnet_triton.kernels` (CUDA tensors; CPU tensors only when
+  TRITON_INTERPRET=1 was set before triton was imported);
+- "torch": a PyTorch path written for CPUs, with the kernels' memory plan.
+
+`backend=None` picks "triton" for CUDA tensors and "torch" otherwise.
+"""
+
+from ..checks import BACKENDS
+from .routing import dynamic_routing
+from .squash import squash
+
+__all__ = ["squash", "dynamic_routing", "BACKENDS"]

@@ -1,0 +1,121 @@
+"""squash (paper Eq. 1) for torch tensors: the PyTorch path, the custom ops, the public function.
+
+The PyTorch path computes in float32 for half-precision inputs and follows SPEC section 2's
+numerics like the reference: no epsilon, 0 -> 0 with gradient 0, no overflow (the norm is taken
+of s / max|s|, and every function of n = |s| is written with 1/n for n >= 1).
+"""
+
+import torch
+
+from ..checks import check_capsules, compute_dtype, pick_backend
+
+__all__ = ["squash", "squash_forward_torch", "squash_backward_torch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch path
+# ---------------------------------------------------------------------------------------------
+
+def _norm_and_direction(s):
+    """|s| (keepdim) and s / |s| (0 where s = 0) over the last axis, free of overflow and
+    underflow: the norm is taken of s / max|s| (see reference/squash.py)."""
+    scale = s.abs().amax(dim=-1, keepdim=True)
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    t = s / safe_scale
+    t_norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    direction = t / torch.where(t_norm > 0, t_norm, torch.ones_like(t_norm))
+    return scale * t_norm, direction
+
+
+def _branches(n):
+    """n clamped to [0, 1], 1/n clamped to (0, 1], and the mask n >= 1 that picks between them."""
+    return n.clamp(max=1.0), 1.0 / n.clamp(min=1.0), n >= 1.0
+
+
+def _f_and_g(n):
+    """f(n) = n / (1 + n^2) and g(n) = n f'(n) = n (1 - n^2) / (1 + n^2)^2, written with 1/n for
+    n >= 1 so that n^2 never overflows."""
+    small, inv, large = _branches(n)
+    f = torch.where(large, inv / (1.0 + inv * inv), small / (1.0 + small * small))
+    g = torch.where(large, inv * (inv * inv - 1.0) / (1.0 + inv * inv) ** 2,
+                    small * (1.0 - small * small) / (1.0 + small * small) ** 2)
+    return f, g
+
+
+def squash_forward_torch(s):
+    """v = |v| s/|s| with |v| = n^2 / (1 + n^2) (Eq. 1 as the paper writes it), over the last axis."""
+    x = s.to(compute_dtype(s.dtype))
+    n, direction = _norm_and_direction(x)
+    small, inv, large = _branches(n)
+    length = torch.where(large, 1.0 / (1.0 + inv * inv), small * small / (1.0 + small * small))
+    return (length * direction).to(s.dtype)
+
+
+def squash_backward_torch(dv, s):
+    """ds = f(n) dv + g(n) (s_hat . dv) s_hat, over the last axis, in s's dtype."""
+    x = s.to(compute_dtype(s.dtype))
+    n, direction = _norm_and_direction(x)
+    f, g = _f_and_g(n)
+    dv = dv.to(x.dtype)
+    radial = (direction * dv).sum(dim=-1, keepdim=True)
+    return (f * dv + g * radial * direction).to(s.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: one schema, two implementations chosen by `backend`
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("capsnet_triton::squash_forward", mutates_args=())
+def _squash_forward_op(s: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from capsnet_triton.kernels import squash_forward
+        return squash_forward(s)
+    return squash_forward_torch(s)
+
+
+@torch.library.custom_op("capsnet_triton::squash_backward", mutates_args=())
+def _squash_backward_op(dv: torch.Tensor, s: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from capsnet_triton.kernels import squash_backward
+        return squash_backward(dv, s)
+    return squash_backward_torch(dv, s)
+
+
+@_squash_forward_op.register_fake
+def _(s, backend):
+    return torch.empty_like(s)
+
+
+@_squash_backward_op.register_fake
+def _(dv, s, backend):
+    return torch.empty_like(s)
+
+
+def _setup_context(ctx, inputs, output):
+    s, backend = inputs
+    ctx.save_for_backward(s)
+    ctx.backend = backend
+
+
+def _backward(ctx, dv):
+    (s,) = ctx.saved_tensors
+    return _squash_backward_op(dv.contiguous(), s, ctx.backend), None
+
+
+_squash_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public function
+# ---------------------------------------------------------------------------------------------
+
+def squash(s, dim=-1, *, backend=None):
+    """Squash (paper Eq. 1) over `dim`: v = s |s| / (1 + |s|^2).
+
+    Exact (no epsilon), 0 -> 0 with gradient exactly 0, overflow-safe. Half and bfloat16 inputs
+    are computed in float32 and returned in their own dtype.
+    """
+    check_capsules(s, "s")
+    backend = pick_backend(backend, s)
+    moved = s.movedim(dim, -1)
+    return _squash_forward_op(moved.contiguous(), backend).movedim(-1, dim)

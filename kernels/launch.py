@@ -1,0 +1,50 @@
+"""Launch helpers shared by the kernel launchers of squash.py and routing.py: output buffers,
+tile budgets, launch options, and the Triton dtype a kernel computes in.
+"""
+
+import torch
+import triton.language as tl
+
+from capsnet_triton.checks import compute_dtype, interpreting
+
+__all__ = ["tl_dtype", "output", "max_tile", "launch_options"]
+
+# The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
+# temporaries in registers without spilling (float64 division and sqrt take many more registers
+# per value, see tests/test_kernels_compile.py).
+_GPU_TILE = {torch.float32: 4096, torch.float64: 1024}
+# The interpreter pays per program and loop iteration, not per element: it takes far larger tiles.
+_INTERPRETER_TILE = 1 << 16
+
+
+def tl_dtype(dtype):
+    """The Triton dtype a kernel computes in for inputs of torch `dtype`."""
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+
+
+def output(out, shape, dtype, device, name):
+    """A new tensor for a kernel to fill, or the caller's `out` once it is checked to fit."""
+    shape = torch.Size(shape)
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if (not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != dtype
+            or out.device != device or not out.is_contiguous()):
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} "
+                         f"on {device}, got {got}")
+    return out
+
+
+def max_tile(dtype):
+    """The most elements a kernel tile may hold for inputs of `dtype`."""
+    if interpreting():
+        return _INTERPRETER_TILE
+    return _GPU_TILE[compute_dtype(dtype)]
+
+
+def launch_options(tile_elements):
+    """num_warps for a tile of this many elements (16 values a thread at the GPU tile limit), and FMA
+    contraction asked for explicitly, so that the numerics do not change when a Triton release
+    flips its default."""
+    return dict(num_warps=4 if tile_elements <= 2048 else 8, enable_fp_fusion=True)
