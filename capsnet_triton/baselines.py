@@ -15,11 +15,9 @@ autograd keeps every iteration's c and b, and the products' operands.
 
 import torch
 
-__all__ = ["squash", "predict", "routing", "einsum_predict", "einsum_routing", "GRADIENT_POLICIES"]
+from .reference.routing import GRADIENT_POLICIES, check_gradient
 
-# SPEC section 3: "full" lets the gradient flow through every iteration; "last" detaches u_hat
-# in iterations 1..r-1, so that it reaches u_hat only through the last iteration's s.
-GRADIENT_POLICIES = ("full", "last")
+__all__ = ["squash", "predict", "routing", "einsum_predict", "einsum_routing", "GRADIENT_POLICIES"]
 
 
 def squash(s):
@@ -36,11 +34,11 @@ def predict(u, W):
     return (W.unsqueeze(0) @ u[:, :, None, :, None]).squeeze(-1)           # [B, I, J, D]
 
 
-def _early(u_hat, gradient):
-    """u_hat as the iterations before the last see it under the gradient policy."""
-    if gradient not in GRADIENT_POLICIES:
-        raise ValueError(f"gradient must be one of {GRADIENT_POLICIES}, got {gradient!r}")
-    return u_hat.detach() if gradient == "last" else u_hat
+def _early(x, gradient):
+    """u_hat or the bias as the iterations before the last see it under the gradient policy of
+    SPEC section 3: "full" lets the gradient flow through every iteration; "last" detaches them
+    in iterations 1..r-1, so that the coupling c^(r) is a constant."""
+    return x.detach() if check_gradient(gradient) == "last" and x is not None else x
 
 
 def routing(u_hat, iterations=3, *, bias=None, gradient="full"):
@@ -49,14 +47,14 @@ def routing(u_hat, iterations=3, *, bias=None, gradient="full"):
     Each iteration but the last writes two temporaries of u_hat's size (c * u_hat, u_hat * v),
     reads u_hat twice, and autograd keeps them. bias: optional [J, D] added to every s.
     """
-    early = _early(u_hat, gradient)
+    early, early_bias = _early(u_hat, gradient), _early(bias, gradient)
     b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype, device=u_hat.device)   # [B, I, J]
     for t in range(iterations):
-        seen = u_hat if t == iterations - 1 else early
+        seen, seen_bias = (u_hat, bias) if t == iterations - 1 else (early, early_bias)
         c = torch.softmax(b, dim=2)                                        # [B, I, J], over parents
         s = (c.unsqueeze(-1) * seen).sum(dim=1)                            # [B, J, D]
         if bias is not None:
-            s = s + bias
+            s = s + seen_bias
         v = squash(s)                                                      # [B, J, D]
         if t < iterations - 1:
             b = b + (seen * v.unsqueeze(1)).sum(dim=-1)                    # [B, I, J]
@@ -72,14 +70,14 @@ def einsum_routing(u_hat, iterations=3, *, bias=None, gradient="full"):
     """Procedure 1 as a careful eager implementation writes it: each contraction one einsum, no
     explicit product of u_hat's size (torch may still copy u_hat to lay out a contraction), and
     autograd keeps every iteration's c and b."""
-    early = _early(u_hat, gradient)
+    early, early_bias = _early(u_hat, gradient), _early(bias, gradient)
     b = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype, device=u_hat.device)   # [B, I, J]
     for t in range(iterations):
-        seen = u_hat if t == iterations - 1 else early
+        seen, seen_bias = (u_hat, bias) if t == iterations - 1 else (early, early_bias)
         c = torch.softmax(b, dim=2)                                        # [B, I, J], over parents
         s = torch.einsum("bij,bijd->bjd", c, seen)                         # [B, J, D]
         if bias is not None:
-            s = s + bias
+            s = s + seen_bias
         v = squash(s)                                                      # [B, J, D]
         if t < iterations - 1:
             b = b + torch.einsum("bijd,bjd->bij", seen, v)                 # [B, I, J]

@@ -2,15 +2,19 @@
 (capsnet_triton.kernels), so that a mistake gets the same exception and message wherever it is
 made: TypeError for a wrong type or dtype, ValueError for a wrong shape or value.
 
-Imports torch only (never triton), so that the ops' CPU path works where triton is absent.
+Imports torch and the NumPy reference only (never triton), so that the ops' CPU path works where
+triton is absent. The gradient policies are the reference's (SPEC section 3).
 """
 
 import os
 
 import torch
 
+from capsnet_triton.reference.routing import GRADIENT_POLICIES, check_gradient
+
 __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "interpreting", "check_float_tensor",
-           "check_capsules", "check_u_hat", "check_iterations", "check_bias", "pick_backend"]
+           "check_capsules", "check_u_hat", "check_iterations", "check_bias", "pick_backend",
+           "GRADIENT_POLICIES", "check_gradient"]
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -35,16 +39,20 @@ def check_float_tensor(x, name):
     return x
 
 
-def check_capsules(s, name):
-    """s [..., D]: a float tensor whose last axis holds the capsules' dimensions."""
+def check_capsules(s, name, dim=-1):
+    """s: a float tensor whose axis `dim` holds the capsules' D >= 1 dimensions (any other axis
+    may be empty: no capsules, an empty result)."""
     check_float_tensor(s, name)
     if s.dim() < 1:
         raise ValueError(f"{name} must have at least one axis (the capsule dimension), got a scalar")
+    if s.shape[dim] == 0:
+        raise ValueError(f"{name} has capsules of 0 dimensions (axis {dim} of shape {tuple(s.shape)} is empty)")
     return s
 
 
 def check_u_hat(u_hat):
-    """u_hat [B, I, J, D], a float tensor with at least one input capsule, parent and dimension."""
+    """u_hat [B, I, J, D], a float tensor with at least one input capsule, parent and dimension
+    (B = 0, an empty batch, gives empty results)."""
     check_float_tensor(u_hat, "u_hat")
     if u_hat.dim() != 4:
         raise ValueError(f"u_hat must have shape [B, I, J, D] (4 axes), got shape {tuple(u_hat.shape)}")

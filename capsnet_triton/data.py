@@ -1,5 +1,9 @@
 """MNIST and Fashion-MNIST as in-memory tensors: finding, downloading, splitting, augmenting.
 
+Each dataset is one entry of DATASETS (a `DatasetSpec`): its image shape, number of classes,
+loader and files. Training, evaluation and `model.build_model` read the shape, the classes and
+the dataset choices from there, so a new dataset is a new entry.
+
 The whole dataset fits in memory (60,000 x 28 x 28 bytes = 47 MB), so it is held as one uint8
 tensor on the training device and every batch is a single indexing operation; there is no
 per-sample Python and no DataLoader.
@@ -24,7 +28,7 @@ import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -33,8 +37,8 @@ import torch.nn.functional as F
 from .reference.mnist import find_idx, load_mnist
 
 __all__ = [
-    "DATASETS", "DatasetSource", "IdxFile", "Split", "DownloadError",
-    "find_split_dir", "load_split", "download", "validation_split", "epoch_order",
+    "DATASETS", "DatasetSpec", "IdxFile", "Split", "DownloadError", "dataset_spec",
+    "find_split_dir", "load_split", "load_idx_split", "download", "validation_split", "epoch_order",
     "shift_generator", "derive_seed", "random_shift", "to_float", "default_permissions",
 ]
 
@@ -53,10 +57,17 @@ class IdxFile:
 
 
 @dataclass(frozen=True)
-class DatasetSource:
-    """Where a dataset comes from and how its files are laid out."""
+class DatasetSpec:
+    """A dataset: what its examples look like, how to load a split, and where its files come from.
+
+    loader(spec, directory, train) -> Split reads one split from `directory`; `load_split`
+    checks that its images have image_shape.
+    """
 
     name: str
+    image_shape: tuple           # (channels, height, width) of one example
+    num_classes: int
+    loader: Callable
     folder: str                  # torchvision's class name, the folder above `raw/`
     mirrors: tuple
     files: tuple                 # IdxFile: train images, train labels, test images, test labels
@@ -66,9 +77,18 @@ class DatasetSource:
         return self.files[0:2] if train else self.files[2:4]
 
 
+def load_idx_split(spec, directory, train):
+    """The loader of MNIST-format datasets: a split's IDX pair from `find_split_dir`."""
+    images, labels = load_mnist(find_split_dir(directory, spec.name, train), train=train)
+    return Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long())
+
+
 DATASETS = {
-    "mnist": DatasetSource(
+    "mnist": DatasetSpec(
         name="mnist",
+        image_shape=(1, 28, 28),
+        num_classes=10,
+        loader=load_idx_split,
         folder="MNIST",
         mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
         # MD5 of the decompressed files: mirrors serve byte-different gzips of the same data.
@@ -79,8 +99,11 @@ DATASETS = {
             IdxFile("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
         ),
     ),
-    "fashion-mnist": DatasetSource(
+    "fashion-mnist": DatasetSpec(
         name="fashion-mnist",
+        image_shape=(1, 28, 28),
+        num_classes=10,
+        loader=load_idx_split,
         folder="FashionMNIST",
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         # The MD5s torchvision publishes (torchvision/datasets/mnist.py), which are of the .gz files.
@@ -95,7 +118,7 @@ DATASETS = {
 
 
 class Split(NamedTuple):
-    """A dataset split in memory: images uint8 [N, 1, H, W] and labels int64 [N]."""
+    """A dataset split in memory: images uint8 [N, C, H, W] and labels int64 [N]."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -115,15 +138,16 @@ class DownloadError(OSError):
     """No mirror delivered a file that passed its checksum."""
 
 
-def _source(dataset):
+def dataset_spec(dataset):
+    """The DATASETS entry named `dataset`; ValueError naming the choices for any other name."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[dataset]
 
 
-def _candidate_dirs(directory, source):
+def _candidate_dirs(directory, spec):
     # torchvision's layout first: it is the only one that tells MNIST and Fashion-MNIST apart.
-    return [os.path.join(directory, source.folder, "raw"), os.path.join(directory, "raw"), directory]
+    return [os.path.join(directory, spec.folder, "raw"), os.path.join(directory, "raw"), directory]
 
 
 def find_split_dir(directory, dataset="mnist", train=True):
@@ -133,12 +157,12 @@ def find_split_dir(directory, dataset="mnist", train=True):
     that order, and returns the first that holds both; each file may be gzipped or not. Raises
     FileNotFoundError naming what is missing.
     """
-    source = _source(dataset)
+    spec = dataset_spec(dataset)
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"data directory not found: {directory}")
-    stems = [f.stem for f in source.split_files(train)]
-    candidates = _candidate_dirs(directory, source)
+    stems = [f.stem for f in spec.split_files(train)]
+    candidates = _candidate_dirs(directory, spec)
     found = {candidate: [find_idx(candidate, stem) is not None for stem in stems] for candidate in candidates}
     for candidate in candidates:
         if all(found[candidate]):
@@ -149,19 +173,24 @@ def find_split_dir(directory, dataset="mnist", train=True):
             missing = stems[found[candidate].index(False)]
             raise FileNotFoundError(f"{missing}(.gz) is missing from {candidate} (its companion file is there)")
     raise FileNotFoundError(
-        f"{source.name} {'training' if train else 'test'} files ({' and '.join(s + '(.gz)' for s in stems)}) "
+        f"{spec.name} {'training' if train else 'test'} files ({' and '.join(s + '(.gz)' for s in stems)}) "
         f"not found in any of: {', '.join(candidates)}; pass --download to fetch them"
     )
 
 
 def load_split(directory, dataset="mnist", train=True):
-    """Load the training (60,000) or test (10,000) split of `dataset` from `directory` into memory.
+    """Load the training or test split of `dataset` from `directory` into memory.
 
-    Returns a `Split` (images uint8 [N, 1, 28, 28], labels int64 [N]). Corrupt or truncated
-    files raise ValueError naming the file and the problem (see `reference.mnist.read_idx`).
+    Returns a `Split` (images uint8 [N, *image_shape], labels int64 [N]), by the entry's loader.
+    Corrupt or truncated files raise ValueError naming the file and the problem (see
+    `reference.mnist.read_idx`); images of another shape than the entry's raise ValueError.
     """
-    images, labels = load_mnist(find_split_dir(directory, dataset, train), train=train)
-    return Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long())
+    spec = dataset_spec(dataset)
+    split = spec.loader(spec, directory, train)
+    if tuple(split.images.shape[1:]) != tuple(spec.image_shape):
+        raise ValueError(f"{spec.name} images in {directory} have shape {list(split.images.shape[1:])}, "
+                         f"expected {list(spec.image_shape)}")
+    return split
 
 
 def _md5(path, digest_of):
@@ -193,10 +222,10 @@ def download(directory, dataset="mnist", *, mirrors=None, progress=print):
     mirrors: base URLs to use instead of the canonical ones (any scheme urllib opens, file:// too).
     Returns the folder the files are in.
     """
-    source = _source(dataset)
-    target = os.path.join(os.fspath(directory), source.folder, "raw")
+    spec = dataset_spec(dataset)
+    target = os.path.join(os.fspath(directory), spec.folder, "raw")
     os.makedirs(target, exist_ok=True)
-    for idx_file in source.files:
+    for idx_file in spec.files:
         name = idx_file.stem + ".gz"
         final = os.path.join(target, name)
         failures = []
@@ -206,7 +235,7 @@ def download(directory, dataset="mnist", *, mirrors=None, progress=print):
                 continue
             except ValueError as e:
                 failures.append(f"existing file: {e}")
-        for mirror in mirrors or source.mirrors:
+        for mirror in mirrors or spec.mirrors:
             url = mirror.rstrip("/") + "/" + name
             progress(f"downloading {url}")
             fd, partial = tempfile.mkstemp(dir=target, prefix=f".{name}.", suffix=".part")
@@ -223,7 +252,7 @@ def download(directory, dataset="mnist", *, mirrors=None, progress=print):
                 if os.path.exists(partial):
                     os.remove(partial)
         else:
-            raise DownloadError(f"could not download {name} of {source.name}:\n  " + "\n  ".join(failures))
+            raise DownloadError(f"could not download {name} of {spec.name}:\n  " + "\n  ".join(failures))
     return target
 
 

@@ -5,8 +5,8 @@
 prints the test accuracy and writes reconstructions.png, perturbations.png (paper Figures 3
 and 4) and, when the run's log.jsonl sits beside the checkpoint, training_curves.png.
 
-Also home of what training and evaluation share: the model built from a run's configuration,
-the device choice, and the accuracy / loss of a model over a whole split.
+Also home of `evaluate`, the accuracy and loss of a model over a whole split, which training
+uses for its validation and test passes.
 """
 
 import argparse
@@ -18,33 +18,11 @@ import torch.distributed as dist
 from .data import DATASETS, load_split, to_float
 from .figures import write_figures
 from .losses import capsnet_loss
-from .model import CapsNet
+from .model import build_model
+from .training.checkpoint import load_checkpoint
+from .training.distributed import resolve_device
 
-__all__ = ["build_model", "resolve_device", "evaluate", "load_model", "main"]
-
-
-def build_model(config):
-    """The CapsNet a run configuration (a training checkpoint's "config" dict) describes."""
-    return CapsNet(
-        conv_channels=config["conv_channels"],
-        primary_types=config["primary_types"],
-        routing_iterations=config["routing_iterations"],
-        agreement_grad=config["agreement_grad"],
-        routing_bias=config["routing_bias"],
-        decoder=config["decoder"],
-        decoder_hidden=tuple(config["decoder_hidden"]),
-    )
-
-
-def resolve_device(name, local_rank=0):
-    """The torch device for --device: "auto" is this rank's CUDA device when there is one, else the CPU."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
+__all__ = ["evaluate", "load_model", "main"]
 
 
 @torch.no_grad()
@@ -52,8 +30,9 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
     """Loss terms and accuracy of `model` over a whole `data.Split` (on the model's device).
 
     As SPEC section 4 has it for evaluation, the decoder sees the longest capsule, not the true
-    label's; the margin loss uses the labels, and the accuracy counts the longest capsule. Under torch.distributed each rank evaluates a contiguous
-    share and the sums are all-reduced, so every rank returns the totals of the whole split.
+    label's; the margin loss uses the labels, and the accuracy counts the longest capsule. Under
+    torch.distributed each rank evaluates a contiguous share and the sums are all-reduced, so
+    every rank returns the totals of the whole split.
     Returns a dict: loss, margin, reconstruction (batch means), accuracy, count.
     """
     distributed = dist.is_available() and dist.is_initialized()
@@ -89,9 +68,7 @@ def load_model(path, device="cpu"):
 
     Returns (model in eval mode on `device`, the checkpoint dict).
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise ValueError(f"{path}: not a capsnet_triton training checkpoint (no 'model' and 'config')")
+    checkpoint = load_checkpoint(path)
     model = build_model(checkpoint["config"])
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), checkpoint

@@ -8,6 +8,7 @@ in `capsnet_triton.ops`; these modules own the parameters and the reshapes.
 import torch
 from torch import nn
 
+from .checks import check_gradient
 from .ops import dynamic_routing, squash
 
 __all__ = ["PrimaryCaps", "DigitCaps", "Decoder"]
@@ -40,17 +41,17 @@ class DigitCaps(nn.Module):
 
     weight: W [I, J, D, P], one matrix per (input capsule, parent), initialised N(0, 0.01^2).
     bias: optional [J, D] added to every routing iteration's s (zeros at start; off by default
-    so the network has the paper's parameter count). `agreement_grad` and `backend` are passed
-    to `dynamic_routing` (see there for the gradient policies).
+    so the network has the paper's parameter count). `gradient` ("full" or "last", SPEC section 3)
+    and `backend` are passed to `dynamic_routing` (see there for the gradient policies).
     """
 
     def __init__(self, in_caps, in_dims, out_caps, out_dims, routing_iterations=3,
-                 agreement_grad=True, bias=False, backend=None):
+                 gradient="full", bias=False, backend=None):
         super().__init__()
         if isinstance(routing_iterations, bool) or not isinstance(routing_iterations, int) or routing_iterations < 1:
             raise ValueError(f"routing_iterations must be an integer >= 1, got {routing_iterations!r}")
         self.routing_iterations = routing_iterations
-        self.agreement_grad = agreement_grad
+        self.gradient = check_gradient(gradient)
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dims, in_dims))
         self.bias = nn.Parameter(torch.zeros(out_caps, out_dims)) if bias else None
@@ -63,13 +64,13 @@ class DigitCaps(nn.Module):
                 f"DigitCaps expects u of shape [B, I, P] = [B, {in_caps}, {in_dims}], got {list(u.shape)}"
             )
         u_hat = predict(u, self.weight)                                 # [B, I, J, D]
-        return dynamic_routing(u_hat, self.routing_iterations, backend=self.backend,
-                               bias=self.bias, agreement_grad=self.agreement_grad)
+        return dynamic_routing(u_hat, self.routing_iterations, bias=self.bias,
+                               gradient=self.gradient, backend=self.backend)
 
     def extra_repr(self):
         in_caps, out_caps, out_dims, in_dims = self.weight.shape
         return (f"in_caps={in_caps}, in_dims={in_dims}, out_caps={out_caps}, out_dims={out_dims}, "
-                f"routing_iterations={self.routing_iterations}, agreement_grad={self.agreement_grad}, "
+                f"routing_iterations={self.routing_iterations}, gradient={self.gradient!r}, "
                 f"bias={self.bias is not None}")
 
 

@@ -19,10 +19,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from .data import dataset_spec
 from .layers import Decoder, DigitCaps, PrimaryCaps
 from .losses import check_labels, one_hot_mask
 
-__all__ = ["CapsNet", "CapsNetOutput"]
+__all__ = ["CapsNet", "CapsNetOutput", "build_model"]
 
 
 class CapsNetOutput(NamedTuple):
@@ -94,3 +95,27 @@ class CapsNet(nn.Module):
             )
         if not images.is_floating_point():
             raise TypeError(f"images must be a floating-point tensor (scale uint8 to [0, 1]), got {images.dtype}")
+
+
+def build_model(config):
+    """The CapsNet a run configuration (a training checkpoint's "config" dict) describes.
+
+    The image shape and the number of classes come from the config's dataset entry
+    (`data.DATASETS`); the other options from the config itself.
+    """
+    spec = dataset_spec(config["dataset"])
+    channels, height, width = spec.image_shape
+    if height != width:
+        raise ValueError(f"CapsNet takes square images; {spec.name} has {height}x{width}")
+    return CapsNet(
+        in_channels=channels,
+        image_size=height,
+        num_classes=spec.num_classes,
+        conv_channels=config["conv_channels"],
+        primary_types=config["primary_types"],
+        routing_iterations=config["routing_iterations"],
+        agreement_grad=config["agreement_grad"],
+        routing_bias=config["routing_bias"],
+        decoder=config["decoder"],
+        decoder_hidden=tuple(config["decoder_hidden"]),
+    )

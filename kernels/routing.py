@@ -7,7 +7,10 @@ Per sample, with prediction vectors u_hat [I, J, D] and V^(t) = v^(1) + ... + v^
     s^(t)  = sum_i c^(t) u_hat (+ bias)  [J, D]  (Eq. 2)
     v^(t)  = squash(s^(t))               [J, D]  (Eq. 1)
 
-the same function and gradient as capsnet_triton.reference.routing. Neither b nor c is ever
+the same function and gradients as capsnet_triton.reference.routing, under both gradient
+policies of SPEC section 3 ("full" and "last"), and the same NaN policy: a sample whose u_hat
+holds a NaN or inf gets NaN in all of its v, because its first iteration's couplings come from
+u_hat . 0, which is NaN in that input capsule's row for every parent. Neither b nor c is ever
 written to memory: every kernel keeps V in registers and recomputes b and c from the u_hat tile
 it has loaded. Everything saved for backward is s_all = (s^(1), ..., s^(r)) [r, B, J, D]; v is
 recomputed from it with squash (s is stored, not v, because squash is not invertible).
@@ -16,8 +19,9 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - eager PyTorch: each iteration reads u_hat twice and writes and reads b and c (B I J each),
   and autograd keeps every iteration's c and b: O(r U) read, O(r B I J) saved.
 - routing_forward: reads u_hat r times, writes r B J D + B J D; saves r B J D.
-- routing_backward: reads u_hat r times (r - 1 in kernel A, once in kernel B), writes du_hat
-  once and r B J D of ds_all.
+- routing_backward, gradient="full": reads u_hat r times (r - 1 in kernel A, once in kernel B),
+  writes du_hat once and r B J D of ds_all.
+- routing_backward, gradient="last": no kernel A; reads u_hat once (kernel B), writes du_hat once.
 """
 
 import triton
@@ -26,6 +30,7 @@ import triton.language as tl
 from capsnet_triton.checks import (
     check_bias,
     check_float_tensor,
+    check_gradient,
     check_iterations,
     check_u_hat,
     compute_dtype,
@@ -33,7 +38,7 @@ from capsnet_triton.checks import (
 )
 
 from .launch import launch_options, max_tile, output, tl_dtype
-from .squash import squash_backward_tile, squash_tile
+from .squash import squash_backward, squash_backward_tile, squash_tile
 
 __all__ = ["routing_forward", "routing_backward"]
 
@@ -82,7 +87,7 @@ def _coupling(u_hat, v_sum, j_valid):
 
 
 @triton.jit
-def _agreement_grad(u_hat, coupling, ds):
+def _logits_grad(u_hat, coupling, ds):
     """db = c (dc - sum_j c dc) with dc = u_hat . ds: the gradient of the logits b [BLOCK_I, BLOCK_J].
 
     dc is the gradient of the coupling through s = sum_i c u_hat; the softmax over j turns it
@@ -188,7 +193,7 @@ def _routing_backward_ds_all_kernel(
             u_hat, _ = _load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             coupling = _coupling(u_hat, v_sum, j_valid)
-            grad_logits = _agreement_grad(u_hat, coupling, ds)             # [BLOCK_I, BLOCK_J]
+            grad_logits = _logits_grad(u_hat, coupling, ds)                # [BLOCK_I, BLOCK_J]
             grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
         grad_v = grad_v_sum
     s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
@@ -200,22 +205,23 @@ def _routing_backward_u_hat_kernel(
     u_hat_ptr, s_all_ptr, ds_all_ptr, du_hat_ptr,
     B, I, J, D, iterations,
     stride_ub, stride_ui, stride_uj, stride_ud,
-    AGREEMENT_GRAD: tl.constexpr,
+    GRADIENT_FULL: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
     """Kernel B of the backward: du_hat for BLOCK_I input capsules of one sample; grid (B, cdiv(I, BLOCK_I)).
 
-        du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]        (the second term only if AGREEMENT_GRAD)
+        GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
+        otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy: c^(r) is a constant)
 
     with c^(t) and db^(t) recomputed from the u_hat tile, loaded once and kept in registers, and
-    V^(t) from s_all. AGREEMENT_GRAD=False is the variant that treats u_hat as a constant inside
-    the agreement b = u_hat . V (ds^(t) from kernel A still carries the gradient through V).
+    V^(t) from s_all ("last" recomputes only V^(r), to get c^(r)).
     u_hat_ptr: u_hat [B, I, J, D] with strides (stride_ub, ...), any float dtype.
     s_all_ptr, ds_all_ptr: [iterations, B, J, D], contiguous, COMPUTE_DTYPE.
     du_hat_ptr: du_hat [B, I, J, D], contiguous, u_hat's dtype.
     Memory traffic per program: reads BLOCK_I J D elements of u_hat and 2 iterations J D of
-    s_all and ds_all, writes BLOCK_I J D elements of du_hat.
+    s_all and ds_all ("last": iterations J D of s_all, J D of ds_all), writes BLOCK_I J D
+    elements of du_hat.
     """
     sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = _sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
@@ -223,14 +229,19 @@ def _routing_backward_u_hat_kernel(
     u_hat, mask = _load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask,
                               COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
     du_hat = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-    v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)                    # V^(t)
-    for t in range(iterations):
+    if GRADIENT_FULL:
+        first = 0
+    else:
+        first = iterations - 1
+    v_sum = _v_sum_before(s_all_ptr, first, B, sample, J, D, jd_offsets, jd_mask,
+                          BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                 # V^(t)
+    for t in range(first, iterations):
         offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
         ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
         coupling = _coupling(u_hat, v_sum, j_valid)
         du_hat += coupling[:, :, None] * ds[None, :, :]
-        if AGREEMENT_GRAD:
-            du_hat += _agreement_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
+        if GRADIENT_FULL:
+            du_hat += _logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
         v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
     tl.store(du_hat_ptr + sample * I * J * D + (i * J * D)[:, None, None] + jd_offsets[None, :, :],
              du_hat.to(du_hat_ptr.dtype.element_ty), mask=mask)
@@ -306,18 +317,21 @@ def routing_forward(u_hat, iterations, bias=None, *, block_i=None, out=None):
     return v, s_all
 
 
-def routing_backward(dv, u_hat, s_all, *, agreement_grad=True, block_i=None, out=None):
+def routing_backward(dv, u_hat, s_all, *, gradient="full", block_i=None, out=None):
     """Gradients of routing_forward: (du_hat [B, I, J, D] in u_hat's dtype, ds_all [r, B, J, D]).
 
     dv: dL/dv [B, J, D]; s_all: routing_forward's second output. ds_all[t] = dL/ds^(t) in the
     compute dtype; the bias gradient is ds_all.sum((0, 1)).
-    agreement_grad=False treats u_hat as a constant inside the agreement b = u_hat . V of the
-    inner iterations (SPEC section 3's variant); the default lets the gradient flow through it.
-    Two launches: kernel A, one program per sample, walks the iterations backwards to ds_all;
-    kernel B, fully parallel over (sample, block of I), writes du_hat once.
+    gradient: "full" (default) lets the gradient flow through every iteration; "last" treats
+    u_hat and the bias as constants in iterations 1..r-1 (SPEC section 3), so ds_all is 0 but
+    for ds^(r) = squash_backward(dv, s^(r)) and du_hat = c^(r) ds^(r).
+    "full": two launches: kernel A, one program per sample, walks the iterations backwards to
+    ds_all; kernel B, fully parallel over (sample, block of I), writes du_hat once. "last": the
+    squash backward kernel on [B, J, D] gives ds^(r), then kernel B.
     out: optional (du_hat, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """
     u_hat = _u_hat_for_kernels(u_hat)
+    check_gradient(gradient)
     B, I, J, D = u_hat.shape
     check_float_tensor(dv, "dv")
     check_float_tensor(s_all, "s_all")
@@ -339,13 +353,17 @@ def routing_backward(dv, u_hat, s_all, *, agreement_grad=True, block_i=None, out
     if B == 0:
         return du_hat, ds_all
     config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
-    _routing_backward_ds_all_kernel[(B,)](
-        u_hat, dv.contiguous(), s_all, ds_all,
-        B, I, J, D, iterations, *u_hat.stride(), **config,
-    )
+    if gradient == "full":
+        _routing_backward_ds_all_kernel[(B,)](
+            u_hat, dv.contiguous(), s_all, ds_all,
+            B, I, J, D, iterations, *u_hat.stride(), **config,
+        )
+    else:
+        ds_all[:-1].zero_()
+        squash_backward(dv, s_all[-1], out=ds_all[-1])
     _routing_backward_u_hat_kernel[(B, triton.cdiv(I, config["BLOCK_I"]))](
         u_hat, s_all, ds_all, du_hat,
         B, I, J, D, iterations, *u_hat.stride(),
-        AGREEMENT_GRAD=bool(agreement_grad), **config,
+        GRADIENT_FULL=gradient == "full", **config,
     )
     return du_hat, ds_all

@@ -5,7 +5,8 @@
 
 The same function as capsnet_triton.reference.squash, with SPEC section 2's numerics: no epsilon,
 s = 0 gives v = 0 and ds = 0, and no overflow (the norm is taken of s / max|s|, and for n >= 1
-only 1/n is squared). The tile helpers `squash_tile` and `squash_backward_tile` are shared with
+only 1/n is squared). A capsule holding a NaN or inf gives NaN in all of its v and ds
+(SPEC section 7). The tile helpers `squash_tile` and `squash_backward_tile` are shared with
 the routing kernels, which squash [J, D] tiles held in registers.
 
 Naive PyTorch squash reads s three times (norm, scale, multiply) and writes two temporaries of
@@ -24,7 +25,8 @@ __all__ = ["squash_forward", "squash_backward"]
 
 @triton.jit
 def _norm_and_direction(s):
-    """n = |s| [R] and s_hat = s / n [R, BLOCK_D] (0 where s = 0) for the rows of a tile s.
+    """n = |s| [R] and s_hat = s / n [R, BLOCK_D] (0 where s = 0, NaN where s is not finite) for
+    the rows of a tile s.
 
     Padded entries of s must be 0. The norm is taken of s / max|s|, so no square overflows or
     underflows, and the direction stays exact when n itself overflows to inf.
@@ -33,8 +35,10 @@ def _norm_and_direction(s):
     # A true division: 1 / scale would overflow for a subnormal scale.
     t = s / tl.where(scale > 0, scale, 1.0)[:, None]                       # [R, BLOCK_D], |t| <= 1
     t_norm = tl.sqrt(tl.sum(t * t, axis=1))                                # [R], in [1, sqrt(D)] or 0
-    # t_norm is 0 or in [1, sqrt(D)], so one reciprocal per row is safe and spares a division per element.
-    direction = t * (1.0 / tl.where(t_norm > 0, t_norm, 1.0))[:, None]     # [R, BLOCK_D]
+    # t_norm is 0 or in [1, sqrt(D)], so one reciprocal per row is safe and spares a division per
+    # element. It is NaN exactly where the row holds a NaN or inf: the whole direction is then NaN,
+    # so the whole capsule's v and ds are NaN (SPEC 7), whatever tl.max and tl.minimum do with NaN.
+    direction = t * (1.0 / tl.where(t_norm == 0, 1.0, t_norm))[:, None]    # [R, BLOCK_D]
     return scale * t_norm, direction
 
 

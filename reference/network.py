@@ -170,7 +170,7 @@ def _check_images(images, config):
     return images
 
 
-def _encode(params, images, config, routing_iterations, agreement_grad):
+def _encode(params, images, config, routing_iterations, routing_gradient):
     """images -> output capsules v [B, J, D], with the caches of every step."""
     B = images.shape[0]
     T, P, h = config.primary_types, config.primary_dims, config.primary_grid
@@ -185,7 +185,7 @@ def _encode(params, images, config, routing_iterations, agreement_grad):
     u = squash_forward(s_primary)                                  # [B, I, P]
     u_hat, prediction_cache = prediction_forward(u, params["digit_caps.weight"])  # [B, I, J, D]
     v, routing_cache = routing_forward(
-        u_hat, routing_iterations, bias=params.get("digit_caps.bias"), agreement_grad=agreement_grad
+        u_hat, routing_iterations, bias=params.get("digit_caps.bias"), gradient=routing_gradient
     )                                                              # [B, J, D]
     caches = dict(conv1=conv1_cache, relu=relu_cache, primary=primary_cache, s_primary=s_primary,
                   prediction=prediction_cache, routing=routing_cache)
@@ -208,18 +208,19 @@ def _decode(params, v, selected):
     return reconstruction, cache
 
 
-def network_forward(params, images, labels, config, routing_iterations=3, agreement_grad=True,
+def network_forward(params, images, labels, config, routing_iterations=3, routing_gradient="full",
                     reconstruction_weight=0.0005):
     """Training loss: margin loss (Eq. 4) + reconstruction_weight * reconstruction loss.
 
     images [B, C, H, W] floats in [0, 1]; labels integer [B]. The decoder sees the true label's
-    capsule only (Section 4.1). Returns (total_loss, cache); the cache exposes v [B, J, D],
+    capsule only (Section 4.1). routing_gradient: the routing's gradient policy, "full" or
+    "last" (SPEC section 3). Returns (total_loss, cache); the cache exposes v [B, J, D],
     lengths [B, J], reconstruction [B, C*H*W], margin_loss and reconstruction_loss.
     """
     _check_params(params, config)
     images = _check_images(images, config)
     B = images.shape[0]
-    v, encoder_caches = _encode(params, images, config, routing_iterations, agreement_grad)
+    v, encoder_caches = _encode(params, images, config, routing_iterations, routing_gradient)
     lengths, length_cache = capsule_length_forward(v)              # [B, J]
     margin, margin_cache = margin_loss_forward(lengths, labels)    # []
     reconstruction, decoder_cache = _decode(params, v, np.asarray(labels))  # [B, C*H*W]
@@ -277,7 +278,7 @@ def predict(params, images, config, routing_iterations=3):
     """(classes [B] of the longest output capsule, reconstructions [B, C*H*W] of that capsule)."""
     _check_params(params, config)
     images = _check_images(images, config)
-    v, _ = _encode(params, images, config, routing_iterations, agreement_grad=True)
+    v, _ = _encode(params, images, config, routing_iterations, routing_gradient="full")
     lengths, _ = capsule_length_forward(v)                         # [B, J]
     classes = np.argmax(lengths, axis=1)                           # [B]
     reconstruction, _ = _decode(params, v, classes)                # [B, C*H*W]

@@ -20,19 +20,32 @@ from the u_hat tile in registers. routing_backward is derived with the same iden
 gradient reaches u_hat through s = sum_i c u_hat and through b = u_hat . V, and reaches every
 earlier output v^(t) through each later V.
 
-Gradient policies (SPEC section 3):
-- agreement_grad=True (default, as the official code): the gradient flows through every
-  iteration, including the agreement terms u_hat . v of the inner iterations.
-- agreement_grad=False: the common variant that treats u_hat as a constant inside the agreement
-  b = u_hat . V; the gradient reaches u_hat only through s = sum_i c u_hat of each iteration
-  (it still flows through V into earlier iterations' v and so into their s).
+Gradient policies (SPEC section 3), `gradient=`:
+- "full" (default, as the official code): the gradient flows through every iteration,
+  agreement included.
+- "last": u_hat (and the bias) are constants in iterations 1..r-1, so the coupling c^(r) is a
+  constant and the gradient reaches u_hat only through the last iteration's s:
+  du_hat = c^(r) ds^(r), dbias = sum over the batch of ds^(r). The backward needs no pass over
+  the earlier iterations.
+
+Non-finite input (SPEC section 7): a sample whose u_hat holds a NaN or inf gives NaN in all of
+its v (and gradients); the other samples are unaffected. An empty batch gives empty results.
 """
 
 import numpy as np
 
 from .squash import squash_backward, squash_forward
 
-__all__ = ["routing_forward", "routing_backward", "softmax"]
+__all__ = ["routing_forward", "routing_backward", "softmax", "GRADIENT_POLICIES", "check_gradient"]
+
+GRADIENT_POLICIES = ("full", "last")
+
+
+def check_gradient(gradient):
+    """The gradient policy, or a ValueError that names the choices."""
+    if not isinstance(gradient, str) or gradient not in GRADIENT_POLICIES:
+        raise ValueError(f"gradient must be one of {GRADIENT_POLICIES}, got {gradient!r}")
+    return gradient
 
 
 def softmax(logits, axis):
@@ -42,11 +55,12 @@ def softmax(logits, axis):
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
-def routing_forward(u_hat, iterations=3, *, bias=None, agreement_grad=True):
+def routing_forward(u_hat, iterations=3, *, bias=None, gradient="full"):
     """Route prediction vectors u_hat [B, I, J, D] to output capsules v [B, J, D] (Procedure 1).
 
     iterations: r >= 1; r = 1 is a single pass with uniform coupling c = 1/J.
     bias: optional [J, D] added to s in every iteration (the official code has one; off by default).
+    gradient: "full" or "last", the policy routing_backward follows (see the module docstring).
     Returns (v, cache); the cache holds every iteration's coupling, s and v for routing_backward.
     """
     u_hat = np.asarray(u_hat)
@@ -54,19 +68,26 @@ def routing_forward(u_hat, iterations=3, *, bias=None, agreement_grad=True):
         raise ValueError(f"u_hat must have shape [B, I, J, D] (4 axes), got shape {u_hat.shape}")
     if not np.issubdtype(u_hat.dtype, np.floating):
         raise ValueError(f"u_hat must be a floating-point array, got dtype {u_hat.dtype}")
+    if min(u_hat.shape[1:]) < 1:
+        raise ValueError(f"u_hat needs at least one input capsule, parent and dimension, got shape {u_hat.shape}")
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    check_gradient(gradient)
     B, I, J, D = u_hat.shape
     if bias is not None:
         bias = np.asarray(bias)
         if bias.shape != (J, D):
             raise ValueError(f"bias must have shape [J, D] = {(J, D)}, got {bias.shape}")
+    # 0 for a sample whose u_hat is finite, NaN for one that is not: added to every s, it makes
+    # all of that sample's outputs NaN (SPEC 7), not only the parents the bad value reaches.
+    finite = np.isfinite(u_hat).all(axis=(1, 2, 3))                # [B]
+    non_finite = np.where(finite, 0.0, np.nan).astype(u_hat.dtype)[:, None, None]  # [B, 1, 1]
 
     logits = np.zeros((B, I, J), dtype=u_hat.dtype)                # [B, I, J]   b = 0
     couplings, s_all, v_all = [], [], []
     for t in range(iterations):
         coupling = softmax(logits, axis=2)                         # [B, I, J]   c, over parents j
-        s = np.einsum("bij,bijd->bjd", coupling, u_hat)            # [B, J, D]
+        s = np.einsum("bij,bijd->bjd", coupling, u_hat) + non_finite  # [B, J, D]
         if bias is not None:
             s = s + bias                                           # [B, J, D]
         v = squash_forward(s)                                      # [B, J, D]
@@ -76,19 +97,19 @@ def routing_forward(u_hat, iterations=3, *, bias=None, agreement_grad=True):
         s_all.append(s)
         v_all.append(v)
     cache = dict(u_hat=u_hat, couplings=couplings, s_all=s_all, v_all=v_all,
-                 has_bias=bias is not None, agreement_grad=agreement_grad)
+                 has_bias=bias is not None, gradient=gradient)
     return v, cache
 
 
 def routing_backward(dv, cache):
     """du_hat [B, I, J, D] for the loss gradient dv = dL/dv [B, J, D] of the last iteration.
 
-    Walks the iterations backwards. In iteration t, with V^(t) = v^(1) + ... + v^(t-1) and
-    ds = squash_backward(dL/dv^(t), s^(t)):
+    Walks the iterations backwards ("last": the last iteration only). In iteration t, with
+    V^(t) = v^(1) + ... + v^(t-1) and ds = squash_backward(dL/dv^(t), s^(t)):
         du_hat += c ds                                  (through s = sum_i c u_hat)
         dc      = u_hat . ds                            [B, I, J]
         db      = c (dc - sum_j c dc)                   (softmax over j)
-        du_hat += db V^(t)                              (through b = u_hat . V; agreement_grad only)
+        du_hat += db V^(t)                              (through b = u_hat . V)
         dV      = sum_i db u_hat                        [B, J, D]
     and, because v^(t-1) enters every V^(t'), t' >= t, dL/dv^(t-1) is the sum of dV over the
     iterations from t on (grad_v_sum).
@@ -112,10 +133,11 @@ def routing_backward(dv, cache):
         ds = squash_backward(grad_v, s)                            # [B, J, D]
         dbias += ds.sum(axis=0)                                    # [J, D]
         du_hat += coupling[..., None] * ds[:, None, :, :]          # [B, I, J, D]
+        if cache["gradient"] == "last":
+            break                                                  # c^(r) is a constant: done
         dc = np.einsum("bijd,bjd->bij", u_hat, ds)                 # [B, I, J]
         dlogits = coupling * (dc - np.sum(coupling * dc, axis=2, keepdims=True))  # [B, I, J]
-        if cache["agreement_grad"]:
-            du_hat += dlogits[..., None] * v_sum[:, None, :, :]    # [B, I, J, D]
+        du_hat += dlogits[..., None] * v_sum[:, None, :, :]        # [B, I, J, D]
         grad_v_sum = grad_v_sum + np.einsum("bij,bijd->bjd", dlogits, u_hat)  # [B, J, D]
         grad_v = grad_v_sum                                        # v^(t-1) feeds every V^(t'), t' >= t
     if cache["has_bias"]:

@@ -10,7 +10,8 @@ Numerics pinned by the specification (SPEC section 2):
 - s = 0 gives v = 0 and, since the Jacobian at 0 is 0, a gradient of exactly 0 (never NaN);
 - no overflow: the norm is taken of s / max|s|, and every function of n is written with 1/n for
   n >= 1, so n^2 is never formed where it could overflow. The forward is computed as the paper
-  writes it, length times direction, which stays right even where |s| itself overflows.
+  writes it, length times direction, which stays right even where |s| itself overflows;
+- a capsule holding a NaN or inf gives NaN in all of its outputs (SPEC section 7).
 """
 
 import numpy as np
@@ -85,6 +86,8 @@ def _check(x, name):
     x = np.asarray(x)
     if x.ndim < 1:
         raise ValueError(f"{name} must have at least one axis (the capsule dimension), got a scalar")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has capsules of 0 dimensions (its last axis is empty, shape {x.shape})")
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
     return x

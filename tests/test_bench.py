@@ -1,6 +1,5 @@
 """bench.py: the smoke run at tiny sizes, and its refusal to time a wrong implementation."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,24 +10,20 @@ import numpy as np
 import pytest
 import torch
 
+from capsnet_triton import baselines
+from capsnet_triton.bench import check, cli, providers, runner, timing
+from capsnet_triton.bench.workloads import WORKLOADS, Shape
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _provider(name, routing):
+    return providers.Provider(name, "a test double", squash=baselines.squash,
+                              predict=baselines.predict, routing=routing)
 
 
-def _provider(bench, name, routing):
-    return bench.Provider(name, "a test double", squash=bench.baseline_squash,
-                          predict=bench.baseline_predict, routing=routing)
-
-
-def _workload(bench, name):
-    return next(w for w in bench.WORKLOADS if w.name == name)
+def _workload(name):
+    return next(w for w in WORKLOADS if w.name == name)
 
 
 def test_tiny_run_has_every_provider_and_workload(tmp_path):
@@ -62,31 +57,31 @@ def test_tiny_run_has_every_provider_and_workload(tmp_path):
 
 
 @pytest.mark.parametrize("wrong", ["scaled", "nan", "raises"])
-def test_a_wrong_provider_is_refused_not_timed(bench, wrong):
+def test_a_wrong_provider_is_refused_not_timed(wrong):
     def routing(u_hat, iterations):
         if wrong == "raises":
             raise RuntimeError("kernel exploded")
-        v = bench.baseline_routing(u_hat, iterations)
+        v = baselines.routing(u_hat, iterations)
         return v * 1.001 if wrong == "scaled" else v * float("nan")
 
-    plan = bench.PLANS[("cpu", "tiny")]
-    rows = bench.run([_provider(bench, "wrong", routing), bench.EAGER], [_workload(bench, "routing fwd+bwd")],
-                     plan, torch.device("cpu"), {"cpu": 1.0}, progress=False)
+    plan = runner.PLANS[("cpu", "tiny")]
+    rows = runner.run([_provider("wrong", routing), providers.EAGER], [_workload("routing fwd+bwd")],
+                      plan, torch.device("cpu"), {"cpu": 1.0}, progress=False)
     for row in rows:
         if row.provider == "wrong":
             assert row.status == "FAILED" and row.median_ms is None and row.reps == 0, row
             assert ("kernel exploded" in row.note) if wrong == "raises" else ("relative error" in row.note)
         else:
-            assert row.status == "ok" and row.rel_error <= bench.TOLERANCE, row
+            assert row.status == "ok" and row.rel_error <= check.TOLERANCE, row
 
 
-def test_main_exits_nonzero_and_says_failed(bench, monkeypatch, capsys):
+def test_main_exits_nonzero_and_says_failed(monkeypatch, capsys):
     def routing(u_hat, iterations):
-        return bench.baseline_routing(u_hat, iterations).flip(1)   # parents in the wrong order
+        return baselines.routing(u_hat, iterations).flip(1)   # parents in the wrong order
 
-    real = bench.make_providers
-    monkeypatch.setattr(bench, "make_providers", lambda: real() + [_provider(bench, "flipped", routing)])
-    status = bench.main(["--tiny", "--device", "cpu", "--providers", "flipped,torch-eager",
+    real = providers.make_providers
+    monkeypatch.setattr(cli, "make_providers", lambda: real() + [_provider("flipped", routing)])
+    status = cli.main(["--tiny", "--device", "cpu", "--providers", "flipped,torch-eager",
                          "--workloads", "routing fwd"])
     out, err = capsys.readouterr()
     assert status == 1
@@ -94,29 +89,39 @@ def test_main_exits_nonzero_and_says_failed(bench, monkeypatch, capsys):
     assert "FAILED flipped on routing fwd" in err
 
 
-def test_triton_is_refused_under_the_interpreter(bench, monkeypatch):
-    monkeypatch.setattr(bench, "TRITON_INTERPRET", True)
-    triton = next(p for p in bench.make_providers() if p.name == "triton")
+def test_triton_is_refused_under_the_interpreter(monkeypatch):
+    monkeypatch.setattr(providers, "TRITON_INTERPRET", True)
+    triton = next(p for p in providers.make_providers() if p.name == "triton")
     assert triton.unavailable and "TRITON_INTERPRET" in triton.unavailable
-    shape = bench.Shape(2, 72, 3)
-    assert bench.skip_reason(triton, shape, torch.device("cuda"), bench.PLANS[("cpu", "tiny")]) == triton.unavailable
+    shape = Shape(2, 72, 3)
+    assert runner.skip_reason(triton, shape, torch.device("cuda"), runner.PLANS[("cpu", "tiny")]) == triton.unavailable
 
 
-def test_relative_error_fails_nan_and_wrong_shapes(bench):
+def test_relative_error_fails_nan_and_wrong_shapes():
     want = [np.ones((2, 3))]
-    assert bench.relative_error([torch.ones(2, 3)], want) == 0.0
-    assert bench.relative_error([np.full((2, 3), np.nan)], want) == float("inf")
-    assert bench.relative_error([np.ones((3, 2))], want) == float("inf")
-    assert bench.relative_error([np.ones((2, 3)) * 1.1], want) == pytest.approx(0.1)
+    assert check.relative_error([torch.ones(2, 3)], want) == 0.0
+    assert check.relative_error([np.full((2, 3), np.nan)], want) == float("inf")
+    assert check.relative_error([np.ones((3, 2))], want) == float("inf")
+    assert check.relative_error([np.ones((2, 3)) * 1.1], want) == pytest.approx(0.1)
 
 
-def test_float64_torch_ground_truth_matches_the_reference(bench):
-    bench.check_ground_truth()    # exits the process if not
+def test_float64_torch_ground_truth_matches_the_reference():
+    check.check_ground_truth()    # exits the process if not
 
 
-def test_peak_memory_sees_a_new_allocation(bench):
+def test_peak_memory_sees_a_new_allocation():
     megabytes = 64
-    peak = bench.peak_memory_mib(lambda: np.ones(megabytes * 2**20 // 8), torch.device("cpu"))
+    peak = timing.peak_memory_mib(lambda: np.ones(megabytes * 2**20 // 8), torch.device("cpu"))
     if peak is None:
         pytest.skip("this platform cannot reset the peak resident set (/proc/self/clear_refs)")
     assert megabytes * 0.9 <= peak < megabytes * 4
+
+
+def test_batches_flag_sets_the_batches_of_squash_and_routing(tmp_path):
+    status = cli.main(["--tiny", "--device", "cpu", "--batches", "3,5", "--providers", "torch-eager",
+                       "--workloads", "squash,digitcaps", "--json", str(tmp_path / "rows.json")])
+    assert status == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert sorted((r["workload"], r["B"]) for r in rows) == [("digitcaps", 2), ("squash", 3), ("squash", 5)]
+    with pytest.raises(SystemExit):
+        cli.main(["--tiny", "--batches", "0,2"])

@@ -1,6 +1,7 @@
 """The data pipeline: finding and loading IDX files, download with checksums, the validation
 split, the epoch order and the random-shift augmentation."""
 
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -12,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from capsnet_triton import data
-from capsnet_triton.data import DATASETS, DatasetSource, DownloadError, IdxFile
-from idx_files import make_digits, write_dataset, write_idx
+from capsnet_triton.data import DATASETS, DownloadError, IdxFile
+from idx_files import make_digits, write_dataset, write_idx, write_mnist
 
 STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -65,6 +66,13 @@ def test_a_complete_folder_wins_over_a_half_filled_one(tmp_path):
     assert len(data.load_split(tmp_path, train=False)) == 6
 
 
+def test_images_of_another_shape_than_the_entry_are_refused(tmp_path):
+    write_mnist(tmp_path, 4, 3, np.random.default_rng(0), size=12)
+    assert DATASETS["mnist"].image_shape == (1, 28, 28) and DATASETS["mnist"].num_classes == 10
+    with pytest.raises(ValueError, match=r"have shape \[1, 12, 12\], expected \[1, 28, 28\]"):
+        data.load_split(tmp_path, "mnist", train=False)
+
+
 def test_unknown_dataset(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         data.load_split(tmp_path, "cifar")
@@ -112,7 +120,8 @@ def _fake_source(monkeypatch, mirror_dir, digest_of="content"):
         raw = (mirror_dir / f"{stem}.gz").read_bytes()
         digest = hashlib.md5(gzip.decompress(raw) if digest_of == "content" else raw).hexdigest()
         files.append(IdxFile(stem, digest, digest_of))
-    source = DatasetSource("tiny", "Tiny", (mirror_dir.as_uri() + "/",), tuple(files))
+    source = dataclasses.replace(DATASETS["mnist"], name="tiny", folder="Tiny",
+                                 mirrors=(mirror_dir.as_uri() + "/",), files=tuple(files))
     monkeypatch.setitem(DATASETS, "tiny", source)
     return source
 

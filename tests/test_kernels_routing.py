@@ -21,7 +21,7 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_routing(u_hat, iterations, dv, *, bias=None, agreement_grad=True, block_i=None):
+def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=None):
     """Run both kernels on poisoned outputs, compare with the reference, return (v, s_all, du_hat, ds_all)."""
     B, I, J, D = u_hat.shape
     dtype = u_hat.dtype
@@ -29,13 +29,12 @@ def check_routing(u_hat, iterations, dv, *, bias=None, agreement_grad=True, bloc
         u_hat, iterations, bias, block_i=block_i,
         out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
     du_hat, ds_all = routing_backward(
-        dv, u_hat, s_all, agreement_grad=agreement_grad, block_i=block_i,
+        dv, u_hat, s_all, gradient=gradient, block_i=block_i,
         out=(poisoned((B, I, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
 
     # A zero bias changes nothing in the reference and makes it return dL/dbias = sum of every ds.
     bias64 = np.zeros((J, D)) if bias is None else as_float64(bias)
-    ref_v, cache = reference_routing_forward(as_float64(u_hat), iterations, bias=bias64,
-                                             agreement_grad=agreement_grad)
+    ref_v, cache = reference_routing_forward(as_float64(u_hat), iterations, bias=bias64, gradient=gradient)
     ref_du_hat, ref_dbias = reference_routing_backward(as_float64(dv), cache)
     assert_agrees(v, ref_v, dtype, "v")
     assert_agrees(s_all, np.stack(cache["s_all"]), dtype, "s_all")
@@ -51,7 +50,7 @@ def routing_cases(draw, dtype):
         shape=tuple(draw(st.integers(1, most)) for most in (3, 40, 10, 16)),                # B, I, J, D
         iterations=draw(st.integers(1, 4)),
         with_bias=draw(st.booleans()),
-        agreement_grad=draw(st.booleans()),
+        gradient=draw(st.sampled_from(["full", "last"])),
         block_i=draw(st.sampled_from([None, 4, 16])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
@@ -67,7 +66,7 @@ def test_routing_kernels_match_reference(dtype, data):
     u_hat = sample(rng, case["shape"], dtype, case["magnitude"])
     bias = sample(rng, (J, D), dtype, case["magnitude"]) if case["with_bias"] else None
     dv = sample(rng, (B, J, D), dtype)
-    check_routing(u_hat, case["iterations"], dv, bias=bias, agreement_grad=case["agreement_grad"],
+    check_routing(u_hat, case["iterations"], dv, bias=bias, gradient=case["gradient"],
                   block_i=case["block_i"])
 
 
@@ -80,20 +79,20 @@ def test_routing_of_a_single_capsule(dtype, iterations, rng):
 
 
 @pytest.mark.parametrize("block_i", [4, 16])
-@pytest.mark.parametrize("agreement_grad", [True, False])
-def test_routing_with_inputs_not_a_multiple_of_the_block(block_i, agreement_grad, rng):
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_routing_with_inputs_not_a_multiple_of_the_block(block_i, gradient, rng):
     u_hat = sample(rng, (2, 37, 10, 16), torch.float32)
     dv = sample(rng, (2, 10, 16), torch.float32)
     bias = sample(rng, (10, 16), torch.float32)
-    check_routing(u_hat, 3, dv, bias=bias, agreement_grad=agreement_grad, block_i=block_i)
+    check_routing(u_hat, 3, dv, bias=bias, gradient=gradient, block_i=block_i)
 
 
 @pytest.mark.parametrize("iterations", [1, 2, 3, 4, 5])
 def test_routing_for_each_number_of_iterations(iterations, rng):
     u_hat = sample(rng, (2, 9, 4, 5), torch.float64)
     dv = sample(rng, (2, 4, 5), torch.float64)
-    for agreement_grad in (True, False):
-        check_routing(u_hat, iterations, dv, agreement_grad=agreement_grad)
+    for gradient in ("full", "last"):
+        check_routing(u_hat, iterations, dv, gradient=gradient)
 
 
 @pytest.mark.parametrize("view", ["permuted", "strided"])
@@ -128,13 +127,13 @@ def test_routing_copies_once_a_layout_whose_offsets_would_overflow_int32(rng, mo
         routing_forward(u_hat, 3)
 
 
-@pytest.mark.parametrize("dtype, agreement_grad",
-                         [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)],
-                         ids=["float32", "float32-agreement_grad=False", "bfloat16"])
-def test_routing_at_the_mnist_shape(dtype, agreement_grad, rng):
+@pytest.mark.parametrize("dtype, gradient",
+                         [(torch.float32, "full"), (torch.float32, "last"), (torch.bfloat16, "full")],
+                         ids=["float32", "float32-last", "bfloat16"])
+def test_routing_at_the_mnist_shape(dtype, gradient, rng):
     """DigitCaps of the MNIST network (SPEC 5): I = 1152, J = 10, D = 16, 3 iterations."""
     u_hat = sample(rng, (2, 1152, 10, 16), dtype)
-    check_routing(u_hat, 3, sample(rng, (2, 10, 16), dtype), agreement_grad=agreement_grad)
+    check_routing(u_hat, 3, sample(rng, (2, 10, 16), dtype), gradient=gradient)
 
 
 def test_routing_allocates_its_outputs_when_not_given(rng):
@@ -149,12 +148,54 @@ def test_routing_allocates_its_outputs_when_not_given(rng):
         assert torch.equal(got, expected)
 
 
-def test_routing_of_an_empty_batch():
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_routing_of_an_empty_batch(gradient):
     u_hat = torch.empty(0, 5, 3, 4, device=DEVICE)
     v, s_all = routing_forward(u_hat, 3)
     assert v.shape == (0, 3, 4) and s_all.shape == (3, 0, 3, 4)
-    du_hat, ds_all = routing_backward(torch.empty(0, 3, 4, device=DEVICE), u_hat, s_all)
+    du_hat, ds_all = routing_backward(torch.empty(0, 3, 4, device=DEVICE), u_hat, s_all, gradient=gradient)
     assert du_hat.shape == (0, 5, 3, 4) and ds_all.shape == (3, 0, 3, 4)
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("use_bias", [False, True], ids=["no_bias", "bias"])
+def test_routing_kernels_match_autograd_of_the_literal_loop(gradient, use_bias, rng):
+    """SPEC 3: each policy against autograd through Procedure 1's literal loop (u_hat and bias
+    detached in iterations 1..r-1 under "last"), in float64, for r = 1..4."""
+    from capsnet_triton.baselines import routing
+    for iterations in (1, 2, 3, 4):
+        u_hat = sample(rng, (2, 7, 4, 3), torch.float64).requires_grad_(True)
+        bias = sample(rng, (4, 3), torch.float64).requires_grad_(True) if use_bias else None
+        dv = sample(rng, (2, 4, 3), torch.float64)
+        v_expected = routing(u_hat, iterations, bias=bias, gradient=gradient)
+        expected = torch.autograd.grad(v_expected, (u_hat, bias) if use_bias else (u_hat,), dv)
+        v, s_all = routing_forward(u_hat.detach(), iterations, None if bias is None else bias.detach())
+        du_hat, ds_all = routing_backward(dv, u_hat.detach(), s_all, gradient=gradient)
+        got = (du_hat, ds_all.sum((0, 1))) if use_bias else (du_hat,)
+        assert torch.allclose(v, v_expected, rtol=1e-12, atol=1e-14)
+        for g, e in zip(got, expected):
+            assert torch.allclose(g, e, rtol=1e-12, atol=1e-14), (iterations, gradient)
+
+
+# The interpreter's NumPy warns of the NaN this test asks for.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_a_sample_holding_nan_or_inf_is_all_nan(iterations, gradient, rng):
+    """SPEC 7: NaN in all of v, s_all and du_hat of that sample, in every block of I; the other
+    samples bit for bit as when routed without it."""
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u_hat = sample(rng, (3, 37, 10, 16), torch.float32)
+        dv = sample(rng, (3, 10, 16), torch.float32)
+        u_hat[1, 30, 9, 15] = bad
+        v, s_all = routing_forward(u_hat, iterations, block_i=16)
+        du_hat, _ = routing_backward(dv, u_hat, s_all, gradient=gradient, block_i=16)
+        assert torch.isnan(v[1]).all() and torch.isnan(s_all[:, 1]).all() and torch.isnan(du_hat[1]).all()
+        clean = [0, 2]
+        v_c, s_all_c = routing_forward(u_hat[clean], iterations, block_i=16)
+        du_hat_c, _ = routing_backward(dv[clean], u_hat[clean], s_all_c, gradient=gradient, block_i=16)
+        assert torch.equal(v[clean], v_c) and torch.equal(du_hat[clean], du_hat_c)
 
 
 def test_routing_rejects_bad_input():
@@ -167,6 +208,15 @@ def test_routing_rejects_bad_input():
         (TypeError, "float16, bfloat16", lambda: routing_forward(u_hat.long(), 2)),
         (ValueError, "at least one input capsule",
          lambda: routing_forward(torch.ones(2, 0, 3, 4, device=DEVICE), 2)),
+        (ValueError, "at least one input capsule",
+         lambda: routing_forward(torch.ones(2, 5, 0, 4, device=DEVICE), 2)),
+        (ValueError, "at least one input capsule",
+         lambda: routing_forward(torch.ones(2, 5, 3, 0, device=DEVICE), 2)),
+        (ValueError, "at least one input capsule",
+         lambda: routing_backward(torch.ones(2, 0, 4, device=DEVICE), torch.ones(2, 5, 0, 4, device=DEVICE),
+                                  torch.ones(2, 2, 0, 4, device=DEVICE))),
+        (ValueError, r"gradient must be one of \('full', 'last'\)",
+         lambda: routing_backward(dv, u_hat, s_all, gradient=False)),
         (ValueError, "iterations must be an integer >= 1", lambda: routing_forward(u_hat, 0)),
         (ValueError, "iterations must be an integer >= 1", lambda: routing_forward(u_hat, True)),
         (ValueError, "iterations must be an integer >= 1", lambda: routing_forward(u_hat, 2.0)),

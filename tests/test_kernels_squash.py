@@ -108,6 +108,31 @@ def test_squash_of_empty_tensor_is_empty():
     s = torch.empty(0, 4, device=DEVICE)
     assert squash_forward(s).shape == (0, 4)
     assert squash_backward(s, s).shape == (0, 4)
+    with pytest.raises(ValueError, match="0 dimensions"):
+        squash_forward(torch.empty(4, 0, device=DEVICE))
+    with pytest.raises(ValueError, match="0 dimensions"):
+        squash_backward(torch.empty(4, 0, device=DEVICE), torch.empty(4, 0, device=DEVICE))
+
+
+# The interpreter's NumPy warns of the NaN this test asks for.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_squash_of_a_capsule_holding_nan_or_inf_is_all_nan(dtype, rng):
+    """SPEC 7: a NaN or inf anywhere in a capsule (here in a padded block, D = 5 of 8) gives NaN
+    in all of its v and ds, as the reference does; the other capsules are unaffected."""
+    s = sample(rng, (6, 5), dtype)
+    dv = sample(rng, (6, 5), dtype)
+    s[0, 4] = float("nan")
+    s[1, 0] = float("inf")
+    s[2, 2] = -float("inf")
+    s[3, 1], s[3, 3] = float("inf"), -float("inf")
+    v = squash_forward(s, out=poisoned((6, 5), dtype))
+    ds = squash_backward(dv, s, out=poisoned((6, 5), dtype))
+    assert np.isnan(reference_squash_forward(as_float64(s))[:4]).all()
+    assert torch.isnan(v[:4]).all() and torch.isnan(ds[:4]).all()
+    assert_agrees(v[4:], reference_squash_forward(as_float64(s[4:])), dtype, "v")
+    assert_agrees(ds[4:], reference_squash_backward(as_float64(dv[4:]), as_float64(s[4:])), dtype, "ds")
 
 
 def test_squash_rejects_bad_input():

@@ -1,5 +1,7 @@
 """The PyTorch CapsNet (capsnet_triton.model / layers) end to end, tied to the NumPy reference."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ import torch
 from capsnet_triton import CapsNet
 from capsnet_triton.layers import Decoder, DigitCaps, PrimaryCaps, predict
 from capsnet_triton.losses import capsnet_loss
-from capsnet_triton.model import CapsNetOutput
+from capsnet_triton.data import DATASETS
+from capsnet_triton.model import CapsNetOutput, build_model
 from capsnet_triton.reference import (CapsNetConfig, init_params, network_backward, network_forward,
                                       parameter_shapes, prediction_forward, squash_forward)
 
@@ -45,6 +48,28 @@ def test_default_network_has_the_papers_parameters():
     with_bias = CapsNet(routing_bias=True).state_dict()
     assert tuple(with_bias["digit_caps.bias"].shape) == (10, 16)
     assert list(with_bias) == list(parameter_shapes(CapsNetConfig(routing_bias=True)))
+
+
+def _run_config(dataset):
+    return dict(dataset=dataset, conv_channels=4, primary_types=2, routing_iterations=2, agreement_grad=True,
+                routing_bias=False, decoder=True, decoder_hidden=[6, 8])
+
+
+def test_build_model_takes_shape_and_classes_from_the_dataset_entry(monkeypatch):
+    assert build_model(_run_config("fashion-mnist")).image_size == 28
+    monkeypatch.setitem(DATASETS, "wide", dataclasses.replace(DATASETS["mnist"], name="wide",
+                                                              image_shape=(3, 20, 20), num_classes=4))
+    model = build_model(_run_config("wide"))
+    assert (model.in_channels, model.image_size, model.num_classes) == (3, 20, 4)
+    out = model(torch.rand(2, 3, 20, 20))
+    assert out.v.shape == (2, 4, 16) and out.reconstruction.shape == (2, 3 * 20 * 20)
+    assert model.digit_caps.weight.shape[0] == 2 * 2 * 2                  # 20 -> 12 -> 2x2 grid, 2 types
+    monkeypatch.setitem(DATASETS, "oblong", dataclasses.replace(DATASETS["mnist"], name="oblong",
+                                                                image_shape=(1, 28, 36)))
+    with pytest.raises(ValueError, match="square images"):
+        build_model(_run_config("oblong"))
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        build_model(_run_config("cifar"))
 
 
 def test_digit_caps_weight_initialisation():

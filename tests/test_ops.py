@@ -10,6 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from capsnet_triton import dynamic_routing, squash
+from capsnet_triton.baselines import routing as baseline_routing
+from capsnet_triton.layers import DigitCaps
 from capsnet_triton.reference import (routing_backward, routing_forward, squash_backward,
                                       squash_forward)
 
@@ -32,8 +34,8 @@ def rounded(array, dtype):
     return tensor, tensor.double().numpy()
 
 
-def reference_routing(u_hat, dv, iterations, bias, agreement_grad):
-    v, cache = routing_forward(u_hat, iterations, bias=bias, agreement_grad=agreement_grad)
+def reference_routing(u_hat, dv, iterations, bias, gradient):
+    v, cache = routing_forward(u_hat, iterations, bias=bias, gradient=gradient)
     grads = routing_backward(dv, cache)
     du_hat, dbias = grads if bias is not None else (grads, None)
     return v, du_hat, dbias
@@ -43,23 +45,21 @@ shapes = st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 10), st
 
 
 @given(shape=shapes, iterations=st.integers(1, 4), use_bias=st.booleans(),
-       agreement_grad=st.booleans(),
+       gradient=st.sampled_from(["full", "last"]),
        dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
        scale=st.sampled_from([1.0, 1e-3, 30.0]), seed=st.integers(0, 2**32 - 1))
-def test_torch_routing_matches_reference(shape, iterations, use_bias, agreement_grad, dtype, scale,
-                                         seed):
+def test_torch_routing_matches_reference(shape, iterations, use_bias, gradient, dtype, scale, seed):
     rng = np.random.default_rng(seed)
     B, I, J, D = shape
     u_hat_t, u_hat = rounded(scale * rng.standard_normal(shape), dtype)
     dv_t, dv = rounded(rng.standard_normal((B, J, D)), dtype)
     bias_t, bias = rounded(rng.standard_normal((J, D)), dtype) if use_bias else (None, None)
-    v_ref, du_ref, dbias_ref = reference_routing(u_hat, dv, iterations, bias, agreement_grad)
+    v_ref, du_ref, dbias_ref = reference_routing(u_hat, dv, iterations, bias, gradient)
 
     u_hat_t.requires_grad_(True)
     if bias_t is not None:
         bias_t.requires_grad_(True)
-    v = dynamic_routing(u_hat_t, iterations, backend="torch", bias=bias_t,
-                        agreement_grad=agreement_grad)
+    v = dynamic_routing(u_hat_t, iterations, backend="torch", bias=bias_t, gradient=gradient)
     v.backward(dv_t)
     assert v.dtype == dtype and u_hat_t.grad.dtype == dtype
     tol = TOLERANCE[dtype]
@@ -119,28 +119,23 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x: squash(x, dim=0, backend="torch"), (s,))
 
 
-def eager_routing(u_hat, iterations, agreement_grad):
-    """Autograd through a plain loop: the oracle for the agreement-stopped gradient policy."""
-    logits = torch.zeros(u_hat.shape[:3], dtype=u_hat.dtype)
-    for t in range(iterations):
-        c = torch.softmax(logits, dim=2)
-        s = (c.unsqueeze(-1) * u_hat).sum(dim=1)
-        n2 = (s * s).sum(-1, keepdim=True)
-        v = s * n2.sqrt() / (1 + n2)
-        if t < iterations - 1:
-            agreeing = u_hat if agreement_grad else u_hat.detach()
-            logits = logits + (agreeing * v.unsqueeze(1)).sum(-1)
-    return v
-
-
-@pytest.mark.parametrize("agreement_grad", [True, False])
-def test_gradient_policies_match_autograd_of_an_eager_loop(agreement_grad):
-    u_hat = torch.randn(2, 7, 4, 3, dtype=torch.float64, requires_grad=True)
-    dv = torch.randn(2, 4, 3, dtype=torch.float64)
-    (expected,) = torch.autograd.grad(eager_routing(u_hat, 3, agreement_grad), u_hat, dv)
-    (got,) = torch.autograd.grad(dynamic_routing(u_hat, 3, backend="torch",
-                                                 agreement_grad=agreement_grad), u_hat, dv)
-    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-14)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("use_bias", [False, True], ids=["no_bias", "bias"])
+def test_gradient_policies_match_autograd_of_the_literal_loop(backend, gradient, use_bias):
+    """Both policies against autograd through Procedure 1's literal loop (u_hat and bias detached
+    in iterations 1..r-1 under "last"), in float64, for r = 1..4."""
+    for iterations in (1, 2, 3, 4):
+        u_hat = torch.randn(2, 7, 4, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        bias = torch.randn(4, 3, dtype=torch.float64, device=DEVICE, requires_grad=True) if use_bias else None
+        inputs = (u_hat, bias) if use_bias else (u_hat,)
+        dv = torch.randn(2, 4, 3, dtype=torch.float64, device=DEVICE)
+        expected = torch.autograd.grad(baseline_routing(u_hat, iterations, bias=bias, gradient=gradient),
+                                       inputs, dv)
+        got = torch.autograd.grad(dynamic_routing(u_hat, iterations, bias=bias, gradient=gradient,
+                                                  backend=backend), inputs, dv)
+        for g, e in zip(got, expected):
+            assert torch.allclose(g, e, rtol=1e-12, atol=1e-14), (iterations, gradient)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -223,6 +218,14 @@ def test_compile_fullgraph_traces_through_the_ops():
     (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), bias=torch.randn(4, 5, device="meta")),
      ValueError, "device"),
     (lambda: dynamic_routing(np.zeros((2, 3, 4, 5))), TypeError, "torch.Tensor"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), gradient=True), ValueError,
+     r"gradient must be one of \('full', 'last'\)"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), gradient="agreement"), ValueError, "gradient"),
+    (lambda: dynamic_routing(torch.randn(2, 0, 4, 5)), ValueError, "at least one input capsule"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 0, 5)), ValueError, "at least one input capsule"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 0)), ValueError, "at least one input capsule"),
+    (lambda: squash(torch.randn(3, 0)), ValueError, "0 dimensions"),
+    (lambda: squash(torch.randn(0, 3), dim=0), ValueError, "0 dimensions"),
     (lambda: squash(torch.tensor(1.0)), ValueError, "scalar"),
     (lambda: squash(torch.ones(3, dtype=torch.int32)), TypeError, "floating"),
     (lambda: squash(torch.randn(3), backend="numpy"), ValueError, "backend"),
@@ -240,3 +243,79 @@ def test_triton_backend_on_cpu_tensors_without_the_interpreter_says_so(monkeypat
                  lambda: dynamic_routing(torch.randn(2, 3, 4, 5), backend="triton")):
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             call()
+
+
+# NumPy (the reference, and the interpreter's kernels) warns of the NaN these tests ask for.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_squash_of_a_capsule_holding_nan_or_inf_is_all_nan_like_the_reference(backend):
+    """SPEC 7: a NaN or inf anywhere in a capsule gives NaN in all of its v and ds; the capsules
+    beside it are unaffected."""
+    inf, nan = float("inf"), float("nan")
+    rows = [[nan, 1.0, 2.0], [inf, 1.0, 2.0], [-inf, 0.0, 0.0], [inf, -inf, 1.0], [1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]
+    s_np = np.array(rows)
+    v_ref = squash_forward(s_np)
+    ds_ref = squash_backward(np.ones_like(s_np), s_np)
+    assert np.isnan(v_ref[:4]).all() and np.isnan(ds_ref[:4]).all()
+    assert np.isfinite(v_ref[4:]).all() and np.isfinite(ds_ref[4:]).all()
+    for dtype in (torch.float64, torch.float32):
+        s = torch.tensor(rows, dtype=dtype, device=DEVICE, requires_grad=True)
+        v = squash(s, backend=backend)
+        v.backward(torch.ones_like(v))
+        assert torch.isnan(v[:4]).all() and torch.isnan(s.grad[:4]).all(), (dtype, v, s.grad)
+        assert rel_error(v[4:], v_ref[4:]) <= TOLERANCE[dtype]
+        assert rel_error(s.grad[4:], ds_ref[4:]) <= TOLERANCE[dtype]
+
+
+# NumPy (the reference, and the interpreter's kernels) warns of the NaN these tests ask for.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_routing_of_a_sample_holding_nan_or_inf_is_all_nan_like_the_reference(backend, gradient, iterations):
+    """SPEC 7: NaN in all of v (and du_hat) of the sample whose u_hat holds a NaN or inf, even
+    with one iteration; the other samples as the reference routes them."""
+    for bad in (float("nan"), float("inf")):
+        u_np = np.random.default_rng(5).standard_normal((3, 6, 4, 5))
+        u_np[1, 2, 3, 4] = bad
+        dv_np = np.random.default_rng(6).standard_normal((3, 4, 5))
+        v_ref, du_ref, _ = reference_routing(u_np, dv_np, iterations, None, gradient)
+        u_hat = torch.tensor(u_np, device=DEVICE, requires_grad=True)
+        v = dynamic_routing(u_hat, iterations, gradient=gradient, backend=backend)
+        v.backward(torch.tensor(dv_np, device=DEVICE))
+        assert np.isnan(v_ref[1]).all() and torch.isnan(v[1]).all() and torch.isnan(u_hat.grad[1]).all()
+        for b in (0, 2):
+            assert rel_error(v[b], v_ref[b]) <= 1e-12 and rel_error(u_hat.grad[b], du_ref[b]) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_an_empty_batch_gives_empty_results_forward_and_backward(backend, gradient):
+    u_hat = torch.randn(0, 5, 3, 4, device=DEVICE, requires_grad=True)
+    bias = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    v = dynamic_routing(u_hat, 3, bias=bias, gradient=gradient, backend=backend)
+    assert v.shape == (0, 3, 4)
+    v.sum().backward()
+    assert u_hat.grad.shape == (0, 5, 3, 4) and torch.equal(bias.grad, torch.zeros_like(bias))
+    s = torch.randn(0, 7, device=DEVICE, requires_grad=True)
+    squashed = squash(s, backend=backend)
+    assert squashed.shape == (0, 7)
+    squashed.sum().backward()
+    assert s.grad.shape == (0, 7)
+
+
+def test_digit_caps_takes_a_gradient_policy():
+    layer = DigitCaps(6, 5, 3, 4, routing_iterations=2, gradient="last")
+    assert layer.gradient == "last" and "gradient='last'" in repr(layer)
+    assert DigitCaps(6, 5, 3, 4).gradient == "full"
+    u = torch.randn(2, 6, 5, dtype=torch.float64)
+    layer = layer.double()
+    (expected,) = torch.autograd.grad(
+        baseline_routing(torch.einsum("ijdp,bip->bijd", layer.weight, u), 2, gradient="last").sum(), layer.weight)
+    (got,) = torch.autograd.grad(layer(u).sum(), layer.weight)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-14)
+    for bad in (True, "stop"):
+        with pytest.raises(ValueError, match="gradient must be one of"):
+            DigitCaps(6, 5, 3, 4, gradient=bad)

@@ -18,7 +18,6 @@ from capsnet_triton.reference import (
     squash_forward,
 )
 from capsnet_triton.numerics import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices
-from reference_checks import torch_routing
 
 TINY = CapsNetConfig(in_channels=1, image_size=12, conv_channels=4, kernel_size=3, primary_types=2, primary_dims=3,
                      num_classes=3, digit_dims=4, decoder_hidden=(6, 8))
@@ -104,11 +103,12 @@ def test_gradient_of_the_total_loss_matches_finite_differences(routing_bias, ite
         assert relative_error(grads[name].ravel()[indices], numeric) <= FD_TOLERANCE, name
 
 
-def torch_network_loss(params, images, labels, config, iterations, agreement_grad, reconstruction_weight):
+def torch_network_loss(params, images, labels, config, iterations, routing_gradient, reconstruction_weight):
     """The same network written with torch ops, for autograd to differentiate."""
     import torch
     import torch.nn.functional as F
 
+    from capsnet_triton.baselines import routing
     from capsnet_triton.baselines import squash as torch_squash
 
     T, P, h = config.primary_types, config.primary_dims, config.primary_grid
@@ -117,7 +117,7 @@ def torch_network_loss(params, images, labels, config, iterations, agreement_gra
     primary = F.conv2d(features, params["primary_caps.conv.weight"], params["primary_caps.conv.bias"], stride=2)
     u = torch_squash(primary.view(B, T, P, h, h).permute(0, 1, 3, 4, 2).reshape(B, T * h * h, P))
     u_hat = torch.einsum("ijdp,bip->bijd", params["digit_caps.weight"], u)
-    v = torch_routing(u_hat, iterations, params.get("digit_caps.bias"), agreement_grad)
+    v = routing(u_hat, iterations, bias=params.get("digit_caps.bias"), gradient=routing_gradient)
     lengths = v.norm(dim=-1)
     target = F.one_hot(labels, config.num_classes).to(v.dtype)
     margin = (target * F.relu(0.9 - lengths) ** 2 + 0.5 * (1 - target) * F.relu(lengths - 0.1) ** 2).sum(1).mean()
@@ -129,15 +129,15 @@ def torch_network_loss(params, images, labels, config, iterations, agreement_gra
     return margin + reconstruction_weight * recon_loss
 
 
-@pytest.mark.parametrize("routing_bias, agreement_grad", [(False, True), (True, True), (True, False)])
-def test_loss_and_gradients_match_torch_autograd(routing_bias, agreement_grad):
+@pytest.mark.parametrize("routing_bias, routing_gradient", [(False, "full"), (True, "full"), (True, "last")])
+def test_loss_and_gradients_match_torch_autograd(routing_bias, routing_gradient):
     torch = pytest.importorskip("torch")
     config = dataclasses.replace(TINY, routing_bias=routing_bias)
     params, images, labels, _ = tiny_problem(config, 2, batch=4)
     params_t = {name: torch.tensor(p, requires_grad=True) for name, p in params.items()}
-    loss_t = torch_network_loss(params_t, torch.tensor(images), torch.tensor(labels), config, 3, agreement_grad, 0.0005)
+    loss_t = torch_network_loss(params_t, torch.tensor(images), torch.tensor(labels), config, 3, routing_gradient, 0.0005)
     loss_t.backward()
-    loss, cache = network_forward(params, images, labels, config, agreement_grad=agreement_grad)
+    loss, cache = network_forward(params, images, labels, config, routing_gradient=routing_gradient)
     grads = network_backward(cache)
     assert relative_error(loss, loss_t.item()) <= 1e-12
     for name in params:

@@ -1,13 +1,14 @@
 """Routing by agreement (Procedure 1): gradients against finite differences and torch autograd
-for both gradient policies, and the properties the paper's procedure must have."""
+for both gradient policies, the properties the paper's procedure must have, and SPEC 7's policy
+for non-finite and empty input."""
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from capsnet_triton.reference import routing_backward, routing_forward, squash_forward
-from reference_checks import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices, torch_routing
+from capsnet_triton.reference import routing_backward, routing_forward, squash_backward, squash_forward
+from reference_checks import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices
 
 
 @st.composite
@@ -23,14 +24,14 @@ def routing_problems(draw):
     return u_hat, iterations, bias, dv, rng
 
 
-def projected_loss(u_hat, iterations, bias, dv, agreement_grad=True):
-    v, _ = routing_forward(u_hat, iterations, bias=bias, agreement_grad=agreement_grad)
+def projected_loss(u_hat, iterations, bias, dv):
+    v, _ = routing_forward(u_hat, iterations, bias=bias)
     return np.sum(v * dv)
 
 
-def analytic_gradients(u_hat, iterations, bias, dv, agreement_grad=True):
+def analytic_gradients(u_hat, iterations, bias, dv, gradient="full"):
     """(du_hat, dbias or None) from the reference backward."""
-    _, cache = routing_forward(u_hat, iterations, bias=bias, agreement_grad=agreement_grad)
+    _, cache = routing_forward(u_hat, iterations, bias=bias, gradient=gradient)
     grads = routing_backward(dv, cache)
     return grads if bias is not None else (grads, None)
 
@@ -47,18 +48,21 @@ def test_backward_matches_finite_differences(problem):
         assert relative_error(dbias.ravel(), numeric_bias) <= FD_TOLERANCE
 
 
-@pytest.mark.parametrize("agreement_grad", [True, False])
+@pytest.mark.parametrize("gradient", ["full", "last"])
 @given(problem=routing_problems())
-def test_matches_torch_autograd(problem, agreement_grad):
+def test_matches_torch_autograd(problem, gradient):
+    """Autograd through Procedure 1's literal loop, u_hat and bias detached in iterations 1..r-1
+    under "last", is the exact gradient of each policy in float64."""
     torch = pytest.importorskip("torch")
+    from capsnet_triton.baselines import routing
     u_hat, iterations, bias, dv, _ = problem
     u_hat_t = torch.tensor(u_hat, requires_grad=True)
     bias_t = None if bias is None else torch.tensor(bias, requires_grad=True)
-    v_t = torch_routing(u_hat_t, iterations, bias_t, agreement_grad)
+    v_t = routing(u_hat_t, iterations, bias=bias_t, gradient=gradient)
     v_t.backward(torch.tensor(dv))
 
-    v, _ = routing_forward(u_hat, iterations, bias=bias, agreement_grad=agreement_grad)
-    du_hat, dbias = analytic_gradients(u_hat, iterations, bias, dv, agreement_grad)
+    v, _ = routing_forward(u_hat, iterations, bias=bias, gradient=gradient)
+    du_hat, dbias = analytic_gradients(u_hat, iterations, bias, dv, gradient)
     assert relative_error(v, v_t.detach().numpy()) <= 1e-12
     assert relative_error(du_hat, u_hat_t.grad.numpy()) <= 1e-12
     if bias is not None:
@@ -67,10 +71,20 @@ def test_matches_torch_autograd(problem, agreement_grad):
 
 def test_policies_differ_only_from_the_second_iteration(rng):
     u_hat, dv = rng.normal(size=(2, 7, 4, 3)), rng.normal(size=(2, 4, 3))
-    full = analytic_gradients(u_hat, 1, None, dv, True)[0]
-    assert np.array_equal(full, analytic_gradients(u_hat, 1, None, dv, False)[0])
-    full = analytic_gradients(u_hat, 3, None, dv, True)[0]
-    assert relative_error(analytic_gradients(u_hat, 3, None, dv, False)[0], full) > 1e-3
+    full = analytic_gradients(u_hat, 1, None, dv, "full")[0]
+    assert np.array_equal(full, analytic_gradients(u_hat, 1, None, dv, "last")[0])
+    full = analytic_gradients(u_hat, 3, None, dv, "full")[0]
+    assert relative_error(analytic_gradients(u_hat, 3, None, dv, "last")[0], full) > 1e-3
+
+
+def test_last_policy_is_the_last_iterations_coupling_times_its_ds(rng):
+    """"last": c^(r) is a constant, so du_hat = c^(r) ds^(r) and dbias = sum_b ds^(r)."""
+    u_hat, bias, dv = rng.normal(size=(2, 7, 4, 3)), rng.normal(size=(4, 3)), rng.normal(size=(2, 4, 3))
+    _, cache = routing_forward(u_hat, 3, bias=bias, gradient="last")
+    du_hat, dbias = routing_backward(dv, cache)
+    ds = squash_backward(dv, cache["s_all"][-1])
+    assert relative_error(du_hat, cache["couplings"][-1][..., None] * ds[:, None]) <= 1e-15
+    assert relative_error(dbias, ds.sum(axis=0)) <= 1e-15
 
 
 @given(routing_problems())
@@ -133,6 +147,39 @@ def test_bad_input_raises(rng):
             routing_forward(rng.normal(size=(1, 2, 3, 4)), bad)
     with pytest.raises(ValueError, match="bias"):
         routing_forward(rng.normal(size=(1, 2, 3, 4)), bias=np.zeros((4, 3)))
+    for bad in (True, False, "stop", None):
+        with pytest.raises(ValueError, match=r"gradient must be one of \('full', 'last'\)"):
+            routing_forward(rng.normal(size=(1, 2, 3, 4)), gradient=bad)
+    for shape in ((1, 0, 3, 4), (1, 2, 0, 4), (1, 2, 3, 0)):
+        with pytest.raises(ValueError, match="at least one input capsule, parent and dimension"):
+            routing_forward(np.ones(shape))
     _, cache = routing_forward(rng.normal(size=(1, 2, 3, 4)))
     with pytest.raises(ValueError, match="dv"):
         routing_backward(np.zeros((1, 3, 5)), cache)
+
+
+# NumPy warns of the NaN this test asks for.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_sample_gives_nan_in_all_of_its_outputs(bad, iterations, gradient, rng):
+    """SPEC 7: NaN in every v (and gradient) of the sample that holds the NaN or inf, even where
+    one iteration would reach only one parent; the other samples are routed as if alone."""
+    u_hat, bias, dv = rng.normal(size=(3, 6, 4, 5)), rng.normal(size=(4, 5)), rng.normal(size=(3, 4, 5))
+    u_hat[1, 2, 3, 4] = bad
+    v, cache = routing_forward(u_hat, iterations, bias=bias, gradient=gradient)
+    du_hat, dbias = routing_backward(dv, cache)
+    assert np.isnan(v[1]).all() and np.isnan(du_hat[1]).all() and np.isnan(dbias).all()
+    for b in (0, 2):
+        v_b, cache_b = routing_forward(u_hat[b:b + 1], iterations, bias=bias, gradient=gradient)
+        du_b, _ = routing_backward(dv[b:b + 1], cache_b)
+        assert np.array_equal(v[b], v_b[0]) and np.array_equal(du_hat[b], du_b[0])
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_an_empty_batch_gives_empty_results(gradient):
+    v, cache = routing_forward(np.ones((0, 5, 3, 4)), 3, bias=np.ones((3, 4)), gradient=gradient)
+    du_hat, dbias = routing_backward(np.ones((0, 3, 4)), cache)
+    assert v.shape == (0, 3, 4) and du_hat.shape == (0, 5, 3, 4)
+    assert np.array_equal(dbias, np.zeros((3, 4)))

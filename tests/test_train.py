@@ -18,6 +18,8 @@ import torch
 from capsnet_triton import evaluate, train
 from capsnet_triton.data import load_split, to_float
 from capsnet_triton.figures import PERTURBATIONS, capsule_perturbations
+from capsnet_triton.model import build_model
+from capsnet_triton.training.checkpoint import rng_state, save_atomic, set_rng_state
 from idx_files import write_dataset
 
 # One xdist worker runs this file (addopts use --dist loadgroup), so the module's runs are shared.
@@ -168,7 +170,7 @@ def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path):
     single, ddp = load(tmp_path / "single"), load(tmp_path / "ddp")
     assert ddp["world_size"] == 2 and ddp["position"]["global_step"] == 1
     torch.manual_seed(7)                                           # the run's seed: its initial parameters
-    initial = evaluate.build_model(single["config"]).state_dict()
+    initial = build_model(single["config"]).state_dict()
     for key, value in single["model"].items():
         torch.testing.assert_close(ddp["model"][key], value, rtol=0, atol=1e-6, msg=key)
     # Adam's first step moves a parameter with a clear gradient by about lr = 1e-3, far beyond the tolerance.
@@ -212,10 +214,10 @@ def test_command_line_errors(straight_run, data_dir, tmp_path, capsys):
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     device = torch.device("cpu")
-    state = train._rng_state(device)
-    train.save_atomic({"rng": state}, tmp_path / "rng.pt")
+    state = rng_state(device)
+    save_atomic({"rng": state}, tmp_path / "rng.pt")
     draws = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
-    train._set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"], device)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"], device)
     assert torch.equal(torch.rand(3), draws[0])
     assert np.array_equal(np.random.rand(3), draws[1])
     assert [random.random() for _ in range(3)] == draws[2]

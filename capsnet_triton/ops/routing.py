@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..checks import check_bias, check_iterations, check_u_hat, compute_dtype, pick_backend
+from ..checks import check_bias, check_gradient, check_iterations, check_u_hat, compute_dtype, pick_backend
 from .squash import squash_backward_torch, squash_forward_torch
 
 __all__ = ["dynamic_routing"]
@@ -35,14 +35,14 @@ def _block_diagonal(x):
 def _agreement(u3, x):
     """sum_d u_hat[b,i,j,d] x[b,t,j,d] -> [B, I, T, J], for u3 = u_hat as [B, I, J*D]."""
     B, T, J, _ = x.shape
-    return torch.bmm(u3, _block_diagonal(x).transpose(1, 2)).view(B, -1, T, J)
+    return torch.bmm(u3, _block_diagonal(x).transpose(1, 2)).view(B, u3.shape[1], T, J)
 
 
 def _weighted_sum(weights, u3, J):
     """sum_i weights[b,i,t,j] u_hat[b,i,j,d] -> [B, T, J, D]."""
     B, I, T, _ = weights.shape
     full = torch.bmm(weights.reshape(B, I, T * J).transpose(1, 2), u3)      # [B, T*J, J*D]
-    return torch.diagonal(full.view(B, T, J, J, -1), dim1=2, dim2=3).transpose(2, 3)
+    return torch.diagonal(full.view(B, T, J, J, u3.shape[2] // J), dim1=2, dim2=3).transpose(2, 3)
 
 
 def _coupling(logits):
@@ -67,6 +67,9 @@ def _routing_forward_torch(u_hat, iterations, bias):
     for t in range(iterations):
         if v_sum is None:                                          # b = 0: uniform c = 1/J
             s = u3.sum(dim=1).view(B, J, D) / J
+            # s^(1) is not finite where the sample's u_hat is not (or where the sum overflows):
+            # make all of that sample's outputs NaN, as the kernels' and the reference's are (SPEC 7).
+            s = s + (s * 0).sum(dim=(1, 2), keepdim=True)
         else:
             coupling = _coupling(_agreement(u3, v_sum.unsqueeze(1)))       # [B, I, 1, J]
             s = _weighted_sum(coupling, u3, J).squeeze(1)          # [B, J, D]
@@ -78,9 +81,11 @@ def _routing_forward_torch(u_hat, iterations, bias):
     return v.to(u_hat.dtype), s_all
 
 
-def _routing_backward_torch(dv, u_hat, s_all, agreement_grad):
+def _routing_backward_torch(dv, u_hat, s_all, gradient):
     r, B, J, D = s_all.shape
     u3 = _as_rows(u_hat)
+    if gradient == "last":
+        return _routing_backward_last_torch(dv, u_hat, u3, s_all)
     v_all = squash_forward_torch(s_all)                           # [r, B, J, D]
     v_sums = (torch.cumsum(v_all, dim=0) - v_all).transpose(0, 1)  # [B, r, J, D], V^(t)
     # The couplings of iterations 2..r, recomputed in one product (the first is uniform).
@@ -104,12 +109,26 @@ def _routing_backward_torch(dv, u_hat, s_all, agreement_grad):
     uniform = u3.new_full((B, u3.shape[1], 1, J), 1.0 / J)
     weights = [uniform] + ([couplings] if r > 1 else [])
     vectors = [ds_all.transpose(0, 1)]
-    if agreement_grad and r > 1:
+    if r > 1:
         weights.append(torch.stack(dlogits[::-1], dim=2))          # [B, I, r-1, J]
         vectors.append(v_sums[:, 1:])
     weights = torch.cat(weights, dim=2)                            # [B, I, T, J]
     vectors = torch.cat(vectors, dim=1)                            # [B, T, J, D]
-    du3 = torch.bmm(weights.reshape(B, -1, weights.shape[2] * J), _block_diagonal(vectors))
+    du3 = torch.bmm(weights.reshape(B, u3.shape[1], weights.shape[2] * J), _block_diagonal(vectors))
+    return du3.view(u_hat.shape).to(u_hat.dtype), ds_all
+
+
+def _routing_backward_last_torch(dv, u_hat, u3, s_all):
+    """The "last" policy: c^(r) is a constant, du_hat = c^(r) ds^(r) and ds^(t) = 0 for t < r.
+
+    One pass over u_hat to recompute c^(r) from V^(r), one to write du_hat; nothing of the
+    earlier iterations but their s."""
+    r, B, J, D = s_all.shape
+    v_sum = squash_forward_torch(s_all[:-1]).sum(dim=0, keepdim=True).transpose(0, 1)  # [B, 1, J, D], V^(r)
+    coupling = _coupling(_agreement(u3, v_sum))                    # [B, I, 1, J]
+    ds_all = torch.zeros_like(s_all)
+    ds_all[-1] = squash_backward_torch(dv.to(s_all.dtype), s_all[-1])       # [B, J, D]
+    du3 = torch.bmm(coupling.view(B, u3.shape[1], J), _block_diagonal(ds_all[-1].unsqueeze(1)))
     return du3.view(u_hat.shape).to(u_hat.dtype), ds_all
 
 
@@ -119,8 +138,8 @@ def _routing_backward_torch(dv, u_hat, s_all, agreement_grad):
 
 @torch.library.custom_op("capsnet_triton::routing_forward", mutates_args=())
 def _routing_forward_op(u_hat: torch.Tensor, iterations: int, bias: Optional[torch.Tensor],
-                        agreement_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    # agreement_grad is unused here; it is an input so that the backward rule can read it.
+                        gradient: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # gradient is unused here; it is an input so that the backward rule can read it.
     if backend == "triton":
         from capsnet_triton.kernels import routing_forward
         return routing_forward(u_hat, iterations, bias)
@@ -129,39 +148,38 @@ def _routing_forward_op(u_hat: torch.Tensor, iterations: int, bias: Optional[tor
 
 @torch.library.custom_op("capsnet_triton::routing_backward", mutates_args=())
 def _routing_backward_op(dv: torch.Tensor, u_hat: torch.Tensor, s_all: torch.Tensor,
-                         agreement_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                         gradient: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from capsnet_triton.kernels import routing_backward
-        return routing_backward(dv, u_hat, s_all, agreement_grad=agreement_grad)
-    return _routing_backward_torch(dv, u_hat, s_all, agreement_grad)
+        return routing_backward(dv, u_hat, s_all, gradient=gradient)
+    return _routing_backward_torch(dv, u_hat, s_all, gradient)
 
 
 @_routing_forward_op.register_fake
-def _(u_hat, iterations, bias, agreement_grad, backend):
+def _(u_hat, iterations, bias, gradient, backend):
     B, _, J, D = u_hat.shape
     v = u_hat.new_empty((B, J, D))
     return v, u_hat.new_empty((iterations, B, J, D), dtype=compute_dtype(u_hat.dtype))
 
 
 @_routing_backward_op.register_fake
-def _(dv, u_hat, s_all, agreement_grad, backend):
+def _(dv, u_hat, s_all, gradient, backend):
     # Both implementations return a contiguous du_hat whatever u_hat's strides are.
     return u_hat.new_empty(u_hat.shape), torch.empty_like(s_all)
 
 
 def _setup_context(ctx, inputs, output):
-    u_hat, _, bias, agreement_grad, backend = inputs
+    u_hat, _, bias, gradient, backend = inputs
     _, s_all = output
     ctx.save_for_backward(u_hat, s_all)
-    ctx.agreement_grad = agreement_grad
+    ctx.gradient = gradient
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dv, _ds_all_unused):
     u_hat, s_all = ctx.saved_tensors
-    du_hat, ds_all = _routing_backward_op(dv.contiguous(), u_hat, s_all, ctx.agreement_grad,
-                                          ctx.backend)
+    du_hat, ds_all = _routing_backward_op(dv.contiguous(), u_hat, s_all, ctx.gradient, ctx.backend)
     dbias = None if ctx.bias_dtype is None else ds_all.sum(dim=(0, 1)).to(ctx.bias_dtype)
     return du_hat, None, dbias, None, None
 
@@ -173,21 +191,23 @@ _routing_forward_op.register_autograd(_backward, setup_context=_setup_context)
 # The public function
 # ---------------------------------------------------------------------------------------------
 
-def dynamic_routing(u_hat, iterations=3, *, backend=None, bias=None, agreement_grad=True):
+def dynamic_routing(u_hat, iterations=3, *, bias=None, gradient="full", backend=None):
     """Routing by agreement (paper Procedure 1) from prediction vectors to output capsules.
 
     u_hat: [B, I, J, D] prediction vectors u_hat[b, i, j] = W[i, j] u[b, i] (Eq. 2).
     iterations: r >= 1 routing iterations (the paper uses 3; r = 1 is uniform coupling 1/J).
     bias: optional [J, D] added to s in every iteration (the official code has one).
-    agreement_grad: True (default, as the official code) lets the gradient flow through every
-        iteration including the agreement b += u_hat . v; False is the common variant that
-        treats u_hat as a constant inside the agreement, so that the gradient reaches u_hat only
-        through s = sum_i c_ij u_hat_ij of each iteration.
-    Returns v [B, J, D] in u_hat's dtype (half precision is accumulated in float32).
+    gradient: "full" (default, as the official code) lets the gradient flow through every
+        iteration, agreement included; "last" treats u_hat (and bias) as constants in iterations
+        1..r-1, so the coupling c^(r) is a constant and du_hat = c^(r) ds^(r): a cheaper backward
+        that needs no pass over the earlier iterations (SPEC section 3).
+    Returns v [B, J, D] in u_hat's dtype (half precision is accumulated in float32). A sample
+    whose u_hat holds a NaN or inf gets NaN in all of its v; an empty batch gives an empty v.
     """
     check_u_hat(u_hat)
     check_iterations(iterations)
     check_bias(bias, u_hat)
+    check_gradient(gradient)
     backend = pick_backend(backend, u_hat)
-    v, _ = _routing_forward_op(u_hat, iterations, bias, bool(agreement_grad), backend)
+    v, _ = _routing_forward_op(u_hat, iterations, bias, gradient, backend)
     return v

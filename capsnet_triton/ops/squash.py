@@ -113,9 +113,10 @@ def squash(s, dim=-1, *, backend=None):
     """Squash (paper Eq. 1) over `dim`: v = s |s| / (1 + |s|^2).
 
     Exact (no epsilon), 0 -> 0 with gradient exactly 0, overflow-safe. Half and bfloat16 inputs
-    are computed in float32 and returned in their own dtype.
+    are computed in float32 and returned in their own dtype. A capsule holding a NaN or inf gives
+    NaN in all of its outputs; no capsules (an empty axis other than `dim`) give an empty result.
     """
-    check_capsules(s, "s")
+    check_capsules(s, "s", dim)
     backend = pick_backend(backend, s)
     moved = s.movedim(dim, -1)
     return _squash_forward_op(moved.contiguous(), backend).movedim(-1, dim)

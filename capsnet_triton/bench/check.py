@@ -1,0 +1,49 @@
+"""The correctness gate: every provider's outputs and gradients against float64 ground truth
+before it is timed (SPEC section 8, float32), and the ground truth itself checked at startup."""
+
+import sys
+
+import numpy as np
+import torch
+
+from .providers import EINSUM, NUMPY
+from .workloads import SWEPT, WORKLOADS, Shape, as_inputs, build, make_arrays
+
+TOLERANCE = 1e-5          # float32 against float64 (SPEC section 8)
+GROUND_TRUTH_TOLERANCE = 1e-12   # float64 torch against the float64 NumPy reference
+
+
+def relative_error(outputs, expected):
+    """Largest ||out - ref|| / ||ref|| over the outputs; inf for NaN, inf or a wrong shape."""
+    worst = 0.0
+    for out, want in zip(outputs, expected, strict=True):
+        got = out.detach().cpu().double().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float64)
+        if got.shape != want.shape:
+            return float("inf")
+        scale = np.linalg.norm(want)
+        err = np.linalg.norm(got - want) / (scale if scale > 0 else 1.0)
+        worst = max(worst, err if np.isfinite(err) else float("inf"))
+    return worst
+
+
+def ground_truth(workload, arrays, shape, use_numpy):
+    """float64 outputs: the NumPy reference, or torch-einsum's code in float64 (large batches).
+    Always on the CPU, where the project's model (in the train step) uses no Triton kernel."""
+    provider = NUMPY if use_numpy else EINSUM
+    outputs = build(provider, workload, as_inputs(arrays, np.float64, torch.device("cpu"), use_numpy), shape)()
+    return [out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out) for out in outputs]
+
+
+def check_ground_truth(workloads=WORKLOADS):
+    """torch-einsum in float64 must equal the NumPy reference to rounding, at every r the plans
+    time, or it cannot stand in for the reference on large batches."""
+    for workload in workloads:
+        for r in (1, 2, 3, 4, 5) if workload.name == SWEPT else (3,):
+            shape = Shape(2, 72, r, conv_channels=16)
+            arrays = make_arrays(workload, shape)
+            expected = ground_truth(workload, arrays, shape, use_numpy=True)
+            got = ground_truth(workload, arrays, shape, use_numpy=False)
+            err = relative_error(got, expected)
+            if not err <= GROUND_TRUTH_TOLERANCE:
+                sys.exit(f"bench: torch-einsum in float64 differs from the NumPy reference on {workload.name} "
+                         f"at r = {r} (relative error {err:.1e}); ground truth for large batches is broken")

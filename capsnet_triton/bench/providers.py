@@ -1,0 +1,64 @@
+"""The implementations bench times, one Provider each: the NumPy reference, the eager baselines
+of `capsnet_triton.baselines`, torch.compile of the public-repo style, and the project's ops."""
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from capsnet_triton import baselines
+
+# Under Triton's interpreter a "triton" timing would measure NumPy emulating a GPU: the triton
+# provider refuses to run, and on a GPU bench refuses to start.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation. NumPy providers have no torch functions; torch providers give squash,
+    predict and routing; `backend` names the project's routing_backend (CapsNet uses it as is),
+    otherwise the training step swaps DigitCaps for this provider's predict and routing."""
+
+    name: str
+    about: str
+    numpy: bool = False
+    squash: Optional[Callable] = None
+    predict: Optional[Callable] = None
+    routing: Optional[Callable] = None
+    backend: Optional[str] = None
+    unavailable: Optional[str] = None       # why this provider cannot run in this process at all
+    needs_cuda: bool = False
+
+
+NUMPY = Provider("numpy-ref", "capsnet_triton.reference on float32 arrays", numpy=True)
+EAGER = Provider("torch-eager", "public-repo routing loop, eager autograd", squash=baselines.squash,
+                 predict=baselines.predict, routing=baselines.routing)
+EINSUM = Provider("torch-einsum", "the routing loop and u_hat written with einsum, eager autograd",
+                  squash=baselines.squash, predict=baselines.einsum_predict, routing=baselines.einsum_routing)
+
+
+def make_providers():
+    torch._dynamo.config.recompile_limit = 64    # one graph per (grad mode, shape, r): never fall back to eager
+    compiled = dict(squash=torch.compile(baselines.squash), predict=baselines.predict,
+                    routing=torch.compile(baselines.routing))
+    providers = [
+        NUMPY,
+        EAGER,
+        EINSUM,
+        Provider("torch-compile", "torch.compile of torch-eager's squash and routing", **compiled),
+    ]
+    from capsnet_triton.layers import predict
+    from capsnet_triton.ops import dynamic_routing, squash
+    for name, backend in (("project-torch", "torch"), ("triton", "triton")):
+        about = f'capsnet_triton.ops, backend="{backend}"'
+        refusal = None
+        if backend == "triton" and TRITON_INTERPRET:
+            refusal = ("refused: TRITON_INTERPRET is set, so Triton would time its CPU interpreter; "
+                       "unset it to time the kernels")
+        providers.append(Provider(name, about, squash=functools.partial(squash, backend=backend),
+                                  predict=predict, backend=backend, unavailable=refusal,
+                                  routing=functools.partial(dynamic_routing, backend=backend),
+                                  needs_cuda=backend == "triton"))
+    return providers

@@ -1,0 +1,127 @@
+"""What a run reports: the environment (machine, versions, load), the table printed to stdout,
+and the plot of median time per provider."""
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import sys
+
+import numpy as np
+import torch
+
+from .workloads import SWEPT
+
+
+def environment(device, bandwidth, args, load_before):
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(["python", "bench.py", *args]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        # Other processes on the machine skew CPU timings: the 1-minute load before and after.
+        "load_average": [load_before, load_average()],
+        "python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
+        "numpy": np.__version__, "cuda": torch.version.cuda,
+        "tf32": "off (every provider computes in full float32, as checked)" if device.type == "cuda" else None,
+        "copy_bandwidth_gbs": bandwidth,
+    }
+
+
+def load_average():
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _num(value, fmt):
+    return format(value, fmt) if value is not None else "-"
+
+
+def format_table(rows, env, providers):
+    lines = [f"CapsNet routing benchmark  {env['date']}",
+             f"device {env['device']} | cpu {env['cpu']} ({env['cpu_count']} cores, torch threads "
+             f"{env['torch_threads']}) | load average {_num(env['load_average'][0], '.1f')} before, "
+             f"{_num(env['load_average'][1], '.1f')} after",
+             f"python {env['python']} torch {env['torch']} triton {env['triton']} numpy {env['numpy']}"
+             + (f" cuda {env['cuda']} | TF32 {env['tf32']}" if env["cuda"] and env["device"] != "cpu" else ""),
+             "copy bandwidth (read + write): "
+             + ", ".join(f"{dev} {gbs:.1f} GB/s" for dev, gbs in env["copy_bandwidth_gbs"].items()),
+             f"command: {env['command']}"]
+    lines += ["providers:"] + [f"  {p.name:<15}{p.about}" for p in providers]
+    load = env["load_average"][0]
+    if load is not None and load + env["torch_threads"] > env["cpu_count"] + 0.5 and env["device"] == "cpu":
+        lines += [f"WARNING: load average {load:.1f} before the run on {env['cpu_count']} cores: other processes "
+                  "compete for the CPU,", "         and multi-threaded timings can come out several times "
+                  "slower (--threads 1 is steadier)"]
+    lines.append("")
+    header = (f"{'B':>5} {'r':>2}  {'provider':<14}{'median ms':>11}{'p25-p75 ms':>21}{'vs eager':>10}"
+              f"{'GB/s':>8}{'%copy':>7}{'peak MiB':>10}{'rel.err':>9}")
+    for workload in dict.fromkeys(r.workload for r in rows):
+        lines += [f"== {workload} ==", header]
+        for row in (r for r in rows if r.workload == workload):
+            lead = f"{row.B:>5} {row.r:>2}  {row.provider:<14}"
+            if row.status != "ok":
+                lines.append(f"{lead}{row.status}: {row.note}" if row.status == "FAILED" else f"{lead}{row.note}")
+                continue
+            spread = f"{row.p25_ms:.4g}-{row.p75_ms:.4g}"
+            lines.append(f"{lead}{row.median_ms:>11.4g}{spread:>21}{_num(row.vs_eager, '.2f') + ('x' if row.vs_eager else ''):>10}"
+                         f"{_num(row.gbs, '.1f'):>8}{_num(row.copy_share and 100 * row.copy_share, '.0f'):>7}"
+                         f"{_num(row.peak_mib, '.0f'):>10}{row.rel_error:>9.1e}")
+        lines.append("")
+    lines += ["vs eager: torch-eager's median / this median, same shape.  rel.err: against float64 ground truth.",
+              "GB/s: the bytes a fused kernel must move / median; %copy: that / the copy bandwidth above.",
+              "peak MiB: memory allocated during one call beyond what was allocated before it."]
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.status == "ok"]
+    if not timed:
+        print(f"bench: no row was timed, so there is no plot ({path} not written)", file=sys.stderr)
+        return
+    swept_batches = {r.B for r in timed if r.workload == SWEPT and r.r != 3}   # the r sweep's batch
+    panels = [(w, "B") for w in dict.fromkeys(r.workload for r in timed)] + [(SWEPT, "r")] * bool(swept_batches)
+    columns = min(3, len(panels))
+    rows_of_panels = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.5 * columns, 3.6 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    providers = list(dict.fromkeys(r.provider for r in timed))
+    colours = {provider: f"C{k}" for k, provider in enumerate(providers)}   # one colour per provider in every panel
+    for ax, (workload, axis) in zip(axes.flat, panels):
+        series = {}
+        for provider in providers:
+            points = sorted((getattr(r, axis), r.median_ms) for r in timed
+                            if r.workload == workload and r.provider == provider
+                            and (r.r == 3 if axis == "B" else r.B in swept_batches))
+            if points:
+                series[provider] = points
+        if axis == "B" and all(len(points) == 1 for points in series.values()):
+            # A workload timed at one batch: bars compare the providers better than lone dots.
+            names = list(series)
+            ax.barh(names, [series[name][0][1] for name in names], color=[colours[name] for name in names])
+            ax.invert_yaxis()
+            ax.set(title=f"{workload} (B = {series[names[0]][0][0]})", xlabel="median ms")
+            continue
+        for provider, points in series.items():
+            ax.plot(*zip(*points), marker="o", label=provider, color=colours[provider])
+        ax.set(title=workload + (" (r sweep)" if axis == "r" else ""), xlabel=axis, ylabel="median ms", yscale="log")
+        if axis == "B":
+            ax.set_xscale("log", base=2)
+    line_panels = [ax for ax in axes.flat if ax.get_lines()]
+    if line_panels:                                        # bar panels name providers on their axis
+        line_panels[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

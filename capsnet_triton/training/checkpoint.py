@@ -1,0 +1,123 @@
+"""Checkpoints of a training run: their format, atomic writes, and the global RNG states.
+
+A run folder holds two checkpoints of one format (CHECKPOINT_FORMAT), both loadable with
+`torch.load(..., weights_only=True)`:
+
+- last.pt, the full training state: the run configuration, the model, the optimizer, the
+  scheduler, the RNG states (torch, NumPy, Python, CUDA), the position (epoch, step), the best
+  validation so far, the running sums of the metrics and the length of the log;
+- best.pt, the model with the best validation accuracy: configuration, model, epoch, step and
+  its validation metrics.
+
+Exact resume: every random draw of the data pipeline is a pure function of (seed, epoch, step)
+(see `capsnet_triton.data`) and last.pt holds every other state, written atomically, so a run
+killed at any moment and resumed ends bit-identical on CPU to one never interrupted.
+"""
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+from ..data import default_permissions
+
+__all__ = ["CHECKPOINT_FORMAT", "save_atomic", "load_checkpoint", "save_training_state", "save_best_model",
+           "restore_training_state", "seed_everything", "rng_state", "set_rng_state"]
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a reader (or a resumed run
+    after a kill) sees either the old file or the complete new one, never a partial write."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    default_permissions(fd)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def load_checkpoint(path):
+    """The contents of a checkpoint (last.pt or best.pt) on the CPU; ValueError if it is none of ours."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
+            or "config" not in checkpoint or "model" not in checkpoint):
+        raise ValueError(f"{path} is not a capsnet_triton training checkpoint of format {CHECKPOINT_FORMAT}")
+    return checkpoint
+
+
+def save_training_state(path, *, config, model, optimizer, scheduler, epoch, step_in_epoch, steps_per_epoch,
+                        best, sums, log_bytes, device, world_size):
+    """Write last.pt: everything a resumed run needs to continue from (epoch, step_in_epoch)."""
+    save_atomic({
+        "format": CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "position": {"epoch": epoch, "step_in_epoch": step_in_epoch,
+                     "global_step": epoch * steps_per_epoch + step_in_epoch},
+        "best": best, "sums": sums, "log_bytes": log_bytes, "rng": rng_state(device), "world_size": world_size,
+    }, path)
+
+
+def save_best_model(path, *, config, model, epoch, global_step, validation):
+    """Write best.pt: the model chosen on validation, with the metrics that chose it."""
+    save_atomic({"format": CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(),
+                 "epoch": epoch, "global_step": global_step, "validation": validation}, path)
+
+
+def restore_training_state(checkpoint, model, optimizer, scheduler, device):
+    """Load last.pt's states into the run's objects and the global RNGs.
+
+    Returns (epoch, step_in_epoch, best, sums) to continue from.
+    """
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    # Restored last: building the model drew from the RNGs, which the uninterrupted run had not
+    # done at this point of its trajectory.
+    set_rng_state(checkpoint["rng"], device)
+    position = checkpoint["position"]
+    sums = {key: list(value) for key, value in checkpoint["sums"].items()}
+    return position["epoch"], position["step_in_epoch"], dict(checkpoint["best"]), sums
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(device):
+    """Every global RNG state as tensors and plain numbers (loadable with weights_only=True)."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    """Restore the global RNGs from `rng_state`'s result."""
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"].tolist()), python_state["gauss_next"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

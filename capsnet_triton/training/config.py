@@ -1,0 +1,131 @@
+"""The training command line and the run configuration it resolves to.
+
+A run's configuration is a plain dict of the options (argparse's names), stored in every
+checkpoint. A resumed run takes it from last.pt and accepts only the options of RESUMABLE.
+"""
+
+import argparse
+import os
+
+from ..data import DATASETS
+from .checkpoint import load_checkpoint
+
+__all__ = ["RESUMABLE", "build_parser", "check_config", "resolve_config"]
+
+# Options a resumed run may change: they do not alter the trajectory of the parameters, except
+# --device (CPU and GPU round differently, so a run resumed on the other loses bit-exactness).
+# Every other option is part of the run and must match the checkpoint's.
+RESUMABLE = ("data", "download", "epochs", "device", "checkpoint_every", "log_every", "limit_test")
+
+
+def build_parser(suppress_defaults=False):
+    """The command-line parser. With suppress_defaults, options not given are absent from the
+    result, which is how a resumed run tells what the user changed from what they left out."""
+    parser = argparse.ArgumentParser(
+        prog="python -m capsnet_triton.train",
+        description="Train CapsNet with dynamic routing (Sabour et al. 2017) on MNIST or Fashion-MNIST.",
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def add(group, *flags, default=None, **kwargs):
+        if not suppress_defaults:
+            kwargs["default"] = default
+        group.add_argument(*flags, **kwargs)
+
+    data = parser.add_argument_group("data")
+    add(data, "--data", metavar="DIR", help="folder with the IDX files (flat, or torchvision's MNIST/raw layout)")
+    add(data, "--dataset", default="mnist", choices=sorted(DATASETS), help="which dataset's files to load")
+    add(data, "--download", default=False, action="store_true",
+        help="fetch the .gz files from the canonical mirrors into DIR/<MNIST|FashionMNIST>/raw, "
+             "keeping those already there that pass their checksum")
+    add(data, "--validation-size", default=5000, type=int, help="training images held out for model selection")
+    add(data, "--split-seed", default=0, type=int, help="seed of the validation split (fixed across runs)")
+    add(data, "--max-shift", default=2, type=int, help="random shift augmentation in pixels (0: none)")
+    add(data, "--limit-train", type=int, metavar="N", help="train on N images of the shuffled training split only (smoke runs)")
+    add(data, "--limit-val", type=int, metavar="N", help="validate on N images only")
+    add(data, "--limit-test", type=int, metavar="N", help="test on N images only")
+
+    optim = parser.add_argument_group("optimisation")
+    add(optim, "--epochs", default=50, type=int, help="passes over the training split")
+    add(optim, "--batch-size", default=128, type=int, help="global batch, split over the ranks")
+    add(optim, "--lr", default=1e-3, type=float, help="Adam learning rate")
+    add(optim, "--lr-decay", default=0.96, type=float, help="learning rate factor per --lr-decay-steps")
+    add(optim, "--lr-decay-steps", default=2000, type=int, help="steps per --lr-decay factor (applied continuously)")
+    add(optim, "--reconstruction-weight", default=0.0005, type=float, help="weight of the reconstruction loss")
+    add(optim, "--seed", default=0, type=int, help="seed of the initialisation, the batch order and the shifts")
+    add(optim, "--amp", default=False, action="store_true", help="bfloat16 autocast")
+
+    model = parser.add_argument_group("model")
+    add(model, "--routing-iterations", default=3, type=int, help="r of Procedure 1")
+    add(model, "--no-agreement-grad", dest="agreement_grad", default=True, action="store_false",
+        help="treat u_hat as a constant inside the routing agreement (stop-gradient variant)")
+    add(model, "--routing-bias", default=False, action="store_true", help="learned bias added to s_j")
+    add(model, "--no-decoder", dest="decoder", default=True, action="store_false", help="no reconstruction network")
+    add(model, "--conv-channels", default=256, type=int, help="channels of Conv1")
+    add(model, "--primary-types", default=32, type=int, help="capsule types of PrimaryCaps")
+    add(model, "--decoder-hidden", default=[512, 1024], type=int, nargs=2, metavar=("H1", "H2"),
+        help="widths of the decoder's two hidden layers")
+
+    run = parser.add_argument_group("run")
+    add(run, "--out", default="runs/capsnet", metavar="RUN_DIR", help="folder of the log, checkpoints and figures")
+    add(run, "--resume", default=False, action="store_true", help="continue the run in RUN_DIR from last.pt")
+    add(run, "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    add(run, "--checkpoint-every", default=500, type=int, metavar="STEPS",
+        help="also checkpoint every STEPS steps (0: only at epoch ends)")
+    add(run, "--log-every", default=50, type=int, metavar="STEPS", help="steps per 'train' record of the log")
+    return parser
+
+
+def check_config(config, error):
+    """Call error(message) for the first option of `config` out of its range."""
+    positive = ("epochs", "batch_size", "lr_decay_steps", "routing_iterations", "conv_channels",
+                "primary_types", "validation_size", "log_every")
+    for key in positive:
+        if config[key] < 1:
+            error(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
+    for key in ("limit_train", "limit_val", "limit_test"):
+        if config[key] is not None and config[key] < 1:
+            error(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
+    if config["checkpoint_every"] < 0 or config["max_shift"] < 0:
+        error("--checkpoint-every and --max-shift must not be negative")
+    if not config["lr"] > 0 or not 0 < config["lr_decay"] <= 1:
+        error(f"need --lr > 0 and 0 < --lr-decay <= 1, got {config['lr']} and {config['lr_decay']}")
+    if min(config["decoder_hidden"]) < 1:
+        error(f"--decoder-hidden widths must be positive, got {config['decoder_hidden']}")
+
+
+def resolve_config(argv, parser):
+    """The run configuration and, with --resume, the checkpoint it continues from (else None).
+
+    Bad options end the program through parser.error.
+    """
+    args = parser.parse_args(argv)
+    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    last = os.path.join(args.out, "last.pt")
+    checkpoint = None
+    if args.resume:
+        if not os.path.isfile(last):
+            parser.error(f"--resume: there is no checkpoint {last} to continue")
+        try:
+            checkpoint = load_checkpoint(last)
+        except ValueError as e:
+            parser.error(f"--resume: {e}")
+        config = dict(checkpoint["config"])
+        for key, value in explicit.items():
+            if key in RESUMABLE:
+                config[key] = value
+            elif key not in ("out", "resume") and value != config[key]:
+                parser.error(f"--{key.replace('_', '-')} {value} differs from the run's {config[key]}; "
+                             f"a resumed run keeps its training configuration")
+        config["out"] = args.out
+    else:
+        if os.path.exists(last):
+            parser.error(f"{args.out} already holds a run (last.pt): pass --resume to continue it, "
+                         f"or choose another --out")
+        config = {key: value for key, value in vars(args).items() if key != "resume"}
+    if config["data"] is None:
+        parser.error("--data DIR is required (the folder with the MNIST IDX files)")
+    config["data"] = os.path.abspath(config["data"])
+    check_config(config, parser.error)
+    return config, checkpoint

@@ -1,0 +1,60 @@
+"""This process's place in a training run: its device and, under torchrun, its rank.
+
+Under torchrun (RANK / WORLD_SIZE in the environment) every rank trains on its shard of each
+global batch through DistributedDataParallel (NCCL on GPUs, gloo on CPUs). Only rank 0 logs and
+writes files, but every rank reads RUN_DIR/best.pt for the final test (and last.pt on --resume):
+across nodes, RUN_DIR must be on a file system they share (on one node any folder will do).
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Context", "init_distributed", "resolve_device"]
+
+
+@dataclass
+class Context:
+    """This process's place in a (possibly single-process) distributed run."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self, device):
+        if self.distributed:
+            dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def resolve_device(name, local_rank=0):
+    """The torch device for --device: "auto" is this rank's CUDA device when there is one, else the CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device_name):
+    """(Context, device): join the process group that torchrun describes in the environment, if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Context(), resolve_device(device_name)
+    context = Context(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    device = resolve_device(device_name, context.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return context, device
