@@ -2,7 +2,8 @@
 float64 NumPy reference, and the promise that makes it worth having: no tensor of u_hat's size
 [B, I, J, D] is ever allocated, forward or backward.
 
-"""
+The torch backend runs everywhere; the triton backend runs through the interpreter here and
+natively on a GPU machine (see conftest.py)."""
 
 import importlib
 
@@ -62,6 +63,18 @@ def test_torch_path_matches_reference(shape, iterations, use_bias, gradient, dty
     for name, out, ref in zip(("v", "du", "dW", "dbias"), got, expected):
         if ref is not None:
             assert_agrees(out, ref, dtype, name)
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_triton_backend_agrees_with_torch_backend(gradient):
+    u = torch.randn(3, 13, 2, device=DEVICE)
+    weight = torch.randn(13, 10, 16, 2, device=DEVICE) * 0.5
+    bias = torch.randn(10, 16, device=DEVICE)
+    dv = torch.randn(3, 10, 16, device=DEVICE)
+    got = run(u, weight, 3, dv, bias=bias, gradient=gradient, backend="triton")
+    expected = run(u, weight, 3, dv, bias=bias, gradient=gradient, backend="torch")
+    for out, ref in zip(got, expected):
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-6)
 
 
 def test_gradcheck_float64():
@@ -129,7 +142,7 @@ def test_backward_saves_only_u_weight_and_per_iteration_s():
     assert sum(saved) == u.numel() + weight.numel() + r * B * J * D
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_non_finite_input_gives_nan_in_all_of_its_samples_v_only(backend):
     u, weight = torch.randn(3, 6, 4, device=DEVICE), torch.randn(6, 5, 3, 4, device=DEVICE)
     u[0, 1, 2] = float("nan")
@@ -140,7 +153,7 @@ def test_non_finite_input_gives_nan_in_all_of_its_samples_v_only(backend):
     assert torch.allclose(v[1], capsule_linear(u[1:2], weight, 3, backend=backend)[0], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_empty_batch_gives_empty_results_and_zero_weight_gradient(backend):
     u = torch.empty(0, 6, 4, device=DEVICE, requires_grad=True)
     weight = torch.randn(6, 5, 3, 4, device=DEVICE, requires_grad=True)
