@@ -201,3 +201,19 @@ def test_compile_fullgraph_traces_through_the_op():
 def test_bad_input_is_refused_with_a_clear_message(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_digit_caps_fused_by_default_equals_its_unfused_path(gradient):
+    from capsnet_triton.layers import DigitCaps
+
+    fused = DigitCaps(9, 8, 10, 16, gradient=gradient, bias=True).double()
+    unfused = DigitCaps(9, 8, 10, 16, gradient=gradient, bias=True, fused=False).double()
+    unfused.load_state_dict(fused.state_dict())
+    assert fused.fused and not unfused.fused and "fused=True" in repr(fused)
+    u = torch.randn(4, 9, 8, dtype=torch.float64)
+    for layer in (fused, unfused):
+        layer(u).pow(2).sum().backward()
+    assert torch.allclose(fused(u), unfused(u), rtol=1e-12, atol=0)
+    for got, expected in zip(fused.parameters(), unfused.parameters()):
+        assert torch.allclose(got.grad, expected.grad, rtol=1e-12, atol=1e-15)
