@@ -98,7 +98,10 @@ def main(argv=None):
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be positive, got {args.limit}")
     device = resolve_device(args.device)
-    model, checkpoint = load_model(args.checkpoint, device)
+    try:
+        model, checkpoint = load_model(args.checkpoint, device)
+    except ValueError as e:
+        parser.error(str(e))
     config = checkpoint["config"]
     test = load_split(args.data or config["data"], args.dataset or config["dataset"], train=False)
     if args.limit is not None:

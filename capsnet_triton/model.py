@@ -37,14 +37,15 @@ class CapsNetOutput(NamedTuple):
 class CapsNet(nn.Module):
     """CapsNet with dynamic routing; see the module docstring for the architecture.
 
-    routing_iterations, agreement_grad, routing_bias and routing_backend configure DigitCaps
-    (`capsnet_triton.ops.dynamic_routing`); decoder=False drops the reconstruction network.
+    routing_iterations, routing_gradient ("full" or "last", SPEC 3), routing_bias and
+    routing_backend configure DigitCaps (`capsnet_triton.ops.dynamic_routing`, whose `gradient`
+    is routing_gradient); decoder=False drops the reconstruction network.
     PrimaryCaps' squash always picks its backend by device (Triton for CUDA tensors).
     """
 
     def __init__(self, in_channels=1, image_size=28, num_classes=10, conv_channels=256,
                  kernel_size=9, primary_types=32, primary_dims=8, digit_dims=16,
-                 routing_iterations=3, agreement_grad=True, routing_bias=False, decoder=True,
+                 routing_iterations=3, routing_gradient="full", routing_bias=False, decoder=True,
                  decoder_hidden=(512, 1024), routing_backend=None):
         super().__init__()
         conv1_size = image_size - kernel_size + 1
@@ -58,7 +59,7 @@ class CapsNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, conv_channels, kernel_size)
         self.primary_caps = PrimaryCaps(conv_channels, primary_types, primary_dims, kernel_size, stride=2)
         self.digit_caps = DigitCaps(primary_types * grid * grid, primary_dims, num_classes, digit_dims,
-                                    routing_iterations=routing_iterations, agreement_grad=agreement_grad,
+                                    routing_iterations=routing_iterations, gradient=routing_gradient,
                                     bias=routing_bias, backend=routing_backend)
         self.decoder = (Decoder(num_classes * digit_dims, decoder_hidden, in_channels * image_size ** 2)
                         if decoder else None)
@@ -114,7 +115,7 @@ def build_model(config):
         conv_channels=config["conv_channels"],
         primary_types=config["primary_types"],
         routing_iterations=config["routing_iterations"],
-        agreement_grad=config["agreement_grad"],
+        routing_gradient=config["routing_gradient"],
         routing_bias=config["routing_bias"],
         decoder=config["decoder"],
         decoder_hidden=tuple(config["decoder_hidden"]),

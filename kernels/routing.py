@@ -9,8 +9,9 @@ Per sample, with prediction vectors u_hat [I, J, D] and V^(t) = v^(1) + ... + v^
 
 the same function and gradients as capsnet_triton.reference.routing, under both gradient
 policies of SPEC section 3 ("full" and "last"), and the same NaN policy: a sample whose u_hat
-holds a NaN or inf gets NaN in all of its v, because its first iteration's couplings come from
-u_hat . 0, which is NaN in that input capsule's row for every parent. Neither b nor c is ever
+holds a NaN or inf gets NaN in all of its v: its first iteration's logits u_hat . 0 are NaN
+where the bad value is, the softmax spreads that to the input capsule's whole row of couplings,
+and that row to every s. Neither b nor c is ever
 written to memory: every kernel keeps V in registers and recomputes b and c from the u_hat tile
 it has loaded. Everything saved for backward is s_all = (s^(1), ..., s^(r)) [r, B, J, D]; v is
 recomputed from it with squash (s is stored, not v, because squash is not invertible).

@@ -10,9 +10,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_checks import DEVICE, DTYPES, as_float64, assert_agrees, dtype_id, magnitudes, poisoned, sample
+from kernel_checks import DEVICE, DTYPES, dtype_id, magnitudes, poisoned, sample
 
 from capsnet_triton.kernels import routing_backward, routing_forward
+from capsnet_triton.numerics import as_float64, assert_agrees
 from capsnet_triton.reference import routing_backward as reference_routing_backward
 from capsnet_triton.reference import routing_forward as reference_routing_forward
 
@@ -191,7 +192,13 @@ def test_a_sample_holding_nan_or_inf_is_all_nan(iterations, gradient, rng):
         u_hat[1, 30, 9, 15] = bad
         v, s_all = routing_forward(u_hat, iterations, block_i=16)
         du_hat, _ = routing_backward(dv, u_hat, s_all, gradient=gradient, block_i=16)
-        assert torch.isnan(v[1]).all() and torch.isnan(s_all[:, 1]).all() and torch.isnan(du_hat[1]).all()
+        ref_v, cache = reference_routing_forward(as_float64(u_hat), iterations, gradient=gradient)
+        ref_du_hat = reference_routing_backward(as_float64(dv), cache)
+        assert np.isnan(ref_v[1]).all() and np.isnan(np.stack(cache["s_all"])[:, 1]).all()
+        assert np.isnan(ref_du_hat[1]).all()
+        assert_agrees(v, ref_v, torch.float32, "v")            # NaN exactly where the reference has it
+        assert_agrees(s_all, np.stack(cache["s_all"]), torch.float32, "s_all")
+        assert_agrees(du_hat, ref_du_hat, torch.float32, "du_hat")
         clean = [0, 2]
         v_c, s_all_c = routing_forward(u_hat[clean], iterations, block_i=16)
         du_hat_c, _ = routing_backward(dv[clean], u_hat[clean], s_all_c, gradient=gradient, block_i=16)

@@ -11,6 +11,7 @@ from capsnet_triton.layers import Decoder, DigitCaps, PrimaryCaps, predict
 from capsnet_triton.losses import capsnet_loss
 from capsnet_triton.data import DATASETS
 from capsnet_triton.model import CapsNetOutput, build_model
+from capsnet_triton.numerics import relative_error
 from capsnet_triton.reference import (CapsNetConfig, init_params, network_backward, network_forward,
                                       parameter_shapes, prediction_forward, squash_forward)
 
@@ -20,9 +21,6 @@ TINY = dict(in_channels=1, image_size=12, num_classes=3, conv_channels=4, kernel
             primary_types=2, primary_dims=3, digit_dims=4, decoder_hidden=(6, 8))
 
 
-def rel_error(out, ref):
-    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
 def tiny_batch(batch=5, dtype=torch.float32):
@@ -51,7 +49,7 @@ def test_default_network_has_the_papers_parameters():
 
 
 def _run_config(dataset):
-    return dict(dataset=dataset, conv_channels=4, primary_types=2, routing_iterations=2, agreement_grad=True,
+    return dict(dataset=dataset, conv_channels=4, primary_types=2, routing_iterations=2, routing_gradient="full",
                 routing_bias=False, decoder=True, decoder_hidden=[6, 8])
 
 
@@ -114,10 +112,10 @@ def test_prediction_vectors_match_reference(rng):
     expected, _ = prediction_forward(u, weight)
     u_hat = predict(torch.from_numpy(u), torch.from_numpy(weight))
     assert u_hat.shape == (3, 7, 4, 6)
-    assert rel_error(u_hat.numpy(), expected) <= 1e-13
+    assert relative_error(u_hat.numpy(), expected) <= 1e-13
 
 
-def _tied_pair(agreement_grad, routing_bias, backend, rng):
+def _tied_pair(gradient, routing_bias, backend, rng):
     """The reference's parameters for TINY, and a float64 CapsNet holding the same values."""
     config = CapsNetConfig(**TINY, routing_bias=routing_bias)
     params = init_params(config, rng)
@@ -126,22 +124,22 @@ def _tied_pair(agreement_grad, routing_bias, backend, rng):
     params["digit_caps.weight"] = params["digit_caps.weight"] * 40.0
     if routing_bias:
         params["digit_caps.bias"] = rng.normal(0.0, 0.1, size=params["digit_caps.bias"].shape)
-    model = CapsNet(**TINY, agreement_grad=agreement_grad, routing_bias=routing_bias,
+    model = CapsNet(**TINY, routing_gradient=gradient, routing_bias=routing_bias,
                     routing_backend=backend).double()
     model.load_state_dict({name: torch.from_numpy(value) for name, value in params.items()})
     return config, params, model
 
 
 @pytest.mark.parametrize("routing_bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("agreement_grad", [True, False], ids=["full_grad", "stop_agreement_grad"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_model_matches_reference_loss_and_every_gradient(agreement_grad, routing_bias, backend, rng):
-    config, params, model = _tied_pair(agreement_grad, routing_bias, backend, rng)
+def test_model_matches_reference_loss_and_every_gradient(gradient, routing_bias, backend, rng):
+    config, params, model = _tied_pair(gradient, routing_bias, backend, rng)
     images = rng.uniform(size=(4, 1, 12, 12))
     labels = np.array([0, 2, 1, 2])
 
     ref_total, cache = network_forward(params, images, labels, config, routing_iterations=3,
-                                       agreement_grad=agreement_grad)
+                                       routing_gradient=gradient)
     ref_grads = network_backward(cache)
 
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
@@ -151,22 +149,22 @@ def test_model_matches_reference_loss_and_every_gradient(agreement_grad, routing
 
     assert abs(terms.total.item() - float(ref_total)) <= 1e-10 * abs(float(ref_total))
     assert abs(terms.margin.item() - float(cache["margin_loss"])) <= 1e-10 * abs(float(cache["margin_loss"]))
-    assert rel_error(output.v.detach().numpy(), cache["v"]) <= 1e-10
-    assert rel_error(output.reconstruction.detach().numpy(), cache["reconstruction"]) <= 1e-10
+    assert relative_error(output.v.detach().numpy(), cache["v"]) <= 1e-10
+    assert relative_error(output.reconstruction.detach().numpy(), cache["reconstruction"]) <= 1e-10
     grads = dict(model.named_parameters())
     assert set(grads) == set(ref_grads)
     for name, ref_grad in ref_grads.items():
-        assert rel_error(grads[name].grad.numpy(), ref_grad) <= 1e-10, name
+        assert relative_error(grads[name].grad.numpy(), ref_grad) <= 1e-10, name
 
 
 def test_gradient_policies_differ_on_the_tied_network(rng):
     """The tie above could not tell the two gradient policies apart if the agreement term were
     negligible at its scale; it is not."""
-    config, params, _ = _tied_pair(True, False, "torch", rng)
+    config, params, _ = _tied_pair("full", False, "torch", rng)
     images, labels = rng.uniform(size=(4, 1, 12, 12)), np.array([0, 2, 1, 2])
-    full = network_backward(network_forward(params, images, labels, config, agreement_grad=True)[1])
-    stopped = network_backward(network_forward(params, images, labels, config, agreement_grad=False)[1])
-    assert rel_error(stopped["digit_caps.weight"], full["digit_caps.weight"]) > 1e-3
+    full = network_backward(network_forward(params, images, labels, config, routing_gradient="full")[1])
+    last = network_backward(network_forward(params, images, labels, config, routing_gradient="last")[1])
+    assert relative_error(last["digit_caps.weight"], full["digit_caps.weight"]) > 1e-3
 
 
 def _decoder_input(model, images, labels=None):
@@ -229,7 +227,7 @@ def test_autocast_bfloat16_forward_is_finite_and_close_to_float32():
     for name in ("v", "lengths", "reconstruction"):
         value = getattr(low, name)
         assert torch.isfinite(value).all(), name
-        assert rel_error(value.detach().float().numpy(), getattr(reference, name).detach().numpy()) <= 3e-2, name
+        assert relative_error(value.detach().float().numpy(), getattr(reference, name).detach().numpy()) <= 3e-2, name
     terms.total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 

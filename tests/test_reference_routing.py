@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from capsnet_triton.numerics import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices
 from capsnet_triton.reference import routing_backward, routing_forward, squash_backward, squash_forward
-from reference_checks import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices
 
 
 @st.composite

@@ -5,6 +5,7 @@ and the figures."""
 import json
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
@@ -183,10 +184,11 @@ def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path):
 
 def test_amp_run_is_finite(data_dir, tmp_path):
     train.main(tiny_args(data_dir, tmp_path / "amp", "--epochs", "1", "--limit-train", "32", "--amp",
-                         "--no-agreement-grad", "--routing-bias"))
+                         "--routing-gradient", "last", "--routing-bias"))
     records = read_log(tmp_path / "amp")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert "digit_caps.bias" in load(tmp_path / "amp")["model"]
+    assert load(tmp_path / "amp")["config"]["routing_gradient"] == "last"
 
 
 def test_no_decoder_run_writes_only_the_curves(data_dir, tmp_path):
@@ -208,8 +210,43 @@ def test_command_line_errors(straight_run, data_dir, tmp_path, capsys):
     fails(["--out", str(straight_run), "--resume", "--lr", "0.01"], "--lr 0.01 differs from the run's 0.001")
     fails(["--out", str(tmp_path / "x")], "--data DIR is required")
     fails(tiny_args(data_dir, tmp_path / "x", "--epochs", "0"), "--epochs must be positive")
+    fails(tiny_args(data_dir, tmp_path / "x", "--no-agreement-grad"), "unrecognized arguments: --no-agreement-grad")
+    fails(tiny_args(data_dir, tmp_path / "x", "--routing-gradient", "agreement"), "invalid choice: 'agreement'")
     with pytest.raises(ValueError, match="do not fill one batch"):
         train.main(tiny_args(data_dir, tmp_path / "small", "--limit-train", "8"))
+
+
+def with_old_gradient_key(source, target, agreement_grad):
+    """A copy of the run folder `source` whose checkpoints have the config key written before
+    SPEC 3's gradient policies: a boolean agreement_grad instead of routing_gradient."""
+    shutil.copytree(source, target)
+    for name in ("last.pt", "best.pt"):
+        checkpoint = load(target, name)
+        del checkpoint["config"]["routing_gradient"]
+        checkpoint["config"]["agreement_grad"] = agreement_grad
+        torch.save(checkpoint, target / name)
+    return target
+
+
+def test_checkpoints_with_the_old_agreement_grad_key(straight_run, data_dir, tmp_path, capsys):
+    assert load(straight_run)["config"]["routing_gradient"] == "full"
+    # agreement_grad=True was the "full" policy: such a checkpoint loads, evaluates and resumes.
+    old_full = with_old_gradient_key(straight_run, tmp_path / "old_full", True)
+    model, checkpoint = evaluate.load_model(old_full / "best.pt")
+    assert checkpoint["config"]["routing_gradient"] == "full" and "agreement_grad" not in checkpoint["config"]
+    for key, value in load(straight_run, "best.pt")["model"].items():
+        assert torch.equal(model.state_dict()[key], value)
+    assert train.main(["--out", str(old_full), "--resume", "--data", data_dir]) == 0
+    # agreement_grad=False was a variant SPEC 3 removed: refused in one line, by both commands.
+    old_stopped = with_old_gradient_key(straight_run, tmp_path / "old_stopped", False)
+    capsys.readouterr()
+    for command, argv in ((evaluate.main, [str(old_stopped / "best.pt"), "--data", data_dir, "--device", "cpu"]),
+                          (train.main, ["--out", str(old_stopped), "--resume"])):
+        with pytest.raises(SystemExit) as exit_info:
+            command(argv)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "error:" in error and "agreement_grad=False" in error and "removed" in error
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):

@@ -47,11 +47,23 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path):
-    """The contents of a checkpoint (last.pt or best.pt) on the CPU; ValueError if it is none of ours."""
+    """The contents of a checkpoint (last.pt or best.pt) on the CPU; ValueError if it is none of ours.
+
+    The config of a checkpoint written before the routing gradient became a policy (SPEC 3) has
+    a boolean "agreement_grad": True is read as routing_gradient "full"; False was a variant that
+    no longer exists, so such a checkpoint is refused.
+    """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
             or "config" not in checkpoint or "model" not in checkpoint):
         raise ValueError(f"{path} is not a capsnet_triton training checkpoint of format {CHECKPOINT_FORMAT}")
+    config = checkpoint["config"]
+    if "agreement_grad" in config:
+        if not config["agreement_grad"]:
+            raise ValueError(f"{path} was trained with agreement_grad=False, a routing gradient variant that "
+                             f"was removed (only \"full\" and \"last\" remain); retrain with --routing-gradient")
+        config["routing_gradient"] = "full"
+        del config["agreement_grad"]
     return checkpoint
 
 

@@ -58,8 +58,9 @@ def build_parser(suppress_defaults=False):
 
     model = parser.add_argument_group("model")
     add(model, "--routing-iterations", default=3, type=int, help="r of Procedure 1")
-    add(model, "--no-agreement-grad", dest="agreement_grad", default=True, action="store_false",
-        help="treat u_hat as a constant inside the routing agreement (stop-gradient variant)")
+    add(model, "--routing-gradient", default="full", choices=["full", "last"],
+        help="full: the gradient flows through every routing iteration (the official code); "
+             "last: only through the last, u_hat held constant in the earlier ones (SPEC 3)")
     add(model, "--routing-bias", default=False, action="store_true", help="learned bias added to s_j")
     add(model, "--no-decoder", dest="decoder", default=True, action="store_false", help="no reconstruction network")
     add(model, "--conv-channels", default=256, type=int, help="channels of Conv1")
