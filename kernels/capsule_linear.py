@@ -34,7 +34,7 @@ from capsnet_triton.checks import (
 )
 
 from .launch import launch_options, max_tile, output, tl_dtype
-from .routing import _coupling, _logits_grad, _v_sum_before
+from .routing import _coupling, _du_hat_tile, _grad_v_sum_of_tile, _v_sum_before
 from .squash import squash_backward, squash_backward_tile, squash_tile
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
@@ -163,9 +163,7 @@ def _capsule_linear_backward_ds_all_kernel(
             i = i_start + i_in_block
             weight, _ = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
             u, _ = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-            u_hat = _predict(weight, u)
-            grad_logits = _logits_grad(u_hat, _coupling(u_hat, v_sum, j_valid), ds)  # [BLOCK_I, BLOCK_J]
-            grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
+            grad_v_sum += _grad_v_sum_of_tile(_predict(weight, u), v_sum, ds, j_valid)
         grad_v = grad_v_sum
     s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
     tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
@@ -200,26 +198,13 @@ def _capsule_linear_backward_weight_kernel(
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     weight, weight_mask = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
     dweight = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P], COMPUTE_DTYPE)
-    if GRADIENT_FULL:
-        first = 0
-    else:
-        first = iterations - 1
     u_sample = u_ptr
     du_sample = du_ptr
     for sample in range(B):
         u, u_mask = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-        u_hat = _predict(weight, u)                                        # [BLOCK_I, BLOCK_J, BLOCK_D]
-        du_hat = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-        v_sum = _v_sum_before(s_all_ptr, first, B, sample, J, D, jd_offsets, jd_mask,
-                              BLOCK_J, BLOCK_D, COMPUTE_DTYPE)             # V^(t)
-        for t in range(first, iterations):
-            offsets = (t * B + sample) * J * D + jd_offsets                # s^(t) in s_all
-            ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
-            coupling = _coupling(u_hat, v_sum, j_valid)
-            du_hat += coupling[:, :, None] * ds[None, :, :]
-            if GRADIENT_FULL:
-                du_hat += _logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
-            v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+        du_hat = _du_hat_tile(_predict(weight, u), s_all_ptr, ds_all_ptr, B, sample, J, D, iterations,
+                              j_valid, jd_mask, jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D,
+                              COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
         du = tl.sum(tl.sum(weight * du_hat[:, :, :, None], axis=2), axis=1)  # [BLOCK_I, BLOCK_P]
         tl.store(du_sample + i[:, None] * P + p[None, :], du.to(du_ptr.dtype.element_ty), mask=u_mask)
         dweight += du_hat[:, :, :, None] * u[:, None, None, :]

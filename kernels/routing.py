@@ -113,6 +113,44 @@ def _v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
 
 
 @triton.jit
+def _grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid):
+    """dV = sum_i db u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with
+    c and db recomputed from V = v_sum and ds: kernel A's share of dL/dv of earlier iterations."""
+    grad_logits = _logits_grad(u_hat, _coupling(u_hat, v_sum, j_valid), ds)     # [BLOCK_I, BLOCK_J]
+    return tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
+
+
+@triton.jit
+def _du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_valid, jd_mask, jd_offsets,
+                 GRADIENT_FULL: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                 COMPUTE_DTYPE: tl.constexpr):
+    """du_hat for one sample's u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], kept in registers:
+
+        GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
+        otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy: c^(r) is a constant)
+
+    with c^(t) and db^(t) recomputed from the tile and V^(t) from s_all ("last" recomputes only
+    V^(r), to get c^(r)); s_all_ptr and ds_all_ptr are [iterations, B, J, D], contiguous.
+    """
+    du_hat = tl.zeros_like(u_hat)
+    if GRADIENT_FULL:
+        first = 0
+    else:
+        first = iterations - 1
+    v_sum = _v_sum_before(s_all_ptr, first, B, sample, J, D, jd_offsets, jd_mask,
+                          BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                 # V^(t)
+    for t in range(first, iterations):
+        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
+        ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
+        coupling = _coupling(u_hat, v_sum, j_valid)
+        du_hat += coupling[:, :, None] * ds[None, :, :]
+        if GRADIENT_FULL:
+            du_hat += _logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
+        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+    return du_hat
+
+
+@triton.jit
 def _routing_forward_kernel(
     u_hat_ptr, bias_ptr, v_ptr, s_all_ptr,
     B, I, J, D, iterations,
@@ -193,9 +231,7 @@ def _routing_backward_ds_all_kernel(
         for i_start in range(0, I, BLOCK_I):
             u_hat, _ = _load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
-            coupling = _coupling(u_hat, v_sum, j_valid)
-            grad_logits = _logits_grad(u_hat, coupling, ds)                # [BLOCK_I, BLOCK_J]
-            grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
+            grad_v_sum += _grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
         grad_v = grad_v_sum
     s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
     tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
@@ -229,21 +265,8 @@ def _routing_backward_u_hat_kernel(
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     u_hat, mask = _load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask,
                               COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
-    du_hat = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-    if GRADIENT_FULL:
-        first = 0
-    else:
-        first = iterations - 1
-    v_sum = _v_sum_before(s_all_ptr, first, B, sample, J, D, jd_offsets, jd_mask,
-                          BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                 # V^(t)
-    for t in range(first, iterations):
-        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
-        ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
-        coupling = _coupling(u_hat, v_sum, j_valid)
-        du_hat += coupling[:, :, None] * ds[None, :, :]
-        if GRADIENT_FULL:
-            du_hat += _logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
-        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+    du_hat = _du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_valid, jd_mask,
+                          jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
     tl.store(du_hat_ptr + sample * I * J * D + (i * J * D)[:, None, None] + jd_offsets[None, :, :],
              du_hat.to(du_hat_ptr.dtype.element_ty), mask=mask)
 
