@@ -34,7 +34,7 @@ from capsnet_triton.checks import (
 )
 
 from .launch import launch_options, max_tile, output, tl_dtype
-from .routing import _coupling, _du_hat_tile, _grad_v_sum_of_tile, _v_sum_before
+from .routing import _du_hat_tile, _grad_v_sum_of_tile, _s_of_tile, _v_sum_before
 from .squash import squash_backward, squash_backward_tile, squash_tile
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
@@ -115,9 +115,7 @@ def _capsule_linear_forward_kernel(
             i = i_start + i_in_block
             weight, _ = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
             u, _ = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-            u_hat = _predict(weight, u)                                    # [BLOCK_I, BLOCK_J, BLOCK_D]
-            coupling = _coupling(u_hat, v_sum, j_valid)                    # [BLOCK_I, BLOCK_J]
-            s += tl.sum(coupling[:, :, None] * u_hat, axis=0)
+            s += _s_of_tile(_predict(weight, u), v_sum, j_valid)          # u_hat [BLOCK_I, BLOCK_J, BLOCK_D]
         if HAS_BIAS:
             s += bias
         tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)

@@ -113,6 +113,13 @@ def _v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
 
 
 @triton.jit
+def _s_of_tile(u_hat, v_sum, j_valid):
+    """s = sum_i c u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with c
+    recomputed from V = v_sum: the tile's share of s (Eq. 2) -> [BLOCK_J, BLOCK_D]."""
+    return tl.sum(_coupling(u_hat, v_sum, j_valid)[:, :, None] * u_hat, axis=0)
+
+
+@triton.jit
 def _grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid):
     """dV = sum_i db u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with
     c and db recomputed from V = v_sum and ds: kernel A's share of dL/dv of earlier iterations."""
@@ -184,8 +191,7 @@ def _routing_forward_kernel(
         for i_start in range(0, I, BLOCK_I):
             u_hat, _ = _load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
-            coupling = _coupling(u_hat, v_sum, j_valid)                    # [BLOCK_I, BLOCK_J]
-            s += tl.sum(coupling[:, :, None] * u_hat, axis=0)
+            s += _s_of_tile(u_hat, v_sum, j_valid)
         if HAS_BIAS:
             s += bias
         tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
