@@ -5,6 +5,7 @@ float64 NumPy reference, and the promise that makes it worth having: no tensor o
 The torch backend runs everywhere; the triton backend runs through the interpreter here and
 natively on a GPU machine (see conftest.py)."""
 
+import contextlib
 import importlib
 
 import numpy as np
@@ -99,6 +100,30 @@ def test_equals_dynamic_routing_of_the_predictions():
             assert torch.allclose(out, ref, rtol=1e-12, atol=1e-15)
 
 
+@contextlib.contextmanager
+def _torch_threads(count):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_path_on_two_threads_is_deterministic_and_equals_one_thread():
+    """Chunks are dealt to the threads in a fixed way and dW's shares added in a fixed order."""
+    u, weight = torch.randn(40, 30, 8), 0.3 * torch.randn(30, 10, 16, 8)
+    dv = torch.randn(40, 10, 16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(capsule_linear_module, "_CHUNK_ELEMENTS", 30 * 160 * 3)     # 14 chunks
+        with _torch_threads(2):
+            first, second = run(u, weight, 3, dv), run(u, weight, 3, dv)
+        with _torch_threads(1):
+            single = run(u, weight, 3, dv)
+    for a, b, c in zip(first[:3], second[:3], single[:3]):
+        assert torch.equal(a, b) and torch.allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
 class _RecordSizes(TorchDispatchMode):
     """Records the number of elements of every tensor any torch op returns."""
 
@@ -117,11 +142,12 @@ def test_torch_path_never_allocates_anything_of_u_hats_size(gradient):
     """At B = 64 and the MNIST layer (I = 1152, J = 10, D = 16), u_hat would hold 11.8M elements;
     every tensor the PyTorch path's forward and backward create is at least 8x smaller (a chunk
     of u_hat is about 1M elements; the largest tensors the layer must have, W and dW, are 1.5M).
-    The path's functions are called directly: a dispatch mode sees a custom op as one call."""
+    The path's functions are called directly (a dispatch mode sees a custom op as one call), on
+    one thread (a dispatch mode sees only its own thread's ops)."""
     B, I, J, D, P = 64, 1152, 10, 16, 8
     u, weight = torch.randn(B, I, P), 0.05 * torch.randn(I, J, D, P)
     bias, dv = torch.randn(J, D), torch.randn(B, J, D)
-    with _RecordSizes() as recorder:
+    with _torch_threads(1), _RecordSizes() as recorder:
         v, s_all = capsule_linear_module._capsule_linear_forward_torch(u, weight, 3, bias)
         du, dW, _ = capsule_linear_module._capsule_linear_backward_torch(dv, u, weight, s_all, gradient)
     assert all(torch.isfinite(x).all() for x in (v, du, dW))

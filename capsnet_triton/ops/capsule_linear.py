@@ -13,10 +13,13 @@ The PyTorch path is written for CPUs. Routing treats every sample on its own, so
 chunks of a few samples: for each chunk it computes u_hat from u and W, routes it with the
 routing op's PyTorch path, and keeps only v and s_all ([r, B, J, D]). The backward recomputes
 each chunk's u_hat, gets du_hat from the routing backward, and turns it at once into du = W^T du_hat
-and the chunk's share of dW = sum_b du_hat u^T (added in chunk order: deterministic). The
-largest temporaries are one chunk's u_hat and du_hat, small enough to stay in cache.
+and the chunk's share of dW = sum_b du_hat u^T. The largest temporaries are one chunk's u_hat
+and du_hat, small enough to stay in cache. The chunks are independent, so on a CPU each of
+torch's threads takes a fixed share of them and runs their ops on its own (one dW accumulator
+per thread, added in a fixed order: deterministic).
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -56,6 +59,34 @@ def predict(u, weight):
     return per_capsule.view(in_caps, -1, out_caps, out_dims).transpose(0, 1)             # [B, I, J, D]
 
 
+def _for_each_chunk(work, chunks, device):
+    """work(worker, chunk) for every chunk. On a CPU the chunks are dealt round-robin to torch's
+    threads, each running its chunks' ops on one thread: a chunk's ops are small, and on a few
+    busy cores the fork and join of every small op cost more than the op (measured several times
+    slower than one chunk per thread). Worker k always gets the same chunks, so anything it
+    accumulates is summed in a fixed order."""
+    workers = min(torch.get_num_threads(), len(chunks)) if device.type == "cpu" else 1
+    if workers <= 1:
+        for chunk in chunks:
+            work(0, chunk)
+        return workers
+    def run(worker):
+        # Grad mode is per thread: a new thread would record autograd history of the op's inputs.
+        with torch.no_grad():
+            for chunk in chunks[worker::workers]:
+                work(worker, chunk)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for done in [pool.submit(run, worker) for worker in range(workers)]:
+                done.result()
+    finally:
+        torch.set_num_threads(threads)
+    return workers
+
+
 def _capsule_linear_forward_torch(u, weight, iterations, bias):
     B, I, _ = u.shape
     _, J, D, _ = weight.shape
@@ -63,9 +94,12 @@ def _capsule_linear_forward_torch(u, weight, iterations, bias):
     weight = weight.to(cdtype)
     v = u.new_empty((B, J, D))
     s_all = u.new_empty((iterations, B, J, D), dtype=cdtype)
-    for chunk in _chunks(B, I, J, D):
+
+    def work(_, chunk):
         u_hat = predict(u[chunk].to(cdtype), weight)                       # [b, I, J, D]
         v[chunk], s_all[:, chunk] = _routing_forward_torch(u_hat, iterations, bias)
+
+    _for_each_chunk(work, _chunks(B, I, J, D), u.device)
     return v, s_all
 
 
@@ -76,15 +110,22 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
     weight_c = weight.to(cdtype)
     weight_rows = weight_c.reshape(I, J * D, P)
     du = u.new_empty((B, I, P))
-    dW_rows = torch.zeros((I, J * D, P), dtype=cdtype, device=u.device)
     ds_all = torch.empty_like(s_all)
-    for chunk in _chunks(B, I, J, D):
+    chunks = _chunks(B, I, J, D)
+    # One dW accumulator per worker (at most one per thread), added up in worker order.
+    dW_parts = torch.zeros((min(len(chunks), torch.get_num_threads()) or 1, I, J * D, P), dtype=cdtype,
+                           device=u.device)
+
+    def work(worker, chunk):
         u_chunk = u[chunk].to(cdtype)                                      # [b, I, P]
         u_hat = predict(u_chunk, weight_c)                                 # [b, I, J, D]
         du_hat, ds_all[:, chunk] = _routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk], gradient)
         du_hat_rows = du_hat.reshape(-1, I, J * D).transpose(0, 1)         # [I, b, J*D]
         du[chunk] = torch.bmm(du_hat_rows, weight_rows).transpose(0, 1)   # W^T du_hat  [b, I, P]
-        dW_rows.baddbmm_(du_hat_rows.transpose(1, 2), u_chunk.transpose(0, 1))  # du_hat u^T
+        dW_parts[worker].baddbmm_(du_hat_rows.transpose(1, 2), u_chunk.transpose(0, 1))  # du_hat u^T
+
+    workers = _for_each_chunk(work, chunks, u.device)
+    dW_rows = dW_parts[0] if workers <= 1 else dW_parts[:workers].sum(dim=0)
     return du, dW_rows.view(weight.shape).to(weight.dtype), ds_all
 
 
