@@ -59,17 +59,22 @@ def predict(u, weight):
     return per_capsule.view(in_caps, -1, out_caps, out_dims).transpose(0, 1)             # [B, I, J, D]
 
 
-def _for_each_chunk(work, chunks, device):
-    """work(worker, chunk) for every chunk. On a CPU the chunks are dealt round-robin to torch's
-    threads, each running its chunks' ops on one thread: a chunk's ops are small, and on a few
-    busy cores the fork and join of every small op cost more than the op (measured several times
-    slower than one chunk per thread). Worker k always gets the same chunks, so anything it
-    accumulates is summed in a fixed order."""
-    workers = min(torch.get_num_threads(), len(chunks)) if device.type == "cpu" else 1
-    if workers <= 1:
+def _workers(chunks, device):
+    """How many threads share the chunks: torch's CPU threads (one for other devices)."""
+    return max(1, min(torch.get_num_threads(), len(chunks))) if device.type == "cpu" else 1
+
+
+def _for_each_chunk(work, chunks, workers):
+    """work(worker, chunk) for every chunk, the chunks dealt round-robin to `workers` threads, each
+    running its chunks' ops on one thread: a chunk's ops are small, and on a few busy cores the
+    fork and join of every small op cost more than the op (measured several times slower than
+    one chunk per thread). Worker k always gets the same chunks, so anything it accumulates is
+    summed in a fixed order."""
+    if workers == 1:
         for chunk in chunks:
             work(0, chunk)
-        return workers
+        return
+
     def run(worker):
         # Grad mode is per thread: a new thread would record autograd history of the op's inputs.
         with torch.no_grad():
@@ -84,7 +89,6 @@ def _for_each_chunk(work, chunks, device):
                 done.result()
     finally:
         torch.set_num_threads(threads)
-    return workers
 
 
 def _capsule_linear_forward_torch(u, weight, iterations, bias):
@@ -99,7 +103,8 @@ def _capsule_linear_forward_torch(u, weight, iterations, bias):
         u_hat = predict(u[chunk].to(cdtype), weight)                       # [b, I, J, D]
         v[chunk], s_all[:, chunk] = _routing_forward_torch(u_hat, iterations, bias)
 
-    _for_each_chunk(work, _chunks(B, I, J, D), u.device)
+    chunks = _chunks(B, I, J, D)
+    _for_each_chunk(work, chunks, _workers(chunks, u.device))
     return v, s_all
 
 
@@ -112,9 +117,8 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
     du = u.new_empty((B, I, P))
     ds_all = torch.empty_like(s_all)
     chunks = _chunks(B, I, J, D)
-    # One dW accumulator per worker (at most one per thread), added up in worker order.
-    dW_parts = torch.zeros((min(len(chunks), torch.get_num_threads()) or 1, I, J * D, P), dtype=cdtype,
-                           device=u.device)
+    workers = _workers(chunks, u.device)
+    dW_parts = torch.zeros((workers, I, J * D, P), dtype=cdtype, device=u.device)   # one per worker
 
     def work(worker, chunk):
         u_chunk = u[chunk].to(cdtype)                                      # [b, I, P]
@@ -124,8 +128,8 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
         du[chunk] = torch.bmm(du_hat_rows, weight_rows).transpose(0, 1)   # W^T du_hat  [b, I, P]
         dW_parts[worker].baddbmm_(du_hat_rows.transpose(1, 2), u_chunk.transpose(0, 1))  # du_hat u^T
 
-    workers = _for_each_chunk(work, chunks, u.device)
-    dW_rows = dW_parts[0] if workers <= 1 else dW_parts[:workers].sum(dim=0)
+    _for_each_chunk(work, chunks, workers)
+    dW_rows = dW_parts.sum(dim=0)                                          # in worker order
     return du, dW_rows.view(weight.shape).to(weight.dtype), ds_all
 
 
