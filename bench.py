@@ -18,7 +18,9 @@ Providers (one row each):
                  u_hat never stored (the layer workloads only; the train step's default model)
   triton         capsnet_triton.ops with backend="triton": the fused kernels, on a CUDA GPU only
                  (the interpreter is never timed)
-  triton-fused   capsule_linear with backend="triton", likewise
+  triton-split   the same kernels with the routing forward and backward kernel A split over I
+                 (variant="split", grid (B, S)): the GPU measurement picks the default variant
+  triton-fused   capsule_linear with backend="triton", on a CUDA GPU only, likewise
 
 Workloads, float32, at the MNIST shape I=1152, J=10, D=16, P=8, r=3 unless a row says otherwise:
   squash           v = squash(s), s [B, I, P] (the primary capsules)            B up to 128 (CPU)

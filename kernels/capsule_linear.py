@@ -7,7 +7,7 @@ the same function and gradients as capsnet_triton.reference.capsule_linear, unde
 policies of SPEC section 3, without u_hat [B, I, J, D] or its gradient ever in memory: every
 kernel recomputes the u_hat tile it needs from u and W in registers (2P FLOP per element where
 reading it would cost 4 bytes in float32) and then runs the routing kernels' tile code on it
-(kernels/routing.py: b and c recomputed from V, nothing but s_all saved for backward).
+(kernels/routing_tiles.py: b and c recomputed from V, nothing but s_all saved for backward).
 
 Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - unfused (predict, routing forward and backward, prediction backward): predict writes U, the
@@ -34,7 +34,7 @@ from capsnet_triton.checks import (
 )
 
 from .launch import launch_options, max_tile, output, tl_dtype
-from .routing import _du_hat_tile, _grad_v_sum_of_tile, _s_of_tile, _v_sum_before
+from .routing_tiles import du_hat_tile, grad_v_sum_of_tile, s_of_tile, v_sum_before
 from .squash import squash_backward, squash_backward_tile, squash_tile
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
@@ -115,7 +115,7 @@ def _capsule_linear_forward_kernel(
             i = i_start + i_in_block
             weight, _ = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
             u, _ = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-            s += _s_of_tile(_predict(weight, u), v_sum, j_valid)          # u_hat [BLOCK_I, BLOCK_J, BLOCK_D]
+            s += s_of_tile(_predict(weight, u), v_sum, j_valid)          # u_hat [BLOCK_I, BLOCK_J, BLOCK_D]
         if HAS_BIAS:
             s += bias
         tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
@@ -155,13 +155,13 @@ def _capsule_linear_backward_ds_all_kernel(
         offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
         ds = squash_backward_tile(grad_v, tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
         tl.store(ds_all_ptr + offsets, ds, mask=jd_mask)
-        v_sum = _v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
+        v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
             i = i_start + i_in_block
             weight, _ = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
             u, _ = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-            grad_v_sum += _grad_v_sum_of_tile(_predict(weight, u), v_sum, ds, j_valid)
+            grad_v_sum += grad_v_sum_of_tile(_predict(weight, u), v_sum, ds, j_valid)
         grad_v = grad_v_sum
     s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
     tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
@@ -200,7 +200,7 @@ def _capsule_linear_backward_weight_kernel(
     du_sample = du_ptr
     for sample in range(B):
         u, u_mask = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-        du_hat = _du_hat_tile(_predict(weight, u), s_all_ptr, ds_all_ptr, B, sample, J, D, iterations,
+        du_hat = du_hat_tile(_predict(weight, u), s_all_ptr, ds_all_ptr, B, sample, J, D, iterations,
                               j_valid, jd_mask, jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D,
                               COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
         du = tl.sum(tl.sum(weight * du_hat[:, :, :, None], axis=2), axis=1)  # [BLOCK_I, BLOCK_P]

@@ -23,6 +23,11 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - routing_backward, gradient="full": reads u_hat r times (r - 1 in kernel A, once in kernel B),
   writes du_hat once and r B J D of ds_all.
 - routing_backward, gradient="last": no kernel A; reads u_hat once (kernel B), writes du_hat once.
+
+Two variants of the forward and of backward kernel A, chosen by the launchers' `variant=`:
+"sample" (the default, in this file), one program per sample for all iterations, and "split"
+(kernels/routing_split.py), one launch per iteration over (sample, chunk of I), which fills a
+GPU at small batches. Both move the same bytes; the default follows a GPU measurement of both.
 """
 
 import triton
@@ -39,122 +44,11 @@ from capsnet_triton.checks import (
 )
 
 from .launch import launch_options, max_tile, output, tl_dtype
+from . import routing_split
+from .routing_tiles import du_hat_tile, grad_v_sum_of_tile, load_u_hat, s_of_tile, sample_layout, v_sum_before
 from .squash import squash_backward, squash_backward_tile, squash_tile
 
 __all__ = ["routing_forward", "routing_backward"]
-
-
-@triton.jit
-def _sample_layout(u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D,
-                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's sample and the [BLOCK_J, BLOCK_D] offsets and mask every routing kernel uses.
-
-    Returns (sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets): the sample index
-    (int64, for the batch offset), the pointer to u_hat[sample], which parents are real
-    [BLOCK_J], which (j, d) are real [BLOCK_J, BLOCK_D], offsets into a contiguous [J, D], and
-    offsets into u_hat[sample, i] through u_hat's strides.
-    """
-    sample = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_J)
-    d = tl.arange(0, BLOCK_D)
-    j_valid = j < J
-    jd_mask = j_valid[:, None] & (d < D)[None, :]                          # [BLOCK_J, BLOCK_D]
-    jd_offsets = j[:, None] * D + d[None, :]                               # into contiguous [J, D]
-    u_jd_offsets = j[:, None] * stride_uj + d[None, :] * stride_ud         # into u_hat[b, i]
-    return sample, u_hat_ptr + sample * stride_ub, j_valid, jd_mask, jd_offsets, u_jd_offsets
-
-
-@triton.jit
-def _load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask, COMPUTE_DTYPE: tl.constexpr):
-    """The u_hat tile of inputs i [BLOCK_I] in the compute dtype, padded entries 0, and its mask,
-    both [BLOCK_I, BLOCK_J, BLOCK_D]."""
-    mask = (i < I)[:, None, None] & jd_mask[None, :, :]
-    u_hat = tl.load(u_hat_sample + i[:, None, None] * stride_ui + u_jd_offsets[None, :, :],
-                    mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    return u_hat, mask
-
-
-@triton.jit
-def _coupling(u_hat, v_sum, j_valid):
-    """c = softmax_j(b), b = u_hat . V (Procedure 1 lines 4 and 7): [BLOCK_I, BLOCK_J].
-
-    u_hat [BLOCK_I, BLOCK_J, BLOCK_D], v_sum = V [BLOCK_J, BLOCK_D], j_valid [BLOCK_J]. The
-    logits are max-subtracted; padded parents get -inf, so their coupling is exactly 0.
-    """
-    agreement = tl.sum(u_hat * v_sum[None, :, :], axis=2)                 # [BLOCK_I, BLOCK_J]
-    agreement = tl.where(j_valid[None, :], agreement, float("-inf"))
-    e = tl.exp(agreement - tl.max(agreement, axis=1)[:, None])
-    return e / tl.sum(e, axis=1)[:, None]
-
-
-@triton.jit
-def _logits_grad(u_hat, coupling, ds):
-    """db = c (dc - sum_j c dc) with dc = u_hat . ds: the gradient of the logits b [BLOCK_I, BLOCK_J].
-
-    dc is the gradient of the coupling through s = sum_i c u_hat; the softmax over j turns it
-    into db. Padded parents (c = 0) and padded inputs (u_hat = 0) get db = 0.
-    """
-    dc = tl.sum(u_hat * ds[None, :, :], axis=2)                            # [BLOCK_I, BLOCK_J]
-    return coupling * (dc - tl.sum(coupling * dc, axis=1)[:, None])
-
-
-@triton.jit
-def _v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
-                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """V^(t) = squash(s^(1)) + ... + squash(s^(t-1)) (0-based t: the first t iterations) [BLOCK_J, BLOCK_D].
-
-    Summed in the forward kernel's order, so that the recomputed V matches it bit for bit.
-    """
-    v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-    for k in range(t):
-        s = tl.load(s_all_ptr + (k * B + sample) * J * D + jd_offsets, mask=jd_mask, other=0.0)
-        v_sum += squash_tile(s)
-    return v_sum
-
-
-@triton.jit
-def _s_of_tile(u_hat, v_sum, j_valid):
-    """s = sum_i c u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with c
-    recomputed from V = v_sum: the tile's share of s (Eq. 2) -> [BLOCK_J, BLOCK_D]."""
-    return tl.sum(_coupling(u_hat, v_sum, j_valid)[:, :, None] * u_hat, axis=0)
-
-
-@triton.jit
-def _grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid):
-    """dV = sum_i db u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with
-    c and db recomputed from V = v_sum and ds: kernel A's share of dL/dv of earlier iterations."""
-    grad_logits = _logits_grad(u_hat, _coupling(u_hat, v_sum, j_valid), ds)     # [BLOCK_I, BLOCK_J]
-    return tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
-
-
-@triton.jit
-def _du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_valid, jd_mask, jd_offsets,
-                 GRADIENT_FULL: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-                 COMPUTE_DTYPE: tl.constexpr):
-    """du_hat for one sample's u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], kept in registers:
-
-        GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
-        otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy: c^(r) is a constant)
-
-    with c^(t) and db^(t) recomputed from the tile and V^(t) from s_all ("last" recomputes only
-    V^(r), to get c^(r)); s_all_ptr and ds_all_ptr are [iterations, B, J, D], contiguous.
-    """
-    du_hat = tl.zeros_like(u_hat)
-    if GRADIENT_FULL:
-        first = 0
-    else:
-        first = iterations - 1
-    v_sum = _v_sum_before(s_all_ptr, first, B, sample, J, D, jd_offsets, jd_mask,
-                          BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                 # V^(t)
-    for t in range(first, iterations):
-        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
-        ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
-        coupling = _coupling(u_hat, v_sum, j_valid)
-        du_hat += coupling[:, :, None] * ds[None, :, :]
-        if GRADIENT_FULL:
-            du_hat += _logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
-        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
-    return du_hat
 
 
 @triton.jit
@@ -177,7 +71,7 @@ def _routing_forward_kernel(
     Memory traffic per program: reads iterations * I J D elements of u_hat (+ J D of bias),
     writes (iterations + 1) J D elements.
     """
-    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = _sample_layout(
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
     sample_offset = sample * J * D
@@ -189,9 +83,9 @@ def _routing_forward_kernel(
     for t in range(iterations):
         s = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            u_hat, _ = _load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+            u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
-            s += _s_of_tile(u_hat, v_sum, j_valid)
+            s += s_of_tile(u_hat, v_sum, j_valid)
         if HAS_BIAS:
             s += bias
         tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
@@ -219,7 +113,7 @@ def _routing_backward_ds_all_kernel(
     Memory traffic per program: reads (iterations - 1) I J D elements of u_hat and
     O(iterations^2 J D) of s_all, writes iterations J D elements.
     """
-    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = _sample_layout(
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
     sample_offset = sample * J * D
@@ -232,12 +126,12 @@ def _routing_backward_ds_all_kernel(
         s = tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0)
         ds = squash_backward_tile(grad_v, s)
         tl.store(ds_all_ptr + offsets, ds, mask=jd_mask)
-        v_sum = _v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
+        v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            u_hat, _ = _load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+            u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
-            grad_v_sum += _grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
+            grad_v_sum += grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
         grad_v = grad_v_sum
     s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
     tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
@@ -266,13 +160,13 @@ def _routing_backward_u_hat_kernel(
     s_all and ds_all ("last": iterations J D of s_all, J D of ds_all), writes BLOCK_I J D
     elements of du_hat.
     """
-    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = _sample_layout(
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    u_hat, mask = _load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask,
+    u_hat, mask = load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask,
                               COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
-    du_hat = _du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_valid, jd_mask,
-                          jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
+    du_hat = du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_valid, jd_mask,
+                         jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
     tl.store(du_hat_ptr + sample * I * J * D + (i * J * D)[:, None, None] + jd_offsets[None, :, :],
              du_hat.to(du_hat_ptr.dtype.element_ty), mask=mask)
 
@@ -316,19 +210,34 @@ def _routing_launch_config(I, J, D, dtype, block_i):
                 **launch_options(block_i * block_j * block_d))
 
 
-def routing_forward(u_hat, iterations, bias=None, *, block_i=None, out=None):
+VARIANTS = ("sample", "split")
+# Loads in flight per loop of the split kernels (tl.range's software pipelining on a GPU).
+_SPLIT_STAGES = 2
+
+
+def _check_variant(variant):
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def routing_forward(u_hat, iterations, bias=None, *, variant="sample", splits=None, block_i=None, out=None):
     """Route u_hat [B, I, J, D] to v [B, J, D] with `iterations` routing iterations (Procedure 1).
 
-    One launch runs all iterations, one program per sample. u_hat may have any strides (they
-    are passed to the kernel, nothing is copied). bias: optional [J, D], added to s in every
-    iteration. block_i: force the BLOCK_I inputs per tile (a power of two; tests use it to
-    exercise the loop over I and its masks).
+    variant: "sample" (default): one launch runs all iterations, one program per sample.
+    "split" (kernels/routing_split.py): one launch per iteration (and one to finish) over
+    (sample, chunk of I), the chunks' partial sums added in a fixed order; splits forces the
+    number of chunks per sample (default: enough for several CTAs on every SM). The default stays
+    "sample" until a GPU has measured both. u_hat may have any strides (they are passed to the
+    kernel, nothing is copied). bias: optional [J, D], added to s in every iteration. block_i:
+    force the BLOCK_I inputs per tile (a power of two; tests use it to exercise the loop over I
+    and its masks).
     Returns (v, s_all): v in u_hat's dtype, and s_all [iterations, B, J, D] every iteration's s
     in the compute dtype (float64 for float64 u_hat, else float32), all routing_backward needs.
     out: optional (v, s_all) of contiguous tensors of those shapes and dtypes to write into.
     """
     u_hat = _u_hat_for_kernels(u_hat)
     check_iterations(iterations)
+    _check_variant(variant)
     bias = check_bias(bias, u_hat)
     B, I, J, D = u_hat.shape
     v_out, s_all_out = (None, None) if out is None else out
@@ -339,15 +248,27 @@ def routing_forward(u_hat, iterations, bias=None, *, block_i=None, out=None):
         return v, s_all
     config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
     # Without a bias the kernel never reads bias_ptr; s_all stands in for the pointer.
-    _routing_forward_kernel[(B,)](
-        u_hat, bias.contiguous() if bias is not None else s_all, v, s_all,
-        B, I, J, D, iterations, *u_hat.stride(),
-        HAS_BIAS=bias is not None, **config,
-    )
+    bias_arg = bias.contiguous() if bias is not None else s_all
+    if variant == "sample":
+        _routing_forward_kernel[(B,)](
+            u_hat, bias_arg, v, s_all,
+            B, I, J, D, iterations, *u_hat.stride(),
+            HAS_BIAS=bias is not None, **config,
+        )
+        return v, s_all
+    splits, chunk = routing_split.pick_splits(B, I, config["BLOCK_I"], u_hat.device, splits)
+    partials = s_all.new_empty((2, B, splits, J, D))
+    for t in range(iterations + 1):
+        routing_split.split_forward_kernel[(B, splits if t < iterations else 1)](
+            u_hat, bias_arg, v, s_all, partials,
+            B, I, J, D, iterations, t, chunk, splits, *u_hat.stride(),
+            HAS_BIAS=bias is not None, NUM_STAGES=_SPLIT_STAGES, **config,
+        )
     return v, s_all
 
 
-def routing_backward(dv, u_hat, s_all, *, gradient="full", block_i=None, out=None):
+def routing_backward(dv, u_hat, s_all, *, gradient="full", variant="sample", splits=None, block_i=None,
+                     out=None):
     """Gradients of routing_forward: (du_hat [B, I, J, D] in u_hat's dtype, ds_all [r, B, J, D]).
 
     dv: dL/dv [B, J, D]; s_all: routing_forward's second output. ds_all[t] = dL/ds^(t) in the
@@ -355,13 +276,16 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", block_i=None, out=Non
     gradient: "full" (default) lets the gradient flow through every iteration; "last" treats
     u_hat and the bias as constants in iterations 1..r-1 (SPEC section 3), so ds_all is 0 but
     for ds^(r) = squash_backward(dv, s^(r)) and du_hat = c^(r) ds^(r).
-    "full": two launches: kernel A, one program per sample, walks the iterations backwards to
-    ds_all; kernel B, fully parallel over (sample, block of I), writes du_hat once. "last": the
-    squash backward kernel on [B, J, D] gives ds^(r), then kernel B.
+    "full": kernel A walks the iterations backwards to ds_all, then kernel B, fully parallel
+    over (sample, block of I), writes du_hat once. Kernel A is one launch, one program per
+    sample, for variant="sample" (default), and one launch per iteration over (sample, chunk
+    of I) for variant="split" (see routing_forward; splits forces the chunks per sample).
+    "last": the squash backward kernel on [B, J, D] gives ds^(r), then kernel B.
     out: optional (du_hat, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """
     u_hat = _u_hat_for_kernels(u_hat)
     check_gradient(gradient)
+    _check_variant(variant)
     B, I, J, D = u_hat.shape
     check_float_tensor(dv, "dv")
     check_float_tensor(s_all, "s_all")
@@ -383,11 +307,20 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", block_i=None, out=Non
     if B == 0:
         return du_hat, ds_all
     config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
-    if gradient == "full":
+    if gradient == "full" and variant == "sample":
         _routing_backward_ds_all_kernel[(B,)](
             u_hat, dv.contiguous(), s_all, ds_all,
             B, I, J, D, iterations, *u_hat.stride(), **config,
         )
+    elif gradient == "full":
+        splits, chunk = routing_split.pick_splits(B, I, config["BLOCK_I"], u_hat.device, splits)
+        partials = s_all.new_empty((iterations, B, splits, J, D))
+        for t in reversed(range(iterations)):
+            routing_split.split_backward_ds_all_kernel[(B, splits if t > 0 else 1)](
+                u_hat, dv.contiguous(), s_all, ds_all, partials,
+                B, I, J, D, iterations, t, chunk, splits, *u_hat.stride(),
+                NUM_STAGES=_SPLIT_STAGES, **config,
+            )
     else:
         ds_all[:-1].zero_()
         squash_backward(dv, s_all[-1], out=ds_all[-1])

@@ -1,7 +1,7 @@
 """Squash (paper Eq. 1) as Triton kernels, forward and backward, over the last axis.
 
     v = f(n) s,   n = |s|,   f(n) = n / (1 + n^2)
-    ds = f(n) dv + g(n) (s_hat . dv) s_hat,   s_hat = s / n,   g(n) = n f'(n) = n (1 - n^2) / (1 + n^2)^2
+    ds = f(n) (dv - r s_hat) + h(n) r s_hat,   s_hat = s / n,   r = s_hat . dv,   h(n) = 2n / (1 + n^2)^2
 
 The same function as capsnet_triton.reference.squash, with SPEC section 2's numerics: no epsilon,
 s = 0 gives v = 0 and ds = 0, and no overflow (the norm is taken of s / max|s|, and for n >= 1
@@ -56,9 +56,11 @@ def squash_tile(s):
 
 @triton.jit
 def squash_backward_tile(dv, s):
-    """ds = f(n) dv + g(n) (s_hat . dv) s_hat for every row of tiles dv, s [R, BLOCK_D].
+    """ds = f(n) (dv - r s_hat) + h(n) r s_hat, r = s_hat . dv, for every row of tiles dv, s [R, BLOCK_D].
 
-    g(0) = 0 and s_hat(0) = 0, so the gradient at s = 0 is exactly f(0) dv = 0, never NaN.
+    h(n) = d|v|/dn is computed directly, not as f + n f', whose terms cancel for large n (see
+    reference/squash.py). h(0) = 0 and s_hat(0) = 0, so the gradient at s = 0 is exactly
+    f(0) dv = 0, never NaN.
     """
     n, direction = _norm_and_direction(s)
     small = tl.minimum(n, 1.0)
@@ -66,13 +68,13 @@ def squash_backward_tile(dv, s):
     inv = 1.0 / tl.maximum(n, 1.0)
     inv_sq = inv * inv
     f = tl.where(n < 1.0, small / (1.0 + small_sq), inv / (1.0 + inv_sq))
-    g = tl.where(
+    h = tl.where(
         n < 1.0,
-        small * (1.0 - small_sq) / ((1.0 + small_sq) * (1.0 + small_sq)),
-        inv * (inv_sq - 1.0) / ((1.0 + inv_sq) * (1.0 + inv_sq)),
+        2.0 * small / ((1.0 + small_sq) * (1.0 + small_sq)),
+        2.0 * inv * inv_sq / ((1.0 + inv_sq) * (1.0 + inv_sq)),
     )
-    radial = tl.sum(direction * dv, axis=1)                                # [R], s_hat . dv
-    return f[:, None] * dv + (g * radial)[:, None] * direction
+    radial_part = tl.sum(direction * dv, axis=1)[:, None] * direction      # [R, BLOCK_D]
+    return f[:, None] * (dv - radial_part) + h[:, None] * radial_part
 
 
 @triton.jit

@@ -4,9 +4,10 @@ The interpreter that runs the other kernel tests has no register limits and lets
 a GPU compiler rejects, so this test compiles, ahead of time, exactly the launches the GPU
 launchers make at the MNIST shapes (PrimaryCaps squash: [128, 1152, 8]; DigitCaps routing:
 u_hat [128, 1152, 10, 16], 3 iterations, backward under both gradient policies, "last" with its
-squash backward of ds^(r); the fused DigitCaps layer capsule_linear: u [128, 1152, 8],
-W [1152, 10, 16, 8], the same iterations and policies), in float32, bfloat16 and float64, and reads each binary's
-registers and local-memory use (spills) with the bundled cuobjdump.
+squash backward of ds^(r); the split variant at B = 32, 128 and 512, whose chunking depends
+on the batch; the fused DigitCaps layer capsule_linear: u [128, 1152, 8], W [1152, 10, 16, 8],
+the same iterations and policies), in float32, bfloat16 and float64, and reads each binary's
+registers and local-memory use (spills) with the bundled cuobjdump, and its shared memory.
 
 Compiling needs a process without TRITON_INTERPRET (this test session has it set), so the test
 runs this file as a script in a subprocess: the script calls the real launchers with their
@@ -25,6 +26,7 @@ import tempfile
 import pytest
 
 BATCH, INPUTS, PARENTS, DIMS, PRIMARY_DIMS, ITERATIONS = 128, 1152, 10, 16, 8, 3
+SPLIT_BATCHES = (32, 128, 512)
 # Bytes of local memory and stack frame per thread a kernel may use. Triton 3.6 caps kernel A of
 # the routing backward at 128 registers, and ptxas then parks two or three loop-invariant scalars
 # in the stack frame (8 B in float32, 24 B in float64), stored before the loops and reloaded at
@@ -44,14 +46,27 @@ def test_kernels_compile_for_h100_without_spills(dtype):
     kernels = {r["kernel"] for r in results}
     assert kernels == {"_squash_forward_kernel", "_squash_backward_kernel", "_routing_forward_kernel",
                        "_routing_backward_ds_all_kernel", "_routing_backward_u_hat_kernel",
+                       "split_forward_kernel", "split_backward_ds_all_kernel",
                        "_capsule_linear_forward_kernel", "_capsule_linear_backward_ds_all_kernel",
                        "_capsule_linear_backward_weight_kernel"}
     for r in results:
         print(f"{dtype:9s} {r['kernel']:32s} {r['config']}: {r['registers']} registers, "
-              f"{r['local_bytes']} B local, {r['stack_bytes']} B stack")
+              f"{r['local_bytes']} B local, {r['stack_bytes']} B stack, {r['shared_bytes']} B shared, "
+              f"{ctas_per_sm(r)} CTAs/SM")
     spilling = [r for r in results if r["local_bytes"] + r["stack_bytes"] > SPILL_BUDGET_BYTES]
     assert not spilling, f"kernels that spill to local memory on sm_90: {spilling}"
     assert all(0 < r["registers"] <= 255 for r in results)
+
+
+def ctas_per_sm(usage):
+    """CTAs one sm_90 SM can hold for this register, shared-memory and warp use: 64K registers
+    (allocated per warp in units of 256), 228 KB of shared memory (1 KB reserved per CTA),
+    64 warps, 32 CTAs."""
+    warps = usage["config"]["num_warps"]
+    per_warp = -(-usage["registers"] * 32 // 256) * 256
+    by_registers = 65536 // (per_warp * warps)
+    by_shared = 233472 // (usage["shared_bytes"] + 1024)
+    return min(by_registers, by_shared, 64 // warps, 32)
 
 
 # The subprocess side: record the launches, compile them, report resource usage as JSON.
@@ -108,13 +123,14 @@ def _compile_mnist_launches(dtype_name):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from capsnet_triton.kernels import capsule_linear, routing, squash
+    from capsnet_triton.kernels import capsule_linear, routing, routing_split, squash
 
     dtype = getattr(torch, dtype_name)
     launches = []
     for module, names in ((squash, ("_squash_forward_kernel", "_squash_backward_kernel")),
                           (routing, ("_routing_forward_kernel", "_routing_backward_ds_all_kernel",
                                      "_routing_backward_u_hat_kernel")),
+                          (routing_split, ("split_forward_kernel", "split_backward_ds_all_kernel")),
                           (capsule_linear, ("_capsule_linear_forward_kernel",
                                             "_capsule_linear_backward_ds_all_kernel",
                                             "_capsule_linear_backward_weight_kernel"))):
@@ -130,7 +146,13 @@ def _compile_mnist_launches(dtype_name):
     dv = torch.empty(BATCH, PARENTS, DIMS, dtype=dtype)
     routing.routing_backward(dv, u_hat, s_all, gradient="full")
     routing.routing_backward(dv, u_hat, s_all, gradient="last")
+    for batch in SPLIT_BATCHES:
+        u_hat = torch.empty(batch, INPUTS, PARENTS, DIMS, dtype=dtype)
+        _, s_all = routing.routing_forward(u_hat, ITERATIONS, variant="split")
+        dv = torch.empty(batch, PARENTS, DIMS, dtype=dtype)
+        routing.routing_backward(dv, u_hat, s_all, gradient="full", variant="split")
     weight = torch.empty(INPUTS, PARENTS, DIMS, PRIMARY_DIMS, dtype=dtype)
+    dv = torch.empty(BATCH, PARENTS, DIMS, dtype=dtype)
     _, s_all = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS)
     capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="full")
     capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="last")
@@ -148,7 +170,8 @@ def _compile_mnist_launches(dtype_name):
         config = {k: str(v) for k, v in constexprs.items() if k.isupper()}
         config["num_warps"] = options["num_warps"]
         results.append(dict(kernel=kernel.__name__, config=config, registers=registers,
-                            local_bytes=local_bytes, stack_bytes=stack_bytes))
+                            local_bytes=local_bytes, stack_bytes=stack_bytes,
+                            shared_bytes=compiled.metadata.shared))
     print(json.dumps(results))
 
 

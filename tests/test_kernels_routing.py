@@ -22,15 +22,16 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=None):
+def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=None, variant="sample",
+                  splits=None):
     """Run both kernels on poisoned outputs, compare with the reference, return (v, s_all, du_hat, ds_all)."""
     B, I, J, D = u_hat.shape
     dtype = u_hat.dtype
     v, s_all = routing_forward(
-        u_hat, iterations, bias, block_i=block_i,
+        u_hat, iterations, bias, block_i=block_i, variant=variant, splits=splits,
         out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
     du_hat, ds_all = routing_backward(
-        dv, u_hat, s_all, gradient=gradient, block_i=block_i,
+        dv, u_hat, s_all, gradient=gradient, block_i=block_i, variant=variant, splits=splits,
         out=(poisoned((B, I, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
 
     # A zero bias changes nothing in the reference and makes it return dL/dbias = sum of every ds.
@@ -48,11 +49,13 @@ def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=
 def routing_cases(draw, dtype):
     return dict(
         magnitude=draw(st.sampled_from(magnitudes(dtype))),
-        shape=tuple(draw(st.integers(1, most)) for most in (3, 40, 10, 16)),                # B, I, J, D
-        iterations=draw(st.integers(1, 4)),
+        shape=tuple(draw(st.integers(1, most)) for most in (3, 40, 20, 16)),                # B, I, J, D
+        iterations=draw(st.integers(1, 5)),
         with_bias=draw(st.booleans()),
         gradient=draw(st.sampled_from(["full", "last"])),
         block_i=draw(st.sampled_from([None, 4, 16])),
+        variant=draw(st.sampled_from(["sample", "split"])),
+        splits=draw(st.sampled_from([None, 2, 3])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -68,7 +71,19 @@ def test_routing_kernels_match_reference(dtype, data):
     bias = sample(rng, (J, D), dtype, case["magnitude"]) if case["with_bias"] else None
     dv = sample(rng, (B, J, D), dtype)
     check_routing(u_hat, case["iterations"], dv, bias=bias, gradient=case["gradient"],
-                  block_i=case["block_i"])
+                  block_i=case["block_i"], variant=case["variant"], splits=case["splits"])
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("shape, iterations, splits", [((2, 37, 17, 9), 5, 3), ((1, 5, 1, 3), 1, 2),
+                                                        ((3, 23, 10, 16), 3, 7)])
+def test_split_variant_over_several_chunks(shape, iterations, splits, gradient, rng):
+    """The split kernels with chunks of 4 inputs, the last one partial, J = 1 and J > 16, D = 3
+    and 9; more splits asked than there are chunks (23 inputs are 6 chunks) gives one per chunk."""
+    B, I, J, D = shape
+    check_routing(sample(rng, shape, torch.float32), iterations, sample(rng, (B, J, D), torch.float32),
+                  bias=sample(rng, (J, D), torch.float32), gradient=gradient, block_i=4,
+                  variant="split", splits=splits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
@@ -183,15 +198,17 @@ def test_routing_kernels_match_autograd_of_the_literal_loop(gradient, use_bias, 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 @pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_a_sample_holding_nan_or_inf_is_all_nan(iterations, gradient, rng):
+@pytest.mark.parametrize("variant", ["sample", "split"])
+def test_a_sample_holding_nan_or_inf_is_all_nan(variant, iterations, gradient, rng):
     """SPEC 7: NaN in all of v, s_all and du_hat of that sample, in every block of I; the other
     samples bit for bit as when routed without it."""
     for bad in (float("nan"), float("inf"), float("-inf")):
         u_hat = sample(rng, (3, 37, 10, 16), torch.float32)
         dv = sample(rng, (3, 10, 16), torch.float32)
         u_hat[1, 30, 9, 15] = bad
-        v, s_all = routing_forward(u_hat, iterations, block_i=16)
-        du_hat, _ = routing_backward(dv, u_hat, s_all, gradient=gradient, block_i=16)
+        v, s_all = routing_forward(u_hat, iterations, block_i=16, variant=variant, splits=2)
+        du_hat, _ = routing_backward(dv, u_hat, s_all, gradient=gradient, block_i=16, variant=variant,
+                                     splits=2)
         ref_v, cache = reference_routing_forward(as_float64(u_hat), iterations, gradient=gradient)
         ref_du_hat = reference_routing_backward(as_float64(dv), cache)
         assert np.isnan(ref_v[1]).all() and np.isnan(np.stack(cache["s_all"])[:, 1]).all()
@@ -200,8 +217,9 @@ def test_a_sample_holding_nan_or_inf_is_all_nan(iterations, gradient, rng):
         assert_agrees(s_all, np.stack(cache["s_all"]), torch.float32, "s_all")
         assert_agrees(du_hat, ref_du_hat, torch.float32, "du_hat")
         clean = [0, 2]
-        v_c, s_all_c = routing_forward(u_hat[clean], iterations, block_i=16)
-        du_hat_c, _ = routing_backward(dv[clean], u_hat[clean], s_all_c, gradient=gradient, block_i=16)
+        v_c, s_all_c = routing_forward(u_hat[clean], iterations, block_i=16, variant=variant, splits=2)
+        du_hat_c, _ = routing_backward(dv[clean], u_hat[clean], s_all_c, gradient=gradient, block_i=16,
+                                       variant=variant, splits=2)
         assert torch.equal(v[clean], v_c) and torch.equal(du_hat[clean], du_hat_c)
 
 
@@ -232,6 +250,10 @@ def test_routing_rejects_bad_input():
         (ValueError, "one device", lambda: routing_forward(u_hat, 2, torch.ones(3, 4, device="meta"))),
         (ValueError, "power of two", lambda: routing_forward(u_hat, 2, block_i=3)),
         (ValueError, "power of two", lambda: routing_backward(dv, u_hat, s_all, block_i=0)),
+        (ValueError, r"variant must be one of \('sample', 'split'\)",
+         lambda: routing_forward(u_hat, 2, variant="persistent")),
+        (ValueError, "variant must be one of", lambda: routing_backward(dv, u_hat, s_all, variant=None)),
+        (ValueError, "splits must be an integer >= 1", lambda: routing_forward(u_hat, 2, variant="split", splits=0)),
         (ValueError, r"out\[0\] \(v\)",
          lambda: routing_forward(u_hat, 2, out=(torch.empty(2, 4, 3, device=DEVICE), s_all))),
         (ValueError, r"dv must have shape \[B, J, D\]", lambda: routing_backward(dv[:1], u_hat, s_all)),

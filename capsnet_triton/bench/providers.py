@@ -44,6 +44,29 @@ EINSUM = Provider("torch-einsum", "the routing loop and u_hat written with einsu
                   squash=baselines.squash, predict=baselines.einsum_predict, routing=baselines.einsum_routing)
 
 
+class _SplitRouting(torch.autograd.Function):
+    """The Triton routing kernels' split-I variant (kernels/routing_split.py), forward and "full"
+    backward, for the GPU measurement that picks the default variant."""
+
+    @staticmethod
+    def forward(ctx, u_hat, iterations):
+        from capsnet_triton.kernels.routing import routing_forward
+        v, s_all = routing_forward(u_hat, iterations, variant="split")
+        ctx.save_for_backward(u_hat, s_all)
+        return v
+
+    @staticmethod
+    def backward(ctx, dv):
+        from capsnet_triton.kernels.routing import routing_backward
+        u_hat, s_all = ctx.saved_tensors
+        du_hat, _ = routing_backward(dv.contiguous(), u_hat, s_all, variant="split")
+        return du_hat, None
+
+
+def _split_routing(u_hat, iterations=3):
+    return _SplitRouting.apply(u_hat, iterations)
+
+
 def make_providers():
     torch._dynamo.config.recompile_limit = 64    # one graph per (grad mode, shape, r): never fall back to eager
     compiled = dict(squash=torch.compile(baselines.squash), predict=baselines.predict,
@@ -56,17 +79,23 @@ def make_providers():
     ]
     from capsnet_triton.layers import predict
     from capsnet_triton.ops import capsule_linear, dynamic_routing, squash
+    refusal = None
+    if TRITON_INTERPRET:
+        refusal = ("refused: TRITON_INTERPRET is set, so Triton would time its CPU interpreter; "
+                   "unset it to time the kernels")
     for name, backend in (("project-torch", "torch"), ("triton", "triton")):
         about = f'capsnet_triton.ops, backend="{backend}"'
-        refusal = None
-        if backend == "triton" and TRITON_INTERPRET:
-            refusal = ("refused: TRITON_INTERPRET is set, so Triton would time its CPU interpreter; "
-                       "unset it to time the kernels")
         providers.append(Provider(name, about, squash=functools.partial(squash, backend=backend),
-                                  predict=predict, backend=backend, unavailable=refusal,
+                                  predict=predict, backend=backend,
+                                  unavailable=refusal if backend == "triton" else None,
                                   routing=functools.partial(dynamic_routing, backend=backend),
                                   needs_cuda=backend == "triton"))
         providers.append(Provider(f"{name.split('-')[0]}-fused", f"{about}: capsule_linear, u_hat never stored",
                                   layer=functools.partial(capsule_linear, backend=backend), backend=backend,
-                                  unavailable=refusal, needs_cuda=backend == "triton"))
+                                  unavailable=refusal if backend == "triton" else None,
+                                  needs_cuda=backend == "triton"))
+    # No backend: the training step builds its DigitCaps from this routing.
+    providers.append(Provider("triton-split", 'the Triton routing kernels with variant="split"',
+                              squash=functools.partial(squash, backend="triton"), predict=predict,
+                              routing=_split_routing, unavailable=refusal, needs_cuda=True))
     return providers

@@ -4,7 +4,10 @@ public function.
 The PyTorch path is written for CPUs, with the kernels' memory plan: the forward saves only the
 per-iteration s (s_all, [r, B, J, D]); the backward recomputes the couplings from u_hat. Every
 contraction over capsule dims is one batched matrix product against a block-diagonal matrix
-built from a [B, J, D] tensor, so no temporary is ever as large as u_hat.
+built from a [B, J, D] tensor, so no temporary is ever as large as u_hat. These products do
+J times the multiply-adds the contraction needs, yet on a CPU at the MNIST shape they beat the
+alternatives measured (one bmm per parent over strided views, einsum, multiply-and-sum, a
+[B, J, I, D] copy of u_hat; docs/PERF.md).
 """
 
 from typing import Optional
@@ -88,10 +91,8 @@ def _routing_backward_torch(dv, u_hat, s_all, gradient):
         return _routing_backward_last_torch(dv, u_hat, u3, s_all)
     v_all = squash_forward_torch(s_all)                           # [r, B, J, D]
     v_sums = (torch.cumsum(v_all, dim=0) - v_all).transpose(0, 1)  # [B, r, J, D], V^(t)
-    # The couplings of iterations 2..r, recomputed in one product (the first is uniform).
-    couplings = _coupling(_agreement(u3, v_sums[:, 1:])) if r > 1 else None
     ds_all = torch.empty_like(s_all)
-    dlogits = []                                                   # db^(t), t = r .. 2
+    couplings, dlogits = [], []                                    # c^(t), db^(t), t = r .. 2
     grad_v = dv.to(s_all.dtype)                                    # dL/dv^(t)
     grad_v_sum = torch.zeros_like(grad_v)                          # sum of dV over later t
     for t in reversed(range(r)):
@@ -99,21 +100,18 @@ def _routing_backward_torch(dv, u_hat, s_all, gradient):
         ds_all[t] = ds
         if t == 0:
             break                                                  # V^(1) = 0: no agreement
-        c = couplings[:, :, t - 1]                                 # [B, I, J]
-        dc = _agreement(u3, ds.unsqueeze(1)).squeeze(2)            # [B, I, J]
+        # b^(t) = u_hat . V^(t) (to recompute c^(t)) and dc = u_hat . ds in one pass over u_hat.
+        logits, dc = _agreement(u3, torch.stack((v_sums[:, t], ds), dim=1)).unbind(dim=2)
+        c = _coupling(logits)                                      # [B, I, J]
         db = c * (dc - (c * dc).sum(dim=-1, keepdim=True))         # softmax over j
+        couplings.append(c)
         dlogits.append(db)
         grad_v_sum = grad_v_sum + _weighted_sum(db.unsqueeze(2), u3, J).squeeze(1)
         grad_v = grad_v_sum
     # du_hat = sum_t c^(t) ds^(t) [+ db^(t) V^(t)], as one product over all t.
-    uniform = u3.new_full((B, u3.shape[1], 1, J), 1.0 / J)
-    weights = [uniform] + ([couplings] if r > 1 else [])
-    vectors = [ds_all.transpose(0, 1)]
-    if r > 1:
-        weights.append(torch.stack(dlogits[::-1], dim=2))          # [B, I, r-1, J]
-        vectors.append(v_sums[:, 1:])
-    weights = torch.cat(weights, dim=2)                            # [B, I, T, J]
-    vectors = torch.cat(vectors, dim=1)                            # [B, T, J, D]
+    uniform = u3.new_full((B, u3.shape[1], J), 1.0 / J)
+    weights = torch.stack([uniform] + couplings[::-1] + dlogits[::-1], dim=2)  # [B, I, T, J]
+    vectors = torch.cat((ds_all.transpose(0, 1), v_sums[:, 1:]), dim=1)       # [B, T, J, D]
     du3 = torch.bmm(weights.reshape(B, u3.shape[1], weights.shape[2] * J), _block_diagonal(vectors))
     return du3.view(u_hat.shape).to(u_hat.dtype), ds_all
 

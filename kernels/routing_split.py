@@ -1,0 +1,174 @@
+"""The split-I variant of the routing forward and of backward kernel A: grid (B, S).
+
+The one-program-per-sample kernels of kernels/routing.py give a GPU B programs, one CTA per SM
+at B = 128 on a 132-SM card, each walking all of I with full memory latency per tile. Here each
+routing iteration is one launch over (sample, chunk of I): S programs per sample, S chosen so
+that every SM holds several CTAs. Each program writes its chunk's partial sum ([J, D]) and the
+next launch's programs first add the S partials of their sample in a fixed order (k = 0..S-1),
+so the result is deterministic with no float atomics, and every program of a sample computes
+bit-identical s and V. Within a chunk every thread accumulates its own share of the partial
+sum in a [BLOCK_I, BLOCK_J, BLOCK_D] tile, reduced across warps once per chunk, not per tile;
+the loop over the chunk is `tl.range(..., num_stages=NUM_STAGES)`, so loads are pipelined; the
+first iteration (uniform coupling 1/J) skips the softmax.
+
+Memory traffic is that of the sample kernels plus, per launch, B S J D partials written and read
+S times per sample (S J D per program: small next to the chunk of u_hat it reads).
+Which variant is faster is a question for a GPU: kernels/routing.py keeps the sample kernels
+the default until one measures both.
+"""
+
+import triton
+import triton.language as tl
+
+from .routing_tiles import coupling_tile, load_u_hat, logits_grad, sample_layout, v_sum_before
+from .squash import squash_backward_tile, squash_tile
+
+__all__ = ["split_forward_kernel", "split_backward_ds_all_kernel", "pick_splits"]
+
+
+@triton.jit
+def _sum_partials(partial_ptr, slot, B, sample, splits, J, D, jd_offsets, jd_mask,
+                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """sum_k partial[slot, sample, k] over the S = splits chunks, in the order k = 0..S-1 [BLOCK_J, BLOCK_D]."""
+    total = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+    for k in range(splits):
+        total += tl.load(partial_ptr + ((slot * B + sample) * splits + k) * J * D + jd_offsets,
+                         mask=jd_mask, other=0.0)
+    return total
+
+
+@triton.jit
+def split_forward_kernel(
+    u_hat_ptr, bias_ptr, v_ptr, s_all_ptr, partial_ptr,
+    B, I, J, D, iterations, t, chunk, splits,
+    stride_ub, stride_ui, stride_uj, stride_ud,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Launch t (0-based) of the routing forward: grid (B, splits) for t < iterations, then (B, 1)
+    for t = iterations, which only finishes.
+
+    A launch t >= 1 first sums the partials of iteration t - 1 to s^(t-1) (+ bias), which chunk 0
+    stores in s_all, and adds squash(s^(t-1)) to V = squash(s^(1)) + ... read back from s_all.
+    For t < iterations the program then sums c^(t) u_hat over inputs [k chunk, (k + 1) chunk)
+    of its sample into partial[t % 2, sample, k]; the last launch stores v = squash(s^(r)).
+    u_hat_ptr: u_hat [B, I, J, D] with strides (stride_ub, ...), any float dtype.
+    bias_ptr: bias [J, D], contiguous (read only when HAS_BIAS). v_ptr: v [B, J, D], contiguous.
+    s_all_ptr: [iterations, B, J, D] and partial_ptr: [2, B, splits, J, D], contiguous, COMPUTE_DTYPE.
+    chunk: a multiple of BLOCK_I. Memory traffic per program: reads chunk J D of u_hat and
+    (splits + t) J D of partials and s_all; writes J D (+ J D of s_all in chunk 0).
+    """
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
+        u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
+    split = tl.program_id(1)
+    v_sum = v_sum_before(s_all_ptr, tl.maximum(t - 1, 0), B, sample, J, D, jd_offsets, jd_mask,
+                         BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                  # V^(t-1)
+    if t > 0:
+        s = _sum_partials(partial_ptr, (t - 1) % 2, B, sample, splits, J, D, jd_offsets, jd_mask,
+                          BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
+        v = squash_tile(s)
+        v_sum += v
+        if split == 0:
+            tl.store(s_all_ptr + ((t - 1) * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
+            if t == iterations:
+                tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
+    if t < iterations:
+        i_in_block = tl.arange(0, BLOCK_I)
+        start = split * chunk
+        end = tl.minimum(start + chunk, I)
+        acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)        # per-thread partial sums
+        if t == 0:
+            for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
+                u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+                                      jd_mask, COMPUTE_DTYPE)
+                acc += u_hat
+            partial = tl.sum(acc, axis=0) / J                              # uniform c = 1/J
+            # Where the chunk is not finite (or its sum overflows), NaN in all of the partial, so
+            # that all of the sample's outputs are NaN (SPEC 7) as the softmax makes them elsewhere.
+            partial += tl.sum(tl.sum(partial * 0.0, axis=1), axis=0)
+        else:
+            for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
+                u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+                                      jd_mask, COMPUTE_DTYPE)
+                acc += coupling_tile(u_hat, v_sum, j_valid)[:, :, None] * u_hat
+            partial = tl.sum(acc, axis=0)
+        tl.store(partial_ptr + (((t % 2) * B + sample) * splits + split) * J * D + jd_offsets,
+                 partial, mask=jd_mask)
+
+
+@triton.jit
+def split_backward_ds_all_kernel(
+    u_hat_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr,
+    B, I, J, D, iterations, t, chunk, splits,
+    stride_ub, stride_ui, stride_uj, stride_ud,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """Step t (0-based, launched for t = iterations - 1 down to 0) of backward kernel A: grid
+    (B, splits) for t >= 1, (B, 1) for t = 0.
+
+    dL/dv^(t) is dv for the last iteration, else the sum over the later iterations t' of
+    dV^(t') = sum_k partial[t', sample, k] (in the order t' = r-1 .. t+1, k = 0..S-1); then
+    ds^(t) = squash_backward(dL/dv^(t), s^(t)), stored by chunk 0, and for t >= 1 the chunk's
+    share of dV^(t) = sum_i db^(t) u_hat goes to partial[t, sample, k].
+    u_hat_ptr: u_hat [B, I, J, D] with strides (stride_ub, ...), any float dtype.
+    dv_ptr: [B, J, D], contiguous. s_all_ptr, ds_all_ptr: [iterations, B, J, D] and
+    partial_ptr: [iterations, B, splits, J, D], contiguous, COMPUTE_DTYPE.
+    Memory traffic per program: reads chunk J D of u_hat and O((iterations splits + t) J D)
+    of partials and s_all; writes J D (+ J D of ds_all in chunk 0).
+    """
+    sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
+        u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
+    split = tl.program_id(1)
+    sample_offset = sample * J * D
+    if t == iterations - 1:
+        grad_v = tl.load(dv_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
+    else:
+        grad_v = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+        for k in range(iterations - 1 - t):
+            grad_v += _sum_partials(partial_ptr, iterations - 1 - k, B, sample, splits, J, D,
+                                    jd_offsets, jd_mask, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
+    offsets = (t * B + sample) * J * D + jd_offsets                        # s^(t) in s_all
+    ds = squash_backward_tile(grad_v, tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+    if split == 0:
+        tl.store(ds_all_ptr + offsets, ds, mask=jd_mask)
+    if t > 0:
+        v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
+                             BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
+        i_in_block = tl.arange(0, BLOCK_I)
+        start = split * chunk
+        end = tl.minimum(start + chunk, I)
+        acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+        for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
+            u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+                                  jd_mask, COMPUTE_DTYPE)
+            coupling = coupling_tile(u_hat, v_sum, j_valid)
+            acc += logits_grad(u_hat, coupling, ds)[:, :, None] * u_hat
+        tl.store(partial_ptr + ((t * B + sample) * splits + split) * J * D + jd_offsets,
+                 tl.sum(acc, axis=0), mask=jd_mask)
+
+
+# Resident CTAs wanted per SM: enough that one CTA's memory latency hides behind the others'.
+_CTAS_PER_SM = 4
+# The SM count of the GPUs this project is measured on (H100, H200), for launches recorded
+# without a device to ask (the compile test).
+_DEFAULT_SMS = 132
+
+
+def pick_splits(B, I, block_i, device, splits=None):
+    """(splits, chunk): S chunks of I per sample, each a multiple of block_i inputs, so that the
+    grid (B, S) gives every SM several CTAs; `splits` forces S (tests use it)."""
+    tiles = triton.cdiv(I, block_i)
+    if splits is None:
+        sms = _DEFAULT_SMS
+        if device.type == "cuda":
+            import torch
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(_CTAS_PER_SM * sms, B)
+    elif isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be an integer >= 1, got {splits!r}")
+    chunk = triton.cdiv(tiles, min(splits, tiles)) * block_i
+    return triton.cdiv(I, chunk), chunk

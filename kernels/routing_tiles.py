@@ -1,0 +1,125 @@
+"""The tile helpers every routing kernel shares (kernels/routing.py, kernels/routing_split.py,
+kernels/capsule_linear.py): a program's sample layout, u_hat tiles, couplings and their
+gradient, V^(t) from s_all, and a tile's share of s, of dV and of du_hat.
+"""
+
+import triton
+import triton.language as tl
+
+from .squash import squash_tile
+
+__all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "s_of_tile",
+           "grad_v_sum_of_tile", "du_hat_tile"]
+
+
+@triton.jit
+def sample_layout(u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D,
+                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sample and the [BLOCK_J, BLOCK_D] offsets and mask every routing kernel uses.
+
+    Returns (sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets): the sample index
+    (int64, for the batch offset), the pointer to u_hat[sample], which parents are real
+    [BLOCK_J], which (j, d) are real [BLOCK_J, BLOCK_D], offsets into a contiguous [J, D], and
+    offsets into u_hat[sample, i] through u_hat's strides.
+    """
+    sample = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_J)
+    d = tl.arange(0, BLOCK_D)
+    j_valid = j < J
+    jd_mask = j_valid[:, None] & (d < D)[None, :]                          # [BLOCK_J, BLOCK_D]
+    jd_offsets = j[:, None] * D + d[None, :]                               # into contiguous [J, D]
+    u_jd_offsets = j[:, None] * stride_uj + d[None, :] * stride_ud         # into u_hat[b, i]
+    return sample, u_hat_ptr + sample * stride_ub, j_valid, jd_mask, jd_offsets, u_jd_offsets
+
+
+@triton.jit
+def load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask, COMPUTE_DTYPE: tl.constexpr):
+    """The u_hat tile of inputs i [BLOCK_I] in the compute dtype, padded entries 0, and its mask,
+    both [BLOCK_I, BLOCK_J, BLOCK_D]."""
+    mask = (i < I)[:, None, None] & jd_mask[None, :, :]
+    u_hat = tl.load(u_hat_sample + i[:, None, None] * stride_ui + u_jd_offsets[None, :, :],
+                    mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    return u_hat, mask
+
+
+@triton.jit
+def coupling_tile(u_hat, v_sum, j_valid):
+    """c = softmax_j(b), b = u_hat . V (Procedure 1 lines 4 and 7): [BLOCK_I, BLOCK_J].
+
+    u_hat [BLOCK_I, BLOCK_J, BLOCK_D], v_sum = V [BLOCK_J, BLOCK_D], j_valid [BLOCK_J]. The
+    logits are max-subtracted; padded parents get -inf, so their coupling is exactly 0.
+    """
+    agreement = tl.sum(u_hat * v_sum[None, :, :], axis=2)                 # [BLOCK_I, BLOCK_J]
+    agreement = tl.where(j_valid[None, :], agreement, float("-inf"))
+    e = tl.exp(agreement - tl.max(agreement, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def logits_grad(u_hat, coupling, ds):
+    """db = c (dc - sum_j c dc) with dc = u_hat . ds: the gradient of the logits b [BLOCK_I, BLOCK_J].
+
+    dc is the gradient of the coupling through s = sum_i c u_hat; the softmax over j turns it
+    into db. Padded parents (c = 0) and padded inputs (u_hat = 0) get db = 0.
+    """
+    dc = tl.sum(u_hat * ds[None, :, :], axis=2)                            # [BLOCK_I, BLOCK_J]
+    return coupling * (dc - tl.sum(coupling * dc, axis=1)[:, None])
+
+
+@triton.jit
+def v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
+                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """V^(t) = squash(s^(1)) + ... + squash(s^(t-1)) (0-based t: the first t iterations) [BLOCK_J, BLOCK_D].
+
+    Summed in the forward kernel's order, so that the recomputed V matches it bit for bit.
+    """
+    v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+    for k in range(t):
+        s = tl.load(s_all_ptr + (k * B + sample) * J * D + jd_offsets, mask=jd_mask, other=0.0)
+        v_sum += squash_tile(s)
+    return v_sum
+
+
+@triton.jit
+def s_of_tile(u_hat, v_sum, j_valid):
+    """s = sum_i c u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with c
+    recomputed from V = v_sum: the tile's share of s (Eq. 2) -> [BLOCK_J, BLOCK_D]."""
+    return tl.sum(coupling_tile(u_hat, v_sum, j_valid)[:, :, None] * u_hat, axis=0)
+
+
+@triton.jit
+def grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid):
+    """dV = sum_i db u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with
+    c and db recomputed from V = v_sum and ds: kernel A's share of dL/dv of earlier iterations."""
+    grad_logits = logits_grad(u_hat, coupling_tile(u_hat, v_sum, j_valid), ds)  # [BLOCK_I, BLOCK_J]
+    return tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
+
+
+@triton.jit
+def du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_valid, jd_mask, jd_offsets,
+                GRADIENT_FULL: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                COMPUTE_DTYPE: tl.constexpr):
+    """du_hat for one sample's u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], kept in registers:
+
+        GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
+        otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy: c^(r) is a constant)
+
+    with c^(t) and db^(t) recomputed from the tile and V^(t) from s_all ("last" recomputes only
+    V^(r), to get c^(r)); s_all_ptr and ds_all_ptr are [iterations, B, J, D], contiguous.
+    """
+    du_hat = tl.zeros_like(u_hat)
+    if GRADIENT_FULL:
+        first = 0
+    else:
+        first = iterations - 1
+    v_sum = v_sum_before(s_all_ptr, first, B, sample, J, D, jd_offsets, jd_mask,
+                         BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                  # V^(t)
+    for t in range(first, iterations):
+        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
+        ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
+        coupling = coupling_tile(u_hat, v_sum, j_valid)
+        du_hat += coupling[:, :, None] * ds[None, :, :]
+        if GRADIENT_FULL:
+            du_hat += logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
+        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+    return du_hat
