@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# One-step set-up for a fresh machine: a virtual environment in .venv with the project, its test
-# tools and a torch that fits the machine (the CPU build where there is no CUDA GPU).
+# One-step set-up: a virtual environment in .venv with the project and its test tools.
+# Where python3 already has a CUDA torch (a GPU machine, perhaps without a package index), the venv
+# sees python3's packages and nothing is downloaded; elsewhere it gets a torch that fits the machine
+# (the CPU build where there is no CUDA GPU) and the test tools from the package index.
 set -euo pipefail
 cd "$(dirname "$0")"
+if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    python3 -m venv --without-pip --system-site-packages .venv
+    .venv/bin/python scripts/install_offline.py
+    exit
+fi
 python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then

@@ -1,8 +1,17 @@
-"""MNIST and Fashion-MNIST as in-memory tensors: finding, downloading, splitting, augmenting.
+"""MNIST, Fashion-MNIST and the paper's MNIST-derived sets as in-memory tensors: finding,
+downloading, splitting, augmenting.
 
 Each dataset is one entry of DATASETS (a `DatasetSpec`): its image shape, number of classes,
-loader and files. Training, evaluation and `model.build_model` read the shape, the classes and
-the dataset choices from there, so a new dataset is a new entry.
+loader and files, and how its training batches and its evaluation split are made from what the
+loader read. Training, evaluation and `model.build_model` read everything from there, so a new
+dataset is a new entry. Besides MNIST and Fashion-MNIST (SPEC 9):
+- multimnist: pairs of overlapping MNIST digits on 36 x 36 (`synthetic.multimnist`), drawn
+  afresh for every training step from (seed, step), and fixed by a seed for validation (one
+  pair per held-out digit) and test (ten per test digit);
+- mnist40: MNIST on a 40 x 40 canvas, each digit at a random position (shifts of up to 6);
+- affnist-generated: a test set of the MNIST test digits on 40 x 40 under random affine maps of
+  affNIST's ranges (`synthetic.affine_transform`), fixed by a seed; generated, not affNIST;
+- affnist: affNIST's own test files, for those who have them (`affnist.read_affnist`).
 
 The whole dataset fits in memory (60,000 x 28 x 28 bytes = 47 MB), so it is held as one uint8
 tensor on the training device and every batch is a single indexing operation; there is no
@@ -27,18 +36,20 @@ import shutil
 import tempfile
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .losses import check_labels
 from .reference.mnist import find_idx, load_mnist
+from .synthetic import multimnist
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "IdxFile", "Split", "DownloadError", "dataset_spec",
-    "find_split_dir", "load_split", "load_idx_split", "download", "validation_split", "epoch_order",
+    "DATASETS", "DatasetSpec", "IdxFile", "Split", "Batch", "DownloadError", "dataset_spec", "multimnist",
+    "find_split_dir", "verify_split", "load_split", "load_idx_split", "download", "validation_split", "epoch_order",
     "shift_generator", "derive_seed", "random_shift", "to_float", "default_permissions",
 ]
 
@@ -56,12 +67,23 @@ class IdxFile:
     digest_of: str = "content"
 
 
+def _as_loaded(split, *_):
+    return split
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A dataset: what its examples look like, how to load a split, and where its files come from.
 
     loader(spec, directory, train) -> Split reads one split from `directory`; `load_split`
-    checks that its images have image_shape.
+    checks that its images have stored_shape (image_shape unless the examples are built from
+    what is stored, like MultiMNIST's pairs from 28 x 28 digits).
+    training_split(split) -> what training draws its batches from: an object with len() and
+    augmented(index, seed, step, max_shift) -> Batch (a Split, or a `PairSource`).
+    evaluation_split(split, test) -> the fixed split that validation (test=False) or the test
+    (test=True) scores: an object with len(), subset(), to(device) and batch(index) -> Batch.
+    defaults: training options whose default differs for this dataset.
+    metric: the name of what `evaluate` counts as right, for printing.
     """
 
     name: str
@@ -71,6 +93,11 @@ class DatasetSpec:
     folder: str                  # torchvision's class name, the folder above `raw/`
     mirrors: tuple
     files: tuple                 # IdxFile: train images, train labels, test images, test labels
+    stored_shape: tuple = None
+    training_split: Callable = _as_loaded
+    evaluation_split: Callable = _as_loaded
+    defaults: dict = field(default_factory=dict)
+    metric: str = "accuracy"
 
     def split_files(self, train):
         """The (images, labels) IdxFile pair of the training or the test split."""
@@ -117,6 +144,17 @@ DATASETS = {
 }
 
 
+class Batch(NamedTuple):
+    """One batch as the model and `losses.capsnet_loss` take it."""
+
+    images: torch.Tensor           # float [B, C, H, W] in [0, 1], the model's input
+    labels: torch.Tensor           # int64 [B], or [B, K]: the K distinct classes present (MultiMNIST: K = 2)
+    targets: torch.Tensor          # what the decoder reconstructs: [B, C, H, W], or [B, K, C, H, W] one per label
+
+    def shard(self, index):
+        return Batch(*(tensor[index] for tensor in self))
+
+
 class Split(NamedTuple):
     """A dataset split in memory: images uint8 [N, C, H, W] and labels int64 [N]."""
 
@@ -132,6 +170,17 @@ class Split(NamedTuple):
 
     def to(self, device):
         return Split(self.images.to(device), self.labels.to(device))
+
+    def batch(self, index):
+        """The `Batch` of the samples at `index`: each image is its own target."""
+        images = to_float(self.images[index])
+        return Batch(images, self.labels[index], images)
+
+    def augmented(self, index, seed, step, max_shift):
+        """The training `Batch` of global step `step`: the samples at `index`, shifted (SPEC 6)."""
+        generator = shift_generator(seed, step, self.images.device)
+        images = to_float(random_shift(self.images[index], max_shift, generator=generator))
+        return Batch(images, self.labels[index], images)
 
 
 class DownloadError(OSError):
@@ -178,25 +227,35 @@ def find_split_dir(directory, dataset="mnist", train=True):
     )
 
 
-def load_split(directory, dataset="mnist", train=True):
+def load_split(directory, dataset="mnist", train=True, *, verify=False):
     """Load the training or test split of `dataset` from `directory` into memory.
 
     Returns a `Split` (images uint8 [N, *image_shape], labels int64 [N]), by the entry's loader.
     Corrupt or truncated files raise ValueError naming the file and the problem (see
-    `reference.mnist.read_idx`); images of another shape than the entry's raise ValueError.
+    `reference.mnist.read_idx`); images of another shape than the entry's, or labels outside
+    [0, num_classes), raise ValueError. verify: first check the files' MD5s (`verify_split`).
     """
     spec = dataset_spec(dataset)
+    if verify:
+        verify_split(directory, dataset, train)
     split = spec.loader(spec, directory, train)
-    if tuple(split.images.shape[1:]) != tuple(spec.image_shape):
+    expected = spec.stored_shape or spec.image_shape
+    if tuple(split.images.shape[1:]) != tuple(expected):
         raise ValueError(f"{spec.name} images in {directory} have shape {list(split.images.shape[1:])}, "
-                         f"expected {list(spec.image_shape)}")
+                         f"expected {list(expected)}")
+    check_labels(split.labels, len(split), spec.num_classes)
     return split
 
 
-def _md5(path, digest_of):
+def _md5(path, digest_of, compressed):
+    """MD5 of the file at `path`: of its IDX content ("content": decompressed when `compressed`,
+    so a re-compressed copy has the digest of the original) or of the .gz file itself."""
+    if digest_of == "gzip" and not compressed:
+        raise ValueError(f"{path}: the published MD5 is of the .gz file, so an uncompressed copy cannot be "
+                         f"checked; use the .gz file, or pass --no-verify-data to skip the check")
     digest = hashlib.md5()
     try:
-        with (gzip.open(path, "rb") if digest_of == "content" else open(path, "rb")) as f:
+        with (gzip.open(path, "rb") if compressed and digest_of == "content" else open(path, "rb")) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -204,56 +263,94 @@ def _md5(path, digest_of):
     return digest.hexdigest()
 
 
-def _verify(path, idx_file):
-    """Raise ValueError unless the file at `path` has idx_file's MD5."""
-    actual = _md5(path, idx_file.digest_of)
+def _verify(path, idx_file, compressed=None):
+    """Raise ValueError unless the file at `path` (gzipped if `compressed`, by default if its
+    name ends in .gz) has idx_file's MD5."""
+    compressed = path.endswith(".gz") if compressed is None else compressed
+    actual = _md5(path, idx_file.digest_of, compressed)
     if actual != idx_file.md5:
-        what = "its decompressed content" if idx_file.digest_of == "content" else "the .gz file"
+        what = ("the .gz file" if idx_file.digest_of == "gzip"
+                else "its decompressed content" if compressed else "its content")
         raise ValueError(f"{path}: MD5 of {what} is {actual}, expected {idx_file.md5} for {idx_file.stem}")
 
 
-def download(directory, dataset="mnist", *, mirrors=None, progress=print):
-    """Fetch the four `.gz` files of `dataset` into `directory/<MNIST|FashionMNIST>/raw`.
+def verify_split(directory, dataset="mnist", train=True):
+    """Check both files of a split (where `find_split_dir` finds them) against their MD5s.
 
-    Files already there that pass their checksum are kept. Each download goes to a temporary
-    file in the same folder, is verified, and only then renamed into place; every failure
-    (network error, checksum mismatch, broken gzip) removes the temporary file and tries the
-    next mirror. Raises DownloadError, listing each mirror's failure, when no mirror works.
-    mirrors: base URLs to use instead of the canonical ones (any scheme urllib opens, file:// too).
-    Returns the folder the files are in.
+    Raises ValueError naming the file and both digests on the first mismatch (a file of another
+    dataset, a modified or a corrupt one); FileNotFoundError as `find_split_dir`.
     """
     spec = dataset_spec(dataset)
+    folder = find_split_dir(directory, dataset, train)
+    for idx_file in spec.split_files(train):
+        try:
+            _verify(find_idx(folder, idx_file.stem), idx_file)
+        except ValueError as e:
+            raise ValueError(f"{e} of {spec.name}; pass --no-verify-data to use other data deliberately") from e
+
+
+def _split_in_place(directory, dataset, train):
+    """Whether both files of a split are already somewhere `find_split_dir` looks, and pass."""
+    try:
+        verify_split(directory, dataset, train)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def download(directory, dataset="mnist", *, mirrors=None, progress=print):
+    """Fetch the `.gz` files of `dataset` into `directory/<MNIST|FashionMNIST>/raw`.
+
+    A split whose two files are already where `find_split_dir` looks (flat in `directory`, in
+    `raw/`, or in the dataset's folder) and pass their checksums is kept as it is; so are files
+    already in the target folder that pass. Each download goes to a temporary file in the same
+    folder, is verified, and only then renamed into place; every failure (network error,
+    checksum mismatch, broken gzip) removes the temporary file and tries the next mirror.
+    Raises DownloadError, listing each mirror's failure, when no mirror works.
+    mirrors: base URLs to use instead of the canonical ones (any scheme urllib opens, file:// too).
+    Returns the folder the downloads went to.
+    """
+    spec = dataset_spec(dataset)
+    if not spec.mirrors:
+        raise DownloadError(f"{spec.name} has no download here: put its published files in the data folder")
     target = os.path.join(os.fspath(directory), spec.folder, "raw")
     os.makedirs(target, exist_ok=True)
-    for idx_file in spec.files:
-        name = idx_file.stem + ".gz"
-        final = os.path.join(target, name)
-        failures = []
-        if os.path.isfile(final):
-            try:
-                _verify(final, idx_file)
-                continue
-            except ValueError as e:
-                failures.append(f"existing file: {e}")
-        for mirror in mirrors or spec.mirrors:
-            url = mirror.rstrip("/") + "/" + name
-            progress(f"downloading {url}")
-            fd, partial = tempfile.mkstemp(dir=target, prefix=f".{name}.", suffix=".part")
-            default_permissions(fd)
-            try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-                    shutil.copyfileobj(response, out)
-                _verify(partial, idx_file)
-                os.replace(partial, final)
-                break
-            except (OSError, ValueError) as e:                        # URLError is an OSError
-                failures.append(f"{url}: {e}")
-            finally:
-                if os.path.exists(partial):
-                    os.remove(partial)
-        else:
-            raise DownloadError(f"could not download {name} of {spec.name}:\n  " + "\n  ".join(failures))
+    for train in (True, False):
+        if _split_in_place(directory, dataset, train):
+            continue
+        for idx_file in spec.split_files(train):
+            _fetch(idx_file, target, spec, mirrors or spec.mirrors, progress)
     return target
+
+
+def _fetch(idx_file, target, spec, mirrors, progress):
+    """Put idx_file's verified .gz into `target`, keeping the one there if it passes."""
+    name = idx_file.stem + ".gz"
+    final = os.path.join(target, name)
+    failures = []
+    if os.path.isfile(final):
+        try:
+            _verify(final, idx_file)
+            return
+        except ValueError as e:
+            failures.append(f"existing file: {e}")
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + "/" + name
+        progress(f"downloading {url}")
+        fd, partial = tempfile.mkstemp(dir=target, prefix=f".{name}.", suffix=".part")
+        default_permissions(fd)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+                shutil.copyfileobj(response, out)
+            _verify(partial, idx_file, compressed=True)
+            os.replace(partial, final)
+            return
+        except (OSError, ValueError) as e:                            # URLError is an OSError
+            failures.append(f"{url}: {e}")
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    raise DownloadError(f"could not download {name} of {spec.name}:\n  " + "\n  ".join(failures))
 
 
 def derive_seed(*keys):
@@ -265,8 +362,8 @@ def derive_seed(*keys):
     return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0])
 
 
-def _generator(*keys):
-    return torch.Generator().manual_seed(derive_seed(*keys))
+def _generator(*keys, device="cpu"):
+    return torch.Generator(device).manual_seed(derive_seed(*keys))
 
 
 def validation_split(count, validation_size, seed=0):
@@ -286,9 +383,10 @@ def epoch_order(count, seed, epoch):
     return torch.randperm(count, generator=_generator(seed, 1, epoch))
 
 
-def shift_generator(seed, step):
-    """The generator of the random shifts of global training step `step` (see `random_shift`)."""
-    return _generator(seed, 2, step)
+def shift_generator(seed, step, device="cpu"):
+    """The generator on `device` of the random shifts of global training step `step` (see
+    `random_shift`). Seeding it is host-side work only: no transfer, no wait for the device."""
+    return _generator(seed, 2, step, device=device)
 
 
 def random_shift(images, max_shift=2, *, generator=None):
@@ -296,8 +394,9 @@ def random_shift(images, max_shift=2, *, generator=None):
 
     images [B, C, H, W] (any dtype) -> the same shape, vacated pixels zero. Pads by max_shift
     and gathers one H x W window per sample with a single advanced-indexing operation.
-    generator: a CPU torch.Generator for the offsets (they are drawn on the CPU, so the same
-    generator gives the same shifts on every device).
+    generator: a torch.Generator on the images' device for the offsets, which are drawn on that
+    device so that a training step never copies them from the host (the draws of one seed are
+    the same on every device of a type, CPU and CUDA draw different ones).
     """
     if images.ndim != 4:
         raise ValueError(f"images must have shape [B, C, H, W], got {list(images.shape)}")
@@ -308,7 +407,7 @@ def random_shift(images, max_shift=2, *, generator=None):
     batch, channels, height, width = images.shape
     device = images.device
     padded = F.pad(images, (max_shift,) * 4)                            # [B, C, H+2m, W+2m]
-    start = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator).to(device)  # window corner
+    start = torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator, device=device)  # window corner
     rows = start[0, :, None] + torch.arange(height, device=device)      # [B, H]
     cols = start[1, :, None] + torch.arange(width, device=device)       # [B, W]
     return padded[
@@ -330,3 +429,8 @@ def default_permissions(fd):
 def to_float(images):
     """uint8 pixels [B, C, H, W] -> float32 in [0, 1], the model's input (and decoder target)."""
     return images.to(torch.float32) / 255.0
+
+
+# The MNIST-derived datasets of SPEC 9 add their entries to DATASETS; imported last because they
+# are built from the names above.
+from . import mnist_variants  # noqa: E402,F401

@@ -1,56 +1,68 @@
 """Evaluate a trained CapsNet checkpoint on the test set and draw its figures.
 
     python -m capsnet_triton.evaluate RUN_DIR/best.pt --data DIR
+    python -m capsnet_triton.evaluate RUN_DIR/best.pt --dataset affnist-generated   (a mnist40 model)
 
-prints the test accuracy and writes reconstructions.png, perturbations.png (paper Figures 3
-and 4) and, when the run's log.jsonl sits beside the checkpoint, training_curves.png.
+prints the test accuracy (both-digit accuracy for MultiMNIST) and writes reconstructions.png and
+perturbations.png (paper Figures 3 and 4; segmentation.png, the paper's Figure 5, instead of
+reconstructions.png for MultiMNIST) and, when the run's log.jsonl sits beside the checkpoint,
+training_curves.png. The checkpoint's checksum and the test files' MD5s (unless
+--no-verify-data) are checked first, so a corrupt checkpoint or another dataset's files are
+refused, not scored.
 
 Also home of `evaluate`, the accuracy and loss of a model over a whole split, which training
 uses for its validation and test passes.
 """
 
-import argparse
 import os
 
 import torch
 import torch.distributed as dist
 
-from .data import DATASETS, load_split, to_float
+from .data import DATASETS, dataset_spec, load_split
 from .figures import write_figures
-from .losses import capsnet_loss
+from .losses import capsnet_loss, check_labels, correct_predictions
 from .model import build_model
 from .training.checkpoint import load_checkpoint
 from .training.distributed import resolve_device
+from .training.errors import ArgumentParser, run_command
 
 __all__ = ["evaluate", "load_model", "main"]
 
 
 @torch.no_grad()
 def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=False):
-    """Loss terms and accuracy of `model` over a whole `data.Split` (on the model's device).
+    """Loss terms and accuracy of `model` over a whole evaluation split (on the model's device).
 
-    As SPEC section 4 has it for evaluation, the decoder sees the longest capsule, not the true
-    label's; the margin loss uses the labels, and the accuracy counts the longest capsule. Under
+    split: a `data.Split` or any object with len() and batch(index) -> `data.Batch` (MultiMNIST's
+    `mnist_variants.PairSplit`). As SPEC section 4 has it for evaluation, the decoder sees the
+    longest capsule, not the true label's; the margin loss uses the labels, and the accuracy
+    counts the longest capsule. Examples of K labels (MultiMNIST, SPEC 9) count as right only
+    when the K longest capsules are their K classes, and each digit is reconstructed from its own
+    class's capsule, since each reconstruction is scored against that digit's canvas. Under
     torch.distributed each rank evaluates a contiguous share and the sums are all-reduced, so
     every rank returns the totals of the whole split.
+    The labels are checked once for the whole split, not per batch (each check waits for the device).
     Returns a dict: loss, margin, reconstruction (batch means), accuracy, count.
     """
+    check_labels(split.labels, len(split), model.num_classes)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     was_training = model.training
     model.eval()
-    device = split.images.device
+    device = next(model.parameters()).device
     loss_sums = torch.zeros(3, dtype=torch.float64, device=device)     # total, margin, reconstruction
     correct = torch.zeros((), dtype=torch.float64, device=device)
     share = torch.tensor_split(torch.arange(len(split), device=device), world)[rank]
     try:
         for index in share.split(batch_size):
-            images, labels = to_float(split.images[index]), split.labels[index]
+            batch = split.batch(index)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                output = model(images)
-            terms = capsnet_loss(output, images, labels, reconstruction_weight=reconstruction_weight)
+                output = model(batch.images, batch.labels if batch.labels.ndim == 2 else None, validate=False)
+            terms = capsnet_loss(output, batch.targets, batch.labels, reconstruction_weight=reconstruction_weight,
+                                 validate=False)
             loss_sums += torch.stack(terms).double() * len(index)
-            correct += (output.lengths.argmax(dim=1) == labels).sum()
+            correct += correct_predictions(output.lengths, batch.labels).sum()
     finally:
         model.train(was_training)
     sums = torch.cat([loss_sums, correct[None], loss_sums.new_tensor([len(share)])])
@@ -66,27 +78,38 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
 def load_model(path, device="cpu"):
     """Rebuild the model saved in a training checkpoint (best.pt or last.pt).
 
-    Returns (model in eval mode on `device`, the checkpoint dict).
+    Returns (model in eval mode on `device`, the checkpoint dict). ValueError, in one line, for
+    a checkpoint that cannot be loaded (see `load_checkpoint`) or whose weights do not fit the
+    model its config describes.
     """
     checkpoint = load_checkpoint(path)
-    model = build_model(checkpoint["config"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = build_model(checkpoint["config"])
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path}: the weights do not fit the model its config describes ({reason}); "
+                         f"was the checkpoint written by another version or edited?") from e
     return model.to(device).eval(), checkpoint
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m capsnet_triton.evaluate",
         description="Test-set accuracy and figures of a trained CapsNet checkpoint.",
     )
     parser.add_argument("checkpoint", help="a checkpoint written by training (RUN_DIR/best.pt or last.pt)")
     parser.add_argument("--data", help="dataset directory (default: the one the run was trained on)")
     parser.add_argument("--dataset", choices=sorted(DATASETS),
-                        help="default: the run's dataset")
+                        help="default: the run's dataset; a mnist40 model also scores on affnist-generated "
+                             "(an affNIST-like set generated from the MNIST test digits) or affnist (its files)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images (or pairs)")
     parser.add_argument("--out", metavar="DIR", help="where to write the figures (default: the checkpoint's folder)")
+    parser.add_argument("--no-verify-data", dest="verify_data", action="store_false",
+                        help="skip the MD5 check of the test files (for deliberately modified data)")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -97,24 +120,35 @@ def main(argv=None):
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be positive, got {args.limit}")
-    device = resolve_device(args.device)
     try:
+        device = resolve_device(args.device)
         model, checkpoint = load_model(args.checkpoint, device)
     except ValueError as e:
         parser.error(str(e))
+    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device)
+
+
+def _evaluate_checkpoint(args, model, checkpoint, device):
     config = checkpoint["config"]
-    test = load_split(args.data or config["data"], args.dataset or config["dataset"], train=False)
+    spec = dataset_spec(args.dataset or config["dataset"])
+    trained_on = dataset_spec(config["dataset"])
+    if (spec.image_shape, spec.num_classes) != (trained_on.image_shape, trained_on.num_classes):
+        raise ValueError(f"the model was trained on {trained_on.name} ({list(trained_on.image_shape)}, "
+                         f"{trained_on.num_classes} classes) and cannot score {spec.name} "
+                         f"({list(spec.image_shape)}, {spec.num_classes} classes)")
+    # The MD5s tell the datasets apart: a folder of MNIST is refused as Fashion-MNIST's.
+    test = load_split(args.data or config["data"], spec.name, train=False, verify=args.verify_data)
+    test = spec.evaluation_split(test, True)
     if args.limit is not None:
         test = test.subset(slice(0, args.limit))
     test = test.to(device)
     metrics = evaluate(model, test, batch_size=args.batch_size,
                        reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
-    print(f"test accuracy {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
+    print(f"{spec.name} test {spec.metric} {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
           f"{metrics['count']} images, loss {metrics['loss']:.5f}")
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     for path in write_figures(model, test, args.out or run_dir, log_path=os.path.join(run_dir, "log.jsonl")):
         print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

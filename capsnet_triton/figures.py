@@ -4,6 +4,8 @@
 - `perturbation_figure` of `capsule_perturbations`: each of the 16 dimensions of the predicted
   digit capsule shifted by -0.25 .. 0.25 in steps of 0.05 and decoded (paper Figure 4).
 - `training_curves_figure`: loss and accuracy from the JSON-lines log that training writes.
+- `segmentation_figure`: MultiMNIST pairs above each digit's reconstruction from its own capsule,
+  one in red and one in green (paper Figure 5).
 
 Figures are built on `matplotlib.figure.Figure` with the Agg canvas and never touch pyplot, so
 no GUI backend or global state is involved. A grid of images is drawn as one tiled image rather
@@ -18,11 +20,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .data import to_float
-
 __all__ = [
     "PERTURBATIONS", "capsule_perturbations", "reconstruction_figure", "perturbation_figure",
-    "training_curves_figure", "read_log", "write_figures",
+    "segmentation_figure", "training_curves_figure", "read_log", "write_figures",
 ]
 
 # Figure 4: every dimension of the capsule moved by -0.25, -0.20, ..., 0.25 (11 values).
@@ -147,10 +147,50 @@ def perturbation_figure(grid, path, *, capsule=None, deltas=PERTURBATIONS):
     return _save(fig, path)
 
 
+def _pair_caption(labels):
+    return "(" + ",".join(str(int(k)) for k in labels) + ")"
+
+
+def segmentation_figure(pairs, reconstructions, path, *, labels, predictions):
+    """MultiMNIST inputs (top row) above the reconstructions of their two predicted digits, the
+    first in red and the second in green, yellow where they overlap (paper Figure 5); writes `path`.
+
+    pairs [N, 1, H, W] in [0, 1]; reconstructions [N, 2, H*W] (the decoder's outputs from the two
+    capsules); labels and predictions integer [N, 2], printed above each column.
+    """
+    count, _, height, width = pairs.shape
+    if tuple(reconstructions.shape) != (count, 2, height * width):
+        raise ValueError(f"reconstructions must have shape [{count}, 2, {height * width}] for pairs of shape "
+                         f"{list(pairs.shape)}, got {list(reconstructions.shape)}")
+    decoded = reconstructions.reshape(count, 2, height, width)
+    coloured = torch.stack([decoded[:, 0], decoded[:, 1], torch.zeros_like(decoded[:, 0])], dim=1)  # [N, 3, H, W]
+    grid = torch.stack([pairs.expand(-1, 3, -1, -1), coloured])                                    # [2, N, 3, H, W]
+    tiled, cell_height, cell_width = _tile(_to_hwc(grid))
+    fig = Figure(figsize=(max(4.0, 0.9 * count), 2.6))
+    ax = fig.add_subplot()
+    _show(ax, tiled)
+    ax.set_yticks([height / 2, cell_height + height / 2], ["input", "reconstruction"])
+    ax.set_xticks([n * cell_width + width / 2 for n in range(count)],
+                  [f"L:{_pair_caption(labels[n])}\nP:{_pair_caption(predictions[n])}" for n in range(count)],
+                  fontsize=7)
+    ax.xaxis.tick_top()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def read_log(path):
-    """The records of a JSON-lines training log, as a list of dicts."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSON-lines training log, as a list of dicts; ValueError naming the first
+    line that is not a JSON record."""
+    records = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f"{path}, line {number}, is not a JSON record ({e})") from e
+    return records
 
 
 def training_curves_figure(log_path, path):
@@ -184,9 +224,9 @@ def training_curves_figure(log_path, path):
 def write_figures(model, split, out_dir, *, log_path=None, count=8):
     """Write the figures of a model on the first `count` samples of `split` into `out_dir`.
 
-    model: a CapsNet (not DDP-wrapped); split: a `data.Split` on the model's device.
-    reconstructions.png and perturbations.png need the decoder; training_curves.png needs
-    the log. Returns the paths written.
+    model: a CapsNet (not DDP-wrapped); split: an evaluation split on the model's device (see
+    `evaluate.evaluate`). reconstructions.png (segmentation.png for MultiMNIST pairs) and
+    perturbations.png need the decoder; training_curves.png needs the log. Returns the paths written.
     """
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -197,12 +237,21 @@ def write_figures(model, split, out_dir, *, log_path=None, count=8):
     was_training = model.training
     model.eval()
     try:
-        images = to_float(split.images[:count])                           # [N, C, H, W]
-        output = model(images)                                            # decoder masked by the prediction
-        written.append(reconstruction_figure(
-            images, output.reconstruction, os.path.join(out_dir, "reconstructions.png"),
-            labels=split.labels[:count], predictions=output.lengths.argmax(dim=1),
-        ))
+        batch = split.batch(torch.arange(min(count, len(split)), device=next(model.parameters()).device))
+        images = batch.images                                             # [N, C, H, W]
+        if batch.labels.ndim == 2:
+            # Each of the K longest capsules decoded alone, as in the paper's Figure 5.
+            predictions = model(images).lengths.topk(batch.labels.shape[1], dim=1).indices  # [N, K]
+            written.append(segmentation_figure(
+                images, model(images, predictions).reconstruction, os.path.join(out_dir, "segmentation.png"),
+                labels=batch.labels, predictions=predictions,
+            ))
+        else:
+            output = model(images)                                        # decoder masked by the prediction
+            written.append(reconstruction_figure(
+                images, output.reconstruction, os.path.join(out_dir, "reconstructions.png"),
+                labels=batch.labels, predictions=output.lengths.argmax(dim=1),
+            ))
         capsule, grid = capsule_perturbations(model, images[0])
         written.append(perturbation_figure(grid, os.path.join(out_dir, "perturbations.png"), capsule=capsule))
     finally:

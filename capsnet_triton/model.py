@@ -31,7 +31,7 @@ class CapsNetOutput(NamedTuple):
 
     v: torch.Tensor                          # [B, J, D] output (digit) capsules
     lengths: torch.Tensor                    # [B, J] |v_j|, float32 at least
-    reconstruction: Optional[torch.Tensor]   # [B, C*H*W], None without decoder
+    reconstruction: Optional[torch.Tensor]   # [B, C*H*W] ([B, K, C*H*W] for labels [B, K]), None without decoder
 
 
 class CapsNet(nn.Module):
@@ -64,11 +64,14 @@ class CapsNet(nn.Module):
         self.decoder = (Decoder(num_classes * digit_dims, decoder_hidden, in_channels * image_size ** 2)
                         if decoder else None)
 
-    def forward(self, images, labels=None):
-        """images [B, C, H, W]; labels integer [B] or None -> `CapsNetOutput`.
+    def forward(self, images, labels=None, *, validate=True):
+        """images [B, C, H, W]; labels integer [B], [B, K] or None -> `CapsNetOutput`.
 
         The decoder sees v flattened to [B, J*D] with every capsule zeroed except the label's
-        (when labels are given, as in training) or the longest one's (Section 4.1).
+        (when labels are given, as in training) or the longest one's (Section 4.1). With labels
+        [B, K] (K distinct classes per image, SPEC 9) it decodes each of the K capsules alone.
+        validate=False skips the range check of the label values (a wait for the device), for
+        labels checked beforehand, as training checks each split once.
         """
         self._check_images(images)
         features = torch.relu(self.conv1(images))                     # [B, 256, 20, 20]
@@ -78,11 +81,13 @@ class CapsNet(nn.Module):
         if self.decoder is None:
             return CapsNetOutput(v, lengths, None)
         if labels is None:
-            keep = one_hot_mask(lengths.argmax(dim=1), self.num_classes)  # [B, J]
+            labels = lengths.argmax(dim=1)                             # [B] the longest capsule
         else:
-            check_labels(labels, images.shape[0], self.num_classes)
-            keep = one_hot_mask(labels, self.num_classes)              # [B, J]
-        masked = (v * keep.unsqueeze(-1).to(v.dtype)).flatten(1)     # [B, J*D]
+            check_labels(labels, images.shape[0], self.num_classes, values=validate)
+        keep = one_hot_mask(labels, self.num_classes)                  # [B, J] or [B, K, J]
+        # Labels [B, K] (several digits, MultiMNIST): each of the K capsules decoded on its own.
+        capsules = v.unsqueeze(1) if labels.ndim == 2 else v           # [B, (1,) J, D]
+        masked = (capsules * keep.unsqueeze(-1).to(v.dtype)).flatten(-2)  # [B, (K,) J*D]
         return CapsNetOutput(v, lengths, self.decoder(masked))
 
     def _check_images(self, images):

@@ -1,4 +1,5 @@
-"""Train CapsNet on MNIST or Fashion-MNIST with the paper's recipe (SPEC section 6).
+"""Train CapsNet on MNIST or Fashion-MNIST with the paper's recipe (SPEC section 6), or on the
+MNIST-derived sets of its other experiments (SPEC section 9: --dataset multimnist, mnist40).
 
     python -m capsnet_triton.train --data DIR --out runs/mnist            (or: capsnet-train ...)
     python -m capsnet_triton.train --out runs/mnist --resume              (continue a run)
@@ -22,6 +23,13 @@ Distributed (`training.distributed`): under torchrun every rank trains on its sh
 global batch through DistributedDataParallel; --batch-size is the global batch. Only rank 0
 logs and writes files; across nodes, RUN_DIR must be on a file system they share.
 
+Before the first step every file is checked: the MD5s of the dataset's four files (unless
+--no-verify-data), their shapes and labels, and that RUN_DIR can be written. Every --log-every
+steps, at each save and at each epoch's end, the run checks that no loss, gradient or parameter
+became NaN or infinite; if one did, it stops with exit status 1 and a one-line message, and
+saves nothing of that state. Errors are one line (exit 2 for bad options, 1 for failures);
+--verbose adds the traceback.
+
 This module is the command; the run itself lives in `capsnet_triton.training`.
 """
 
@@ -29,6 +37,7 @@ import os
 import sys
 
 from .training.config import build_parser, resolve_config
+from .training.errors import run_command
 from .training.loop import train
 
 __all__ = ["build_parser", "main", "train"]
@@ -38,15 +47,15 @@ def main(argv=None):
     """Console entry point (`capsnet-train`, `python -m capsnet_triton.train`)."""
     parser = build_parser()
     config, checkpoint = resolve_config(argv, parser)
-    train(config, checkpoint)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    status = run_command(parser.prog, config["verbose"], train, config, checkpoint)
+    if status == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A torchrun worker ends here without Python's teardown: with gloo, torch 2.13 sometimes
         # aborts a rank at interpreter exit ("terminate called without an active exception"),
         # after every file is written, and torchrun then reports the whole run as failed.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=8, **_common)
 settings.register_profile("thorough", max_examples=300, **_common)
+# scripts/gpu_check.sh: native kernels are fast, so every dtype gets more examples than in CI.
+settings.register_profile("gpu", max_examples=50, derandomize=True, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

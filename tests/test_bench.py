@@ -129,3 +129,34 @@ def test_batches_flag_sets_the_batches_of_squash_and_routing(tmp_path):
     assert sorted((r["workload"], r["B"]) for r in rows) == [("digitcaps fwd+bwd", 2), ("squash", 3), ("squash", 5)]
     with pytest.raises(SystemExit):
         cli.main(["--tiny", "--batches", "0,2"])
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_an_unwritable_output_path_is_refused_before_any_benchmark(tmp_path, monkeypatch, flag):
+    def never(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the output path was checked")
+
+    monkeypatch.setattr(cli, "run", never)
+    monkeypatch.setattr(cli, "check_ground_truth", never)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--tiny", flag, str(tmp_path / "missing-folder" / "out")])
+    assert exit_info.value.code == 2
+
+
+def test_json_holds_the_rows_measured_so_far_while_the_run_goes_on(tmp_path, monkeypatch):
+    path = tmp_path / "rows.json"
+    seen = []
+    real_run = cli.run
+
+    def watching_run(*args, on_row, **kwargs):
+        def on_row_and_read(rows):
+            on_row(rows)
+            report = json.loads(path.read_text())
+            seen.append((report["complete"], len(report["rows"])))
+        return real_run(*args, on_row=on_row_and_read, **kwargs)
+
+    monkeypatch.setattr(cli, "run", watching_run)
+    assert cli.main(["--tiny", "--device", "cpu", "--batches", "3,5", "--providers", "torch-eager",
+                     "--workloads", "squash", "--json", str(path)]) == 0
+    assert seen == [(False, 1), (False, 2)]
+    assert json.loads(path.read_text())["complete"] is True

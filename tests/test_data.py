@@ -188,6 +188,64 @@ def test_download_every_mirror_failing_lists_each(tmp_path, monkeypatch):
     assert str(tmp_path / "a") in str(error.value) and str(tmp_path / "b") in str(error.value)
 
 
+def test_download_keeps_valid_files_of_a_flat_folder(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    write_dataset(mirror, train_count=20, test_count=10)
+    _fake_source(monkeypatch, mirror)
+    flat = tmp_path / "flat"
+    write_dataset(flat, train_count=20, test_count=10)                # the same files, straight in the folder
+    messages = []
+    data.download(flat, "tiny", mirrors=["file:///nonexistent/"], progress=messages.append)
+    assert messages == [] and not os.listdir(flat / "Tiny" / "raw")
+    # A split that does not pass is fetched whole into the dataset's folder; the other stays.
+    write_idx(flat / "t10k-labels-idx1-ubyte.gz", np.ones(10, np.uint8))
+    data.download(flat, "tiny", progress=messages.append)
+    assert sorted(os.listdir(flat / "Tiny" / "raw")) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    assert data.find_split_dir(flat, "tiny", train=True) == str(flat)
+    for train in (True, False):
+        data.verify_split(flat, "tiny", train)
+
+
+def test_verify_split_names_the_file_and_both_digests(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    write_dataset(mirror, train_count=20, test_count=10)
+    source = _fake_source(monkeypatch, mirror)
+    plain = tmp_path / "plain"
+    write_dataset(plain, train_count=20, test_count=10, compress=False)   # content digests: raw files pass
+    data.verify_split(plain, "tiny", train=True)
+    labels = plain / "train-labels-idx1-ubyte"
+    write_idx(labels, np.zeros(20, np.uint8))
+    actual = hashlib.md5(labels.read_bytes()).hexdigest()
+    with pytest.raises(ValueError) as error:
+        data.verify_split(plain, "tiny", train=True)
+    assert str(labels) in str(error.value) and actual in str(error.value) and source.files[1].md5 in str(error.value)
+    assert len(data.load_split(plain, "tiny", train=True)) == 20           # unverified loads still work
+    with pytest.raises(ValueError, match=str(labels)):
+        data.load_split(plain, "tiny", train=True, verify=True)
+    # A digest of the .gz file cannot check an uncompressed copy: said so, not a false mismatch.
+    _fake_source(monkeypatch, mirror, digest_of="gzip")
+    with pytest.raises(ValueError, match="uncompressed copy cannot be checked"):
+        data.verify_split(plain, "tiny", train=False)
+
+
+def test_labels_out_of_range_are_refused_at_load(tmp_path, monkeypatch):
+    # Whatever the loader, a split's labels are range-checked once, when it is loaded.
+    def loader(spec, directory, train):
+        return data.Split(torch.zeros(3, 1, 28, 28, dtype=torch.uint8), torch.tensor([0, 5, 10]))
+
+    monkeypatch.setitem(DATASETS, "bad", dataclasses.replace(DATASETS["mnist"], name="bad", loader=loader))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        data.load_split(tmp_path, "bad", train=False)
+
+
+def test_shifts_are_drawn_on_the_images_device_from_a_generator_there():
+    images = torch.rand(8, 1, 28, 28)
+    generator = data.shift_generator(3, 11, images.device)
+    assert generator.device == images.device
+    assert torch.equal(data.random_shift(images, 2, generator=generator),
+                       data.random_shift(images, 2, generator=data.shift_generator(3, 11)))
+
+
 def test_download_real_mnist_checksums(tmp_path, mnist_dir):
     # The real files served from a file:// mirror pass the pinned MNIST checksums.
     target = data.download(tmp_path, "mnist", mirrors=[f"file://{os.path.abspath(mnist_dir)}/"],

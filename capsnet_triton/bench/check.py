@@ -6,24 +6,19 @@ import sys
 import numpy as np
 import torch
 
+from .. import numerics
 from .providers import EINSUM, NUMPY
 from .workloads import SWEPT, WORKLOADS, Shape, as_inputs, build, make_arrays
 
-TOLERANCE = 1e-5          # float32 against float64 (SPEC section 8)
-GROUND_TRUTH_TOLERANCE = 1e-12   # float64 torch against the float64 NumPy reference
+TOLERANCE = numerics.TOLERANCE["float32"]               # float32 against float64 (SPEC 8)
+GROUND_TRUTH_TOLERANCE = numerics.TOLERANCE["float64"]  # float64 torch against the float64 NumPy reference
 
 
 def relative_error(outputs, expected):
-    """Largest ||out - ref|| / ||ref|| over the outputs; inf for NaN, inf or a wrong shape."""
-    worst = 0.0
-    for out, want in zip(outputs, expected, strict=True):
-        got = out.detach().cpu().double().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float64)
-        if got.shape != want.shape:
-            return float("inf")
-        scale = np.linalg.norm(want)
-        err = np.linalg.norm(got - want) / (scale if scale > 0 else 1.0)
-        worst = max(worst, err if np.isfinite(err) else float("inf"))
-    return worst
+    """The largest relative error (capsnet_triton.numerics) over the outputs: inf for NaN, inf
+    or a wrong shape."""
+    return max(numerics.relative_error(numerics.as_float64(out), want)
+               for out, want in zip(outputs, expected, strict=True))
 
 
 def ground_truth(workload, arrays, shape, use_numpy):

@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, replace
 
@@ -34,6 +35,26 @@ def build_parser(description=None):
     return parser
 
 
+def _check_writable(path, flag, parser):
+    """Refuse an output path that cannot be written before the benchmark runs, not after it."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        parser.error(f"{flag} {path}: cannot write there (is the folder missing, or the path a folder?)")
+
+
+def _write_json(path, env, rows, complete):
+    """The environment and the rows so far; "complete" is false while the run goes on. Written to
+    a temporary name and renamed, so a reader never sees half a file."""
+    # An infinite relative error (a provider that gave NaN) becomes null: JSON has no Infinity.
+    records = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
+               for r in rows]
+    with open(path + ".tmp", "w") as out:
+        json.dump({"environment": env, "complete": complete, "rows": records}, out, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None, description=None):
     parser = build_parser(description)
     args = parser.parse_args(argv)
@@ -57,18 +78,22 @@ def main(argv=None, description=None):
     providers = _select(make_providers(), args.providers, parser, "provider")
     workloads = _select(WORKLOADS, args.workloads, parser, "workload")
 
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        _check_writable(path, flag, parser)
+
     load_before = load_average()
     check_ground_truth(workloads)
     bandwidth = {d.type: copy_bandwidth_gbs(d, plan.copy_mib) for d in dict.fromkeys([torch.device("cpu"), device])}
-    rows = run(providers, workloads, plan, device, bandwidth)
-    env = environment(device, bandwidth, sys.argv[1:] if argv is None else argv, load_before)
+    command = sys.argv[1:] if argv is None else argv
+
+    def write_json(rows, complete):
+        if args.json:
+            _write_json(args.json, environment(device, bandwidth, command, load_before), rows, complete)
+
+    rows = run(providers, workloads, plan, device, bandwidth, on_row=lambda rows: write_json(rows, False))
+    env = environment(device, bandwidth, command, load_before)
     print(format_table(rows, env, providers))
-    if args.json:
-        with open(args.json, "w") as out:
-            # An infinite relative error (a provider that gave NaN) becomes null: JSON has no Infinity.
-            records = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
-                       for r in rows]
-            json.dump({"environment": env, "rows": records}, out, indent=1)
+    write_json(rows, True)
     if args.plot:
         plot(rows, args.plot)
     failed = [r for r in rows if r.status == "FAILED"]

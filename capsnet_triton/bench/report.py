@@ -13,25 +13,33 @@ import torch
 from .workloads import SWEPT
 
 
-def environment(device, bandwidth, args, load_before):
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-    cpu = platform.processor() or platform.machine()
+def versions():
+    """The versions every figure depends on."""
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = "not installed"
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton,
+            "numpy": np.__version__, "cuda": torch.version.cuda}
+
+
+def cpu_name():
+    name = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
+    return name
+
+
+def environment(device, bandwidth, args, load_before):
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench.py", *args]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         # Other processes on the machine skew CPU timings: the 1-minute load before and after.
         "load_average": [load_before, load_average()],
-        "python": platform.python_version(), "torch": torch.__version__, "triton": version("triton"),
-        "numpy": np.__version__, "cuda": torch.version.cuda,
+        **versions(),
         "tf32": "off (every provider computes in full float32, as checked)" if device.type == "cuda" else None,
         "copy_bandwidth_gbs": bandwidth,
     }

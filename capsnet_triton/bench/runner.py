@@ -106,8 +106,11 @@ def measure(row, provider, workload, shape, arrays, expected, device, plan, band
         row.copy_share = row.gbs / bandwidth[where.type]
 
 
-def run(providers, workloads, plan, device, bandwidth, progress=True):
-    """Check and time every (workload, shape, provider); returns the rows in that order."""
+def run(providers, workloads, plan, device, bandwidth, progress=True, on_row=None):
+    """Check and time every (workload, shape, provider); returns the rows in that order.
+
+    on_row(rows): called with the rows so far after each one, so that a run stopped early
+    (a time limit) still leaves what it measured."""
     tasks = [(w, s, p) for w in workloads for s in shapes_for(w, plan) for p in providers]
     rows, cache = [], {}
     bar = tqdm(tasks, file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -132,6 +135,8 @@ def run(providers, workloads, plan, device, bandwidth, progress=True):
         if row.status == "FAILED":
             tqdm.write(f"bench: FAILED {provider.name} on {workload.name} B={shape.B} r={shape.r}: {row.note}",
                        file=sys.stderr)
+        if on_row is not None:
+            on_row(rows)
     eager = {(r.workload, r.B, r.r): r.median_ms for r in rows if r.provider == "torch-eager" and r.median_ms}
     for row in rows:
         if row.median_ms and (row.workload, row.B, row.r) in eager:

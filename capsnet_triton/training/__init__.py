@@ -4,5 +4,6 @@
 - `distributed`: this process's rank and device, and the process group under torchrun;
 - `checkpoint`: the checkpoint format, atomic writes and the global RNG states;
 - `log`: the JSON-lines log of a run;
+- `errors`: how the commands report what went wrong (one line, exit status 1 or 2);
 - `loop`: the training loop itself.
 """

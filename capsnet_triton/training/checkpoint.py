@@ -5,15 +5,21 @@ A run folder holds two checkpoints of one format (CHECKPOINT_FORMAT), both loada
 
 - last.pt, the full training state: the run configuration, the model, the optimizer, the
   scheduler, the RNG states (torch, NumPy, Python, CUDA), the position (epoch, step), the best
-  validation so far, the running sums of the metrics and the length of the log;
+  validation so far, the running sums of the metrics and the length and SHA-256 of the log;
 - best.pt, the model with the best validation accuracy: configuration, model, epoch, step and
   its validation metrics.
+
+Each also holds "checksum", the SHA-256 of the rest of its payload (`payload_checksum`), which
+every load verifies, so flipped bytes on disk are refused instead of evaluated or trained on.
 
 Exact resume: every random draw of the data pipeline is a pure function of (seed, epoch, step)
 (see `capsnet_triton.data`) and last.pt holds every other state, written atomically, so a run
 killed at any moment and resumed ends bit-identical on CPU to one never interrupted.
 """
 
+import glob
+import hashlib
+import io
 import os
 import random
 import tempfile
@@ -23,40 +29,117 @@ import torch
 
 from ..data import default_permissions
 
-__all__ = ["CHECKPOINT_FORMAT", "save_atomic", "load_checkpoint", "save_training_state", "save_best_model",
-           "restore_training_state", "seed_everything", "rng_state", "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "save_atomic", "payload_checksum", "load_checkpoint", "remove_stale_temporaries",
+           "save_training_state", "save_best_model", "restore_training_state", "seed_everything", "rng_state",
+           "set_rng_state"]
 
 CHECKPOINT_FORMAT = 1
 
 
 def save_atomic(obj, path):
     """torch.save to a temporary file beside `path`, then rename: a reader (or a resumed run
-    after a kill) sees either the old file or the complete new one, never a partial write."""
+    after a kill) sees either the old file or the complete new one, never a partial write.
+
+    The bytes are made in memory first, so a full disk is an OSError naming `path`, not an
+    error of torch's serializer; the temporary file is removed on any failure.
+    """
     directory = os.path.dirname(os.path.abspath(path))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     default_permissions(fd)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
+        fsync_directory(directory)
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
     finally:
         if os.path.exists(partial):
             os.remove(partial)
 
 
+def fsync_directory(directory):
+    """Make a rename in `directory` durable (a crash after it cannot bring back the old entry)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(run_dir):
+    """Remove the temporary files of checkpoint saves that a killed run left in `run_dir`.
+
+    Only one run writes a run folder at a time, so at its start every such file is stale.
+    """
+    for name in ("last.pt", "best.pt"):
+        for partial in glob.glob(os.path.join(glob.escape(run_dir), f".{name}.*.tmp")):
+            os.remove(partial)
+
+
+def payload_checksum(payload):
+    """SHA-256 (hex) of a checkpoint payload: its structure, Python values and tensor bytes.
+
+    It is computed over the values, not the file, so it is the same for the payload saved and
+    the payload loaded back, and any change of a stored byte changes it.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, payload)
+    return digest.hexdigest()
+
+
+def _feed(digest, value):
+    if isinstance(value, torch.Tensor):
+        digest.update(f"tensor {value.dtype} {tuple(value.shape)}:".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(b"{")
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+        digest.update(b"]")
+    else:
+        digest.update(f"{type(value).__name__} {value!r};".encode())
+
+
+def _save_checkpoint(payload, path):
+    save_atomic({**payload, "checksum": payload_checksum(payload)}, path)
+
+
 def load_checkpoint(path):
-    """The contents of a checkpoint (last.pt or best.pt) on the CPU; ValueError if it is none of ours.
+    """The contents of a checkpoint (last.pt or best.pt) on the CPU, its checksum verified.
+
+    Raises ValueError, in one line naming `path`, for a missing, empty, truncated or corrupt
+    file, one whose checksum does not match its contents, and any file that is not one of ours.
+    Checkpoints written before checksums existed (no "checksum" entry) load unverified.
 
     The config of a checkpoint written before the routing gradient became a policy (SPEC 3) has
     a boolean "agreement_grad": True is read as routing_gradient "full"; False was a variant that
     no longer exists, so such a checkpoint is refused.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise ValueError(f"there is no checkpoint file {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file fails in pickle, zip or torch code, each with its own type
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} cannot be read as a checkpoint: it is empty, truncated or corrupt ({reason})") from e
     if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
             or "config" not in checkpoint or "model" not in checkpoint):
         raise ValueError(f"{path} is not a capsnet_triton training checkpoint of format {CHECKPOINT_FORMAT}")
+    recorded = checkpoint.pop("checksum", None)
+    if recorded is not None and recorded != payload_checksum(checkpoint):
+        raise ValueError(f"{path} is corrupt: its contents no longer match the checksum written with them; "
+                         f"use an intact copy (or the run's other checkpoint)")
     config = checkpoint["config"]
     if "agreement_grad" in config:
         if not config["agreement_grad"]:
@@ -68,20 +151,26 @@ def load_checkpoint(path):
 
 
 def save_training_state(path, *, config, model, optimizer, scheduler, epoch, step_in_epoch, steps_per_epoch,
-                        best, sums, log_bytes, device, world_size):
-    """Write last.pt: everything a resumed run needs to continue from (epoch, step_in_epoch)."""
-    save_atomic({
+                        best, sums, log, device, world_size):
+    """Write last.pt: everything a resumed run needs to continue from (epoch, step_in_epoch).
+
+    sums: the running sums of the metrics, lists of floats; log: the run's `RunLog`, whose
+    length and digest last.pt records (after making its records durable).
+    """
+    log.sync()
+    _save_checkpoint({
         "format": CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "position": {"epoch": epoch, "step_in_epoch": step_in_epoch,
                      "global_step": epoch * steps_per_epoch + step_in_epoch},
-        "best": best, "sums": sums, "log_bytes": log_bytes, "rng": rng_state(device), "world_size": world_size,
+        "best": best, "sums": sums, "log_bytes": log.size(), "log_sha256": log.sha256(), "rng": rng_state(device),
+        "world_size": world_size,
     }, path)
 
 
 def save_best_model(path, *, config, model, epoch, global_step, validation):
     """Write best.pt: the model chosen on validation, with the metrics that chose it."""
-    save_atomic({"format": CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(),
+    _save_checkpoint({"format": CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(),
                  "epoch": epoch, "global_step": global_step, "validation": validation}, path)
 
 

@@ -5,27 +5,41 @@ checkpoint. A resumed run takes it from last.pt and accepts only the options of 
 """
 
 import argparse
+import math
 import os
 
-from ..data import DATASETS
+from ..data import DATASETS, dataset_spec
 from .checkpoint import load_checkpoint
+from .errors import ArgumentParser
 
-__all__ = ["RESUMABLE", "build_parser", "check_config", "resolve_config"]
+__all__ = ["RESUMABLE", "MAX_LR", "HelpFormatter", "build_parser", "check_config", "resolve_config"]
 
 # Options a resumed run may change: they do not alter the trajectory of the parameters, except
 # --device (CPU and GPU round differently, so a run resumed on the other loses bit-exactness).
 # Every other option is part of the run and must match the checkpoint's.
-RESUMABLE = ("data", "download", "epochs", "device", "checkpoint_every", "log_every", "limit_test")
+RESUMABLE = ("data", "download", "verify_data", "epochs", "device", "checkpoint_every", "log_every", "limit_test",
+             "verbose")
+
+# The largest --lr accepted: Adam steps of this size already wreck a trained CapsNet.
+MAX_LR = 1.0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for switches (whose default is simply "off")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
 
 
 def build_parser(suppress_defaults=False):
     """The command-line parser. With suppress_defaults, options not given are absent from the
     result, which is how a resumed run tells what the user changed from what they left out."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m capsnet_triton.train",
-        description="Train CapsNet with dynamic routing (Sabour et al. 2017) on MNIST or Fashion-MNIST.",
+        description="Train CapsNet with dynamic routing (Sabour et al. 2017) on MNIST, Fashion-MNIST, "
+                    "MultiMNIST or MNIST on 40x40.",
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
     def add(group, *flags, default=None, **kwargs):
@@ -39,9 +53,13 @@ def build_parser(suppress_defaults=False):
     add(data, "--download", default=False, action="store_true",
         help="fetch the .gz files from the canonical mirrors into DIR/<MNIST|FashionMNIST>/raw, "
              "keeping those already there that pass their checksum")
+    add(data, "--no-verify-data", dest="verify_data", default=True, action="store_false",
+        help="skip the MD5 check of the dataset's four files before training (for deliberately modified data)")
     add(data, "--validation-size", default=5000, type=int, help="training images held out for model selection")
     add(data, "--split-seed", default=0, type=int, help="seed of the validation split (fixed across runs)")
-    add(data, "--max-shift", default=2, type=int, help="random shift augmentation in pixels (0: none)")
+    add(data, "--max-shift", default=2, type=int, help="random shift augmentation in pixels (0: none); "
+        "the default is 6 for mnist40 (a digit anywhere on its 40x40 canvas) and 4 for multimnist (each digit "
+        "of a pair, SPEC 9)")
     add(data, "--limit-train", type=int, metavar="N", help="train on N images of the shuffled training split only (smoke runs)")
     add(data, "--limit-val", type=int, metavar="N", help="validate on N images only")
     add(data, "--limit-test", type=int, metavar="N", help="test on N images only")
@@ -51,7 +69,8 @@ def build_parser(suppress_defaults=False):
     add(optim, "--batch-size", default=128, type=int, help="global batch, split over the ranks")
     add(optim, "--lr", default=1e-3, type=float, help="Adam learning rate")
     add(optim, "--lr-decay", default=0.96, type=float, help="learning rate factor per --lr-decay-steps")
-    add(optim, "--lr-decay-steps", default=2000, type=int, help="steps per --lr-decay factor (applied continuously)")
+    add(optim, "--lr-decay-steps", default=2000, type=int, help="steps per --lr-decay factor (applied "
+        "continuously); the default is 20000 for multimnist (SPEC 9: 10x longer)")
     add(optim, "--reconstruction-weight", default=0.0005, type=float, help="weight of the reconstruction loss")
     add(optim, "--seed", default=0, type=int, help="seed of the initialisation, the batch order and the shifts")
     add(optim, "--amp", default=False, action="store_true", help="bfloat16 autocast")
@@ -74,26 +93,58 @@ def build_parser(suppress_defaults=False):
     add(run, "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
     add(run, "--checkpoint-every", default=500, type=int, metavar="STEPS",
         help="also checkpoint every STEPS steps (0: only at epoch ends)")
-    add(run, "--log-every", default=50, type=int, metavar="STEPS", help="steps per 'train' record of the log")
+    add(run, "--log-every", default=50, type=int, metavar="STEPS",
+        help="steps per 'train' record of the log (also how often a NaN or infinite loss is looked for)")
+    add(run, "--verbose", default=False, action="store_true", help="show the traceback of an error")
     return parser
 
 
 def check_config(config, error):
     """Call error(message) for the first option of `config` out of its range."""
+    def flag(key):
+        return f"--{key.replace('_', '-')}"
+
     positive = ("epochs", "batch_size", "lr_decay_steps", "routing_iterations", "conv_channels",
                 "primary_types", "validation_size", "log_every")
     for key in positive:
         if config[key] < 1:
-            error(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
+            error(f"{flag(key)} must be positive, got {config[key]}")
     for key in ("limit_train", "limit_val", "limit_test"):
         if config[key] is not None and config[key] < 1:
-            error(f"--{key.replace('_', '-')} must be positive, got {config[key]}")
-    if config["checkpoint_every"] < 0 or config["max_shift"] < 0:
-        error("--checkpoint-every and --max-shift must not be negative")
-    if not config["lr"] > 0 or not 0 < config["lr_decay"] <= 1:
-        error(f"need --lr > 0 and 0 < --lr-decay <= 1, got {config['lr']} and {config['lr_decay']}")
+            error(f"{flag(key)} must be positive, got {config[key]}")
+    for key in ("checkpoint_every", "max_shift", "seed", "split_seed"):
+        if config[key] < 0:
+            error(f"{flag(key)} must not be negative, got {config[key]}")
+    spec = DATASETS[config["dataset"]]
+    _, height, width = spec.image_shape
+    if config["max_shift"] > min(height, width) // 4:
+        error(f"--max-shift must be at most {min(height, width) // 4} pixels (a quarter of the "
+              f"{config['dataset']} image), got {config['max_shift']}")
+    if spec.stored_shape and config["max_shift"] > (height - spec.stored_shape[1]) // 2:
+        # Examples built by placing smaller stored digits on the canvas (MultiMNIST): a larger
+        # shift would push a digit off it.
+        error(f"--max-shift must be at most {(height - spec.stored_shape[1]) // 2} pixels for {config['dataset']} "
+              f"(a {spec.stored_shape[1]}x{spec.stored_shape[2]} digit on a {height}x{width} canvas), "
+              f"got {config['max_shift']}")
+    if not (math.isfinite(config["lr"]) and 0 < config["lr"] <= MAX_LR):
+        error(f"--lr must be a number in (0, {MAX_LR}], got {config['lr']}")
+    if not 0 < config["lr_decay"] <= 1:
+        error(f"--lr-decay must be in (0, 1], got {config['lr_decay']}")
+    weight = config["reconstruction_weight"]
+    if not (math.isfinite(weight) and weight >= 0):
+        error(f"--reconstruction-weight must be a finite number >= 0, got {weight}")
     if min(config["decoder_hidden"]) < 1:
         error(f"--decoder-hidden widths must be positive, got {config['decoder_hidden']}")
+
+
+def _check_out(out, error):
+    """Call error(message) unless `out` is (or can be made) a folder this process can write."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        error(f"--out {out}: cannot create the run folder ({e.strerror or e})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        error(f"--out {out}: the run folder is not writable")
 
 
 def resolve_config(argv, parser):
@@ -120,13 +171,21 @@ def resolve_config(argv, parser):
                 parser.error(f"--{key.replace('_', '-')} {value} differs from the run's {config[key]}; "
                              f"a resumed run keeps its training configuration")
         config["out"] = args.out
+        for key in RESUMABLE:                   # options newer than the checkpoint: their defaults
+            config.setdefault(key, parser.get_default(key))
+        config["verbose"] = args.verbose        # how errors show is this invocation's choice
     else:
         if os.path.exists(last):
             parser.error(f"{args.out} already holds a run (last.pt): pass --resume to continue it, "
                          f"or choose another --out")
         config = {key: value for key, value in vars(args).items() if key != "resume"}
+        # The dataset's own defaults (data.DatasetSpec.defaults) for the options left out.
+        for key, value in dataset_spec(config["dataset"]).defaults.items():
+            if key not in explicit:
+                config[key] = value
     if config["data"] is None:
         parser.error("--data DIR is required (the folder with the MNIST IDX files)")
     config["data"] = os.path.abspath(config["data"])
     check_config(config, parser.error)
+    _check_out(config["out"], parser.error)
     return config, checkpoint

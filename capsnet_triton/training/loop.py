@@ -2,6 +2,7 @@
 learning-rate decay, shifted batches, a validation pass per epoch that picks best.pt, and the
 test set once, at the end."""
 
+import math
 import os
 import time
 
@@ -10,13 +11,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data import download, epoch_order, load_split, random_shift, shift_generator, to_float, validation_split
+from ..data import dataset_spec, download, epoch_order, load_split, validation_split
 from ..evaluate import evaluate
 from ..figures import write_figures
-from ..losses import capsnet_loss
+from ..losses import capsnet_loss, correct_predictions
 from ..model import build_model
-from .checkpoint import load_checkpoint, restore_training_state, save_best_model, save_training_state, seed_everything
+from .checkpoint import (load_checkpoint, remove_stale_temporaries, restore_training_state, save_best_model,
+                         save_training_state, seed_everything)
 from .distributed import init_distributed
+from .errors import TrainingDiverged
 from .log import RunLog
 
 __all__ = ["MIN_LR", "train"]
@@ -24,9 +27,10 @@ __all__ = ["MIN_LR", "train"]
 # The official code floors the decayed learning rate (tf.maximum(learning_rate, 1e-6)).
 MIN_LR = 1e-6
 
-# The running sums kept for the log: total, margin and reconstruction loss (times the batch),
-# correct predictions, samples.
-_EMPTY_SUMS = [0.0, 0.0, 0.0, 0.0, 0.0]
+# The running sums kept on the device for the log: total, margin and reconstruction loss (times
+# the batch), correct predictions, samples. A step adds one more entry, 1 when its loss or
+# gradient is not finite, which goes to a separate count (see `_check_finite`).
+SUM_COUNT = 5
 
 
 def _means(sums):
@@ -42,35 +46,74 @@ def _learning_rate_factor(config):
 
 
 def _load_data(config, context, device):
-    """(train, validation) splits on `device`: the held-out split, then the --limit-* cuts."""
+    """(train, validation, test) sets: train and validation on `device`, test on the CPU until
+    the end, each in its dataset entry's training or evaluation form (`data.DatasetSpec`), cut by
+    the --limit-* flags. Every file is found, checked (MD5s unless --no-verify-data, shapes,
+    label range) and read here, before the first step, so bad data never costs a training run."""
+    spec = dataset_spec(config["dataset"])
     if config["download"] and context.local_rank == 0:
         download(config["data"], config["dataset"])
     context.barrier(device)
-    full = load_split(config["data"], config["dataset"], train=True)
+    full = load_split(config["data"], config["dataset"], train=True, verify=config["verify_data"])
+    test_set = load_split(config["data"], config["dataset"], train=False, verify=config["verify_data"])
     train_index, val_index = validation_split(len(full), config["validation_size"], config["split_seed"])
-    train_set = full.subset(train_index[:config["limit_train"]])
-    val_set = full.subset(val_index[:config["limit_val"]])
-    return train_set.to(device), val_set.to(device)
+    train_set = spec.training_split(full.subset(train_index[:config["limit_train"]]))
+    val_set = spec.evaluation_split(full.subset(val_index), False).subset(slice(0, config["limit_val"]))
+    test_set = spec.evaluation_split(test_set, True).subset(slice(0, config["limit_test"]))
+    return train_set.to(device), val_set.to(device), test_set
 
 
-def _train_step(model, optimizer, scheduler, images, labels, config, context):
-    """One Adam step on this rank's shard; returns the global batch's sums (see _EMPTY_SUMS)."""
-    images = to_float(images)
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=config["amp"]):
-        output = model(images, labels)
+def _shard(train_set, order, step_in_epoch, step, config, context):
+    """This rank's `data.Batch` of global step `step`, the `step_in_epoch`-th batch of `order`.
+
+    The whole global batch is drawn (shifts, MultiMNIST's partners) from the step's generator,
+    on the data's device, then sharded, so every world size sees the same augmented batch.
+    """
+    batch_size = config["batch_size"]
+    shard = batch_size // context.world_size
+    index = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
+    batch = train_set.augmented(index, config["seed"], step, config["max_shift"])
+    return batch.shard(slice(context.rank * shard, (context.rank + 1) * shard))
+
+
+def _train_step(model, optimizer, scheduler, batch, config, context):
+    """One Adam step on this rank's shard (a `data.Batch`), without waiting for the device.
+
+    Returns the global batch's sums on the device (see SUM_COUNT), plus the non-finite flag.
+    The labels were checked once for the whole split, so the model and the loss skip the check
+    that would read them back every step.
+    """
+    with torch.autocast(batch.images.device.type, dtype=torch.bfloat16, enabled=config["amp"]):
+        output = model(batch.images, batch.labels, validate=False)
     # Each rank's loss is the mean over its equal shard, so DDP's average of the gradients is
     # the gradient of the global batch mean.
-    terms = capsnet_loss(output, images, labels, reconstruction_weight=config["reconstruction_weight"])
+    terms = capsnet_loss(output, batch.targets, batch.labels, reconstruction_weight=config["reconstruction_weight"],
+                         validate=False)
     optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
+    gradient_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     optimizer.step()
     scheduler.step()
-    correct = (output.lengths.argmax(dim=1) == labels).sum()
-    sums = torch.cat([torch.stack(terms).detach().double() * labels.shape[0],
-                      torch.stack([correct.double(), correct.new_tensor(labels.shape[0]).double()])])
+    count = batch.labels.shape[0]
+    correct = correct_predictions(output.lengths, batch.labels).sum()
+    diverged = ~(torch.isfinite(terms.total) & torch.isfinite(gradient_norm))
+    sums = torch.stack([*(term.detach().double() * count for term in terms), correct.double(),
+                        correct.new_full((), count, dtype=torch.float64), diverged.double()])
     if context.distributed:
         dist.all_reduce(sums)
-    return sums.tolist()
+    return sums
+
+
+def _check_finite(model, diverged_steps, where):
+    """Raise TrainingDiverged if a step since the start had a non-finite loss or gradient, or a
+    parameter is not finite. Reads the device once: called at log points, saves and epoch ends."""
+    names = [name for name, _ in model.named_parameters()]
+    bad = torch.stack([diverged_steps > 0, *(~torch.isfinite(p).all() for p in model.parameters())]).tolist()
+    if any(bad):
+        what = "the loss or a gradient" if bad[0] else f"parameter {names[bad.index(True, 1) - 1]}"
+        raise TrainingDiverged(f"training diverged: {what} became NaN or infinite {where}; stopped without "
+                               f"saving that state (last.pt and best.pt, if there, hold earlier finite ones); "
+                               f"try a smaller --lr")
 
 
 def train(config, checkpoint=None):
@@ -89,35 +132,42 @@ def train(config, checkpoint=None):
 def _train(config, checkpoint, context, device):
     run_dir = config["out"]
     os.makedirs(run_dir, exist_ok=True)
+    if context.is_main:
+        remove_stale_temporaries(run_dir)
     paths = {name: os.path.join(run_dir, name) for name in ("last.pt", "best.pt", "log.jsonl")}
     batch_size, world = config["batch_size"], context.world_size
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the {world} ranks")
-    shard = batch_size // world
 
     seed_everything(config["seed"])
-    train_set, val_set = _load_data(config, context, device)
+    spec = dataset_spec(config["dataset"])
+    train_set, val_set, test_set = _load_data(config, context, device)
     steps_per_epoch = len(train_set) // batch_size                    # the last partial batch is dropped
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images do not fill one batch of {batch_size}")
+        raise ValueError(f"{len(train_set)} training images do not fill one batch of {batch_size}; "
+                         f"lower --batch-size or raise --limit-train")
 
     model = build_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate_factor(config))
     epoch, step_in_epoch = 0, 0
     best = {"accuracy": -1.0, "epoch": 0}
-    sums = {"epoch": list(_EMPTY_SUMS), "window": list(_EMPTY_SUMS)}
+    sums = {"epoch": [0.0] * SUM_COUNT, "window": [0.0] * SUM_COUNT}
     if checkpoint is not None:
         epoch, step_in_epoch, best, sums = restore_training_state(checkpoint, model, optimizer, scheduler, device)
-    log = RunLog(paths["log.jsonl"], context.is_main, None if checkpoint is None else checkpoint["log_bytes"])
+    sums = {key: torch.tensor(value, dtype=torch.float64, device=device) for key, value in sums.items()}
+    diverged_steps = torch.zeros((), dtype=torch.float64, device=device)
+    log = RunLog(paths["log.jsonl"], context.is_main, checkpoint)
     trained = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
                if context.distributed else model)
 
     def save_last(position_epoch, position_step):
+        _check_finite(model, diverged_steps, f"before step {position_epoch * steps_per_epoch + position_step + 1}")
         if context.is_main:
             save_training_state(paths["last.pt"], config=config, model=model, optimizer=optimizer,
                                 scheduler=scheduler, epoch=position_epoch, step_in_epoch=position_step,
-                                steps_per_epoch=steps_per_epoch, best=best, sums=sums, log_bytes=log.size(),
+                                steps_per_epoch=steps_per_epoch, best=best,
+                                sums={key: value.tolist() for key, value in sums.items()}, log=log,
                                 device=device, world_size=world)
 
     try:
@@ -128,37 +178,39 @@ def _train(config, checkpoint, context, device):
                             disable=not context.is_main, dynamic_ncols=True)
             for step_in_epoch in range(step_in_epoch, steps_per_epoch):
                 step = epoch * steps_per_epoch + step_in_epoch          # global index of this step
-                index = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
-                # The whole global batch is shifted with the step's generator, then sharded, so
-                # every world size sees the same augmented batch.
-                images = random_shift(train_set.images[index], config["max_shift"],
-                                      generator=shift_generator(config["seed"], step))
-                mine = slice(context.rank * shard, (context.rank + 1) * shard)
-                step_sums = _train_step(trained, optimizer, scheduler, images[mine], train_set.labels[index][mine],
-                                        config, context)
+                batch = _shard(train_set, order, step_in_epoch, step, config, context)
+                step_sums = _train_step(trained, optimizer, scheduler, batch, config, context)
                 for key in sums:
-                    sums[key] = [a + b for a, b in zip(sums[key], step_sums)]
-                running = _means(sums["epoch"])
-                progress.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.2%}", refresh=False)
+                    sums[key] += step_sums[:SUM_COUNT]
+                diverged_steps += step_sums[SUM_COUNT]
                 progress.update()
                 if (step + 1) % config["log_every"] == 0:
+                    # The one place a step reads the device: every --log-every steps.
+                    _check_finite(model, diverged_steps, f"by step {step + 1}")
+                    running = _means(sums["epoch"].tolist())
+                    progress.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.2%}",
+                                         refresh=False)
                     log.write(event="train", epoch=epoch + 1, step=step + 1, lr=scheduler.get_last_lr()[0],
-                              **_means(sums["window"]))
-                    sums["window"] = list(_EMPTY_SUMS)
+                              **_means(sums["window"].tolist()))
+                    sums["window"].zero_()
                 every = config["checkpoint_every"]
                 if every and (step + 1) % every == 0 and step_in_epoch + 1 < steps_per_epoch:
                     save_last(epoch, step_in_epoch + 1)
             progress.close()
 
+            _check_finite(model, diverged_steps, f"in epoch {epoch + 1}")
             validation = evaluate(model, val_set, batch_size=batch_size,
                                   reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
+            if not math.isfinite(validation["loss"]):
+                raise TrainingDiverged(f"training diverged: the validation loss of epoch {epoch + 1} is "
+                                       f"{validation['loss']}; stopped before saving this model; try a smaller --lr")
             improved = validation["accuracy"] > best["accuracy"]
             if improved:
                 best = {"accuracy": validation["accuracy"], "epoch": epoch + 1}
                 if context.is_main:
                     save_best_model(paths["best.pt"], config=config, model=model, epoch=epoch + 1,
                                     global_step=(epoch + 1) * steps_per_epoch, validation=validation)
-            train_means = _means(sums["epoch"])
+            train_means = _means(sums["epoch"].tolist())
             log.write(event="validation", epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
                       train_loss=train_means["loss"], train_accuracy=train_means["accuracy"],
                       best=improved, seconds=time.perf_counter() - started, **validation)
@@ -166,7 +218,7 @@ def _train(config, checkpoint, context, device):
                 tqdm.write(f"epoch {epoch + 1}: train loss {train_means['loss']:.4f} acc {train_means['accuracy']:.2%}"
                            f" | validation loss {validation['loss']:.4f} acc {validation['accuracy']:.2%}"
                            + (" (best)" if improved else ""))
-            sums = {"epoch": list(_EMPTY_SUMS), "window": sums["window"]}
+            sums["epoch"].zero_()
             step_in_epoch = 0
             save_last(epoch + 1, 0)
 
@@ -174,16 +226,16 @@ def _train(config, checkpoint, context, device):
         context.barrier(device)
         best_state = load_checkpoint(paths["best.pt"])
         model.load_state_dict(best_state["model"])
-        test_set = load_split(config["data"], config["dataset"], train=False)
-        test_set = test_set.subset(slice(0, config["limit_test"])).to(device)
+        test_set = test_set.to(device)
         test = evaluate(model, test_set, batch_size=batch_size,
                         reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
-        log.write(event="test", best_epoch=best_state["epoch"], **test)
+        log.write(event="test", best_epoch=best_state["epoch"], metric=spec.metric, **test)
     finally:
         log.close()
     if context.is_main:
-        print(f"test accuracy {test['accuracy']:.2%} (error {1 - test['accuracy']:.2%}) on {test['count']} images, "
+        print(f"test {spec.metric} {test['accuracy']:.2%} (error {1 - test['accuracy']:.2%}) "
+              f"on {test['count']} images, "
               f"best model from epoch {best_state['epoch']} "
-              f"(validation accuracy {best_state['validation']['accuracy']:.2%})")
+              f"(validation {spec.metric} {best_state['validation']['accuracy']:.2%})")
         write_figures(model, test_set, run_dir, log_path=paths["log.jsonl"])
     return test

@@ -1,0 +1,125 @@
+"""affNIST's published test files, read with NumPy alone (no SciPy).
+
+affNIST (Tijmen Tieleman, 2013) publishes MATLAB v5 `.mat` files. The transformed test set is
+either one file `test.mat` (320,000 images) or the folder `test_batches/` of `1.mat` ... `32.mat`
+(10,000 each). Each file holds one variable, `affNISTdata`, a 1 x 1 struct whose fields include
+
+- `image`: uint8 [1600, N], column n the n-th 40 x 40 image in row-major pixel order,
+- `label_int`: uint8 [1, N] (or [N, 1]), the digit classes 0..9,
+
+stored plain or zlib-compressed (miCOMPRESSED, MATLAB's default since v7 saved as -v6/-v7). Other
+fields are read and ignored. `read_affnist(directory)` finds the files and returns the images and
+labels; the reader understands the part of the format those files use (numeric arrays, structs,
+cells, compressed elements), not MATLAB v7.3's HDF5 files.
+"""
+
+import glob
+import os
+import re
+import zlib
+
+import numpy as np
+
+__all__ = ["read_mat", "read_affnist", "find_affnist_files"]
+
+# MAT v5 data types (the "mi" codes) that hold numbers, as NumPy dtypes (byte order added later).
+_NUMERIC = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
+_MATRIX, _COMPRESSED = 14, 15
+_CELL_CLASS, _STRUCT_CLASS, _CHAR_CLASS = 1, 2, 4
+
+
+def _elements(buffer, order):
+    """Yield (type, payload bytes) of the data elements in `buffer`, decompressing miCOMPRESSED."""
+    position = 0
+    while position + 8 <= len(buffer):
+        first, second = np.frombuffer(buffer, dtype=order + "u4", count=2, offset=position)
+        if first >> 16:                                   # small element: size and type in one word
+            kind, size, start, position = int(first & 0xFFFF), int(first >> 16), position + 4, position + 8
+        else:
+            kind, size, start = int(first), int(second), position + 8
+            position = start + (size if kind == _COMPRESSED else (size + 7) // 8 * 8)
+        payload = buffer[start:start + size]
+        if len(payload) != size:
+            raise ValueError(f"truncated MAT data element (type {kind}: {size} bytes announced, {len(payload)} left)")
+        if kind == _COMPRESSED:
+            yield from _elements(zlib.decompress(payload), order)
+        else:
+            yield kind, payload
+
+
+def _matrix(payload, order):
+    """The value of one miMATRIX element: a NumPy array, a dict for a 1 x 1 struct (a list of
+    dicts for a larger one), a list for a cell, a str for a char array. Returns (name, value)."""
+    if not payload:
+        return "", np.zeros((0, 0))
+    parts = _elements(payload, order)
+    _, flags = next(parts)
+    array_class = int(np.frombuffer(flags, dtype=order + "u4", count=1)[0]) & 0xFF
+    _, dims = next(parts)
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=order + "i4"))
+    _, name = next(parts)
+    name = name.decode("ascii")
+    count = int(np.prod(shape))
+    if array_class == _STRUCT_CLASS:
+        _, width = next(parts)
+        width = int(np.frombuffer(width, dtype=order + "i4", count=1)[0])
+        _, names = next(parts)
+        fields = [names[k:k + width].split(b"\0")[0].decode("ascii") for k in range(0, len(names), width)]
+        records = [{field: _matrix(next(parts)[1], order)[1] for field in fields} for _ in range(count)]
+        return name, records[0] if count == 1 else records
+    if array_class == _CELL_CLASS:
+        return name, [_matrix(next(parts)[1], order)[1] for _ in range(count)]
+    kind, real = next(parts)
+    if kind not in _NUMERIC:
+        raise ValueError(f"MAT array {name!r} stores its values as type {kind}, which this reader does not know")
+    values = np.frombuffer(real, dtype=order + _NUMERIC[kind], count=count).reshape(shape, order="F")
+    if array_class == _CHAR_CLASS:
+        return name, "".join(map(chr, values.ravel(order="F")))
+    return name, values
+
+
+def read_mat(path):
+    """The variables of a MATLAB v5 `.mat` file, as a dict name -> value (see `_matrix`)."""
+    with open(path, "rb") as f:
+        content = f.read()
+    if len(content) < 128 or content[124:126] not in (b"\x00\x01", b"\x01\x00"):
+        raise ValueError(f"{path}: not a MATLAB v5 .mat file (v7.3 files are HDF5, which this reader does not read)")
+    order = "<" if content[126:128] == b"IM" else ">"
+    variables = {}
+    for kind, payload in _elements(content[128:], order):
+        if kind == _MATRIX:
+            name, value = _matrix(payload, order)
+            variables[name] = value
+    return variables
+
+
+def find_affnist_files(directory):
+    """The affNIST test files under `directory`: `test.mat`, else `test_batches/<n>.mat` by n."""
+    for folder in (directory, os.path.join(directory, "affNIST")):
+        single = os.path.join(folder, "test.mat")
+        if os.path.isfile(single):
+            return [single]
+        batches = glob.glob(os.path.join(folder, "test_batches", "*.mat"))
+        if batches:
+            return sorted(batches, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
+    raise FileNotFoundError(f"no affNIST test files (test.mat or test_batches/*.mat) in {directory} "
+                            f"or {os.path.join(directory, 'affNIST')}; affNIST is not downloaded by this package")
+
+
+def read_affnist(directory):
+    """affNIST's test set from the files under `directory` (see the module docstring).
+
+    Returns (images uint8 [N, 40, 40], labels uint8 [N]). ValueError for files of another layout.
+    """
+    images, labels = [], []
+    for path in find_affnist_files(directory):
+        record = read_mat(path).get("affNISTdata")
+        if not isinstance(record, dict) or "image" not in record or "label_int" not in record:
+            raise ValueError(f"{path}: expected a struct variable affNISTdata with fields image and label_int")
+        image, label = np.asarray(record["image"]), np.asarray(record["label_int"]).ravel()
+        if image.ndim != 2 or image.shape[0] != 1600 or image.shape[1] != label.shape[0]:
+            raise ValueError(f"{path}: image must be [1600, N] with N labels, got {list(image.shape)} "
+                             f"and {label.shape[0]} labels")
+        images.append(image.T.reshape(-1, 40, 40))
+        labels.append(label)
+    return np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.uint8)

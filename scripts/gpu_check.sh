@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Every GPU figure of the project in one command. Stages, ordered by value, each under its own time
+# limit (and all within one budget) so that a slow stage cannot starve the rest; each outcome (pass,
+# fail, timeout, skipped) is recorded and a failed stage does not stop the next:
+#   ceilings  device, versions, copy bandwidth, fp32/TF32/bf16 GEMM rates -> OUT/ceilings.json
+#   tests     the test suite on the GPU, Hypothesis profile "gpu" (more examples, every dtype)
+#   memcheck  a small routing forward + backward under compute-sanitizer --tool memcheck
+#   bench     bench.py at B = 32, 128, 512, every provider -> OUT/bench.json, OUT/bench.png
+#   train     the paper's MNIST recipe, 50 epochs -> OUT/train/ (log and figures, no checkpoints);
+#             stopped by its limit, the model it chose on validation so far is tested (stage evaluate)
+# and, only with GPU_CHECK_EXPERIMENTS=1, last and outside the budget (SPEC 9's full recipes, hours):
+#   multimnist  the MultiMNIST recipe, 50 epochs -> OUT/multimnist/ (both-digit accuracy, Figure 5)
+#   mnist40     MNIST on 40x40, 50 epochs -> OUT/mnist40/; then affnist scores it on the generated
+#               affNIST-like set (not affNIST) -> OUT/mnist40/generated/
+# then OUT/summary.md, one table of every stage's result and figures: the one file to read.
+#
+#   scripts/gpu_check.sh DATA_DIR OUT_DIR           on a CUDA GPU, at most 9 minutes
+#   scripts/gpu_check.sh --smoke DATA_DIR OUT_DIR   the same stages on a CPU at tiny sizes, < 3 minutes
+#
+# DATA_DIR holds MNIST's IDX files. The project must be importable by $PYTHON (default python3):
+# ./setup.sh does that without downloading where python3 has a CUDA torch. GPU_CHECK_BUDGET (seconds
+# for all stages: 515 on a GPU, 170 for --smoke) and GPU_CHECK_LIMITS (e.g. "bench=300 train=900",
+# seconds per stage; the optional ones default to multimnist=36000 mnist40=36000 affnist=600) override
+# the defaults. Exit status 0 when every stage that ran passed.
+set -uo pipefail
+
+smoke=0
+if [[ ${1:-} == --smoke ]]; then
+    smoke=1
+    shift
+fi
+if [[ $# -ne 2 || ! -d ${1:-} ]]; then
+    echo "usage: $0 [--smoke] DATA_DIR OUT_DIR   (DATA_DIR: a folder with MNIST's IDX files)" >&2
+    exit 2
+fi
+data=$(cd "$1" && pwd)
+mkdir -p "$2" && out=$(cd "$2" && pwd)
+python=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+# The routing forward and backward checked for memory errors: odd sizes, so every mask is used.
+routing_check='
+import torch
+from capsnet_triton import dynamic_routing
+device = "cuda" if torch.cuda.is_available() else "cpu"
+u_hat = torch.randn(3, 37, 10, 16, device=device, requires_grad=True)
+bias = torch.zeros(10, 16, device=device, requires_grad=True)
+v = dynamic_routing(u_hat, iterations=3, bias=bias)
+v.norm(dim=-1).sum().backward()
+assert torch.isfinite(u_hat.grad).all() and torch.isfinite(bias.grad).all()
+print("routing forward and backward of u_hat", tuple(u_hat.shape), "on", device, "are finite")
+'
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+
+# On a GPU the whole suite runs but for tests/test_gpu_check.py (this script's smoke run, on the
+# CPU); the smoke runs a few fast tests of the suite, not the suite inside the suite.
+if (( smoke )); then
+    budget=170
+    summary_args=(--smoke)
+    limits=(ceilings 30 tests 60 memcheck 30 bench 60 train 90 evaluate 30 multimnist 90 mnist40 90 affnist 60)
+    ceilings_args=(--smoke --device cpu)
+    pytest_args=(-n 0 -k "squash and zero")
+    tests_note="a few fast tests: -k 'squash and zero'"
+    bench_args=(--tiny --device cpu --workloads "routing fwd+bwd")
+    epochs=1
+    # The smoke's DATA_DIR may hold a few hundred made-up images, which fail MNIST's checksums.
+    train_args=(--device cpu --batch-size 16 --validation-size 40 --limit-test 40 --log-every 5
+                --conv-channels 8 --primary-types 2 --decoder-hidden 16 32 --no-verify-data)
+    evaluate_args=(--no-verify-data)
+else
+    budget=515
+    summary_args=()
+    limits=(ceilings 40 tests 120 memcheck 60 bench 210 train 515 evaluate 40 multimnist 36000 mnist40 36000
+            affnist 600)
+    ceilings_args=()
+    pytest_args=(-n 6)
+    tests_note="all but tests/test_gpu_check.py, this script's smoke run on the CPU"
+    bench_args=(--quick --batches 32,128,512 --device cuda)
+    epochs=50
+    train_args=()
+    evaluate_args=()
+fi
+budget=${GPU_CHECK_BUDGET:-$budget}
+declare -A limit
+for ((k = 0; k < ${#limits[@]}; k += 2)); do limit[${limits[k]}]=${limits[k + 1]}; done
+for pair in ${GPU_CHECK_LIMITS:-}; do limit[${pair%%=*}]=${pair#*=}; done
+
+started=$SECONDS
+: > "$out/stages.tsv"
+failures=0
+
+record() {    # NAME STATUS SECONDS LIMIT NOTE
+    printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$out/stages.tsv"
+    echo "== $1: $2 in $3 s (limit $4)${5:+: $5}"
+    [[ $2 == fail || $2 == timeout ]] && failures=$((failures + 1))
+    return 0
+}
+
+# stage NAME COMMAND...: COMMAND's output goes to OUT/NAME.log; it is stopped (with $signal, TERM
+# unless set; KILL 10 s later) at the stage's limit or when the budget, less $reserve seconds kept
+# for later stages, runs out, whichever is first.
+stage() {
+    local name=$1 t0=$SECONDS rc status=fail
+    shift
+    local seconds=${limit[$name]} left=$((budget - ${reserve:-0} - (SECONDS - started)))
+    (( seconds > left )) && seconds=$left
+    if (( seconds < 5 )); then
+        record "$name" skipped 0 "$seconds" "no time left of the $budget s budget"
+        return
+    fi
+    echo "== $name: up to $seconds s"
+    timeout -s "${signal:-TERM}" -k 10 "$seconds" "$@" > "$out/$name.log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=pass ;;
+        124|137) status=timeout ;;
+    esac
+    record "$name" "$status" $((SECONDS - t0)) "$seconds" "${note:-}"
+}
+
+command -v nvidia-smi >/dev/null && timeout 30 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+
+stage ceilings "$python" -m capsnet_triton.bench.ceilings --json "$out/ceilings.json" "${ceilings_args[@]}"
+
+# SIGINT lets pytest print its summary line (the counts) before it stops.
+signal=INT note=$tests_note HYPOTHESIS_PROFILE=gpu stage tests "$python" -m pytest -q -p no:cacheprovider -rfE \
+    --ignore=tests/test_gpu_check.py "${pytest_args[@]}"
+
+if [[ -n $sanitizer ]]; then
+    # Without torch's caching allocator every tensor is its own allocation, so memcheck sees overruns.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 stage memcheck "$sanitizer" --tool memcheck --error-exitcode 1 \
+        "$python" -c "$routing_check"
+else
+    note="compute-sanitizer not found: the routing check ran without it, no memory check" \
+        stage memcheck "$python" -c "$routing_check"
+fi
+
+stage bench "$python" bench.py "${bench_args[@]}" --json "$out/bench.json" --plot "$out/bench.png"
+
+reserve=${limit[evaluate]} stage train "$python" -m capsnet_triton.train --data "$data" --out "$scratch/train" \
+    --epochs "$epochs" --checkpoint-every 0 "${train_args[@]}"
+mkdir -p "$out/train"
+if [[ $(tail -n 1 "$out/stages.tsv" | cut -f 2) == timeout && -f $scratch/train/best.pt ]]; then
+    stage evaluate "$python" -m capsnet_triton.evaluate "$scratch/train/best.pt" --data "$data" --out "$out/train" \
+        "${evaluate_args[@]}"
+fi
+cp "$scratch"/train/*.jsonl "$scratch"/train/*.png "$out/train/" 2>/dev/null
+
+if [[ ${GPU_CHECK_EXPERIMENTS:-0} == 1 ]]; then
+    # Outside the budget: each of these stages is bounded by its own limit only.
+    budget=$((SECONDS - started + limit[multimnist] + limit[mnist40] + limit[affnist])) reserve=0
+    for experiment in multimnist mnist40; do
+        stage "$experiment" "$python" -m capsnet_triton.train --data "$data" --dataset "$experiment" \
+            --out "$scratch/$experiment" --epochs "$epochs" --checkpoint-every 0 "${train_args[@]}"
+        mkdir -p "$out/$experiment"
+        cp "$scratch/$experiment"/*.jsonl "$scratch/$experiment"/*.png "$out/$experiment/" 2>/dev/null
+    done
+    if [[ -f $scratch/mnist40/best.pt ]]; then
+        stage affnist "$python" -m capsnet_triton.evaluate "$scratch/mnist40/best.pt" --data "$data" \
+            --dataset affnist-generated --out "$out/mnist40/generated" "${evaluate_args[@]}"
+    fi
+fi
+
+timeout 60 "$python" -m capsnet_triton.bench.summary "$out" --epochs "$epochs" "${summary_args[@]}"
+echo "gpu_check: $((SECONDS - started)) s; $failures stage(s) failed or timed out; read $out/summary.md"
+(( failures == 0 ))

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Install this checkout into the running interpreter (or its venv), editable, downloading nothing.
+
+    python3 scripts/install_offline.py          (./setup.sh runs it where python3 has a CUDA torch)
+
+First pip: `pip install --no-index --no-deps --no-build-isolation -e .`, which builds with the
+interpreter's own setuptools (any version >= 61; before 70.1 setuptools also needs the `wheel`
+package). Where pip is missing or that build fails, it writes what an editable install amounts
+to: a finder in site-packages that maps the packages of pyproject.toml's [tool.setuptools]
+package-dir to this checkout's folders (`_capsnet_triton_checkout.py`, loaded at start-up by
+`capsnet_triton_checkout.pth`; delete both to uninstall). Either way it then checks, from
+another folder, that every package is found, and exits non-zero if not.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINDER = "_capsnet_triton_checkout"
+
+FINDER_SOURCE = '''"""Maps the packages of capsnet-triton to the folders of a checkout (scripts/install_offline.py)."""
+
+import importlib.util
+import os
+import sys
+
+PACKAGES = {packages!r}
+
+
+class _CheckoutFinder:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        folder = PACKAGES.get(name)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+
+
+if _CheckoutFinder not in sys.meta_path:
+    sys.meta_path.insert(0, _CheckoutFinder)    # this checkout wins over any other install
+'''
+
+
+def package_dirs():
+    """{package name: absolute folder} from pyproject.toml, the one place the layout is written."""
+    import tomllib              # Python >= 3.11; on 3.10 only the pip route is open
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        mapping = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+    return {name: os.path.join(ROOT, folder) for name, folder in mapping.items()}
+
+
+def missing_packages():
+    """Packages a fresh interpreter cannot find, asked from outside the checkout."""
+    names = sorted(package_dirs())
+    code = ("import importlib.util, sys; "
+            f"print(' '.join(n for n in {names!r} if importlib.util.find_spec(n) is None))")
+    with tempfile.TemporaryDirectory() as elsewhere:
+        result = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True)
+    return result.stdout.split() if result.returncode == 0 else names
+
+
+def pip_install():
+    if importlib.util.find_spec("pip") is None:
+        print("install_offline: this interpreter has no pip")
+        return False
+    command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", ROOT]
+    print("install_offline:", " ".join(command))
+    return subprocess.run(command).returncode == 0
+
+
+def write_finder():
+    site = sysconfig.get_path("purelib")
+    with open(os.path.join(site, FINDER + ".py"), "w") as f:
+        f.write(FINDER_SOURCE.format(packages=package_dirs()))
+    with open(os.path.join(site, "capsnet_triton_checkout.pth"), "w") as f:
+        f.write(f"import {FINDER}\n")
+    print(f"install_offline: pip could not install the checkout; wrote {FINDER}.py and its .pth to {site}")
+
+
+def main():
+    if not pip_install() or missing_packages():
+        write_finder()
+    missing = missing_packages()
+    if missing:
+        print(f"install_offline: still not importable: {missing}", file=sys.stderr)
+        return 1
+    print(f"install_offline: capsnet_triton from {ROOT} is installed for {sys.executable}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

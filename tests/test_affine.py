@@ -1,0 +1,132 @@
+"""Affine robustness (SPEC 9): mnist40 for training, the generated affNIST-like test set, the
+reader of affNIST's own .mat files (on tiny files written here), and `evaluate` scoring a
+mnist40 model on them."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from capsnet_triton import evaluate, train
+from capsnet_triton.affnist import read_affnist, read_mat
+from capsnet_triton.data import DownloadError, dataset_spec, download, load_split
+from idx_files import make_digits, write_dataset
+
+TINY_MODEL = ["--conv-channels", "8", "--primary-types", "2", "--decoder-hidden", "16", "32"]
+
+
+# --- MAT v5 files like affNIST's, written by hand ------------------------------------------------
+
+def element(kind, payload):
+    return struct.pack("<II", kind, len(payload)) + payload + b"\0" * (-len(payload) % 8)
+
+
+def matrix(name, array_class, shape, body):
+    flags = element(6, struct.pack("<II", array_class, 0))
+    dims = element(5, np.array(shape, dtype="<i4").tobytes())
+    return element(14, flags + dims + element(1, name.encode()) + body)
+
+
+def uint8_matrix(name, array):
+    return matrix(name, 9, array.shape, element(2, np.asarray(array, dtype=np.uint8).tobytes(order="F")))
+
+
+def struct_matrix(name, fields):
+    width = 32
+    names = b"".join(field.encode().ljust(width, b"\0") for field in fields)
+    body = struct.pack("<Ii", (4 << 16) | 5, width) + element(1, names)      # width as a small element
+    return matrix(name, 2, (1, 1), body + b"".join(uint8_matrix("", value) for value in fields.values()))
+
+
+def write_affnist_mat(path, images, labels, compress):
+    """affNIST's layout: struct affNISTdata, image [1600, N] (column n: image n row-major), label_int [1, N]."""
+    record = struct_matrix("affNISTdata", {
+        "image": images.reshape(len(images), 1600).T,
+        "label_int": labels[None, :],
+        "label_one_of_n": np.eye(10, dtype=np.uint8)[labels].T,
+    })
+    if compress:
+        packed = zlib.compress(record)
+        record = struct.pack("<II", 15, len(packed)) + packed
+    header = b"MATLAB 5.0 MAT-file, written by the tests".ljust(116, b" ") + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + record)
+
+
+def affnist_like(count, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, 40, 40), dtype=np.uint8), rng.integers(0, 10, count).astype(np.uint8)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_affnist_single_file(tmp_path, compress):
+    images, labels = affnist_like(7, 0)
+    write_affnist_mat(tmp_path / "test.mat", images, labels, compress)
+    read_images, read_labels = read_affnist(tmp_path)
+    assert np.array_equal(read_images, images) and np.array_equal(read_labels, labels)
+    assert read_mat(tmp_path / "test.mat")["affNISTdata"]["label_one_of_n"].shape == (10, 7)
+
+
+def test_read_affnist_batches_in_numeric_order(tmp_path):
+    parts = [affnist_like(3, seed) for seed in range(11)]
+    for n, (images, labels) in enumerate(parts, start=1):
+        write_affnist_mat(tmp_path / "affNIST" / "test_batches" / f"{n}.mat", images, labels, compress=n % 2 == 0)
+    split = load_split(tmp_path, "affnist", train=False)
+    assert split.images.shape == (33, 1, 40, 40)
+    assert torch.equal(split.images[:, 0], torch.from_numpy(np.concatenate([p[0] for p in parts])))
+    assert torch.equal(split.labels, torch.from_numpy(np.concatenate([p[1] for p in parts])).long())
+
+
+def test_affnist_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not downloaded by this package"):
+        read_affnist(tmp_path)
+    (tmp_path / "test.mat").write_bytes(b"\x89HDF\r\n" + b"\0" * 200)
+    with pytest.raises(ValueError, match="not a MATLAB v5"):
+        read_affnist(tmp_path)
+    with pytest.raises(ValueError, match="test set only"):
+        load_split(tmp_path, "affnist", train=True)
+    with pytest.raises(DownloadError, match="no download"):
+        download(tmp_path, "affnist")
+
+
+# --- mnist40 and the generated set --------------------------------------------------------------
+
+def test_mnist40_and_generated_sets(tmp_path):
+    write_dataset(tmp_path, train_count=20, test_count=12)
+    train_split = load_split(tmp_path, "mnist40", train=True)
+    digits, labels = make_digits(20, 0)
+    assert train_split.images.shape == (20, 1, 40, 40)
+    assert torch.equal(train_split.images[:, 0, 6:34, 6:34], torch.from_numpy(digits))
+    assert int(train_split.images.sum()) == int(digits.astype(np.int64).sum())
+    evaluation = dataset_spec("mnist40").evaluation_split(load_split(tmp_path, "mnist40", train=False), True)
+    assert evaluation.images.shape == (12, 1, 40, 40) and not torch.equal(evaluation.images[:, 0, 6:34, 6:34],
+                                                                       torch.from_numpy(make_digits(12, 1)[0]))
+    generated = load_split(tmp_path, "affnist-generated", train=False)
+    assert generated.images.shape == (12, 1, 40, 40) and generated.images.dtype == torch.uint8
+    assert torch.equal(generated.labels, torch.from_numpy(make_digits(12, 1)[1]).long())
+    assert torch.equal(generated.images, load_split(tmp_path, "affnist-generated", train=False).images)
+    with pytest.raises(ValueError, match="test set only"):
+        load_split(tmp_path, "affnist-generated", train=True)
+
+
+def test_evaluate_scores_a_mnist40_model_on_the_generated_set_and_affnist(tmp_path, capsys):
+    data_dir = tmp_path / "digits"
+    write_dataset(data_dir, train_count=80, test_count=20)
+    write_affnist_mat(data_dir / "test.mat", *affnist_like(9, 3), compress=True)
+    out = tmp_path / "run"
+    assert train.main(["--data", str(data_dir), "--dataset", "mnist40", "--out", str(out), "--epochs", "1",
+                       "--batch-size", "16", "--validation-size", "16", "--limit-train", "32",
+                       "--device", "cpu", "--no-verify-data", *TINY_MODEL]) == 0
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["max_shift"] == 6
+    capsys.readouterr()
+    assert evaluate.main([str(out / "best.pt"), "--dataset", "affnist-generated", "--device", "cpu",
+                          "--out", str(tmp_path / "figures"), "--no-verify-data"]) == 0
+    assert "affnist-generated test accuracy" in capsys.readouterr().out
+    assert evaluate.main([str(out / "best.pt"), "--dataset", "affnist", "--device", "cpu",
+                          "--out", str(tmp_path / "figures")]) == 0
+    printed = capsys.readouterr().out
+    assert "affnist test accuracy" in printed and "on 9 images" in printed
+    assert evaluate.main([str(out / "best.pt"), "--dataset", "mnist", "--device", "cpu", "--no-verify-data"]) == 1
+    assert "cannot score mnist" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""scripts/gpu_check.sh: its smoke run on a CPU (the same stages as on a GPU, at tiny sizes),
+so that the script a GPU machine runs cannot rot; and its summary of stages cut short."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from capsnet_triton.bench import summary
+from idx_files import write_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["ceilings", "tests", "memcheck", "bench", "train"]
+
+
+def test_smoke_run_writes_a_summary_of_every_stage(tmp_path):
+    # The smoke's own budget (170 s) holds on a quiet CPU; beside the rest of the suite on few
+    # cores every stage runs a few times slower, so the test gives it more.
+    data = write_dataset(tmp_path / "mnist", train_count=300, test_count=100)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUDGET": "400"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", str(data), str(out)],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (out / "summary.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    for stage in STAGES:
+        assert f"| {stage} | pass |" in rows[stage], table
+    assert " passed" in rows["tests"] and "failed" not in rows["tests"]
+    assert "0 FAILED" in rows["bench"] and "routing fwd+bwd B=2" in rows["bench"]
+    assert "1/1 epochs" in rows["train"] and "test " in rows["train"]
+    assert "GB/s" in rows["ceilings"] and "fp32" in rows["ceilings"]
+    assert json.loads((out / "bench.json").read_text())["rows"]
+    assert (out / "train" / "log.jsonl").exists() and (out / "bench.png").exists()
+    assert not list(out.rglob("*.pt")), "checkpoints must stay out of OUT"
+
+
+def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
+    (tmp_path / "stages.tsv").write_text("ceilings\tpass\t9\t40\t\ntests\tfail\t80\t150\t\n"
+                                         "bench\tfail\t3\t180\t\ntrain\ttimeout\t200\t200\t\nevaluate\tpass\t6\t40\t\n"
+                                         "multimnist\tpass\t900\t36000\t\n")
+    (tmp_path / "bench.log").write_text("Traceback (most recent call last):\nRuntimeError: CUDA error\n")
+    (tmp_path / "multimnist.log").write_text("test both-digit accuracy 94.10% (error 5.90%) on 100000 images, "
+                                             "best model from epoch 40\nsome warning\n")
+    (tmp_path / "evaluate.log").write_text("test accuracy 99.10% (error 0.90%) on 10000 images, loss 0.01\n")
+    (tmp_path / "tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
+                                        "2 failed, 181 passed, 3 skipped in 79.10s (0:01:19)\n")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "log.jsonl").write_text("".join(
+        json.dumps({"event": "validation", "epoch": e, "seconds": s, "accuracy": a}) + "\n"
+        for e, s, a in ((1, 6.0, 0.98), (2, 4.0, 0.99), (3, 5.0, 0.985))))
+    table = summary.write_summary(str(tmp_path), epochs=50)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "| tests | FAIL |" in rows["tests"] and "2 failed, 181 passed, 3 skipped" in rows["tests"]
+    assert "tests/test_x.py::test_y" in rows["tests"]
+    assert "no ceilings.json" in rows["ceilings"] and "no bench.json" in rows["bench"]
+    assert "| train | TIMEOUT |" in rows["train"]
+    assert "3/50 epochs, median 5.0 s" in rows["train"] and "99.00% (epoch 2)" in rows["train"]
+    assert "not tested" in rows["train"]
+    assert "its log ends: `RuntimeError: CUDA error`" in rows["bench"]
+    assert "| evaluate | pass |" in rows["evaluate"] and "test accuracy 99.10%" in rows["evaluate"]
+    assert "**test both-digit accuracy 94.10%" in rows["multimnist"]        # the optional SPEC 9 stages
+
+
+def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path):
+    empty = tmp_path / "no-mnist-here"
+    empty.mkdir()
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_LIMITS": "tests=5 bench=5"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", str(empty), str(out)],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    status = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines())
+    assert status == {"ceilings": "pass", "tests": "timeout", "memcheck": "pass", "bench": "timeout",
+                      "train": "fail"}, status
+    table = (out / "summary.md").read_text()
+    assert "| tests | TIMEOUT |" in table and "| train | FAIL |" in table

@@ -1,0 +1,98 @@
+"""The project installs with nothing downloaded (a GPU machine without a package index).
+
+One test builds and installs with pip exactly as on such a machine (--no-index --no-deps
+--no-build-isolation, the interpreter's own setuptools); the other runs scripts/install_offline.py
+in a fresh venv of Python 3.12 where one is found (else this Python) that sees the base
+interpreter's packages, with the setuptools wheel CPython ships for its own tests (67.6.1 in
+3.12: older than 70.1 and without the `wheel` package, the build fails there, so the script
+falls back to its finder). Set CAPSNET_TEST_PYTHON to try another interpreter.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ["capsnet_triton", "capsnet_triton.bench", "capsnet_triton.kernels", "capsnet_triton.reference"]
+FIND = ("import importlib.util, sys; "
+        f"print('\\n'.join(importlib.util.find_spec(n).origin for n in {PACKAGES!r}))")
+
+
+def _run(command, **kwargs):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, **kwargs)
+    assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _checkout_copy(tmp_path):
+    """The files an install reads, copied, so that nothing is written into this checkout."""
+    copy = tmp_path / "checkout"
+    copy.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, copy / name)
+    for name in ("capsnet_triton", "reference", "kernels", "scripts"):
+        shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return copy
+
+
+def _origins(python, tmp_path, env=None):
+    """Where a fresh `python` finds each package, asked from a folder outside any checkout."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    return _run([str(python), "-c", FIND], cwd=elsewhere, env=env).split()
+
+
+def _python_312():
+    """Python 3.12 (the GPU image's) if this machine has one, else this Python."""
+    candidates = [os.environ.get("CAPSNET_TEST_PYTHON"), shutil.which("python3.12")]
+    if shutil.which("pyenv"):
+        versions = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True).stdout.split()
+        for version in (v for v in versions if v.startswith("3.12")):
+            prefix = subprocess.run(["pyenv", "prefix", version], capture_output=True, text=True).stdout.strip()
+            candidates.append(os.path.join(prefix, "bin", "python3.12"))
+    for python in filter(None, candidates):
+        try:
+            if subprocess.run([python, "-c", "pass"], capture_output=True).returncode == 0:
+                return python
+        except OSError:
+            continue
+    return sys.executable
+
+
+def test_pip_builds_and_installs_with_no_index_and_no_build_isolation(tmp_path):
+    copy = _checkout_copy(tmp_path)
+    target = tmp_path / "site"
+    _run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
+          "--target", str(target), str(copy)])
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    origins = _origins(sys.executable, tmp_path, env)
+    assert all(origin.startswith(str(target)) for origin in origins), origins
+    assert origins[2].endswith(os.path.join("capsnet_triton", "kernels", "__init__.py"))
+    metadata = next(target.glob("capsnet_triton-*.dist-info/METADATA")).read_text()
+    assert "License-File: LICENSE" in metadata
+
+
+def test_install_offline_script_in_a_fresh_venv(tmp_path):
+    python = _python_312()
+    copy = _checkout_copy(tmp_path)
+    venv = tmp_path / "venv"
+    _run([python, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)])
+    venv_python = venv / "bin" / "python"
+    stdlib_test = _run([python, "-c", "import sysconfig; print(sysconfig.get_path('stdlib'))"]).strip()
+    wheels = glob.glob(os.path.join(stdlib_test, "test", "setuptools-*.whl")) + \
+        glob.glob(os.path.join(stdlib_test, "test", "wheeldata", "setuptools-*.whl"))
+    has_pip = subprocess.run([venv_python, "-c", "import pip"], capture_output=True).returncode == 0
+    if wheels and has_pip:
+        _run([venv_python, "-m", "pip", "install", "--no-index", "--no-deps", wheels[0]])
+    out = _run([venv_python, str(copy / "scripts" / "install_offline.py")])
+    assert f"capsnet_triton from {copy} is installed" in out
+    origins = _origins(venv_python, tmp_path)
+    assert origins == [str(copy / folder / "__init__.py")
+                       for folder in ("capsnet_triton", "capsnet_triton/bench", "kernels", "reference")]
+
+
+def test_setup_script_parses():
+    _run(["bash", "-n", str(ROOT / "setup.sh")])

@@ -1,0 +1,78 @@
+"""MultiMNIST (SPEC 9): the training and evaluation sets built from the pair generator, and the
+training and evaluation commands end to end."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from capsnet_triton import evaluate, train
+from capsnet_triton.data import Split, dataset_spec, load_split
+from idx_files import write_dataset
+from test_synthetic import noisy_digits
+
+TINY_MODEL = ["--conv-channels", "8", "--primary-types", "2", "--decoder-hidden", "16", "32"]
+
+
+# --- training and evaluation sets ---------------------------------------------------------------
+
+def digits_split(count=60, seed=0):
+    images, labels = noisy_digits(count, seed)
+    return Split(torch.round(images * 255).to(torch.uint8), labels)
+
+
+def test_training_pairs_are_a_function_of_seed_and_step():
+    spec = dataset_spec("multimnist")
+    source = spec.training_split(digits_split())
+    index = torch.tensor([5, 0, 17, 17, 42])
+    batch = source.augmented(index, 7, 12, 4)
+    assert batch.images.shape == (5, 1, 36, 36) and batch.targets.shape == (5, 2, 1, 36, 36)
+    assert torch.equal(batch.labels[:, 0], source.digits.labels[index])
+    assert bool((batch.labels[:, 0] != batch.labels[:, 1]).all())
+    assert all(torch.equal(a, b) for a, b in zip(batch, source.augmented(index, 7, 12, 4)))   # resumable
+    assert not torch.equal(batch.images, source.augmented(index, 7, 13, 4).images)           # fresh each step
+
+
+def test_fixed_evaluation_pairs():
+    spec = dataset_spec("multimnist")
+    split = digits_split(30)
+    test, validation = spec.evaluation_split(split, True), spec.evaluation_split(split, False)
+    assert len(test) == 300 and len(validation) == 30
+    assert torch.equal(test.recipe.index[:, 0], torch.arange(300) % 30)
+    again = spec.evaluation_split(split, True).subset(slice(0, 12)).batch(torch.arange(12))
+    assert all(torch.equal(a, b) for a, b in zip(test.subset(slice(0, 12)).batch(torch.arange(12)), again))
+    assert not torch.equal(test.recipe.index[:30], validation.recipe.index)
+
+
+# --- the commands -------------------------------------------------------------------------------
+
+def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
+    data_dir = str(write_dataset(tmp_path / "digits", train_count=120, test_count=30))
+    out = tmp_path / "run"
+    assert train.main(["--data", data_dir, "--dataset", "multimnist", "--out", str(out), "--epochs", "1",
+                       "--batch-size", "16", "--validation-size", "40", "--limit-train", "64", "--limit-val", "24",
+                       "--limit-test", "40", "--log-every", "2", "--device", "cpu", "--no-verify-data",
+                       *TINY_MODEL]) == 0
+    printed = capsys.readouterr().out
+    assert "test both-digit accuracy" in printed and "on 40 images" in printed
+    assert {"segmentation.png", "perturbations.png", "training_curves.png", "best.pt"} <= set(os.listdir(out))
+    with open(out / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert records[-1]["event"] == "test" and records[-1]["metric"] == "both-digit accuracy"
+    assert records[-1]["count"] == 40 and 0.0 <= records[-1]["accuracy"] <= 1.0
+    assert [r["count"] for r in records if r["event"] == "validation"] == [24]
+    config = torch.load(out / "last.pt", weights_only=True)["config"]
+    assert (config["lr_decay_steps"], config["max_shift"]) == (20000, 4)     # SPEC 9's defaults
+    assert evaluate.main([str(out / "best.pt"), "--limit", "20", "--device", "cpu", "--out", str(tmp_path / "f"),
+                          "--no-verify-data"]) == 0
+    assert "multimnist test both-digit accuracy" in capsys.readouterr().out
+    assert len(load_split(data_dir, "multimnist", train=False)) == 30
+
+
+def test_a_shift_that_would_push_a_digit_off_the_canvas_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", str(tmp_path), "--dataset", "multimnist", "--max-shift", "5",
+                    "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert "--max-shift must be at most 4 pixels for multimnist" in capsys.readouterr().err

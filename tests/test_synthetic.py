@@ -1,0 +1,167 @@
+"""The generators of SPEC 9's inputs: MultiMNIST pairs (shapes, range, distinct labels,
+determinism, each part a whole shifted digit, shifts within bounds, bad input) and the
+affNIST-like affine maps (parameters within affNIST's ranges, recovered from the images)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capsnet_triton.synthetic import AFFINE_RANGES, affine_transform, multimnist, place
+
+
+def noisy_digits(count, seed=0, classes=10):
+    """Digits with every pixel non-zero (so a part's non-zero box is the whole digit) and all distinct."""
+    generator = torch.Generator().manual_seed(seed)
+    images = 0.05 + 0.95 * torch.rand(count, 1, 28, 28, generator=generator)
+    return images, torch.arange(count) % classes
+
+
+def locate(part):
+    """(top, left) of the non-zero box of a [1, 36, 36] part, and its 28 x 28 content."""
+    rows = torch.nonzero(part[0].sum(dim=1)).flatten()
+    cols = torch.nonzero(part[0].sum(dim=0)).flatten()
+    top, left = int(rows[0]), int(cols[0])
+    assert (int(rows[-1]) - top, int(cols[-1]) - left) == (27, 27)
+    return top, left, part[:, top:top + 28, left:left + 28]
+
+
+# --- the generator ------------------------------------------------------------------------------
+
+def test_pairs_shapes_range_distinct_labels_and_overlay():
+    images, labels = noisy_digits(40)
+    pairs, pair_labels, parts = multimnist(images, labels, 300, seed=3)
+    assert pairs.shape == (300, 1, 36, 36) and parts.shape == (300, 2, 1, 36, 36) and pair_labels.shape == (300, 2)
+    assert pair_labels.dtype == torch.int64 and pairs.dtype == images.dtype
+    assert 0.0 <= float(pairs.min()) and float(pairs.max()) <= 1.0 and float(pairs.max()) == 1.0
+    assert bool((pair_labels[:, 0] != pair_labels[:, 1]).all())
+    assert torch.equal(pairs, torch.clamp(parts[:, 0] + parts[:, 1], max=1.0))
+    assert torch.equal(pair_labels[:, 0], labels[torch.arange(300) % 40])       # pair k starts with digit k mod N
+
+
+def test_each_part_is_one_whole_digit_of_its_label_shifted_within_bounds():
+    images, labels = noisy_digits(30)
+    for max_shift in (4, 2, 0):
+        _, pair_labels, parts = multimnist(images, labels, 400, seed=max_shift, max_shift=max_shift)
+        shifts = []
+        for k in range(parts.shape[0]):
+            for j in range(2):
+                top, left, content = locate(parts[k, j])
+                shifts.append((top - 4, left - 4))
+                matches = [n for n in range(len(images)) if torch.equal(images[n], content)]
+                assert len(matches) == 1 and labels[matches[0]] == pair_labels[k, j]
+                # nothing but the digit on its canvas
+                assert float(parts[k, j].sum()) == pytest.approx(float(content.sum()), rel=1e-6)
+        shifts = np.array(shifts)
+        assert np.abs(shifts).max() == max_shift                  # within bounds, and the extremes occur
+        assert len(np.unique(shifts[:, 0])) == 2 * max_shift + 1 == len(np.unique(shifts[:, 1]))
+
+
+def test_partners_come_from_the_other_classes_of_the_split():
+    images, _ = noisy_digits(20)
+    labels = torch.tensor([3, 7] * 10)
+    _, pair_labels, _ = multimnist(images, labels, 200, seed=0)
+    assert {tuple(sorted(row)) for row in pair_labels.tolist()} == {(3, 7)}
+    _, pair_labels, _ = multimnist(*noisy_digits(100), 2000, seed=1)
+    counts = np.bincount(pair_labels[:, 1].numpy(), minlength=10)
+    assert counts.min() > 2000 / 10 * 0.6                           # every other class gets chosen
+
+
+def test_deterministic_for_a_seed():
+    images, labels = noisy_digits(25)
+    first = multimnist(images, labels, 64, seed=11)
+    again = multimnist(images, labels, 64, seed=11)
+    other = multimnist(images, labels, 64, seed=12)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[2], other[2])
+
+
+def test_bad_input_raises():
+    images, labels = noisy_digits(10)
+    with pytest.raises(ValueError, match="at least two classes"):
+        multimnist(images, torch.full((10,), 4), 5, seed=0)
+    for count in (0, -3):
+        with pytest.raises(ValueError, match="count"):
+            multimnist(images, labels, count, seed=0)
+    with pytest.raises(ValueError, match="out of the 36x36 canvas"):
+        multimnist(images, labels, 5, seed=0, max_shift=5)
+    with pytest.raises(ValueError, match="max_shift"):
+        multimnist(images, labels, 5, seed=0, max_shift=-1)
+    with pytest.raises(ValueError, match=r"\[N, 1, 28, 28\]"):
+        multimnist(images[:, :, :20], labels, 5, seed=0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        multimnist(images * 255, labels, 5, seed=0)
+    with pytest.raises(TypeError):
+        multimnist((images * 255).to(torch.uint8), labels, 5, seed=0)
+    with pytest.raises(TypeError):
+        multimnist(images, labels.float(), 5, seed=0)
+    with pytest.raises(ValueError, match="labels"):
+        multimnist(images, labels[:7], 5, seed=0)
+
+
+def test_place_cuts_what_falls_outside():
+    image = torch.arange(1, 10, dtype=torch.float32).reshape(1, 1, 3, 3)
+    placed = place(image.expand(2, -1, -1, -1), torch.tensor([-1, 3]), torch.tensor([1, 2]), 4)
+    assert torch.equal(placed[0, 0], torch.tensor([[0, 4, 5, 6], [0, 7, 8, 9], [0, 0, 0, 0], [0, 0, 0, 0.]]))
+    assert torch.equal(placed[1, 0], torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 2.]]))
+
+
+
+
+# --- the affNIST-like affine maps ---------------------------------------------------------------
+
+def mnist_like_on_40(count, seed=0):
+    """Blobby digit-sized shapes of varied extent, centred on a 40 x 40 canvas (like MNIST padded by 6)."""
+    generator = torch.Generator().manual_seed(seed)
+    digits = torch.zeros(count, 1, 28, 28)
+    for n in range(count):
+        top, left = torch.randint(3, 8, (2,), generator=generator).tolist()
+        height, width = torch.randint(12, 21, (2,), generator=generator).tolist()
+        digits[n, 0, top:top + height, left:left + width] = 0.2 + 0.8 * torch.rand(height, width, generator=generator)
+    return F.pad(digits, (6, 6, 6, 6))
+
+
+def centroid(images):
+    """(x, y) intensity centroid of each [1, S, S] image, in pixels."""
+    size = images.shape[-1]
+    index = torch.arange(size, dtype=images.dtype)
+    mass = images.sum(dim=(1, 2, 3))
+    x = (images.sum(dim=(1, 2)) * index).sum(dim=1) / mass
+    y = (images.sum(dim=(1, 3)) * index).sum(dim=1) / mass
+    return torch.stack([x, y], dim=1)
+
+
+def test_affine_parameters_lie_in_affnists_ranges_and_are_seeded():
+    images = mnist_like_on_40(400)
+    out, params = affine_transform(images, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    for name, key in (("rotation", "rotation"), ("shear", "shear"), ("scale", "scale_x"), ("scale", "scale_y")):
+        low, high = AFFINE_RANGES[name]
+        values = params[key]
+        assert low <= float(values.min()) and float(values.max()) <= high
+        assert float(values.max() - values.min()) > 0.9 * (high - low)      # the whole range is used
+    assert AFFINE_RANGES == {"rotation": (-20.0, 20.0), "shear": (-0.2, 0.2), "scale": (0.8, 1.2)}
+    again, _ = affine_transform(images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert float(params["shift_x"].abs().max()) > 3.0                       # translations are drawn too
+
+
+def test_affine_map_is_recovered_from_the_images():
+    """Mass scales by det M = sx sy (so no part of a digit left the canvas, though the
+    translations use all the room there is) and the centroid moves to M (p - c) + c + t: the
+    sampled map is the applied one."""
+    images = mnist_like_on_40(300, seed=1).double()
+    out, params = affine_transform(images, generator=torch.Generator().manual_seed(5))
+    mass_ratio = out.sum(dim=(1, 2, 3)) / images.sum(dim=(1, 2, 3))
+    torch.testing.assert_close(mass_ratio, params["scale_x"] * params["scale_y"], rtol=0.02, atol=0.0)
+    assert float((out[..., 0, :].sum(-1) + out[..., -1, :].sum(-1) + out[..., 0].sum(-1) + out[..., -1].sum(-1)
+                  > 0).double().mean()) > 0.05                     # some digits do reach an edge
+    theta = params["rotation"] * np.pi / 180
+    cos, sin, shear = torch.cos(theta), torch.sin(theta), params["shear"]
+    matrix = torch.stack([
+        torch.stack([cos * params["scale_x"], (cos * shear - sin) * params["scale_y"]], dim=1),
+        torch.stack([sin * params["scale_x"], (sin * shear + cos) * params["scale_y"]], dim=1)], dim=1)
+    centre = 19.5
+    expected = ((matrix @ (centroid(images) - centre)[:, :, None])[:, :, 0] + centre
+                + torch.stack([params["shift_x"], params["shift_y"]], dim=1))
+    torch.testing.assert_close(centroid(out), expected, rtol=0.0, atol=0.25)

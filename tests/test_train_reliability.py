@@ -1,0 +1,382 @@
+"""Training that never lies: what the training and evaluation commands refuse, and how.
+
+Each test is one failure a user can meet (bad flags, a run that diverges, wrong or corrupt
+data, a cut log, corrupt checkpoints, killed saves, a full disk), run through the commands on a
+tiny configuration (T below) and small fake MNIST files, in seconds.
+"""
+
+import errno
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from capsnet_triton import evaluate, train
+from capsnet_triton.data import DATASETS, load_split, verify_split
+from capsnet_triton.training import loop
+from capsnet_triton.training.checkpoint import payload_checksum, save_atomic
+from capsnet_triton.training.config import build_parser
+from capsnet_triton.training.log import RunLog
+from idx_files import write_dataset, write_idx
+
+pytestmark = pytest.mark.xdist_group("train_reliability")
+
+T = ["--epochs", "1", "--batch-size", "32", "--limit-train", "64", "--limit-val", "32", "--limit-test", "32",
+     "--conv-channels", "16", "--primary-types", "4", "--decoder-hidden", "32", "64"]
+
+
+@pytest.fixture(scope="module")
+def fake_mnist(tmp_path_factory):
+    """MNIST-shaped files that are not MNIST: enough training images for the default validation split."""
+    return str(write_dataset(tmp_path_factory.mktemp("fake_mnist"), train_count=5100, test_count=40))
+
+
+def args(data, out, *extra, verify=False):
+    return ["--data", str(data), "--out", str(out), *T, "--device", "cpu",
+            *([] if verify else ["--no-verify-data"]), *extra]
+
+
+def run(command, argv, capsys):
+    """(exit status, stderr) of a command's main, whether it returns or exits."""
+    capsys.readouterr()
+    try:
+        status = command(argv)
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def one_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "error:" in lines[0] and "Traceback" not in err
+    return lines[0]
+
+
+def read_records(path):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    with open(path, "rb") as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+@pytest.fixture(scope="module")
+def finished_run(fake_mnist, tmp_path_factory):
+    """A T run of one epoch: last.pt, best.pt and the log to corrupt in copies."""
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    assert train.main(args(fake_mnist, out)) == 0
+    return out
+
+
+def copy_run(source, target):
+    shutil.copytree(source, target)
+    return target
+
+
+# --- 1. numeric flags and diverging runs ----------------------------------------------------
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--reconstruction-weight", "nan", "--reconstruction-weight must be a finite number >= 0"),
+    ("--reconstruction-weight", "-1", "--reconstruction-weight must be a finite number >= 0"),
+    ("--reconstruction-weight", "inf", "--reconstruction-weight must be a finite number >= 0"),
+    ("--lr", "inf", "--lr must be a number in (0, 1.0]"),
+    ("--lr", "nan", "--lr must be a number in (0, 1.0]"),
+    ("--lr", "5", "--lr must be a number in (0, 1.0]"),
+    ("--lr-decay", "nan", "--lr-decay must be in (0, 1]"),
+    ("--max-shift", "100", "--max-shift must be at most 7 pixels"),
+    ("--seed", "-1", "--seed must not be negative"),
+    ("--split-seed", "-3", "--split-seed must not be negative"),
+    ("--checkpoint-every", "-1", "--checkpoint-every must not be negative"),
+])
+def test_out_of_range_flags_are_refused_before_anything_runs(fake_mnist, tmp_path, capsys, flag, value, message):
+    status, err = run(train.main, args(fake_mnist, tmp_path / "run", flag, value), capsys)
+    assert status == 2 and message in one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def nan_from_step(first_bad_step, where):
+    """A stand-in for the loop's capsnet_loss whose total (where="loss") or whose gradient
+    (where="gradient", the loss staying finite) is NaN from the `first_bad_step`-th call on."""
+    calls = []
+    original = loop.capsnet_loss
+
+    class NanGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    def capsnet_loss(*a, **k):
+        terms = original(*a, **k)
+        calls.append(None)
+        if len(calls) < first_bad_step:
+            return terms
+        total = terms.total * float("nan") if where == "loss" else NanGradient.apply(terms.total)
+        return terms._replace(total=total)
+
+    return capsnet_loss
+
+
+def test_a_run_whose_loss_turns_nan_stops_and_keeps_its_finite_best(fake_mnist, tmp_path, capsys, monkeypatch):
+    # Two epochs of two steps; the loss is NaN from step 3 on, in the second epoch.
+    monkeypatch.setattr(loop, "capsnet_loss", nan_from_step(3, "loss"))
+    out = tmp_path / "nan"
+    status, err = run(train.main, args(fake_mnist, out, "--epochs", "2"), capsys)
+    assert status == 1
+    assert "training diverged: the loss or a gradient became NaN or infinite" in err.strip().splitlines()[-1]
+    best = torch.load(out / "best.pt", weights_only=True)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert best["epoch"] == 1 and last["position"]["global_step"] == 2          # nothing of epoch 2 saved
+    for state in (best["model"], last["model"]):
+        assert all(torch.isfinite(value).all() for value in state.values())
+    records = read_records(out / "log.jsonl")                                     # strict JSON only
+    assert [r["event"] for r in records] == ["validation"]
+
+
+def test_a_nan_gradient_under_a_finite_loss_is_caught_at_the_next_log_point(fake_mnist, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setattr(loop, "capsnet_loss", nan_from_step(1, "gradient"))
+    out = tmp_path / "nan_gradient"
+    status, err = run(train.main, args(fake_mnist, out, "--log-every", "1"), capsys)
+    assert status == 1 and "became NaN or infinite by step 1" in err
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
+    assert read_records(out / "log.jsonl") == []
+
+
+def test_the_log_refuses_non_finite_numbers(tmp_path):
+    log = RunLog(str(tmp_path / "log.jsonl"), enabled=True)
+    log.write(event="train", loss=0.5)
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        log.write(event="train", loss=float("nan"))
+    log.close()
+    assert read_records(tmp_path / "log.jsonl") == [{"event": "train", "loss": 0.5}]
+
+
+# --- 2. dataset digests ---------------------------------------------------------------------
+
+def content_md5(path):
+    with gzip.open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+def test_files_that_are_not_the_dataset_are_refused_before_the_first_step(fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    status, err = run(train.main, args(fake_mnist, out, verify=True), capsys)
+    line = one_line(err)
+    images = os.path.join(fake_mnist, "train-images-idx3-ubyte.gz")
+    assert status == 1 and images in line and "--no-verify-data" in line
+    assert content_md5(images) in line and DATASETS["mnist"].files[0].md5 in line
+    assert os.listdir(out) == []                                          # no step, no log, no checkpoint
+
+
+def test_real_mnist_with_shifted_labels_is_refused_and_recompressed_copies_pass(mnist_dir, tmp_path, capsys):
+    shifted = tmp_path / "shifted"
+    shutil.copytree(mnist_dir, shifted)
+    labels = load_split(mnist_dir, train=True).labels.numpy().astype(np.uint8)
+    write_idx(shifted / "train-labels-idx1-ubyte.gz", (labels + 1) % 10)      # a valid gzip, wrong content
+    status, err = run(train.main, args(shifted, tmp_path / "run", verify=True), capsys)
+    line = one_line(err)
+    expected = DATASETS["mnist"].files[1].md5
+    assert status == 1 and "train-labels-idx1-ubyte.gz" in line and expected in line
+    assert content_md5(shifted / "train-labels-idx1-ubyte.gz") in line
+    # Content digests: the same data uncompressed (or compressed by another tool) passes.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in os.listdir(mnist_dir):
+        with gzip.open(os.path.join(mnist_dir, name), "rb") as f:
+            (plain / name[:-len(".gz")]).write_bytes(f.read())
+    for train_split in (True, False):
+        verify_split(plain, "mnist", train_split)
+
+
+# --- 3. the log -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "torn"])
+def test_resume_refuses_a_log_that_differs_from_what_the_checkpoint_recorded(finished_run, tmp_path, capsys,
+                                                                              damage):
+    out = copy_run(finished_run, tmp_path / "run")
+    log_path = out / "log.jsonl"
+    data = log_path.read_bytes()
+    if damage == "truncated":
+        data = data[:100]
+    else:
+        data = data[:50] + b"\0" * 20 + data[70:]
+    log_path.write_bytes(data)
+    status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
+    line = one_line(err)
+    assert status == 1 and str(log_path) in line
+    assert ("fewer than" if damage == "truncated" else "changed or torn") in line
+    assert log_path.read_bytes() == data                                  # refused, not padded or cut
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name fsynced files")
+def test_the_log_is_made_durable_before_each_checkpoint(fake_mnist, tmp_path, monkeypatch):
+    synced = []
+    original = os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return original(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert train.main(args(fake_mnist, tmp_path / "run", "--log-every", "1", "--checkpoint-every", "1")) == 0
+    saves = [i for i, name in enumerate(synced) if name.startswith(".last.pt.")]
+    assert len(saves) == 2                                               # after step 1, at the epoch's end
+    assert all(synced[i - 1] == "log.jsonl" for i in saves)
+
+
+# --- 4. every split before the first step ---------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_bad_test_files_stop_the_run_before_the_first_step(fake_mnist, tmp_path, capsys, damage):
+    data = tmp_path / "data"
+    shutil.copytree(fake_mnist, data)
+    if damage == "missing":
+        os.remove(data / "t10k-labels-idx1-ubyte.gz")
+        name = "t10k-labels-idx1-ubyte"
+    else:
+        images = data / "t10k-images-idx3-ubyte.gz"
+        images.write_bytes(images.read_bytes()[:300])
+        name = "t10k-images-idx3-ubyte.gz"
+    out = tmp_path / "run"
+    status, err = run(train.main, args(data, out), capsys)
+    assert status == 1 and name in one_line(err)
+    assert os.listdir(out) == []
+
+
+# --- 5. checksummed checkpoints -------------------------------------------------------------
+
+def flip_middle(path, count=64):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_checkpoint_bytes_are_refused_by_evaluate_and_resume(finished_run, fake_mnist, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    flip_middle(out / "best.pt")
+    status, err = run(evaluate.main, [str(out / "best.pt"), "--data", fake_mnist, "--device", "cpu",
+                                      "--no-verify-data"], capsys)
+    assert status == 2 and "corrupt" in one_line(err) and str(out / "best.pt") in err
+    flip_middle(out / "last.pt")
+    status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
+    assert status == 2 and "corrupt" in one_line(err) and str(out / "last.pt") in err
+
+
+def test_the_checksum_covers_every_stored_value(tmp_path):
+    payload = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3, "best": {"accuracy": 0.5},
+               "rng": [torch.tensor([1, 2], dtype=torch.int64), None]}
+    save_atomic(payload, tmp_path / "x.pt")
+    loaded = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert payload_checksum(loaded) == payload_checksum(payload)
+    loaded["model"]["w"][1, 2] = 5.000001
+    changed = payload_checksum(loaded)
+    loaded["model"]["w"][1, 2] = 5.0
+    loaded["epoch"] = 4
+    assert len({changed, payload_checksum(loaded), payload_checksum(payload)}) == 3
+
+
+# --- 6. stale temporaries -------------------------------------------------------------------
+
+def test_stale_temporaries_of_killed_saves_are_removed(finished_run, fake_mnist, tmp_path):
+    stale = [".last.pt.k1l2l3.tmp", ".best.pt.x9y8z7.tmp"]
+    out = copy_run(finished_run, tmp_path / "run")
+    for name in stale:
+        (out / name).write_bytes(b"half a checkpoint")
+    (out / "notes.tmp").write_text("not ours")
+    assert train.main(["--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert not set(stale) & set(os.listdir(out)) and (out / "notes.tmp").exists()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in stale:
+        (fresh / name).write_bytes(b"half a checkpoint")
+    assert train.main(args(fake_mnist, fresh)) == 0
+    assert not set(stale) & set(os.listdir(fresh))
+
+
+# --- 7. errors as one line ------------------------------------------------------------------
+
+def test_user_errors_are_one_line_with_usage_and_failure_statuses(finished_run, fake_mnist, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    status, err = run(train.main, args(fake_mnist, blocker / "run"), capsys)
+    assert status == 2 and "cannot create the run folder" in one_line(err)
+    status, err = run(train.main, args(tmp_path / "no_data", tmp_path / "run"), capsys)
+    assert status == 1 and "data directory not found" in one_line(err)
+    status, err = run(train.main, args(tmp_path / "no_data", tmp_path / "run", "--verbose"), capsys)
+    assert status == 1 and "Traceback" in err and "data directory not found" in err.strip().splitlines()[-1]
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for path, message in ((empty, "empty, truncated or corrupt"), (tmp_path / "none.pt", "no checkpoint file")):
+        status, err = run(evaluate.main, [str(path), "--data", fake_mnist, "--device", "cpu"], capsys)
+        assert status == 2 and message in one_line(err)
+
+    # A checkpoint whose config does not describe its weights (checksum intact).
+    mismatched = torch.load(finished_run / "best.pt", weights_only=True)
+    del mismatched["checksum"]
+    mismatched["config"]["conv_channels"] = 8
+    save_atomic({**mismatched, "checksum": payload_checksum(mismatched)}, tmp_path / "mismatched.pt")
+    status, err = run(evaluate.main, [str(tmp_path / "mismatched.pt"), "--data", fake_mnist, "--device", "cpu"],
+                      capsys)
+    assert status == 2 and "do not fit the model its config describes" in one_line(err)
+
+
+def test_the_command_line_process_ends_with_one_line_and_its_status(fake_mnist, tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for extra, status, message in ((["--lr", "nan"], 2, "--lr must be a number"),
+                                   (["--data", str(tmp_path / "no_data")], 1, "data directory not found")):
+        command = [sys.executable, "-m", "capsnet_triton.train", *args(fake_mnist, tmp_path / "run"), *extra]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == status and message in one_line(result.stderr)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary(fake_mnist, tmp_path, capsys, monkeypatch):
+    original = os.fsync
+
+    def fsync(fd):
+        if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "run"
+    status, err = run(train.main, args(fake_mnist, out), capsys)
+    line = err.strip().splitlines()[-1]
+    assert status == 1 and "could not write" in line and "last.pt" in line and "No space left on device" in line
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+
+
+# --- 8. smaller ones ------------------------------------------------------------------------
+
+def test_evaluate_refuses_files_of_another_dataset(finished_run, fake_mnist, capsys):
+    status, err = run(evaluate.main, [str(finished_run / "best.pt"), "--data", fake_mnist, "--device", "cpu",
+                                      "--dataset", "fashion-mnist"], capsys)
+    line = one_line(err)
+    assert status == 1 and "fashion-mnist" in line and DATASETS["fashion-mnist"].files[2].md5 in line
+
+
+def test_real_mnist_is_told_apart_from_fashion_mnist(mnist_dir):
+    verify_split(mnist_dir, "mnist", train=False)
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz: MD5 of the .gz file .* of fashion-mnist"):
+        verify_split(mnist_dir, "fashion-mnist", train=False)
+
+
+def test_help_shows_no_default_for_switches():
+    text = " ".join(build_parser().format_help().split())
+    assert "--no-decoder" in text and "(default: True)" not in text and "(default: False)" not in text
+    assert "global batch, split over the ranks (default: 128)" in text
