@@ -14,19 +14,24 @@ Providers (one row each):
   torch-compile  torch.compile of torch-eager's squash and routing loop; u_hat = W u stays eager
                  (compiled, its backward ran over 10x slower than eager on CPU)
   project-torch  capsnet_triton.ops with backend="torch"
+  project-fused  capsnet_triton.ops.capsule_linear with backend="torch": the DigitCaps layer fused,
+                 u_hat never stored (the layer workloads only; the train step's default model)
   triton         capsnet_triton.ops with backend="triton": the fused kernels, on a CUDA GPU only
                  (the interpreter is never timed)
   triton-split   the same kernels with the routing forward and backward kernel A split over I
                  (variant="split", grid (B, S)): the GPU measurement picks the default variant
+  triton-fused   capsule_linear with backend="triton", on a CUDA GPU only, likewise
 
 Workloads, float32, at the MNIST shape I=1152, J=10, D=16, P=8, r=3 unless a row says otherwise:
   squash           v = squash(s), s [B, I, P] (the primary capsules)            B up to 128 (CPU)
   routing fwd      u_hat [B, I, J, D] -> v [B, J, D]                            or 512 (GPU)
   routing fwd+bwd  also du_hat for a random upstream gradient dv; and a sweep over r (1..5; --quick: 5)
-  digitcaps        u [B, I, P], W [I, J, D, P] -> u_hat (Eq. 2) -> v, with du and dW
+  digitcaps fwd    u [B, I, P], W [I, J, D, P] -> u_hat (Eq. 2) -> v: the whole DigitCaps layer
+  digitcaps fwd+bwd  also du and dW
   train step       one Adam step of the whole CapsNet (margin + reconstruction loss); the rows
-                   differ only in DigitCaps (PrimaryCaps' squash is the project's, backend=None)
-The last two run at one batch: B = 128 (on a CPU with --quick, 16).
+                   differ only in DigitCaps (PrimaryCaps' squash is the project's, backend=None):
+                   project-torch and triton unfused, project-fused and triton-fused the default model
+The last three run at one batch: B = 128 (on a CPU with --quick, 16).
 
 Before a provider is timed, its outputs and gradients are compared with float64 ground truth:
 the NumPy reference, or for batches above the NumPy limit torch-einsum's code run in float64 on

@@ -12,6 +12,7 @@ _LAZY = {
     "CapsNet": "capsnet_triton.model",
     "squash": "capsnet_triton.ops",
     "dynamic_routing": "capsnet_triton.ops",
+    "capsule_linear": "capsnet_triton.ops",
     "margin_loss": "capsnet_triton.losses",
 }
 

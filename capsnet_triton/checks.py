@@ -14,7 +14,7 @@ from capsnet_triton.reference.routing import GRADIENT_POLICIES, check_gradient
 
 __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "interpreting", "check_float_tensor",
            "check_capsules", "check_u_hat", "check_iterations", "check_bias", "pick_backend",
-           "GRADIENT_POLICIES", "check_gradient"]
+           "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight"]
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -94,3 +94,25 @@ def pick_backend(backend, tensor):
             f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}), or Triton's "
             "interpreter for CPU tensors: set TRITON_INTERPRET=1 before triton is first imported")
     return backend
+
+
+def check_u_and_weight(u, weight):
+    """u [B, I, P] and W [I, J, D, P] of capsule_linear: one float dtype, one device, I and P
+    agreeing, and every axis but the batch non-empty (B = 0 gives empty results)."""
+    check_float_tensor(u, "u")
+    check_float_tensor(weight, "weight")
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape [B, I, P] (3 axes), got shape {tuple(u.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must have shape [I, J, D, P] (4 axes), got shape {tuple(weight.shape)}")
+    if u.shape[1] != weight.shape[0] or u.shape[2] != weight.shape[3]:
+        raise ValueError(f"u [B, I, P] = {tuple(u.shape)} does not match weight [I, J, D, P] = "
+                         f"{tuple(weight.shape)}: I and P must agree")
+    if min(weight.shape) < 1:
+        raise ValueError("capsule_linear needs at least one input capsule, input dimension, parent and "
+                         f"output dimension, got weight of shape {tuple(weight.shape)}")
+    if weight.dtype != u.dtype:
+        raise TypeError(f"weight must have u's dtype {u.dtype}, got {weight.dtype}")
+    if weight.device != u.device:
+        raise ValueError(f"weight is on {weight.device} but u is on {u.device}; they must be on one device")
+    return u, weight

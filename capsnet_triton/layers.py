@@ -1,17 +1,19 @@
 """The capsule layers of the MNIST CapsNet (paper Section 4) as torch modules.
 
 PrimaryCaps (convolutional capsules, squashed), DigitCaps (prediction vectors, Eq. 2, then
-routing by agreement, Procedure 1) and the reconstruction Decoder (Section 4.1). The maths lives
-in `capsnet_triton.ops`; these modules own the parameters and the reshapes.
+routing by agreement, Procedure 1; fused into capsule_linear by default) and the reconstruction
+Decoder (Section 4.1). The maths lives in `capsnet_triton.ops`; these modules own the
+parameters and the reshapes.
 """
 
 import torch
 from torch import nn
 
 from .checks import check_gradient
-from .ops import dynamic_routing, squash
+from .ops import capsule_linear, dynamic_routing, squash
+from .ops.capsule_linear import predict
 
-__all__ = ["PrimaryCaps", "DigitCaps", "Decoder"]
+__all__ = ["PrimaryCaps", "DigitCaps", "Decoder", "predict"]
 
 
 class PrimaryCaps(nn.Module):
@@ -42,17 +44,21 @@ class DigitCaps(nn.Module):
     weight: W [I, J, D, P], one matrix per (input capsule, parent), initialised N(0, 0.01^2).
     bias: optional [J, D] added to every routing iteration's s (zeros at start; off by default
     so the network has the paper's parameter count). `gradient` ("full" or "last", SPEC section 3)
-    and `backend` are passed to `dynamic_routing` (see there for the gradient policies).
+    and `backend` are passed to the op (see `dynamic_routing` for the gradient policies).
+    fused: True (default) runs the layer as `capsule_linear`, which never holds u_hat [B, I, J, D]
+    in memory; False computes u_hat with `predict` and routes it with `dynamic_routing`: the same
+    function, kept for comparison.
     """
 
     def __init__(self, in_caps, in_dims, out_caps, out_dims, routing_iterations=3,
-                 gradient="full", bias=False, backend=None):
+                 gradient="full", bias=False, backend=None, fused=True):
         super().__init__()
         if isinstance(routing_iterations, bool) or not isinstance(routing_iterations, int) or routing_iterations < 1:
             raise ValueError(f"routing_iterations must be an integer >= 1, got {routing_iterations!r}")
         self.routing_iterations = routing_iterations
         self.gradient = check_gradient(gradient)
         self.backend = backend
+        self.fused = bool(fused)
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dims, in_dims))
         self.bias = nn.Parameter(torch.zeros(out_caps, out_dims)) if bias else None
         nn.init.normal_(self.weight, std=0.01)
@@ -63,6 +69,11 @@ class DigitCaps(nn.Module):
             raise ValueError(
                 f"DigitCaps expects u of shape [B, I, P] = [B, {in_caps}, {in_dims}], got {list(u.shape)}"
             )
+        if self.fused:
+            # W in u's dtype: under autocast u arrives in the low dtype, to which the unfused
+            # path's matmul would cast W as well.
+            return capsule_linear(u, self.weight.to(u.dtype), self.routing_iterations, bias=self.bias,
+                                  gradient=self.gradient, backend=self.backend)
         u_hat = predict(u, self.weight)                                 # [B, I, J, D]
         return dynamic_routing(u_hat, self.routing_iterations, bias=self.bias,
                                gradient=self.gradient, backend=self.backend)
@@ -71,21 +82,7 @@ class DigitCaps(nn.Module):
         in_caps, out_caps, out_dims, in_dims = self.weight.shape
         return (f"in_caps={in_caps}, in_dims={in_dims}, out_caps={out_caps}, out_dims={out_dims}, "
                 f"routing_iterations={self.routing_iterations}, gradient={self.gradient!r}, "
-                f"bias={self.bias is not None}")
-
-
-def predict(u, weight):
-    """u_hat[b, i, j] = W[i, j] @ u[b, i] (Eq. 2): u [B, I, P], W [I, J, D, P] -> [B, I, J, D].
-
-    One batched matmul over i, [I, B, P] @ [I, P, J*D] -> [I, B, J*D], instead of B*I*J tiny
-    D x P products. The result is returned as a permuted view, not copied: routing reads u_hat
-    through its strides, and a contiguous copy would cost one more u_hat-sized buffer (94 MB at
-    the MNIST shape, B = 128) and about 4% of a CPU training step.
-    """
-    in_caps, out_caps, out_dims, in_dims = weight.shape
-    weight_rows = weight.reshape(in_caps, out_caps * out_dims, in_dims).transpose(1, 2)  # [I, P, J*D]
-    per_capsule = torch.bmm(u.transpose(0, 1), weight_rows)                              # [I, B, J*D]
-    return per_capsule.view(in_caps, -1, out_caps, out_dims).transpose(0, 1)             # [B, I, J, D]
+                f"bias={self.bias is not None}, fused={self.fused}")
 
 
 class Decoder(nn.Module):

@@ -45,7 +45,7 @@ from capsnet_triton.checks import (
 
 from .launch import launch_options, max_tile, output, tl_dtype
 from . import routing_split
-from .routing_tiles import coupling_tile, load_u_hat, logits_grad, sample_layout, v_sum_before
+from .routing_tiles import du_hat_tile, grad_v_sum_of_tile, load_u_hat, s_of_tile, sample_layout, v_sum_before
 from .squash import squash_backward, squash_backward_tile, squash_tile
 
 __all__ = ["routing_forward", "routing_backward"]
@@ -85,8 +85,7 @@ def _routing_forward_kernel(
         for i_start in range(0, I, BLOCK_I):
             u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
-            coupling = coupling_tile(u_hat, v_sum, j_valid)                    # [BLOCK_I, BLOCK_J]
-            s += tl.sum(coupling[:, :, None] * u_hat, axis=0)
+            s += s_of_tile(u_hat, v_sum, j_valid)
         if HAS_BIAS:
             s += bias
         tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
@@ -132,9 +131,7 @@ def _routing_backward_ds_all_kernel(
         for i_start in range(0, I, BLOCK_I):
             u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
-            coupling = coupling_tile(u_hat, v_sum, j_valid)
-            grad_logits = logits_grad(u_hat, coupling, ds)                # [BLOCK_I, BLOCK_J]
-            grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
+            grad_v_sum += grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
         grad_v = grad_v_sum
     s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
     tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
@@ -168,21 +165,8 @@ def _routing_backward_u_hat_kernel(
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     u_hat, mask = load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask,
                               COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
-    du_hat = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-    if GRADIENT_FULL:
-        first = 0
-    else:
-        first = iterations - 1
-    v_sum = v_sum_before(s_all_ptr, first, B, sample, J, D, jd_offsets, jd_mask,
-                          BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                 # V^(t)
-    for t in range(first, iterations):
-        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
-        ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
-        coupling = coupling_tile(u_hat, v_sum, j_valid)
-        du_hat += coupling[:, :, None] * ds[None, :, :]
-        if GRADIENT_FULL:
-            du_hat += logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
-        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+    du_hat = du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_valid, jd_mask,
+                         jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
     tl.store(du_hat_ptr + sample * I * J * D + (i * J * D)[:, None, None] + jd_offsets[None, :, :],
              du_hat.to(du_hat_ptr.dtype.element_ty), mask=mask)
 

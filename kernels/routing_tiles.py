@@ -1,5 +1,6 @@
-"""The tile helpers every routing kernel shares (kernels/routing.py, kernels/routing_split.py):
-a program's sample layout, u_hat tiles, couplings and their gradient, and V^(t) from s_all.
+"""The tile helpers every routing kernel shares (kernels/routing.py, kernels/routing_split.py,
+kernels/capsule_linear.py): a program's sample layout, u_hat tiles, couplings and their
+gradient, V^(t) from s_all, and a tile's share of s, of dV and of du_hat.
 """
 
 import triton
@@ -7,7 +8,8 @@ import triton.language as tl
 
 from .squash import squash_tile
 
-__all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before"]
+__all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "s_of_tile",
+           "grad_v_sum_of_tile", "du_hat_tile"]
 
 
 @triton.jit
@@ -76,3 +78,48 @@ def v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
         s = tl.load(s_all_ptr + (k * B + sample) * J * D + jd_offsets, mask=jd_mask, other=0.0)
         v_sum += squash_tile(s)
     return v_sum
+
+
+@triton.jit
+def s_of_tile(u_hat, v_sum, j_valid):
+    """s = sum_i c u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with c
+    recomputed from V = v_sum: the tile's share of s (Eq. 2) -> [BLOCK_J, BLOCK_D]."""
+    return tl.sum(coupling_tile(u_hat, v_sum, j_valid)[:, :, None] * u_hat, axis=0)
+
+
+@triton.jit
+def grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid):
+    """dV = sum_i db u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with
+    c and db recomputed from V = v_sum and ds: kernel A's share of dL/dv of earlier iterations."""
+    grad_logits = logits_grad(u_hat, coupling_tile(u_hat, v_sum, j_valid), ds)  # [BLOCK_I, BLOCK_J]
+    return tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
+
+
+@triton.jit
+def du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_valid, jd_mask, jd_offsets,
+                GRADIENT_FULL: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                COMPUTE_DTYPE: tl.constexpr):
+    """du_hat for one sample's u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], kept in registers:
+
+        GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
+        otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy: c^(r) is a constant)
+
+    with c^(t) and db^(t) recomputed from the tile and V^(t) from s_all ("last" recomputes only
+    V^(r), to get c^(r)); s_all_ptr and ds_all_ptr are [iterations, B, J, D], contiguous.
+    """
+    du_hat = tl.zeros_like(u_hat)
+    if GRADIENT_FULL:
+        first = 0
+    else:
+        first = iterations - 1
+    v_sum = v_sum_before(s_all_ptr, first, B, sample, J, D, jd_offsets, jd_mask,
+                         BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                  # V^(t)
+    for t in range(first, iterations):
+        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
+        ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
+        coupling = coupling_tile(u_hat, v_sum, j_valid)
+        du_hat += coupling[:, :, None] * ds[None, :, :]
+        if GRADIENT_FULL:
+            du_hat += logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
+        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+    return du_hat

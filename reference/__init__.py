@@ -6,6 +6,7 @@ Imports nothing but NumPy and the standard library. One file per concept, in rea
 - squash.py       squash, the capsule non-linearity (Eq. 1)
 - prediction.py   prediction vectors u_hat = W u (Eq. 2)
 - routing.py      routing by agreement (Procedure 1, Eq. 3), both gradient policies
+- capsule_linear.py  the DigitCaps layer: prediction then routing, the fused layer's oracle
 - losses.py       capsule lengths, margin loss (Eq. 4), reconstruction loss (Section 4.1)
 - layers.py       the plain layers around the capsules: conv2d, ReLU, linear, sigmoid
 - network.py      the whole MNIST CapsNet (Section 4) as functions of a parameter dict
@@ -17,6 +18,7 @@ Every differentiable step is `forward(...) -> (out, cache)` and `backward(dout, 
 squash, whose backward needs only its input, is `squash_forward(s)` / `squash_backward(dv, s)`.
 """
 
+from .capsule_linear import capsule_linear_backward, capsule_linear_forward
 from .layers import (
     conv2d_backward,
     conv2d_forward,
@@ -56,6 +58,8 @@ __all__ = [
     "prediction_backward",
     "routing_forward",
     "routing_backward",
+    "capsule_linear_forward",
+    "capsule_linear_backward",
     "capsule_length_forward",
     "capsule_length_backward",
     "margin_loss_forward",

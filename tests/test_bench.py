@@ -35,9 +35,10 @@ def test_tiny_run_has_every_provider_and_workload(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "rows.json").read_text())
     rows = report["rows"]
-    providers = ["numpy-ref", "torch-eager", "torch-einsum", "torch-compile", "project-torch", "triton",
-                 "triton-split"]
-    workloads = ["squash", "routing fwd", "routing fwd+bwd", "digitcaps", "train step"]
+    providers = ["numpy-ref", "torch-eager", "torch-einsum", "torch-compile", "project-torch", "project-fused",
+                 "triton", "triton-fused", "triton-split"]
+    layer_workloads = ["digitcaps fwd", "digitcaps fwd+bwd", "train step"]
+    workloads = ["squash", "routing fwd", "routing fwd+bwd", *layer_workloads]
     for workload in workloads:
         assert f"== {workload} ==" in result.stdout
         for provider in providers:
@@ -46,12 +47,14 @@ def test_tiny_run_has_every_provider_and_workload(tmp_path):
         assert any(provider in line for line in result.stdout.splitlines() if line.startswith("    2 ")), provider
     gpu = torch.cuda.is_available()
     for row in rows:
-        expect_timed = not row["provider"].startswith("triton") or gpu
+        fused = row["provider"].endswith("-fused")
+        expect_timed = (not row["provider"].startswith("triton") or gpu) and (
+            not fused or row["workload"] in layer_workloads)
         assert (row["status"] == "ok") == expect_timed, row
         if expect_timed:
             assert row["rel_error"] <= 1e-5 and 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"], row
         else:
-            assert "CUDA GPU" in row["note"]
+            assert "CUDA GPU" in row["note"] or (fused and "no separate" in row["note"]), row
     assert {r["r"] for r in rows if r["workload"] == "routing fwd+bwd"} == {2, 3}
     assert report["environment"]["torch"] == torch.__version__
     assert (tmp_path / "rows.png").read_bytes()[:4] == b"\x89PNG"
@@ -120,10 +123,10 @@ def test_peak_memory_sees_a_new_allocation():
 
 def test_batches_flag_sets_the_batches_of_squash_and_routing(tmp_path):
     status = cli.main(["--tiny", "--device", "cpu", "--batches", "3,5", "--providers", "torch-eager",
-                       "--workloads", "squash,digitcaps", "--json", str(tmp_path / "rows.json")])
+                       "--workloads", "squash,digitcaps fwd+bwd", "--json", str(tmp_path / "rows.json")])
     assert status == 0
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
-    assert sorted((r["workload"], r["B"]) for r in rows) == [("digitcaps", 2), ("squash", 3), ("squash", 5)]
+    assert sorted((r["workload"], r["B"]) for r in rows) == [("digitcaps fwd+bwd", 2), ("squash", 3), ("squash", 5)]
     with pytest.raises(SystemExit):
         cli.main(["--tiny", "--batches", "0,2"])
 

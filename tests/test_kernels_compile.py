@@ -4,9 +4,10 @@ The interpreter that runs the other kernel tests has no register limits and lets
 a GPU compiler rejects, so this test compiles, ahead of time, exactly the launches the GPU
 launchers make at the MNIST shapes (PrimaryCaps squash: [128, 1152, 8]; DigitCaps routing:
 u_hat [128, 1152, 10, 16], 3 iterations, backward under both gradient policies, "last" with its
-squash backward of ds^(r); and the split variant at B = 32, 128 and 512, whose chunking depends
-on the batch), in float32, bfloat16 and float64, and reads each binary's registers and
-local-memory use (spills) with the bundled cuobjdump, and its shared memory.
+squash backward of ds^(r); the split variant at B = 32, 128 and 512, whose chunking depends
+on the batch; the fused DigitCaps layer capsule_linear: u [128, 1152, 8], W [1152, 10, 16, 8],
+the same iterations and policies), in float32, bfloat16 and float64, and reads each binary's
+registers and local-memory use (spills) with the bundled cuobjdump, and its shared memory.
 
 Compiling needs a process without TRITON_INTERPRET (this test session has it set), so the test
 runs this file as a script in a subprocess: the script calls the real launchers with their
@@ -45,7 +46,9 @@ def test_kernels_compile_for_h100_without_spills(dtype):
     kernels = {r["kernel"] for r in results}
     assert kernels == {"_squash_forward_kernel", "_squash_backward_kernel", "_routing_forward_kernel",
                        "_routing_backward_ds_all_kernel", "_routing_backward_u_hat_kernel",
-                       "split_forward_kernel", "split_backward_ds_all_kernel"}
+                       "split_forward_kernel", "split_backward_ds_all_kernel",
+                       "_capsule_linear_forward_kernel", "_capsule_linear_backward_ds_all_kernel",
+                       "_capsule_linear_backward_weight_kernel"}
     for r in results:
         print(f"{dtype:9s} {r['kernel']:32s} {r['config']}: {r['registers']} registers, "
               f"{r['local_bytes']} B local, {r['stack_bytes']} B stack, {r['shared_bytes']} B shared, "
@@ -120,14 +123,17 @@ def _compile_mnist_launches(dtype_name):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from capsnet_triton.kernels import routing, routing_split, squash
+    from capsnet_triton.kernels import capsule_linear, routing, routing_split, squash
 
     dtype = getattr(torch, dtype_name)
     launches = []
     for module, names in ((squash, ("_squash_forward_kernel", "_squash_backward_kernel")),
                           (routing, ("_routing_forward_kernel", "_routing_backward_ds_all_kernel",
                                      "_routing_backward_u_hat_kernel")),
-                          (routing_split, ("split_forward_kernel", "split_backward_ds_all_kernel"))):
+                          (routing_split, ("split_forward_kernel", "split_backward_ds_all_kernel")),
+                          (capsule_linear, ("_capsule_linear_forward_kernel",
+                                            "_capsule_linear_backward_ds_all_kernel",
+                                            "_capsule_linear_backward_weight_kernel"))):
         for name in names:
             setattr(module, name, _Recorder(getattr(module, name), launches))
 
@@ -145,6 +151,11 @@ def _compile_mnist_launches(dtype_name):
         _, s_all = routing.routing_forward(u_hat, ITERATIONS, variant="split")
         dv = torch.empty(batch, PARENTS, DIMS, dtype=dtype)
         routing.routing_backward(dv, u_hat, s_all, gradient="full", variant="split")
+    weight = torch.empty(INPUTS, PARENTS, DIMS, PRIMARY_DIMS, dtype=dtype)
+    dv = torch.empty(BATCH, PARENTS, DIMS, dtype=dtype)
+    _, s_all = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS)
+    capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="full")
+    capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="last")
 
     results, seen = [], set()
     for kernel, args, kwargs in launches:

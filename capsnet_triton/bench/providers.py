@@ -1,5 +1,6 @@
 """The implementations bench times, one Provider each: the NumPy reference, the eager baselines
-of `capsnet_triton.baselines`, torch.compile of the public-repo style, and the project's ops."""
+of `capsnet_triton.baselines`, torch.compile of the public-repo style, and the project's ops,
+unfused (predict, then dynamic_routing) and fused (capsule_linear)."""
 
 import functools
 import os
@@ -18,8 +19,11 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "
 @dataclass(frozen=True)
 class Provider:
     """One implementation. NumPy providers have no torch functions; torch providers give squash,
-    predict and routing; `backend` names the project's routing_backend (CapsNet uses it as is),
-    otherwise the training step swaps DigitCaps for this provider's predict and routing."""
+    predict and routing, or `layer`, the whole DigitCaps layer (u, W, r) -> v in one call (the
+    fused capsule_linear, which has no separate routing: such a provider times the layer
+    workloads only); `backend` names the project's routing_backend (CapsNet uses it as is, its
+    DigitCaps fused exactly when `layer` is given), otherwise the training step swaps DigitCaps
+    for this provider's predict and routing."""
 
     name: str
     about: str
@@ -27,6 +31,7 @@ class Provider:
     squash: Optional[Callable] = None
     predict: Optional[Callable] = None
     routing: Optional[Callable] = None
+    layer: Optional[Callable] = None
     backend: Optional[str] = None
     unavailable: Optional[str] = None       # why this provider cannot run in this process at all
     needs_cuda: bool = False
@@ -73,7 +78,7 @@ def make_providers():
         Provider("torch-compile", "torch.compile of torch-eager's squash and routing", **compiled),
     ]
     from capsnet_triton.layers import predict
-    from capsnet_triton.ops import dynamic_routing, squash
+    from capsnet_triton.ops import capsule_linear, dynamic_routing, squash
     refusal = None
     if TRITON_INTERPRET:
         refusal = ("refused: TRITON_INTERPRET is set, so Triton would time its CPU interpreter; "
@@ -84,6 +89,10 @@ def make_providers():
                                   predict=predict, backend=backend,
                                   unavailable=refusal if backend == "triton" else None,
                                   routing=functools.partial(dynamic_routing, backend=backend),
+                                  needs_cuda=backend == "triton"))
+        providers.append(Provider(f"{name.split('-')[0]}-fused", f"{about}: capsule_linear, u_hat never stored",
+                                  layer=functools.partial(capsule_linear, backend=backend), backend=backend,
+                                  unavailable=refusal if backend == "triton" else None,
                                   needs_cuda=backend == "triton"))
     # No backend: the training step builds its DigitCaps from this routing.
     providers.append(Provider("triton-split", 'the Triton routing kernels with variant="split"',

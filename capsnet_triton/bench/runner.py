@@ -72,9 +72,11 @@ def shapes_for(workload, plan):
     return [Shape(B, plan.I, r, conv_channels=plan.conv_channels) for B, r in configs]
 
 
-def skip_reason(provider, shape, device, plan):
+def skip_reason(provider, shape, device, plan, workload=None):
     if provider.unavailable:
         return provider.unavailable
+    if provider.layer is not None and workload is not None and not workload.whole_layer:
+        return "skipped: a fused layer has no separate squash or routing"
     if provider.needs_cuda and device.type != "cuda":
         return "skipped: needs a CUDA GPU (the interpreter is never timed)"
     if provider.numpy and shape.B > plan.numpy_max_batch:
@@ -116,7 +118,7 @@ def run(providers, workloads, plan, device, bandwidth, progress=True, on_row=Non
         bar.set_description(f"{workload.name} B={shape.B} r={shape.r} {provider.name}")
         row = Row(workload.name, shape.B, shape.r, provider.name, "skipped")
         rows.append(row)
-        reason = skip_reason(provider, shape, device, plan)
+        reason = skip_reason(provider, shape, device, plan, workload)
         if reason:
             row.note = reason
             continue

@@ -70,11 +70,20 @@ def _numpy_routing_backward(x, shape):
     return v, ref.routing_backward(x["dv"], cache)
 
 
-def _numpy_digitcaps(x, shape):
-    u_hat, prediction_cache = ref.prediction_forward(x["u"], x["W"])
-    v, routing_cache = ref.routing_forward(u_hat, shape.r)
-    du, dW = ref.prediction_backward(ref.routing_backward(x["dv"], routing_cache), prediction_cache)
-    return v, du, dW
+def _numpy_digitcaps_forward(x, shape):
+    return (ref.capsule_linear_forward(x["u"], x["W"], shape.r)[0],)
+
+
+def _numpy_digitcaps_backward(x, shape):
+    v, cache = ref.capsule_linear_forward(x["u"], x["W"], shape.r)
+    return (v, *ref.capsule_linear_backward(x["dv"], cache))
+
+
+def _digitcaps(provider, x, iterations):
+    """The DigitCaps layer u, W -> v: the provider's fused layer, or its predict then routing."""
+    if provider.layer is not None:
+        return provider.layer(x["u"], x["W"], iterations)
+    return provider.routing(provider.predict(x["u"], x["W"]), iterations)
 
 
 def _numpy_train_step(x, shape):
@@ -106,8 +115,9 @@ class _DigitCapsWith(torch.nn.Module):
 
 
 def _train_step(provider, x, shape):
-    """A callable for one step (loss, gradients, then Adam) of the project's CapsNet; providers
-    without a project backend get DigitCaps made of their own predict and routing."""
+    """A callable for one step (loss, gradients, then Adam) of the project's CapsNet, whose
+    DigitCaps is fused (capsule_linear) for providers with a fused layer and unfused otherwise;
+    providers without a project backend get DigitCaps made of their own predict and routing."""
     from capsnet_triton.losses import capsnet_loss
     from capsnet_triton.model import CapsNet
 
@@ -115,6 +125,7 @@ def _train_step(provider, x, shape):
     images, labels = x["images"], x["labels"]
     model = CapsNet(conv_channels=config.conv_channels, primary_types=config.primary_types,
                     routing_iterations=shape.r, routing_backend=provider.backend or "torch")
+    model.digit_caps.fused = provider.layer is not None
     if provider.backend is None:
         model.digit_caps = _DigitCapsWith(model.digit_caps.weight.shape, provider.predict,
                                           provider.routing, shape.r)
@@ -153,6 +164,7 @@ class Workload:
     torch_step: Optional[Callable] = None
     bytes_moved: Callable = lambda shape: None
     batch_sweep: bool = True              # timed at every batch of the plan, else at its layer_batch
+    whole_layer: bool = False             # needs only the DigitCaps layer (a fused provider runs it)
 
 
 WORKLOADS = [
@@ -166,11 +178,12 @@ WORKLOADS = [
              torch_fn=lambda p, x, r: p.routing(x["u_hat"], r), grad_wrt=("u_hat",),
              # forward r reads; backward r reads (r - 1 for the dV chain, one to form du_hat) + du_hat
              bytes_moved=lambda s: (2 * s.r + 1) * s.u_hat_bytes),
-    Workload("digitcaps", _inputs_digitcaps, _numpy_digitcaps,
-             torch_fn=lambda p, x, r: p.routing(p.predict(x["u"], x["W"]), r), grad_wrt=("u", "W"),
-             batch_sweep=False),
+    Workload("digitcaps fwd", _inputs_digitcaps, _numpy_digitcaps_forward, torch_fn=_digitcaps,
+             batch_sweep=False, whole_layer=True),
+    Workload("digitcaps fwd+bwd", _inputs_digitcaps, _numpy_digitcaps_backward, torch_fn=_digitcaps,
+             grad_wrt=("u", "W"), batch_sweep=False, whole_layer=True),
     Workload("train step", _inputs_train, numpy_step=_numpy_train_step, torch_step=_train_step,
-             batch_sweep=False),
+             batch_sweep=False, whole_layer=True),
 ]
 SWEPT = "routing fwd+bwd"
 

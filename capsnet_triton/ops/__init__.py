@@ -14,7 +14,8 @@ implementations, chosen by `backend`:
 """
 
 from ..checks import BACKENDS
+from .capsule_linear import capsule_linear
 from .routing import dynamic_routing
 from .squash import squash
 
-__all__ = ["squash", "dynamic_routing", "BACKENDS"]
+__all__ = ["squash", "dynamic_routing", "capsule_linear", "BACKENDS"]

@@ -1,0 +1,213 @@
+"""capsule_linear, the DigitCaps layer fused (prediction Eq. 2, then routing Procedure 1), for
+torch tensors: the PyTorch path, the custom ops, the public function.
+
+    v = dynamic_routing(u_hat),  u_hat[b, i, j] = W[i, j] @ u[b, i]
+    u [B, I, P], W [I, J, D, P] -> v [B, J, D]
+
+without u_hat [B, I, J, D] (or its gradient) ever in memory. Unfused, a training step at the
+MNIST shape moves about ten u_hat-sized tensors (94 MB each in float32 at B = 128): predict
+writes u_hat, the routing forward reads it r times, the backward reads it r times and writes
+du_hat, and the prediction's backward reads du_hat twice more.
+
+The PyTorch path is written for CPUs. Routing treats every sample on its own, so it runs over
+chunks of a few samples: for each chunk it computes u_hat from u and W, routes it with the
+routing op's PyTorch path, and keeps only v and s_all ([r, B, J, D]). The backward recomputes
+each chunk's u_hat, gets du_hat from the routing backward, and turns it at once into du = W^T du_hat
+and the chunk's share of dW = sum_b du_hat u^T. The largest temporaries are one chunk's u_hat
+and du_hat, small enough to stay in cache. The chunks are independent, so on a CPU each of
+torch's threads takes a fixed share of them and runs their ops on its own (one dW accumulator
+per thread, added in a fixed order: deterministic).
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+
+from ..checks import (check_bias, check_gradient, check_iterations, check_u_and_weight, compute_dtype,
+                      pick_backend)
+from .routing import _routing_backward_torch, _routing_forward_torch
+
+__all__ = ["capsule_linear", "predict"]
+
+# Elements of u_hat per chunk of samples: 4 MiB in float32 (at the MNIST shape, 5 samples), so a
+# chunk's u_hat, du_hat and the routing's temporaries of their size stay in a CPU's caches.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch path
+# ---------------------------------------------------------------------------------------------
+
+def _chunks(B, I, J, D):
+    """Slices of the batch, each holding about _CHUNK_ELEMENTS elements of u_hat."""
+    size = max(1, _CHUNK_ELEMENTS // (I * J * D))
+    return [slice(start, min(start + size, B)) for start in range(0, B, size)]
+
+
+def predict(u, weight):
+    """u_hat[b, i, j] = W[i, j] @ u[b, i] (Eq. 2): u [B, I, P], W [I, J, D, P] -> [B, I, J, D].
+
+    One batched matmul over i, [I, B, P] @ [I, P, J*D] -> [I, B, J*D], instead of B*I*J tiny
+    D x P products. The result is returned as a permuted view, not copied: routing reads u_hat
+    through its strides, and a contiguous copy would cost one more u_hat-sized buffer (94 MB at
+    the MNIST shape, B = 128) and about 4% of a CPU training step.
+    """
+    in_caps, out_caps, out_dims, in_dims = weight.shape
+    weight_rows = weight.reshape(in_caps, out_caps * out_dims, in_dims).transpose(1, 2)  # [I, P, J*D]
+    per_capsule = torch.bmm(u.transpose(0, 1), weight_rows)                              # [I, B, J*D]
+    return per_capsule.view(in_caps, -1, out_caps, out_dims).transpose(0, 1)             # [B, I, J, D]
+
+
+def _workers(chunks, device):
+    """How many threads share the chunks: torch's CPU threads (one for other devices)."""
+    return max(1, min(torch.get_num_threads(), len(chunks))) if device.type == "cpu" else 1
+
+
+def _for_each_chunk(work, chunks, workers):
+    """work(worker, chunk) for every chunk, the chunks dealt round-robin to `workers` threads, each
+    running its chunks' ops on one thread: a chunk's ops are small, and on a few busy cores the
+    fork and join of every small op cost more than the op (measured several times slower than
+    one chunk per thread). Worker k always gets the same chunks, so anything it accumulates is
+    summed in a fixed order."""
+    if workers == 1:
+        for chunk in chunks:
+            work(0, chunk)
+        return
+
+    def run(worker):
+        # Grad mode is per thread: a new thread would record autograd history of the op's inputs.
+        with torch.no_grad():
+            for chunk in chunks[worker::workers]:
+                work(worker, chunk)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for done in [pool.submit(run, worker) for worker in range(workers)]:
+                done.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _capsule_linear_forward_torch(u, weight, iterations, bias):
+    B, I, _ = u.shape
+    _, J, D, _ = weight.shape
+    cdtype = compute_dtype(u.dtype)
+    weight = weight.to(cdtype)
+    v = u.new_empty((B, J, D))
+    s_all = u.new_empty((iterations, B, J, D), dtype=cdtype)
+
+    def work(_, chunk):
+        u_hat = predict(u[chunk].to(cdtype), weight)                       # [b, I, J, D]
+        v[chunk], s_all[:, chunk] = _routing_forward_torch(u_hat, iterations, bias)
+
+    chunks = _chunks(B, I, J, D)
+    _for_each_chunk(work, chunks, _workers(chunks, u.device))
+    return v, s_all
+
+
+def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
+    B, I, P = u.shape
+    _, J, D, _ = weight.shape
+    cdtype = s_all.dtype
+    weight_c = weight.to(cdtype)
+    weight_rows = weight_c.reshape(I, J * D, P)
+    du = u.new_empty((B, I, P))
+    ds_all = torch.empty_like(s_all)
+    chunks = _chunks(B, I, J, D)
+    workers = _workers(chunks, u.device)
+    dW_parts = torch.zeros((workers, I, J * D, P), dtype=cdtype, device=u.device)   # one per worker
+
+    def work(worker, chunk):
+        u_chunk = u[chunk].to(cdtype)                                      # [b, I, P]
+        u_hat = predict(u_chunk, weight_c)                                 # [b, I, J, D]
+        du_hat, ds_all[:, chunk] = _routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk], gradient)
+        du_hat_rows = du_hat.reshape(-1, I, J * D).transpose(0, 1)         # [I, b, J*D]
+        du[chunk] = torch.bmm(du_hat_rows, weight_rows).transpose(0, 1)   # W^T du_hat  [b, I, P]
+        dW_parts[worker].baddbmm_(du_hat_rows.transpose(1, 2), u_chunk.transpose(0, 1))  # du_hat u^T
+
+    _for_each_chunk(work, chunks, workers)
+    dW_rows = dW_parts.sum(dim=0)                                          # in worker order
+    return du, dW_rows.view(weight.shape).to(weight.dtype), ds_all
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: one schema, two implementations chosen by `backend`
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("capsnet_triton::capsule_linear_forward", mutates_args=())
+def _capsule_linear_forward_op(u: torch.Tensor, weight: torch.Tensor, iterations: int,
+                               bias: Optional[torch.Tensor], gradient: str,
+                               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # gradient is unused here; it is an input so that the backward rule can read it.
+    if backend == "triton":
+        from capsnet_triton.kernels import capsule_linear_forward
+        return capsule_linear_forward(u, weight, iterations, bias)
+    return _capsule_linear_forward_torch(u, weight, iterations, bias)
+
+
+@torch.library.custom_op("capsnet_triton::capsule_linear_backward", mutates_args=())
+def _capsule_linear_backward_op(dv: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
+                                s_all: torch.Tensor, gradient: str,
+                                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from capsnet_triton.kernels import capsule_linear_backward
+        return capsule_linear_backward(dv, u, weight, s_all, gradient=gradient)
+    return _capsule_linear_backward_torch(dv, u, weight, s_all, gradient)
+
+
+@_capsule_linear_forward_op.register_fake
+def _(u, weight, iterations, bias, gradient, backend):
+    B, _, _ = u.shape
+    _, J, D, _ = weight.shape
+    return u.new_empty((B, J, D)), u.new_empty((iterations, B, J, D), dtype=compute_dtype(u.dtype))
+
+
+@_capsule_linear_backward_op.register_fake
+def _(dv, u, weight, s_all, gradient, backend):
+    return u.new_empty(u.shape), weight.new_empty(weight.shape), torch.empty_like(s_all)
+
+
+def _setup_context(ctx, inputs, output):
+    u, weight, _, bias, gradient, backend = inputs
+    _, s_all = output
+    ctx.save_for_backward(u, weight, s_all)
+    ctx.gradient = gradient
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dv, _ds_all_unused):
+    u, weight, s_all = ctx.saved_tensors
+    du, dW, ds_all = _capsule_linear_backward_op(dv.contiguous(), u, weight, s_all, ctx.gradient,
+                                                 ctx.backend)
+    dbias = None if ctx.bias_dtype is None else ds_all.sum(dim=(0, 1)).to(ctx.bias_dtype)
+    return du, dW, None, dbias, None, None
+
+
+_capsule_linear_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public function
+# ---------------------------------------------------------------------------------------------
+
+def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backend=None):
+    """The DigitCaps layer fused: v = dynamic_routing(u_hat), u_hat[b, i, j] = W[i, j] @ u[b, i].
+
+    u: [B, I, P] input capsules; weight: W [I, J, D, P], one matrix per (input, parent), in u's
+    dtype and on u's device. iterations, bias ([J, D]) and gradient ("full" or "last") are
+    dynamic_routing's. Differentiable in u, weight and bias; u_hat [B, I, J, D] and its gradient
+    are never held in memory: every part of the computation recomputes the u_hat it needs from u
+    and W. Returns v [B, J, D] in u's dtype (half precision is accumulated in float32).
+    """
+    check_u_and_weight(u, weight)
+    check_iterations(iterations)
+    check_gradient(gradient)
+    # check_bias reads J, D and the device off a [B, I, J, D] tensor: a view of W of that shape.
+    check_bias(bias, weight[None, ..., 0])
+    backend = pick_backend(backend, u)
+    v, _ = _capsule_linear_forward_op(u, weight, iterations, bias, gradient, backend)
+    return v

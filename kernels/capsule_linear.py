@@ -1,0 +1,340 @@
+"""The DigitCaps layer fused (prediction Eq. 2, then routing Procedure 1) as Triton kernels.
+
+    u_hat[b, i, j] = W[i, j] @ u[b, i]          u [B, I, P], W [I, J, D, P]
+    v = routing(u_hat)                          v [B, J, D]
+
+the same function and gradients as capsnet_triton.reference.capsule_linear, under both gradient
+policies of SPEC section 3, without u_hat [B, I, J, D] or its gradient ever in memory: every
+kernel recomputes the u_hat tile it needs from u and W in registers (2P FLOP per element where
+reading it would cost 4 bytes in float32) and then runs the routing kernels' tile code on it
+(kernels/routing_tiles.py: b and c recomputed from V, nothing but s_all saved for backward).
+
+Memory traffic, with U = B I J D elements of u_hat and r iterations:
+- unfused (predict, routing forward and backward, prediction backward): predict writes U, the
+  routing forward reads it r times, the backward reads it r times and writes du_hat (U), and
+  the prediction's backward reads du_hat twice: about 2r + 4 passes over U.
+- capsule_linear_forward: reads u (B I P) and W (I J D P, from L2 after the first samples)
+  r times per sample, writes r B J D of s_all and B J D of v.
+- capsule_linear_backward: kernel A (gradient="full" only) reads u and W r - 1 times per sample
+  and writes ds_all; kernel B reads W once per program, u, s_all and ds_all once per sample, and
+  writes du (B I P) and dW (I J D P) once: no pass over anything of size U.
+"""
+
+import triton
+import triton.language as tl
+
+from capsnet_triton.checks import (
+    check_bias,
+    check_float_tensor,
+    check_gradient,
+    check_iterations,
+    check_u_and_weight,
+    compute_dtype,
+    interpreting,
+)
+
+from .launch import launch_options, max_tile, output, tl_dtype
+from .routing_tiles import du_hat_tile, grad_v_sum_of_tile, s_of_tile, v_sum_before
+from .squash import squash_backward, squash_backward_tile, squash_tile
+
+__all__ = ["capsule_linear_forward", "capsule_linear_backward"]
+
+
+@triton.jit
+def _weight_layout(J, D, P, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Offsets and masks every capsule_linear kernel uses.
+
+    Returns (j_valid [BLOCK_J], jd_mask and jd_offsets [BLOCK_J, BLOCK_D] into a contiguous
+    [J, D], p [BLOCK_P], p_valid [BLOCK_P], jdp_mask and jdp_offsets [BLOCK_J, BLOCK_D, BLOCK_P]
+    into a contiguous W[i] [J, D, P]).
+    """
+    j = tl.arange(0, BLOCK_J)
+    d = tl.arange(0, BLOCK_D)
+    p = tl.arange(0, BLOCK_P)
+    j_valid = j < J
+    p_valid = p < P
+    jd_mask = j_valid[:, None] & (d < D)[None, :]
+    jd_offsets = j[:, None] * D + d[None, :]
+    jdp_mask = jd_mask[:, :, None] & p_valid[None, None, :]
+    jdp_offsets = jd_offsets[:, :, None] * P + p[None, None, :]
+    return j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets
+
+
+@triton.jit
+def _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE: tl.constexpr):
+    """W[i] for the inputs i [BLOCK_I]: [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P], padded entries 0."""
+    mask = (i < I)[:, None, None, None] & jdp_mask[None, :, :, :]
+    offsets = (i * (J * D * P))[:, None, None, None] + jdp_offsets[None, :, :, :]
+    return tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE), mask
+
+
+@triton.jit
+def _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE: tl.constexpr):
+    """u[b, i] for the inputs i [BLOCK_I] of one sample: [BLOCK_I, BLOCK_P], padded entries 0."""
+    mask = (i < I)[:, None] & p_valid[None, :]
+    return tl.load(u_sample + i[:, None] * P + p[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE), mask
+
+
+@triton.jit
+def _predict(weight, u):
+    """u_hat[i, j] = W[i, j] @ u[i] (Eq. 2): weight [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] and
+    u [BLOCK_I, BLOCK_P] -> [BLOCK_I, BLOCK_J, BLOCK_D], summed in registers (plain FMAs)."""
+    return tl.sum(weight * u[:, None, None, :], axis=3)
+
+
+@triton.jit
+def _capsule_linear_forward_kernel(
+    u_ptr, weight_ptr, bias_ptr, v_ptr, s_all_ptr,
+    B, I, J, D, P, iterations,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """All routing iterations for one sample per program, u_hat recomputed per tile; grid (B,).
+
+    u_ptr: u [B, I, P], contiguous, any float dtype. weight_ptr: W [I, J, D, P], contiguous,
+    u's dtype; read in [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] tiles. bias_ptr: bias [J, D],
+    contiguous (read only when HAS_BIAS). v_ptr: v [B, J, D], contiguous, u's dtype.
+    s_all_ptr: s_all [iterations, B, J, D], contiguous, COMPUTE_DTYPE: every iteration's s.
+    Memory traffic per program: reads iterations * (I P of u + I J D P of W), writes
+    (iterations + 1) J D elements.
+    """
+    sample = tl.program_id(0).to(tl.int64)
+    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = _weight_layout(
+        J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    i_in_block = tl.arange(0, BLOCK_I)
+    u_sample = u_ptr + sample * I * P
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
+
+    v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)                    # V^(t)
+    v = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+    for t in range(iterations):
+        s = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+        for i_start in range(0, I, BLOCK_I):
+            i = i_start + i_in_block
+            weight, _ = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
+            u, _ = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
+            s += s_of_tile(_predict(weight, u), v_sum, j_valid)          # u_hat [BLOCK_I, BLOCK_J, BLOCK_D]
+        if HAS_BIAS:
+            s += bias
+        tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
+        v = squash_tile(s)
+        v_sum += v
+    tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
+
+
+@triton.jit
+def _capsule_linear_backward_ds_all_kernel(
+    u_ptr, weight_ptr, dv_ptr, s_all_ptr, ds_all_ptr,
+    B, I, J, D, P, iterations,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Kernel A of the backward (gradient="full"): ds^(t) = dL/ds^(t) for every iteration t,
+    one sample per program; grid (B,). The routing's kernel A with u_hat recomputed per tile.
+
+    Walks t = r..1: ds^(t) = squash_backward(dL/dv^(t), s^(t)); for t >= 2 one pass over I
+    recomputes c^(t) and sums dV^(t) = sum_i db^(t) u_hat, and dL/dv^(t-1) = sum_{t' >= t} dV^(t').
+    u_ptr, weight_ptr: as in the forward. dv_ptr: dL/dv [B, J, D], contiguous, any float dtype.
+    s_all_ptr, ds_all_ptr: [iterations, B, J, D], contiguous, COMPUTE_DTYPE.
+    Memory traffic per program: reads (iterations - 1) (I P of u + I J D P of W) and
+    O(iterations^2 J D) of s_all, writes iterations J D elements.
+    """
+    sample = tl.program_id(0).to(tl.int64)
+    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = _weight_layout(
+        J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    i_in_block = tl.arange(0, BLOCK_I)
+    u_sample = u_ptr + sample * I * P
+    sample_offset = sample * J * D
+
+    grad_v = tl.load(dv_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
+    grad_v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)               # sum of dV over later t
+    for k in range(iterations - 1):
+        t = iterations - 1 - k                                             # 0-based, t >= 1
+        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
+        ds = squash_backward_tile(grad_v, tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+        tl.store(ds_all_ptr + offsets, ds, mask=jd_mask)
+        v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
+                              BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
+        for i_start in range(0, I, BLOCK_I):
+            i = i_start + i_in_block
+            weight, _ = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
+            u, _ = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
+            grad_v_sum += grad_v_sum_of_tile(_predict(weight, u), v_sum, ds, j_valid)
+        grad_v = grad_v_sum
+    s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
+    tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
+
+
+@triton.jit
+def _capsule_linear_backward_weight_kernel(
+    u_ptr, weight_ptr, s_all_ptr, ds_all_ptr, du_ptr, dweight_ptr,
+    B, I, J, D, P, iterations,
+    GRADIENT_FULL: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Kernel B of the backward: du and dW for BLOCK_I input capsules; grid (cdiv(I, BLOCK_I),).
+
+    The program loads its W tile once and walks the batch in order. For each sample it
+    recomputes u_hat and forms, in registers,
+        GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
+        otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy)
+    and turns it at once into du[b, i] = sum_j W[i, j]^T du_hat[i, j] (stored) and
+    dW[i, j] += du_hat[i, j] u[b, i]^T (kept in registers, stored after the last sample). Each
+    program owns its rows of dW and adds the samples in a fixed order: deterministic, no atomics.
+    u_ptr, weight_ptr: as in the forward. s_all_ptr, ds_all_ptr: [iterations, B, J, D],
+    contiguous, COMPUTE_DTYPE. du_ptr: du [B, I, P], contiguous, u's dtype. dweight_ptr:
+    dW [I, J, D, P], contiguous, W's dtype.
+    Memory traffic per program: reads BLOCK_I J D P of W once, and per sample BLOCK_I P of u
+    and 2 iterations J D of s_all and ds_all ("last": iterations J D, J D); writes B BLOCK_I P
+    of du and BLOCK_I J D P of dW.
+    """
+    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = _weight_layout(
+        J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    weight, weight_mask = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
+    dweight = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P], COMPUTE_DTYPE)
+    u_sample = u_ptr
+    du_sample = du_ptr
+    for sample in range(B):
+        u, u_mask = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
+        du_hat = du_hat_tile(_predict(weight, u), s_all_ptr, ds_all_ptr, B, sample, J, D, iterations,
+                              j_valid, jd_mask, jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D,
+                              COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
+        du = tl.sum(tl.sum(weight * du_hat[:, :, :, None], axis=2), axis=1)  # [BLOCK_I, BLOCK_P]
+        tl.store(du_sample + i[:, None] * P + p[None, :], du.to(du_ptr.dtype.element_ty), mask=u_mask)
+        dweight += du_hat[:, :, :, None] * u[:, None, None, :]
+        # Pointers advance by one sample (64-bit arithmetic, whatever B I P is).
+        u_sample += I * P
+        du_sample += I * P
+    offsets = (i * (J * D * P))[:, None, None, None] + jdp_offsets[None, :, :, :]
+    tl.store(dweight_ptr + offsets, dweight.to(dweight_ptr.dtype.element_ty), mask=weight_mask)
+
+
+# Launchers.
+
+# The interpreter pays per program and loop iteration, not per element: there the whole of I
+# goes into one block, up to this many inputs.
+_INTERPRETER_MAX_BLOCK_I = 2048
+_INT32_MAX = 2**31 - 1
+
+
+def _launch_config(I, J, D, P, dtype, block_i):
+    """Block sizes, compute dtype and launch options of the kernels for W [I, J, D, P]."""
+    block_j, block_d, block_p = (triton.next_power_of_2(n) for n in (J, D, P))
+    per_input = block_j * block_d * block_p                                # one W[i] tile
+    if block_i is None:
+        if interpreting():
+            block_i = min(triton.next_power_of_2(I), _INTERPRETER_MAX_BLOCK_I)
+        else:
+            # Keep a [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] tile small enough to stay in registers.
+            block_i = min(triton.next_power_of_2(I), max(1, max_tile(dtype) // per_input))
+    elif isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
+        raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")
+    options = launch_options(block_i * per_input)
+    if not interpreting() and block_i * per_input > max_tile(dtype):
+        # One input's W tile is over the budget (float64 at the MNIST shape): spread it over
+        # twice the warps so that it stays in registers.
+        options["num_warps"] *= 2
+    return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, BLOCK_P=block_p,
+                COMPUTE_DTYPE=tl_dtype(dtype), **options)
+
+
+def _checked(u, weight, iterations, bias=None):
+    """u and W, checked and contiguous (the kernels walk them with contiguous offsets), and bias."""
+    check_u_and_weight(u, weight)
+    check_iterations(iterations)
+    B, I, J, D, P = u.shape[0], *weight.shape
+    # Offsets into W and s_all are int32 in the kernels (the batch offset into u is 64-bit).
+    if I * J * D * P > _INT32_MAX or iterations * B * J * D > _INT32_MAX:
+        raise ValueError(f"W [I, J, D, P] = {tuple(weight.shape)}, or s_all [r, B, J, D] for r = "
+                         f"{iterations} and B = {B}, has more than 2**31 - 1 elements")
+    # check_bias reads J, D and the device off a [B, I, J, D] tensor: a view of W of that shape.
+    check_bias(bias, weight[None, ..., 0])
+    return u.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
+
+
+def capsule_linear_forward(u, weight, iterations, bias=None, *, block_i=None, out=None):
+    """v [B, J, D] = routing(W u, iterations) for u [B, I, P] and W [I, J, D, P], u_hat never stored.
+
+    One launch runs all iterations, one program per sample. bias: optional [J, D], added to s in
+    every iteration. block_i: force the BLOCK_I inputs per tile (a power of two; tests use it to
+    exercise the loop over I and its masks).
+    Returns (v, s_all): v in u's dtype, and s_all [iterations, B, J, D] every iteration's s in the
+    compute dtype (float64 for float64 u, else float32), all capsule_linear_backward needs.
+    out: optional (v, s_all) of contiguous tensors of those shapes and dtypes to write into.
+    """
+    u, weight, bias = _checked(u, weight, iterations, bias)
+    B, I, P = u.shape
+    _, J, D, _ = weight.shape
+    v_out, s_all_out = (None, None) if out is None else out
+    v = output(v_out, (B, J, D), u.dtype, u.device, "out[0] (v)")
+    s_all = output(s_all_out, (iterations, B, J, D), compute_dtype(u.dtype), u.device, "out[1] (s_all)")
+    if B == 0:
+        return v, s_all
+    config = _launch_config(I, J, D, P, u.dtype, block_i)
+    # Without a bias the kernel never reads bias_ptr; s_all stands in for the pointer.
+    _capsule_linear_forward_kernel[(B,)](
+        u, weight, bias if bias is not None else s_all, v, s_all,
+        B, I, J, D, P, iterations,
+        HAS_BIAS=bias is not None, **config,
+    )
+    return v, s_all
+
+
+def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", block_i=None, out=None):
+    """Gradients of capsule_linear_forward: (du [B, I, P] in u's dtype, dW [I, J, D, P] in W's
+    dtype, ds_all [r, B, J, D] in the compute dtype; the bias gradient is ds_all.sum((0, 1))).
+
+    dv: dL/dv [B, J, D]; s_all: capsule_linear_forward's second output. gradient: "full"
+    (default) or "last", as routing_backward's: "last" leaves ds_all 0 but for
+    ds^(r) = squash_backward(dv, s^(r)), and du_hat = c^(r) ds^(r).
+    "full": kernel A, one program per sample, walks the iterations backwards to ds_all ("last":
+    the squash backward kernel on [B, J, D]); then kernel B, one program per block of inputs,
+    writes du and dW once.
+    out: optional (du, dW, ds_all) of contiguous tensors of those shapes and dtypes to write into.
+    """
+    check_float_tensor(s_all, "s_all")
+    if s_all.dim() != 4 or s_all.shape[0] < 1:
+        raise ValueError(f"s_all must be capsule_linear_forward's [r, B, J, D] output, got shape {tuple(s_all.shape)}")
+    u, weight, _ = _checked(u, weight, s_all.shape[0])
+    check_gradient(gradient)
+    B, I, P = u.shape
+    _, J, D, _ = weight.shape
+    check_float_tensor(dv, "dv")
+    if dv.shape != (B, J, D):
+        raise ValueError(f"dv must have shape [B, J, D] = {(B, J, D)}, got {tuple(dv.shape)}")
+    dtype = compute_dtype(u.dtype)
+    if s_all.shape[1:] != (B, J, D) or s_all.dtype != dtype:
+        raise ValueError(f"s_all must be capsule_linear_forward's [r, B, J, D] = [r, {B}, {J}, {D}] "
+                         f"{dtype} output, got shape {tuple(s_all.shape)} {s_all.dtype}")
+    for name, x in (("dv", dv), ("s_all", s_all)):
+        if x.device != u.device:
+            raise ValueError(f"{name} is on {x.device} but u is on {u.device}; they must be on one device")
+    s_all = s_all.contiguous()
+    iterations = s_all.shape[0]
+    du_out, dweight_out, ds_all_out = (None, None, None) if out is None else out
+    du = output(du_out, u.shape, u.dtype, u.device, "out[0] (du)")
+    dweight = output(dweight_out, weight.shape, weight.dtype, u.device, "out[1] (dW)")
+    ds_all = output(ds_all_out, s_all.shape, dtype, u.device, "out[2] (ds_all)")
+    if B == 0:
+        dweight.zero_()
+        ds_all.zero_()
+        return du, dweight, ds_all
+    config = _launch_config(I, J, D, P, u.dtype, block_i)
+    if gradient == "full":
+        _capsule_linear_backward_ds_all_kernel[(B,)](
+            u, weight, dv.contiguous(), s_all, ds_all,
+            B, I, J, D, P, iterations, **config,
+        )
+    else:
+        ds_all[:-1].zero_()
+        squash_backward(dv, s_all[-1], out=ds_all[-1])
+    _capsule_linear_backward_weight_kernel[(triton.cdiv(I, config["BLOCK_I"]),)](
+        u, weight, s_all, ds_all, du, dweight,
+        B, I, J, D, P, iterations,
+        GRADIENT_FULL=gradient == "full", **config,
+    )
+    return du, dweight, ds_all

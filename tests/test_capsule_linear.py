@@ -1,0 +1,245 @@
+"""capsule_linear, the DigitCaps layer fused (capsnet_triton.ops.capsule_linear), against the
+float64 NumPy reference, and the promise that makes it worth having: no tensor of u_hat's size
+[B, I, J, D] is ever allocated, forward or backward.
+
+The torch backend runs everywhere; the triton backend runs through the interpreter here and
+natively on a GPU machine (see conftest.py)."""
+
+import contextlib
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from capsnet_triton import capsule_linear
+from capsnet_triton.numerics import as_float64, assert_agrees
+from capsnet_triton.reference import capsule_linear_backward, capsule_linear_forward
+
+# The module, which capsnet_triton.ops' function of the same name hides from attribute access.
+capsule_linear_module = importlib.import_module("capsnet_triton.ops.capsule_linear")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def run(u, weight, iterations, dv, *, bias=None, gradient="full", backend="torch"):
+    """(v, du, dW, dbias or None) from the public function and autograd."""
+    u = u.clone().requires_grad_(True)
+    weight = weight.clone().requires_grad_(True)
+    bias = None if bias is None else bias.clone().requires_grad_(True)
+    v = capsule_linear(u, weight, iterations, bias=bias, gradient=gradient, backend=backend)
+    v.backward(dv)
+    return v.detach(), u.grad, weight.grad, None if bias is None else bias.grad
+
+
+def reference(u, weight, iterations, dv, bias, gradient):
+    """(v, du, dW, dbias or None) of the float64 reference at the tensors' own values."""
+    v, cache = capsule_linear_forward(as_float64(u), as_float64(weight), iterations,
+                                      bias=None if bias is None else as_float64(bias), gradient=gradient)
+    grads = capsule_linear_backward(as_float64(dv), cache)
+    return (v, *grads) if bias is not None else (v, *grads, None)
+
+
+@given(shape=st.tuples(*(st.integers(1, n) for n in (4, 12, 6, 7, 9))),
+       iterations=st.integers(1, 3), use_bias=st.booleans(), gradient=st.sampled_from(["full", "last"]),
+       dtype=st.sampled_from(DTYPES), chunk_elements=st.sampled_from([1, 200, 1 << 20]),
+       seed=st.integers(0, 2**32 - 1))
+def test_torch_path_matches_reference(shape, iterations, use_bias, gradient, dtype, chunk_elements, seed):
+    B, I, J, D, P = shape
+    rng = np.random.default_rng(seed)
+    u = torch.tensor(rng.standard_normal((B, I, P))).to(dtype)
+    weight = torch.tensor(rng.standard_normal((I, J, D, P)) / np.sqrt(P)).to(dtype)
+    bias = torch.tensor(rng.standard_normal((J, D))).to(dtype) if use_bias else None
+    dv = torch.tensor(rng.standard_normal((B, J, D))).to(dtype)
+    # The chunk size decides how many samples share one u_hat: 1 sample, a few, or the batch.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(capsule_linear_module, "_CHUNK_ELEMENTS", chunk_elements)
+        got = run(u, weight, iterations, dv, bias=bias, gradient=gradient)
+    expected = reference(u, weight, iterations, dv, bias, gradient)
+    assert got[0].dtype == got[1].dtype == got[2].dtype == dtype
+    for name, out, ref in zip(("v", "du", "dW", "dbias"), got, expected):
+        if ref is not None:
+            assert_agrees(out, ref, dtype, name)
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_triton_backend_agrees_with_torch_backend(gradient):
+    u = torch.randn(3, 13, 2, device=DEVICE)
+    weight = torch.randn(13, 10, 16, 2, device=DEVICE) * 0.5
+    bias = torch.randn(10, 16, device=DEVICE)
+    dv = torch.randn(3, 10, 16, device=DEVICE)
+    got = run(u, weight, 3, dv, bias=bias, gradient=gradient, backend="triton")
+    expected = run(u, weight, 3, dv, bias=bias, gradient=gradient, backend="torch")
+    for out, ref in zip(got, expected):
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_gradcheck_float64():
+    u = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *x: capsule_linear(x[0], x[1], 3, bias=x[2], backend="torch"),
+                                    (u, weight, bias))
+
+
+def test_equals_dynamic_routing_of_the_predictions():
+    from capsnet_triton import dynamic_routing
+    from capsnet_triton.layers import predict
+
+    u, weight = torch.randn(4, 9, 8, dtype=torch.float64), torch.randn(9, 10, 16, 8, dtype=torch.float64)
+    for gradient in ("full", "last"):
+        fused = run(u, weight, 3, torch.ones(4, 10, 16, dtype=torch.float64), gradient=gradient)
+        u_t, weight_t = u.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        v = dynamic_routing(predict(u_t, weight_t), 3, gradient=gradient)
+        v.sum().backward()
+        for out, ref in zip(fused, (v.detach(), u_t.grad, weight_t.grad)):
+            assert torch.allclose(out, ref, rtol=1e-12, atol=1e-15)
+
+
+@contextlib.contextmanager
+def _torch_threads(count):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_path_on_two_threads_is_deterministic_and_equals_one_thread():
+    """Chunks are dealt to the threads in a fixed way and dW's shares added in a fixed order."""
+    u, weight = torch.randn(40, 30, 8), 0.3 * torch.randn(30, 10, 16, 8)
+    dv = torch.randn(40, 10, 16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(capsule_linear_module, "_CHUNK_ELEMENTS", 30 * 160 * 3)     # 14 chunks
+        with _torch_threads(2):
+            first, second = run(u, weight, 3, dv), run(u, weight, 3, dv)
+        with _torch_threads(1):
+            single = run(u, weight, 3, dv)
+    for a, b, c in zip(first[:3], second[:3], single[:3]):
+        assert torch.equal(a, b) and torch.allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+class _RecordSizes(TorchDispatchMode):
+    """Records the number of elements of every tensor any torch op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.sizes += [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_torch_path_never_allocates_anything_of_u_hats_size(gradient):
+    """At B = 64 and the MNIST layer (I = 1152, J = 10, D = 16), u_hat would hold 11.8M elements;
+    every tensor the PyTorch path's forward and backward create is at least 8x smaller (a chunk
+    of u_hat is about 1M elements; the largest tensors the layer must have, W and dW, are 1.5M).
+    The path's functions are called directly (a dispatch mode sees a custom op as one call), on
+    one thread (a dispatch mode sees only its own thread's ops)."""
+    B, I, J, D, P = 64, 1152, 10, 16, 8
+    u, weight = torch.randn(B, I, P), 0.05 * torch.randn(I, J, D, P)
+    bias, dv = torch.randn(J, D), torch.randn(B, J, D)
+    with _torch_threads(1), _RecordSizes() as recorder:
+        v, s_all = capsule_linear_module._capsule_linear_forward_torch(u, weight, 3, bias)
+        du, dW, _ = capsule_linear_module._capsule_linear_backward_torch(dv, u, weight, s_all, gradient)
+    assert all(torch.isfinite(x).all() for x in (v, du, dW))
+    assert len(recorder.sizes) > 100 and max(recorder.sizes) <= B * I * J * D // 8
+
+
+def test_backward_saves_only_u_weight_and_per_iteration_s():
+    B, I, J, D, P, r = 2, 50, 10, 16, 8, 3
+    u, weight = torch.randn(B, I, P, requires_grad=True), torch.randn(I, J, D, P, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        capsule_linear(u, weight, r)
+    assert sum(saved) == u.numel() + weight.numel() + r * B * J * D
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_input_gives_nan_in_all_of_its_samples_v_only(backend):
+    u, weight = torch.randn(3, 6, 4, device=DEVICE), torch.randn(6, 5, 3, 4, device=DEVICE)
+    u[0, 1, 2] = float("nan")
+    u[2, 4, 0] = float("-inf")
+    v = capsule_linear(u, weight, 3, backend=backend)
+    assert torch.isnan(v[0]).all() and torch.isnan(v[2]).all()
+    # The other sample is unaffected (to rounding: a batched product may sum in another order).
+    assert torch.allclose(v[1], capsule_linear(u[1:2], weight, 3, backend=backend)[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_gives_empty_results_and_zero_weight_gradient(backend):
+    u = torch.empty(0, 6, 4, device=DEVICE, requires_grad=True)
+    weight = torch.randn(6, 5, 3, 4, device=DEVICE, requires_grad=True)
+    v = capsule_linear(u, weight, 3, backend=backend)
+    assert v.shape == (0, 5, 3)
+    v.sum().backward()
+    assert u.grad.shape == (0, 6, 4) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_compile_fullgraph_traces_through_the_op():
+    weight = torch.nn.Parameter(0.1 * torch.randn(6, 3, 4, 5))
+    u = torch.randn(2, 6, 5)
+
+    def head(u):
+        return torch.linalg.vector_norm(capsule_linear(u, weight, 3), dim=-1)
+
+    expected = head(u)
+    got = torch.compile(head, fullgraph=True, backend="aot_eager")(u)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    assert torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: capsule_linear(torch.randn(2, 3), torch.randn(3, 4, 5, 2)), ValueError, "3 axes"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5)), ValueError, "4 axes"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 3)), ValueError, "I and P must agree"),
+    (lambda: capsule_linear(torch.randn(2, 0, 2), torch.randn(0, 4, 5, 2)), ValueError, "at least one"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 0, 5, 2)), ValueError, "at least one"),
+    (lambda: capsule_linear(torch.randn(2, 3, 0), torch.randn(3, 4, 5, 0)), ValueError, "at least one"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2).double()), TypeError, "dtype"),
+    (lambda: capsule_linear(torch.ones(2, 3, 2, dtype=torch.int64), torch.ones(3, 4, 5, 2)), TypeError,
+     "floating"),
+    (lambda: capsule_linear(np.ones((2, 3, 2)), torch.ones(3, 4, 5, 2)), TypeError, "torch.Tensor"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2), 0), ValueError, "iterations"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2), gradient=True), ValueError,
+     "gradient"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2), bias=torch.randn(5, 4)),
+     ValueError, "bias"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2), backend="cuda"), ValueError,
+     "backend"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2, device="meta")), ValueError,
+     "device"),
+])
+def test_bad_input_is_refused_with_a_clear_message(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_digit_caps_fused_by_default_equals_its_unfused_path(gradient):
+    from capsnet_triton.layers import DigitCaps
+
+    fused = DigitCaps(9, 8, 10, 16, gradient=gradient, bias=True).double()
+    unfused = DigitCaps(9, 8, 10, 16, gradient=gradient, bias=True, fused=False).double()
+    unfused.load_state_dict(fused.state_dict())
+    assert fused.fused and not unfused.fused and "fused=True" in repr(fused)
+    u = torch.randn(4, 9, 8, dtype=torch.float64)
+    for layer in (fused, unfused):
+        layer(u).pow(2).sum().backward()
+    assert torch.allclose(fused(u), unfused(u), rtol=1e-12, atol=0)
+    for got, expected in zip(fused.parameters(), unfused.parameters()):
+        assert torch.allclose(got.grad, expected.grad, rtol=1e-12, atol=1e-15)

@@ -1,0 +1,172 @@
+"""The fused DigitCaps kernels (kernels/capsule_linear.py) against the float64 NumPy reference
+(reference/capsule_linear.py: prediction then routing; SPEC 3, 7 and 8).
+
+Every check runs forward and backward: v and every iteration's s against the reference forward,
+du, dW and the bias gradient ds_all.sum((0, 1)) against the reference backward, under both
+gradient policies, with all outputs poisoned with NaN before the kernels write them.
+"""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from kernel_checks import DEVICE, DTYPES, as_float64, assert_agrees, dtype_id, magnitudes, poisoned, sample
+
+from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
+from capsnet_triton.reference import capsule_linear_backward as reference_backward
+from capsnet_triton.reference import capsule_linear_forward as reference_forward
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full", block_i=None):
+    """Run the kernels on poisoned outputs, compare with the reference, return (v, s_all, du, dW, ds_all)."""
+    B, I, P = u.shape
+    _, J, D, _ = weight.shape
+    dtype = u.dtype
+    v, s_all = capsule_linear_forward(
+        u, weight, iterations, bias, block_i=block_i,
+        out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
+    du, dW, ds_all = capsule_linear_backward(
+        dv, u, weight, s_all, gradient=gradient, block_i=block_i,
+        out=(poisoned(u.shape, dtype), poisoned(weight.shape, dtype),
+             poisoned((iterations, B, J, D), compute_dtype(dtype))))
+
+    # A zero bias changes nothing in the reference and makes it return dL/dbias.
+    bias64 = np.zeros((J, D)) if bias is None else as_float64(bias)
+    ref_v, cache = reference_forward(as_float64(u), as_float64(weight), iterations, bias=bias64,
+                                     gradient=gradient)
+    ref_du, ref_dW, ref_dbias = reference_backward(as_float64(dv), cache)
+    assert_agrees(v, ref_v, dtype, "v")
+    assert_agrees(s_all, np.stack(cache[1]["s_all"]), dtype, "s_all")
+    assert_agrees(du, ref_du, dtype, "du")
+    assert_agrees(dW, ref_dW, dtype, "dW")
+    assert_agrees(ds_all.sum((0, 1)), ref_dbias, dtype, "dbias = ds_all.sum((0, 1))")
+    return v, s_all, du, dW, ds_all
+
+
+def layer_inputs(rng, shape, dtype, magnitude="normal", with_bias=False):
+    """u [B, I, P] of the magnitude, W [I, J, D, P] / sqrt(P), optional bias [J, D], dv [B, J, D]."""
+    B, I, J, D, P = shape
+    u = sample(rng, (B, I, P), dtype, magnitude)
+    weight = (sample(rng, (I, J, D, P), torch.float64) / np.sqrt(P)).to(dtype)
+    bias = sample(rng, (J, D), dtype, magnitude) if with_bias else None
+    return u, weight, bias, sample(rng, (B, J, D), dtype)
+
+
+@st.composite
+def layer_cases(draw, dtype):
+    magnitude = draw(st.sampled_from(magnitudes(dtype)))
+    # For |s| ~ 1e15 squash's gradient along s is 2 / |s|^3 ~ 1e-45, below float32's normal range,
+    # while across s it is |v| / |s| ~ 1e-15. At D = 1 only the part along s exists, and dW =
+    # ds u^T scales its rounding up by |u| ~ 1e15; at P = 1 (with I = J = 1) du = W^T ds sees only
+    # the part along s too, as a difference of terms 1e14 times larger. Neither is computable in
+    # float32, so large inputs are drawn with D, P >= 2, where the part across s dominates.
+    least = 2 if magnitude == "large" else 1
+    B, I, J, D, P = (draw(st.integers(fewest, most))
+                     for fewest, most in ((1, 3), (1, 19), (1, 10), (least, 16), (least, 9)))
+    return dict(
+        magnitude=magnitude,
+        shape=(B, I, J, D, P),
+        iterations=draw(st.integers(1, 3)),
+        with_bias=draw(st.booleans()),
+        gradient=draw(st.sampled_from(["full", "last"])),
+        block_i=draw(st.sampled_from([None, 2, 8])),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+# One Hypothesis run per dtype, so that each gets the profile's full number of examples.
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@given(data=st.data())
+def test_capsule_linear_kernels_match_reference(dtype, data):
+    case = data.draw(layer_cases(dtype))
+    rng = np.random.default_rng(case["seed"])
+    u, weight, bias, dv = layer_inputs(rng, case["shape"], dtype, case["magnitude"], case["with_bias"])
+    check_capsule_linear(u, weight, case["iterations"], dv, bias=bias, gradient=case["gradient"],
+                         block_i=case["block_i"])
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_capsule_linear_with_inputs_not_a_multiple_of_the_block(gradient, rng):
+    u, weight, bias, dv = layer_inputs(rng, (2, 13, 10, 16, 8), torch.float32, with_bias=True)
+    check_capsule_linear(u, weight, 3, dv, bias=bias, gradient=gradient, block_i=4)
+
+
+@pytest.mark.parametrize("P", [1, 3, 8])
+def test_capsule_linear_of_one_parent(P, rng):
+    """J = 1: the coupling is 1 in every iteration, v = squash(sum_i W u)."""
+    u, weight, _, dv = layer_inputs(rng, (2, 5, 1, 4, P), torch.float64)
+    v, *_ = check_capsule_linear(u, weight, 3, dv)
+    s = torch.einsum("ijdp,bip->bjd", weight, u)
+    assert torch.allclose(v, s * s.norm(dim=-1, keepdim=True) / (1 + s.norm(dim=-1, keepdim=True) ** 2),
+                          rtol=1e-12, atol=0)
+
+
+def test_capsule_linear_propagates_non_finite_input_per_sample(rng):
+    """SPEC 7: a sample whose u holds a NaN or inf gets NaN in all of its v; the others are unaffected."""
+    u, weight, _, _ = layer_inputs(rng, (3, 6, 4, 5, 3), torch.float32)
+    u[0, 2, 1] = float("nan")
+    u[2, 5, 0] = float("inf")
+    v, _ = capsule_linear_forward(u, weight, 3, out=(poisoned((3, 4, 5), torch.float32),
+                                                     poisoned((3, 3, 4, 5), torch.float32)))
+    assert torch.isnan(v[0]).all() and torch.isnan(v[2]).all()
+    clean, _ = capsule_linear_forward(u[1:2], weight, 3)
+    assert torch.equal(v[1], clean[0])
+
+
+def test_capsule_linear_allocates_its_outputs_when_not_given(rng):
+    u, weight, _, dv = layer_inputs(rng, (3, 7, 5, 6, 4), torch.float16)
+    v, s_all, du, dW, ds_all = check_capsule_linear(u, weight, 2, dv)
+    v_new, s_all_new = capsule_linear_forward(u, weight, 2)
+    du_new, dW_new, ds_all_new = capsule_linear_backward(dv, u, weight, s_all_new)
+    assert v_new.dtype == du_new.dtype == dW_new.dtype == torch.float16
+    assert s_all_new.dtype == ds_all_new.dtype == torch.float32
+    for got, expected in zip((v_new, s_all_new, du_new, dW_new, ds_all_new), (v, s_all, du, dW, ds_all)):
+        assert torch.equal(got, expected)
+
+
+def test_capsule_linear_of_an_empty_batch():
+    u, weight = torch.empty(0, 5, 3, device=DEVICE), torch.ones(5, 2, 4, 3, device=DEVICE)
+    v, s_all = capsule_linear_forward(u, weight, 3)
+    assert v.shape == (0, 2, 4) and s_all.shape == (3, 0, 2, 4)
+    du, dW, ds_all = capsule_linear_backward(torch.empty(0, 2, 4, device=DEVICE), u, weight, s_all)
+    assert du.shape == (0, 5, 3) and ds_all.shape == (3, 0, 2, 4)
+    assert torch.equal(dW, torch.zeros_like(weight))
+
+
+def test_capsule_linear_rejects_bad_input():
+    u, weight = torch.ones(2, 5, 3, device=DEVICE), torch.ones(5, 2, 4, 3, device=DEVICE)
+    _, s_all = capsule_linear_forward(u, weight, 2)
+    dv = torch.ones(2, 2, 4, device=DEVICE)
+    cases = [
+        (TypeError, "torch.Tensor", lambda: capsule_linear_forward(np.ones((2, 5, 3)), weight, 2)),
+        (ValueError, "3 axes", lambda: capsule_linear_forward(u[0], weight, 2)),
+        (ValueError, "4 axes", lambda: capsule_linear_forward(u, weight[0], 2)),
+        (ValueError, "I and P must agree", lambda: capsule_linear_forward(u[:, :4], weight, 2)),
+        (TypeError, "u's dtype", lambda: capsule_linear_forward(u, weight.double(), 2)),
+        (TypeError, "float16, bfloat16", lambda: capsule_linear_forward(u.long(), weight, 2)),
+        (ValueError, "at least one", lambda: capsule_linear_forward(u, weight[:, :0], 2)),
+        (ValueError, "iterations must be an integer >= 1", lambda: capsule_linear_forward(u, weight, 0)),
+        (ValueError, r"bias must have shape \[J, D\]",
+         lambda: capsule_linear_forward(u, weight, 2, torch.ones(4, 2, device=DEVICE))),
+        (ValueError, "power of two", lambda: capsule_linear_forward(u, weight, 2, block_i=3)),
+        (ValueError, "gradient", lambda: capsule_linear_backward(dv, u, weight, s_all, gradient="none")),
+        (ValueError, r"out\[0\] \(v\)",
+         lambda: capsule_linear_forward(u, weight, 2, out=(torch.empty(2, 4, 2, device=DEVICE), s_all))),
+        (ValueError, r"dv must have shape \[B, J, D\]",
+         lambda: capsule_linear_backward(dv[:1], u, weight, s_all)),
+        (ValueError, "s_all must be capsule_linear_forward's",
+         lambda: capsule_linear_backward(dv, u, weight, s_all.double())),
+        (ValueError, "s_all must be capsule_linear_forward's",
+         lambda: capsule_linear_backward(dv, u, weight, s_all[0])),
+        (ValueError, r"out\[1\] \(dW\)",
+         lambda: capsule_linear_backward(dv, u, weight, s_all,
+                                         out=(torch.empty_like(u), torch.empty_like(u), torch.empty_like(s_all)))),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
