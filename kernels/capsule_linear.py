@@ -34,8 +34,8 @@ from capsnet_triton.checks import (
 )
 
 from .launch import launch_options, max_tile, output, tl_dtype
-from .routing_tiles import du_hat_tile, grad_v_sum_of_tile, s_of_tile, v_sum_before
-from .squash import squash_backward, squash_backward_tile, squash_tile
+from .routing_tiles import du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, s_of_tile, v_sum_before
+from .squash import squash_backward, squash_backward_tile
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
 
@@ -104,8 +104,7 @@ def _capsule_linear_forward_kernel(
         J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
     i_in_block = tl.arange(0, BLOCK_I)
     u_sample = u_ptr + sample * I * P
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
+    bias = load_bias(bias_ptr, jd_offsets, jd_mask, HAS_BIAS, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
 
     v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)                    # V^(t)
     v = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
@@ -116,11 +115,7 @@ def _capsule_linear_forward_kernel(
             weight, _ = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
             u, _ = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
             s += s_of_tile(_predict(weight, u), v_sum, j_valid)          # u_hat [BLOCK_I, BLOCK_J, BLOCK_D]
-        if HAS_BIAS:
-            s += bias
-        tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
-        v = squash_tile(s)
-        v_sum += v
+        v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
     tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
 

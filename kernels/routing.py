@@ -45,8 +45,9 @@ from capsnet_triton.checks import (
 
 from .launch import launch_options, max_tile, output, tl_dtype
 from . import routing_split
-from .routing_tiles import du_hat_tile, grad_v_sum_of_tile, load_u_hat, s_of_tile, sample_layout, v_sum_before
-from .squash import squash_backward, squash_backward_tile, squash_tile
+from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u_hat, s_of_tile,
+                            sample_layout, v_sum_before)
+from .squash import squash_backward, squash_backward_tile
 
 __all__ = ["routing_forward", "routing_backward"]
 
@@ -75,8 +76,7 @@ def _routing_forward_kernel(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
     sample_offset = sample * J * D
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
+    bias = load_bias(bias_ptr, jd_offsets, jd_mask, HAS_BIAS, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
 
     v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)                    # V^(t)
     v = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
@@ -86,11 +86,7 @@ def _routing_forward_kernel(
             u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             s += s_of_tile(u_hat, v_sum, j_valid)
-        if HAS_BIAS:
-            s += bias
-        tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
-        v = squash_tile(s)
-        v_sum += v
+        v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
     tl.store(v_ptr + sample_offset + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
 

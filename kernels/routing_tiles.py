@@ -9,7 +9,7 @@ import triton.language as tl
 from .squash import squash_tile
 
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "s_of_tile",
-           "grad_v_sum_of_tile", "du_hat_tile"]
+           "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration"]
 
 
 @triton.jit
@@ -123,3 +123,25 @@ def du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_val
             du_hat += logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
         v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
     return du_hat
+
+
+@triton.jit
+def load_bias(bias_ptr, jd_offsets, jd_mask, HAS_BIAS: tl.constexpr, BLOCK_J: tl.constexpr,
+              BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """The routing bias [J, D] as a [BLOCK_J, BLOCK_D] tile; zeros (bias_ptr never read) without one."""
+    bias = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
+    return bias
+
+
+@triton.jit
+def end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum,
+                  HAS_BIAS: tl.constexpr):
+    """The end of routing iteration t once s = sum_i c u_hat is summed: add the bias, save s^(t)
+    into s_all [iterations, B, J, D] (all backward needs), squash. Returns (v^(t), V^(t+1))."""
+    if HAS_BIAS:
+        s += bias
+    tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
+    v = squash_tile(s)
+    return v, v_sum + v
