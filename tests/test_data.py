@@ -279,6 +279,8 @@ def _shifted(image, dy, dx):
     """image [C, H, W] moved down by dy and right by dx, zero filled (the slow obvious way)."""
     out = torch.zeros_like(image)
     height, width = image.shape[-2:]
+    if abs(dy) >= height or abs(dx) >= width:
+        return out                                  # moved wholly off (and negative stops would wrap)
     out[:, max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
         image[:, max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
     return out
