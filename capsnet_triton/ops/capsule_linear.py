@@ -26,7 +26,7 @@ import torch
 
 from ..checks import (check_bias, check_gradient, check_iterations, check_u_and_weight, compute_dtype,
                       pick_backend)
-from .routing import _routing_backward_torch, _routing_forward_torch
+from .routing import routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
 
@@ -101,7 +101,7 @@ def _capsule_linear_forward_torch(u, weight, iterations, bias):
 
     def work(_, chunk):
         u_hat = predict(u[chunk].to(cdtype), weight)                       # [b, I, J, D]
-        v[chunk], s_all[:, chunk] = _routing_forward_torch(u_hat, iterations, bias)
+        v[chunk], s_all[:, chunk] = routing_forward_torch(u_hat, iterations, bias)
 
     chunks = _chunks(B, I, J, D)
     _for_each_chunk(work, chunks, _workers(chunks, u.device))
@@ -123,7 +123,7 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
     def work(worker, chunk):
         u_chunk = u[chunk].to(cdtype)                                      # [b, I, P]
         u_hat = predict(u_chunk, weight_c)                                 # [b, I, J, D]
-        du_hat, ds_all[:, chunk] = _routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk], gradient)
+        du_hat, ds_all[:, chunk] = routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk], gradient)
         du_hat_rows = du_hat.reshape(-1, I, J * D).transpose(0, 1)         # [I, b, J*D]
         du[chunk] = torch.bmm(du_hat_rows, weight_rows).transpose(0, 1)   # W^T du_hat  [b, I, P]
         dW_parts[worker].baddbmm_(du_hat_rows.transpose(1, 2), u_chunk.transpose(0, 1))  # du_hat u^T

@@ -62,7 +62,7 @@ def _as_rows(u_hat):
     return u_hat.to(compute_dtype(u_hat.dtype)).reshape(B, I, J * D)
 
 
-def _routing_forward_torch(u_hat, iterations, bias):
+def routing_forward_torch(u_hat, iterations, bias):
     B, I, J, D = u_hat.shape
     u3 = _as_rows(u_hat)
     s_all = u3.new_empty((iterations, B, J, D))
@@ -84,7 +84,7 @@ def _routing_forward_torch(u_hat, iterations, bias):
     return v.to(u_hat.dtype), s_all
 
 
-def _routing_backward_torch(dv, u_hat, s_all, gradient):
+def routing_backward_torch(dv, u_hat, s_all, gradient):
     r, B, J, D = s_all.shape
     u3 = _as_rows(u_hat)
     if gradient == "last":
@@ -141,7 +141,7 @@ def _routing_forward_op(u_hat: torch.Tensor, iterations: int, bias: Optional[tor
     if backend == "triton":
         from capsnet_triton.kernels import routing_forward
         return routing_forward(u_hat, iterations, bias)
-    return _routing_forward_torch(u_hat, iterations, bias)
+    return routing_forward_torch(u_hat, iterations, bias)
 
 
 @torch.library.custom_op("capsnet_triton::routing_backward", mutates_args=())
@@ -150,7 +150,7 @@ def _routing_backward_op(dv: torch.Tensor, u_hat: torch.Tensor, s_all: torch.Ten
     if backend == "triton":
         from capsnet_triton.kernels import routing_backward
         return routing_backward(dv, u_hat, s_all, gradient=gradient)
-    return _routing_backward_torch(dv, u_hat, s_all, gradient)
+    return routing_backward_torch(dv, u_hat, s_all, gradient)
 
 
 @_routing_forward_op.register_fake
