@@ -68,15 +68,16 @@ def check_iterations(iterations):
     return iterations
 
 
-def check_bias(bias, u_hat):
-    """bias [J, D] on u_hat's device, or None."""
+def check_bias(bias, u_hat, name="u_hat"):
+    """bias [J, D] on u_hat's device, or None. u_hat: a tensor of shape [B, I, J, D] or a view
+    of that shape (the fused layer passes one of W's) that error messages call `name`."""
     if bias is None:
         return None
     check_float_tensor(bias, "bias")
     if tuple(bias.shape) != tuple(u_hat.shape[2:]):
         raise ValueError(f"bias must have shape [J, D] = {tuple(u_hat.shape[2:])}, got {tuple(bias.shape)}")
     if bias.device != u_hat.device:
-        raise ValueError(f"bias is on {bias.device} but u_hat is on {u_hat.device}; "
+        raise ValueError(f"bias is on {bias.device} but {name} is on {u_hat.device}; "
                          "they must be on one device")
     return bias
 

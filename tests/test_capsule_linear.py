@@ -223,6 +223,8 @@ def test_compile_fullgraph_traces_through_the_op():
      "backend"),
     (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2, device="meta")), ValueError,
      "device"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2), bias=torch.randn(4, 5, device="meta")),
+     ValueError, "bias is on meta but weight is on cpu"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(call, error, words):
     with pytest.raises(error, match=words):

@@ -283,6 +283,25 @@ def test_routing_of_a_sample_holding_nan_or_inf_is_all_nan_like_the_reference(ba
         assert_agrees(u_hat.grad, du_ref, torch.float64, "du_hat")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_finite_sample_whose_first_sum_overflows_keeps_its_other_parents(backend):
+    """SPEC 7 makes a whole sample NaN only where its input is not finite: finite float32
+    predictions whose uniform sum overflows give one infinite s, so at r = 1 only that parent's
+    capsule is NaN, as in the reference."""
+    u_np = np.random.default_rng(7).standard_normal((2, 4, 3, 2)).astype(np.float32)
+    u_np[0, :, 1, 0] = 3e38                                # 4 * 3e38 / 3 exceeds float32's max
+    dv_np = np.random.default_rng(8).standard_normal((2, 3, 2)).astype(np.float32)
+    v_ref, du_ref, _ = reference_routing(u_np, dv_np, 1, None, "full")
+    assert np.isnan(v_ref[0, 1]).all() and not np.isnan(v_ref[0, [0, 2]]).any()
+    u_hat = torch.tensor(u_np, device=DEVICE, requires_grad=True)
+    v = dynamic_routing(u_hat, 1, backend=backend)
+    v.backward(torch.tensor(dv_np, device=DEVICE))
+    assert_agrees(v, v_ref, torch.float32, "v")            # NaN exactly where the reference has it
+    assert_agrees(u_hat.grad, du_ref, torch.float32, "du_hat")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("gradient", ["full", "last"])
 def test_an_empty_batch_gives_empty_results_forward_and_backward(backend, gradient):

@@ -207,7 +207,7 @@ def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backe
     check_iterations(iterations)
     check_gradient(gradient)
     # check_bias reads J, D and the device off a [B, I, J, D] tensor: a view of W of that shape.
-    check_bias(bias, weight[None, ..., 0])
+    check_bias(bias, weight[None, ..., 0], "weight")
     backend = pick_backend(backend, u)
     v, _ = _capsule_linear_forward_op(u, weight, iterations, bias, gradient, backend)
     return v

@@ -62,6 +62,15 @@ def _as_rows(u_hat):
     return u_hat.to(compute_dtype(u_hat.dtype)).reshape(B, I, J * D)
 
 
+def _nan_where_input_is_not_finite(s, u3):
+    """s with all of a sample's values NaN where its u_hat holds a NaN or inf (SPEC 7: every
+    output of such a sample is NaN, even at r = 1). Called only where s^(1) is not finite, which
+    a finite u_hat can also give (its sum overflowed): that sample keeps its one infinite parent,
+    as in the reference and the kernels. This pass over u_hat costs nothing on finite inputs."""
+    finite = torch.isfinite(u3).flatten(1).all(dim=1)             # [B]
+    return torch.where(finite.view(-1, 1, 1), s, torch.nan)
+
+
 def routing_forward_torch(u_hat, iterations, bias):
     B, I, J, D = u_hat.shape
     u3 = _as_rows(u_hat)
@@ -70,9 +79,8 @@ def routing_forward_torch(u_hat, iterations, bias):
     for t in range(iterations):
         if v_sum is None:                                          # b = 0: uniform c = 1/J
             s = u3.sum(dim=1).view(B, J, D) / J
-            # s^(1) is not finite where the sample's u_hat is not (or where the sum overflows):
-            # make all of that sample's outputs NaN, as the kernels' and the reference's are (SPEC 7).
-            s = s + (s * 0).sum(dim=(1, 2), keepdim=True)
+            if not bool(torch.isfinite(s).all()):
+                s = _nan_where_input_is_not_finite(s, u3)
         else:
             coupling = _coupling(_agreement(u3, v_sum.unsqueeze(1)))       # [B, I, 1, J]
             s = _weighted_sum(coupling, u3, J).squeeze(1)          # [B, J, D]
