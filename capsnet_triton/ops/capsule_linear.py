@@ -10,16 +10,13 @@ writes u_hat, the routing forward reads it r times, the backward reads it r time
 du_hat, and the prediction's backward reads du_hat twice more.
 
 The PyTorch path is written for CPUs. Routing treats every sample on its own, so it runs over
-chunks of a few samples: for each chunk it computes u_hat from u and W, routes it with the
-routing op's PyTorch path, and keeps only v and s_all ([r, B, J, D]). The backward recomputes
-each chunk's u_hat, gets du_hat from the routing backward, and turns it at once into du = W^T du_hat
-and the chunk's share of dW = sum_b du_hat u^T. The largest temporaries are one chunk's u_hat
-and du_hat, small enough to stay in cache. The chunks are independent, so on a CPU each of
-torch's threads takes a fixed share of them and runs their ops on its own (one dW accumulator
-per thread, added in a fixed order: deterministic).
+chunks of samples: for each chunk it computes u_hat from u and W, routes it with the routing
+op's PyTorch path, and keeps only v and s_all ([r, B, J, D]). The backward recomputes each
+chunk's u_hat, gets du_hat from the routing backward, and turns it at once into du = W^T du_hat
+and the chunk's share of dW = sum_b du_hat u^T, added chunk by chunk in order (deterministic).
+The largest temporaries are one chunk's u_hat and du_hat.
 """
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -30,9 +27,12 @@ from .routing import routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
 
-# Elements of u_hat per chunk of samples: 4 MiB in float32 (at the MNIST shape, 5 samples), so a
-# chunk's u_hat, du_hat and the routing's temporaries of their size stay in a CPU's caches.
-_CHUNK_ELEMENTS = 1 << 20
+# Elements of u_hat per chunk of samples, at most: 8 MiB in float32 (11 samples at the MNIST
+# shape), each op of a chunk run on all of torch's threads. Measured on a quiet 2-core CPU at
+# B = 128 (docs/PERF.md): chunks of 5 samples ran about 1.4x slower, as every op's thread fork
+# and join and BLAS set-up weigh on little work (so did 5 samples per thread, each thread routing
+# chunks of its own); chunks of 32 ran 1.1x slower and grew the peak to 103 MiB, out of cache.
+_CHUNK_ELEMENTS = 1 << 21
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,8 +40,10 @@ _CHUNK_ELEMENTS = 1 << 20
 # ---------------------------------------------------------------------------------------------
 
 def _chunks(B, I, J, D):
-    """Slices of the batch, each holding about _CHUNK_ELEMENTS elements of u_hat."""
-    size = max(1, _CHUNK_ELEMENTS // (I * J * D))
+    """Slices of the batch of equal sizes (to one sample), each holding at most _CHUNK_ELEMENTS
+    elements of u_hat (one sample where a sample holds more)."""
+    count = -(-B // max(1, _CHUNK_ELEMENTS // (I * J * D)))
+    size = max(1, -(-B // max(1, count)))
     return [slice(start, min(start + size, B)) for start in range(0, B, size)]
 
 
@@ -59,38 +61,6 @@ def predict(u, weight):
     return per_capsule.view(in_caps, -1, out_caps, out_dims).transpose(0, 1)             # [B, I, J, D]
 
 
-def _workers(chunks, device):
-    """How many threads share the chunks: torch's CPU threads (one for other devices)."""
-    return max(1, min(torch.get_num_threads(), len(chunks))) if device.type == "cpu" else 1
-
-
-def _for_each_chunk(work, chunks, workers):
-    """work(worker, chunk) for every chunk, the chunks dealt round-robin to `workers` threads, each
-    running its chunks' ops on one thread: a chunk's ops are small, and on a few busy cores the
-    fork and join of every small op cost more than the op (measured several times slower than
-    one chunk per thread). Worker k always gets the same chunks, so anything it accumulates is
-    summed in a fixed order."""
-    if workers == 1:
-        for chunk in chunks:
-            work(0, chunk)
-        return
-
-    def run(worker):
-        # Grad mode is per thread: a new thread would record autograd history of the op's inputs.
-        with torch.no_grad():
-            for chunk in chunks[worker::workers]:
-                work(worker, chunk)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            for done in [pool.submit(run, worker) for worker in range(workers)]:
-                done.result()
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _capsule_linear_forward_torch(u, weight, iterations, bias):
     B, I, _ = u.shape
     _, J, D, _ = weight.shape
@@ -98,13 +68,9 @@ def _capsule_linear_forward_torch(u, weight, iterations, bias):
     weight = weight.to(cdtype)
     v = u.new_empty((B, J, D))
     s_all = u.new_empty((iterations, B, J, D), dtype=cdtype)
-
-    def work(_, chunk):
+    for chunk in _chunks(B, I, J, D):
         u_hat = predict(u[chunk].to(cdtype), weight)                       # [b, I, J, D]
         v[chunk], s_all[:, chunk] = routing_forward_torch(u_hat, iterations, bias)
-
-    chunks = _chunks(B, I, J, D)
-    _for_each_chunk(work, chunks, _workers(chunks, u.device))
     return v, s_all
 
 
@@ -116,20 +82,14 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
     weight_rows = weight_c.reshape(I, J * D, P)
     du = u.new_empty((B, I, P))
     ds_all = torch.empty_like(s_all)
-    chunks = _chunks(B, I, J, D)
-    workers = _workers(chunks, u.device)
-    dW_parts = torch.zeros((workers, I, J * D, P), dtype=cdtype, device=u.device)   # one per worker
-
-    def work(worker, chunk):
+    dW_rows = torch.zeros((I, J * D, P), dtype=cdtype, device=u.device)
+    for chunk in _chunks(B, I, J, D):
         u_chunk = u[chunk].to(cdtype)                                      # [b, I, P]
         u_hat = predict(u_chunk, weight_c)                                 # [b, I, J, D]
         du_hat, ds_all[:, chunk] = routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk], gradient)
         du_hat_rows = du_hat.reshape(-1, I, J * D).transpose(0, 1)         # [I, b, J*D]
         du[chunk] = torch.bmm(du_hat_rows, weight_rows).transpose(0, 1)   # W^T du_hat  [b, I, P]
-        dW_parts[worker].baddbmm_(du_hat_rows.transpose(1, 2), u_chunk.transpose(0, 1))  # du_hat u^T
-
-    _for_each_chunk(work, chunks, workers)
-    dW_rows = dW_parts.sum(dim=0)                                          # in worker order
+        dW_rows.baddbmm_(du_hat_rows.transpose(1, 2), u_chunk.transpose(0, 1))  # += du_hat u^T
     return du, dW_rows.view(weight.shape).to(weight.dtype), ds_all
 
 
