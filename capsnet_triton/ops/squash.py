@@ -45,9 +45,9 @@ def _direct_norm(s):
     capsule's n^2 lies in [tiny / eps, sqrt(max)] of the dtype: then no square lost bits to
     underflow, none of n, n^2 and (1 + n^2)^2 overflows, so f(n) = n / (1 + n^2) and
     h(n) = 2n / (1 + n^2)^2 can be computed as written, exact to rounding like the scaled forms.
-    No zero, NaN or inf capsule passes. The check reads only n^2, 1/D of s (on a GPU it costs a
-    host sync: this path is written for CPUs)."""
-    if s.numel() == 0:
+    No zero, NaN or inf capsule passes. The check reads only n^2, 1/D of s, but it is a read by
+    the host: on other devices it would wait for the device, so there the scaled path runs."""
+    if s.numel() == 0 or s.device.type != "cpu":
         return None
     n_sq = _dot_last(s, s)
     info = torch.finfo(s.dtype)
