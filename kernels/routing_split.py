@@ -20,21 +20,11 @@ the default until one measures both.
 import triton
 import triton.language as tl
 
-from .routing_tiles import coupling_tile, load_u_hat, logits_grad, sample_layout, v_sum_before
+from .routing_tiles import (coupling_tile, load_u_hat, logits_grad, sample_layout, spread_non_finite, sum_partials,
+                            v_sum_before)
 from .squash import squash_backward_tile, squash_tile
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel", "pick_splits"]
-
-
-@triton.jit
-def _sum_partials(partial_ptr, slot, B, sample, splits, J, D, jd_offsets, jd_mask,
-                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """sum_k partial[slot, sample, k] over the S = splits chunks, in the order k = 0..S-1 [BLOCK_J, BLOCK_D]."""
-    total = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-    for k in range(splits):
-        total += tl.load(partial_ptr + ((slot * B + sample) * splits + k) * J * D + jd_offsets,
-                         mask=jd_mask, other=0.0)
-    return total
 
 
 @triton.jit
@@ -65,7 +55,7 @@ def split_forward_kernel(
     v_sum = v_sum_before(s_all_ptr, tl.maximum(t - 1, 0), B, sample, J, D, jd_offsets, jd_mask,
                          BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                  # V^(t-1)
     if t > 0:
-        s = _sum_partials(partial_ptr, (t - 1) % 2, B, sample, splits, J, D, jd_offsets, jd_mask,
+        s = sum_partials(partial_ptr, (t - 1) % 2, B, sample, splits, J, D, jd_offsets, jd_mask,
                           BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         if HAS_BIAS:
             s += tl.load(bias_ptr + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
@@ -85,10 +75,7 @@ def split_forward_kernel(
                 u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                       jd_mask, COMPUTE_DTYPE)
                 acc += u_hat
-            partial = tl.sum(acc, axis=0) / J                              # uniform c = 1/J
-            # Where the chunk is not finite (or its sum overflows), NaN in all of the partial, so
-            # that all of the sample's outputs are NaN (SPEC 7) as the softmax makes them elsewhere.
-            partial += tl.sum(tl.sum(partial * 0.0, axis=1), axis=0)
+            partial = spread_non_finite(tl.sum(acc, axis=0) / J)           # uniform c = 1/J
         else:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
@@ -129,7 +116,7 @@ def split_backward_ds_all_kernel(
     else:
         grad_v = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for k in range(iterations - 1 - t):
-            grad_v += _sum_partials(partial_ptr, iterations - 1 - k, B, sample, splits, J, D,
+            grad_v += sum_partials(partial_ptr, iterations - 1 - k, B, sample, splits, J, D,
                                     jd_offsets, jd_mask, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
     offsets = (t * B + sample) * J * D + jd_offsets                        # s^(t) in s_all
     ds = squash_backward_tile(grad_v, tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
