@@ -106,22 +106,22 @@ def split_forward_kernel(
         i_in_block = tl.arange(0, BLOCK_I)
         start = split * chunk
         end = tl.minimum(start + chunk, I)
-        v_sum = tl.reshape(v_sum, [BLOCK_B, BLOCK_J, BLOCK_D])
+        v_sums = tl.reshape(v_sum, [BLOCK_B, BLOCK_J, BLOCK_D])            # one V per sample
         acc = tl.zeros([BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)  # per-thread partial sums
         if t == 0:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 i = i_start + i_in_block
-                weight, _ = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
-                u, _ = load_u(u_block, i, I, P, p, p_valid, COMPUTE_DTYPE)  # [BLOCK_B, BLOCK_I, BLOCK_P]
+                weight = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)[0]
+                u = load_u(u_block, i, I, P, p, p_valid, COMPUTE_DTYPE)[0]  # [BLOCK_B, BLOCK_I, BLOCK_P]
                 acc += predict(weight, u)
             partial = spread_non_finite(tl.sum(acc, axis=1) / J)           # uniform c = 1/J
         else:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 i = i_start + i_in_block
-                weight, _ = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
-                u, _ = load_u(u_block, i, I, P, p, p_valid, COMPUTE_DTYPE)
+                weight = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)[0]
+                u = load_u(u_block, i, I, P, p, p_valid, COMPUTE_DTYPE)[0]
                 u_hat = predict(weight, u)                                  # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
-                acc += tl.expand_dims(coupling_tile(u_hat, v_sum, j_valid), -1) * u_hat
+                acc += tl.expand_dims(coupling_tile(u_hat, v_sums, j_valid), -1) * u_hat
             partial = tl.sum(acc, axis=1)
         tl.store(partial_ptr + (((t % 2) * tl.num_programs(0) + block) * splits + split) * BLOCK_B * J * D
                  + rows_offsets,
@@ -169,19 +169,19 @@ def split_backward_ds_all_kernel(
     if t > 0:
         v_sum = v_sum_before(s_all_ptr, t, B, first, J, D, rows_offsets, rows_mask,
                              BLOCK_B * BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
-        v_sum = tl.reshape(v_sum, [BLOCK_B, BLOCK_J, BLOCK_D])
-        ds = tl.reshape(ds, [BLOCK_B, BLOCK_J, BLOCK_D])
+        v_sums = tl.reshape(v_sum, [BLOCK_B, BLOCK_J, BLOCK_D])            # one V and ds per sample
+        ds_block = tl.reshape(ds, [BLOCK_B, BLOCK_J, BLOCK_D])
         i_in_block = tl.arange(0, BLOCK_I)
         start = split * chunk
         end = tl.minimum(start + chunk, I)
         acc = tl.zeros([BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
             i = i_start + i_in_block
-            weight, _ = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
-            u, _ = load_u(u_block, i, I, P, p, p_valid, COMPUTE_DTYPE)
+            weight = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)[0]
+            u = load_u(u_block, i, I, P, p, p_valid, COMPUTE_DTYPE)[0]
             u_hat = predict(weight, u)                                      # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
-            coupling = coupling_tile(u_hat, v_sum, j_valid)
-            acc += tl.expand_dims(logits_grad(u_hat, coupling, ds), -1) * u_hat
+            coupling = coupling_tile(u_hat, v_sums, j_valid)
+            acc += tl.expand_dims(logits_grad(u_hat, coupling, ds_block), -1) * u_hat
         tl.store(partial_ptr + ((t * tl.num_programs(0) + block) * splits + split) * BLOCK_B * J * D
                  + rows_offsets,
                  tl.reshape(tl.sum(acc, axis=1), [BLOCK_B * BLOCK_J, BLOCK_D]), mask=rows_mask)
