@@ -16,9 +16,9 @@ coupling 1/J) skips the softmax.
 A program's [J, D] quantities (s, V, ds, partial sums) are [BLOCK_B * BLOCK_J, BLOCK_D] tiles
 whose row b * BLOCK_J + j is sample b's parent j: squash acts per row, and since the block's
 samples are consecutive, s_all [r, B, J, D] of samples first..first+BLOCK_B-1 is one [BLOCK_B J, D]
-matrix at sample `first`, so the routing kernels' one-sample helpers (v_sum_before,
-sum_partials, load_bias) read them unchanged. The partial sums are laid out to match:
-[slots, cdiv(B, BLOCK_B), S, BLOCK_B J, D]. Samples past B in the last block read sample B - 1's u
+matrix at sample `first`, and the split routing kernels' helpers (kernels/routing_tiles.py:
+split_forward_start, split_backward_ds, store_partial, v_sum_before) serve both, with the partial
+sums laid out to match: [slots, cdiv(B, BLOCK_B), S, BLOCK_B J, D]. Samples past B in the last block read sample B - 1's u
 (never out of bounds) and are masked out of every store to s_all, v and ds_all.
 
 Memory traffic per launch: u once (B I P), W once per block of samples (cdiv(B, BLOCK_B) I J D P,
@@ -30,9 +30,8 @@ the default until one measures both.
 import triton
 import triton.language as tl
 
-from .routing_tiles import (coupling_tile, load_u, load_weight, logits_grad, predict, spread_non_finite,
-                            sum_partials, v_sum_before, weight_layout)
-from .squash import squash_backward_tile, squash_tile
+from .routing_tiles import (coupling_tile, load_u, load_weight, logits_grad, predict, split_backward_ds,
+                            split_forward_start, spread_non_finite, store_partial, v_sum_before, weight_layout)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel"]
 
@@ -41,14 +40,13 @@ __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel"]
 def _block_layout(u_ptr, B, I, J, D, P, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's block of samples and its [BLOCK_B * BLOCK_J, BLOCK_D] row tiles.
 
-    Returns (block, first, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask): the block
-    index and its first sample (int64), pointers to u[b] of its samples [BLOCK_B, 1, 1] (samples
+    Returns (first, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask): the block's first
+    sample (int64), pointers to u[b] of its samples [BLOCK_B, 1, 1] (samples
     past B clamped to B - 1), which rows (sample b < B, parent j < J) and dims are real, offsets
     of row b * BLOCK_J + j into the block's contiguous [BLOCK_B J, D] at sample `first`, and the
     row's offsets and mask into a [J, D] shared by the samples (the bias).
     """
-    block = tl.program_id(0).to(tl.int64)
-    first = block * BLOCK_B
+    first = tl.program_id(0).to(tl.int64) * BLOCK_B
     samples = tl.minimum(first + tl.arange(0, BLOCK_B), B - 1)
     u_block = u_ptr + (samples * I * P)[:, None, None]
     row = tl.arange(0, BLOCK_B * BLOCK_J)
@@ -59,7 +57,7 @@ def _block_layout(u_ptr, B, I, J, D, P, BLOCK_B: tl.constexpr, BLOCK_J: tl.const
     rows_mask = bias_mask & (first + in_block < B)[:, None]
     bias_offsets = j[:, None] * D + d[None, :]
     rows_offsets = (in_block * J * D)[:, None] + bias_offsets
-    return block, first, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask
+    return first, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask
 
 
 @triton.jit
@@ -86,25 +84,14 @@ def split_forward_kernel(
     BLOCK_B (splits + t) J D of partials and s_all; writes BLOCK_B J D (+ as much of s_all in chunk 0).
     """
     j_valid, _, _, p, p_valid, jdp_mask, jdp_offsets = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
-    block, first, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask = _block_layout(
+    _, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask = _block_layout(
         u_ptr, B, I, J, D, P, BLOCK_B, BLOCK_J, BLOCK_D)
-    split = tl.program_id(1)
-    v_sum = v_sum_before(s_all_ptr, tl.maximum(t - 1, 0), B, first, J, D, rows_offsets, rows_mask,
-                         BLOCK_B * BLOCK_J, BLOCK_D, COMPUTE_DTYPE)        # V^(t-1)
-    if t > 0:
-        s = sum_partials(partial_ptr, (t - 1) % 2, tl.num_programs(0), block, splits, BLOCK_B * J, D,
-                         rows_offsets, rows_mask, BLOCK_B * BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
-        if HAS_BIAS:
-            s += tl.load(bias_ptr + bias_offsets, mask=bias_mask, other=0.0).to(COMPUTE_DTYPE)
-        v = squash_tile(s)
-        v_sum += v
-        if split == 0:
-            tl.store(s_all_ptr + ((t - 1) * B + first) * J * D + rows_offsets, s, mask=rows_mask)
-            if t == iterations:
-                tl.store(v_ptr + first * J * D + rows_offsets, v.to(v_ptr.dtype.element_ty), mask=rows_mask)
+    v_sum = split_forward_start(partial_ptr, bias_ptr, s_all_ptr, v_ptr, t, iterations, B, splits, J, D,
+                                rows_offsets, rows_mask, bias_offsets, bias_mask, HAS_BIAS, BLOCK_B,
+                                BLOCK_B * BLOCK_J, BLOCK_D, COMPUTE_DTYPE)  # V^(t), one row per (sample, parent)
     if t < iterations:
         i_in_block = tl.arange(0, BLOCK_I)
-        start = split * chunk
+        start = tl.program_id(1) * chunk
         end = tl.minimum(start + chunk, I)
         v_sums = tl.reshape(v_sum, [BLOCK_B, BLOCK_J, BLOCK_D])            # one V per sample
         acc = tl.zeros([BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)  # per-thread partial sums
@@ -123,9 +110,8 @@ def split_forward_kernel(
                 u_hat = predict(weight, u)                                  # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
                 acc += tl.expand_dims(coupling_tile(u_hat, v_sums, j_valid), -1) * u_hat
             partial = tl.sum(acc, axis=1)
-        tl.store(partial_ptr + (((t % 2) * tl.num_programs(0) + block) * splits + split) * BLOCK_B * J * D
-                 + rows_offsets,
-                 tl.reshape(partial, [BLOCK_B * BLOCK_J, BLOCK_D]), mask=rows_mask)
+        store_partial(partial_ptr, t % 2, splits, J, D, rows_offsets, rows_mask,
+                      tl.reshape(partial, [BLOCK_B * BLOCK_J, BLOCK_D]), BLOCK_B)
 
 
 @triton.jit
@@ -151,28 +137,17 @@ def split_backward_ds_all_kernel(
     of ds_all in chunk 0).
     """
     j_valid, _, _, p, p_valid, jdp_mask, jdp_offsets = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
-    block, first, u_block, rows_mask, rows_offsets, _, _ = _block_layout(
+    first, u_block, rows_mask, rows_offsets, _, _ = _block_layout(
         u_ptr, B, I, J, D, P, BLOCK_B, BLOCK_J, BLOCK_D)
-    split = tl.program_id(1)
-    if t == iterations - 1:
-        grad_v = tl.load(dv_ptr + first * J * D + rows_offsets, mask=rows_mask, other=0.0).to(COMPUTE_DTYPE)
-    else:
-        grad_v = tl.zeros([BLOCK_B * BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-        for k in range(iterations - 1 - t):
-            grad_v += sum_partials(partial_ptr, iterations - 1 - k, tl.num_programs(0), block, splits,
-                                   BLOCK_B * J, D, rows_offsets, rows_mask, BLOCK_B * BLOCK_J, BLOCK_D,
-                                   COMPUTE_DTYPE)
-    offsets = (t * B + first) * J * D + rows_offsets                        # s^(t) in s_all
-    ds = squash_backward_tile(grad_v, tl.load(s_all_ptr + offsets, mask=rows_mask, other=0.0))
-    if split == 0:
-        tl.store(ds_all_ptr + offsets, ds, mask=rows_mask)
+    ds = split_backward_ds(dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, t, iterations, B, splits, J, D,
+                           rows_offsets, rows_mask, BLOCK_B, BLOCK_B * BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
     if t > 0:
         v_sum = v_sum_before(s_all_ptr, t, B, first, J, D, rows_offsets, rows_mask,
                              BLOCK_B * BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         v_sums = tl.reshape(v_sum, [BLOCK_B, BLOCK_J, BLOCK_D])            # one V and ds per sample
         ds_block = tl.reshape(ds, [BLOCK_B, BLOCK_J, BLOCK_D])
         i_in_block = tl.arange(0, BLOCK_I)
-        start = split * chunk
+        start = tl.program_id(1) * chunk
         end = tl.minimum(start + chunk, I)
         acc = tl.zeros([BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
@@ -182,6 +157,5 @@ def split_backward_ds_all_kernel(
             u_hat = predict(weight, u)                                      # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
             coupling = coupling_tile(u_hat, v_sums, j_valid)
             acc += tl.expand_dims(logits_grad(u_hat, coupling, ds_block), -1) * u_hat
-        tl.store(partial_ptr + ((t * tl.num_programs(0) + block) * splits + split) * BLOCK_B * J * D
-                 + rows_offsets,
-                 tl.reshape(tl.sum(acc, axis=1), [BLOCK_B * BLOCK_J, BLOCK_D]), mask=rows_mask)
+        store_partial(partial_ptr, t, splits, J, D, rows_offsets, rows_mask,
+                      tl.reshape(tl.sum(acc, axis=1), [BLOCK_B * BLOCK_J, BLOCK_D]), BLOCK_B)

@@ -7,11 +7,12 @@ the split kernels' partial sums, and the fused layer's W and u tiles and predict
 import triton
 import triton.language as tl
 
-from .squash import squash_tile
+from .squash import squash_backward_tile, squash_tile
 
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "s_of_tile",
            "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration", "sum_partials",
-           "spread_non_finite", "weight_layout", "load_weight", "load_u", "predict"]
+           "split_forward_start", "split_backward_ds", "store_partial", "spread_non_finite", "weight_layout",
+           "load_weight", "load_u", "predict"]
 
 
 @triton.jit
@@ -161,6 +162,76 @@ def sum_partials(partial_ptr, slot, B, sample, splits, J, D, jd_offsets, jd_mask
         total += tl.load(partial_ptr + ((slot * B + sample) * splits + k) * J * D + jd_offsets,
                          mask=jd_mask, other=0.0)
     return total
+
+
+@triton.jit
+def split_forward_start(partial_ptr, bias_ptr, s_all_ptr, v_ptr, t, iterations, B, splits, J, D,
+                        offsets, mask, bias_offsets, bias_mask, HAS_BIAS: tl.constexpr, SAMPLES: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """V^(t) [BLOCK_ROWS, BLOCK_D] at the start of launch t (0-based) of a split forward, grid
+    (cdiv(B, SAMPLES), splits): a program per block of SAMPLES consecutive samples and chunk of I.
+
+    The tiles' rows are the block's (sample, parent) pairs: offsets and mask place them in a
+    contiguous [SAMPLES J, D] at the block's first sample (for SAMPLES = 1 simply [J, D]), and
+    bias_offsets and bias_mask in the bias [J, D]. A launch t >= 1 first sums the S partials of
+    iteration t - 1 in the order k = 0..S-1 (partial_ptr: [2, cdiv(B, SAMPLES), S, SAMPLES J, D],
+    slot (t - 1) % 2) to s^(t-1) (+ bias), which chunk 0 stores in s_all [iterations, B, J, D]
+    (and, in the last launch t = iterations, v = squash(s^(r)) in v [B, J, D]), and adds
+    squash(s^(t-1)) to V, the earlier iterations' squash(s) read back from s_all.
+    """
+    block = tl.program_id(0).to(tl.int64)
+    first = block * SAMPLES
+    v_sum = v_sum_before(s_all_ptr, tl.maximum(t - 1, 0), B, first, J, D, offsets, mask,
+                         BLOCK_ROWS, BLOCK_D, COMPUTE_DTYPE)                # V^(t-1)
+    if t > 0:
+        s = sum_partials(partial_ptr, (t - 1) % 2, tl.num_programs(0), block, splits, SAMPLES * J, D,
+                         offsets, mask, BLOCK_ROWS, BLOCK_D, COMPUTE_DTYPE)
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + bias_offsets, mask=bias_mask, other=0.0).to(COMPUTE_DTYPE)
+        v = squash_tile(s)
+        v_sum += v
+        if tl.program_id(1) == 0:
+            tl.store(s_all_ptr + ((t - 1) * B + first) * J * D + offsets, s, mask=mask)
+            if t == iterations:
+                tl.store(v_ptr + first * J * D + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
+    return v_sum
+
+
+@triton.jit
+def split_backward_ds(dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, t, iterations, B, splits, J, D, offsets, mask,
+                      SAMPLES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                      COMPUTE_DTYPE: tl.constexpr):
+    """ds^(t) [BLOCK_ROWS, BLOCK_D] at step t (0-based, walked from iterations - 1 down to 0) of a
+    split backward kernel A, grid and rows as in split_forward_start.
+
+    dL/dv^(t) is dv [B, J, D] for the last iteration, else the sum over the later iterations t'
+    of dV^(t') = sum_k partial[t', block, k] (in the order t' = r-1 .. t+1, k = 0..S-1;
+    partial_ptr: [iterations, cdiv(B, SAMPLES), S, SAMPLES J, D]); then
+    ds^(t) = squash_backward(dL/dv^(t), s^(t)), which chunk 0 stores in ds_all [iterations, B, J, D].
+    """
+    block = tl.program_id(0).to(tl.int64)
+    first = block * SAMPLES
+    if t == iterations - 1:
+        grad_v = tl.load(dv_ptr + first * J * D + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    else:
+        grad_v = tl.zeros([BLOCK_ROWS, BLOCK_D], COMPUTE_DTYPE)
+        for k in range(iterations - 1 - t):
+            grad_v += sum_partials(partial_ptr, iterations - 1 - k, tl.num_programs(0), block, splits,
+                                   SAMPLES * J, D, offsets, mask, BLOCK_ROWS, BLOCK_D, COMPUTE_DTYPE)
+    s_offsets = (t * B + first) * J * D + offsets                          # s^(t) in s_all
+    ds = squash_backward_tile(grad_v, tl.load(s_all_ptr + s_offsets, mask=mask, other=0.0))
+    if tl.program_id(1) == 0:
+        tl.store(ds_all_ptr + s_offsets, ds, mask=mask)
+    return ds
+
+
+@triton.jit
+def store_partial(partial_ptr, slot, splits, J, D, offsets, mask, partial, SAMPLES: tl.constexpr):
+    """Store this program's partial sum (rows as in split_forward_start) as partial[slot, block, split]
+    of partial_ptr: [slots, cdiv(B, SAMPLES), splits, SAMPLES J, D]."""
+    block = tl.program_id(0).to(tl.int64)
+    tl.store(partial_ptr + ((slot * tl.num_programs(0) + block) * splits + tl.program_id(1)) * SAMPLES * J * D
+             + offsets, partial, mask=mask)
 
 
 @triton.jit
