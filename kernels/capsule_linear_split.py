@@ -15,11 +15,12 @@ coupling 1/J) skips the softmax.
 
 A program's [J, D] quantities (s, V, ds, partial sums) are [BLOCK_B * BLOCK_J, BLOCK_D] tiles
 whose row b * BLOCK_J + j is sample b's parent j: squash acts per row, and since the block's
-samples are consecutive, s_all [r, B, J, D] of samples first..first+BLOCK_B-1 is one [BLOCK_B J, D]
-matrix at sample `first`, and the split routing kernels' helpers (kernels/routing_tiles.py:
-split_forward_start, split_backward_ds, store_partial, v_sum_before) serve both, with the partial
-sums laid out to match: [slots, cdiv(B, BLOCK_B), S, BLOCK_B J, D]. Samples past B in the last block read sample B - 1's u
-(never out of bounds) and are masked out of every store to s_all, v and ds_all.
+samples are consecutive, s_all [r, B, J, D] of samples first..first+BLOCK_B-1 is one
+[BLOCK_B J, D] matrix at sample `first`. So the split routing kernels' helpers
+(kernels/routing_tiles.py: split_forward_start, split_backward_ds, store_partial, v_sum_before)
+serve both, with the partial sums laid out to match: [slots, cdiv(B, BLOCK_B), S, BLOCK_B J, D].
+Samples past B in the last block read sample B - 1's u (never out of bounds) and are masked out
+of every store.
 
 Memory traffic per launch: u once (B I P), W once per block of samples (cdiv(B, BLOCK_B) I J D P,
 from L2), and cdiv(B, BLOCK_B) S BLOCK_B J D partials written and S times that read. Which
@@ -41,10 +42,10 @@ def _block_layout(u_ptr, B, I, J, D, P, BLOCK_B: tl.constexpr, BLOCK_J: tl.const
     """This program's block of samples and its [BLOCK_B * BLOCK_J, BLOCK_D] row tiles.
 
     Returns (first, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask): the block's first
-    sample (int64), pointers to u[b] of its samples [BLOCK_B, 1, 1] (samples
-    past B clamped to B - 1), which rows (sample b < B, parent j < J) and dims are real, offsets
-    of row b * BLOCK_J + j into the block's contiguous [BLOCK_B J, D] at sample `first`, and the
-    row's offsets and mask into a [J, D] shared by the samples (the bias).
+    sample (int64), pointers to u[b] of its samples [BLOCK_B, 1, 1] (samples past B clamped to
+    B - 1), which rows (sample b < B, parent j < J) and dims are real, offsets of row
+    b * BLOCK_J + j into the block's contiguous [BLOCK_B J, D] at sample `first`, and the row's
+    offsets and mask into a [J, D] shared by the samples (the bias).
     """
     first = tl.program_id(0).to(tl.int64) * BLOCK_B
     samples = tl.minimum(first + tl.arange(0, BLOCK_B), B - 1)
