@@ -21,6 +21,9 @@ Providers (one row each):
   triton-split   the same kernels with the routing forward and backward kernel A split over I
                  (variant="split", grid (B, S)): the GPU measurement picks the default variant
   triton-fused   capsule_linear with backend="triton", on a CUDA GPU only, likewise
+  triton-fused-split  the same layer with its forward and backward kernel A split over I and
+                 each W tile used for a block of samples (variant="split"): the GPU measurement
+                 picks the layer's default variant (the layer workloads only)
 
 Workloads, float32, at the MNIST shape I=1152, J=10, D=16, P=8, r=3 unless a row says otherwise:
   squash           v = squash(s), s [B, I, P] (the primary capsules)            B up to 128 (CPU)

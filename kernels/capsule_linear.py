@@ -18,6 +18,12 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - capsule_linear_backward: kernel A (gradient="full" only) reads u and W r - 1 times per sample
   and writes ds_all; kernel B reads W once per program, u, s_all and ds_all once per sample, and
   writes du (B I P) and dW (I J D P) once: no pass over anything of size U.
+
+Two variants of the forward and of backward kernel A, chosen by the launchers' `variant=`:
+"sample" (the default, in this file), one program per sample for all iterations, which reads
+all of W once per sample and iteration, and "split" (kernels/capsule_linear_split.py), one
+launch per iteration over (block of BLOCK_B samples, chunk of I), which reads W once per block
+of samples and fills a GPU at small batches. The default follows a GPU measurement of both.
 """
 
 import triton
@@ -33,53 +39,13 @@ from capsnet_triton.checks import (
     interpreting,
 )
 
-from .launch import launch_options, max_tile, output, tl_dtype
-from .routing_tiles import du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, s_of_tile, v_sum_before
+from . import capsule_linear_split, routing_split
+from .launch import SPLIT_STAGES, check_variant, launch_options, max_tile, output, tl_dtype
+from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u, load_weight, predict,
+                            s_of_tile, v_sum_before, weight_layout)
 from .squash import squash_backward, squash_backward_tile
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
-
-
-@triton.jit
-def _weight_layout(J, D, P, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Offsets and masks every capsule_linear kernel uses.
-
-    Returns (j_valid [BLOCK_J], jd_mask and jd_offsets [BLOCK_J, BLOCK_D] into a contiguous
-    [J, D], p [BLOCK_P], p_valid [BLOCK_P], jdp_mask and jdp_offsets [BLOCK_J, BLOCK_D, BLOCK_P]
-    into a contiguous W[i] [J, D, P]).
-    """
-    j = tl.arange(0, BLOCK_J)
-    d = tl.arange(0, BLOCK_D)
-    p = tl.arange(0, BLOCK_P)
-    j_valid = j < J
-    p_valid = p < P
-    jd_mask = j_valid[:, None] & (d < D)[None, :]
-    jd_offsets = j[:, None] * D + d[None, :]
-    jdp_mask = jd_mask[:, :, None] & p_valid[None, None, :]
-    jdp_offsets = jd_offsets[:, :, None] * P + p[None, None, :]
-    return j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets
-
-
-@triton.jit
-def _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE: tl.constexpr):
-    """W[i] for the inputs i [BLOCK_I]: [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P], padded entries 0."""
-    mask = (i < I)[:, None, None, None] & jdp_mask[None, :, :, :]
-    offsets = (i * (J * D * P))[:, None, None, None] + jdp_offsets[None, :, :, :]
-    return tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE), mask
-
-
-@triton.jit
-def _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE: tl.constexpr):
-    """u[b, i] for the inputs i [BLOCK_I] of one sample: [BLOCK_I, BLOCK_P], padded entries 0."""
-    mask = (i < I)[:, None] & p_valid[None, :]
-    return tl.load(u_sample + i[:, None] * P + p[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE), mask
-
-
-@triton.jit
-def _predict(weight, u):
-    """u_hat[i, j] = W[i, j] @ u[i] (Eq. 2): weight [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] and
-    u [BLOCK_I, BLOCK_P] -> [BLOCK_I, BLOCK_J, BLOCK_D], summed in registers (plain FMAs)."""
-    return tl.sum(weight * u[:, None, None, :], axis=3)
 
 
 @triton.jit
@@ -100,7 +66,7 @@ def _capsule_linear_forward_kernel(
     (iterations + 1) J D elements.
     """
     sample = tl.program_id(0).to(tl.int64)
-    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = _weight_layout(
+    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = weight_layout(
         J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
     i_in_block = tl.arange(0, BLOCK_I)
     u_sample = u_ptr + sample * I * P
@@ -112,9 +78,9 @@ def _capsule_linear_forward_kernel(
         s = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
             i = i_start + i_in_block
-            weight, _ = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
-            u, _ = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-            s += s_of_tile(_predict(weight, u), v_sum, j_valid)          # u_hat [BLOCK_I, BLOCK_J, BLOCK_D]
+            weight, _ = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
+            u, _ = load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
+            s += s_of_tile(predict(weight, u), v_sum, j_valid)          # u_hat [BLOCK_I, BLOCK_J, BLOCK_D]
         v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
     tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
@@ -137,7 +103,7 @@ def _capsule_linear_backward_ds_all_kernel(
     O(iterations^2 J D) of s_all, writes iterations J D elements.
     """
     sample = tl.program_id(0).to(tl.int64)
-    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = _weight_layout(
+    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = weight_layout(
         J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
     i_in_block = tl.arange(0, BLOCK_I)
     u_sample = u_ptr + sample * I * P
@@ -154,9 +120,9 @@ def _capsule_linear_backward_ds_all_kernel(
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
             i = i_start + i_in_block
-            weight, _ = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
-            u, _ = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-            grad_v_sum += grad_v_sum_of_tile(_predict(weight, u), v_sum, ds, j_valid)
+            weight, _ = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
+            u, _ = load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
+            grad_v_sum += grad_v_sum_of_tile(predict(weight, u), v_sum, ds, j_valid)
         grad_v = grad_v_sum
     s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
     tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
@@ -186,16 +152,16 @@ def _capsule_linear_backward_weight_kernel(
     and 2 iterations J D of s_all and ds_all ("last": iterations J D, J D); writes B BLOCK_I P
     of du and BLOCK_I J D P of dW.
     """
-    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = _weight_layout(
+    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = weight_layout(
         J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-    weight, weight_mask = _load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
+    weight, weight_mask = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
     dweight = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P], COMPUTE_DTYPE)
     u_sample = u_ptr
     du_sample = du_ptr
     for sample in range(B):
-        u, u_mask = _load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-        du_hat = du_hat_tile(_predict(weight, u), s_all_ptr, ds_all_ptr, B, sample, J, D, iterations,
+        u, u_mask = load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
+        du_hat = du_hat_tile(predict(weight, u), s_all_ptr, ds_all_ptr, B, sample, J, D, iterations,
                               j_valid, jd_mask, jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D,
                               COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
         du = tl.sum(tl.sum(weight * du_hat[:, :, :, None], axis=2), axis=1)  # [BLOCK_I, BLOCK_P]
@@ -216,25 +182,40 @@ _INTERPRETER_MAX_BLOCK_I = 2048
 _INT32_MAX = 2**31 - 1
 
 
-def _launch_config(I, J, D, P, dtype, block_i):
-    """Block sizes, compute dtype and launch options of the kernels for W [I, J, D, P]."""
+# Samples per program of the split kernels: each W tile they load serves this many samples.
+_SPLIT_BLOCK_B = 4
+
+
+def _launch_config(I, J, D, P, dtype, block_i, samples=1):
+    """Block sizes, compute dtype and launch options of the kernels for W [I, J, D, P], whose
+    programs predict u_hat for `samples` samples from each W tile (the split kernels: BLOCK_B)."""
     block_j, block_d, block_p = (triton.next_power_of_2(n) for n in (J, D, P))
-    per_input = block_j * block_d * block_p                                # one W[i] tile
+    per_input = samples * block_j * block_d * block_p                      # W[i] u[b, i] for the samples
     if block_i is None:
         if interpreting():
             block_i = min(triton.next_power_of_2(I), _INTERPRETER_MAX_BLOCK_I)
         else:
-            # Keep a [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] tile small enough to stay in registers.
+            # Keep a [samples, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] tile small enough to stay in registers.
             block_i = min(triton.next_power_of_2(I), max(1, max_tile(dtype) // per_input))
     elif isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
         raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")
     options = launch_options(block_i * per_input)
     if not interpreting() and block_i * per_input > max_tile(dtype):
-        # One input's W tile is over the budget (float64 at the MNIST shape): spread it over
-        # twice the warps so that it stays in registers.
+        # One input's tile is over the budget (float64 at the MNIST shape, or several samples):
+        # spread it over twice the warps so that it stays in registers.
         options["num_warps"] *= 2
-    return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, BLOCK_P=block_p,
-                COMPUTE_DTYPE=tl_dtype(dtype), **options)
+    config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, BLOCK_P=block_p,
+                  COMPUTE_DTYPE=tl_dtype(dtype), **options)
+    if samples > 1:
+        config.update(BLOCK_B=samples, NUM_STAGES=SPLIT_STAGES)
+    return config
+
+
+def _split_grid(B, I, config, device, splits):
+    """(blocks of samples, splits, chunk) of a split launch: the grid (blocks, splits) gives every
+    SM several CTAs (routing_split.pick_splits), each chunk a multiple of BLOCK_I inputs."""
+    blocks = triton.cdiv(B, config["BLOCK_B"])
+    return (blocks, *routing_split.pick_splits(blocks, I, config["BLOCK_I"], device, splits))
 
 
 def _checked(u, weight, iterations, bias=None):
@@ -251,17 +232,23 @@ def _checked(u, weight, iterations, bias=None):
     return u.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
 
 
-def capsule_linear_forward(u, weight, iterations, bias=None, *, block_i=None, out=None):
+def capsule_linear_forward(u, weight, iterations, bias=None, *, variant="sample", splits=None, block_i=None,
+                           out=None):
     """v [B, J, D] = routing(W u, iterations) for u [B, I, P] and W [I, J, D, P], u_hat never stored.
 
-    One launch runs all iterations, one program per sample. bias: optional [J, D], added to s in
-    every iteration. block_i: force the BLOCK_I inputs per tile (a power of two; tests use it to
-    exercise the loop over I and its masks).
+    variant: "sample" (default): one launch runs all iterations, one program per sample.
+    "split" (kernels/capsule_linear_split.py): one launch per iteration (and one to finish) over
+    (block of samples, chunk of I), each W tile loaded once for the block's samples, the chunks'
+    partial sums added in a fixed order; splits forces the number of chunks per block (default:
+    enough for several CTAs on every SM). The default stays "sample" until a GPU has measured
+    both. bias: optional [J, D], added to s in every iteration. block_i: force the BLOCK_I inputs
+    per tile (a power of two; tests use it to exercise the loop over I and its masks).
     Returns (v, s_all): v in u's dtype, and s_all [iterations, B, J, D] every iteration's s in the
     compute dtype (float64 for float64 u, else float32), all capsule_linear_backward needs.
     out: optional (v, s_all) of contiguous tensors of those shapes and dtypes to write into.
     """
     u, weight, bias = _checked(u, weight, iterations, bias)
+    check_variant(variant)
     B, I, P = u.shape
     _, J, D, _ = weight.shape
     v_out, s_all_out = (None, None) if out is None else out
@@ -269,26 +256,40 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, block_i=None, ou
     s_all = output(s_all_out, (iterations, B, J, D), compute_dtype(u.dtype), u.device, "out[1] (s_all)")
     if B == 0:
         return v, s_all
-    config = _launch_config(I, J, D, P, u.dtype, block_i)
     # Without a bias the kernel never reads bias_ptr; s_all stands in for the pointer.
-    _capsule_linear_forward_kernel[(B,)](
-        u, weight, bias if bias is not None else s_all, v, s_all,
-        B, I, J, D, P, iterations,
-        HAS_BIAS=bias is not None, **config,
-    )
+    bias_arg = bias if bias is not None else s_all
+    if variant == "sample":
+        _capsule_linear_forward_kernel[(B,)](
+            u, weight, bias_arg, v, s_all,
+            B, I, J, D, P, iterations,
+            HAS_BIAS=bias is not None, **_launch_config(I, J, D, P, u.dtype, block_i),
+        )
+        return v, s_all
+    config = _launch_config(I, J, D, P, u.dtype, block_i, samples=_SPLIT_BLOCK_B)
+    blocks, splits, chunk = _split_grid(B, I, config, u.device, splits)
+    partials = s_all.new_empty((2, blocks, splits, config["BLOCK_B"] * J, D))
+    for t in range(iterations + 1):
+        capsule_linear_split.split_forward_kernel[(blocks, splits if t < iterations else 1)](
+            u, weight, bias_arg, v, s_all, partials,
+            B, I, J, D, P, iterations, t, chunk, splits,
+            HAS_BIAS=bias is not None, **config,
+        )
     return v, s_all
 
 
-def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", block_i=None, out=None):
+def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant="sample", splits=None, block_i=None,
+                            out=None):
     """Gradients of capsule_linear_forward: (du [B, I, P] in u's dtype, dW [I, J, D, P] in W's
     dtype, ds_all [r, B, J, D] in the compute dtype; the bias gradient is ds_all.sum((0, 1))).
 
     dv: dL/dv [B, J, D]; s_all: capsule_linear_forward's second output. gradient: "full"
     (default) or "last", as routing_backward's: "last" leaves ds_all 0 but for
     ds^(r) = squash_backward(dv, s^(r)), and du_hat = c^(r) ds^(r).
-    "full": kernel A, one program per sample, walks the iterations backwards to ds_all ("last":
-    the squash backward kernel on [B, J, D]); then kernel B, one program per block of inputs,
-    writes du and dW once.
+    "full": kernel A walks the iterations backwards to ds_all ("last": the squash backward kernel
+    on [B, J, D]); then kernel B, one program per block of inputs, writes du and dW once. Kernel A
+    is one launch, one program per sample, for variant="sample" (default), and one launch per
+    iteration over (block of samples, chunk of I) for variant="split" (see capsule_linear_forward;
+    splits forces the chunks per block). Kernel B is the same for both.
     out: optional (du, dW, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """
     check_float_tensor(s_all, "s_all")
@@ -296,6 +297,7 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", block_i=No
         raise ValueError(f"s_all must be capsule_linear_forward's [r, B, J, D] output, got shape {tuple(s_all.shape)}")
     u, weight, _ = _checked(u, weight, s_all.shape[0])
     check_gradient(gradient)
+    check_variant(variant)
     B, I, P = u.shape
     _, J, D, _ = weight.shape
     check_float_tensor(dv, "dv")
@@ -319,11 +321,20 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", block_i=No
         ds_all.zero_()
         return du, dweight, ds_all
     config = _launch_config(I, J, D, P, u.dtype, block_i)
-    if gradient == "full":
+    if gradient == "full" and variant == "sample":
         _capsule_linear_backward_ds_all_kernel[(B,)](
             u, weight, dv.contiguous(), s_all, ds_all,
             B, I, J, D, P, iterations, **config,
         )
+    elif gradient == "full":
+        split_config = _launch_config(I, J, D, P, u.dtype, block_i, samples=_SPLIT_BLOCK_B)
+        blocks, splits, chunk = _split_grid(B, I, split_config, u.device, splits)
+        partials = s_all.new_empty((iterations, blocks, splits, split_config["BLOCK_B"] * J, D))
+        for t in reversed(range(iterations)):
+            capsule_linear_split.split_backward_ds_all_kernel[(blocks, splits if t > 0 else 1)](
+                u, weight, dv.contiguous(), s_all, ds_all, partials,
+                B, I, J, D, P, iterations, t, chunk, splits, **split_config,
+            )
     else:
         ds_all[:-1].zero_()
         squash_backward(dv, s_all[-1], out=ds_all[-1])

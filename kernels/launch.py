@@ -1,5 +1,6 @@
-"""Launch helpers shared by the kernel launchers of squash.py and routing.py: output buffers,
-tile budgets, launch options, and the Triton dtype a kernel computes in.
+"""Launch helpers shared by the kernel launchers of squash.py, routing.py and capsule_linear.py:
+output buffers, tile budgets, launch options, the Triton dtype a kernel computes in, and the
+kernel variants a launcher offers.
 """
 
 import torch
@@ -7,7 +8,7 @@ import triton.language as tl
 
 from capsnet_triton.checks import compute_dtype, interpreting
 
-__all__ = ["tl_dtype", "output", "max_tile", "launch_options"]
+__all__ = ["tl_dtype", "output", "max_tile", "launch_options", "VARIANTS", "SPLIT_STAGES", "check_variant"]
 
 # The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
 # temporaries in registers without spilling (float64 division and sqrt take many more registers
@@ -48,3 +49,15 @@ def launch_options(tile_elements):
     contraction asked for explicitly, so that the numerics do not change when a Triton release
     flips its default."""
     return dict(num_warps=4 if tile_elements <= 2048 else 8, enable_fp_fusion=True)
+
+
+# The kernel variants of the routing and capsule_linear launchers' `variant=`: one program per
+# sample ("sample"), or I split across programs with partial sums ("split").
+VARIANTS = ("sample", "split")
+# Loads in flight per loop of the split kernels (tl.range's software pipelining on a GPU).
+SPLIT_STAGES = 2
+
+
+def check_variant(variant):
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")

@@ -43,7 +43,7 @@ from capsnet_triton.checks import (
     interpreting,
 )
 
-from .launch import launch_options, max_tile, output, tl_dtype
+from .launch import SPLIT_STAGES, check_variant, launch_options, max_tile, output, tl_dtype
 from . import routing_split
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u_hat, s_of_tile,
                             sample_layout, v_sum_before)
@@ -206,16 +206,6 @@ def _routing_launch_config(I, J, D, dtype, block_i):
                 **launch_options(block_i * block_j * block_d))
 
 
-VARIANTS = ("sample", "split")
-# Loads in flight per loop of the split kernels (tl.range's software pipelining on a GPU).
-_SPLIT_STAGES = 2
-
-
-def _check_variant(variant):
-    if not isinstance(variant, str) or variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-
-
 def routing_forward(u_hat, iterations, bias=None, *, variant="sample", splits=None, block_i=None, out=None):
     """Route u_hat [B, I, J, D] to v [B, J, D] with `iterations` routing iterations (Procedure 1).
 
@@ -233,7 +223,7 @@ def routing_forward(u_hat, iterations, bias=None, *, variant="sample", splits=No
     """
     u_hat = _u_hat_for_kernels(u_hat)
     check_iterations(iterations)
-    _check_variant(variant)
+    check_variant(variant)
     bias = check_bias(bias, u_hat)
     B, I, J, D = u_hat.shape
     v_out, s_all_out = (None, None) if out is None else out
@@ -258,7 +248,7 @@ def routing_forward(u_hat, iterations, bias=None, *, variant="sample", splits=No
         routing_split.split_forward_kernel[(B, splits if t < iterations else 1)](
             u_hat, bias_arg, v, s_all, partials,
             B, I, J, D, iterations, t, chunk, splits, *u_hat.stride(),
-            HAS_BIAS=bias is not None, NUM_STAGES=_SPLIT_STAGES, **config,
+            HAS_BIAS=bias is not None, NUM_STAGES=SPLIT_STAGES, **config,
         )
     return v, s_all
 
@@ -281,7 +271,7 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", variant="sample", spl
     """
     u_hat = _u_hat_for_kernels(u_hat)
     check_gradient(gradient)
-    _check_variant(variant)
+    check_variant(variant)
     B, I, J, D = u_hat.shape
     check_float_tensor(dv, "dv")
     check_float_tensor(s_all, "s_all")
@@ -315,7 +305,7 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", variant="sample", spl
             routing_split.split_backward_ds_all_kernel[(B, splits if t > 0 else 1)](
                 u_hat, dv.contiguous(), s_all, ds_all, partials,
                 B, I, J, D, iterations, t, chunk, splits, *u_hat.stride(),
-                NUM_STAGES=_SPLIT_STAGES, **config,
+                NUM_STAGES=SPLIT_STAGES, **config,
             )
     else:
         ds_all[:-1].zero_()

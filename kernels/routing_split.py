@@ -20,21 +20,10 @@ the default until one measures both.
 import triton
 import triton.language as tl
 
-from .routing_tiles import coupling_tile, load_u_hat, logits_grad, sample_layout, v_sum_before
-from .squash import squash_backward_tile, squash_tile
+from .routing_tiles import (coupling_tile, load_u_hat, logits_grad, sample_layout, split_backward_ds,
+                            split_forward_start, spread_non_finite, store_partial, v_sum_before)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel", "pick_splits"]
-
-
-@triton.jit
-def _sum_partials(partial_ptr, slot, B, sample, splits, J, D, jd_offsets, jd_mask,
-                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """sum_k partial[slot, sample, k] over the S = splits chunks, in the order k = 0..S-1 [BLOCK_J, BLOCK_D]."""
-    total = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-    for k in range(splits):
-        total += tl.load(partial_ptr + ((slot * B + sample) * splits + k) * J * D + jd_offsets,
-                         mask=jd_mask, other=0.0)
-    return total
 
 
 @triton.jit
@@ -61,23 +50,12 @@ def split_forward_kernel(
     """
     sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
-    split = tl.program_id(1)
-    v_sum = v_sum_before(s_all_ptr, tl.maximum(t - 1, 0), B, sample, J, D, jd_offsets, jd_mask,
-                         BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                  # V^(t-1)
-    if t > 0:
-        s = _sum_partials(partial_ptr, (t - 1) % 2, B, sample, splits, J, D, jd_offsets, jd_mask,
-                          BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
-        if HAS_BIAS:
-            s += tl.load(bias_ptr + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
-        v = squash_tile(s)
-        v_sum += v
-        if split == 0:
-            tl.store(s_all_ptr + ((t - 1) * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
-            if t == iterations:
-                tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
+    v_sum = split_forward_start(partial_ptr, bias_ptr, s_all_ptr, v_ptr, t, iterations, B, splits, J, D,
+                                jd_offsets, jd_mask, jd_offsets, jd_mask, HAS_BIAS, 1, BLOCK_J, BLOCK_D,
+                                COMPUTE_DTYPE)                             # V^(t)
     if t < iterations:
         i_in_block = tl.arange(0, BLOCK_I)
-        start = split * chunk
+        start = tl.program_id(1) * chunk
         end = tl.minimum(start + chunk, I)
         acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)        # per-thread partial sums
         if t == 0:
@@ -85,18 +63,14 @@ def split_forward_kernel(
                 u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                       jd_mask, COMPUTE_DTYPE)
                 acc += u_hat
-            partial = tl.sum(acc, axis=0) / J                              # uniform c = 1/J
-            # Where the chunk is not finite (or its sum overflows), NaN in all of the partial, so
-            # that all of the sample's outputs are NaN (SPEC 7) as the softmax makes them elsewhere.
-            partial += tl.sum(tl.sum(partial * 0.0, axis=1), axis=0)
+            partial = spread_non_finite(tl.sum(acc, axis=0) / J)           # uniform c = 1/J
         else:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                       jd_mask, COMPUTE_DTYPE)
                 acc += coupling_tile(u_hat, v_sum, j_valid)[:, :, None] * u_hat
             partial = tl.sum(acc, axis=0)
-        tl.store(partial_ptr + (((t % 2) * B + sample) * splits + split) * J * D + jd_offsets,
-                 partial, mask=jd_mask)
+        store_partial(partial_ptr, t % 2, splits, J, D, jd_offsets, jd_mask, partial, 1)
 
 
 @triton.jit
@@ -122,24 +96,13 @@ def split_backward_ds_all_kernel(
     """
     sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
-    split = tl.program_id(1)
-    sample_offset = sample * J * D
-    if t == iterations - 1:
-        grad_v = tl.load(dv_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
-    else:
-        grad_v = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-        for k in range(iterations - 1 - t):
-            grad_v += _sum_partials(partial_ptr, iterations - 1 - k, B, sample, splits, J, D,
-                                    jd_offsets, jd_mask, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
-    offsets = (t * B + sample) * J * D + jd_offsets                        # s^(t) in s_all
-    ds = squash_backward_tile(grad_v, tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
-    if split == 0:
-        tl.store(ds_all_ptr + offsets, ds, mask=jd_mask)
+    ds = split_backward_ds(dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, t, iterations, B, splits, J, D,
+                           jd_offsets, jd_mask, 1, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
     if t > 0:
         v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                              BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         i_in_block = tl.arange(0, BLOCK_I)
-        start = split * chunk
+        start = tl.program_id(1) * chunk
         end = tl.minimum(start + chunk, I)
         acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
@@ -147,8 +110,7 @@ def split_backward_ds_all_kernel(
                                   jd_mask, COMPUTE_DTYPE)
             coupling = coupling_tile(u_hat, v_sum, j_valid)
             acc += logits_grad(u_hat, coupling, ds)[:, :, None] * u_hat
-        tl.store(partial_ptr + ((t * B + sample) * splits + split) * J * D + jd_offsets,
-                 tl.sum(acc, axis=0), mask=jd_mask)
+        store_partial(partial_ptr, t, splits, J, D, jd_offsets, jd_mask, tl.sum(acc, axis=0), 1)
 
 
 # Resident CTAs wanted per SM: enough that one CTA's memory latency hides behind the others'.

@@ -1,15 +1,18 @@
 """The tile helpers every routing kernel shares (kernels/routing.py, kernels/routing_split.py,
-kernels/capsule_linear.py): a program's sample layout, u_hat tiles, couplings and their
-gradient, V^(t) from s_all, and a tile's share of s, of dV and of du_hat.
+kernels/capsule_linear.py, kernels/capsule_linear_split.py): a program's sample layout, u_hat
+tiles, couplings and their gradient, V^(t) from s_all, a tile's share of s, of dV and of du_hat,
+the split kernels' partial sums, and the fused layer's W and u tiles and prediction u_hat = W u.
 """
 
 import triton
 import triton.language as tl
 
-from .squash import squash_tile
+from .squash import squash_backward_tile, squash_tile
 
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "s_of_tile",
-           "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration"]
+           "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration", "sum_partials",
+           "split_forward_start", "split_backward_ds", "store_partial", "spread_non_finite", "weight_layout",
+           "load_weight", "load_u", "predict"]
 
 
 @triton.jit
@@ -46,13 +49,15 @@ def load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask, COMPUTE_DTY
 def coupling_tile(u_hat, v_sum, j_valid):
     """c = softmax_j(b), b = u_hat . V (Procedure 1 lines 4 and 7): [BLOCK_I, BLOCK_J].
 
-    u_hat [BLOCK_I, BLOCK_J, BLOCK_D], v_sum = V [BLOCK_J, BLOCK_D], j_valid [BLOCK_J]. The
-    logits are max-subtracted; padded parents get -inf, so their coupling is exactly 0.
+    u_hat [BLOCK_I, BLOCK_J, BLOCK_D], v_sum = V [BLOCK_J, BLOCK_D], j_valid [BLOCK_J]; or, for
+    a block of samples, u_hat [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D] and v_sum [BLOCK_B, BLOCK_J,
+    BLOCK_D] to c [BLOCK_B, BLOCK_I, BLOCK_J]. The logits are max-subtracted; padded parents get
+    -inf, so their coupling is exactly 0.
     """
-    agreement = tl.sum(u_hat * v_sum[None, :, :], axis=2)                 # [BLOCK_I, BLOCK_J]
-    agreement = tl.where(j_valid[None, :], agreement, float("-inf"))
-    e = tl.exp(agreement - tl.max(agreement, axis=1)[:, None])
-    return e / tl.sum(e, axis=1)[:, None]
+    agreement = tl.sum(u_hat * tl.expand_dims(v_sum, -3), axis=-1)        # [..., BLOCK_I, BLOCK_J]
+    agreement = tl.where(j_valid, agreement, float("-inf"))
+    e = tl.exp(agreement - tl.max(agreement, axis=-1, keep_dims=True))
+    return e / tl.sum(e, axis=-1, keep_dims=True)
 
 
 @triton.jit
@@ -60,10 +65,11 @@ def logits_grad(u_hat, coupling, ds):
     """db = c (dc - sum_j c dc) with dc = u_hat . ds: the gradient of the logits b [BLOCK_I, BLOCK_J].
 
     dc is the gradient of the coupling through s = sum_i c u_hat; the softmax over j turns it
-    into db. Padded parents (c = 0) and padded inputs (u_hat = 0) get db = 0.
+    into db. Padded parents (c = 0) and padded inputs (u_hat = 0) get db = 0. Leading sample
+    axes as in coupling_tile (ds then [BLOCK_B, BLOCK_J, BLOCK_D]).
     """
-    dc = tl.sum(u_hat * ds[None, :, :], axis=2)                            # [BLOCK_I, BLOCK_J]
-    return coupling * (dc - tl.sum(coupling * dc, axis=1)[:, None])
+    dc = tl.sum(u_hat * tl.expand_dims(ds, -3), axis=-1)                   # [..., BLOCK_I, BLOCK_J]
+    return coupling * (dc - tl.sum(coupling * dc, axis=-1, keep_dims=True))
 
 
 @triton.jit
@@ -145,3 +151,136 @@ def end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v
     tl.store(s_all_ptr + (t * B + sample) * J * D + jd_offsets, s, mask=jd_mask)
     v = squash_tile(s)
     return v, v_sum + v
+
+
+@triton.jit
+def sum_partials(partial_ptr, slot, B, sample, splits, J, D, jd_offsets, jd_mask,
+                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """sum_k partial[slot, sample, k] over the S = splits chunks, in the order k = 0..S-1 [BLOCK_J, BLOCK_D]."""
+    total = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+    for k in range(splits):
+        total += tl.load(partial_ptr + ((slot * B + sample) * splits + k) * J * D + jd_offsets,
+                         mask=jd_mask, other=0.0)
+    return total
+
+
+@triton.jit
+def split_forward_start(partial_ptr, bias_ptr, s_all_ptr, v_ptr, t, iterations, B, splits, J, D,
+                        offsets, mask, bias_offsets, bias_mask, HAS_BIAS: tl.constexpr, SAMPLES: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """V^(t) [BLOCK_ROWS, BLOCK_D] at the start of launch t (0-based) of a split forward, grid
+    (cdiv(B, SAMPLES), splits): a program per block of SAMPLES consecutive samples and chunk of I.
+
+    The tiles' rows are the block's (sample, parent) pairs: offsets and mask place them in a
+    contiguous [SAMPLES J, D] at the block's first sample (for SAMPLES = 1 simply [J, D]), and
+    bias_offsets and bias_mask in the bias [J, D]. A launch t >= 1 first sums the S partials of
+    iteration t - 1 in the order k = 0..S-1 (partial_ptr: [2, cdiv(B, SAMPLES), S, SAMPLES J, D],
+    slot (t - 1) % 2) to s^(t-1) (+ bias), which chunk 0 stores in s_all [iterations, B, J, D]
+    (and, in the last launch t = iterations, v = squash(s^(r)) in v [B, J, D]), and adds
+    squash(s^(t-1)) to V, the earlier iterations' squash(s) read back from s_all.
+    """
+    block = tl.program_id(0).to(tl.int64)
+    first = block * SAMPLES
+    v_sum = v_sum_before(s_all_ptr, tl.maximum(t - 1, 0), B, first, J, D, offsets, mask,
+                         BLOCK_ROWS, BLOCK_D, COMPUTE_DTYPE)                # V^(t-1)
+    if t > 0:
+        s = sum_partials(partial_ptr, (t - 1) % 2, tl.num_programs(0), block, splits, SAMPLES * J, D,
+                         offsets, mask, BLOCK_ROWS, BLOCK_D, COMPUTE_DTYPE)
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + bias_offsets, mask=bias_mask, other=0.0).to(COMPUTE_DTYPE)
+        v = squash_tile(s)
+        v_sum += v
+        if tl.program_id(1) == 0:
+            tl.store(s_all_ptr + ((t - 1) * B + first) * J * D + offsets, s, mask=mask)
+            if t == iterations:
+                tl.store(v_ptr + first * J * D + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
+    return v_sum
+
+
+@triton.jit
+def split_backward_ds(dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, t, iterations, B, splits, J, D, offsets, mask,
+                      SAMPLES: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                      COMPUTE_DTYPE: tl.constexpr):
+    """ds^(t) [BLOCK_ROWS, BLOCK_D] at step t (0-based, walked from iterations - 1 down to 0) of a
+    split backward kernel A, grid and rows as in split_forward_start.
+
+    dL/dv^(t) is dv [B, J, D] for the last iteration, else the sum over the later iterations t'
+    of dV^(t') = sum_k partial[t', block, k] (in the order t' = r-1 .. t+1, k = 0..S-1;
+    partial_ptr: [iterations, cdiv(B, SAMPLES), S, SAMPLES J, D]); then
+    ds^(t) = squash_backward(dL/dv^(t), s^(t)), which chunk 0 stores in ds_all [iterations, B, J, D].
+    """
+    block = tl.program_id(0).to(tl.int64)
+    first = block * SAMPLES
+    if t == iterations - 1:
+        grad_v = tl.load(dv_ptr + first * J * D + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    else:
+        grad_v = tl.zeros([BLOCK_ROWS, BLOCK_D], COMPUTE_DTYPE)
+        for k in range(iterations - 1 - t):
+            grad_v += sum_partials(partial_ptr, iterations - 1 - k, tl.num_programs(0), block, splits,
+                                   SAMPLES * J, D, offsets, mask, BLOCK_ROWS, BLOCK_D, COMPUTE_DTYPE)
+    s_offsets = (t * B + first) * J * D + offsets                          # s^(t) in s_all
+    ds = squash_backward_tile(grad_v, tl.load(s_all_ptr + s_offsets, mask=mask, other=0.0))
+    if tl.program_id(1) == 0:
+        tl.store(ds_all_ptr + s_offsets, ds, mask=mask)
+    return ds
+
+
+@triton.jit
+def store_partial(partial_ptr, slot, splits, J, D, offsets, mask, partial, SAMPLES: tl.constexpr):
+    """Store this program's partial sum (rows as in split_forward_start) as partial[slot, block, split]
+    of partial_ptr: [slots, cdiv(B, SAMPLES), splits, SAMPLES J, D]."""
+    block = tl.program_id(0).to(tl.int64)
+    tl.store(partial_ptr + ((slot * tl.num_programs(0) + block) * splits + tl.program_id(1)) * SAMPLES * J * D
+             + offsets, partial, mask=mask)
+
+
+@triton.jit
+def spread_non_finite(partial):
+    """partial [..., BLOCK_J, BLOCK_D] (one sample's share of s per leading index) made NaN in all
+    of a sample's entries where any of them is not finite: the first iteration's uniform coupling
+    has no softmax to spread a NaN or inf to every s, which SPEC 7 asks for."""
+    return partial + tl.sum(tl.sum(partial * 0.0, axis=-1, keep_dims=True), axis=-2, keep_dims=True)
+
+
+@triton.jit
+def weight_layout(J, D, P, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Offsets and masks every capsule_linear kernel uses.
+
+    Returns (j_valid [BLOCK_J], jd_mask and jd_offsets [BLOCK_J, BLOCK_D] into a contiguous
+    [J, D], p [BLOCK_P], p_valid [BLOCK_P], jdp_mask and jdp_offsets [BLOCK_J, BLOCK_D, BLOCK_P]
+    into a contiguous W[i] [J, D, P]).
+    """
+    j = tl.arange(0, BLOCK_J)
+    d = tl.arange(0, BLOCK_D)
+    p = tl.arange(0, BLOCK_P)
+    j_valid = j < J
+    p_valid = p < P
+    jd_mask = j_valid[:, None] & (d < D)[None, :]
+    jd_offsets = j[:, None] * D + d[None, :]
+    jdp_mask = jd_mask[:, :, None] & p_valid[None, None, :]
+    jdp_offsets = jd_offsets[:, :, None] * P + p[None, None, :]
+    return j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets
+
+
+@triton.jit
+def load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE: tl.constexpr):
+    """W[i] for the inputs i [BLOCK_I]: [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P], padded entries 0."""
+    mask = (i < I)[:, None, None, None] & jdp_mask[None, :, :, :]
+    offsets = (i * (J * D * P))[:, None, None, None] + jdp_offsets[None, :, :, :]
+    return tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE), mask
+
+
+@triton.jit
+def load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE: tl.constexpr):
+    """u[b, i] for the inputs i [BLOCK_I] of one sample: [BLOCK_I, BLOCK_P], padded entries 0."""
+    mask = (i < I)[:, None] & p_valid[None, :]
+    return tl.load(u_sample + i[:, None] * P + p[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE), mask
+
+
+@triton.jit
+def predict(weight, u):
+    """u_hat[i, j] = W[i, j] @ u[i] (Eq. 2): weight [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] and
+    u [BLOCK_I, BLOCK_P] -> [BLOCK_I, BLOCK_J, BLOCK_D], summed in registers (plain FMAs, so
+    float32 is never rounded to TF32); for a block of samples, u [BLOCK_B, BLOCK_I, BLOCK_P] ->
+    [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], each W tile used for every sample of the block."""
+    return tl.sum(weight * tl.expand_dims(u, (-3, -2)), axis=-1)

@@ -1,9 +1,12 @@
-"""The fused DigitCaps kernels (kernels/capsule_linear.py) against the float64 NumPy reference
-(reference/capsule_linear.py: prediction then routing; SPEC 3, 7 and 8).
+"""The fused DigitCaps kernels (kernels/capsule_linear.py and, for variant="split",
+kernels/capsule_linear_split.py) against the float64 NumPy reference (reference/capsule_linear.py:
+prediction then routing; SPEC 3, 7 and 8).
 
 Every check runs forward and backward: v and every iteration's s against the reference forward,
 du, dW and the bias gradient ds_all.sum((0, 1)) against the reference backward, under both
-gradient policies, with all outputs poisoned with NaN before the kernels write them.
+gradient policies, with all outputs poisoned with NaN before the kernels write them. The split
+kernels take samples in blocks of BLOCK_B = 4: batches of 1 to 3 leave a block partly empty, and
+a batch of 5 or 8 makes two blocks.
 """
 
 import numpy as np
@@ -22,16 +25,17 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full", block_i=None):
+def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full", block_i=None, variant="sample",
+                         splits=None):
     """Run the kernels on poisoned outputs, compare with the reference, return (v, s_all, du, dW, ds_all)."""
     B, I, P = u.shape
     _, J, D, _ = weight.shape
     dtype = u.dtype
     v, s_all = capsule_linear_forward(
-        u, weight, iterations, bias, block_i=block_i,
+        u, weight, iterations, bias, block_i=block_i, variant=variant, splits=splits,
         out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
     du, dW, ds_all = capsule_linear_backward(
-        dv, u, weight, s_all, gradient=gradient, block_i=block_i,
+        dv, u, weight, s_all, gradient=gradient, block_i=block_i, variant=variant, splits=splits,
         out=(poisoned(u.shape, dtype), poisoned(weight.shape, dtype),
              poisoned((iterations, B, J, D), compute_dtype(dtype))))
 
@@ -71,10 +75,12 @@ def layer_cases(draw, dtype):
     return dict(
         magnitude=magnitude,
         shape=(B, I, J, D, P),
-        iterations=draw(st.integers(1, 3)),
+        iterations=draw(st.integers(1, 4)),
         with_bias=draw(st.booleans()),
         gradient=draw(st.sampled_from(["full", "last"])),
         block_i=draw(st.sampled_from([None, 2, 8])),
+        variant=draw(st.sampled_from(["sample", "split"])),
+        splits=draw(st.sampled_from([None, 1, 2, 3])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -87,53 +93,78 @@ def test_capsule_linear_kernels_match_reference(dtype, data):
     rng = np.random.default_rng(case["seed"])
     u, weight, bias, dv = layer_inputs(rng, case["shape"], dtype, case["magnitude"], case["with_bias"])
     check_capsule_linear(u, weight, case["iterations"], dv, bias=bias, gradient=case["gradient"],
-                         block_i=case["block_i"])
+                         block_i=case["block_i"], variant=case["variant"], splits=case["splits"])
+
+
+@pytest.mark.parametrize("variant", ["sample", "split"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_capsule_linear_with_inputs_not_a_multiple_of_the_block(gradient, variant, rng):
+    """13 inputs in blocks of 4; split asks 3 chunks of I and gets 2 of 8 and 5 inputs."""
+    u, weight, bias, dv = layer_inputs(rng, (2, 13, 10, 16, 8), torch.float32, with_bias=True)
+    check_capsule_linear(u, weight, 3, dv, bias=bias, gradient=gradient, block_i=4, variant=variant, splits=3)
 
 
 @pytest.mark.parametrize("gradient", ["full", "last"])
-def test_capsule_linear_with_inputs_not_a_multiple_of_the_block(gradient, rng):
-    u, weight, bias, dv = layer_inputs(rng, (2, 13, 10, 16, 8), torch.float32, with_bias=True)
-    check_capsule_linear(u, weight, 3, dv, bias=bias, gradient=gradient, block_i=4)
+@pytest.mark.parametrize("shape, iterations, splits", [((5, 11, 3, 3, 5), 4, 3), ((8, 9, 1, 5, 3), 2, 1),
+                                                        ((5, 23, 17, 9, 2), 3, 7)])
+def test_split_variant_over_several_blocks_and_chunks(shape, iterations, splits, gradient, rng):
+    """The split kernels over two blocks of samples (5 samples: the second block holds one; 8:
+    both full), chunks of 2 inputs with the last one partial, or one chunk (splits = 1), J = 1
+    and J > 16, D = 3 and 9, odd P; more splits asked than there are chunks gives one per chunk."""
+    u, weight, bias, dv = layer_inputs(rng, shape, torch.float32, with_bias=True)
+    check_capsule_linear(u, weight, iterations, dv, bias=bias, gradient=gradient, block_i=2, variant="split",
+                         splits=splits)
 
 
+@pytest.mark.parametrize("variant", ["sample", "split"])
 @pytest.mark.parametrize("P", [1, 3, 8])
-def test_capsule_linear_of_one_parent(P, rng):
+def test_capsule_linear_of_one_parent(P, variant, rng):
     """J = 1: the coupling is 1 in every iteration, v = squash(sum_i W u)."""
     u, weight, _, dv = layer_inputs(rng, (2, 5, 1, 4, P), torch.float64)
-    v, *_ = check_capsule_linear(u, weight, 3, dv)
+    v, *_ = check_capsule_linear(u, weight, 3, dv, variant=variant, splits=2, block_i=2)
     s = torch.einsum("ijdp,bip->bjd", weight, u)
     assert torch.allclose(v, s * s.norm(dim=-1, keepdim=True) / (1 + s.norm(dim=-1, keepdim=True) ** 2),
                           rtol=1e-12, atol=0)
 
 
-def test_capsule_linear_propagates_non_finite_input_per_sample(rng):
-    """SPEC 7: a sample whose u holds a NaN or inf gets NaN in all of its v; the others are unaffected."""
+# The interpreter's NumPy warns of the NaN this test asks for.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize("variant", ["sample", "split"])
+def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iterations, rng):
+    """SPEC 7: a sample whose u holds a NaN or inf gets NaN in all of its v; the others, in the
+    split kernels in the same block of samples, are unaffected."""
     u, weight, _, _ = layer_inputs(rng, (3, 6, 4, 5, 3), torch.float32)
     u[0, 2, 1] = float("nan")
     u[2, 5, 0] = float("inf")
-    v, _ = capsule_linear_forward(u, weight, 3, out=(poisoned((3, 4, 5), torch.float32),
-                                                     poisoned((3, 3, 4, 5), torch.float32)))
+    v, _ = capsule_linear_forward(u, weight, iterations, variant=variant, splits=2, block_i=2,
+                                  out=(poisoned((3, 4, 5), torch.float32),
+                                       poisoned((iterations, 3, 4, 5), torch.float32)))
     assert torch.isnan(v[0]).all() and torch.isnan(v[2]).all()
-    clean, _ = capsule_linear_forward(u[1:2], weight, 3)
+    clean, _ = capsule_linear_forward(u[1:2], weight, iterations, variant=variant, splits=2, block_i=2)
     assert torch.equal(v[1], clean[0])
 
 
-def test_capsule_linear_allocates_its_outputs_when_not_given(rng):
+@pytest.mark.parametrize("variant", ["sample", "split"])
+def test_capsule_linear_allocates_its_outputs_when_not_given(variant, rng):
     u, weight, _, dv = layer_inputs(rng, (3, 7, 5, 6, 4), torch.float16)
-    v, s_all, du, dW, ds_all = check_capsule_linear(u, weight, 2, dv)
-    v_new, s_all_new = capsule_linear_forward(u, weight, 2)
-    du_new, dW_new, ds_all_new = capsule_linear_backward(dv, u, weight, s_all_new)
+    v, s_all, du, dW, ds_all = check_capsule_linear(u, weight, 2, dv, variant=variant)
+    v_new, s_all_new = capsule_linear_forward(u, weight, 2, variant=variant)
+    du_new, dW_new, ds_all_new = capsule_linear_backward(dv, u, weight, s_all_new, variant=variant)
     assert v_new.dtype == du_new.dtype == dW_new.dtype == torch.float16
     assert s_all_new.dtype == ds_all_new.dtype == torch.float32
     for got, expected in zip((v_new, s_all_new, du_new, dW_new, ds_all_new), (v, s_all, du, dW, ds_all)):
         assert torch.equal(got, expected)
 
 
-def test_capsule_linear_of_an_empty_batch():
+@pytest.mark.parametrize("variant", ["sample", "split"])
+def test_capsule_linear_of_an_empty_batch(variant):
     u, weight = torch.empty(0, 5, 3, device=DEVICE), torch.ones(5, 2, 4, 3, device=DEVICE)
-    v, s_all = capsule_linear_forward(u, weight, 3)
+    v, s_all = capsule_linear_forward(u, weight, 3, variant=variant)
     assert v.shape == (0, 2, 4) and s_all.shape == (3, 0, 2, 4)
-    du, dW, ds_all = capsule_linear_backward(torch.empty(0, 2, 4, device=DEVICE), u, weight, s_all)
+    du, dW, ds_all = capsule_linear_backward(torch.empty(0, 2, 4, device=DEVICE), u, weight, s_all,
+                                             variant=variant)
     assert du.shape == (0, 5, 3) and ds_all.shape == (3, 0, 2, 4)
     assert torch.equal(dW, torch.zeros_like(weight))
 
@@ -155,6 +186,13 @@ def test_capsule_linear_rejects_bad_input():
          lambda: capsule_linear_forward(u, weight, 2, torch.ones(4, 2, device=DEVICE))),
         (ValueError, "power of two", lambda: capsule_linear_forward(u, weight, 2, block_i=3)),
         (ValueError, "gradient", lambda: capsule_linear_backward(dv, u, weight, s_all, gradient="none")),
+        (ValueError, r"variant must be one of \('sample', 'split'\)",
+         lambda: capsule_linear_forward(u, weight, 2, variant="persistent")),
+        (ValueError, "variant must be one of", lambda: capsule_linear_backward(dv, u, weight, s_all, variant=None)),
+        (ValueError, "splits must be an integer >= 1",
+         lambda: capsule_linear_forward(u, weight, 2, variant="split", splits=0)),
+        (ValueError, "splits must be an integer >= 1",
+         lambda: capsule_linear_backward(dv, u, weight, s_all, variant="split", splits=1.5)),
         (ValueError, r"out\[0\] \(v\)",
          lambda: capsule_linear_forward(u, weight, 2, out=(torch.empty(2, 4, 2, device=DEVICE), s_all))),
         (ValueError, r"dv must have shape \[B, J, D\]",

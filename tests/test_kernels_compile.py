@@ -6,7 +6,8 @@ launchers make at the MNIST shapes (PrimaryCaps squash: [128, 1152, 8]; DigitCap
 u_hat [128, 1152, 10, 16], 3 iterations, backward under both gradient policies, "last" with its
 squash backward of ds^(r); the split variant at B = 32, 128 and 512, whose chunking depends
 on the batch; the fused DigitCaps layer capsule_linear: u [128, 1152, 8], W [1152, 10, 16, 8],
-the same iterations and policies), in float32, bfloat16 and float64, and reads each binary's
+the same iterations and policies, and its split variant at B = 32, 128 and 512), in float32,
+bfloat16 and float64, and reads each binary's
 registers and local-memory use (spills) with the bundled cuobjdump, and its shared memory.
 
 Compiling needs a process without TRITON_INTERPRET (this test session has it set), so the test
@@ -44,13 +45,17 @@ def test_kernels_compile_for_h100_without_spills(dtype):
     assert proc.returncode == 0, f"compiling for sm_90 failed:\n{proc.stdout}\n{proc.stderr}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in results}
-    assert kernels == {"_squash_forward_kernel", "_squash_backward_kernel", "_routing_forward_kernel",
-                       "_routing_backward_ds_all_kernel", "_routing_backward_u_hat_kernel",
-                       "split_forward_kernel", "split_backward_ds_all_kernel",
-                       "_capsule_linear_forward_kernel", "_capsule_linear_backward_ds_all_kernel",
-                       "_capsule_linear_backward_weight_kernel"}
+    assert kernels == {"squash._squash_forward_kernel", "squash._squash_backward_kernel",
+                       "routing._routing_forward_kernel", "routing._routing_backward_ds_all_kernel",
+                       "routing._routing_backward_u_hat_kernel",
+                       "routing_split.split_forward_kernel", "routing_split.split_backward_ds_all_kernel",
+                       "capsule_linear._capsule_linear_forward_kernel",
+                       "capsule_linear._capsule_linear_backward_ds_all_kernel",
+                       "capsule_linear._capsule_linear_backward_weight_kernel",
+                       "capsule_linear_split.split_forward_kernel",
+                       "capsule_linear_split.split_backward_ds_all_kernel"}
     for r in results:
-        print(f"{dtype:9s} {r['kernel']:32s} {r['config']}: {r['registers']} registers, "
+        print(f"{dtype:9s} {r['kernel']:53s} {r['config']}: {r['registers']} registers, "
               f"{r['local_bytes']} B local, {r['stack_bytes']} B stack, {r['shared_bytes']} B shared, "
               f"{ctas_per_sm(r)} CTAs/SM")
     spilling = [r for r in results if r["local_bytes"] + r["stack_bytes"] > SPILL_BUDGET_BYTES]
@@ -123,7 +128,7 @@ def _compile_mnist_launches(dtype_name):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from capsnet_triton.kernels import capsule_linear, routing, routing_split, squash
+    from capsnet_triton.kernels import capsule_linear, capsule_linear_split, routing, routing_split, squash
 
     dtype = getattr(torch, dtype_name)
     launches = []
@@ -133,7 +138,8 @@ def _compile_mnist_launches(dtype_name):
                           (routing_split, ("split_forward_kernel", "split_backward_ds_all_kernel")),
                           (capsule_linear, ("_capsule_linear_forward_kernel",
                                             "_capsule_linear_backward_ds_all_kernel",
-                                            "_capsule_linear_backward_weight_kernel"))):
+                                            "_capsule_linear_backward_weight_kernel")),
+                          (capsule_linear_split, ("split_forward_kernel", "split_backward_ds_all_kernel"))):
         for name in names:
             setattr(module, name, _Recorder(getattr(module, name), launches))
 
@@ -156,11 +162,17 @@ def _compile_mnist_launches(dtype_name):
     _, s_all = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS)
     capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="full")
     capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="last")
+    for batch in SPLIT_BATCHES:
+        u = torch.empty(batch, INPUTS, PRIMARY_DIMS, dtype=dtype)
+        _, s_all = capsule_linear.capsule_linear_forward(u, weight, ITERATIONS, variant="split")
+        dv = torch.empty(batch, PARENTS, DIMS, dtype=dtype)
+        capsule_linear.capsule_linear_backward(dv, u, weight, s_all, gradient="full", variant="split")
 
     results, seen = [], set()
     for kernel, args, kwargs in launches:
         signature, constexprs, attrs, options = _specialize(kernel, args, dict(kwargs))
-        key = (kernel.__name__, repr(signature), repr(constexprs), repr(attrs), repr(options))
+        name = f"{kernel.__module__.rsplit('.', 1)[-1]}.{kernel.__name__}"
+        key = (name, repr(signature), repr(constexprs), repr(attrs), repr(options))
         if key in seen:  # compile each distinct launch once
             continue
         seen.add(key)
@@ -169,7 +181,7 @@ def _compile_mnist_launches(dtype_name):
         registers, local_bytes, stack_bytes = _resource_usage(compiled.asm["cubin"])
         config = {k: str(v) for k, v in constexprs.items() if k.isupper()}
         config["num_warps"] = options["num_warps"]
-        results.append(dict(kernel=kernel.__name__, config=config, registers=registers,
+        results.append(dict(kernel=name, config=config, registers=registers,
                             local_bytes=local_bytes, stack_bytes=stack_bytes,
                             shared_bytes=compiled.metadata.shared))
     print(json.dumps(results))

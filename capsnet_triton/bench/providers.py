@@ -23,7 +23,7 @@ class Provider:
     fused capsule_linear, which has no separate routing: such a provider times the layer
     workloads only); `backend` names the project's routing_backend (CapsNet uses it as is, its
     DigitCaps fused exactly when `layer` is given), otherwise the training step swaps DigitCaps
-    for this provider's predict and routing."""
+    for this provider's layer, or its predict and routing."""
 
     name: str
     about: str
@@ -67,6 +67,29 @@ def _split_routing(u_hat, iterations=3):
     return _SplitRouting.apply(u_hat, iterations)
 
 
+class _SplitCapsuleLinear(torch.autograd.Function):
+    """The fused DigitCaps kernels' split variant (kernels/capsule_linear_split.py), forward and
+    "full" backward, for the GPU measurement that picks the default variant."""
+
+    @staticmethod
+    def forward(ctx, u, weight, iterations):
+        from capsnet_triton.kernels.capsule_linear import capsule_linear_forward
+        v, s_all = capsule_linear_forward(u, weight, iterations, variant="split")
+        ctx.save_for_backward(u, weight, s_all)
+        return v
+
+    @staticmethod
+    def backward(ctx, dv):
+        from capsnet_triton.kernels.capsule_linear import capsule_linear_backward
+        u, weight, s_all = ctx.saved_tensors
+        du, dweight, _ = capsule_linear_backward(dv.contiguous(), u, weight, s_all, variant="split")
+        return du, dweight, None
+
+
+def _split_capsule_linear(u, weight, iterations=3):
+    return _SplitCapsuleLinear.apply(u, weight, iterations)
+
+
 def make_providers():
     torch._dynamo.config.recompile_limit = 64    # one graph per (grad mode, shape, r): never fall back to eager
     compiled = dict(squash=torch.compile(baselines.squash), predict=baselines.predict,
@@ -94,8 +117,10 @@ def make_providers():
                                   layer=functools.partial(capsule_linear, backend=backend), backend=backend,
                                   unavailable=refusal if backend == "triton" else None,
                                   needs_cuda=backend == "triton"))
-    # No backend: the training step builds its DigitCaps from this routing.
+    # No backend: the training step builds its DigitCaps from this routing, or this layer.
     providers.append(Provider("triton-split", 'the Triton routing kernels with variant="split"',
                               squash=functools.partial(squash, backend="triton"), predict=predict,
                               routing=_split_routing, unavailable=refusal, needs_cuda=True))
+    providers.append(Provider("triton-fused-split", 'the fused DigitCaps kernels with variant="split"',
+                              layer=_split_capsule_linear, unavailable=refusal, needs_cuda=True))
     return providers

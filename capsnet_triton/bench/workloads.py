@@ -103,21 +103,21 @@ def _numpy_train_step(x, shape):
 
 class _DigitCapsWith(torch.nn.Module):
     """DigitCaps with the parameter name `weight` of the project's layer, computed by a
-    provider's own predict and routing (so the baseline model loads the same state_dict)."""
+    provider's own layer, or predict and routing (so the baseline model loads the same state_dict)."""
 
-    def __init__(self, weight_shape, predict, routing, iterations):
+    def __init__(self, weight_shape, provider, iterations):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(weight_shape))
-        self.predict, self.routing, self.iterations = predict, routing, iterations
+        self.provider, self.iterations = provider, iterations
 
     def forward(self, u):
-        return self.routing(self.predict(u, self.weight), self.iterations)
+        return _digitcaps(self.provider, {"u": u, "W": self.weight}, self.iterations)
 
 
 def _train_step(provider, x, shape):
     """A callable for one step (loss, gradients, then Adam) of the project's CapsNet, whose
     DigitCaps is fused (capsule_linear) for providers with a fused layer and unfused otherwise;
-    providers without a project backend get DigitCaps made of their own predict and routing."""
+    providers without a project backend get DigitCaps made of their own layer, or predict and routing."""
     from capsnet_triton.losses import capsnet_loss
     from capsnet_triton.model import CapsNet
 
@@ -127,8 +127,7 @@ def _train_step(provider, x, shape):
                     routing_iterations=shape.r, routing_backend=provider.backend or "torch")
     model.digit_caps.fused = provider.layer is not None
     if provider.backend is None:
-        model.digit_caps = _DigitCapsWith(model.digit_caps.weight.shape, provider.predict,
-                                          provider.routing, shape.r)
+        model.digit_caps = _DigitCapsWith(model.digit_caps.weight.shape, provider, shape.r)
     names = list(ref.parameter_shapes(config))
     model.load_state_dict({name: x[name] for name in names})
     model.to(device=images.device, dtype=images.dtype)
