@@ -228,7 +228,7 @@ def _checked(u, weight, iterations, bias=None):
         raise ValueError(f"W [I, J, D, P] = {tuple(weight.shape)}, or s_all [r, B, J, D] for r = "
                          f"{iterations} and B = {B}, has more than 2**31 - 1 elements")
     # check_bias reads J, D and the device off a [B, I, J, D] tensor: a view of W of that shape.
-    check_bias(bias, weight[None, ..., 0])
+    check_bias(bias, weight[None, ..., 0], "weight")
     return u.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
 
 
