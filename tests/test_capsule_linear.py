@@ -21,7 +21,6 @@ from capsnet_triton.reference import capsule_linear_backward, capsule_linear_for
 
 # The module, which capsnet_triton.ops' function of the same name hides from attribute access.
 capsule_linear_module = importlib.import_module("capsnet_triton.ops.capsule_linear")
-routing_module = importlib.import_module("capsnet_triton.ops.routing")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -58,7 +57,7 @@ def test_torch_path_matches_reference(shape, iterations, use_bias, gradient, dty
     dv = torch.tensor(rng.standard_normal((B, J, D))).to(dtype)
     # The chunk size decides how many samples share one u_hat: 1 sample, a few, or the batch.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(routing_module, "CHUNK_ELEMENTS", chunk_elements)
+        patch.setattr(capsule_linear_module, "_CHUNK_ELEMENTS", chunk_elements)
         got = run(u, weight, iterations, dv, bias=bias, gradient=gradient)
     expected = reference(u, weight, iterations, dv, bias, gradient)
     assert got[0].dtype == got[1].dtype == got[2].dtype == dtype
@@ -116,7 +115,7 @@ def test_torch_path_on_two_threads_is_deterministic_and_equals_one_thread():
     u, weight = torch.randn(40, 30, 8), 0.3 * torch.randn(30, 10, 16, 8)
     dv = torch.randn(40, 10, 16)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(routing_module, "CHUNK_ELEMENTS", 30 * 160 * 3)     # 14 chunks
+        patch.setattr(capsule_linear_module, "_CHUNK_ELEMENTS", 30 * 160 * 3)     # 14 chunks
         with _torch_threads(2):
             first, second = run(u, weight, 3, dv), run(u, weight, 3, dv)
         with _torch_threads(1):

@@ -3,8 +3,6 @@
 The torch backend runs everywhere; the triton backend runs through the interpreter here and
 natively on a GPU machine (see conftest.py)."""
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -17,8 +15,6 @@ from capsnet_triton.layers import DigitCaps
 from capsnet_triton.numerics import assert_agrees, input_sensitivity
 from capsnet_triton.reference import (routing_backward, routing_forward, squash_backward,
                                       squash_forward)
-
-routing_module = importlib.import_module("capsnet_triton.ops.routing")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -42,10 +38,8 @@ shapes = st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 10), st
 @given(shape=shapes, iterations=st.integers(1, 4), use_bias=st.booleans(),
        gradient=st.sampled_from(["full", "last"]),
        dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
-       scale=st.sampled_from([1.0, 1e-3, 30.0]), chunk_elements=st.sampled_from([1, 300, 1 << 21]),
-       seed=st.integers(0, 2**32 - 1))
-def test_torch_routing_matches_reference(shape, iterations, use_bias, gradient, dtype, scale, chunk_elements,
-                                         seed):
+       scale=st.sampled_from([1.0, 1e-3, 30.0]), seed=st.integers(0, 2**32 - 1))
+def test_torch_routing_matches_reference(shape, iterations, use_bias, gradient, dtype, scale, seed):
     rng = np.random.default_rng(seed)
     B, I, J, D = shape
     u_hat_t, u_hat = rounded(scale * rng.standard_normal(shape), dtype)
@@ -60,11 +54,8 @@ def test_torch_routing_matches_reference(shape, iterations, use_bias, gradient, 
     u_hat_t.requires_grad_(True)
     if bias_t is not None:
         bias_t.requires_grad_(True)
-    # The path routes the batch in chunks of samples: one sample each, a few, or all of them.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(routing_module, "CHUNK_ELEMENTS", chunk_elements)
-        v = dynamic_routing(u_hat_t, iterations, backend="torch", bias=bias_t, gradient=gradient)
-        v.backward(dv_t)
+    v = dynamic_routing(u_hat_t, iterations, backend="torch", bias=bias_t, gradient=gradient)
+    v.backward(dv_t)
     assert v.dtype == dtype and u_hat_t.grad.dtype == dtype
     assert_agrees(v, v_ref, dtype, "v", spread=spread[0])
     assert_agrees(u_hat_t.grad, du_ref, dtype, "du_hat", spread=spread[1])

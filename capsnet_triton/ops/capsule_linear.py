@@ -23,13 +23,28 @@ import torch
 
 from ..checks import (check_bias, check_gradient, check_iterations, check_u_and_weight, compute_dtype,
                       pick_backend)
-from .routing import routing_backward_torch, routing_forward_torch, sample_chunks
+from .routing import routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
+
+# Elements of u_hat per chunk of samples, at most: 8 MiB in float32 (11 samples at the MNIST
+# shape), each op of a chunk run on all of torch's threads. Measured on a quiet 2-core CPU at
+# B = 128 (docs/PERF.md): chunks of 5 samples ran about 1.4x slower, as every op's thread fork
+# and join and BLAS set-up weigh on little work (so did 5 samples per thread, each thread with
+# chunks of its own); chunks of 32 ran 1.1x slower and grew the peak to 103 MiB, out of cache.
+_CHUNK_ELEMENTS = 1 << 21
 
 # ---------------------------------------------------------------------------------------------
 # The PyTorch path
 # ---------------------------------------------------------------------------------------------
+
+def _chunks(B, sample_elements):
+    """Slices of the batch of equal sizes (to one sample), each holding at most _CHUNK_ELEMENTS
+    elements of u_hat (one sample where a sample holds more); sample_elements is I J D."""
+    count = -(-B // max(1, _CHUNK_ELEMENTS // sample_elements))
+    size = max(1, -(-B // max(1, count)))
+    return [slice(start, min(start + size, B)) for start in range(0, B, size)]
+
 
 def predict(u, weight):
     """u_hat[b, i, j] = W[i, j] @ u[b, i] (Eq. 2): u [B, I, P], W [I, J, D, P] -> [B, I, J, D].
@@ -52,7 +67,7 @@ def _capsule_linear_forward_torch(u, weight, iterations, bias):
     weight = weight.to(cdtype)
     v = u.new_empty((B, J, D))
     s_all = u.new_empty((iterations, B, J, D), dtype=cdtype)
-    for chunk in sample_chunks(B, I * J * D):
+    for chunk in _chunks(B, I * J * D):
         u_hat = predict(u[chunk].to(cdtype), weight)                       # [b, I, J, D]
         v[chunk], s_all[:, chunk] = routing_forward_torch(u_hat, iterations, bias)
     return v, s_all
@@ -67,7 +82,7 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
     du = u.new_empty((B, I, P))
     ds_all = torch.empty_like(s_all)
     dW_rows = torch.zeros((I, J * D, P), dtype=cdtype, device=u.device)
-    for chunk in sample_chunks(B, I * J * D):
+    for chunk in _chunks(B, I * J * D):
         u_chunk = u[chunk].to(cdtype)                                      # [b, I, P]
         u_hat = predict(u_chunk, weight_c)                                 # [b, I, J, D]
         du_hat, ds_all[:, chunk] = routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk], gradient)

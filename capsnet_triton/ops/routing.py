@@ -19,28 +19,10 @@ from .squash import squash_backward_torch, squash_forward_torch
 
 __all__ = ["dynamic_routing"]
 
-# Elements of u_hat per chunk of samples, at most: 8 MiB in float32 (11 samples at the MNIST
-# shape), each op of a chunk run on all of torch's threads. The PyTorch paths of routing and of
-# capsule_linear go through the batch chunk by chunk, so that a chunk's u_hat and the temporaries
-# of its size stay in cache and are reused from one chunk to the next. Measured on a quiet
-# 2-core CPU at B = 128 (docs/PERF.md): for capsule_linear, chunks of 5 samples ran about 1.4x
-# slower, as every op's thread fork and join and BLAS set-up weigh on little work (so did 5
-# samples per thread, each thread with chunks of its own); chunks of 32 ran 1.1x slower and grew
-# the peak to 103 MiB, out of cache.
-CHUNK_ELEMENTS = 1 << 21
-
 
 # ---------------------------------------------------------------------------------------------
 # The PyTorch path
 # ---------------------------------------------------------------------------------------------
-
-def sample_chunks(B, sample_elements):
-    """Slices of the batch of equal sizes (to one sample), each holding at most CHUNK_ELEMENTS
-    elements (one sample where a sample holds more); sample_elements is I J D."""
-    count = -(-B // max(1, CHUNK_ELEMENTS // sample_elements))
-    size = max(1, -(-B // max(1, count)))
-    return [slice(start, min(start + size, B)) for start in range(0, B, size)]
-
 
 def _block_diagonal(x):
     """[B, T, J, D] -> [B, T*J, J*D] with row (t, j) holding x[b, t, j] in columns j*D .. j*D+D-1.
@@ -80,43 +62,16 @@ def _as_rows(u_hat):
     return u_hat.to(compute_dtype(u_hat.dtype)).reshape(B, I, J * D)
 
 
-def routing_forward_torch(u_hat, iterations, bias):
-    """(v [B, J, D] in u_hat's dtype, s_all [r, B, J, D] in the compute dtype), chunk by chunk."""
-    B, I, J, D = u_hat.shape
-    chunks = sample_chunks(B, I * J * D)
-    if len(chunks) == 1:
-        return _forward_chunk(u_hat, iterations, bias)
-    v = u_hat.new_empty((B, J, D))
-    s_all = u_hat.new_empty((iterations, B, J, D), dtype=compute_dtype(u_hat.dtype))
-    for chunk in chunks:
-        v[chunk], s_all[:, chunk] = _forward_chunk(u_hat[chunk], iterations, bias)
-    return v, s_all
-
-
-def routing_backward_torch(dv, u_hat, s_all, gradient):
-    """(du_hat [B, I, J, D] in u_hat's dtype, ds_all [r, B, J, D]), chunk by chunk."""
-    B, I, J, D = u_hat.shape
-    chunks = sample_chunks(B, I * J * D)
-    if len(chunks) == 1:
-        return _backward_chunk(dv, u_hat, s_all, gradient)
-    du_hat = u_hat.new_empty(u_hat.shape)
-    ds_all = torch.empty_like(s_all)
-    for chunk in chunks:
-        du_hat[chunk], ds_all[:, chunk] = _backward_chunk(dv[chunk], u_hat[chunk], s_all[:, chunk], gradient)
-    return du_hat, ds_all
-
-
 def _nan_where_input_is_not_finite(s, u3):
     """s with all of a sample's values NaN where its u_hat holds a NaN or inf (SPEC 7: every
     output of such a sample is NaN, even at r = 1). On a CPU it runs only where s^(1) is not
     finite, which a finite u_hat can also give (its sum overflowed): that sample keeps its one
-    infinite parent,
-    as in the reference and the kernels."""
+    infinite parent, as in the reference and the kernels."""
     finite = torch.isfinite(u3).flatten(1).all(dim=1)             # [B]
     return torch.where(finite.view(-1, 1, 1), s, torch.nan)
 
 
-def _forward_chunk(u_hat, iterations, bias):
+def routing_forward_torch(u_hat, iterations, bias):
     B, I, J, D = u_hat.shape
     u3 = _as_rows(u_hat)
     s_all = u3.new_empty((iterations, B, J, D))
@@ -138,7 +93,7 @@ def _forward_chunk(u_hat, iterations, bias):
     return v.to(u_hat.dtype), s_all
 
 
-def _backward_chunk(dv, u_hat, s_all, gradient):
+def routing_backward_torch(dv, u_hat, s_all, gradient):
     r, B, J, D = s_all.shape
     u3 = _as_rows(u_hat)
     if gradient == "last":
