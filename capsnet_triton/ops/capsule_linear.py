@@ -34,6 +34,7 @@ __all__ = ["capsule_linear", "predict"]
 # chunks of its own); chunks of 32 ran 1.1x slower and grew the peak to 103 MiB, out of cache.
 _CHUNK_ELEMENTS = 1 << 21
 
+
 # ---------------------------------------------------------------------------------------------
 # The PyTorch path
 # ---------------------------------------------------------------------------------------------
