@@ -63,24 +63,25 @@ def format_table(rows, env, providers):
              "copy bandwidth (read + write): "
              + ", ".join(f"{dev} {gbs:.1f} GB/s" for dev, gbs in env["copy_bandwidth_gbs"].items()),
              f"command: {env['command']}"]
-    lines += ["providers:"] + [f"  {p.name:<15}{p.about}" for p in providers]
+    width = 1 + max(len(name) for name in ["provider", *(p.name for p in providers), *(r.provider for r in rows)])
+    lines += ["providers:"] + [f"  {p.name:<{width}}{p.about}" for p in providers]
     load = env["load_average"][0]
     if load is not None and load + env["torch_threads"] > env["cpu_count"] + 0.5 and env["device"] == "cpu":
         lines += [f"WARNING: load average {load:.1f} before the run on {env['cpu_count']} cores: other processes "
                   "compete for the CPU,", "         and multi-threaded timings can come out several times "
                   "slower (--threads 1 is steadier)"]
     lines.append("")
-    header = (f"{'B':>5} {'r':>2}  {'provider':<14}{'median ms':>11}{'p25-p75 ms':>21}{'vs eager':>10}"
+    header = (f"{'B':>5} {'r':>2}  {'provider':<{width}}{'median ms':>10}{'p25-p75 ms':>21}{'vs eager':>10}"
               f"{'GB/s':>8}{'%copy':>7}{'peak MiB':>10}{'rel.err':>9}")
     for workload in dict.fromkeys(r.workload for r in rows):
         lines += [f"== {workload} ==", header]
         for row in (r for r in rows if r.workload == workload):
-            lead = f"{row.B:>5} {row.r:>2}  {row.provider:<14}"
+            lead = f"{row.B:>5} {row.r:>2}  {row.provider:<{width}}"
             if row.status != "ok":
                 lines.append(f"{lead}{row.status}: {row.note}" if row.status == "FAILED" else f"{lead}{row.note}")
                 continue
             spread = f"{row.p25_ms:.4g}-{row.p75_ms:.4g}"
-            lines.append(f"{lead}{row.median_ms:>11.4g}{spread:>21}{_num(row.vs_eager, '.2f') + ('x' if row.vs_eager else ''):>10}"
+            lines.append(f"{lead}{row.median_ms:>10.4g}{spread:>21}{_num(row.vs_eager, '.2f') + ('x' if row.vs_eager else ''):>10}"
                          f"{_num(row.gbs, '.1f'):>8}{_num(row.copy_share and 100 * row.copy_share, '.0f'):>7}"
                          f"{_num(row.peak_mib, '.0f'):>10}{row.rel_error:>9.1e}")
         lines.append("")
