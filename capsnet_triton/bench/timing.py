@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 FLOAT32 = 4               # bytes
+CPU_SAMPLE_S = 2e-3       # seconds of back-to-back calls per timed repetition on a CPU
 
 
 def sync(device):
@@ -19,16 +20,24 @@ def time_calls(fn, device, reps_min, reps_max, budget_s):
     """Milliseconds of each repetition: at least reps_min, then more until budget_s has passed
     or reps_max is reached. The caller has warmed fn up (compiled, autotuned). On CUDA each call
     is timed with events after L2 is flushed (as triton.testing.do_bench does), so that data
-    never comes from cache."""
+    never comes from cache. On a CPU a repetition is a run of back-to-back calls lasting about
+    CPU_SAMPLE_S, timed as one and divided by the calls: a call of 0.1 ms timed alone is at the
+    mercy of every scheduler tick (one function timed as two providers came out 0.64x and 1.29x
+    of itself in one run)."""
     sync(device)
     times = []
     flush = torch.empty(64 * 2**20, dtype=torch.int32, device=device) if device.type == "cuda" else None
+    if flush is None:
+        t0 = time.perf_counter()
+        fn()
+        repeat = max(1, int(CPU_SAMPLE_S / max(time.perf_counter() - t0, 1e-9)))
     start = time.perf_counter()
     while len(times) < reps_min or (len(times) < reps_max and time.perf_counter() - start < budget_s):
         if flush is None:
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(repeat):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / repeat)
             continue
         flush.zero_()
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
