@@ -13,6 +13,7 @@ from capsnet_triton import dynamic_routing, squash
 from capsnet_triton.baselines import routing as baseline_routing
 from capsnet_triton.layers import DigitCaps
 from capsnet_triton.numerics import assert_agrees, input_sensitivity
+from capsnet_triton.ops.squash import squash_backward_torch, squash_forward_torch
 from capsnet_triton.reference import (routing_backward, routing_forward, squash_backward,
                                       squash_forward)
 
@@ -61,6 +62,21 @@ def test_torch_routing_matches_reference(shape, iterations, use_bias, gradient, 
     assert_agrees(u_hat_t.grad, du_ref, dtype, "du_hat", spread=spread[1])
     if use_bias:
         assert_agrees(bias_t.grad, dbias_ref, dtype, "dbias", spread=spread[2])
+
+
+def test_torch_squash_of_a_capsule_does_not_depend_on_its_neighbours():
+    """A zero, tiny, huge or NaN capsule takes the scaled path alone: the ordinary capsules beside
+    it come out bit for bit as they do without it, forward and backward."""
+    rng = np.random.default_rng(11)
+    plain = torch.tensor(rng.standard_normal((5, 8)), dtype=torch.float32)
+    dv = torch.tensor(rng.standard_normal((5, 8)), dtype=torch.float32)
+    alone = squash_forward_torch(plain), squash_backward_torch(dv, plain)
+    for odd in (0.0, 1e-30, 1e30, float("nan")):
+        mixed = torch.cat((plain, torch.full((1, 8), odd)))
+        dv_mixed = torch.cat((dv, torch.ones(1, 8)))
+        beside = squash_forward_torch(mixed), squash_backward_torch(dv_mixed, mixed)
+        for got, expected in zip(beside, alone):
+            assert torch.equal(got[:5], expected)
 
 
 @given(shape=st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 9)),

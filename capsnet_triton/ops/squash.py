@@ -2,9 +2,10 @@
 
 The PyTorch path computes in float32 for half-precision inputs and follows SPEC section 2's
 numerics like the reference: no epsilon, 0 -> 0 with gradient 0, no overflow (the norm is taken
-of s / max|s|, and every function of n = |s| is written with 1/n for n >= 1). Where no capsule's
-squared norm can overflow or lose bits to underflow, the norm is taken of s directly, one pass
-instead of five, with the same result to rounding.
+of s / max|s|, and every function of n = |s| is written with 1/n for n >= 1). On a CPU, for
+every capsule whose squared norm can neither overflow nor lose bits to underflow, the norm is
+taken of s directly, one pass instead of five, with the same result to rounding; the other
+capsules alone take the scaled path.
 """
 
 import torch
@@ -40,21 +41,27 @@ def _dot_last(a, b):
     return (product @ product.new_ones(product.shape[-1])).unsqueeze(-1)
 
 
-def _direct_norm(s):
-    """n = |s| and n^2 (keepdim) over the last axis in one pass over s, or None unless every
-    capsule's n^2 lies in [tiny / eps, sqrt(max)] of the dtype: then no square lost bits to
-    underflow, none of n, n^2 and (1 + n^2)^2 overflows, so f(n) = n / (1 + n^2) and
-    h(n) = 2n / (1 + n^2)^2 can be computed as written, exact to rounding like the scaled forms.
-    No zero, NaN or inf capsule passes. The check reads only n^2, 1/D of s, but it is a read by
-    the host: on other devices it would wait for the device, so there the scaled path runs."""
-    if s.numel() == 0 or s.device.type != "cpu":
-        return None
-    n_sq = _dot_last(s, s)
-    info = torch.finfo(s.dtype)
-    smallest, largest = (bound.item() for bound in torch.aminmax(n_sq))
-    if smallest >= info.tiny / info.eps and largest <= info.max ** 0.5:
-        return n_sq.sqrt(), n_sq
-    return None
+def _per_capsule(x, direct, scaled, *others):
+    """direct(x, n, n^2, *others) where it is exact, scaled(x, *others) for the other capsules.
+
+    The one-pass norm n^2 = s . s is safe for a capsule whose n^2 lies in [tiny / eps, sqrt(max)]
+    of the dtype: no square lost bits to underflow, none of n, n^2 and (1 + n^2)^2 overflows, so
+    f(n) = n / (1 + n^2) and h(n) = 2n / (1 + n^2)^2 can be computed as written, exact to rounding
+    like the scaled forms. The capsules outside that range (zero, tiny, huge, NaN or inf ones)
+    are recomputed by the scaled form, rows of x (and of `others`) alone, so each capsule's result
+    depends on it alone. Finding them is a read by the host: off a CPU it would wait for the
+    device, so there the scaled form runs everywhere."""
+    if x.numel() == 0 or x.device.type != "cpu":
+        return scaled(x, *others)
+    n_sq = _dot_last(x, x)
+    info = torch.finfo(x.dtype)
+    low, high = info.tiny / info.eps, info.max ** 0.5
+    out = direct(x, n_sq.sqrt(), n_sq, *others)
+    smallest, largest = (bound.item() for bound in torch.aminmax(n_sq))   # NaN if any is NaN
+    if not (smallest >= low and largest <= high):       # the mask costs more than this check
+        rows = ~((n_sq >= low) & (n_sq <= high)).squeeze(-1)
+        out[rows] = scaled(x[rows], *(other[rows] for other in others))
+    return out
 
 
 def _branches(n):
@@ -73,38 +80,46 @@ def _f_and_h(n):
     return f, h
 
 
-def squash_forward_torch(s):
-    """v = |v| s/|s| with |v| = n^2 / (1 + n^2) (Eq. 1 as the paper writes it), over the last axis.
+def _forward_direct(x, n, n_sq):
+    return x * (n / (1.0 + n_sq))
 
-    Where the one-pass norm is safe (all of s but zero, tiny, huge or non-finite capsules) this
-    is s f(n), two passes over s; otherwise length times the direction of the scaled norm, which
-    stays right where |s| itself overflows."""
-    x = s.to(compute_dtype(s.dtype))
-    direct = _direct_norm(x)
-    if direct is not None:
-        n, n_sq = direct
-        return (x * (n / (1.0 + n_sq))).to(s.dtype)
+
+def _forward_scaled(x):
+    """length times the direction of the scaled norm, right where |s| itself overflows."""
     n, direction = _scaled_norm_and_direction(x)
     small, inv, large = _branches(n)
     length = torch.where(large, 1.0 / (1.0 + inv * inv), small * small / (1.0 + small * small))
-    return (length * direction).to(s.dtype)
+    return length * direction
+
+
+def squash_forward_torch(s):
+    """v = |v| s/|s| with |v| = n^2 / (1 + n^2) (Eq. 1 as the paper writes it), over the last axis:
+    s f(n), two passes over s, for every capsule whose one-pass norm is safe (see _per_capsule)."""
+    x = s.to(compute_dtype(s.dtype))
+    return _per_capsule(x, _forward_direct, _forward_scaled).to(s.dtype)
+
+
+def _ds(direction, f, h, dv):
+    """f(n) (dv - (s_hat . dv) s_hat) + h(n) (s_hat . dv) s_hat: the tangential and radial parts
+    apart, since their sum cancels for a radial dv (see reference/squash.py)."""
+    radial_part = _dot_last(direction, dv) * direction
+    return torch.addcmul(h * radial_part, f, dv - radial_part)
+
+
+def _backward_direct(x, n, n_sq, dv):
+    f = n / (1.0 + n_sq)
+    return _ds(x / n, f, 2.0 * f / (1.0 + n_sq), dv)
+
+
+def _backward_scaled(x, dv):
+    n, direction = _scaled_norm_and_direction(x)
+    return _ds(direction, *_f_and_h(n), dv)
 
 
 def squash_backward_torch(dv, s):
-    """ds = f(n) (dv - (s_hat . dv) s_hat) + h(n) (s_hat . dv) s_hat, over the last axis, in s's dtype."""
+    """ds over the last axis, in s's dtype (see _ds and _per_capsule)."""
     x = s.to(compute_dtype(s.dtype))
-    direct = _direct_norm(x)
-    if direct is not None:
-        n, n_sq = direct
-        direction = x / n
-        f = n / (1.0 + n_sq)
-        h = 2.0 * f / (1.0 + n_sq)
-    else:
-        n, direction = _scaled_norm_and_direction(x)
-        f, h = _f_and_h(n)
-    dv = dv.to(x.dtype)
-    radial_part = _dot_last(direction, dv) * direction
-    return torch.addcmul(h * radial_part, f, dv - radial_part).to(s.dtype)
+    return _per_capsule(x, _backward_direct, _backward_scaled, dv.to(x.dtype)).to(s.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
