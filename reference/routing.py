@@ -108,7 +108,8 @@ def routing_backward(dv, cache):
     V^(t) = v^(1) + ... + v^(t-1) and ds = squash_backward(dL/dv^(t), s^(t)):
         du_hat += c ds                                  (through s = sum_i c u_hat)
         dc      = u_hat . ds                            [B, I, J]
-        db      = c (dc - sum_j c dc)                   (softmax over j)
+        db      = c (dc - sum_j c dc)                   (softmax over j; dc taken relative
+                                                         to the most coupled parent's)
         du_hat += db V^(t)                              (through b = u_hat . V)
         dV      = sum_i db u_hat                        [B, J, D]
     and, because v^(t-1) enters every V^(t'), t' >= t, dL/dv^(t-1) is the sum of dV over the
@@ -136,6 +137,10 @@ def routing_backward(dv, cache):
         if cache["gradient"] == "last":
             break                                                  # c^(r) is a constant: done
         dc = np.einsum("bijd,bjd->bij", u_hat, ds)                 # [B, I, J]
+        # Measured from the most coupled parent's dc, which changes nothing (sum_j c = 1) but
+        # rounding: where the coupling saturates (c -> 1), dc - sum_j c dc would cancel to the
+        # small (1 - c) dc left over, and keep mostly the rounding of dc.
+        dc = dc - np.take_along_axis(dc, coupling.argmax(axis=2)[..., None], axis=2)
         dlogits = coupling * (dc - np.sum(coupling * dc, axis=2, keepdims=True))  # [B, I, J]
         du_hat += dlogits[..., None] * v_sum[:, None, :, :]        # [B, I, J, D]
         grad_v_sum = grad_v_sum + np.einsum("bij,bijd->bjd", dlogits, u_hat)  # [B, J, D]

@@ -112,6 +112,7 @@ def routing_backward_torch(dv, u_hat, s_all, gradient):
         # b^(t) = u_hat . V^(t) (to recompute c^(t)) and dc = u_hat . ds in one pass over u_hat.
         logits, dc = _agreement(u3, torch.stack((v_sums[:, t], ds), dim=1)).unbind(dim=2)
         c = _coupling(logits)                                      # [B, I, J]
+        dc = dc - dc.gather(-1, c.argmax(dim=-1, keepdim=True))   # exact, rounds less (reference)
         db = c * (dc - (c * dc).sum(dim=-1, keepdim=True))         # softmax over j
         couplings.append(c)
         dlogits.append(db)
