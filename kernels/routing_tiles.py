@@ -69,11 +69,10 @@ def logits_grad(u_hat, coupling, ds):
     axes as in coupling_tile (ds then [BLOCK_B, BLOCK_J, BLOCK_D]).
     """
     dc = tl.sum(u_hat * tl.expand_dims(ds, -3), axis=-1)                   # [..., BLOCK_I, BLOCK_J]
-    # Measured from the most coupled parent's dc (the mean over ties): exact, since sum_j c = 1,
-    # and where c saturates it keeps dc - sum_j c dc from cancelling to rounding (reference).
+    # Measured from the most coupled parent's dc (the largest among ties): exact, since
+    # sum_j c = 1, and where c saturates it keeps dc - sum_j c dc from cancelling to rounding.
     top = coupling == tl.max(coupling, axis=-1, keep_dims=True)
-    dc -= (tl.sum(tl.where(top, dc, 0.0), axis=-1, keep_dims=True)
-           / tl.sum(top.to(dc.dtype), axis=-1, keep_dims=True))
+    dc -= tl.max(tl.where(top, dc, float("-inf")), axis=-1, keep_dims=True)
     return coupling * (dc - tl.sum(coupling * dc, axis=-1, keep_dims=True))
 
 
