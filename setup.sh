@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     python3 -m venv --without-pip --system-site-packages .venv
+    # python3 may itself live in a virtual environment, whose packages --system-site-packages does
+    # not reach (it reaches the base interpreter's): a .pth file adds python3's own site-packages.
+    python3 -c 'import site; print("\n".join(site.getsitepackages()))' \
+        > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/python3-site-packages.pth"
     .venv/bin/python scripts/install_offline.py
     exit
 fi
