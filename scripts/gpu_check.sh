@@ -6,6 +6,8 @@
 #   tests     the test suite on the GPU, Hypothesis profile "gpu" (more examples, every dtype)
 #   memcheck  a small routing forward + backward under compute-sanitizer --tool memcheck
 #   bench     bench.py at B = 32, 128, 512, every provider -> OUT/bench.json, OUT/bench.png
+#   kernels   the routing and fused-layer kernels alone (CUDA graph replay), per variant and launch
+#             config, beside the same launches as plain calls -> OUT/kernels.json (GPU only)
 #   train     the paper's MNIST recipe, 50 epochs -> OUT/train/ (log and figures, no checkpoints);
 #             stopped by its limit, the model it chose on validation so far is tested (stage evaluate)
 # and, only with GPU_CHECK_EXPERIMENTS=1, last and outside the budget (SPEC 9's full recipes, hours):
@@ -19,7 +21,7 @@
 #
 # DATA_DIR holds MNIST's IDX files. The project must be importable by $PYTHON (default python3):
 # ./setup.sh does that without downloading where python3 has a CUDA torch. GPU_CHECK_BUDGET (seconds
-# for all stages: 515 on a GPU, 170 for --smoke) and GPU_CHECK_LIMITS (e.g. "bench=300 train=900",
+# for all stages: 540 on a GPU, 170 for --smoke) and GPU_CHECK_LIMITS (e.g. "bench=300 train=900",
 # seconds per stage; the optional ones default to multimnist=36000 mnist40=36000 affnist=600) override
 # the defaults. Exit status 0 when every stage that ran passed.
 set -uo pipefail
@@ -70,12 +72,13 @@ if (( smoke )); then
                 --conv-channels 8 --primary-types 2 --decoder-hidden 16 32 --no-verify-data)
     evaluate_args=(--no-verify-data)
 else
-    budget=515
+    budget=540
     summary_args=()
-    limits=(ceilings 40 tests 120 memcheck 60 bench 210 train 515 evaluate 40 multimnist 36000 mnist40 36000
-            affnist 600)
+    limits=(ceilings 30 tests 200 memcheck 30 bench 150 kernels 90 train 540 evaluate 40 multimnist 36000
+            mnist40 36000 affnist 600)
     ceilings_args=()
-    pytest_args=(-n 6)
+    # Natively each new shape compiles its kernels (seconds of CPU): as many workers as cores allow.
+    pytest_args=(-n 12 --durations=20)
     tests_note="all but tests/test_gpu_check.py, this script's smoke run on the CPU"
     bench_args=(--quick --batches 32,128,512 --device cuda)
     epochs=50
@@ -138,6 +141,12 @@ else
 fi
 
 stage bench "$python" bench.py "${bench_args[@]}" --json "$out/bench.json" --plot "$out/bench.png"
+
+if (( smoke )); then
+    record kernels skipped 0 0 "times GPU kernels: needs a CUDA GPU"
+else
+    stage kernels "$python" -m capsnet_triton.bench.kernels --json "$out/kernels.json"
+fi
 
 reserve=${limit[evaluate]} stage train "$python" -m capsnet_triton.train --data "$data" --out "$scratch/train" \
     --epochs "$epochs" --checkpoint-every 0 "${train_args[@]}"

@@ -31,6 +31,7 @@ def test_smoke_run_writes_a_summary_of_every_stage(tmp_path):
     assert "0 FAILED" in rows["bench"] and "routing fwd+bwd B=2" in rows["bench"]
     assert "1/1 epochs" in rows["train"] and "test " in rows["train"]
     assert "GB/s" in rows["ceilings"] and "fp32" in rows["ceilings"]
+    assert "| kernels | SKIPPED |" in rows["kernels"] and "needs a CUDA GPU" in rows["kernels"]
     assert json.loads((out / "bench.json").read_text())["rows"]
     assert (out / "train" / "log.jsonl").exists() and (out / "bench.png").exists()
     assert not list(out.rglob("*.pt")), "checkpoints must stay out of OUT"
@@ -38,11 +39,15 @@ def test_smoke_run_writes_a_summary_of_every_stage(tmp_path):
 
 def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     (tmp_path / "stages.tsv").write_text("ceilings\tpass\t9\t40\t\ntests\tfail\t80\t150\t\n"
-                                         "bench\tfail\t3\t180\t\ntrain\ttimeout\t200\t200\t\nevaluate\tpass\t6\t40\t\n"
+                                         "bench\tfail\t3\t180\t\nkernels\tpass\t80\t90\t\ntrain\ttimeout\t200\t200\t\nevaluate\tpass\t6\t40\t\n"
                                          "multimnist\tpass\t900\t36000\t\n")
     (tmp_path / "bench.log").write_text("Traceback (most recent call last):\nRuntimeError: CUDA error\n")
     (tmp_path / "multimnist.log").write_text("test both-digit accuracy 94.10% (error 5.90%) on 100000 images, "
                                              "best model from epoch 40\nsome warning\n")
+    kernel_rows = [dict(B=B, workload="routing fwd", config=c, graph_ms=ms, call_ms=ms + 0.3, copy_pct=100 / ms)
+                   for B, c, ms in ((128, "sample", 0.4), (512, "sample", 1.0), (512, "split S=4", 0.5))]
+    kernel_rows.append(dict(B=512, workload="routing fwd", config="split S=8", error="CompilationError: x"))
+    (tmp_path / "kernels.json").write_text(json.dumps({"rows": kernel_rows}))
     (tmp_path / "evaluate.log").write_text("test accuracy 99.10% (error 0.90%) on 10000 images, loss 0.01\n")
     (tmp_path / "tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
                                         "2 failed, 181 passed, 3 skipped in 79.10s (0:01:19)\n")
@@ -56,6 +61,8 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     assert "tests/test_x.py::test_y" in rows["tests"]
     assert "no ceilings.json" in rows["ceilings"] and "no bench.json" in rows["bench"]
     assert "| train | TIMEOUT |" in rows["train"]
+    assert ("routing fwd B=512: best split S=4 0.5 ms, 200% copy (sample 1 ms, as a call 1.3 ms); "
+            "3 rows timed, 1 FAILED") in rows["kernels"]
     assert "3/50 epochs, median 5.0 s" in rows["train"] and "99.00% (epoch 2)" in rows["train"]
     assert "not tested" in rows["train"]
     assert "its log ends: `RuntimeError: CUDA error`" in rows["bench"]
@@ -73,6 +80,6 @@ def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     status = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines())
     assert status == {"ceilings": "pass", "tests": "timeout", "memcheck": "pass", "bench": "timeout",
-                      "train": "fail"}, status
+                      "kernels": "skipped", "train": "fail"}, status
     table = (out / "summary.md").read_text()
     assert "| tests | TIMEOUT |" in table and "| train | FAIL |" in table

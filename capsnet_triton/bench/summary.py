@@ -1,6 +1,6 @@
 """OUT/summary.md of scripts/gpu_check.sh: one table with every stage's result and figures,
 read from what the stages left in OUT (stages.tsv, ceilings.json, tests.log, memcheck.log,
-bench.json, train/log.jsonl, evaluate.log, and the optional multimnist.log, mnist40.log and
+bench.json, kernels.json, train/log.jsonl, evaluate.log, and the optional multimnist.log, mnist40.log and
 affnist.log). A stage that failed or ran out of time still shows what it wrote.
 
     python -m capsnet_triton.bench.summary OUT --epochs 50 [--smoke]
@@ -94,6 +94,28 @@ def bench_figures(out):
     return "; ".join(parts + [f"{timed} rows timed, {failed} FAILED"] + cut)
 
 
+def kernels_figures(out):
+    """Per workload at the largest batch: the default launch and the fastest config, GPU time
+    alone (graph replay) and as a plain call."""
+    report = _json(out, "kernels.json")
+    if not report:
+        return "no kernels.json"
+    rows = [r for r in report["rows"] if "error" not in r]
+    parts = []
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        B = max(r["B"] for r in rows if r["workload"] == workload)
+        at_B = [r for r in rows if r["workload"] == workload and r["B"] == B]
+        default = next((r for r in at_B if r["config"] == "sample"), None)
+        best = min(at_B, key=lambda r: r["graph_ms"])
+        pct = f", {best['copy_pct']:.0f}% copy" if best.get("copy_pct") else ""
+        text = f"{workload} B={B}: best {best['config']} {best['graph_ms']:.3g} ms{pct}"
+        if default:
+            text += f" (sample {default['graph_ms']:.3g} ms, as a call {default['call_ms']:.3g} ms)"
+        parts.append(text)
+    failed = sum("error" in r for r in report["rows"])
+    return "; ".join(parts + [f"{len(rows)} rows timed, {failed} FAILED"])
+
+
 def train_figures(out, epochs):
     records = [json.loads(line) for line in (_read(out, "train/log.jsonl") or "").splitlines() if line.strip()]
     validation = [r for r in records if r.get("event") == "validation"]
@@ -123,6 +145,7 @@ def experiment_figures(out, name):
 def write_summary(out, epochs, smoke=False):
     figures = {"ceilings": lambda: ceilings_figures(out), "tests": lambda: tests_figures(out),
                "memcheck": lambda: memcheck_figures(out), "bench": lambda: bench_figures(out),
+               "kernels": lambda: kernels_figures(out),
                "train": lambda: train_figures(out, epochs), "evaluate": lambda: evaluate_figures(out),
                **{name: lambda name=name: experiment_figures(out, name)
                   for name in ("multimnist", "mnist40", "affnist")}}
@@ -139,7 +162,7 @@ def write_summary(out, epochs, smoke=False):
             text += f"; its log ends: `{ending}`"
         text = "; ".join(filter(None, [note, text])).replace("|", "/")
         lines.append(f"| {name} | {status.upper() if status != 'pass' else 'pass'} | {seconds} ({limit}) | {text} |")
-    lines += ["", "Each stage's output is OUT/<stage>.log; bench.json, ceilings.json and train/ (log and "
+    lines += ["", "Each stage's output is OUT/<stage>.log; bench.json, kernels.json, ceilings.json and train/ (log and "
               "figures of the run, not its checkpoints) beside it."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:

@@ -1,0 +1,155 @@
+"""GPU time of the Triton kernels alone, per variant and launch config, beside the same work's
+time as one call.
+
+bench.py times whole calls: argument checks, custom-op dispatch and one Python launch per kernel
+included. At the MNIST shape those cost about as much as the kernels (on one H200 the Triton
+squash took 0.14 ms a call for 2 MB of traffic), so bench's rows cannot say whether a change must
+shrink the kernels or the host's work. Here each launcher sequence is captured once in a CUDA
+graph and timed by replaying it (events, L2 flushed before each replay, as bench times): GPU
+time, launch gaps included, host work left out. Each row also gives the same launches timed as
+plain calls, and the kernels' traffic as bench counts it against the copy bandwidth.
+
+    python -m capsnet_triton.bench.kernels --json OUT/kernels.json [--batches 128,512]
+
+On a CUDA GPU only (the interpreter's times mean nothing).
+"""
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from .report import versions
+from .timing import copy_bandwidth_gbs, time_calls
+from .workloads import WORKLOADS, Shape, make_arrays
+
+# (label, launcher keyword arguments): the default launch, then the knobs a default could move.
+# block_i is a multiple of the BLOCK_I the launcher picks.
+CONFIGS = [
+    ("sample", dict(variant="sample")),
+    ("sample BLOCK_I=2x", dict(variant="sample", block_i=2)),
+    ("sample BLOCK_I=4x", dict(variant="sample", block_i=4)),
+    ("split", dict(variant="split")),
+    ("split S=2", dict(variant="split", splits=2)),
+    ("split S=4", dict(variant="split", splits=4)),
+    ("split S=8", dict(variant="split", splits=8)),
+    ("split S=16", dict(variant="split", splits=16)),
+    ("split BLOCK_I=2x", dict(variant="split", block_i=2)),
+]
+# The fused layer's rows start with the unfused layer (predict, then the routing kernels) through
+# the public ops, autograd included: the baseline capsule_linear must beat.
+UNFUSED = ("unfused", None)
+
+
+def _routing(x, r, kwargs, backward, shape):
+    from capsnet_triton.kernels import routing, routing_backward, routing_forward
+    if kwargs.get("block_i"):
+        default = routing._routing_launch_config(shape.I, shape.J, shape.D, torch.float32, None)["BLOCK_I"]
+        kwargs = dict(kwargs, block_i=default * kwargs["block_i"])
+
+    def run():
+        v, s_all = routing_forward(x["u_hat"], r, **kwargs)
+        if backward:
+            routing_backward(x["dv"], x["u_hat"], s_all, **kwargs)
+    return run
+
+
+def _fused(x, r, kwargs, backward, shape):
+    from capsnet_triton.kernels import capsule_linear, capsule_linear_backward, capsule_linear_forward
+    if kwargs is None:
+        return _unfused(x, r, backward)
+    if kwargs.get("block_i"):
+        samples = capsule_linear._SPLIT_BLOCK_B if kwargs["variant"] == "split" else 1
+        default = capsule_linear._launch_config(shape.I, shape.J, shape.D, shape.P, torch.float32, None,
+                                                samples=samples)["BLOCK_I"]
+        kwargs = dict(kwargs, block_i=default * kwargs["block_i"])
+
+    def run():
+        v, s_all = capsule_linear_forward(x["u"], x["W"], r, **kwargs)
+        if backward:
+            capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, **kwargs)
+    return run
+
+
+def _unfused(x, r, backward):
+    from capsnet_triton.ops import dynamic_routing
+    from capsnet_triton.ops.capsule_linear import predict
+
+    def run():
+        if not backward:
+            with torch.no_grad():
+                dynamic_routing(predict(x["u"], x["W"]), r, backend="triton")
+            return
+        u, weight = (x[k].detach().requires_grad_() for k in ("u", "W"))
+        v = dynamic_routing(predict(u, weight), r, backend="triton")
+        torch.autograd.grad(v, (u, weight), x["dv"])
+    return run
+
+
+def _graph_ms(run, device):
+    run()                                       # compile outside the capture
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        run()                                   # allocator warm-up on the capture stream
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return float(np.median(time_calls(graph.replay, device, reps_min=10, reps_max=50, budget_s=0.3)))
+
+
+def measure(device, batches, r=3, I=1152):
+    copy_gbs = copy_bandwidth_gbs(device, 1024)
+    workloads = {w.name: w for w in WORKLOADS}
+    rows = []
+    for B in batches:
+        shape = Shape(B=B, I=I, r=r)
+        for family, workload, build in (("routing", "routing fwd", _routing), ("routing", "routing fwd+bwd", _routing),
+                                        ("fused", "digitcaps fwd", _fused), ("fused", "digitcaps fwd+bwd", _fused)):
+            arrays = make_arrays(workloads[workload], shape)
+            x = {k: torch.from_numpy(a).to(device) for k, a in arrays.items()}
+            moved = workloads[workload].bytes_moved(shape)
+            for label, kwargs in ([UNFUSED] if family == "fused" else []) + CONFIGS:
+                row = dict(B=B, workload=workload, config=label)
+                try:
+                    run = build(x, r, kwargs, workload.endswith("bwd"), shape)
+                    graph_ms = _graph_ms(run, device)
+                    call_ms = float(np.median(time_calls(run, device, reps_min=10, reps_max=50, budget_s=0.3)))
+                    row.update(graph_ms=graph_ms, call_ms=call_ms,
+                               copy_pct=None if moved is None else 100 * moved / (graph_ms * 1e6) / copy_gbs)
+                except Exception as error:                # a config that fails to compile or launch
+                    row.update(error=f"{type(error).__name__}: {error}"[:300])
+                rows.append(row)
+                print(_line(row), flush=True)
+    return dict(versions=versions(), device=torch.cuda.get_device_name(device), copy_bandwidth_gbs=copy_gbs,
+                I=I, r=r, rows=rows)
+
+
+def _line(row):
+    head = f"{row['B']:>5}  {row['workload']:<18} {row['config']:<17}"
+    if "error" in row:
+        return f"{head} FAILED {row['error']}"
+    pct = "-" if row["copy_pct"] is None else f"{row['copy_pct']:.0f}%"
+    return f"{head} graph {row['graph_ms']:8.4f} ms  call {row['call_ms']:8.4f} ms  copy {pct:>4}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True, help="where to write the rows")
+    parser.add_argument("--batches", default="128,512", help="comma-separated batch sizes (default 128,512)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("times GPU kernels: needs a CUDA GPU")
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"{'B':>5}  {'workload':<18} {'config':<17}")
+    result = measure(torch.device("cuda"), batches)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
