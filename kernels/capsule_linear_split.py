@@ -23,16 +23,18 @@ Samples past B in the last block read sample B - 1's u (never out of bounds) and
 of every store.
 
 Memory traffic per launch: u once (B I P), W once per block of samples (cdiv(B, BLOCK_B) I J D P,
-from L2), and cdiv(B, BLOCK_B) S BLOCK_B J D partials written and S times that read. Which
-variant is faster is a question for a GPU: kernels/capsule_linear.py keeps the sample kernels
-the default until one measures both.
+from L2), and cdiv(B, BLOCK_B) S BLOCK_B J D partials written and S times that read. On one
+H200 they ran the layer's forward + backward about 1.1x faster than the sample kernels at B = 128
+and 512, so they are the default; both are still 5-8x slower than predicting u_hat and routing
+it with the routing kernels (docs/PERF.md).
 """
 
 import triton
 import triton.language as tl
 
 from .routing_tiles import (coupling_tile, load_u, load_weight, logits_grad, predict, split_backward_ds,
-                            split_forward_start, spread_non_finite, store_partial, v_sum_before, weight_layout)
+                            split_forward_start, marked_non_finite, spread_nan, store_partial, v_sum_before,
+                            weight_layout)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel"]
 
@@ -101,8 +103,8 @@ def split_forward_kernel(
                 i = i_start + i_in_block
                 weight = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)[0]
                 u = load_u(u_block, i, I, P, p, p_valid, COMPUTE_DTYPE)[0]  # [BLOCK_B, BLOCK_I, BLOCK_P]
-                acc += predict(weight, u)
-            partial = spread_non_finite(tl.sum(acc, axis=1) / J)           # uniform c = 1/J
+                acc += marked_non_finite(predict(weight, u))
+            partial = spread_nan(tl.sum(acc, axis=1) / J)                  # uniform c = 1/J
         else:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 i = i_start + i_in_block

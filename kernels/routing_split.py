@@ -1,9 +1,9 @@
-"""The split-I variant of the routing forward and of backward kernel A: grid (B, S).
+"""The split-I variant of the routing forward and of backward kernel A, the default: grid (B, S).
 
 The one-program-per-sample kernels of kernels/routing.py give a GPU B programs, one CTA per SM
 at B = 128 on a 132-SM card, each walking all of I with full memory latency per tile. Here each
 routing iteration is one launch over (sample, chunk of I): S programs per sample, S chosen so
-that every SM holds several CTAs. Each program writes its chunk's partial sum ([J, D]) and the
+that every SM holds a few CTAs. Each program writes its chunk's partial sum ([J, D]) and the
 next launch's programs first add the S partials of their sample in a fixed order (k = 0..S-1),
 so the result is deterministic with no float atomics, and every program of a sample computes
 bit-identical s and V. Within a chunk every thread accumulates its own share of the partial
@@ -13,15 +13,16 @@ first iteration (uniform coupling 1/J) skips the softmax.
 
 Memory traffic is that of the sample kernels plus, per launch, B S J D partials written and read
 S times per sample (S J D per program: small next to the chunk of u_hat it reads).
-Which variant is faster is a question for a GPU: kernels/routing.py keeps the sample kernels
-the default until one measures both.
+On one H200 these kernels ran the forward 1.3-1.7x and the forward + backward 1.1-1.4x faster
+than the sample kernels at B = 128 and 512 (docs/PERF.md), so they are the default.
 """
 
 import triton
 import triton.language as tl
 
 from .routing_tiles import (coupling_tile, load_u_hat, logits_grad, sample_layout, split_backward_ds,
-                            split_forward_start, spread_non_finite, store_partial, v_sum_before)
+                            split_forward_start, marked_non_finite, spread_nan, store_partial,
+                            v_sum_before)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel", "pick_splits"]
 
@@ -62,8 +63,8 @@ def split_forward_kernel(
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                       jd_mask, COMPUTE_DTYPE)
-                acc += u_hat
-            partial = spread_non_finite(tl.sum(acc, axis=0) / J)           # uniform c = 1/J
+                acc += marked_non_finite(u_hat)
+            partial = spread_nan(tl.sum(acc, axis=0) / J)                  # uniform c = 1/J
         else:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
@@ -113,8 +114,12 @@ def split_backward_ds_all_kernel(
         store_partial(partial_ptr, t, splits, J, D, jd_offsets, jd_mask, tl.sum(acc, axis=0), 1)
 
 
-# Resident CTAs wanted per SM: enough that one CTA's memory latency hides behind the others'.
-_CTAS_PER_SM = 4
+# CTAs wanted per SM, and chunks per sample at least. On one H200 at the MNIST shape, kernels
+# alone, fewer and longer chunks won down to two: routing forward at B = 128 took 0.16 ms with
+# S = 2, 0.16 with 4, 0.19 with 5 (4 CTAs per SM), 0.18 with 8, 0.21 with 16; at B = 512, 0.57 with
+# S = 2 against 0.78 with 16 (docs/PERF.md, "First runs on a GPU").
+_CTAS_PER_SM = 2
+_MIN_SPLITS = 2
 # The SM count of the GPUs this project is measured on (H100, H200), for launches recorded
 # without a device to ask (the compile test).
 _DEFAULT_SMS = 132
@@ -122,14 +127,14 @@ _DEFAULT_SMS = 132
 
 def pick_splits(B, I, block_i, device, splits=None):
     """(splits, chunk): S chunks of I per sample, each a multiple of block_i inputs, so that the
-    grid (B, S) gives every SM several CTAs; `splits` forces S (tests use it)."""
+    grid (B, S) gives every SM a few CTAs; `splits` forces S (tests use it)."""
     tiles = triton.cdiv(I, block_i)
     if splits is None:
         sms = _DEFAULT_SMS
         if device.type == "cuda":
             import torch
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = triton.cdiv(_CTAS_PER_SM * sms, B)
+        splits = max(_MIN_SPLITS, triton.cdiv(_CTAS_PER_SM * sms, B))
     elif isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be an integer >= 1, got {splits!r}")
     chunk = triton.cdiv(tiles, min(splits, tiles)) * block_i

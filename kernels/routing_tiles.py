@@ -11,8 +11,8 @@ from .squash import squash_backward_tile, squash_tile
 
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "s_of_tile",
            "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration", "sum_partials",
-           "split_forward_start", "split_backward_ds", "store_partial", "spread_non_finite", "weight_layout",
-           "load_weight", "load_u", "predict"]
+           "split_forward_start", "split_backward_ds", "store_partial", "marked_non_finite", "spread_nan",
+           "weight_layout", "load_weight", "load_u", "predict"]
 
 
 @triton.jit
@@ -239,11 +239,24 @@ def store_partial(partial_ptr, slot, splits, J, D, offsets, mask, partial, SAMPL
 
 
 @triton.jit
-def spread_non_finite(partial):
+def marked_non_finite(u_hat):
+    """u_hat with NaN where it is not finite (inf * 0 is NaN), the same value elsewhere: one FMA.
+
+    The first iteration's uniform coupling has no softmax to spread a NaN or inf input to every
+    parent of its sample, as SPEC 7 asks (later iterations' agreement u_hat . V does it). A split
+    program sums these instead of u_hat, and spread_nan then spreads over the sample only NaN:
+    a finite sample whose sum overflows makes inf, not NaN, and keeps its other parents, as in
+    the reference and the sample kernels. (Finite inputs whose per-thread sums overflow to +inf
+    and -inf in one parent make NaN there, and the whole sample NaN: a sum that is lost anyway.)"""
+    return u_hat + u_hat * 0.0
+
+
+@triton.jit
+def spread_nan(partial):
     """partial [..., BLOCK_J, BLOCK_D] (one sample's share of s per leading index) made NaN in all
-    of a sample's entries where any of them is not finite: the first iteration's uniform coupling
-    has no softmax to spread a NaN or inf to every s, which SPEC 7 asks for."""
-    return partial + tl.sum(tl.sum(partial * 0.0, axis=-1, keep_dims=True), axis=-2, keep_dims=True)
+    of a sample's entries where any of them is NaN (see marked_non_finite)."""
+    nan_or_zero = tl.where(partial == partial, 0.0, partial)
+    return partial + tl.sum(tl.sum(nan_or_zero, axis=-1, keep_dims=True), axis=-2, keep_dims=True)
 
 
 @triton.jit
