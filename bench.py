@@ -18,12 +18,12 @@ Providers (one row each):
                  u_hat never stored (the layer workloads only; the train step's default model)
   triton         capsnet_triton.ops with backend="triton": the fused kernels, on a CUDA GPU only
                  (the interpreter is never timed)
-  triton-split   the same kernels with the routing forward and backward kernel A split over I
-                 (variant="split", grid (B, S)): the GPU measurement picks the default variant
+  triton-sample  the same ops with the routing forward and backward kernel A one program per
+                 sample (variant="sample"), against the default split over I (grid (B, S))
   triton-fused   capsule_linear with backend="triton", on a CUDA GPU only, likewise
-  triton-fused-split  the same layer with its forward and backward kernel A split over I and
-                 each W tile used for a block of samples (variant="split"): the GPU measurement
-                 picks the layer's default variant (the layer workloads only)
+  triton-fused-sample  the same layer with its forward and backward kernel A one program per
+                 sample (variant="sample"), against the default split over I with each W tile
+                 used for a block of samples (the layer workloads only)
 
 Workloads, float32, at the MNIST shape I=1152, J=10, D=16, P=8, r=3 unless a row says otherwise:
   squash           v = squash(s), s [B, I, P] (the primary capsules)            B up to 128 (CPU)

@@ -20,10 +20,11 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
   writes du (B I P) and dW (I J D P) once: no pass over anything of size U.
 
 Two variants of the forward and of backward kernel A, chosen by the launchers' `variant=`:
-"sample" (the default, in this file), one program per sample for all iterations, which reads
-all of W once per sample and iteration, and "split" (kernels/capsule_linear_split.py), one
-launch per iteration over (block of BLOCK_B samples, chunk of I), which reads W once per block
-of samples and fills a GPU at small batches. The default follows a GPU measurement of both.
+"sample" (in this file), one program per sample for all iterations, which reads all of W once
+per sample and iteration, and "split" (the default, kernels/capsule_linear_split.py), one launch
+per iteration over (block of BLOCK_B samples, chunk of I), which reads W once per block of
+samples and fills a GPU at small batches. The default is the one faster on one H200
+(launch.DEFAULT_VARIANT).
 """
 
 import triton
@@ -40,7 +41,7 @@ from capsnet_triton.checks import (
 )
 
 from . import capsule_linear_split, routing_split
-from .launch import SPLIT_STAGES, check_variant, launch_options, max_tile, output, tl_dtype
+from .launch import DEFAULT_VARIANT, SPLIT_STAGES, check_variant, launch_options, max_tile, output, tl_dtype
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u, load_weight, predict,
                             s_of_tile, v_sum_before, weight_layout)
 from .squash import squash_backward, squash_backward_tile
@@ -213,7 +214,7 @@ def _launch_config(I, J, D, P, dtype, block_i, samples=1):
 
 def _split_grid(B, I, config, device, splits):
     """(blocks of samples, splits, chunk) of a split launch: the grid (blocks, splits) gives every
-    SM several CTAs (routing_split.pick_splits), each chunk a multiple of BLOCK_I inputs."""
+    SM a few CTAs (routing_split.pick_splits), each chunk a multiple of BLOCK_I inputs."""
     blocks = triton.cdiv(B, config["BLOCK_B"])
     return (blocks, *routing_split.pick_splits(blocks, I, config["BLOCK_I"], device, splits))
 
@@ -232,16 +233,15 @@ def _checked(u, weight, iterations, bias=None):
     return u.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
 
 
-def capsule_linear_forward(u, weight, iterations, bias=None, *, variant="sample", splits=None, block_i=None,
+def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_VARIANT, splits=None, block_i=None,
                            out=None):
     """v [B, J, D] = routing(W u, iterations) for u [B, I, P] and W [I, J, D, P], u_hat never stored.
 
-    variant: "sample" (default): one launch runs all iterations, one program per sample.
-    "split" (kernels/capsule_linear_split.py): one launch per iteration (and one to finish) over
-    (block of samples, chunk of I), each W tile loaded once for the block's samples, the chunks'
-    partial sums added in a fixed order; splits forces the number of chunks per block (default:
-    enough for several CTAs on every SM). The default stays "sample" until a GPU has measured
-    both. bias: optional [J, D], added to s in every iteration. block_i: force the BLOCK_I inputs
+    variant: "split" (default, kernels/capsule_linear_split.py): one launch per iteration (and
+    one to finish) over (block of samples, chunk of I), each W tile loaded once for the block's
+    samples, the chunks' partial sums added in a fixed order; splits forces the number of chunks
+    per block (default: enough for a few CTAs on every SM). "sample": one launch runs all
+    iterations, one program per sample. bias: optional [J, D], added to s in every iteration. block_i: force the BLOCK_I inputs
     per tile (a power of two; tests use it to exercise the loop over I and its masks).
     Returns (v, s_all): v in u's dtype, and s_all [iterations, B, J, D] every iteration's s in the
     compute dtype (float64 for float64 u, else float32), all capsule_linear_backward needs.
@@ -277,8 +277,8 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, variant="sample"
     return v, s_all
 
 
-def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant="sample", splits=None, block_i=None,
-                            out=None):
+def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DEFAULT_VARIANT, splits=None,
+                            block_i=None, out=None):
     """Gradients of capsule_linear_forward: (du [B, I, P] in u's dtype, dW [I, J, D, P] in W's
     dtype, ds_all [r, B, J, D] in the compute dtype; the bias gradient is ds_all.sum((0, 1))).
 
@@ -287,8 +287,8 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant="s
     ds^(r) = squash_backward(dv, s^(r)), and du_hat = c^(r) ds^(r).
     "full": kernel A walks the iterations backwards to ds_all ("last": the squash backward kernel
     on [B, J, D]); then kernel B, one program per block of inputs, writes du and dW once. Kernel A
-    is one launch, one program per sample, for variant="sample" (default), and one launch per
-    iteration over (block of samples, chunk of I) for variant="split" (see capsule_linear_forward;
+    is one launch, one program per sample, for variant="sample", and one launch per iteration
+    over (block of samples, chunk of I) for variant="split" (the default; see capsule_linear_forward;
     splits forces the chunks per block). Kernel B is the same for both.
     out: optional (du, dW, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """

@@ -8,7 +8,8 @@ import triton.language as tl
 
 from capsnet_triton.checks import compute_dtype, interpreting
 
-__all__ = ["tl_dtype", "output", "max_tile", "launch_options", "VARIANTS", "SPLIT_STAGES", "check_variant"]
+__all__ = ["tl_dtype", "output", "max_tile", "launch_options", "VARIANTS", "DEFAULT_VARIANT", "SPLIT_STAGES",
+           "check_variant"]
 
 # The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
 # temporaries in registers without spilling (float64 division and sqrt take many more registers
@@ -54,6 +55,10 @@ def launch_options(tile_elements):
 # The kernel variants of the routing and capsule_linear launchers' `variant=`: one program per
 # sample ("sample"), or I split across programs with partial sums ("split").
 VARIANTS = ("sample", "split")
+# Measured on one H200 at the MNIST shape (docs/PERF.md, "First runs on a GPU"), kernels alone:
+# routing forward 0.19 ms split against 0.32 sample at B = 128, 0.57 against 0.73 at B = 512, and
+# forward + backward faster too; the fused layer's forward + backward 5.9 against 6.4 ms at B = 128.
+DEFAULT_VARIANT = "split"
 # Loads in flight per loop of the split kernels (tl.range's software pipelining on a GPU).
 SPLIT_STAGES = 2
 

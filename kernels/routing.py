@@ -25,9 +25,10 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - routing_backward, gradient="last": no kernel A; reads u_hat once (kernel B), writes du_hat once.
 
 Two variants of the forward and of backward kernel A, chosen by the launchers' `variant=`:
-"sample" (the default, in this file), one program per sample for all iterations, and "split"
-(kernels/routing_split.py), one launch per iteration over (sample, chunk of I), which fills a
-GPU at small batches. Both move the same bytes; the default follows a GPU measurement of both.
+"sample" (in this file), one program per sample for all iterations, and "split" (the default,
+kernels/routing_split.py), one launch per iteration over (sample, chunk of I), which fills a GPU
+at small batches. Both move the same bytes; the default is the one faster on one H200
+(launch.DEFAULT_VARIANT).
 """
 
 import triton
@@ -43,7 +44,7 @@ from capsnet_triton.checks import (
     interpreting,
 )
 
-from .launch import SPLIT_STAGES, check_variant, launch_options, max_tile, output, tl_dtype
+from .launch import DEFAULT_VARIANT, SPLIT_STAGES, check_variant, launch_options, max_tile, output, tl_dtype
 from . import routing_split
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u_hat, s_of_tile,
                             sample_layout, v_sum_before)
@@ -206,14 +207,14 @@ def _routing_launch_config(I, J, D, dtype, block_i):
                 **launch_options(block_i * block_j * block_d))
 
 
-def routing_forward(u_hat, iterations, bias=None, *, variant="sample", splits=None, block_i=None, out=None):
+def routing_forward(u_hat, iterations, bias=None, *, variant=DEFAULT_VARIANT, splits=None, block_i=None,
+                    out=None):
     """Route u_hat [B, I, J, D] to v [B, J, D] with `iterations` routing iterations (Procedure 1).
 
-    variant: "sample" (default): one launch runs all iterations, one program per sample.
-    "split" (kernels/routing_split.py): one launch per iteration (and one to finish) over
-    (sample, chunk of I), the chunks' partial sums added in a fixed order; splits forces the
-    number of chunks per sample (default: enough for several CTAs on every SM). The default stays
-    "sample" until a GPU has measured both. u_hat may have any strides (they are passed to the
+    variant: "split" (default, kernels/routing_split.py): one launch per iteration (and one to
+    finish) over (sample, chunk of I), the chunks' partial sums added in a fixed order; splits
+    forces the number of chunks per sample (default: enough for a few CTAs on every SM).
+    "sample": one launch runs all iterations, one program per sample. u_hat may have any strides (they are passed to the
     kernel, nothing is copied). bias: optional [J, D], added to s in every iteration. block_i:
     force the BLOCK_I inputs per tile (a power of two; tests use it to exercise the loop over I
     and its masks).
@@ -253,7 +254,7 @@ def routing_forward(u_hat, iterations, bias=None, *, variant="sample", splits=No
     return v, s_all
 
 
-def routing_backward(dv, u_hat, s_all, *, gradient="full", variant="sample", splits=None, block_i=None,
+def routing_backward(dv, u_hat, s_all, *, gradient="full", variant=DEFAULT_VARIANT, splits=None, block_i=None,
                      out=None):
     """Gradients of routing_forward: (du_hat [B, I, J, D] in u_hat's dtype, ds_all [r, B, J, D]).
 
@@ -264,8 +265,8 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", variant="sample", spl
     for ds^(r) = squash_backward(dv, s^(r)) and du_hat = c^(r) ds^(r).
     "full": kernel A walks the iterations backwards to ds_all, then kernel B, fully parallel
     over (sample, block of I), writes du_hat once. Kernel A is one launch, one program per
-    sample, for variant="sample" (default), and one launch per iteration over (sample, chunk
-    of I) for variant="split" (see routing_forward; splits forces the chunks per sample).
+    sample, for variant="sample", and one launch per iteration over (sample, chunk of I) for
+    variant="split" (the default; see routing_forward; splits forces the chunks per sample).
     "last": the squash backward kernel on [B, J, D] gives ds^(r), then kernel B.
     out: optional (du_hat, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """

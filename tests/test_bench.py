@@ -37,7 +37,7 @@ def test_tiny_run_has_every_provider_and_workload(tmp_path):
     report = json.loads((tmp_path / "rows.json").read_text())
     rows = report["rows"]
     providers = ["numpy-ref", "torch-eager", "torch-einsum", "torch-compile", "project-torch", "project-fused",
-                 "triton", "triton-fused", "triton-split", "triton-fused-split"]
+                 "triton", "triton-fused", "triton-sample", "triton-fused-sample"]
     layer_workloads = ["digitcaps fwd", "digitcaps fwd+bwd", "train step"]
     workloads = ["squash", "routing fwd", "routing fwd+bwd", *layer_workloads]
     for workload in workloads:

@@ -47,8 +47,9 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     kernel_rows = [dict(B=B, workload="routing fwd", config=c, graph_ms=ms, call_ms=ms + 0.3, copy_pct=100 / ms)
                    for B, c, ms in ((128, "sample", 0.4), (512, "sample", 1.0), (512, "split S=4", 0.5))]
     kernel_rows.append(dict(B=512, workload="routing fwd", config="split S=8", error="CompilationError: x"))
-    (tmp_path / "kernels.json").write_text(json.dumps({"rows": kernel_rows}))
-    (tmp_path / "evaluate.log").write_text("test accuracy 99.10% (error 0.90%) on 10000 images, loss 0.01\n")
+    (tmp_path / "kernels.json").write_text(json.dumps({"default": "sample", "rows": kernel_rows}))
+    (tmp_path / "evaluate.log").write_text("mnist test accuracy 99.10% (error 0.90%) on 10000 images, loss 0.01\n"
+                                           "wrote OUT/train/training_curves.png\n")      # as evaluate prints
     (tmp_path / "tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
                                         "2 failed, 181 passed, 3 skipped in 79.10s (0:01:19)\n")
     (tmp_path / "train").mkdir()
@@ -61,7 +62,7 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     assert "tests/test_x.py::test_y" in rows["tests"]
     assert "no ceilings.json" in rows["ceilings"] and "no bench.json" in rows["bench"]
     assert "| train | TIMEOUT |" in rows["train"]
-    assert ("routing fwd B=512: best split S=4 0.5 ms, 200% copy (sample 1 ms, as a call 1.3 ms); "
+    assert ("routing fwd B=512: best split S=4 0.5 ms, 200% copy (default sample 1 ms, as a call 1.3 ms); "
             "3 rows timed, 1 FAILED") in rows["kernels"]
     assert "3/50 epochs, median 5.0 s" in rows["train"] and "99.00% (epoch 2)" in rows["train"]
     assert "not tested" in rows["train"]

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from kernel_checks import DEVICE, DTYPES, as_float64, assert_agrees, dtype_id, magnitudes, poisoned, sample
 
 from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
+from capsnet_triton.kernels.launch import DEFAULT_VARIANT
 from capsnet_triton.reference import capsule_linear_backward as reference_backward
 from capsnet_triton.reference import capsule_linear_forward as reference_forward
 
@@ -25,8 +26,8 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full", block_i=None, variant="sample",
-                         splits=None):
+def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full", block_i=None,
+                         variant=DEFAULT_VARIANT, splits=None):
     """Run the kernels on poisoned outputs, compare with the reference, return (v, s_all, du, dW, ds_all)."""
     B, I, P = u.shape
     _, J, D, _ = weight.shape

@@ -183,9 +183,9 @@ def _compile_mnist_launches(dtype_name):
     squash.squash_forward(s)
     squash.squash_backward(torch.empty_like(s), s)
     u_hat = torch.empty(BATCH, INPUTS, PARENTS, DIMS, dtype=dtype)
-    _, s_all = routing.routing_forward(u_hat, ITERATIONS)
+    _, s_all = routing.routing_forward(u_hat, ITERATIONS, variant="sample")
     dv = torch.empty(BATCH, PARENTS, DIMS, dtype=dtype)
-    routing.routing_backward(dv, u_hat, s_all, gradient="full")
+    routing.routing_backward(dv, u_hat, s_all, gradient="full", variant="sample")
     routing.routing_backward(dv, u_hat, s_all, gradient="last")
     for batch in SPLIT_BATCHES:
         u_hat = torch.empty(batch, INPUTS, PARENTS, DIMS, dtype=dtype)
@@ -194,8 +194,8 @@ def _compile_mnist_launches(dtype_name):
         routing.routing_backward(dv, u_hat, s_all, gradient="full", variant="split")
     weight = torch.empty(INPUTS, PARENTS, DIMS, PRIMARY_DIMS, dtype=dtype)
     dv = torch.empty(BATCH, PARENTS, DIMS, dtype=dtype)
-    _, s_all = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS)
-    capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="full")
+    _, s_all = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS, variant="sample")
+    capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="full", variant="sample")
     capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="last")
     for batch in SPLIT_BATCHES:
         u = torch.empty(batch, INPUTS, PRIMARY_DIMS, dtype=dtype)

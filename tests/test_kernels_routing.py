@@ -10,9 +10,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from conftest import interpreted
 from kernel_checks import DEVICE, DTYPES, dtype_id, magnitudes, poisoned, sample
 
 from capsnet_triton.kernels import routing_backward, routing_forward
+from capsnet_triton.kernels.launch import DEFAULT_VARIANT
 from capsnet_triton.numerics import as_float64, assert_agrees
 from capsnet_triton.reference import routing_backward as reference_routing_backward
 from capsnet_triton.reference import routing_forward as reference_routing_forward
@@ -22,7 +24,7 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=None, variant="sample",
+def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=None, variant=DEFAULT_VARIANT,
                   splits=None):
     """Run both kernels on poisoned outputs, compare with the reference, return (v, s_all, du_hat, ds_all)."""
     B, I, J, D = u_hat.shape
@@ -113,7 +115,9 @@ def test_routing_for_each_number_of_iterations(iterations, rng):
 
 @pytest.mark.parametrize("view", ["permuted", "strided"])
 def test_routing_of_non_contiguous_u_hat_equals_contiguous(view, rng):
-    """The kernels take u_hat's strides: a view gives bit for bit the result of its contiguous copy."""
+    """The kernels take u_hat's strides: a view gives the result of its contiguous copy, bit for bit
+    in the interpreter. Compiled, the strides pick the load width and with it the order in which a
+    sum adds its terms, so the two agree to float32 rounding (seen on one H200)."""
     if view == "permuted":
         u_hat = sample(rng, (2, 10, 13, 16), torch.float32).permute(0, 2, 1, 3)   # [2, 13, 10, 16]
     else:
@@ -124,7 +128,10 @@ def test_routing_of_non_contiguous_u_hat_equals_contiguous(view, rng):
     v, s_all = routing_forward(u_hat.contiguous(), 3, block_i=4)
     du_hat, ds_all = routing_backward(dv, u_hat.contiguous(), s_all, block_i=4)
     for got, expected in zip(results, (v, s_all, du_hat, ds_all)):
-        assert torch.equal(got, expected)
+        if interpreted():
+            assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_routing_copies_once_a_layout_whose_offsets_would_overflow_int32(rng, monkeypatch):

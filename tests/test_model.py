@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from kernel_checks import DEVICE
 
 from capsnet_triton import CapsNet
 from capsnet_triton.layers import Decoder, DigitCaps, PrimaryCaps, predict
@@ -125,7 +126,7 @@ def _tied_pair(gradient, routing_bias, backend, rng):
     if routing_bias:
         params["digit_caps.bias"] = rng.normal(0.0, 0.1, size=params["digit_caps.bias"].shape)
     model = CapsNet(**TINY, routing_gradient=gradient, routing_bias=routing_bias,
-                    routing_backend=backend).double()
+                    routing_backend=backend).double().to(DEVICE if backend == "triton" else "cpu")
     model.load_state_dict({name: torch.from_numpy(value) for name, value in params.items()})
     return config, params, model
 
@@ -142,19 +143,20 @@ def test_model_matches_reference_loss_and_every_gradient(gradient, routing_bias,
                                        routing_gradient=gradient)
     ref_grads = network_backward(cache)
 
-    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
+    device = next(model.parameters()).device
+    images_t, labels_t = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
     output = model(images_t, labels_t)
     terms = capsnet_loss(output, images_t, labels_t)
     terms.total.backward()
 
     assert abs(terms.total.item() - float(ref_total)) <= 1e-10 * abs(float(ref_total))
     assert abs(terms.margin.item() - float(cache["margin_loss"])) <= 1e-10 * abs(float(cache["margin_loss"]))
-    assert relative_error(output.v.detach().numpy(), cache["v"]) <= 1e-10
-    assert relative_error(output.reconstruction.detach().numpy(), cache["reconstruction"]) <= 1e-10
+    assert relative_error(output.v.detach().cpu().numpy(), cache["v"]) <= 1e-10
+    assert relative_error(output.reconstruction.detach().cpu().numpy(), cache["reconstruction"]) <= 1e-10
     grads = dict(model.named_parameters())
     assert set(grads) == set(ref_grads)
     for name, ref_grad in ref_grads.items():
-        assert relative_error(grads[name].grad.numpy(), ref_grad) <= 1e-10, name
+        assert relative_error(grads[name].grad.cpu().numpy(), ref_grad) <= 1e-10, name
 
 
 def test_gradient_policies_differ_on_the_tied_network(rng):

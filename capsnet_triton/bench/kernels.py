@@ -124,8 +124,9 @@ def measure(device, batches, r=3, I=1152):
                     row.update(error=f"{type(error).__name__}: {error}"[:300])
                 rows.append(row)
                 print(_line(row), flush=True)
+    from capsnet_triton.kernels.launch import DEFAULT_VARIANT
     return dict(versions=versions(), device=torch.cuda.get_device_name(device), copy_bandwidth_gbs=copy_gbs,
-                I=I, r=r, rows=rows)
+                I=I, r=r, default=DEFAULT_VARIANT, rows=rows)
 
 
 def _line(row):

@@ -44,14 +44,14 @@ EINSUM = Provider("torch-einsum", "the routing loop and u_hat written with einsu
                   squash=baselines.squash, predict=baselines.einsum_predict, routing=baselines.einsum_routing)
 
 
-class _SplitRouting(torch.autograd.Function):
-    """The Triton routing kernels' split-I variant (kernels/routing_split.py), forward and "full"
-    backward, for the GPU measurement that picks the default variant."""
+class _SampleRouting(torch.autograd.Function):
+    """The Triton routing kernels' one-program-per-sample variant (kernels/routing.py), forward
+    and "full" backward: the variant the default (split) is measured against."""
 
     @staticmethod
     def forward(ctx, u_hat, iterations):
         from capsnet_triton.kernels.routing import routing_forward
-        v, s_all = routing_forward(u_hat, iterations, variant="split")
+        v, s_all = routing_forward(u_hat, iterations, variant="sample")
         ctx.save_for_backward(u_hat, s_all)
         return v
 
@@ -59,22 +59,22 @@ class _SplitRouting(torch.autograd.Function):
     def backward(ctx, dv):
         from capsnet_triton.kernels.routing import routing_backward
         u_hat, s_all = ctx.saved_tensors
-        du_hat, _ = routing_backward(dv.contiguous(), u_hat, s_all, variant="split")
+        du_hat, _ = routing_backward(dv.contiguous(), u_hat, s_all, variant="sample")
         return du_hat, None
 
 
-def _split_routing(u_hat, iterations=3):
-    return _SplitRouting.apply(u_hat, iterations)
+def _sample_routing(u_hat, iterations=3):
+    return _SampleRouting.apply(u_hat, iterations)
 
 
-class _SplitCapsuleLinear(torch.autograd.Function):
-    """The fused DigitCaps kernels' split variant (kernels/capsule_linear_split.py), forward and
-    "full" backward, for the GPU measurement that picks the default variant."""
+class _SampleCapsuleLinear(torch.autograd.Function):
+    """The fused DigitCaps kernels' one-program-per-sample variant (kernels/capsule_linear.py),
+    forward and "full" backward: the variant the default (split) is measured against."""
 
     @staticmethod
     def forward(ctx, u, weight, iterations):
         from capsnet_triton.kernels.capsule_linear import capsule_linear_forward
-        v, s_all = capsule_linear_forward(u, weight, iterations, variant="split")
+        v, s_all = capsule_linear_forward(u, weight, iterations, variant="sample")
         ctx.save_for_backward(u, weight, s_all)
         return v
 
@@ -82,12 +82,12 @@ class _SplitCapsuleLinear(torch.autograd.Function):
     def backward(ctx, dv):
         from capsnet_triton.kernels.capsule_linear import capsule_linear_backward
         u, weight, s_all = ctx.saved_tensors
-        du, dweight, _ = capsule_linear_backward(dv.contiguous(), u, weight, s_all, variant="split")
+        du, dweight, _ = capsule_linear_backward(dv.contiguous(), u, weight, s_all, variant="sample")
         return du, dweight, None
 
 
-def _split_capsule_linear(u, weight, iterations=3):
-    return _SplitCapsuleLinear.apply(u, weight, iterations)
+def _sample_capsule_linear(u, weight, iterations=3):
+    return _SampleCapsuleLinear.apply(u, weight, iterations)
 
 
 def make_providers():
@@ -118,9 +118,9 @@ def make_providers():
                                   unavailable=refusal if backend == "triton" else None,
                                   needs_cuda=backend == "triton"))
     # No backend: the training step builds its DigitCaps from this routing, or this layer.
-    providers.append(Provider("triton-split", 'the Triton routing kernels with variant="split"',
+    providers.append(Provider("triton-sample", 'the Triton routing kernels with variant="sample"',
                               squash=functools.partial(squash, backend="triton"), predict=predict,
-                              routing=_split_routing, unavailable=refusal, needs_cuda=True))
-    providers.append(Provider("triton-fused-split", 'the fused DigitCaps kernels with variant="split"',
-                              layer=_split_capsule_linear, unavailable=refusal, needs_cuda=True))
+                              routing=_sample_routing, unavailable=refusal, needs_cuda=True))
+    providers.append(Provider("triton-fused-sample", 'the fused DigitCaps kernels with variant="sample"',
+                              layer=_sample_capsule_linear, unavailable=refusal, needs_cuda=True))
     return providers

@@ -105,12 +105,12 @@ def kernels_figures(out):
     for workload in dict.fromkeys(r["workload"] for r in rows):
         B = max(r["B"] for r in rows if r["workload"] == workload)
         at_B = [r for r in rows if r["workload"] == workload and r["B"] == B]
-        default = next((r for r in at_B if r["config"] == "sample"), None)
+        default = next((r for r in at_B if r["config"] == report.get("default", "sample")), None)
         best = min(at_B, key=lambda r: r["graph_ms"])
         pct = f", {best['copy_pct']:.0f}% copy" if best.get("copy_pct") else ""
         text = f"{workload} B={B}: best {best['config']} {best['graph_ms']:.3g} ms{pct}"
         if default:
-            text += f" (sample {default['graph_ms']:.3g} ms, as a call {default['call_ms']:.3g} ms)"
+            text += f" (default {default['config']} {default['graph_ms']:.3g} ms, as a call {default['call_ms']:.3g} ms)"
         parts.append(text)
     failed = sum("error" in r for r in report["rows"])
     return "; ".join(parts + [f"{len(rows)} rows timed, {failed} FAILED"])
@@ -131,7 +131,7 @@ def train_figures(out, epochs):
 
 def evaluate_figures(out):
     """The evaluation of the model training chose on validation before its limit stopped it."""
-    lines = [line for line in (_read(out, "evaluate.log") or "").splitlines() if line.startswith("test accuracy")]
+    lines = [line for line in (_read(out, "evaluate.log") or "").splitlines() if "test accuracy" in line]
     return f"**{lines[-1]}** (the validation-chosen model of the epochs done)" if lines else "no test accuracy"
 
 
