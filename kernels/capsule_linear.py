@@ -13,8 +13,9 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - unfused (predict, routing forward and backward, prediction backward): predict writes U, the
   routing forward reads it r times, the backward reads it r times and writes du_hat (U), and
   the prediction's backward reads du_hat twice: about 2r + 4 passes over U.
-- capsule_linear_forward: reads u (B I P) and W (I J D P, from L2 after the first samples)
-  r times per sample, writes r B J D of s_all and B J D of v.
+- capsule_linear_forward: copies W to its slices [I, P, J, D] (_weight_slices), then reads u
+  (B I P) and the slices (I P J D, from L2 after the first samples) r times per sample, writes
+  r B J D of s_all and B J D of v.
 - capsule_linear_backward: kernel A (gradient="full" only) reads u and W r - 1 times per sample
   and writes ds_all; kernel B reads W once per program, u, s_all and ds_all once per sample, and
   writes du (B I P) and dW (I J D P) once: no pass over anything of size U.
@@ -43,7 +44,7 @@ from capsnet_triton.checks import (
 from . import capsule_linear_split, routing_split
 from .launch import DEFAULT_VARIANT, SPLIT_STAGES, check_variant, launch_options, max_tile, output, tl_dtype
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u, load_weight, predict,
-                            s_of_tile, v_sum_before, weight_layout)
+                            predict_tile, s_of_tile, v_sum_before, weight_layout)
 from .squash import squash_backward, squash_backward_tile
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
@@ -51,7 +52,7 @@ __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
 
 @triton.jit
 def _capsule_linear_forward_kernel(
-    u_ptr, weight_ptr, bias_ptr, v_ptr, s_all_ptr,
+    u_ptr, slices_ptr, bias_ptr, v_ptr, s_all_ptr,
     B, I, J, D, P, iterations,
     HAS_BIAS: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -59,16 +60,15 @@ def _capsule_linear_forward_kernel(
 ):
     """All routing iterations for one sample per program, u_hat recomputed per tile; grid (B,).
 
-    u_ptr: u [B, I, P], contiguous, any float dtype. weight_ptr: W [I, J, D, P], contiguous,
-    u's dtype; read in [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] tiles. bias_ptr: bias [J, D],
+    u_ptr: u [B, I, P], contiguous, any float dtype. slices_ptr: W as [I, P, J, D], contiguous,
+    u's dtype (see predict_tile); read one [BLOCK_I, BLOCK_J, BLOCK_D] slice per p. bias_ptr: bias [J, D],
     contiguous (read only when HAS_BIAS). v_ptr: v [B, J, D], contiguous, u's dtype.
     s_all_ptr: s_all [iterations, B, J, D], contiguous, COMPUTE_DTYPE: every iteration's s.
     Memory traffic per program: reads iterations * (I P of u + I J D P of W), writes
     (iterations + 1) J D elements.
     """
     sample = tl.program_id(0).to(tl.int64)
-    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = weight_layout(
-        J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    j_valid, jd_mask, jd_offsets, _, _, _, _ = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
     i_in_block = tl.arange(0, BLOCK_I)
     u_sample = u_ptr + sample * I * P
     bias = load_bias(bias_ptr, jd_offsets, jd_mask, HAS_BIAS, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
@@ -78,17 +78,16 @@ def _capsule_linear_forward_kernel(
     for t in range(iterations):
         s = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            i = i_start + i_in_block
-            weight, _ = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
-            u, _ = load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-            s += s_of_tile(predict(weight, u), v_sum, j_valid)          # u_hat [BLOCK_I, BLOCK_J, BLOCK_D]
+            u_hat = predict_tile(slices_ptr, u_sample, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,
+                                 COMPUTE_DTYPE)                   # [BLOCK_I, BLOCK_J, BLOCK_D]
+            s += s_of_tile(u_hat, v_sum, j_valid)
         v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
     tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
 
 @triton.jit
 def _capsule_linear_backward_ds_all_kernel(
-    u_ptr, weight_ptr, dv_ptr, s_all_ptr, ds_all_ptr,
+    u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr,
     B, I, J, D, P, iterations,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -98,14 +97,13 @@ def _capsule_linear_backward_ds_all_kernel(
 
     Walks t = r..1: ds^(t) = squash_backward(dL/dv^(t), s^(t)); for t >= 2 one pass over I
     recomputes c^(t) and sums dV^(t) = sum_i db^(t) u_hat, and dL/dv^(t-1) = sum_{t' >= t} dV^(t').
-    u_ptr, weight_ptr: as in the forward. dv_ptr: dL/dv [B, J, D], contiguous, any float dtype.
+    u_ptr, slices_ptr: as in the forward. dv_ptr: dL/dv [B, J, D], contiguous, any float dtype.
     s_all_ptr, ds_all_ptr: [iterations, B, J, D], contiguous, COMPUTE_DTYPE.
     Memory traffic per program: reads (iterations - 1) (I P of u + I J D P of W) and
     O(iterations^2 J D) of s_all, writes iterations J D elements.
     """
     sample = tl.program_id(0).to(tl.int64)
-    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = weight_layout(
-        J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    j_valid, jd_mask, jd_offsets, _, _, _, _ = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
     i_in_block = tl.arange(0, BLOCK_I)
     u_sample = u_ptr + sample * I * P
     sample_offset = sample * J * D
@@ -120,10 +118,9 @@ def _capsule_linear_backward_ds_all_kernel(
         v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            i = i_start + i_in_block
-            weight, _ = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
-            u, _ = load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-            grad_v_sum += grad_v_sum_of_tile(predict(weight, u), v_sum, ds, j_valid)
+            u_hat = predict_tile(slices_ptr, u_sample, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,
+                                 COMPUTE_DTYPE)
+            grad_v_sum += grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
         grad_v = grad_v_sum
     s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
     tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
@@ -146,7 +143,8 @@ def _capsule_linear_backward_weight_kernel(
     and turns it at once into du[b, i] = sum_j W[i, j]^T du_hat[i, j] (stored) and
     dW[i, j] += du_hat[i, j] u[b, i]^T (kept in registers, stored after the last sample). Each
     program owns its rows of dW and adds the samples in a fixed order: deterministic, no atomics.
-    u_ptr, weight_ptr: as in the forward. s_all_ptr, ds_all_ptr: [iterations, B, J, D],
+    u_ptr: as in the forward. weight_ptr: W [I, J, D, P], contiguous, u's dtype.
+    s_all_ptr, ds_all_ptr: [iterations, B, J, D],
     contiguous, COMPUTE_DTYPE. du_ptr: du [B, I, P], contiguous, u's dtype. dweight_ptr:
     dW [I, J, D, P], contiguous, W's dtype.
     Memory traffic per program: reads BLOCK_I J D P of W once, and per sample BLOCK_I P of u
@@ -187,22 +185,24 @@ _INT32_MAX = 2**31 - 1
 _SPLIT_BLOCK_B = 4
 
 
-def _launch_config(I, J, D, P, dtype, block_i, samples=1):
+def _launch_config(I, J, D, P, dtype, block_i, samples=1, weight_tile=False):
     """Block sizes, compute dtype and launch options of the kernels for W [I, J, D, P], whose
-    programs predict u_hat for `samples` samples from each W tile (the split kernels: BLOCK_B)."""
+    programs predict u_hat for `samples` samples from each W slice (the split kernels: BLOCK_B).
+    A tile holds u_hat [samples, BLOCK_I, BLOCK_J, BLOCK_D] (predict_tile reads W one p at a
+    time), or for backward kernel B (weight_tile) W's [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P]."""
     block_j, block_d, block_p = (triton.next_power_of_2(n) for n in (J, D, P))
-    per_input = samples * block_j * block_d * block_p                      # W[i] u[b, i] for the samples
+    per_input = samples * block_j * block_d * (block_p if weight_tile else 1)
     if block_i is None:
         if interpreting():
             block_i = min(triton.next_power_of_2(I), _INTERPRETER_MAX_BLOCK_I)
         else:
-            # Keep a [samples, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] tile small enough to stay in registers.
+            # Keep a tile small enough to stay in registers.
             block_i = min(triton.next_power_of_2(I), max(1, max_tile(dtype) // per_input))
     elif isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
         raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")
     options = launch_options(block_i * per_input)
     if not interpreting() and block_i * per_input > max_tile(dtype):
-        # One input's tile is over the budget (float64 at the MNIST shape, or several samples):
+        # One input's tile is over the budget (backward kernel B's W tile in float64 at the MNIST shape):
         # spread it over twice the warps so that it stays in registers.
         options["num_warps"] *= 2
     config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, BLOCK_P=block_p,
@@ -217,6 +217,13 @@ def _split_grid(B, I, config, device, splits):
     SM a few CTAs (routing_split.pick_splits), each chunk a multiple of BLOCK_I inputs."""
     blocks = triton.cdiv(B, config["BLOCK_B"])
     return (blocks, *routing_split.pick_splits(blocks, I, config["BLOCK_I"], device, splits))
+
+
+def _weight_slices(weight):
+    """W [I, J, D, P] as [I, P, J, D], contiguous: predict_tile reads one slice W[i, :, :, p] at a
+    time, and from this layout each is J D contiguous values (16-byte loads) instead of values P
+    apart. One copy of W per call (5.9 MB at the MNIST shape, a few microseconds on a GPU)."""
+    return weight.permute(0, 3, 1, 2).contiguous()
 
 
 def _checked(u, weight, iterations, bias=None):
@@ -258,9 +265,10 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_
         return v, s_all
     # Without a bias the kernel never reads bias_ptr; s_all stands in for the pointer.
     bias_arg = bias if bias is not None else s_all
+    slices = _weight_slices(weight)
     if variant == "sample":
         _capsule_linear_forward_kernel[(B,)](
-            u, weight, bias_arg, v, s_all,
+            u, slices, bias_arg, v, s_all,
             B, I, J, D, P, iterations,
             HAS_BIAS=bias is not None, **_launch_config(I, J, D, P, u.dtype, block_i),
         )
@@ -270,7 +278,7 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_
     partials = s_all.new_empty((2, blocks, splits, config["BLOCK_B"] * J, D))
     for t in range(iterations + 1):
         capsule_linear_split.split_forward_kernel[(blocks, splits if t < iterations else 1)](
-            u, weight, bias_arg, v, s_all, partials,
+            u, slices, bias_arg, v, s_all, partials,
             B, I, J, D, P, iterations, t, chunk, splits,
             HAS_BIAS=bias is not None, **config,
         )
@@ -321,26 +329,28 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
         ds_all.zero_()
         return du, dweight, ds_all
     config = _launch_config(I, J, D, P, u.dtype, block_i)
+    weight_config = _launch_config(I, J, D, P, u.dtype, block_i, weight_tile=True)
     if gradient == "full" and variant == "sample":
         _capsule_linear_backward_ds_all_kernel[(B,)](
-            u, weight, dv.contiguous(), s_all, ds_all,
+            u, _weight_slices(weight), dv.contiguous(), s_all, ds_all,
             B, I, J, D, P, iterations, **config,
         )
     elif gradient == "full":
         split_config = _launch_config(I, J, D, P, u.dtype, block_i, samples=_SPLIT_BLOCK_B)
         blocks, splits, chunk = _split_grid(B, I, split_config, u.device, splits)
         partials = s_all.new_empty((iterations, blocks, splits, split_config["BLOCK_B"] * J, D))
+        slices = _weight_slices(weight)
         for t in reversed(range(iterations)):
             capsule_linear_split.split_backward_ds_all_kernel[(blocks, splits if t > 0 else 1)](
-                u, weight, dv.contiguous(), s_all, ds_all, partials,
+                u, slices, dv.contiguous(), s_all, ds_all, partials,
                 B, I, J, D, P, iterations, t, chunk, splits, **split_config,
             )
     else:
         ds_all[:-1].zero_()
         squash_backward(dv, s_all[-1], out=ds_all[-1])
-    _capsule_linear_backward_weight_kernel[(triton.cdiv(I, config["BLOCK_I"]),)](
+    _capsule_linear_backward_weight_kernel[(triton.cdiv(I, weight_config["BLOCK_I"]),)](
         u, weight, s_all, ds_all, du, dweight,
         B, I, J, D, P, iterations,
-        GRADIENT_FULL=gradient == "full", **config,
+        GRADIENT_FULL=gradient == "full", **weight_config,
     )
     return du, dweight, ds_all

@@ -32,9 +32,8 @@ it with the routing kernels (docs/PERF.md).
 import triton
 import triton.language as tl
 
-from .routing_tiles import (coupling_tile, load_u, load_weight, logits_grad, predict, split_backward_ds,
-                            split_forward_start, marked_non_finite, spread_nan, store_partial, v_sum_before,
-                            weight_layout)
+from .routing_tiles import (coupling_tile, logits_grad, marked_non_finite, predict_tile, split_backward_ds,
+                            split_forward_start, spread_nan, store_partial, v_sum_before, weight_layout)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel"]
 
@@ -44,14 +43,14 @@ def _block_layout(u_ptr, B, I, J, D, P, BLOCK_B: tl.constexpr, BLOCK_J: tl.const
     """This program's block of samples and its [BLOCK_B * BLOCK_J, BLOCK_D] row tiles.
 
     Returns (first, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask): the block's first
-    sample (int64), pointers to u[b] of its samples [BLOCK_B, 1, 1] (samples past B clamped to
+    sample (int64), pointers to u[b] of its samples [BLOCK_B, 1] (samples past B clamped to
     B - 1), which rows (sample b < B, parent j < J) and dims are real, offsets of row
     b * BLOCK_J + j into the block's contiguous [BLOCK_B J, D] at sample `first`, and the row's
     offsets and mask into a [J, D] shared by the samples (the bias).
     """
     first = tl.program_id(0).to(tl.int64) * BLOCK_B
     samples = tl.minimum(first + tl.arange(0, BLOCK_B), B - 1)
-    u_block = u_ptr + (samples * I * P)[:, None, None]
+    u_block = u_ptr + (samples * I * P)[:, None]
     row = tl.arange(0, BLOCK_B * BLOCK_J)
     in_block = row // BLOCK_J
     j = row % BLOCK_J
@@ -65,7 +64,7 @@ def _block_layout(u_ptr, B, I, J, D, P, BLOCK_B: tl.constexpr, BLOCK_J: tl.const
 
 @triton.jit
 def split_forward_kernel(
-    u_ptr, weight_ptr, bias_ptr, v_ptr, s_all_ptr, partial_ptr,
+    u_ptr, slices_ptr, bias_ptr, v_ptr, s_all_ptr, partial_ptr,
     B, I, J, D, P, iterations, t, chunk, splits,
     HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -79,14 +78,14 @@ def split_forward_kernel(
     For t < iterations the program then sums c^(t) u_hat over inputs [k chunk, (k + 1) chunk) of
     its samples, u_hat = W u predicted per tile, into partial[t % 2, block, k]; the last launch
     stores v = squash(s^(r)).
-    u_ptr: u [B, I, P], contiguous, any float dtype. weight_ptr: W [I, J, D, P], contiguous, u's
-    dtype. bias_ptr: bias [J, D], contiguous (read only when HAS_BIAS). v_ptr: v [B, J, D],
+    u_ptr: u [B, I, P], contiguous, any float dtype. slices_ptr: W as [I, P, J, D], contiguous,
+    u's dtype (see predict_tile). bias_ptr: bias [J, D], contiguous (read only when HAS_BIAS). v_ptr: v [B, J, D],
     contiguous, u's dtype. s_all_ptr: [iterations, B, J, D] and partial_ptr:
     [2, cdiv(B, BLOCK_B), splits, BLOCK_B J, D], contiguous, COMPUTE_DTYPE. chunk: a multiple of
     BLOCK_I. Memory traffic per program: reads chunk J D P of W and BLOCK_B chunk P of u, and
     BLOCK_B (splits + t) J D of partials and s_all; writes BLOCK_B J D (+ as much of s_all in chunk 0).
     """
-    j_valid, _, _, p, p_valid, jdp_mask, jdp_offsets = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    j_valid, jd_mask, jd_offsets, _, _, _, _ = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
     _, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask = _block_layout(
         u_ptr, B, I, J, D, P, BLOCK_B, BLOCK_J, BLOCK_D)
     v_sum = split_forward_start(partial_ptr, bias_ptr, s_all_ptr, v_ptr, t, iterations, B, splits, J, D,
@@ -100,17 +99,13 @@ def split_forward_kernel(
         acc = tl.zeros([BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)  # per-thread partial sums
         if t == 0:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
-                i = i_start + i_in_block
-                weight = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)[0]
-                u = load_u(u_block, i, I, P, p, p_valid, COMPUTE_DTYPE)[0]  # [BLOCK_B, BLOCK_I, BLOCK_P]
-                acc += marked_non_finite(predict(weight, u))
+                acc += marked_non_finite(predict_tile(slices_ptr, u_block, i_start + i_in_block, I, J, D, P,
+                                                      jd_mask, jd_offsets, COMPUTE_DTYPE))
             partial = spread_nan(tl.sum(acc, axis=1) / J)                  # uniform c = 1/J
         else:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
-                i = i_start + i_in_block
-                weight = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)[0]
-                u = load_u(u_block, i, I, P, p, p_valid, COMPUTE_DTYPE)[0]
-                u_hat = predict(weight, u)                                  # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
+                u_hat = predict_tile(slices_ptr, u_block, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,
+                                     COMPUTE_DTYPE)              # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
                 acc += tl.expand_dims(coupling_tile(u_hat, v_sums, j_valid), -1) * u_hat
             partial = tl.sum(acc, axis=1)
         store_partial(partial_ptr, t % 2, splits, J, D, rows_offsets, rows_mask,
@@ -119,7 +114,7 @@ def split_forward_kernel(
 
 @triton.jit
 def split_backward_ds_all_kernel(
-    u_ptr, weight_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr,
+    u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr,
     B, I, J, D, P, iterations, t, chunk, splits,
     BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -132,14 +127,14 @@ def split_backward_ds_all_kernel(
     dV^(t') = sum_k partial[t', block, k] (in the order t' = r-1 .. t+1, k = 0..S-1); then
     ds^(t) = squash_backward(dL/dv^(t), s^(t)), stored by chunk 0, and for t >= 1 the chunk's
     share of dV^(t) = sum_i db^(t) u_hat, u_hat = W u predicted per tile, goes to partial[t, block, k].
-    u_ptr, weight_ptr: as in the forward. dv_ptr: dL/dv [B, J, D], contiguous, any float dtype.
+    u_ptr, slices_ptr: as in the forward. dv_ptr: dL/dv [B, J, D], contiguous, any float dtype.
     s_all_ptr, ds_all_ptr: [iterations, B, J, D] and partial_ptr:
     [iterations, cdiv(B, BLOCK_B), splits, BLOCK_B J, D], contiguous, COMPUTE_DTYPE.
     Memory traffic per program: reads chunk J D P of W and BLOCK_B chunk P of u, and
     O(BLOCK_B (iterations splits + t) J D) of partials and s_all; writes BLOCK_B J D (+ as much
     of ds_all in chunk 0).
     """
-    j_valid, _, _, p, p_valid, jdp_mask, jdp_offsets = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    j_valid, jd_mask, jd_offsets, _, _, _, _ = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
     first, u_block, rows_mask, rows_offsets, _, _ = _block_layout(
         u_ptr, B, I, J, D, P, BLOCK_B, BLOCK_J, BLOCK_D)
     ds = split_backward_ds(dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, t, iterations, B, splits, J, D,
@@ -154,10 +149,8 @@ def split_backward_ds_all_kernel(
         end = tl.minimum(start + chunk, I)
         acc = tl.zeros([BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
-            i = i_start + i_in_block
-            weight = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)[0]
-            u = load_u(u_block, i, I, P, p, p_valid, COMPUTE_DTYPE)[0]
-            u_hat = predict(weight, u)                                      # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
+            u_hat = predict_tile(slices_ptr, u_block, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,
+                                 COMPUTE_DTYPE)                  # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
             coupling = coupling_tile(u_hat, v_sums, j_valid)
             acc += tl.expand_dims(logits_grad(u_hat, coupling, ds_block), -1) * u_hat
         store_partial(partial_ptr, t, splits, J, D, rows_offsets, rows_mask,

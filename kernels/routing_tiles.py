@@ -12,7 +12,7 @@ from .squash import squash_backward_tile, squash_tile
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "s_of_tile",
            "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration", "sum_partials",
            "split_forward_start", "split_backward_ds", "store_partial", "marked_non_finite", "spread_nan",
-           "weight_layout", "load_weight", "load_u", "predict"]
+           "weight_layout", "load_weight", "load_u", "predict_tile", "predict"]
 
 
 @triton.jit
@@ -295,9 +295,40 @@ def load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _predict_slice(w_rows, w_mask, u_at, u_valid, p, J, D, COMPUTE_DTYPE: tl.constexpr):
+    """W[i, :, :, p] u[.., i, p]: one term of predict_tile's sum."""
+    w = tl.load(w_rows + p * (J * D), mask=w_mask, other=0.0).to(COMPUTE_DTYPE)
+    return w * tl.expand_dims(tl.load(u_at + p, mask=u_valid, other=0.0).to(COMPUTE_DTYPE), (-2, -1))
+
+
+@triton.jit
+def predict_tile(slices_ptr, u_rows, i, I, J, D, P, jd_mask, jd_offsets, COMPUTE_DTYPE: tl.constexpr):
+    """u_hat = W u (Eq. 2) for the inputs i [BLOCK_I], read from memory: [BLOCK_I, BLOCK_J, BLOCK_D]
+    for one sample (u_rows: a pointer to u[b] [I, P]), [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D] for a
+    block of samples (u_rows: [BLOCK_B, 1] pointers), each W slice then used for every sample.
+    slices_ptr: W as [I, P, J, D], contiguous (weight_slices in kernels/capsule_linear.py), so
+    that a slice W[i, :, :, p] is J D contiguous values, loaded in 16-byte vectors.
+
+    A loop over p adds one slice W[i, :, :, p] u[.., i, p] at a time: the sum over p is plain FMAs
+    in each thread's registers (never TF32, no cross-thread reduction), and a tile of u_hat takes
+    P times the inputs a tile holding W's [BLOCK_I, J, D, P] could (on one H200 those ran
+    BLOCK_I = 2 inputs a loop step and the fused layer 5-8x slower than predict plus routing).
+    Padded entries are 0.
+    """
+    i_valid = i < I
+    w_rows = slices_ptr + (i * (P * J * D))[:, None, None] + jd_offsets[None, :, :]
+    w_mask = i_valid[:, None, None] & jd_mask[None, :, :]
+    u_at = u_rows + i * P
+    u_hat = _predict_slice(w_rows, w_mask, u_at, i_valid, 0, J, D, COMPUTE_DTYPE)
+    for p in range(1, P):
+        u_hat += _predict_slice(w_rows, w_mask, u_at, i_valid, p, J, D, COMPUTE_DTYPE)
+    return u_hat
+
+
+@triton.jit
 def predict(weight, u):
-    """u_hat[i, j] = W[i, j] @ u[i] (Eq. 2): weight [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] and
-    u [BLOCK_I, BLOCK_P] -> [BLOCK_I, BLOCK_J, BLOCK_D], summed in registers (plain FMAs, so
-    float32 is never rounded to TF32); for a block of samples, u [BLOCK_B, BLOCK_I, BLOCK_P] ->
-    [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], each W tile used for every sample of the block."""
+    """u_hat[i, j] = W[i, j] @ u[i] (Eq. 2) from a W tile held in registers: weight
+    [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] and u [BLOCK_I, BLOCK_P] -> [BLOCK_I, BLOCK_J, BLOCK_D]
+    (plain FMAs, never TF32). For backward kernel B, which keeps its W tile for the whole batch;
+    the kernels that walk I use predict_tile."""
     return tl.sum(weight * tl.expand_dims(u, (-3, -2)), axis=-1)
