@@ -25,8 +25,9 @@ of every store.
 Memory traffic per launch: u once (B I P), W once per block of samples (cdiv(B, BLOCK_B) I J D P,
 from L2), and cdiv(B, BLOCK_B) S BLOCK_B J D partials written and S times that read. On one
 H200 they ran the layer's forward + backward about 1.1x faster than the sample kernels at B = 128
-and 512, so they are the default; both are still 5-8x slower than predicting u_hat and routing
-it with the routing kernels (docs/PERF.md).
+and 512, so they are the default; both were then 5-8x slower than predicting u_hat and routing it
+with the routing kernels, before predict_tile took W one slice at a time (docs/PERF.md), after
+which the sample kernels execute half their instructions per (input, sample): a GPU measures again.
 """
 
 import triton

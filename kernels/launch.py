@@ -57,7 +57,8 @@ def launch_options(tile_elements):
 VARIANTS = ("sample", "split")
 # Measured on one H200 at the MNIST shape (docs/PERF.md, "First runs on a GPU"), kernels alone:
 # routing forward 0.19 ms split against 0.32 sample at B = 128, 0.57 against 0.73 at B = 512, and
-# forward + backward faster too; the fused layer's forward + backward 5.9 against 6.4 ms at B = 128.
+# forward + backward faster too; the fused layer's forward + backward 5.9 against 6.4 ms at B = 128
+# (its kernels before predict_tile: the next GPU run decides the layer's default again).
 DEFAULT_VARIANT = "split"
 # Loads in flight per loop of the split kernels (tl.range's software pipelining on a GPU).
 SPLIT_STAGES = 2
