@@ -161,3 +161,24 @@ def test_json_holds_the_rows_measured_so_far_while_the_run_goes_on(tmp_path, mon
                      "--workloads", "squash", "--json", str(path)]) == 0
     assert seen == [(False, 1), (False, 2)]
     assert json.loads(path.read_text())["complete"] is True
+
+
+def test_kernel_timing_builds_and_runs_every_row(monkeypatch):
+    """python -m capsnet_triton.bench.kernels times on a GPU only (CUDA graphs), so here each of
+    its rows runs through the interpreter, with the graph replaced by a plain call: every
+    workload and config builds and runs, none ends as an error row."""
+    from capsnet_triton.bench import kernels
+
+    monkeypatch.setattr(kernels, "_graph_ms", lambda run, device: (run(), 1.0)[1])
+    monkeypatch.setattr(kernels, "time_calls", lambda fn, device, **_: (fn(), np.array([2.0]))[1])
+    monkeypatch.setattr(kernels, "copy_bandwidth_gbs", lambda device, mib: 1.0)
+    monkeypatch.setattr(kernels.torch.cuda, "get_device_name", lambda device: "cpu")
+    result = kernels.measure(torch.device("cpu"), [3], I=20)
+    rows = result["rows"]
+    assert [r for r in rows if "error" in r] == []
+    counts = {w: sum(r["workload"] == w for r in rows) for w in dict.fromkeys(r["workload"] for r in rows)}
+    configs = len(kernels.CONFIGS)
+    assert counts == {"routing fwd": configs, "routing fwd+bwd": configs, "digitcaps fwd": configs + 1,
+                      "digitcaps fwd+bwd": configs + 1, kernels.BACKWARD: len(kernels.BACKWARD_CONFIGS)}
+    assert all(r["graph_ms"] == 1.0 and r["call_ms"] == 2.0 for r in rows)
+    assert result["default"] in {r["config"] for r in rows}

@@ -40,6 +40,14 @@ CONFIGS = [
 # The fused layer's rows start with the unfused layer (predict, then the routing kernels) through
 # the public ops, autograd included: the baseline capsule_linear must beat.
 UNFUSED = ("unfused", None)
+# The fused backward alone, split into its kernels: A and B under "full" per variant, and B alone
+# ("last" runs no kernel A, only a squash backward of [B, J, D] before kernel B).
+BACKWARD = "digitcaps bwd"
+BACKWARD_CONFIGS = [
+    ("A+B sample", dict(variant="sample")),
+    ("A+B split", dict(variant="split")),
+    ("B (last)", dict(gradient="last")),
+]
 
 
 def _routing(x, r, kwargs, backward, shape):
@@ -69,6 +77,15 @@ def _fused(x, r, kwargs, backward, shape):
         v, s_all = capsule_linear_forward(x["u"], x["W"], r, **kwargs)
         if backward:
             capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, **kwargs)
+    return run
+
+
+def _fused_backward(x, r, kwargs):
+    from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
+    _, s_all = capsule_linear_forward(x["u"], x["W"], r)
+
+    def run():
+        capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, **kwargs)
     return run
 
 
@@ -107,15 +124,20 @@ def measure(device, batches, r=3, I=1152):
     rows = []
     for B in batches:
         shape = Shape(B=B, I=I, r=r)
-        for family, workload, build in (("routing", "routing fwd", _routing), ("routing", "routing fwd+bwd", _routing),
-                                        ("fused", "digitcaps fwd", _fused), ("fused", "digitcaps fwd+bwd", _fused)):
-            arrays = make_arrays(workloads[workload], shape)
-            x = {k: torch.from_numpy(a).to(device) for k, a in arrays.items()}
-            moved = workloads[workload].bytes_moved(shape)
-            for label, kwargs in ([UNFUSED] if family == "fused" else []) + CONFIGS:
+        # (workload, the bench workload whose inputs and bytes it takes, configs, run builder)
+        jobs = [("routing fwd", "routing fwd", CONFIGS, lambda x, kw: _routing(x, r, kw, False, shape)),
+                ("routing fwd+bwd", "routing fwd+bwd", CONFIGS, lambda x, kw: _routing(x, r, kw, True, shape)),
+                ("digitcaps fwd", "digitcaps fwd", [UNFUSED] + CONFIGS, lambda x, kw: _fused(x, r, kw, False, shape)),
+                ("digitcaps fwd+bwd", "digitcaps fwd+bwd", [UNFUSED] + CONFIGS,
+                 lambda x, kw: _fused(x, r, kw, True, shape)),
+                (BACKWARD, "digitcaps fwd+bwd", BACKWARD_CONFIGS, lambda x, kw: _fused_backward(x, r, kw))]
+        for workload, inputs, configs, build in jobs:
+            x = {k: torch.from_numpy(a).to(device) for k, a in make_arrays(workloads[inputs], shape).items()}
+            moved = workloads[workload].bytes_moved(shape) if workload in workloads else None
+            for label, kwargs in configs:
                 row = dict(B=B, workload=workload, config=label)
                 try:
-                    run = build(x, r, kwargs, workload.endswith("bwd"), shape)
+                    run = build(x, kwargs)
                     graph_ms = _graph_ms(run, device)
                     call_ms = float(np.median(time_calls(run, device, reps_min=10, reps_max=50, budget_s=0.3)))
                     row.update(graph_ms=graph_ms, call_ms=call_ms,
