@@ -43,8 +43,8 @@ from capsnet_triton.checks import (
 
 from . import capsule_linear_split, routing_split
 from .launch import DEFAULT_VARIANT, SPLIT_STAGES, check_variant, launch_options, max_tile, output, tl_dtype
-from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u, load_weight, predict,
-                            predict_tile, s_of_tile, v_sum_before, weight_layout)
+from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, jd_layout, load_bias, load_u,
+                            load_weight, predict, predict_tile, s_of_tile, v_sum_before, weight_layout)
 from .squash import squash_backward, squash_backward_tile
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
@@ -61,14 +61,14 @@ def _capsule_linear_forward_kernel(
     """All routing iterations for one sample per program, u_hat recomputed per tile; grid (B,).
 
     u_ptr: u [B, I, P], contiguous, any float dtype. slices_ptr: W as [I, P, J, D], contiguous,
-    u's dtype (see predict_tile); read one [BLOCK_I, BLOCK_J, BLOCK_D] slice per p. bias_ptr: bias [J, D],
-    contiguous (read only when HAS_BIAS). v_ptr: v [B, J, D], contiguous, u's dtype.
+    u's dtype (see predict_tile); read one [BLOCK_I, BLOCK_J, BLOCK_D] slice per p. bias_ptr:
+    bias [J, D], contiguous (read only when HAS_BIAS). v_ptr: v [B, J, D], contiguous, u's dtype.
     s_all_ptr: s_all [iterations, B, J, D], contiguous, COMPUTE_DTYPE: every iteration's s.
     Memory traffic per program: reads iterations * (I P of u + I J D P of W), writes
     (iterations + 1) J D elements.
     """
     sample = tl.program_id(0).to(tl.int64)
-    j_valid, jd_mask, jd_offsets, _, _, _, _ = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
     u_sample = u_ptr + sample * I * P
     bias = load_bias(bias_ptr, jd_offsets, jd_mask, HAS_BIAS, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
@@ -103,7 +103,7 @@ def _capsule_linear_backward_ds_all_kernel(
     O(iterations^2 J D) of s_all, writes iterations J D elements.
     """
     sample = tl.program_id(0).to(tl.int64)
-    j_valid, jd_mask, jd_offsets, _, _, _, _ = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
     u_sample = u_ptr + sample * I * P
     sample_offset = sample * J * D
@@ -248,8 +248,9 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_
     one to finish) over (block of samples, chunk of I), each W tile loaded once for the block's
     samples, the chunks' partial sums added in a fixed order; splits forces the number of chunks
     per block (default: enough for a few CTAs on every SM). "sample": one launch runs all
-    iterations, one program per sample. bias: optional [J, D], added to s in every iteration. block_i: force the BLOCK_I inputs
-    per tile (a power of two; tests use it to exercise the loop over I and its masks).
+    iterations, one program per sample. bias: optional [J, D], added to s in every iteration.
+    block_i: force the BLOCK_I inputs per tile (a power of two; tests use it to exercise the loop
+    over I and its masks).
     Returns (v, s_all): v in u's dtype, and s_all [iterations, B, J, D] every iteration's s in the
     compute dtype (float64 for float64 u, else float32), all capsule_linear_backward needs.
     out: optional (v, s_all) of contiguous tensors of those shapes and dtypes to write into.
@@ -328,12 +329,10 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
         dweight.zero_()
         ds_all.zero_()
         return du, dweight, ds_all
-    config = _launch_config(I, J, D, P, u.dtype, block_i)
-    weight_config = _launch_config(I, J, D, P, u.dtype, block_i, weight_tile=True)
     if gradient == "full" and variant == "sample":
         _capsule_linear_backward_ds_all_kernel[(B,)](
             u, _weight_slices(weight), dv.contiguous(), s_all, ds_all,
-            B, I, J, D, P, iterations, **config,
+            B, I, J, D, P, iterations, **_launch_config(I, J, D, P, u.dtype, block_i),
         )
     elif gradient == "full":
         split_config = _launch_config(I, J, D, P, u.dtype, block_i, samples=_SPLIT_BLOCK_B)
@@ -348,6 +347,7 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
     else:
         ds_all[:-1].zero_()
         squash_backward(dv, s_all[-1], out=ds_all[-1])
+    weight_config = _launch_config(I, J, D, P, u.dtype, block_i, weight_tile=True)
     _capsule_linear_backward_weight_kernel[(triton.cdiv(I, weight_config["BLOCK_I"]),)](
         u, weight, s_all, ds_all, du, dweight,
         B, I, J, D, P, iterations,

@@ -33,8 +33,8 @@ which the sample kernels execute half their instructions per (input, sample): a 
 import triton
 import triton.language as tl
 
-from .routing_tiles import (coupling_tile, logits_grad, marked_non_finite, predict_tile, split_backward_ds,
-                            split_forward_start, spread_nan, store_partial, v_sum_before, weight_layout)
+from .routing_tiles import (coupling_tile, jd_layout, logits_grad, marked_non_finite, predict_tile,
+                            split_backward_ds, split_forward_start, spread_nan, store_partial, v_sum_before)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel"]
 
@@ -86,7 +86,7 @@ def split_forward_kernel(
     BLOCK_I. Memory traffic per program: reads chunk J D P of W and BLOCK_B chunk P of u, and
     BLOCK_B (splits + t) J D of partials and s_all; writes BLOCK_B J D (+ as much of s_all in chunk 0).
     """
-    j_valid, jd_mask, jd_offsets, _, _, _, _ = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     _, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask = _block_layout(
         u_ptr, B, I, J, D, P, BLOCK_B, BLOCK_J, BLOCK_D)
     v_sum = split_forward_start(partial_ptr, bias_ptr, s_all_ptr, v_ptr, t, iterations, B, splits, J, D,
@@ -135,7 +135,7 @@ def split_backward_ds_all_kernel(
     O(BLOCK_B (iterations splits + t) J D) of partials and s_all; writes BLOCK_B J D (+ as much
     of ds_all in chunk 0).
     """
-    j_valid, jd_mask, jd_offsets, _, _, _, _ = weight_layout(J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
+    j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     first, u_block, rows_mask, rows_offsets, _, _ = _block_layout(
         u_ptr, B, I, J, D, P, BLOCK_B, BLOCK_J, BLOCK_D)
     ds = split_backward_ds(dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, t, iterations, B, splits, J, D,

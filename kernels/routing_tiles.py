@@ -12,7 +12,7 @@ from .squash import squash_backward_tile, squash_tile
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "s_of_tile",
            "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration", "sum_partials",
            "split_forward_start", "split_backward_ds", "store_partial", "marked_non_finite", "spread_nan",
-           "weight_layout", "load_weight", "load_u", "predict_tile", "predict"]
+           "jd_layout", "weight_layout", "load_weight", "load_u", "predict_tile", "predict"]
 
 
 @triton.jit
@@ -260,20 +260,25 @@ def spread_nan(partial):
 
 
 @triton.jit
-def weight_layout(J, D, P, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Offsets and masks every capsule_linear kernel uses.
-
-    Returns (j_valid [BLOCK_J], jd_mask and jd_offsets [BLOCK_J, BLOCK_D] into a contiguous
-    [J, D], p [BLOCK_P], p_valid [BLOCK_P], jdp_mask and jdp_offsets [BLOCK_J, BLOCK_D, BLOCK_P]
-    into a contiguous W[i] [J, D, P]).
-    """
+def jd_layout(J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(j_valid [BLOCK_J], jd_mask and jd_offsets [BLOCK_J, BLOCK_D] into a contiguous [J, D]):
+    what the capsule_linear kernels that walk I need."""
     j = tl.arange(0, BLOCK_J)
     d = tl.arange(0, BLOCK_D)
-    p = tl.arange(0, BLOCK_P)
     j_valid = j < J
+    return j_valid, j_valid[:, None] & (d < D)[None, :], j[:, None] * D + d[None, :]
+
+
+@triton.jit
+def weight_layout(J, D, P, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """jd_layout's offsets and masks and those of W[i]'s P axis, for backward kernel B.
+
+    Returns (j_valid, jd_mask, jd_offsets as in jd_layout, p [BLOCK_P], p_valid [BLOCK_P],
+    jdp_mask and jdp_offsets [BLOCK_J, BLOCK_D, BLOCK_P] into a contiguous W[i] [J, D, P]).
+    """
+    j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
+    p = tl.arange(0, BLOCK_P)
     p_valid = p < P
-    jd_mask = j_valid[:, None] & (d < D)[None, :]
-    jd_offsets = j[:, None] * D + d[None, :]
     jdp_mask = jd_mask[:, :, None] & p_valid[None, None, :]
     jdp_offsets = jd_offsets[:, :, None] * P + p[None, None, :]
     return j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets
@@ -306,7 +311,7 @@ def predict_tile(slices_ptr, u_rows, i, I, J, D, P, jd_mask, jd_offsets, COMPUTE
     """u_hat = W u (Eq. 2) for the inputs i [BLOCK_I], read from memory: [BLOCK_I, BLOCK_J, BLOCK_D]
     for one sample (u_rows: a pointer to u[b] [I, P]), [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D] for a
     block of samples (u_rows: [BLOCK_B, 1] pointers), each W slice then used for every sample.
-    slices_ptr: W as [I, P, J, D], contiguous (weight_slices in kernels/capsule_linear.py), so
+    slices_ptr: W as [I, P, J, D], contiguous (_weight_slices in kernels/capsule_linear.py), so
     that a slice W[i, :, :, p] is J D contiguous values, loaded in 16-byte vectors.
 
     A loop over p adds one slice W[i, :, :, p] u[.., i, p] at a time: the sum over p is plain FMAs

@@ -3,7 +3,7 @@
 # limit (and all within one budget) so that a slow stage cannot starve the rest; each outcome (pass,
 # fail, timeout, skipped) is recorded and a failed stage does not stop the next:
 #   ceilings  device, versions, copy bandwidth, fp32/TF32/bf16 GEMM rates -> OUT/ceilings.json
-#   tests     the test suite on the GPU, Hypothesis profile "gpu" (more examples, every dtype)
+#   tests     the test suite on the GPU, Hypothesis profile "gpu" (fewer examples: each shape compiles)
 #   memcheck  a small routing forward + backward under compute-sanitizer --tool memcheck
 #   bench     bench.py at B = 32, 128, 512, every provider -> OUT/bench.json, OUT/bench.png
 #   kernels   the routing and fused-layer kernels alone (CUDA graph replay), per variant and launch

@@ -1,7 +1,7 @@
 """OUT/summary.md of scripts/gpu_check.sh: one table with every stage's result and figures,
 read from what the stages left in OUT (stages.tsv, ceilings.json, tests.log, memcheck.log,
-bench.json, kernels.json, train/log.jsonl, evaluate.log, and the optional multimnist.log, mnist40.log and
-affnist.log). A stage that failed or ran out of time still shows what it wrote.
+bench.json, kernels.json, train/log.jsonl, evaluate.log, and the optional multimnist.log,
+mnist40.log and affnist.log). A stage that failed or ran out of time still shows what it wrote.
 
     python -m capsnet_triton.bench.summary OUT --epochs 50 [--smoke]
 """
@@ -110,7 +110,8 @@ def kernels_figures(out):
         pct = f", {best['copy_pct']:.0f}% copy" if best.get("copy_pct") else ""
         text = f"{workload} B={B}: best {best['config']} {best['graph_ms']:.3g} ms{pct}"
         if default:
-            text += f" (default {default['config']} {default['graph_ms']:.3g} ms, as a call {default['call_ms']:.3g} ms)"
+            text += (f" (default {default['config']} {default['graph_ms']:.3g} ms, "
+                     f"as a call {default['call_ms']:.3g} ms)")
         parts.append(text)
     failed = sum("error" in r for r in report["rows"])
     return "; ".join(parts + [f"{len(rows)} rows timed, {failed} FAILED"])
@@ -162,8 +163,8 @@ def write_summary(out, epochs, smoke=False):
             text += f"; its log ends: `{ending}`"
         text = "; ".join(filter(None, [note, text])).replace("|", "/")
         lines.append(f"| {name} | {status.upper() if status != 'pass' else 'pass'} | {seconds} ({limit}) | {text} |")
-    lines += ["", "Each stage's output is OUT/<stage>.log; bench.json, kernels.json, ceilings.json and train/ (log and "
-              "figures of the run, not its checkpoints) beside it."]
+    lines += ["", "Each stage's output is OUT/<stage>.log; bench.json, kernels.json, ceilings.json and train/ "
+              "(log and figures of the run, not its checkpoints) beside it."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)
