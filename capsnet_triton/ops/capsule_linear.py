@@ -47,18 +47,32 @@ def _chunks(B, sample_elements):
     return [slice(start, min(start + size, B)) for start in range(0, B, size)]
 
 
-def predict(u, weight):
+def predict(u, weight, *, workspace=None):
     """u_hat[b, i, j] = W[i, j] @ u[b, i] (Eq. 2): u [B, I, P], W [I, J, D, P] -> [B, I, J, D].
 
     One batched matmul over i, [I, B, P] @ [I, P, J*D] -> [I, B, J*D], instead of B*I*J tiny
     D x P products. The result is returned as a permuted view, not copied: routing reads u_hat
     through its strides, and a contiguous copy would cost one more u_hat-sized buffer (94 MB at
     the MNIST shape, B = 128) and about 4% of a CPU training step.
+    workspace: optional 1-D tensor of u's dtype and device, at least B I J D elements, that
+    u_hat is written into (and then views) instead of fresh memory.
     """
     in_caps, out_caps, out_dims, in_dims = weight.shape
     weight_rows = weight.reshape(in_caps, out_caps * out_dims, in_dims).transpose(1, 2)  # [I, P, J*D]
-    per_capsule = torch.bmm(u.transpose(0, 1), weight_rows)                              # [I, B, J*D]
+    shape = (in_caps, u.shape[0], out_caps * out_dims)
+    out = None if workspace is None else workspace[:shape[0] * shape[1] * shape[2]].view(shape)
+    per_capsule = torch.bmm(u.transpose(0, 1), weight_rows, out=out)                     # [I, B, J*D]
     return per_capsule.view(in_caps, -1, out_caps, out_dims).transpose(0, 1)             # [B, I, J, D]
+
+
+def _workspace(B, sample_elements, dtype, device):
+    """One buffer for the largest chunk's u_hat, reused by every chunk of a call. Fresh memory
+    per chunk costs page faults: on a 2-core CPU, allocating and filling 94 MB took 25 ms
+    against 6 ms for refilling a buffer, and the chunks' u_hat and du_hat (8 MiB each) were
+    handed back to the system between chunks often enough to cost about 10% of the layer's
+    forward and backward (docs/PERF.md)."""
+    samples = max((chunk.stop - chunk.start for chunk in _chunks(B, sample_elements)), default=0)
+    return torch.empty(samples * sample_elements, dtype=dtype, device=device)
 
 
 def _capsule_linear_forward_torch(u, weight, iterations, bias):
@@ -68,8 +82,9 @@ def _capsule_linear_forward_torch(u, weight, iterations, bias):
     weight = weight.to(cdtype)
     v = u.new_empty((B, J, D))
     s_all = u.new_empty((iterations, B, J, D), dtype=cdtype)
+    workspace = _workspace(B, I * J * D, cdtype, u.device)
     for chunk in _chunks(B, I * J * D):
-        u_hat = predict(u[chunk].to(cdtype), weight)                       # [b, I, J, D]
+        u_hat = predict(u[chunk].to(cdtype), weight, workspace=workspace)  # [b, I, J, D]
         v[chunk], s_all[:, chunk] = routing_forward_torch(u_hat, iterations, bias)
     return v, s_all
 
@@ -83,10 +98,12 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
     du = u.new_empty((B, I, P))
     ds_all = torch.empty_like(s_all)
     dW_rows = torch.zeros((I, J * D, P), dtype=cdtype, device=u.device)
+    u_hat_space, du_hat_space = (_workspace(B, I * J * D, cdtype, u.device) for _ in range(2))
     for chunk in _chunks(B, I * J * D):
         u_chunk = u[chunk].to(cdtype)                                      # [b, I, P]
-        u_hat = predict(u_chunk, weight_c)                                 # [b, I, J, D]
-        du_hat, ds_all[:, chunk] = routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk], gradient)
+        u_hat = predict(u_chunk, weight_c, workspace=u_hat_space)          # [b, I, J, D]
+        du_hat, ds_all[:, chunk] = routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk], gradient,
+                                                          workspace=du_hat_space)
         du_hat_rows = du_hat.reshape(-1, I, J * D).transpose(0, 1)         # [I, b, J*D]
         du[chunk] = torch.bmm(du_hat_rows, weight_rows).transpose(0, 1)   # W^T du_hat  [b, I, P]
         dW_rows.baddbmm_(du_hat_rows.transpose(1, 2), u_chunk.transpose(0, 1))  # += du_hat u^T

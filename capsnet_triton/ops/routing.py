@@ -95,11 +95,18 @@ def routing_forward_torch(u_hat, iterations, bias):
     return v.to(u_hat.dtype), s_all
 
 
-def routing_backward_torch(dv, u_hat, s_all, gradient):
+def _rows_out(workspace, u3):
+    """du_hat as [B, I, J*D] in the first elements of workspace (a 1-D buffer of the compute
+    dtype), or None for fresh memory."""
+    return None if workspace is None else workspace[:u3.numel()].view(u3.shape)
+
+
+def routing_backward_torch(dv, u_hat, s_all, gradient, workspace=None):
+    """(du_hat, ds_all); du_hat in workspace's first elements when given (see _rows_out)."""
     r, B, J, D = s_all.shape
     u3 = _as_rows(u_hat)
     if gradient == "last":
-        return _routing_backward_last_torch(dv, u_hat, u3, s_all)
+        return _routing_backward_last_torch(dv, u_hat, u3, s_all, workspace)
     v_all = squash_forward_torch(s_all)                           # [r, B, J, D]
     v_sums = (torch.cumsum(v_all, dim=0) - v_all).transpose(0, 1)  # [B, r, J, D], V^(t)
     ds_all = torch.empty_like(s_all)
@@ -125,11 +132,12 @@ def routing_backward_torch(dv, u_hat, s_all, gradient):
     uniform = u3.new_full((B, u3.shape[1], J), 1.0 / J)
     weights = torch.stack([uniform] + couplings[::-1] + dlogits[::-1], dim=2)  # [B, I, T, J]
     vectors = torch.cat((ds_all.transpose(0, 1), v_sums[:, 1:]), dim=1)       # [B, T, J, D]
-    du3 = torch.bmm(weights.reshape(B, u3.shape[1], weights.shape[2] * J), _block_diagonal(vectors))
+    du3 = torch.bmm(weights.reshape(B, u3.shape[1], weights.shape[2] * J), _block_diagonal(vectors),
+                    out=_rows_out(workspace, u3))
     return du3.view(u_hat.shape).to(u_hat.dtype), ds_all
 
 
-def _routing_backward_last_torch(dv, u_hat, u3, s_all):
+def _routing_backward_last_torch(dv, u_hat, u3, s_all, workspace):
     """The "last" policy: c^(r) is a constant, du_hat = c^(r) ds^(r) and ds^(t) = 0 for t < r.
 
     One pass over u_hat to recompute c^(r) from V^(r), one to write du_hat; nothing of the
@@ -139,7 +147,8 @@ def _routing_backward_last_torch(dv, u_hat, u3, s_all):
     coupling = _coupling(_agreement(u3, v_sum))                    # [B, I, 1, J]
     ds_all = torch.zeros_like(s_all)
     ds_all[-1] = squash_backward_torch(dv.to(s_all.dtype), s_all[-1])       # [B, J, D]
-    du3 = torch.bmm(coupling.view(B, u3.shape[1], J), _block_diagonal(ds_all[-1].unsqueeze(1)))
+    du3 = torch.bmm(coupling.view(B, u3.shape[1], J), _block_diagonal(ds_all[-1].unsqueeze(1)),
+                    out=_rows_out(workspace, u3))
     return du3.view(u_hat.shape).to(u_hat.dtype), ds_all
 
 
