@@ -336,6 +336,25 @@ def test_a_saturated_coupling_keeps_the_float32_gradient_accurate(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_parents_tied_for_the_largest_coupling_keep_the_float32_gradient_accurate(backend):
+    """Two parents with the same predictions have the same logits in every iteration, so both
+    are "the most coupled parent" that dc is measured from; their ds, and so their dc, differ.
+    At scale 30 they share nearly all of the coupling (c -> 1/2 each)."""
+    rng = np.random.default_rng(12)
+    u_np = 30.0 * rng.standard_normal((2, 23, 3, 4))
+    u_np[:, :, 1] = u_np[:, :, 0]
+    u_np[:, :, 2] *= 0.01
+    u_hat_t, u_hat = rounded(u_np, torch.float32)
+    dv_t, dv = rounded(rng.standard_normal((2, 3, 4)), torch.float32)
+    v_ref, du_ref, _ = reference_routing(u_hat, dv, 3, None, "full")
+    u_hat_t = u_hat_t.to(DEVICE).requires_grad_(True)
+    v = dynamic_routing(u_hat_t, 3, backend=backend)
+    v.backward(dv_t.to(DEVICE))
+    assert_agrees(v, v_ref, torch.float32, "v")
+    assert_agrees(u_hat_t.grad, du_ref, torch.float32, "du_hat")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("gradient", ["full", "last"])
 def test_an_empty_batch_gives_empty_results_forward_and_backward(backend, gradient):
     u_hat = torch.randn(0, 5, 3, 4, device=DEVICE, requires_grad=True)

@@ -4,10 +4,15 @@ public function.
 The PyTorch path is written for CPUs, with the kernels' memory plan: the forward saves only the
 per-iteration s (s_all, [r, B, J, D]); the backward recomputes the couplings from u_hat. Every
 contraction over capsule dims is one batched matrix product against a block-diagonal matrix
-built from a [B, J, D] tensor, so no temporary is ever as large as u_hat. These products do
+built from a [B, T, J, D] tensor, so no temporary is ever as large as u_hat. These products do
 J times the multiply-adds the contraction needs, yet on a CPU at the MNIST shape they beat the
 alternatives measured (one bmm per parent over strided views, einsum, multiply-and-sum, a
 [B, J, I, D] copy of u_hat; docs/PERF.md).
+
+The per-input tensors (logits b, couplings c and their gradients) are laid out [B, T, J, I],
+parents before inputs: the softmax's reductions over j then run along whole contiguous rows of
+I, several times faster on a CPU than over a last axis of J = 10, and the products take and give
+that layout through a transposed operand at no cost.
 """
 
 from typing import Optional
@@ -36,25 +41,22 @@ def _block_diagonal(x):
 
 
 def _agreement(u3, x):
-    """sum_d u_hat[b,i,j,d] x[b,t,j,d] -> [B, I, T, J], for u3 = u_hat as [B, I, J*D]."""
+    """sum_d u_hat[b,i,j,d] x[b,t,j,d] -> [B, T, J, I], for u3 = u_hat as [B, I, J*D]."""
     B, T, J, _ = x.shape
-    return torch.bmm(u3, _block_diagonal(x).transpose(1, 2)).view(B, u3.shape[1], T, J)
+    return torch.bmm(_block_diagonal(x), u3.transpose(1, 2)).view(B, T, J, u3.shape[1])
 
 
-def _weighted_sum(weights, u3, J):
-    """sum_i weights[b,i,t,j] u_hat[b,i,j,d] -> [B, T, J, D]."""
-    B, I, T, _ = weights.shape
-    full = torch.bmm(weights.reshape(B, I, T * J).transpose(1, 2), u3)      # [B, T*J, J*D]
+def _weighted_sum(weights, u3):
+    """sum_i weights[b,t,j,i] u_hat[b,i,j,d] -> [B, T, J, D]."""
+    B, T, J, I = weights.shape
+    full = torch.bmm(weights.view(B, T * J, I), u3)                       # [B, T*J, J*D]
     return torch.diagonal(full.view(B, T, J, J, u3.shape[2] // J), dim1=2, dim2=3).transpose(2, 3)
 
 
-def _coupling(logits, top=None):
-    """softmax over the parents j (the last axis) of logits, whose max over j is `top` if given.
-    Written out because torch.softmax on CPU over an axis of 10 runs about 6x slower than these
-    three passes."""
-    top = logits.amax(dim=-1, keepdim=True) if top is None else top
-    e = (logits - top).exp_()
-    return e.div_(e.sum(dim=-1, keepdim=True))
+def _coupling(logits):
+    """The coupling c = softmax over the parents j of logits [B, J, I]: along contiguous rows of
+    I, where torch.softmax is faster than over a last axis of J = 10 written out by hand."""
+    return torch.softmax(logits, dim=1)
 
 
 def _as_rows(u_hat):
@@ -85,8 +87,8 @@ def routing_forward_torch(u_hat, iterations, bias):
             if s.device.type != "cpu" or not bool(torch.isfinite(s).all()):
                 s = _nan_where_input_is_not_finite(s, u3)
         else:
-            coupling = _coupling(_agreement(u3, v_sum.unsqueeze(1)))       # [B, I, 1, J]
-            s = _weighted_sum(coupling, u3, J).squeeze(1)          # [B, J, D]
+            coupling = _coupling(_agreement(u3, v_sum.unsqueeze(1)).squeeze(1))  # [B, J, I]
+            s = _weighted_sum(coupling.unsqueeze(1), u3).squeeze(1)       # [B, J, D]
         if bias is not None:
             s = s + bias.to(s.dtype)
         s_all[t] = s
@@ -107,10 +109,14 @@ def routing_backward_torch(dv, u_hat, s_all, gradient, workspace=None):
     u3 = _as_rows(u_hat)
     if gradient == "last":
         return _routing_backward_last_torch(dv, u_hat, u3, s_all, workspace)
+    I = u3.shape[1]
     v_all = squash_forward_torch(s_all)                           # [r, B, J, D]
     v_sums = (torch.cumsum(v_all, dim=0) - v_all).transpose(0, 1)  # [B, r, J, D], V^(t)
     ds_all = torch.empty_like(s_all)
-    couplings, dlogits = [], []                                    # c^(t), db^(t), t = r .. 2
+    # du_hat = sum_t c^(t) ds^(t) [+ db^(t) V^(t)], as one product over all t at the end: the
+    # weights c^(1..r) then db^(2..r) are written in place as the iterations produce them.
+    weights = u3.new_empty((B, 2 * r - 1, J, I))
+    weights[:, 0] = 1.0 / J                                        # c^(1): uniform
     grad_v = dv.to(s_all.dtype)                                    # dL/dv^(t)
     grad_v_sum = torch.zeros_like(grad_v)                          # sum of dV over later t
     for t in reversed(range(r)):
@@ -119,20 +125,21 @@ def routing_backward_torch(dv, u_hat, s_all, gradient, workspace=None):
         if t == 0:
             break                                                  # V^(1) = 0: no agreement
         # b^(t) = u_hat . V^(t) (to recompute c^(t)) and dc = u_hat . ds in one pass over u_hat.
-        logits, dc = _agreement(u3, torch.stack((v_sums[:, t], ds), dim=1)).unbind(dim=2)
-        top, parent = logits.max(dim=-1, keepdim=True)              # and the most coupled parent
-        c = _coupling(logits, top)                                 # [B, I, J]
-        dc = dc - dc.gather(-1, parent)                            # exact, rounds less (reference)
-        db = c * (dc - (c * dc).sum(dim=-1, keepdim=True))         # softmax over j
-        couplings.append(c)
-        dlogits.append(db)
-        grad_v_sum = grad_v_sum + _weighted_sum(db.unsqueeze(2), u3, J).squeeze(1)
+        logits, dc = _agreement(u3, torch.stack((v_sums[:, t], ds), dim=1)).unbind(dim=1)  # [B, J, I]
+        # The softmax written out, for e = exp(b - max_j b), which is exactly 1 at the most
+        # coupled parent: dc is measured from that parent's (as the reference: exact, rounds
+        # less), or from the mean over parents tied to float rounding (no bool masks: slow here).
+        e = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+        top = e.floor()                                            # 1 at the most coupled parent(s)
+        top_dc = (dc * top).sum(dim=1, keepdim=True) / top.sum(dim=1, keepdim=True)
+        c = torch.div(e, e.sum(dim=1, keepdim=True), out=weights[:, t])
+        c_dc = c * (dc - top_dc)
+        db = torch.addcmul(c_dc, c, c_dc.sum(dim=1, keepdim=True), value=-1,
+                           out=weights[:, r - 1 + t])             # softmax over j
+        grad_v_sum = grad_v_sum + _weighted_sum(db.unsqueeze(1), u3).squeeze(1)
         grad_v = grad_v_sum
-    # du_hat = sum_t c^(t) ds^(t) [+ db^(t) V^(t)], as one product over all t.
-    uniform = u3.new_full((B, u3.shape[1], J), 1.0 / J)
-    weights = torch.stack([uniform] + couplings[::-1] + dlogits[::-1], dim=2)  # [B, I, T, J]
     vectors = torch.cat((ds_all.transpose(0, 1), v_sums[:, 1:]), dim=1)       # [B, T, J, D]
-    du3 = torch.bmm(weights.reshape(B, u3.shape[1], weights.shape[2] * J), _block_diagonal(vectors),
+    du3 = torch.bmm(weights.view(B, (2 * r - 1) * J, I).transpose(1, 2), _block_diagonal(vectors),
                     out=_rows_out(workspace, u3))
     return du3.view(u_hat.shape).to(u_hat.dtype), ds_all
 
@@ -144,10 +151,10 @@ def _routing_backward_last_torch(dv, u_hat, u3, s_all, workspace):
     earlier iterations but their s."""
     r, B, J, D = s_all.shape
     v_sum = squash_forward_torch(s_all[:-1]).sum(dim=0, keepdim=True).transpose(0, 1)  # [B, 1, J, D], V^(r)
-    coupling = _coupling(_agreement(u3, v_sum))                    # [B, I, 1, J]
+    coupling = _coupling(_agreement(u3, v_sum).squeeze(1))         # [B, J, I]
     ds_all = torch.zeros_like(s_all)
     ds_all[-1] = squash_backward_torch(dv.to(s_all.dtype), s_all[-1])       # [B, J, D]
-    du3 = torch.bmm(coupling.view(B, u3.shape[1], J), _block_diagonal(ds_all[-1].unsqueeze(1)),
+    du3 = torch.bmm(coupling.transpose(1, 2), _block_diagonal(ds_all[-1].unsqueeze(1)),
                     out=_rows_out(workspace, u3))
     return du3.view(u_hat.shape).to(u_hat.dtype), ds_all
 
