@@ -69,8 +69,8 @@ def _workspace(B, sample_elements, dtype, device):
     """One buffer for the largest chunk's u_hat, reused by every chunk of a call. Fresh memory
     per chunk costs page faults: on a 2-core CPU, allocating and filling 94 MB took 25 ms
     against 6 ms for refilling a buffer, and the chunks' u_hat and du_hat (8 MiB each) were
-    handed back to the system between chunks often enough to cost about 10% of the layer's
-    forward and backward (docs/PERF.md)."""
+    handed back to the system between chunks often enough to cost about 15% of the layer's
+    forward and backward (docs/PERF.md, 2026-11-30)."""
     samples = max((chunk.stop - chunk.start for chunk in _chunks(B, sample_elements)), default=0)
     return torch.empty(samples * sample_elements, dtype=dtype, device=device)
 
