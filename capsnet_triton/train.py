@@ -30,12 +30,19 @@ became NaN or infinite; if one did, it stops with exit status 1 and a one-line m
 saves nothing of that state. Errors are one line (exit 2 for bad options, 1 for failures);
 --verbose adds the traceback.
 
+On Linux the command (not `main(argv)` called from Python) first tells glibc's malloc to keep
+freed blocks of up to 1 GiB for reuse instead of returning them to the system
+(`training.allocator`): on a 2-core CPU the training epochs then ran 5-15% faster, and the
+process's memory stays near its peak between steps. Setting MALLOC_TRIM_THRESHOLD_,
+MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES or LD_PRELOAD leaves the allocator to you.
+
 This module is the command; the run itself lives in `capsnet_triton.training`.
 """
 
 import os
 import sys
 
+from .training.allocator import keep_freed_memory
 from .training.config import build_parser, resolve_config
 from .training.errors import run_command
 from .training.loop import train
@@ -47,6 +54,9 @@ def main(argv=None):
     """Console entry point (`capsnet-train`, `python -m capsnet_triton.train`)."""
     parser = build_parser()
     config, checkpoint = resolve_config(argv, parser)
+    if argv is None:
+        # Only as the process's own command: a program that passes argv (the tests) keeps its allocator.
+        keep_freed_memory()
     status = run_command(parser.prog, config["verbose"], train, config, checkpoint)
     if status == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A torchrun worker ends here without Python's teardown: with gloo, torch 2.13 sometimes

@@ -20,7 +20,7 @@ import torch
 
 from capsnet_triton import evaluate, train
 from capsnet_triton.data import DATASETS, load_split, verify_split
-from capsnet_triton.training import loop
+from capsnet_triton.training import allocator, loop
 from capsnet_triton.training.checkpoint import payload_checksum, save_atomic
 from capsnet_triton.training.config import build_parser
 from capsnet_triton.training.log import RunLog
@@ -380,3 +380,37 @@ def test_help_shows_no_default_for_switches():
     text = " ".join(build_parser().format_help().split())
     assert "--no-decoder" in text and "(default: True)" not in text and "(default: False)" not in text
     assert "global batch, split over the ranks (default: 128)" in text
+
+
+_FRESH_TENSOR_FAULTS = """
+import resource, sys, torch
+from capsnet_triton.training.allocator import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+def page_faults(elements):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(elements)                                   # written, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+page_faults(16 << 20)                                      # 64 MiB
+print(kept, page_faults(8 << 20))                          # 32 MiB, which fits in the freed block
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_the_training_command_keeps_freed_memory_for_the_next_tensor():
+    """By default glibc returns a freed 64 MiB block to the system and the next large tensor is
+    faulted in page by page; after keep_freed_memory (what `python -m capsnet_triton.train` runs
+    first) it reuses the block. Each case in its own process, whose allocator it changes."""
+    env = {name: value for name, value in os.environ.items() if name not in allocator.USER_SETTINGS}
+    faults = {}
+    for case in ("default", "keep"):
+        result = subprocess.run([sys.executable, "-c", _FRESH_TENSOR_FAULTS, case], env=env,
+                                capture_output=True, text=True, timeout=120, check=True)
+        kept, faults[case] = result.stdout.split()
+        assert kept == ("True" if case == "keep" else "None")
+    default, kept = int(faults["default"]), int(faults["keep"])
+    assert default > 0 and kept <= default // 10, faults
+
+
+def test_keep_freed_memory_leaves_an_allocator_the_user_chose(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert allocator.keep_freed_memory() is False

@@ -5,5 +5,6 @@
 - `checkpoint`: the checkpoint format, atomic writes and the global RNG states;
 - `log`: the JSON-lines log of a run;
 - `errors`: how the commands report what went wrong (one line, exit status 1 or 2);
+- `allocator`: on Linux, the C allocator told to keep freed memory (faster steps on a CPU);
 - `loop`: the training loop itself.
 """
