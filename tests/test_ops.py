@@ -318,6 +318,19 @@ def test_a_finite_sample_whose_first_sum_overflows_keeps_its_other_parents(backe
     assert_agrees(u_hat.grad, du_ref, torch.float32, "du_hat")
 
 
+def check_float32_routing(u_hat, dv, iterations, backend):
+    """v and du_hat of dynamic_routing on u_hat and dv rounded to float32, against the reference
+    on the same rounded values, at float32's tolerance ("full" gradient, no bias)."""
+    u_hat_t, u_hat = rounded(u_hat, torch.float32)
+    dv_t, dv = rounded(dv, torch.float32)
+    v_ref, du_ref, _ = reference_routing(u_hat, dv, iterations, None, "full")
+    u_hat_t = u_hat_t.to(DEVICE).requires_grad_(True)
+    v = dynamic_routing(u_hat_t, iterations, backend=backend)
+    v.backward(dv_t.to(DEVICE))
+    assert_agrees(v, v_ref, torch.float32, "v")
+    assert_agrees(u_hat_t.grad, du_ref, torch.float32, "du_hat")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_saturated_coupling_keeps_the_float32_gradient_accurate(backend):
     """At scale 30 the couplings saturate (c -> 1 for one parent): dc - sum_j c dc then cancels,
@@ -325,14 +338,7 @@ def test_a_saturated_coupling_keeps_the_float32_gradient_accurate(backend):
     ceiling on this draw, found by the thorough profile), though the routing function itself is
     well conditioned here (one rounding of the inputs moves du_hat by 6e-7)."""
     rng = np.random.default_rng(1627978696)
-    u_hat_t, u_hat = rounded(30.0 * rng.standard_normal((1, 23, 3, 4)), torch.float32)
-    dv_t, dv = rounded(rng.standard_normal((1, 3, 4)), torch.float32)
-    v_ref, du_ref, _ = reference_routing(u_hat, dv, 4, None, "full")
-    u_hat_t = u_hat_t.to(DEVICE).requires_grad_(True)
-    v = dynamic_routing(u_hat_t, 4, backend=backend)
-    v.backward(dv_t.to(DEVICE))
-    assert_agrees(v, v_ref, torch.float32, "v")
-    assert_agrees(u_hat_t.grad, du_ref, torch.float32, "du_hat")
+    check_float32_routing(30.0 * rng.standard_normal((1, 23, 3, 4)), rng.standard_normal((1, 3, 4)), 4, backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -344,14 +350,7 @@ def test_parents_tied_for_the_largest_coupling_keep_the_float32_gradient_accurat
     u_np = 30.0 * rng.standard_normal((2, 23, 3, 4))
     u_np[:, :, 1] = u_np[:, :, 0]
     u_np[:, :, 2] *= 0.01
-    u_hat_t, u_hat = rounded(u_np, torch.float32)
-    dv_t, dv = rounded(rng.standard_normal((2, 3, 4)), torch.float32)
-    v_ref, du_ref, _ = reference_routing(u_hat, dv, 3, None, "full")
-    u_hat_t = u_hat_t.to(DEVICE).requires_grad_(True)
-    v = dynamic_routing(u_hat_t, 3, backend=backend)
-    v.backward(dv_t.to(DEVICE))
-    assert_agrees(v, v_ref, torch.float32, "v")
-    assert_agrees(u_hat_t.grad, du_ref, torch.float32, "du_hat")
+    check_float32_routing(u_np, rng.standard_normal((2, 3, 4)), 3, backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
