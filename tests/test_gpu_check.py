@@ -39,7 +39,8 @@ def test_smoke_run_writes_a_summary_of_every_stage(tmp_path):
 
 def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     (tmp_path / "stages.tsv").write_text("ceilings\tpass\t9\t40\t\ntests\tfail\t80\t150\t\n"
-                                         "bench\tfail\t3\t180\t\nkernels\tpass\t80\t90\t\ntrain\ttimeout\t200\t200\t\nevaluate\tpass\t6\t40\t\n"
+                                         "bench\tfail\t3\t180\t\nkernels\tpass\t80\t90\t\n"
+                                         "train\ttimeout\t200\t200\t\nevaluate\tpass\t6\t40\t\n"
                                          "multimnist\tpass\t900\t36000\t\n")
     (tmp_path / "bench.log").write_text("Traceback (most recent call last):\nRuntimeError: CUDA error\n")
     (tmp_path / "multimnist.log").write_text("test both-digit accuracy 94.10% (error 5.90%) on 100000 images, "

@@ -105,7 +105,7 @@ def kernels_figures(out):
     for workload in dict.fromkeys(r["workload"] for r in rows):
         B = max(r["B"] for r in rows if r["workload"] == workload)
         at_B = [r for r in rows if r["workload"] == workload and r["B"] == B]
-        default = next((r for r in at_B if r["config"] == report.get("default", "sample")), None)
+        default = next((r for r in at_B if r["config"] == report["default"]), None)
         best = min(at_B, key=lambda r: r["graph_ms"])
         pct = f", {best['copy_pct']:.0f}% copy" if best.get("copy_pct") else ""
         text = f"{workload} B={B}: best {best['config']} {best['graph_ms']:.3g} ms{pct}"
