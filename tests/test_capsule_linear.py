@@ -147,15 +147,19 @@ def test_torch_path_never_allocates_anything_of_u_hats_size(gradient):
     u, weight = torch.randn(B, I, P), 0.05 * torch.randn(I, J, D, P)
     bias, dv = torch.randn(J, D), torch.randn(B, J, D)
     with _RecordSizes() as recorder:
-        v, s_all = capsule_linear_module._capsule_linear_forward_torch(u, weight, 3, bias)
-        du, dW, _ = capsule_linear_module._capsule_linear_backward_torch(dv, u, weight, s_all, gradient)
+        v, s_all, couplings = capsule_linear_module._capsule_linear_forward_torch(u, weight, 3, bias)
+        du, dW, _ = capsule_linear_module._capsule_linear_backward_torch(dv, u, weight, s_all, couplings,
+                                                                         gradient)
     assert all(torch.isfinite(x).all() for x in (v, du, dW))
     assert len(recorder.sizes) > 100 and max(recorder.sizes) <= B * I * J * D // 8
 
 
-def test_backward_saves_only_u_weight_and_per_iteration_s():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backward_saves_u_weight_per_iteration_s_and_on_the_torch_path_the_couplings(backend):
+    """The kernels keep u, W and s^(1..r); the PyTorch path also keeps c^(2..r), [r-1, B, J, I]."""
     B, I, J, D, P, r = 2, 50, 10, 16, 8, 3
-    u, weight = torch.randn(B, I, P, requires_grad=True), torch.randn(I, J, D, P, requires_grad=True)
+    u = torch.randn(B, I, P, device=DEVICE, requires_grad=True)
+    weight = torch.randn(I, J, D, P, device=DEVICE, requires_grad=True)
     saved = []
 
     def pack(t):
@@ -163,8 +167,9 @@ def test_backward_saves_only_u_weight_and_per_iteration_s():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        capsule_linear(u, weight, r)
-    assert sum(saved) == u.numel() + weight.numel() + r * B * J * D
+        capsule_linear(u, weight, r, backend=backend)
+    couplings = (r - 1) * B * J * I if backend == "torch" else 0
+    assert sum(saved) == u.numel() + weight.numel() + r * B * J * D + couplings
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -11,10 +11,10 @@ du_hat, and the prediction's backward reads du_hat twice more.
 
 The PyTorch path is written for CPUs. Routing treats every sample on its own, so it runs over
 chunks of samples: for each chunk it computes u_hat from u and W, routes it with the routing
-op's PyTorch path, and keeps only v and s_all ([r, B, J, D]). The backward recomputes each
-chunk's u_hat, gets du_hat from the routing backward, and turns it at once into du = W^T du_hat
-and the chunk's share of dW = sum_b du_hat u^T, added chunk by chunk in order (deterministic).
-The largest temporaries are one chunk's u_hat and du_hat.
+op's PyTorch path, and keeps only v, s_all ([r, B, J, D]) and the couplings ([r-1, B, J, I]).
+The backward recomputes each chunk's u_hat, gets du_hat from the routing backward, and turns it
+at once into du = W^T du_hat and the chunk's share of dW = sum_b du_hat u^T, added chunk by
+chunk in order (deterministic). The largest temporaries are one chunk's u_hat and du_hat.
 """
 
 from typing import Optional
@@ -23,7 +23,7 @@ import torch
 
 from ..checks import (check_bias, check_gradient, check_iterations, check_u_and_weight, compute_dtype,
                       pick_backend)
-from .routing import routing_backward_torch, routing_forward_torch
+from .routing import kept_couplings, routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
 
@@ -82,14 +82,15 @@ def _capsule_linear_forward_torch(u, weight, iterations, bias):
     weight = weight.to(cdtype)
     v = u.new_empty((B, J, D))
     s_all = u.new_empty((iterations, B, J, D), dtype=cdtype)
+    couplings = kept_couplings(u, B, I, J, iterations, "torch")
     workspace = _workspace(B, I * J * D, cdtype, u.device)
     for chunk in _chunks(B, I * J * D):
         u_hat = predict(u[chunk].to(cdtype), weight, workspace=workspace)  # [b, I, J, D]
-        v[chunk], s_all[:, chunk] = routing_forward_torch(u_hat, iterations, bias)
-    return v, s_all
+        v[chunk], s_all[:, chunk], couplings[:, chunk] = routing_forward_torch(u_hat, iterations, bias)
+    return v, s_all, couplings
 
 
-def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
+def _capsule_linear_backward_torch(dv, u, weight, s_all, couplings, gradient):
     B, I, P = u.shape
     _, J, D, _ = weight.shape
     cdtype = s_all.dtype
@@ -104,7 +105,8 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
     for chunk in _chunks(B, I * J * D):
         u_chunk = u[chunk].to(cdtype)                                      # [b, I, P]
         u_hat = predict(u_chunk, weight_c, workspace=u_hat_space)          # [b, I, J, D]
-        du_hat, ds_all[:, chunk] = routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk], gradient,
+        du_hat, ds_all[:, chunk] = routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk],
+                                                          couplings[:, chunk], gradient,
                                                           workspace=du_hat_space)
         du_hat_rows = du_hat.reshape(-1, I, J * D).transpose(0, 1)         # [I, b, J*D]
         du[chunk] = torch.bmm(du_hat_rows, weight_rows).transpose(0, 1)   # W^T du_hat  [b, I, P]
@@ -120,49 +122,52 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, gradient):
 @torch.library.custom_op("capsnet_triton::capsule_linear_forward", mutates_args=())
 def _capsule_linear_forward_op(u: torch.Tensor, weight: torch.Tensor, iterations: int,
                                bias: Optional[torch.Tensor], gradient: str,
-                               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # gradient is unused here; it is an input so that the backward rule can read it.
     if backend == "triton":
         from capsnet_triton.kernels import capsule_linear_forward
-        return capsule_linear_forward(u, weight, iterations, bias)
+        v, s_all = capsule_linear_forward(u, weight, iterations, bias)
+        B, I, _ = u.shape
+        return v, s_all, kept_couplings(u, B, I, weight.shape[1], iterations, backend)
     return _capsule_linear_forward_torch(u, weight, iterations, bias)
 
 
 @torch.library.custom_op("capsnet_triton::capsule_linear_backward", mutates_args=())
 def _capsule_linear_backward_op(dv: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
-                                s_all: torch.Tensor, gradient: str,
+                                s_all: torch.Tensor, couplings: torch.Tensor, gradient: str,
                                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from capsnet_triton.kernels import capsule_linear_backward
         return capsule_linear_backward(dv, u, weight, s_all, gradient=gradient)
-    return _capsule_linear_backward_torch(dv, u, weight, s_all, gradient)
+    return _capsule_linear_backward_torch(dv, u, weight, s_all, couplings, gradient)
 
 
 @_capsule_linear_forward_op.register_fake
 def _(u, weight, iterations, bias, gradient, backend):
-    B, _, _ = u.shape
+    B, I, _ = u.shape
     _, J, D, _ = weight.shape
-    return u.new_empty((B, J, D)), u.new_empty((iterations, B, J, D), dtype=compute_dtype(u.dtype))
+    return (u.new_empty((B, J, D)), u.new_empty((iterations, B, J, D), dtype=compute_dtype(u.dtype)),
+            kept_couplings(u, B, I, J, iterations, backend))
 
 
 @_capsule_linear_backward_op.register_fake
-def _(dv, u, weight, s_all, gradient, backend):
+def _(dv, u, weight, s_all, couplings, gradient, backend):
     return u.new_empty(u.shape), weight.new_empty(weight.shape), torch.empty_like(s_all)
 
 
 def _setup_context(ctx, inputs, output):
     u, weight, _, bias, gradient, backend = inputs
-    _, s_all = output
-    ctx.save_for_backward(u, weight, s_all)
+    _, s_all, couplings = output
+    ctx.save_for_backward(u, weight, s_all, couplings)
     ctx.gradient = gradient
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dv, _ds_all_unused):
-    u, weight, s_all = ctx.saved_tensors
-    du, dW, ds_all = _capsule_linear_backward_op(dv.contiguous(), u, weight, s_all, ctx.gradient,
-                                                 ctx.backend)
+def _backward(ctx, dv, _ds_all_unused, _couplings_unused):
+    u, weight, s_all, couplings = ctx.saved_tensors
+    du, dW, ds_all = _capsule_linear_backward_op(dv.contiguous(), u, weight, s_all, couplings,
+                                                 ctx.gradient, ctx.backend)
     dbias = None if ctx.bias_dtype is None else ds_all.sum(dim=(0, 1)).to(ctx.bias_dtype)
     return du, dW, None, dbias, None, None
 
@@ -189,5 +194,5 @@ def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backe
     # check_bias reads J, D and the device off a [B, I, J, D] tensor: a view of W of that shape.
     check_bias(bias, weight[None, ..., 0], "weight")
     backend = pick_backend(backend, u)
-    v, _ = _capsule_linear_forward_op(u, weight, iterations, bias, gradient, backend)
+    v, _, _ = _capsule_linear_forward_op(u, weight, iterations, bias, gradient, backend)
     return v

@@ -1,13 +1,17 @@
 """dynamic_routing (paper Procedure 1) for torch tensors: the PyTorch path, the custom ops, the
 public function.
 
-The PyTorch path is written for CPUs, with the kernels' memory plan: the forward saves only the
-per-iteration s (s_all, [r, B, J, D]); the backward recomputes the couplings from u_hat. Every
+The PyTorch path is written for CPUs. Its forward saves the per-iteration s (s_all,
+[r, B, J, D]) and the couplings c^(2..r) ([r-1, B, J, I], 1/D of u_hat's size per iteration);
+the Triton kernels save only s_all and recompute the couplings from u_hat (SPEC section 3). On a
+CPU, recomputing them cost a wider product over u_hat and a softmax per iteration; keeping them
+made forward + backward 15-20% faster at B = 32 and 3-6% at B = 128, and 19-25% under the
+"last" policy, whose backward no longer reads u_hat (docs/PERF.md, 2026-11-30). Every
 contraction over capsule dims is one batched matrix product against a block-diagonal matrix
 built from a [B, T, J, D] tensor, so no temporary is ever as large as u_hat. These products do
 J times the multiply-adds the contraction needs, yet on a CPU at the MNIST shape they beat the
 alternatives measured (one bmm per parent over strided views, einsum, multiply-and-sum, a
-[B, J, I, D] copy of u_hat; docs/PERF.md).
+[B, J, I, D] copy of u_hat, J padded to 16, parents in groups; docs/PERF.md).
 
 The per-input tensors (logits b, couplings c and their gradients) are laid out [B, T, J, I],
 parents before inputs: the softmax's reductions over j then run along whole contiguous rows of
@@ -76,9 +80,12 @@ def _nan_where_input_is_not_finite(s, u3):
 
 
 def routing_forward_torch(u_hat, iterations, bias):
+    """(v, s_all, couplings): v [B, J, D] in u_hat's dtype; s_all [r, B, J, D] and the couplings
+    c^(2..r) [r-1, B, J, I] (c^(1) is uniform) in the compute dtype, for the backward."""
     B, I, J, D = u_hat.shape
     u3 = _as_rows(u_hat)
     s_all = u3.new_empty((iterations, B, J, D))
+    couplings = kept_couplings(u3, B, I, J, iterations, "torch")
     v_sum = None                                                   # V = v^(1) + ... + v^(t-1)
     for t in range(iterations):
         if v_sum is None:                                          # b = 0: uniform c = 1/J
@@ -87,14 +94,14 @@ def routing_forward_torch(u_hat, iterations, bias):
             if s.device.type != "cpu" or not bool(torch.isfinite(s).all()):
                 s = _nan_where_input_is_not_finite(s, u3)
         else:
-            coupling = _coupling(_agreement(u3, v_sum.unsqueeze(1)).squeeze(1))  # [B, J, I]
-            s = _weighted_sum(coupling.unsqueeze(1), u3).squeeze(1)       # [B, J, D]
+            couplings[t - 1] = _coupling(_agreement(u3, v_sum.unsqueeze(1)).squeeze(1))  # [B, J, I]
+            s = _weighted_sum(couplings[t - 1].unsqueeze(1), u3).squeeze(1)       # [B, J, D]
         if bias is not None:
             s = s + bias.to(s.dtype)
         s_all[t] = s
         v = squash_forward_torch(s)
         v_sum = v if v_sum is None else v_sum + v
-    return v.to(u_hat.dtype), s_all
+    return v.to(u_hat.dtype), s_all, couplings
 
 
 def _rows_out(workspace, u3):
@@ -103,20 +110,22 @@ def _rows_out(workspace, u3):
     return None if workspace is None else workspace[:u3.numel()].view(u3.shape)
 
 
-def routing_backward_torch(dv, u_hat, s_all, gradient, workspace=None):
-    """(du_hat, ds_all); du_hat in workspace's first elements when given (see _rows_out)."""
+def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None):
+    """(du_hat, ds_all) from routing_forward_torch's s_all and couplings; du_hat in workspace's
+    first elements when given (see _rows_out)."""
     r, B, J, D = s_all.shape
     u3 = _as_rows(u_hat)
     if gradient == "last":
-        return _routing_backward_last_torch(dv, u_hat, u3, s_all, workspace)
+        return _routing_backward_last_torch(dv, u_hat, u3, s_all, couplings, workspace)
     I = u3.shape[1]
     v_all = squash_forward_torch(s_all)                           # [r, B, J, D]
     v_sums = (torch.cumsum(v_all, dim=0) - v_all).transpose(0, 1)  # [B, r, J, D], V^(t)
     ds_all = torch.empty_like(s_all)
-    # du_hat = sum_t c^(t) ds^(t) [+ db^(t) V^(t)], as one product over all t at the end: the
-    # weights c^(1..r) then db^(2..r) are written in place as the iterations produce them.
+    # du_hat = sum_t c^(t) ds^(t) [+ db^(t) V^(t)], as one product over all t at the end, with
+    # the weights c^(1..r) then db^(2..r); the loop writes each db^(t) in place.
     weights = u3.new_empty((B, 2 * r - 1, J, I))
     weights[:, 0] = 1.0 / J                                        # c^(1): uniform
+    weights[:, 1:r] = couplings.transpose(0, 1)
     grad_v = dv.to(s_all.dtype)                                    # dL/dv^(t)
     grad_v_sum = torch.zeros_like(grad_v)                          # sum of dV over later t
     for t in reversed(range(r)):
@@ -124,15 +133,13 @@ def routing_backward_torch(dv, u_hat, s_all, gradient, workspace=None):
         ds_all[t] = ds
         if t == 0:
             break                                                  # V^(1) = 0: no agreement
-        # b^(t) = u_hat . V^(t) (to recompute c^(t)) and dc = u_hat . ds in one pass over u_hat.
-        logits, dc = _agreement(u3, torch.stack((v_sums[:, t], ds), dim=1)).unbind(dim=1)  # [B, J, I]
-        # The softmax written out, for e = exp(b - max_j b), which is exactly 1 at the most
-        # coupled parent: dc is measured from that parent's (as the reference: exact, rounds
-        # less), or from the mean over parents tied to float rounding (no bool masks: slow here).
-        e = torch.exp(logits - logits.amax(dim=1, keepdim=True))
-        top = e.floor()                                            # 1 at the most coupled parent(s)
+        c = couplings[t - 1]                                       # [B, J, I]
+        dc = _agreement(u3, ds.unsqueeze(1)).squeeze(1)            # u_hat . ds  [B, J, I]
+        # The softmax's backward, with dc measured from the most coupled parent's (as the
+        # reference: exact, rounds less), where c / max_j c is exactly 1, or from the mean over
+        # parents tied to float rounding (no bool masks or indices: slow here).
+        top = (c / c.amax(dim=1, keepdim=True)).floor_()           # 1 at the most coupled parent(s)
         top_dc = (dc * top).sum(dim=1, keepdim=True) / top.sum(dim=1, keepdim=True)
-        c = torch.div(e, e.sum(dim=1, keepdim=True), out=weights[:, t])
         c_dc = c * (dc - top_dc)
         db = torch.addcmul(c_dc, c, c_dc.sum(dim=1, keepdim=True), value=-1,
                            out=weights[:, r - 1 + t])             # softmax over j
@@ -144,14 +151,15 @@ def routing_backward_torch(dv, u_hat, s_all, gradient, workspace=None):
     return du3.view(u_hat.shape).to(u_hat.dtype), ds_all
 
 
-def _routing_backward_last_torch(dv, u_hat, u3, s_all, workspace):
+def _routing_backward_last_torch(dv, u_hat, u3, s_all, couplings, workspace):
     """The "last" policy: c^(r) is a constant, du_hat = c^(r) ds^(r) and ds^(t) = 0 for t < r.
 
-    One pass over u_hat to recompute c^(r) from V^(r), one to write du_hat; nothing of the
-    earlier iterations but their s."""
+    One pass over u_hat, to write du_hat; nothing of the earlier iterations but c^(r)."""
     r, B, J, D = s_all.shape
-    v_sum = squash_forward_torch(s_all[:-1]).sum(dim=0, keepdim=True).transpose(0, 1)  # [B, 1, J, D], V^(r)
-    coupling = _coupling(_agreement(u3, v_sum).squeeze(1))         # [B, J, I]
+    if r == 1:
+        coupling = u3.new_full((B, J, u3.shape[1]), 1.0 / J)      # c^(1): uniform
+    else:
+        coupling = couplings[-1]
     ds_all = torch.zeros_like(s_all)
     ds_all[-1] = squash_backward_torch(dv.to(s_all.dtype), s_all[-1])       # [B, J, D]
     du3 = torch.bmm(coupling.transpose(1, 2), _block_diagonal(ds_all[-1].unsqueeze(1)),
@@ -163,50 +171,63 @@ def _routing_backward_last_torch(dv, u_hat, u3, s_all, workspace):
 # Custom ops: one schema, two implementations chosen by `backend`
 # ---------------------------------------------------------------------------------------------
 
+def kept_couplings(like, B, I, J, iterations, backend):
+    """A buffer for what the forward keeps of the couplings for the backward, on like's device in
+    the compute dtype: c^(2..r) [r-1, B, J, I] on the PyTorch path, which writes them; nothing
+    ([0, B, J, I]) from the Triton kernels, which recompute them from u_hat (or u and W)."""
+    return like.new_empty((iterations - 1 if backend == "torch" else 0, B, J, I),
+                          dtype=compute_dtype(like.dtype))
+
+
 @torch.library.custom_op("capsnet_triton::routing_forward", mutates_args=())
 def _routing_forward_op(u_hat: torch.Tensor, iterations: int, bias: Optional[torch.Tensor],
-                        gradient: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                        gradient: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # gradient is unused here; it is an input so that the backward rule can read it.
     if backend == "triton":
         from capsnet_triton.kernels import routing_forward
-        return routing_forward(u_hat, iterations, bias)
+        v, s_all = routing_forward(u_hat, iterations, bias)
+        B, I, J, _ = u_hat.shape
+        return v, s_all, kept_couplings(u_hat, B, I, J, iterations, backend)
     return routing_forward_torch(u_hat, iterations, bias)
 
 
 @torch.library.custom_op("capsnet_triton::routing_backward", mutates_args=())
 def _routing_backward_op(dv: torch.Tensor, u_hat: torch.Tensor, s_all: torch.Tensor,
-                         gradient: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                         couplings: torch.Tensor, gradient: str,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from capsnet_triton.kernels import routing_backward
         return routing_backward(dv, u_hat, s_all, gradient=gradient)
-    return routing_backward_torch(dv, u_hat, s_all, gradient)
+    return routing_backward_torch(dv, u_hat, s_all, couplings, gradient)
 
 
 @_routing_forward_op.register_fake
 def _(u_hat, iterations, bias, gradient, backend):
-    B, _, J, D = u_hat.shape
+    B, I, J, D = u_hat.shape
     v = u_hat.new_empty((B, J, D))
-    return v, u_hat.new_empty((iterations, B, J, D), dtype=compute_dtype(u_hat.dtype))
+    return (v, u_hat.new_empty((iterations, B, J, D), dtype=compute_dtype(u_hat.dtype)),
+            kept_couplings(u_hat, B, I, J, iterations, backend))
 
 
 @_routing_backward_op.register_fake
-def _(dv, u_hat, s_all, gradient, backend):
+def _(dv, u_hat, s_all, couplings, gradient, backend):
     # Both implementations return a contiguous du_hat whatever u_hat's strides are.
     return u_hat.new_empty(u_hat.shape), torch.empty_like(s_all)
 
 
 def _setup_context(ctx, inputs, output):
     u_hat, _, bias, gradient, backend = inputs
-    _, s_all = output
-    ctx.save_for_backward(u_hat, s_all)
+    _, s_all, couplings = output
+    ctx.save_for_backward(u_hat, s_all, couplings)
     ctx.gradient = gradient
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, dv, _ds_all_unused):
-    u_hat, s_all = ctx.saved_tensors
-    du_hat, ds_all = _routing_backward_op(dv.contiguous(), u_hat, s_all, ctx.gradient, ctx.backend)
+def _backward(ctx, dv, _ds_all_unused, _couplings_unused):
+    u_hat, s_all, couplings = ctx.saved_tensors
+    du_hat, ds_all = _routing_backward_op(dv.contiguous(), u_hat, s_all, couplings, ctx.gradient,
+                                          ctx.backend)
     dbias = None if ctx.bias_dtype is None else ds_all.sum(dim=(0, 1)).to(ctx.bias_dtype)
     return du_hat, None, dbias, None, None
 
@@ -236,5 +257,5 @@ def dynamic_routing(u_hat, iterations=3, *, bias=None, gradient="full", backend=
     check_bias(bias, u_hat)
     check_gradient(gradient)
     backend = pick_backend(backend, u_hat)
-    v, _ = _routing_forward_op(u_hat, iterations, bias, gradient, backend)
+    v, _, _ = _routing_forward_op(u_hat, iterations, bias, gradient, backend)
     return v
