@@ -22,9 +22,9 @@ goes through this module:
 - where the function itself is ill-conditioned at the drawn input (a sum over i that cancels,
   a saturated softmax), no evaluation in the compute precision can meet a ceiling: a test may
   then pass `spread`, how far the float64 reference moves when its inputs move by one rounding
-  error of the compute precision (`input_sensitivity`), and the error may exceed the ceiling by
-  at most SPREAD_FACTOR times that. On a well-conditioned input the spread is far below the
-  ceiling and changes nothing.
+  error of the compute precision or when it is itself evaluated in that precision
+  (`input_sensitivity`), and the error may exceed the ceiling by at most SPREAD_FACTOR times
+  that. On a well-conditioned input the spread is far below the ceiling and changes nothing.
 
 NumPy only, so that the reference's tests run where torch is not installed; the helpers that
 take torch tensors import torch when called.
@@ -99,16 +99,24 @@ def rounding_error(expected, dtype):
 
 
 def input_sensitivity(function, inputs, dtype, seed=0, trials=3):
-    """How far each float64 output of function(*inputs) moves when every input array is scaled
-    elementwise by (1 + e), |e| up to the unit roundoff of dtype's compute precision: the largest
-    ||out(perturbed) - out|| over a few random draws, one per output. None inputs and outputs
-    pass through (spread 0)."""
+    """How far each float64 output of function(*inputs) moves under the rounding of dtype's
+    compute precision: the largest ||out(moved) - out||, one per output, over a few random
+    draws that scale every input array elementwise by (1 + e), |e| up to the unit roundoff, and
+    over function evaluated on its inputs in the compute precision itself (float32 for every
+    dtype but float64), which rounds every intermediate as a kernel does. Moving the inputs alone
+    misses what a function amplifies of its intermediates' rounding: at a saturated softmax
+    the logits are hundreds, and their rounding, not the inputs', moves the couplings.
+    None inputs and outputs pass through (spread 0)."""
     rng = np.random.default_rng(seed)
-    eps = COMPUTE_EPS[dtype_name(dtype)]
+    name = dtype_name(dtype)
+    eps = COMPUTE_EPS[name]
+    compute = np.float64 if name == "float64" else np.float32
     base = function(*inputs)
+    draws = [[None if x is None else x * (1 + eps * rng.uniform(-1, 1, np.shape(x))) for x in inputs]
+             for _ in range(trials)]
+    draws.append([None if x is None else np.asarray(x).astype(compute) for x in inputs])
     spread = [0.0] * len(base)
-    for _ in range(trials):
-        moved = [None if x is None else x * (1 + eps * rng.uniform(-1, 1, np.shape(x))) for x in inputs]
+    for moved in draws:
         for k, (out, start) in enumerate(zip(function(*moved), base)):
             if start is not None:
                 spread[k] = max(spread[k], float(np.linalg.norm(np.subtract(out, start, dtype=np.float64))))

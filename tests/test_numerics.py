@@ -80,3 +80,17 @@ def test_spread_measures_ill_conditioning_and_widens_only_by_it():
     assert agreement_error(exact + 10 * spread, exact, "float32", spread=spread) is not None
     (calm,) = input_sensitivity(total, (np.array([1.0, 2.0]),), "float32")
     assert calm / 3.0 < 0.01 * TOLERANCE["float32"]       # relative to the sum 3: changes nothing
+
+
+def test_spread_counts_the_rounding_of_intermediates_that_moving_the_inputs_misses():
+    """(x0 + x1) - x1 is x0 exactly, and moving x1 moves both of its terms alike; evaluated in
+    float32 the intermediate x0 + x1 rounds x0 = 1e-9 away entirely."""
+
+    def cancelled(x):
+        return (np.array([(x[0] + x[1]) - x[1]]),)
+
+    x = np.array([1e-9, 1.0])
+    (spread,) = input_sensitivity(cancelled, (x,), "float32")
+    assert spread >= 0.99e-9
+    (exact,) = input_sensitivity(cancelled, (x,), "float64")
+    assert exact < 1e-15                                    # float64: its own rounding only
