@@ -137,14 +137,15 @@ def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None
         dc = _agreement(u3, ds.unsqueeze(1)).squeeze(1)            # u_hat . ds  [B, J, I]
         # The softmax's backward, with dc measured from the most coupled parent's (as the
         # reference: exact, rounds less), where c / max_j c is exactly 1, or from the mean over
-        # parents tied to float rounding (no bool masks or indices: slow here). In place: every
-        # new [B, J, I] tensor is fresh memory, which costs more than the arithmetic here.
-        top = (c / c.amax(dim=1, keepdim=True)).floor_()           # 1 at the most coupled parent(s)
+        # parents tied to float rounding (no bool masks or indices: slow here). In place, with
+        # db's slot of weights as scratch for top until db is written: every new [B, J, I]
+        # tensor is fresh memory, which costs more than the arithmetic here.
+        db_slot = weights[:, r - 1 + t]
+        top = torch.div(c, c.amax(dim=1, keepdim=True), out=db_slot).floor_()  # 1 at the top parent(s)
         ties = top.sum(dim=1, keepdim=True)
         top_dc = top.mul_(dc).sum(dim=1, keepdim=True).div_(ties)
         c_dc = dc.sub_(top_dc).mul_(c)                             # c (dc - top_dc)
-        db = torch.addcmul(c_dc, c, c_dc.sum(dim=1, keepdim=True), value=-1,
-                           out=weights[:, r - 1 + t])             # softmax over j
+        db = torch.addcmul(c_dc, c, c_dc.sum(dim=1, keepdim=True), value=-1, out=db_slot)  # softmax over j
         grad_v_sum = grad_v_sum + _weighted_sum(db.unsqueeze(1), u3).squeeze(1)
         grad_v = grad_v_sum
     vectors = torch.cat((ds_all.transpose(0, 1), v_sums[:, 1:]), dim=1)       # [B, T, J, D]
