@@ -79,6 +79,14 @@ def _nan_where_input_is_not_finite(s, u3):
     return torch.where(finite.view(-1, 1, 1), s, torch.nan)
 
 
+def kept_couplings(like, B, I, J, iterations, backend):
+    """A buffer for what the forward keeps of the couplings for the backward, on like's device in
+    the compute dtype: c^(2..r) [r-1, B, J, I] on the PyTorch path, which writes them; nothing
+    ([0, B, J, I]) from the Triton kernels, which recompute them from u_hat (or u and W)."""
+    return like.new_empty((iterations - 1 if backend == "torch" else 0, B, J, I),
+                          dtype=compute_dtype(like.dtype))
+
+
 def routing_forward_torch(u_hat, iterations, bias):
     """(v, s_all, couplings): v [B, J, D] in u_hat's dtype; s_all [r, B, J, D] and the couplings
     c^(2..r) [r-1, B, J, I] (c^(1) is uniform) in the compute dtype, for the backward."""
@@ -173,14 +181,6 @@ def _routing_backward_last_torch(dv, u_hat, u3, s_all, couplings, workspace):
 # ---------------------------------------------------------------------------------------------
 # Custom ops: one schema, two implementations chosen by `backend`
 # ---------------------------------------------------------------------------------------------
-
-def kept_couplings(like, B, I, J, iterations, backend):
-    """A buffer for what the forward keeps of the couplings for the backward, on like's device in
-    the compute dtype: c^(2..r) [r-1, B, J, I] on the PyTorch path, which writes them; nothing
-    ([0, B, J, I]) from the Triton kernels, which recompute them from u_hat (or u and W)."""
-    return like.new_empty((iterations - 1 if backend == "torch" else 0, B, J, I),
-                          dtype=compute_dtype(like.dtype))
-
 
 @torch.library.custom_op("capsnet_triton::routing_forward", mutates_args=())
 def _routing_forward_op(u_hat: torch.Tensor, iterations: int, bias: Optional[torch.Tensor],
