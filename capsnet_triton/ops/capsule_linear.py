@@ -86,7 +86,7 @@ def _capsule_linear_forward_torch(u, weight, iterations, bias):
     workspace = _workspace(B, I * J * D, cdtype, u.device)
     for chunk in _chunks(B, I * J * D):
         u_hat = predict(u[chunk].to(cdtype), weight, workspace=workspace)  # [b, I, J, D]
-        v[chunk], s_all[:, chunk], couplings[:, chunk] = routing_forward_torch(u_hat, iterations, bias)
+        v[chunk], s_all[:, chunk], _ = routing_forward_torch(u_hat, iterations, bias, couplings[:, chunk])
     return v, s_all, couplings
 
 

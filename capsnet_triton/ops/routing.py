@@ -87,13 +87,16 @@ def kept_couplings(like, B, I, J, iterations, backend):
                           dtype=compute_dtype(like.dtype))
 
 
-def routing_forward_torch(u_hat, iterations, bias):
+def routing_forward_torch(u_hat, iterations, bias, couplings=None):
     """(v, s_all, couplings): v [B, J, D] in u_hat's dtype; s_all [r, B, J, D] and the couplings
-    c^(2..r) [r-1, B, J, I] (c^(1) is uniform) in the compute dtype, for the backward."""
+    c^(2..r) [r-1, B, J, I] (c^(1) is uniform) in the compute dtype, for the backward.
+    couplings: optional buffer of that shape and dtype to write them into (the fused layer's
+    slice of its own), instead of a new one."""
     B, I, J, D = u_hat.shape
     u3 = _as_rows(u_hat)
     s_all = u3.new_empty((iterations, B, J, D))
-    couplings = kept_couplings(u3, B, I, J, iterations, "torch")
+    if couplings is None:
+        couplings = kept_couplings(u3, B, I, J, iterations, "torch")
     v_sum = None                                                   # V = v^(1) + ... + v^(t-1)
     for t in range(iterations):
         if v_sum is None:                                          # b = 0: uniform c = 1/J
