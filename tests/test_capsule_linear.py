@@ -141,14 +141,14 @@ class _RecordSizes(TorchDispatchMode):
 def test_torch_path_never_allocates_anything_of_u_hats_size(gradient):
     """At B = 256 and the MNIST layer (I = 1152, J = 10, D = 16), u_hat would hold 47M elements;
     every tensor the PyTorch path's forward and backward create is at least 8x smaller (a chunk
-    of u_hat is about 3M elements; the couplings kept for the backward, [r-1, B, J, I], are
-    (r-1)/D of u_hat: 5.9M at r = 3; W and dW are 1.5M).
+    of u_hat is about 3M elements; the couplings kept for the backward, at most [r-1, B, J, I], are
+    (r-1)/D of u_hat under "full": 5.9M at r = 3; W and dW are 1.5M).
     The path's functions are called directly (a dispatch mode sees a custom op as one call)."""
     B, I, J, D, P = 256, 1152, 10, 16, 8
     u, weight = torch.randn(B, I, P), 0.05 * torch.randn(I, J, D, P)
     bias, dv = torch.randn(J, D), torch.randn(B, J, D)
     with _RecordSizes() as recorder:
-        v, s_all, couplings = capsule_linear_module._capsule_linear_forward_torch(u, weight, 3, bias)
+        v, s_all, couplings = capsule_linear_module._capsule_linear_forward_torch(u, weight, 3, bias, gradient)
         du, dW, _ = capsule_linear_module._capsule_linear_backward_torch(dv, u, weight, s_all, couplings,
                                                                          gradient)
     assert all(torch.isfinite(x).all() for x in (v, du, dW))
@@ -156,9 +156,12 @@ def test_torch_path_never_allocates_anything_of_u_hats_size(gradient):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_backward_saves_u_weight_per_iteration_s_and_on_the_torch_path_the_couplings(backend):
-    """The kernels keep u, W and s^(1..r); the PyTorch path also keeps c^(2..r), [r-1, B, J, I]."""
-    B, I, J, D, P, r = 2, 50, 10, 16, 8, 3
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("r", [1, 3])
+def test_backward_saves_u_weight_per_iteration_s_and_on_the_torch_path_the_couplings(backend, gradient, r):
+    """The kernels keep u, W and s^(1..r); the PyTorch path also keeps the couplings its backward
+    reads: c^(2..r), [r-1, B, J, I], under "full", c^(r) alone under "last"."""
+    B, I, J, D, P = 2, 50, 10, 16, 8
     u = torch.randn(B, I, P, device=DEVICE, requires_grad=True)
     weight = torch.randn(I, J, D, P, device=DEVICE, requires_grad=True)
     saved = []
@@ -168,8 +171,9 @@ def test_backward_saves_u_weight_per_iteration_s_and_on_the_torch_path_the_coupl
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        capsule_linear(u, weight, r, backend=backend)
-    couplings = (r - 1) * B * J * I if backend == "torch" else 0
+        capsule_linear(u, weight, r, gradient=gradient, backend=backend)
+    kept = 0 if backend != "torch" else r - 1 if gradient == "full" else min(1, r - 1)
+    couplings = kept * B * J * I
     assert sum(saved) == u.numel() + weight.numel() + r * B * J * D + couplings
 
 

@@ -148,9 +148,12 @@ def test_gradient_policies_match_autograd_of_the_literal_loop(backend, gradient,
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_backward_saves_u_hat_per_iteration_s_and_on_the_torch_path_the_couplings(backend):
-    """The kernels keep u_hat and s^(1..r); the PyTorch path also keeps c^(2..r), [r-1, B, J, I]."""
-    B, I, J, D, r = 2, 50, 10, 16, 3
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("r", [1, 3])
+def test_backward_saves_u_hat_per_iteration_s_and_on_the_torch_path_the_couplings(backend, gradient, r):
+    """The kernels keep u_hat and s^(1..r); the PyTorch path also keeps the couplings its
+    backward reads: c^(2..r), [r-1, B, J, I], under "full", c^(r) alone under "last"."""
+    B, I, J, D = 2, 50, 10, 16
     u_hat = torch.randn(B, I, J, D, device=DEVICE, requires_grad=True)
     saved = []
 
@@ -159,8 +162,9 @@ def test_backward_saves_u_hat_per_iteration_s_and_on_the_torch_path_the_coupling
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        v = dynamic_routing(u_hat, r, backend=backend)
-    couplings = (r - 1) * B * J * I if backend == "torch" else 0
+        v = dynamic_routing(u_hat, r, gradient=gradient, backend=backend)
+    kept = 0 if backend != "torch" else r - 1 if gradient == "full" else min(1, r - 1)
+    couplings = kept * B * J * I
     assert sum(saved) == u_hat.numel() + r * B * J * D + couplings
     v.sum().backward()
     assert torch.isfinite(u_hat.grad).all()

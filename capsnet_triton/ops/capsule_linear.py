@@ -11,7 +11,7 @@ du_hat, and the prediction's backward reads du_hat twice more.
 
 The PyTorch path is written for CPUs. Routing treats every sample on its own, so it runs over
 chunks of samples: for each chunk it computes u_hat from u and W, routes it with the routing
-op's PyTorch path, and keeps only v, s_all ([r, B, J, D]) and the couplings ([r-1, B, J, I]).
+op's PyTorch path, and keeps only v, s_all ([r, B, J, D]) and the couplings that path keeps.
 The backward recomputes each chunk's u_hat, gets du_hat from the routing backward, and turns it
 at once into du = W^T du_hat and the chunk's share of dW = sum_b du_hat u^T, added chunk by
 chunk in order (deterministic). The largest temporaries are one chunk's u_hat and du_hat.
@@ -75,18 +75,19 @@ def _workspace(B, sample_elements, dtype, device):
     return torch.empty(samples * sample_elements, dtype=dtype, device=device)
 
 
-def _capsule_linear_forward_torch(u, weight, iterations, bias):
+def _capsule_linear_forward_torch(u, weight, iterations, bias, gradient):
     B, I, _ = u.shape
     _, J, D, _ = weight.shape
     cdtype = compute_dtype(u.dtype)
     weight = weight.to(cdtype)
     v = u.new_empty((B, J, D))
     s_all = u.new_empty((iterations, B, J, D), dtype=cdtype)
-    couplings = kept_couplings(u, B, I, J, iterations, "torch")
+    couplings = kept_couplings(u, B, I, J, iterations, "torch", gradient)
     workspace = _workspace(B, I * J * D, cdtype, u.device)
     for chunk in _chunks(B, I * J * D):
         u_hat = predict(u[chunk].to(cdtype), weight, workspace=workspace)  # [b, I, J, D]
-        v[chunk], s_all[:, chunk], _ = routing_forward_torch(u_hat, iterations, bias, couplings[:, chunk])
+        v[chunk], s_all[:, chunk], _ = routing_forward_torch(u_hat, iterations, bias, gradient,
+                                                             couplings[:, chunk])
     return v, s_all, couplings
 
 
@@ -123,13 +124,13 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, couplings, gradient):
 def _capsule_linear_forward_op(u: torch.Tensor, weight: torch.Tensor, iterations: int,
                                bias: Optional[torch.Tensor], gradient: str,
                                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # gradient is unused here; it is an input so that the backward rule can read it.
+    # gradient picks what the PyTorch path keeps for the backward; the backward rule reads it too.
     if backend == "triton":
         from capsnet_triton.kernels import capsule_linear_forward
         v, s_all = capsule_linear_forward(u, weight, iterations, bias)
         B, I, _ = u.shape
-        return v, s_all, kept_couplings(u, B, I, weight.shape[1], iterations, backend)
-    return _capsule_linear_forward_torch(u, weight, iterations, bias)
+        return v, s_all, kept_couplings(u, B, I, weight.shape[1], iterations, backend, gradient)
+    return _capsule_linear_forward_torch(u, weight, iterations, bias, gradient)
 
 
 @torch.library.custom_op("capsnet_triton::capsule_linear_backward", mutates_args=())
@@ -147,7 +148,7 @@ def _(u, weight, iterations, bias, gradient, backend):
     B, I, _ = u.shape
     _, J, D, _ = weight.shape
     return (u.new_empty((B, J, D)), u.new_empty((iterations, B, J, D), dtype=compute_dtype(u.dtype)),
-            kept_couplings(u, B, I, J, iterations, backend))
+            kept_couplings(u, B, I, J, iterations, backend, gradient))
 
 
 @_capsule_linear_backward_op.register_fake

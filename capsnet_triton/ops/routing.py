@@ -2,8 +2,8 @@
 public function.
 
 The PyTorch path is written for CPUs. Its forward saves the per-iteration s (s_all,
-[r, B, J, D]) and the couplings c^(2..r) ([r-1, B, J, I], 1/D of u_hat's size per iteration);
-the Triton kernels save only s_all and recompute the couplings from u_hat (SPEC section 3). On a
+[r, B, J, D]) and the couplings its backward reads (1/D of u_hat's size per iteration): c^(2..r)
+under the "full" gradient policy, c^(r) alone under "last" (see kept_couplings); the Triton kernels save only s_all and recompute the couplings from u_hat (SPEC section 3). On a
 CPU, recomputing them cost a wider product over u_hat and a softmax per iteration; keeping them
 made forward + backward 15-20% faster at B = 32 and 3-6% at B = 128, and 19-25% under the
 "last" policy, whose backward no longer reads u_hat (docs/PERF.md, 2026-11-30). Every
@@ -79,24 +79,27 @@ def _nan_where_input_is_not_finite(s, u3):
     return torch.where(finite.view(-1, 1, 1), s, torch.nan)
 
 
-def kept_couplings(like, B, I, J, iterations, backend):
+def kept_couplings(like, B, I, J, iterations, backend, gradient):
     """A buffer for what the forward keeps of the couplings for the backward, on like's device in
-    the compute dtype: c^(2..r) [r-1, B, J, I] on the PyTorch path, which writes them; nothing
-    ([0, B, J, I]) from the Triton kernels, which recompute them from u_hat (or u and W)."""
-    return like.new_empty((iterations - 1 if backend == "torch" else 0, B, J, I),
-                          dtype=compute_dtype(like.dtype))
+    the compute dtype: on the PyTorch path, which writes them, c^(2..r) [r-1, B, J, I] under the
+    "full" policy and c^(r) alone [1, B, J, I] under "last" (none at r = 1, where c is uniform);
+    nothing ([0, B, J, I]) from the Triton kernels, which recompute them from u_hat (or u and W)."""
+    kept = 0 if backend != "torch" else iterations - 1 if gradient == "full" else min(1, iterations - 1)
+    return like.new_empty((kept, B, J, I), dtype=compute_dtype(like.dtype))
 
 
-def routing_forward_torch(u_hat, iterations, bias, couplings=None):
+def routing_forward_torch(u_hat, iterations, bias, gradient, couplings=None):
     """(v, s_all, couplings): v [B, J, D] in u_hat's dtype; s_all [r, B, J, D] and the couplings
-    c^(2..r) [r-1, B, J, I] (c^(1) is uniform) in the compute dtype, for the backward.
-    couplings: optional buffer of that shape and dtype to write them into (the fused layer's
-    slice of its own), instead of a new one."""
+    the gradient policy's backward reads (see kept_couplings; c^(1) is uniform) in the compute
+    dtype. couplings: optional buffer of that shape and dtype to write them into (the fused
+    layer's slice of its own), instead of a new one. Under "last" each iteration's couplings
+    overwrite the previous ones in the one slot, which ends holding c^(r)."""
     B, I, J, D = u_hat.shape
     u3 = _as_rows(u_hat)
     s_all = u3.new_empty((iterations, B, J, D))
     if couplings is None:
-        couplings = kept_couplings(u3, B, I, J, iterations, "torch")
+        couplings = kept_couplings(u3, B, I, J, iterations, "torch", gradient)
+    first_kept = iterations - len(couplings)     # steps t >= first_kept keep theirs, in slot t - first_kept
     v_sum = None                                                   # V = v^(1) + ... + v^(t-1)
     for t in range(iterations):
         if v_sum is None:                                          # b = 0: uniform c = 1/J
@@ -105,8 +108,9 @@ def routing_forward_torch(u_hat, iterations, bias, couplings=None):
             if s.device.type != "cpu" or not bool(torch.isfinite(s).all()):
                 s = _nan_where_input_is_not_finite(s, u3)
         else:
-            couplings[t - 1] = _coupling(_agreement(u3, v_sum.unsqueeze(1)).squeeze(1))  # [B, J, I]
-            s = _weighted_sum(couplings[t - 1].unsqueeze(1), u3).squeeze(1)       # [B, J, D]
+            c = couplings[max(0, t - first_kept)]                  # [B, J, I]
+            c.copy_(_coupling(_agreement(u3, v_sum.unsqueeze(1)).squeeze(1)))
+            s = _weighted_sum(c.unsqueeze(1), u3).squeeze(1)       # [B, J, D]
         if bias is not None:
             s = s + bias.to(s.dtype)
         s_all[t] = s
@@ -188,13 +192,13 @@ def _routing_backward_last_torch(dv, u_hat, u3, s_all, couplings, workspace):
 @torch.library.custom_op("capsnet_triton::routing_forward", mutates_args=())
 def _routing_forward_op(u_hat: torch.Tensor, iterations: int, bias: Optional[torch.Tensor],
                         gradient: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # gradient is unused here; it is an input so that the backward rule can read it.
+    # gradient picks what the PyTorch path keeps for the backward; the backward rule reads it too.
     if backend == "triton":
         from capsnet_triton.kernels import routing_forward
         v, s_all = routing_forward(u_hat, iterations, bias)
         B, I, J, _ = u_hat.shape
-        return v, s_all, kept_couplings(u_hat, B, I, J, iterations, backend)
-    return routing_forward_torch(u_hat, iterations, bias)
+        return v, s_all, kept_couplings(u_hat, B, I, J, iterations, backend, gradient)
+    return routing_forward_torch(u_hat, iterations, bias, gradient)
 
 
 @torch.library.custom_op("capsnet_triton::routing_backward", mutates_args=())
@@ -212,7 +216,7 @@ def _(u_hat, iterations, bias, gradient, backend):
     B, I, J, D = u_hat.shape
     v = u_hat.new_empty((B, J, D))
     return (v, u_hat.new_empty((iterations, B, J, D), dtype=compute_dtype(u_hat.dtype)),
-            kept_couplings(u_hat, B, I, J, iterations, backend))
+            kept_couplings(u_hat, B, I, J, iterations, backend, gradient))
 
 
 @_routing_backward_op.register_fake
