@@ -128,6 +128,10 @@ def test_batches_flag_sets_the_batches_of_squash_and_routing(tmp_path):
     assert status == 0
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert sorted((r["workload"], r["B"]) for r in rows) == [("digitcaps fwd+bwd", 2), ("squash", 3), ("squash", 5)]
+    # The layer's counted FLOPs (for its compute floor): 2P per u_hat element, 2r + 2 times over
+    # (--tiny: I = 72, r = 3); none for squash.
+    flops = {r["workload"]: r["flops"] for r in rows}
+    assert flops == {"squash": None, "digitcaps fwd+bwd": 8 * 2 * 8 * (2 * 72 * 10 * 16)}
     with pytest.raises(SystemExit):
         cli.main(["--tiny", "--batches", "0,2"])
 

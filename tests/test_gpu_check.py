@@ -32,6 +32,9 @@ def test_smoke_run_writes_a_summary_of_every_stage(tmp_path):
     assert "1/1 epochs" in rows["train"] and "test " in rows["train"]
     assert "GB/s" in rows["ceilings"] and "fp32" in rows["ceilings"]
     assert "| kernels | SKIPPED |" in rows["kernels"] and "needs a CUDA GPU" in rows["kernels"]
+    # On a CPU no Triton row is timed: every GPU target is there, none judged.
+    assert "| routing fwd+bwd, B = 128: triton >= 2x torch-compile | - | not measured |" in table
+    assert "| digitcaps fwd+bwd, B = 128: triton-fused >= 3x triton (unfused) | - | not measured |" in table
     assert json.loads((out / "bench.json").read_text())["rows"]
     assert (out / "train" / "log.jsonl").exists() and (out / "bench.png").exists()
     assert not list(out.rglob("*.pt")), "checkpoints must stay out of OUT"
@@ -85,3 +88,43 @@ def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path)
                       "kernels": "skipped", "train": "fail"}, status
     table = (out / "summary.md").read_text()
     assert "| tests | TIMEOUT |" in table and "| train | FAIL |" in table
+
+
+def _bench_row(workload, B, provider, ms, **extra):
+    return dict(workload=workload, B=B, r=3, provider=provider, status="ok", median_ms=ms, **extra)
+
+
+def test_summary_judges_every_gpu_target_and_compares_the_variants(tmp_path):
+    rows = [_bench_row("routing fwd", 128, "triton", 0.2, copy_share=0.71, vs_eager=9.0),
+            _bench_row("routing fwd", 128, "triton-sample", 0.3),
+            _bench_row("routing fwd", 128, "torch-compile", 0.3),
+            _bench_row("routing fwd", 512, "triton", 0.9, copy_share=0.69),
+            _bench_row("routing fwd", 512, "triton-sample", 0.8),
+            _bench_row("routing fwd+bwd", 128, "triton", 1.0, copy_share=0.4, vs_eager=4.9),
+            _bench_row("routing fwd+bwd", 128, "torch-compile", 2.5),
+            dict(workload="routing fwd+bwd", B=512, r=3, provider="triton", status="FAILED", note="x"),
+            _bench_row("digitcaps fwd+bwd", 128, "triton", 3.0),
+            _bench_row("digitcaps fwd+bwd", 128, "triton-fused", 1.2, flops=3.0e9),
+            _bench_row("train step", 128, "triton-fused", 17.0),
+            _bench_row("train step", 128, "triton", 12.0)]
+    (tmp_path / "bench.json").write_text(json.dumps({"environment": {}, "complete": True, "rows": rows}))
+    (tmp_path / "ceilings.json").write_text(json.dumps({"gemm_tflops": {"fp32": 50.0}}))
+    table = summary.write_summary(str(tmp_path), epochs=50)
+    verdicts = {cells[0]: cells[1:] for cells in
+                (line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| "))}
+    assert verdicts["routing fwd, B = 128: triton at >= 70% of the copy bandwidth"] == ["71%", "met"]
+    assert verdicts["routing fwd, B = 512: triton at >= 70% of the copy bandwidth"] == ["69%", "**not met**"]
+    assert verdicts["routing fwd+bwd, B = 512: triton at >= 70% of the copy bandwidth"] == ["-", "not measured"]
+    assert verdicts["routing fwd, B = 128: triton >= 5x torch-eager"] == ["9.00x", "met"]
+    assert verdicts["routing fwd+bwd, B = 128: triton >= 5x torch-eager"] == ["4.90x", "**not met**"]
+    assert verdicts["routing fwd, B = 128: triton >= 2x torch-compile"] == ["1.50x", "**not met**"]
+    assert verdicts["routing fwd+bwd, B = 128: triton >= 2x torch-compile"] == ["2.50x", "met"]
+    assert verdicts["digitcaps fwd+bwd, B = 128: triton-fused >= 3x triton (unfused)"] == ["2.50x", "**not met**"]
+    # 3 GFLOP at 50 TFLOP/s: a floor of 60 us, and 1.2 ms is 20x it.
+    floor = verdicts["digitcaps fwd+bwd, B = 128: triton-fused within 2x of its compute floor"]
+    assert floor == ["1.2 ms, floor 60 us (3.00 GFLOP at 50 TFLOP/s): 20.0x the floor", "**not met**"]
+    assert verdicts["routing fwd: triton (the default variant) / triton-sample"] == [
+        "B = 128: 0.2 / 0.3 ms (default faster); B = 512: 0.9 / 0.8 ms (sample faster)"]
+    assert verdicts["digitcaps fwd: triton-fused (the default variant) / triton-fused-sample"] == ["not measured"]
+    assert verdicts["train step, B = 128: the default model (triton-fused) / DigitCaps unfused (triton)"] == [
+        "17 / 12 ms"]

@@ -62,6 +62,7 @@ class Row:
     gbs: Optional[float] = None
     copy_share: Optional[float] = None
     vs_eager: Optional[float] = None
+    flops: Optional[float] = None        # the workload's counted FLOPs (Workload.flops), for a floor
 
 
 def shapes_for(workload, plan):
@@ -100,6 +101,7 @@ def measure(row, provider, workload, shape, arrays, expected, device, plan, band
     times = time_calls(fn, where, plan.reps_min, plan.reps_max, plan.budget_s)
     row.status, row.reps = "ok", len(times)
     row.p25_ms, row.median_ms, row.p75_ms = (float(q) for q in np.percentile(times, [25, 50, 75]))
+    row.flops = workload.flops(shape)
     moved = workload.bytes_moved(shape)
     if moved is not None:
         row.gbs = moved / (row.median_ms * 1e6)

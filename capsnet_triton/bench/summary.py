@@ -2,6 +2,8 @@
 read from what the stages left in OUT (stages.tsv, ceilings.json, tests.log, memcheck.log,
 bench.json, kernels.json, train/log.jsonl, evaluate.log, and the optional multimnist.log,
 mnist40.log and affnist.log). A stage that failed or ran out of time still shows what it wrote.
+Below it, every GPU target of the open issues with its measured value and verdict, and which
+kernel variant was faster at each batch: what a GPU session has to decide from.
 
     python -m capsnet_triton.bench.summary OUT --epochs 50 [--smoke]
 """
@@ -117,6 +119,85 @@ def kernels_figures(out):
     return "; ".join(parts + [f"{len(rows)} rows timed, {failed} FAILED"])
 
 
+def _ok_row(rows, workload, B, provider):
+    """bench.json's timed row of provider on workload at batch B and r = 3, or None."""
+    return next((row for row in rows if row["workload"] == workload and row["B"] == B and row["r"] == 3
+                 and row["provider"] == provider and row["status"] == "ok"), None)
+
+
+def _ratio(numerator, denominator):
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def _verdict(value, least):
+    return "not measured" if value is None else "met" if value >= least else "**not met**"
+
+
+def _x(value, digits=".2f"):
+    return "-" if value is None else f"{value:{digits}}x"
+
+
+def targets(out):
+    """[(target, measured, verdict)]: the GPU targets of the open issues, read from bench.json
+    (and ceilings.json for the compute floor). Issue 9, the routing kernels (`triton`): at
+    least 70% of the copy bandwidth at B = 128 and 512, 5x torch-eager and 2x torch.compile at
+    B = 128, forward and forward + backward. Issue 10, the fused DigitCaps layer
+    (`triton-fused`): forward + backward at least 3x the unfused kernels (`triton`) at B = 128,
+    and within 2x of its compute floor (Workload.flops over the fp32 GEMM rate)."""
+    report = _json(out, "bench.json")
+    rows = report["rows"] if report else []
+    result = []
+    for workload in ("routing fwd", "routing fwd+bwd"):
+        for B in (128, 512):
+            share = (_ok_row(rows, workload, B, "triton") or {}).get("copy_share")
+            result.append((f"{workload}, B = {B}: triton at >= 70% of the copy bandwidth",
+                           "-" if share is None else f"{100 * share:.0f}%", _verdict(share, 0.7)))
+        triton = _ok_row(rows, workload, 128, "triton")
+        vs_eager = triton and triton.get("vs_eager")
+        result.append((f"{workload}, B = 128: triton >= 5x torch-eager", _x(vs_eager), _verdict(vs_eager, 5)))
+        compiled = _ok_row(rows, workload, 128, "torch-compile")
+        vs_compile = _ratio(compiled and compiled["median_ms"], triton and triton["median_ms"])
+        result.append((f"{workload}, B = 128: triton >= 2x torch-compile", _x(vs_compile),
+                       _verdict(vs_compile, 2)))
+    fused = _ok_row(rows, "digitcaps fwd+bwd", 128, "triton-fused")
+    unfused = _ok_row(rows, "digitcaps fwd+bwd", 128, "triton")
+    vs_unfused = _ratio(unfused and unfused["median_ms"], fused and fused["median_ms"])
+    result.append(("digitcaps fwd+bwd, B = 128: triton-fused >= 3x triton (unfused)", _x(vs_unfused),
+                   _verdict(vs_unfused, 3)))
+    fp32 = ((_json(out, "ceilings.json") or {}).get("gemm_tflops") or {}).get("fp32")
+    floor_ms = fused and fused.get("flops") and fp32 and fused["flops"] / (fp32 * 1e9)
+    measured = "-" if not floor_ms else (f"{fused['median_ms']:.3g} ms, floor {1000 * floor_ms:.3g} us "
+                                         f"({fused['flops'] / 1e9:.2f} GFLOP at {fp32:.3g} TFLOP/s): "
+                                         f"{fused['median_ms'] / floor_ms:.1f}x the floor")
+    result.append(("digitcaps fwd+bwd, B = 128: triton-fused within 2x of its compute floor", measured,
+                   _verdict(_ratio(2 * floor_ms, fused and fused["median_ms"]) if floor_ms else None, 1)))
+    return result
+
+
+def variants(out):
+    """[(comparison, measured)]: which kernel variant was faster at each batch (the launchers'
+    default, `triton` and `triton-fused`, against variant="sample"), and the default model's
+    training step (fused DigitCaps, SPEC 7) against the unfused layer."""
+    report = _json(out, "bench.json")
+    rows = report["rows"] if report else []
+    result = []
+    for workload, default, sample in (("routing fwd", "triton", "triton-sample"),
+                                      ("routing fwd+bwd", "triton", "triton-sample"),
+                                      ("digitcaps fwd", "triton-fused", "triton-fused-sample"),
+                                      ("digitcaps fwd+bwd", "triton-fused", "triton-fused-sample")):
+        pairs = [(B, _ok_row(rows, workload, B, default), _ok_row(rows, workload, B, sample))
+                 for B in sorted({row["B"] for row in rows if row["workload"] == workload})]
+        speed_ups = [(B, d["median_ms"], s["median_ms"]) for B, d, s in pairs if d and s]
+        text = "; ".join(f"B = {B}: {d:.3g} / {s:.3g} ms ({'default' if d <= s else 'sample'} faster)"
+                         for B, d, s in speed_ups)
+        result.append((f"{workload}: {default} (the default variant) / {sample}", text or "not measured"))
+    fused, unfused = (_ok_row(rows, "train step", 128, provider) for provider in ("triton-fused", "triton"))
+    result.append(("train step, B = 128: the default model (triton-fused) / DigitCaps unfused (triton)",
+                   f"{fused['median_ms']:.3g} / {unfused['median_ms']:.3g} ms" if fused and unfused
+                   else "not measured"))
+    return result
+
+
 def train_figures(out, epochs):
     records = [json.loads(line) for line in (_read(out, "train/log.jsonl") or "").splitlines() if line.strip()]
     validation = [r for r in records if r.get("event") == "validation"]
@@ -164,7 +245,13 @@ def write_summary(out, epochs, smoke=False):
         text = "; ".join(filter(None, [note, text])).replace("|", "/")
         lines.append(f"| {name} | {status.upper() if status != 'pass' else 'pass'} | {seconds} ({limit}) | {text} |")
     lines += ["", "Each stage's output is OUT/<stage>.log; bench.json, kernels.json, ceilings.json and train/ "
-              "(log and figures of the run, not its checkpoints) beside it."]
+              "(log and figures of the run, not its checkpoints) beside it.",
+              "", "## The open issues' GPU targets, from bench.json", "",
+              "| target | measured | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {target} | {measured} | {verdict} |" for target, measured, verdict in targets(out)]
+    lines += ["", "## Which variant to make the default, and the default model's DigitCaps", "",
+              "| comparison | measured |", "| --- | --- |"]
+    lines += [f"| {comparison} | {measured} |" for comparison, measured in variants(out)]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)

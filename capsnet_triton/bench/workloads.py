@@ -28,6 +28,11 @@ class Shape:
     def u_hat_bytes(self):
         return self.B * self.I * self.J * self.D * FLOAT32
 
+    @property
+    def prediction_flops(self):
+        """u_hat = W u once: 2P FLOP per element (as are du = W^T du_hat and dW = du_hat u^T)."""
+        return 2 * self.P * self.B * self.I * self.J * self.D
+
     def network(self):
         """The reference network's config with I = primary_types * 6 * 6 input capsules."""
         return ref.CapsNetConfig(conv_channels=self.conv_channels, primary_types=self.I // 36,
@@ -152,7 +157,10 @@ class Workload:
     A stateful workload (a training step) instead gives builders of a step callable:
     `numpy_step(inputs, shape)` and `torch_step(provider, tensors, shape)`.
     `bytes_moved(shape)` counts the traffic of a fused kernel: the least any implementation of
-    the project's recompute-from-u_hat design (SPEC section 3) must move; terms of B J D left out."""
+    the project's recompute-from-u_hat design (SPEC section 3) must move; terms of B J D left out.
+    `flops(shape)` counts, for the DigitCaps layer, the multiply-adds of the fused design's
+    products (2P FLOP per u_hat element for each prediction, du and dW), a lower bound on its
+    arithmetic: its compute floor is that over the device's fp32 rate."""
 
     name: str
     make_inputs: Callable
@@ -162,6 +170,7 @@ class Workload:
     numpy_step: Optional[Callable] = None
     torch_step: Optional[Callable] = None
     bytes_moved: Callable = lambda shape: None
+    flops: Callable = lambda shape: None
     batch_sweep: bool = True              # timed at every batch of the plan, else at its layer_batch
     whole_layer: bool = False             # needs only the DigitCaps layer (a fused provider runs it)
 
@@ -178,9 +187,12 @@ WORKLOADS = [
              # forward r reads; backward r reads (r - 1 for the dV chain, one to form du_hat) + du_hat
              bytes_moved=lambda s: (2 * s.r + 1) * s.u_hat_bytes),
     Workload("digitcaps fwd", _inputs_digitcaps, _numpy_digitcaps_forward, torch_fn=_digitcaps,
-             batch_sweep=False, whole_layer=True),
+             batch_sweep=False, whole_layer=True,
+             flops=lambda s: s.r * s.prediction_flops),                          # u_hat once per iteration
     Workload("digitcaps fwd+bwd", _inputs_digitcaps, _numpy_digitcaps_backward, torch_fn=_digitcaps,
-             grad_wrt=("u", "W"), batch_sweep=False, whole_layer=True),
+             grad_wrt=("u", "W"), batch_sweep=False, whole_layer=True,
+             # forward r; backward r - 1 to recompute the couplings, then u_hat, du and dW once each
+             flops=lambda s: (2 * s.r + 2) * s.prediction_flops),
     Workload("train step", _inputs_train, numpy_step=_numpy_train_step, torch_step=_train_step,
              batch_sweep=False, whole_layer=True),
 ]
