@@ -3,7 +3,8 @@ public function.
 
 The PyTorch path is written for CPUs. Its forward saves the per-iteration s (s_all,
 [r, B, J, D]) and the couplings its backward reads (1/D of u_hat's size per iteration): c^(2..r)
-under the "full" gradient policy, c^(r) alone under "last" (see kept_couplings); the Triton kernels save only s_all and recompute the couplings from u_hat (SPEC section 3). On a
+under the "full" gradient policy, c^(r) alone under "last" (see kept_couplings); the Triton
+kernels save only s_all and recompute the couplings from u_hat (SPEC section 3). On a
 CPU, recomputing them cost a wider product over u_hat and a softmax per iteration; keeping them
 made forward + backward 15-20% faster at B = 32 and 3-6% at B = 128, and 19-25% under the
 "last" policy, whose backward no longer reads u_hat (docs/PERF.md, 2026-11-30). Every
