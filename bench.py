@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How fast is each implementation of CapsNet's dynamic routing, and how far from the hardware?
 
-    python bench.py                 # about 2 minutes on a 2-core CPU; a CUDA GPU is used when present
+    python bench.py                 # about 3 minutes on a 2-core CPU; a CUDA GPU is used when present
     python bench.py --quick         # under a minute
     python bench.py --tiny          # seconds, small shapes: the smoke test
     python bench.py --json out.json --plot out.png
