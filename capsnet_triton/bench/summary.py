@@ -133,8 +133,8 @@ def _verdict(value, least):
     return "not measured" if value is None else "met" if value >= least else "**not met**"
 
 
-def _x(value, digits=".2f"):
-    return "-" if value is None else f"{value:{digits}}x"
+def _x(value):
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def targets(out):
