@@ -20,7 +20,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         "${pip[@]}" torch
     else
-        "${pip[@]}" torch==2.13.0
+        # PyPI's Linux wheel of torch is the CUDA build (several GB of NVIDIA libraries); the CPU
+        # build is torch==2.13.0+cpu, from a local wheel folder where pip's configuration names one,
+        # else from PyTorch's own CPU index.
+        "${pip[@]}" torch==2.13.0+cpu 2>/dev/null \
+            || "${pip[@]}" --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu
     fi
 fi
 "${pip[@]}" -e '.[test]'
