@@ -42,12 +42,13 @@ class DigitCaps(nn.Module):
     """Prediction vectors u_hat[b, i, j] = W[i, j] @ u[b, i] (Eq. 2), routed to v [B, J, D].
 
     weight: W [I, J, D, P], one matrix per (input capsule, parent), initialised N(0, 0.01^2).
-    bias: optional [J, D] added to every routing iteration's s (zeros at start; off by default
-    so the network has the paper's parameter count). `gradient` ("full" or "last", SPEC section 3)
+    bias: True adds a learned [J, D] bias to every routing iteration's s (zeros at start; off by
+    default so the network has the paper's parameter count). `gradient` ("full" or "last", SPEC section 3)
     and `backend` are passed to the op (see `dynamic_routing` for the gradient policies).
     fused: True (default) runs the layer as `capsule_linear`, which never holds u_hat [B, I, J, D]
     in memory; False computes u_hat with `predict` and routes it with `dynamic_routing`: the same
-    function, kept for comparison.
+    function, for comparison and, on a GPU, for speed (the fused Triton kernels are still slower
+    there; README, "Use it").
     """
 
     def __init__(self, in_caps, in_dims, out_caps, out_dims, routing_iterations=3,

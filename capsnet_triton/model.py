@@ -38,15 +38,18 @@ class CapsNet(nn.Module):
     """CapsNet with dynamic routing; see the module docstring for the architecture.
 
     routing_iterations, routing_gradient ("full" or "last", SPEC 3), routing_bias and
-    routing_backend configure DigitCaps (`capsnet_triton.ops.dynamic_routing`, whose `gradient`
-    is routing_gradient); decoder=False drops the reconstruction network.
-    PrimaryCaps' squash always picks its backend by device (Triton for CUDA tensors).
+    routing_backend configure DigitCaps (their `gradient` is routing_gradient); fused=True (the
+    default) runs it as `capsnet_triton.capsule_linear`, which never holds u_hat [B, I, J, D] in
+    memory, fused=False as `predict` then `capsnet_triton.dynamic_routing`: the same function,
+    for comparison and, on a GPU, for speed (README, "Use it"). decoder=False drops the
+    reconstruction network. PrimaryCaps' squash always picks its backend by device (Triton for
+    CUDA tensors).
     """
 
     def __init__(self, in_channels=1, image_size=28, num_classes=10, conv_channels=256,
                  kernel_size=9, primary_types=32, primary_dims=8, digit_dims=16,
                  routing_iterations=3, routing_gradient="full", routing_bias=False, decoder=True,
-                 decoder_hidden=(512, 1024), routing_backend=None):
+                 decoder_hidden=(512, 1024), routing_backend=None, fused=True):
         super().__init__()
         conv1_size = image_size - kernel_size + 1
         grid = (conv1_size - kernel_size) // 2 + 1                     # PrimaryCaps conv, stride 2
@@ -60,7 +63,7 @@ class CapsNet(nn.Module):
         self.primary_caps = PrimaryCaps(conv_channels, primary_types, primary_dims, kernel_size, stride=2)
         self.digit_caps = DigitCaps(primary_types * grid * grid, primary_dims, num_classes, digit_dims,
                                     routing_iterations=routing_iterations, gradient=routing_gradient,
-                                    bias=routing_bias, backend=routing_backend)
+                                    bias=routing_bias, backend=routing_backend, fused=fused)
         self.decoder = (Decoder(num_classes * digit_dims, decoder_hidden, in_channels * image_size ** 2)
                         if decoder else None)
 
@@ -107,7 +110,8 @@ def build_model(config):
     """The CapsNet a run configuration (a training checkpoint's "config" dict) describes.
 
     The image shape and the number of classes come from the config's dataset entry
-    (`data.DATASETS`); the other options from the config itself.
+    (`data.DATASETS`); the other options from the config itself. Configs older than the
+    "digitcaps" entry run the fused layer, their default.
     """
     spec = dataset_spec(config["dataset"])
     channels, height, width = spec.image_shape
@@ -124,4 +128,5 @@ def build_model(config):
         routing_bias=config["routing_bias"],
         decoder=config["decoder"],
         decoder_hidden=tuple(config["decoder_hidden"]),
+        fused=config.get("digitcaps", "fused") == "fused",
     )

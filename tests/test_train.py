@@ -161,6 +161,25 @@ def test_resume_after_sigkill_is_bit_identical(straight_run, data_dir, tmp_path)
     assert without_timing(read_log(out)) == without_timing(read_log(straight_run))
 
 
+def test_unfused_digitcaps_trains_the_same_function_and_a_resumed_run_may_switch(straight_run, data_dir, tmp_path):
+    """--digitcaps unfused runs DigitCaps as predict then dynamic_routing: the same function as
+    the fused default, so the same losses to rounding. It is not part of the run: a resumed run may
+    change it either way, and a config older than the option builds the fused layer."""
+    out = tmp_path / "unfused"
+    assert train.main(tiny_args(data_dir, out, "--epochs", "1", "--digitcaps", "unfused")) == 0
+    config = load(out)["config"]
+    assert config["digitcaps"] == "unfused" and not build_model(config).digit_caps.fused
+    assert train.main(["--out", str(out), "--resume", "--epochs", "2", "--digitcaps", "fused"]) == 0
+    assert load(out)["config"]["digitcaps"] == "fused"
+    straight = [r for r in read_log(straight_run) if r["event"] in ("train", "validation")]
+    switched = [r for r in read_log(out) if r["event"] in ("train", "validation")]
+    assert [(r["event"], r["step"]) for r in switched] == [(r["event"], r["step"]) for r in straight]
+    for a, b in zip(switched, straight):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
+    del config["digitcaps"]
+    assert build_model(config).digit_caps.fused
+
+
 def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path):
     one_step = ["--epochs", "1", "--limit-train", "16", "--limit-val", "8", "--limit-test", "8"]
     train.main(tiny_args(data_dir, tmp_path / "single", *one_step))

@@ -129,8 +129,8 @@ def _train_step(provider, x, shape):
     config = shape.network()
     images, labels = x["images"], x["labels"]
     model = CapsNet(conv_channels=config.conv_channels, primary_types=config.primary_types,
-                    routing_iterations=shape.r, routing_backend=provider.backend or "torch")
-    model.digit_caps.fused = provider.layer is not None
+                    routing_iterations=shape.r, routing_backend=provider.backend or "torch",
+                    fused=provider.layer is not None)
     if provider.backend is None:
         model.digit_caps = _DigitCapsWith(model.digit_caps.weight.shape, provider, shape.r)
     names = list(ref.parameter_shapes(config))

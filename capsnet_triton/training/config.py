@@ -15,10 +15,11 @@ from .errors import ArgumentParser
 __all__ = ["RESUMABLE", "MAX_LR", "HelpFormatter", "build_parser", "check_config", "resolve_config"]
 
 # Options a resumed run may change: they do not alter the trajectory of the parameters, except
-# --device (CPU and GPU round differently, so a run resumed on the other loses bit-exactness).
-# Every other option is part of the run and must match the checkpoint's.
-RESUMABLE = ("data", "download", "verify_data", "epochs", "device", "checkpoint_every", "log_every", "limit_test",
-             "verbose")
+# --device and --digitcaps (the same function, rounded differently, so a run resumed with another
+# choice loses bit-exactness). Every other option is part of the run and must match the
+# checkpoint's.
+RESUMABLE = ("data", "download", "verify_data", "epochs", "device", "digitcaps", "checkpoint_every",
+             "log_every", "limit_test", "verbose")
 
 # The largest --lr accepted: Adam steps of this size already wreck a trained CapsNet.
 MAX_LR = 1.0
@@ -91,6 +92,9 @@ def build_parser(suppress_defaults=False):
     add(run, "--out", default="runs/capsnet", metavar="RUN_DIR", help="folder of the log, checkpoints and figures")
     add(run, "--resume", default=False, action="store_true", help="continue the run in RUN_DIR from last.pt")
     add(run, "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
+    add(run, "--digitcaps", default="fused", choices=["fused", "unfused"],
+        help="fused: DigitCaps as capsule_linear, u_hat never in memory; unfused: predict then "
+             "dynamic_routing, the same function with u_hat [B, I, J, D] in memory, faster on a GPU for now")
     add(run, "--checkpoint-every", default=500, type=int, metavar="STEPS",
         help="also checkpoint every STEPS steps (0: only at epoch ends)")
     add(run, "--log-every", default=50, type=int, metavar="STEPS",
