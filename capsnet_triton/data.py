@@ -84,6 +84,8 @@ class DatasetSpec:
     (test=True) scores: an object with len(), subset(), to(device) and batch(index) -> Batch.
     defaults: training options whose default differs for this dataset.
     metric: the name of what `evaluate` counts as right, for printing.
+    test_only: a test set with no training split (affNIST and its generated stand-in): the
+    training command does not offer it, and load_split refuses its training split.
     """
 
     name: str
@@ -98,6 +100,7 @@ class DatasetSpec:
     evaluation_split: Callable = _as_loaded
     defaults: dict = field(default_factory=dict)
     metric: str = "accuracy"
+    test_only: bool = False
 
     def split_files(self, train):
         """The (images, labels) IdxFile pair of the training or the test split."""
@@ -231,6 +234,8 @@ def load_split(directory, dataset="mnist", train=True, *, verify=False):
     [0, num_classes), raise ValueError. verify: first check the files' MD5s (`verify_split`).
     """
     spec = dataset_spec(dataset)
+    if train and spec.test_only:
+        raise ValueError(f"{spec.name} is a test set only: train on mnist40 and evaluate on it")
     if verify:
         verify_split(directory, dataset, train)
     split = spec.loader(spec, directory, train)

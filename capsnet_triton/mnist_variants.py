@@ -77,10 +77,9 @@ _EVALUATION_SEED = 9
 
 
 def load_affine_generated(spec, directory, train):
-    """The affNIST-like generated test set: MNIST's test digits on 40 x 40 under random affine
-    maps of affNIST's ranges (`synthetic.affine_transform`), fixed by a seed."""
-    if train:
-        raise ValueError(f"{spec.name} is a test set only: train on mnist40 and evaluate on it")
+    """The affNIST-like generated test set (train is False: a test set only): MNIST's test digits
+    on 40 x 40 under random affine maps of affNIST's ranges (`synthetic.affine_transform`), fixed
+    by a seed."""
     digits = load_on_canvas(spec, directory, train=False)
     generator = torch.Generator().manual_seed(data.derive_seed(_EVALUATION_SEED, 1))
     images, _ = affine_transform(data.to_float(digits.images), generator=generator)
@@ -88,9 +87,8 @@ def load_affine_generated(spec, directory, train):
 
 
 def load_affnist(spec, directory, train):
-    """affNIST's transformed test set from its published files (see `affnist.read_affnist`)."""
-    if train:
-        raise ValueError(f"{spec.name} is used as a test set only: train on mnist40 and evaluate on it")
+    """affNIST's transformed test set from its published files (see `affnist.read_affnist`;
+    train is False: a test set only)."""
     images, labels = read_affnist(directory)
     return data.Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long())
 
@@ -123,7 +121,7 @@ data.DATASETS.update({
     "mnist40": replace(_MNIST, name="mnist40", image_shape=(1, 40, 40), loader=load_on_canvas,
                        evaluation_split=fixed_translations, defaults={"max_shift": 6}),
     "affnist-generated": replace(_MNIST, name="affnist-generated", image_shape=(1, 40, 40),
-                                 loader=load_affine_generated),
+                                 loader=load_affine_generated, test_only=True),
     "affnist": data.DatasetSpec(name="affnist", image_shape=(1, 40, 40), num_classes=10, loader=load_affnist,
-                                folder="affNIST", mirrors=(), files=()),
+                                folder="affNIST", mirrors=(), files=(), test_only=True),
 })

@@ -2,6 +2,7 @@
 reader of affNIST's own .mat files (on tiny files written here), and `evaluate` scoring a
 mnist40 model on them."""
 
+import os
 import struct
 import zlib
 
@@ -121,9 +122,13 @@ def test_evaluate_scores_a_mnist40_model_on_the_generated_set_and_affnist(tmp_pa
                        "--device", "cpu", "--no-verify-data", *TINY_MODEL]) == 0
     assert torch.load(out / "last.pt", weights_only=True)["config"]["max_shift"] == 6
     capsys.readouterr()
+    own_figure = (out / "reconstructions.png").read_bytes()
     assert evaluate.main([str(out / "best.pt"), "--dataset", "affnist-generated", "--device", "cpu",
-                          "--out", str(tmp_path / "figures"), "--no-verify-data"]) == 0
+                          "--no-verify-data"]) == 0
     assert "affnist-generated test accuracy" in capsys.readouterr().out
+    # Figures of another dataset go to a subfolder named after it; the run's own stay.
+    assert {"reconstructions.png", "perturbations.png"} <= set(os.listdir(out / "affnist-generated"))
+    assert (out / "reconstructions.png").read_bytes() == own_figure
     assert evaluate.main([str(out / "best.pt"), "--dataset", "affnist", "--device", "cpu",
                           "--out", str(tmp_path / "figures")]) == 0
     printed = capsys.readouterr().out

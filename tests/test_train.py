@@ -231,6 +231,7 @@ def test_command_line_errors(straight_run, data_dir, tmp_path, capsys):
     fails(tiny_args(data_dir, tmp_path / "x", "--epochs", "0"), "--epochs must be positive")
     fails(tiny_args(data_dir, tmp_path / "x", "--no-agreement-grad"), "unrecognized arguments: --no-agreement-grad")
     fails(tiny_args(data_dir, tmp_path / "x", "--routing-gradient", "agreement"), "invalid choice: 'agreement'")
+    fails(tiny_args(data_dir, tmp_path / "x", "--dataset", "affnist"), "invalid choice: 'affnist'")  # a test set
     assert train.main(tiny_args(data_dir, tmp_path / "small", "--limit-train", "8")) == 1
     assert "do not fill one batch" in capsys.readouterr().err
 

@@ -50,7 +50,9 @@ def build_parser(suppress_defaults=False):
 
     data = parser.add_argument_group("data")
     add(data, "--data", metavar="DIR", help="folder with the IDX files (flat, or torchvision's MNIST/raw layout)")
-    add(data, "--dataset", default="mnist", choices=sorted(DATASETS), help="which dataset's files to load")
+    add(data, "--dataset", default="mnist", choices=sorted(name for name, spec in DATASETS.items() if not spec.test_only),
+        help="which dataset's files to load (affnist and affnist-generated are test sets: see "
+             "python -m capsnet_triton.evaluate)")
     add(data, "--download", default=False, action="store_true",
         help="fetch the .gz files from the canonical mirrors into DIR/<MNIST|FashionMNIST>/raw, "
              "keeping those already there that pass their checksum")
