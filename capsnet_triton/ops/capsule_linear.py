@@ -185,7 +185,8 @@ def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backe
 
     u: [B, I, P] input capsules; weight: W [I, J, D, P], one matrix per (input, parent), in u's
     dtype and on u's device. iterations, bias ([J, D]) and gradient ("full" or "last") are
-    dynamic_routing's. Differentiable in u, weight and bias; u_hat [B, I, J, D] and its gradient
+    dynamic_routing's, and so is backend (None: the Triton kernels for CUDA tensors, the PyTorch
+    path otherwise). Differentiable in u, weight and bias; u_hat [B, I, J, D] and its gradient
     are never held in memory: every part of the computation recomputes the u_hat it needs from u
     and W. Returns v [B, J, D] in u's dtype (half precision is accumulated in float32).
     """

@@ -260,6 +260,8 @@ def dynamic_routing(u_hat, iterations=3, *, bias=None, gradient="full", backend=
         iteration, agreement included; "last" treats u_hat (and bias) as constants in iterations
         1..r-1, so the coupling c^(r) is a constant and du_hat = c^(r) ds^(r): a cheaper backward
         that needs no pass over the earlier iterations (SPEC section 3).
+    backend: None picks the Triton kernels for CUDA tensors and the PyTorch path otherwise;
+        "triton" or "torch" forces one (see capsnet_triton.ops).
     Returns v [B, J, D] in u_hat's dtype (half precision is accumulated in float32). A sample
     whose u_hat holds a NaN or inf gets NaN in all of its v; an empty batch gives an empty v.
     """

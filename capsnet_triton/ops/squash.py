@@ -176,6 +176,8 @@ def squash(s, dim=-1, *, backend=None):
     Exact (no epsilon), 0 -> 0 with gradient exactly 0, overflow-safe. Half and bfloat16 inputs
     are computed in float32 and returned in their own dtype. A capsule holding a NaN or inf gives
     NaN in all of its outputs; no capsules (an empty axis other than `dim`) give an empty result.
+    backend: None picks the Triton kernels for CUDA tensors and the PyTorch path otherwise;
+    "triton" or "torch" forces one (see capsnet_triton.ops).
     """
     check_capsules(s, "s", dim)
     backend = pick_backend(backend, s)
