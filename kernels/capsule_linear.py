@@ -42,7 +42,7 @@ from capsnet_triton.checks import (
 )
 
 from . import capsule_linear_split, routing_split
-from .launch import DEFAULT_VARIANT, SPLIT_STAGES, check_variant, launch_options, max_tile, output, tl_dtype
+from .launch import DEFAULT_VARIANT, SPLIT_STAGES, block_inputs, check_variant, launch_options, max_tile, output, tl_dtype
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, jd_layout, load_bias, load_u,
                             load_weight, predict, predict_tile, s_of_tile, v_sum_before, weight_layout)
 from .squash import squash_backward, squash_backward_tile
@@ -175,9 +175,6 @@ def _capsule_linear_backward_weight_kernel(
 
 # Launchers.
 
-# The interpreter pays per program and loop iteration, not per element: there the whole of I
-# goes into one block, up to this many inputs.
-_INTERPRETER_MAX_BLOCK_I = 2048
 _INT32_MAX = 2**31 - 1
 
 
@@ -192,14 +189,7 @@ def _launch_config(I, J, D, P, dtype, block_i, samples=1, weight_tile=False):
     time), or for backward kernel B (weight_tile) W's [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P]."""
     block_j, block_d, block_p = (triton.next_power_of_2(n) for n in (J, D, P))
     per_input = samples * block_j * block_d * (block_p if weight_tile else 1)
-    if block_i is None:
-        if interpreting():
-            block_i = min(triton.next_power_of_2(I), _INTERPRETER_MAX_BLOCK_I)
-        else:
-            # Keep a tile small enough to stay in registers.
-            block_i = min(triton.next_power_of_2(I), max(1, max_tile(dtype) // per_input))
-    elif isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
-        raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")
+    block_i = block_inputs(I, per_input, dtype, block_i)
     options = launch_options(block_i * per_input)
     if not interpreting() and block_i * per_input > max_tile(dtype):
         # One input's tile is over the budget (backward kernel B's W tile in float64 at the MNIST shape):

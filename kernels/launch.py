@@ -4,11 +4,12 @@ kernel variants a launcher offers.
 """
 
 import torch
+import triton
 import triton.language as tl
 
 from capsnet_triton.checks import compute_dtype, interpreting
 
-__all__ = ["tl_dtype", "output", "max_tile", "launch_options", "VARIANTS", "DEFAULT_VARIANT", "SPLIT_STAGES",
+__all__ = ["tl_dtype", "output", "max_tile", "block_inputs", "launch_options", "VARIANTS", "DEFAULT_VARIANT", "SPLIT_STAGES",
            "check_variant"]
 
 # The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
@@ -43,6 +44,27 @@ def max_tile(dtype):
     if interpreting():
         return _INTERPRETER_TILE
     return _GPU_TILE[compute_dtype(dtype)]
+
+
+# The interpreter pays per program and loop iteration, not per element (about 7 ms per loop
+# iteration of a routing-sized tile whatever its size), so there the whole of I goes into one
+# block, up to this many inputs and the most elements one interpreted tensor may hold.
+_INTERPRETER_MAX_BLOCK_I = 2048
+
+
+def block_inputs(I, per_input, dtype, block_i=None):
+    """BLOCK_I, the inputs of one tile of per_input elements each (a power of two): block_i when
+    given (checked), else as many as keep the tile in registers on a GPU (max_tile), or, under
+    the interpreter, as many as it takes (up to _INTERPRETER_MAX_BLOCK_I and its tensor limit)."""
+    if block_i is not None:
+        if isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
+            raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")
+        return block_i
+    if interpreting():
+        most = min(_INTERPRETER_MAX_BLOCK_I, tl.TRITON_MAX_TENSOR_NUMEL // per_input)
+    else:
+        most = max_tile(dtype) // per_input
+    return min(triton.next_power_of_2(I), max(1, most))
 
 
 def launch_options(tile_elements):

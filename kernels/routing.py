@@ -41,10 +41,9 @@ from capsnet_triton.checks import (
     check_iterations,
     check_u_hat,
     compute_dtype,
-    interpreting,
 )
 
-from .launch import DEFAULT_VARIANT, SPLIT_STAGES, check_variant, launch_options, max_tile, output, tl_dtype
+from .launch import DEFAULT_VARIANT, SPLIT_STAGES, block_inputs, check_variant, launch_options, output, tl_dtype
 from . import routing_split
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u_hat, s_of_tile,
                             sample_layout, v_sum_before)
@@ -170,9 +169,6 @@ def _routing_backward_u_hat_kernel(
 
 # Launchers.
 
-# The interpreter pays about 7 ms per loop iteration of a routing-sized tile whatever its size,
-# so there the whole of I goes into one block, up to this many inputs.
-_INTERPRETER_MAX_BLOCK_I = 2048
 _INT32_MAX = 2**31 - 1
 
 
@@ -195,14 +191,7 @@ def _routing_launch_config(I, J, D, dtype, block_i):
     """Block sizes, compute dtype and launch options of the routing kernels for u_hat [B, I, J, D]."""
     block_j = triton.next_power_of_2(J)
     block_d = triton.next_power_of_2(D)
-    if block_i is None:
-        if interpreting():
-            block_i = min(triton.next_power_of_2(I), _INTERPRETER_MAX_BLOCK_I)
-        else:
-            # Keep a [BLOCK_I, BLOCK_J, BLOCK_D] tile small enough to stay in registers.
-            block_i = min(triton.next_power_of_2(I), max(1, max_tile(dtype) // (block_j * block_d)))
-    elif isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
-        raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")
+    block_i = block_inputs(I, block_j * block_d, dtype, block_i)       # tiles [BLOCK_I, BLOCK_J, BLOCK_D]
     return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, COMPUTE_DTYPE=tl_dtype(dtype),
                 **launch_options(block_i * block_j * block_d))
 

@@ -105,6 +105,15 @@ def test_capsule_linear_with_inputs_not_a_multiple_of_the_block(gradient, varian
     check_capsule_linear(u, weight, 3, dv, bias=bias, gradient=gradient, block_i=4, variant=variant, splits=3)
 
 
+@pytest.mark.parametrize("variant", ["sample", "split"])
+def test_capsule_linear_at_the_mnist_shape(variant, rng):
+    """DigitCaps of the MNIST network (SPEC 5): I = 1152, J = 10, D = 16, P = 8, 3 iterations, with
+    the launchers' own block sizes. Under the interpreter a tile of backward kernel B over all of I
+    would hold 2**21 elements, over its limit of 2**20: the launchers size tiles by that limit."""
+    u, weight, bias, dv = layer_inputs(rng, (2, 1152, 10, 16, 8), torch.float32, with_bias=True)
+    check_capsule_linear(u, weight, 3, dv, bias=bias, variant=variant)
+
+
 @pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("shape, iterations, splits", [((5, 11, 3, 3, 5), 4, 3), ((8, 9, 1, 5, 3), 2, 1),
                                                         ((5, 23, 17, 9, 2), 3, 7)])

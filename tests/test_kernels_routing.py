@@ -159,6 +159,13 @@ def test_routing_at_the_mnist_shape(dtype, gradient, rng):
     check_routing(u_hat, 3, sample(rng, (2, 10, 16), dtype), gradient=gradient)
 
 
+def test_routing_of_long_capsules_over_many_inputs(rng):
+    """J = 10 and D = 64 at I = 1152: under the interpreter a tile over all of I would hold 2**21 elements,
+    over its limit of 2**20, so the launchers size tiles by that limit."""
+    u_hat = sample(rng, (2, 1152, 10, 64), torch.float32)
+    check_routing(u_hat, 2, sample(rng, (2, 10, 64), torch.float32))
+
+
 def test_routing_allocates_its_outputs_when_not_given(rng):
     u_hat = sample(rng, (3, 7, 5, 6), torch.float16)
     dv = sample(rng, (3, 5, 6), torch.float16)
