@@ -33,8 +33,8 @@ which the sample kernels execute half their instructions per (input, sample): a 
 import triton
 import triton.language as tl
 
-from .routing_tiles import (coupling_tile, jd_layout, logits_grad, marked_non_finite, predict_tile,
-                            split_backward_ds, split_forward_start, spread_nan, store_partial, v_sum_before)
+from .routing_tiles import (coupling_tile, jd_layout, logits_grad, predict_tile, split_backward_ds,
+                            split_forward_start, spread_nan, store_partial, uniform_share, v_sum_before)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel"]
 
@@ -100,9 +100,9 @@ def split_forward_kernel(
         acc = tl.zeros([BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)  # per-thread partial sums
         if t == 0:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
-                acc += marked_non_finite(predict_tile(slices_ptr, u_block, i_start + i_in_block, I, J, D, P,
-                                                      jd_mask, jd_offsets, COMPUTE_DTYPE))
-            partial = spread_nan(tl.sum(acc, axis=1) / J)                  # uniform c = 1/J
+                acc += uniform_share(predict_tile(slices_ptr, u_block, i_start + i_in_block, I, J, D, P,
+                                                  jd_mask, jd_offsets, COMPUTE_DTYPE), J)
+            partial = spread_nan(tl.sum(acc, axis=1))
         else:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 u_hat = predict_tile(slices_ptr, u_block, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,

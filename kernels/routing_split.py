@@ -21,8 +21,7 @@ import triton
 import triton.language as tl
 
 from .routing_tiles import (coupling_tile, load_u_hat, logits_grad, sample_layout, split_backward_ds,
-                            split_forward_start, marked_non_finite, spread_nan, store_partial,
-                            v_sum_before)
+                            split_forward_start, spread_nan, store_partial, uniform_share, v_sum_before)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel", "pick_splits"]
 
@@ -63,8 +62,8 @@ def split_forward_kernel(
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
                                       jd_mask, COMPUTE_DTYPE)
-                acc += marked_non_finite(u_hat)
-            partial = spread_nan(tl.sum(acc, axis=0) / J)                  # uniform c = 1/J
+                acc += uniform_share(u_hat, J)
+            partial = spread_nan(tl.sum(acc, axis=0))
         else:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,

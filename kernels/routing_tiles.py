@@ -11,7 +11,7 @@ from .squash import squash_backward_tile, squash_tile
 
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "s_of_tile",
            "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration", "sum_partials",
-           "split_forward_start", "split_backward_ds", "store_partial", "marked_non_finite", "spread_nan",
+           "split_forward_start", "split_backward_ds", "store_partial", "uniform_share", "spread_nan",
            "jd_layout", "weight_layout", "load_weight", "load_u", "predict_tile", "predict"]
 
 
@@ -239,22 +239,26 @@ def store_partial(partial_ptr, slot, splits, J, D, offsets, mask, partial, SAMPL
 
 
 @triton.jit
-def marked_non_finite(u_hat):
-    """u_hat with NaN where it is not finite (inf * 0 is NaN), the same value elsewhere: one FMA.
+def uniform_share(u_hat, J):
+    """c u_hat for the first iteration's uniform coupling c = 1/J, with NaN where u_hat is not
+    finite (inf * 0 is NaN): a multiply and an FMA.
 
-    The first iteration's uniform coupling has no softmax to spread a NaN or inf input to every
-    parent of its sample, as SPEC 7 asks (later iterations' agreement u_hat . V does it). A split
-    program sums these instead of u_hat, and spread_nan then spreads over the sample only NaN:
-    a finite sample whose sum overflows makes inf, not NaN, and keeps its other parents, as in
-    the reference and the sample kernels. (Finite inputs whose per-thread sums overflow to +inf
-    and -inf in one parent make NaN there, and the whole sample NaN: a sum that is lost anyway.)"""
-    return u_hat + u_hat * 0.0
+    Scaled before it is summed, as the reference does: a sum that would overflow only before the
+    division by J stays finite. And the first iteration has no softmax to spread a NaN or inf
+    input to every parent of its sample, as SPEC 7 asks (later iterations' agreement u_hat . V
+    does it): a split program sums these instead of c u_hat, and spread_nan then spreads over the
+    sample only NaN, so a finite sample whose sum overflows makes inf, not NaN, and keeps its
+    other parents, as in the reference and the sample kernels. (Finite inputs whose per-thread
+    sums overflow to +inf and -inf in one parent make NaN there, and the whole sample NaN: a sum
+    that is lost anyway.)"""
+    coupling = tl.full([], 1.0, u_hat.dtype) / J                           # 1/J in u_hat's dtype
+    return u_hat * coupling + u_hat * 0.0
 
 
 @triton.jit
 def spread_nan(partial):
     """partial [..., BLOCK_J, BLOCK_D] (one sample's share of s per leading index) made NaN in all
-    of a sample's entries where any of them is NaN (see marked_non_finite)."""
+    of a sample's entries where any of them is NaN (see uniform_share)."""
     nan_or_zero = tl.where(partial == partial, 0.0, partial)
     return partial + tl.sum(tl.sum(nan_or_zero, axis=-1, keep_dims=True), axis=-2, keep_dims=True)
 

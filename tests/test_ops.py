@@ -9,11 +9,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from capsnet_triton import dynamic_routing, squash
+from capsnet_triton import capsule_linear, dynamic_routing, squash
 from capsnet_triton.baselines import routing as baseline_routing
 from capsnet_triton.layers import DigitCaps
 from capsnet_triton.numerics import assert_agrees, input_sensitivity
 from capsnet_triton.ops.squash import squash_backward_torch, squash_forward_torch
+from capsnet_triton.reference import capsule_linear_forward as reference_capsule_linear
 from capsnet_triton.reference import (routing_backward, routing_forward, squash_backward,
                                       squash_forward)
 
@@ -322,6 +323,33 @@ def test_a_finite_sample_whose_first_sum_overflows_keeps_its_other_parents(backe
     v.backward(torch.tensor(dv_np, device=DEVICE))
     assert_agrees(v, v_ref, torch.float32, "v")            # NaN exactly where the reference has it
     assert_agrees(u_hat.grad, du_ref, torch.float32, "du_hat")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_first_sum_that_overflows_only_before_the_division_by_j_stays_finite(backend):
+    """The first iteration's s is sum_i (1/J) u_hat: the reference scales each term first, so
+    4 predictions of 2e38 into J = 3 parents give 2.7e38, inside float32, where summing first
+    would overflow to inf (and squash of an infinite capsule is NaN). Both ops scale first too;
+    capsule_linear with P = 1 and W = 1 has u_hat = u broadcast over (j, d)."""
+    u_np = np.random.default_rng(9).standard_normal((2, 4, 3, 2)).astype(np.float32)
+    u_np[0, :, 1, 0] = 2e38
+    dv_np = np.random.default_rng(10).standard_normal((2, 3, 2)).astype(np.float32)
+    v_ref, du_ref, _ = reference_routing(u_np, dv_np, 1, None, "full")
+    assert np.isfinite(v_ref).all() and np.isfinite(du_ref).all()
+    u_hat = torch.tensor(u_np, device=DEVICE, requires_grad=True)
+    v = dynamic_routing(u_hat, 1, backend=backend)
+    v.backward(torch.tensor(dv_np, device=DEVICE))
+    assert_agrees(v, v_ref, torch.float32, "v")
+    assert_agrees(u_hat.grad, du_ref, torch.float32, "du_hat")
+
+    u = np.random.default_rng(11).standard_normal((2, 4, 1)).astype(np.float32)
+    u[0] = 2e38
+    weight = np.ones((4, 3, 2, 1), np.float32)
+    v_ref, cache = reference_capsule_linear(u, weight, 1)
+    assert np.isfinite(v_ref).all()
+    v = capsule_linear(torch.tensor(u, device=DEVICE), torch.tensor(weight, device=DEVICE), 1, backend=backend)
+    assert_agrees(v, v_ref, torch.float32, "v of capsule_linear")
 
 
 def check_float32_routing(u_hat, dv, iterations, backend):

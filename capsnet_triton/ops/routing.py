@@ -71,11 +71,15 @@ def _as_rows(u_hat):
     return u_hat.to(compute_dtype(u_hat.dtype)).reshape(B, I, J * D)
 
 
-def _nan_where_input_is_not_finite(s, u3):
-    """s with all of a sample's values NaN where its u_hat holds a NaN or inf (SPEC 7: every
-    output of such a sample is NaN, even at r = 1). On a CPU it runs only where s^(1) is not
-    finite, which a finite u_hat can also give (its sum overflowed): that sample keeps its one
-    infinite parent, as in the reference and the kernels."""
+def _first_s_as_the_reference(u3, J):
+    """s^(1) [B, J, D] formed as the reference forms it, for u3 = u_hat as [B, I, J*D]: each term
+    c u_hat scaled by c = 1/J before the sum (as a product with a vector of 1/J, no temporary of
+    u_hat's size), so that a sum which overflows only before the division stays finite; and all
+    of a sample's values NaN where its u_hat holds a NaN or inf (SPEC 7: every output of such a
+    sample is NaN, even at r = 1). On a CPU it runs only where the plain sum over I is not finite;
+    a sample whose sum still overflows keeps its other parents, as in the reference and the kernels."""
+    B, I, JD = u3.shape
+    s = torch.matmul(u3.transpose(1, 2), u3.new_full((I, 1), 1.0 / J)).view(B, J, JD // J)
     finite = torch.isfinite(u3).flatten(1).all(dim=1)             # [B]
     return torch.where(finite.view(-1, 1, 1), s, torch.nan)
 
@@ -107,7 +111,7 @@ def routing_forward_torch(u_hat, iterations, bias, gradient, couplings=None):
             s = u3.sum(dim=1).view(B, J, D) / J
             # Looking at s first is a read by the host: cheap on a CPU, a wait for the device elsewhere.
             if s.device.type != "cpu" or not bool(torch.isfinite(s).all()):
-                s = _nan_where_input_is_not_finite(s, u3)
+                s = _first_s_as_the_reference(u3, J)
         else:
             c = couplings[max(0, t - first_kept)]                  # [B, J, I]
             c.copy_(_coupling(_agreement(u3, v_sum.unsqueeze(1)).squeeze(1)))
@@ -266,7 +270,7 @@ def dynamic_routing(u_hat, iterations=3, *, bias=None, gradient="full", backend=
     whose u_hat holds a NaN or inf gets NaN in all of its v; an empty batch gives an empty v.
     """
     check_u_hat(u_hat)
-    check_iterations(iterations)
+    iterations = check_iterations(iterations)
     check_bias(bias, u_hat)
     check_gradient(gradient)
     backend = pick_backend(backend, u_hat)
