@@ -6,6 +6,7 @@ Imports torch and the NumPy reference only (never triton), so that the ops' CPU 
 triton is absent. The gradient policies are the reference's (SPEC section 3).
 """
 
+import numbers
 import os
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from capsnet_triton.reference.routing import GRADIENT_POLICIES, check_gradient
 
 __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "interpreting", "check_float_tensor",
-           "check_capsules", "check_u_hat", "check_iterations", "check_bias", "pick_backend",
+           "check_capsules", "check_u_hat", "check_iterations", "check_bias", "check_backend", "pick_backend",
            "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight"]
 
 BACKENDS = ("torch", "triton")
@@ -40,11 +41,14 @@ def check_float_tensor(x, name):
 
 
 def check_capsules(s, name, dim=-1):
-    """s: a float tensor whose axis `dim` holds the capsules' D >= 1 dimensions (any other axis
-    may be empty: no capsules, an empty result)."""
+    """s: a float tensor whose axis `dim` (an integer in [-s.dim(), s.dim())) holds the capsules'
+    D >= 1 dimensions (any other axis may be empty: no capsules, an empty result)."""
     check_float_tensor(s, name)
     if s.dim() < 1:
         raise ValueError(f"{name} must have at least one axis (the capsule dimension), got a scalar")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -s.dim() <= dim < s.dim():
+        raise ValueError(f"dim must be an integer in [{-s.dim()}, {s.dim() - 1}] for {name} of shape "
+                         f"{tuple(s.shape)}, got {dim!r}")
     if s.shape[dim] == 0:
         raise ValueError(f"{name} has capsules of 0 dimensions (axis {dim} of shape {tuple(s.shape)} is empty)")
     return s
@@ -62,10 +66,11 @@ def check_u_hat(u_hat):
     return u_hat
 
 
-def check_iterations(iterations):
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    return iterations
+def check_iterations(iterations, name="iterations"):
+    """iterations as a Python int (NumPy's integers too, as the reference takes them), >= 1."""
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {iterations!r}")
+    return int(iterations)
 
 
 def check_bias(bias, u_hat, name="u_hat"):
@@ -82,14 +87,19 @@ def check_bias(bias, u_hat, name="u_hat"):
     return bias
 
 
+def check_backend(backend):
+    """backend: None (chosen by device) or one of BACKENDS."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    return backend
+
+
 def pick_backend(backend, tensor):
     """backend None -> "triton" for CUDA tensors, "torch" otherwise; a forced "triton" on CPU
     tensors needs the interpreter (on a machine with CUDA, Triton would otherwise fail on the
     CPU pointer with an obscure message)."""
-    if backend is None:
+    if check_backend(backend) is None:
         return "triton" if tensor.is_cuda else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
     if backend == "triton" and not tensor.is_cuda and not interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}), or Triton's "

@@ -9,7 +9,7 @@ parameters and the reshapes.
 import torch
 from torch import nn
 
-from .checks import check_gradient
+from .checks import check_backend, check_gradient, check_iterations
 from .ops import capsule_linear, dynamic_routing, squash
 from .ops.capsule_linear import predict
 
@@ -54,11 +54,9 @@ class DigitCaps(nn.Module):
     def __init__(self, in_caps, in_dims, out_caps, out_dims, routing_iterations=3,
                  gradient="full", bias=False, backend=None, fused=True):
         super().__init__()
-        if isinstance(routing_iterations, bool) or not isinstance(routing_iterations, int) or routing_iterations < 1:
-            raise ValueError(f"routing_iterations must be an integer >= 1, got {routing_iterations!r}")
-        self.routing_iterations = routing_iterations
+        self.routing_iterations = check_iterations(routing_iterations, "routing_iterations")
         self.gradient = check_gradient(gradient)
-        self.backend = backend
+        self.backend = check_backend(backend)      # here, not at the first forward
         self.fused = bool(fused)
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dims, in_dims))
         self.bias = nn.Parameter(torch.zeros(out_caps, out_dims)) if bias else None

@@ -219,7 +219,7 @@ def _weight_slices(weight):
 def _checked(u, weight, iterations, bias=None):
     """u and W, checked and contiguous (the kernels walk them with contiguous offsets), and bias."""
     check_u_and_weight(u, weight)
-    check_iterations(iterations)
+    iterations = check_iterations(iterations)
     B, I, J, D, P = u.shape[0], *weight.shape
     # Offsets into W and s_all are int32 in the kernels (the batch offset into u is 64-bit).
     if I * J * D * P > _INT32_MAX or iterations * B * J * D > _INT32_MAX:

@@ -212,7 +212,7 @@ def routing_forward(u_hat, iterations, bias=None, *, variant=DEFAULT_VARIANT, sp
     out: optional (v, s_all) of contiguous tensors of those shapes and dtypes to write into.
     """
     u_hat = _u_hat_for_kernels(u_hat)
-    check_iterations(iterations)
+    iterations = check_iterations(iterations)
     check_variant(variant)
     bias = check_bias(bias, u_hat)
     B, I, J, D = u_hat.shape

@@ -273,6 +273,8 @@ def test_model_rejects_bad_inputs_and_configs():
         CapsNet(image_size=16)
     with pytest.raises(ValueError, match="routing_iterations"):
         CapsNet(**TINY, routing_iterations=0)
+    with pytest.raises(ValueError, match="backend must be None"):
+        CapsNet(**TINY, routing_backend="cuda")              # at construction, not the first forward
     with pytest.raises(ValueError, match=r"u of shape \[B, I, P\] = \[B, 32, 3\]"):
         DigitCaps(32, 3, 3, 4)(torch.rand(2, 32, 4))
     with pytest.raises(ValueError, match="two hidden layers"):

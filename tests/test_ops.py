@@ -246,10 +246,20 @@ def test_compile_fullgraph_traces_through_the_ops():
     (lambda: squash(torch.ones(3, dtype=torch.int32)), TypeError, "floating"),
     (lambda: squash(torch.randn(3), backend="numpy"), ValueError, "backend"),
     (lambda: squash(torch.randn(3).to(torch.float8_e4m3fn)), TypeError, "float16, bfloat16"),
+    (lambda: squash(torch.randn(2, 3, 4), dim=3), ValueError, r"dim must be an integer in \[-3, 2\]"),
+    (lambda: squash(torch.randn(2, 3, 4), dim=-4), ValueError, r"dim must be an integer in \[-3, 2\]"),
+    (lambda: squash(torch.randn(2, 3, 4), dim=True), ValueError, "dim must be an integer"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+def test_numpy_integers_are_iterations_and_dims_as_in_the_reference():
+    u_hat = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    assert torch.equal(dynamic_routing(u_hat, np.int64(2)), dynamic_routing(u_hat, 2))
+    s = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.equal(squash(s, dim=np.int64(0)), squash(s, dim=0))
 
 
 def test_triton_backend_on_cpu_tensors_without_the_interpreter_says_so(monkeypatch):

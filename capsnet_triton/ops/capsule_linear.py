@@ -191,7 +191,7 @@ def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backe
     and W. Returns v [B, J, D] in u's dtype (half precision is accumulated in float32).
     """
     check_u_and_weight(u, weight)
-    check_iterations(iterations)
+    iterations = check_iterations(iterations)
     check_gradient(gradient)
     # check_bias reads J, D and the device off a [B, I, J, D] tensor: a view of W of that shape.
     check_bias(bias, weight[None, ..., 0], "weight")
