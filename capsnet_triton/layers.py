@@ -69,9 +69,10 @@ class DigitCaps(nn.Module):
                 f"DigitCaps expects u of shape [B, I, P] = [B, {in_caps}, {in_dims}], got {list(u.shape)}"
             )
         if self.fused:
-            # W in u's dtype: under autocast u arrives in the low dtype, to which the unfused
-            # path's matmul would cast W as well.
-            return capsule_linear(u, self.weight.to(u.dtype), self.routing_iterations, bias=self.bias,
+            # Under autocast u arrives in the low dtype, to which the unfused path's matmul casts W
+            # as well; outside it a dtype mismatch is an error, as in the unfused path.
+            weight = self.weight.to(u.dtype) if torch.is_autocast_enabled(u.device.type) else self.weight
+            return capsule_linear(u, weight, self.routing_iterations, bias=self.bias,
                                   gradient=self.gradient, backend=self.backend)
         u_hat = predict(u, self.weight)                                 # [B, I, J, D]
         return dynamic_routing(u_hat, self.routing_iterations, bias=self.bias,

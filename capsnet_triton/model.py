@@ -81,12 +81,12 @@ class CapsNet(nn.Module):
         u = self.primary_caps(features)                                # [B, I, P]
         v = self.digit_caps(u)                                         # [B, J, D]
         lengths = torch.linalg.vector_norm(v, dim=-1, dtype=torch.promote_types(v.dtype, torch.float32))
+        if labels is not None:                                         # checked even where unused
+            check_labels(labels, images.shape[0], self.num_classes, values=validate)
         if self.decoder is None:
             return CapsNetOutput(v, lengths, None)
         if labels is None:
             labels = lengths.argmax(dim=1)                             # [B] the longest capsule
-        else:
-            check_labels(labels, images.shape[0], self.num_classes, values=validate)
         keep = one_hot_mask(labels, self.num_classes)                  # [B, J] or [B, K, J]
         # Labels [B, K] (several digits, MultiMNIST): each of the K capsules decoded on its own.
         capsules = v.unsqueeze(1) if labels.ndim == 2 else v           # [B, (1,) J, D]

@@ -273,6 +273,11 @@ def test_model_rejects_bad_inputs_and_configs():
         CapsNet(image_size=16)
     with pytest.raises(ValueError, match="routing_iterations"):
         CapsNet(**TINY, routing_iterations=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        CapsNet(**TINY, decoder=False)(torch.rand(2, 1, 12, 12), torch.tensor([0, 3]))  # unused, still checked
+    for fused in (True, False):                # u of another dtype than W: an error both ways, outside autocast
+        with pytest.raises((TypeError, RuntimeError), match="dtype|scalar type"):
+            DigitCaps(32, 3, 3, 4, fused=fused)(torch.rand(2, 32, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="backend must be None"):
         CapsNet(**TINY, routing_backend="cuda")              # at construction, not the first forward
     with pytest.raises(ValueError, match=r"u of shape \[B, I, P\] = \[B, 32, 3\]"):
