@@ -185,6 +185,11 @@ class DownloadError(OSError):
     """No mirror delivered a file that passed its checksum."""
 
 
+class _ChecksumMismatch(ValueError):
+    """A complete file whose MD5 is not the published one: another dataset's, or data changed on
+    purpose (which --no-verify-data allows), unlike a broken file, which no flag makes readable."""
+
+
 def dataset_spec(dataset):
     """The DATASETS entry named `dataset`; ValueError naming the choices for any other name."""
     if dataset not in DATASETS:
@@ -271,21 +276,22 @@ def _verify(path, idx_file, compressed=None):
     if actual != idx_file.md5:
         what = ("the .gz file" if idx_file.digest_of == "gzip"
                 else "its decompressed content" if compressed else "its content")
-        raise ValueError(f"{path}: MD5 of {what} is {actual}, expected {idx_file.md5} for {idx_file.stem}")
+        raise _ChecksumMismatch(f"{path}: MD5 of {what} is {actual}, expected {idx_file.md5} for {idx_file.stem}")
 
 
 def verify_split(directory, dataset="mnist", train=True):
     """Check both files of a split (where `find_split_dir` finds them) against their MD5s.
 
     Raises ValueError naming the file and both digests on the first mismatch (a file of another
-    dataset, a modified or a corrupt one); FileNotFoundError as `find_split_dir`.
+    dataset, a modified or a corrupt one), or naming a file that is not a complete gzip stream;
+    FileNotFoundError as `find_split_dir`.
     """
     spec = dataset_spec(dataset)
     folder = find_split_dir(directory, dataset, train)
     for idx_file in spec.split_files(train):
         try:
             _verify(find_idx(folder, idx_file.stem), idx_file)
-        except ValueError as e:
+        except _ChecksumMismatch as e:
             raise ValueError(f"{e} of {spec.name}; pass --no-verify-data to use other data deliberately") from e
 
 
@@ -308,16 +314,17 @@ def download(directory, dataset="mnist", *, mirrors=None, progress=print):
     checksum mismatch, broken gzip) removes the temporary file and tries the next mirror.
     Raises DownloadError, listing each mirror's failure, when no mirror works.
     mirrors: base URLs to use instead of the canonical ones (any scheme urllib opens, file:// too).
-    Returns the folder the downloads went to.
+    Returns the folder the downloads go to, which is created only when a file must be fetched.
     """
     spec = dataset_spec(dataset)
     if not spec.mirrors:
         raise DownloadError(f"{spec.name} has no download here: put its published files in the data folder")
     target = os.path.join(os.fspath(directory), spec.folder, "raw")
-    os.makedirs(target, exist_ok=True)
     for train in (True, False):
         if _split_in_place(directory, dataset, train):
             continue
+        # Only now: files already in place need no folder (nor a path free of a file of its name).
+        os.makedirs(target, exist_ok=True)
         for idx_file in spec.split_files(train):
             _fetch(idx_file, target, spec, mirrors or spec.mirrors, progress)
     return target
@@ -373,7 +380,8 @@ def validation_split(count, validation_size, seed=0):
     cover range(count). The split depends only on (count, validation_size, seed).
     """
     if not 0 < validation_size < count:
-        raise ValueError(f"validation_size must be in [1, {count - 1}] for {count} samples, got {validation_size}")
+        raise ValueError(f"--validation-size must be in [1, {count - 1}] for {count} training images, "
+                         f"got {validation_size}; pass a smaller one")
     order = torch.randperm(count, generator=_generator(seed, 0))
     return order[validation_size:], order[:validation_size]
 

@@ -28,7 +28,7 @@ from .training.checkpoint import load_checkpoint
 from .training.distributed import resolve_device
 from .training.errors import ArgumentParser, run_command
 
-__all__ = ["evaluate", "load_model", "main"]
+__all__ = ["evaluate", "example_count", "load_model", "main"]
 
 
 @torch.no_grad()
@@ -74,6 +74,12 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
         raise ValueError("cannot evaluate an empty split")
     return dict(loss=total / count, margin=margin / count, reconstruction=reconstruction / count,
                 accuracy=correct / count, count=int(count))
+
+
+def example_count(split):
+    """How many examples an evaluation split holds, in words for the final line: "N images", or
+    "N pairs" for MultiMNIST's examples of two digits (labels [N, 2])."""
+    return f"{len(split)} {'pairs' if split.labels.ndim == 2 else 'images'}"
 
 
 def load_model(path, device="cpu"):
@@ -147,7 +153,7 @@ def _evaluate_checkpoint(args, model, checkpoint, device):
     metrics = evaluate(model, test, batch_size=args.batch_size,
                        reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
     print(f"{spec.name} test {spec.metric} {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
-          f"{metrics['count']} images, loss {metrics['loss']:.5f}")
+          f"{example_count(test)}, loss {metrics['loss']:.5f}")
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     # Another dataset's figures go to a folder of their own, not over the run's.
     out = args.out or (run_dir if spec.name == trained_on.name else os.path.join(run_dir, spec.name))

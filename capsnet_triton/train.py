@@ -17,7 +17,11 @@ best model) and the figures (see `capsnet_triton.figures`).
 
 Exact resume (`training.checkpoint`): last.pt is written atomically every epoch and every
 --checkpoint-every steps, so a run killed at any moment and resumed with --resume ends
-bit-identical on CPU to one never interrupted.
+bit-identical on CPU to one never interrupted. Ctrl-C stops a single-process run at the next
+step boundary (after an epoch's validation when it came in that epoch's last step), with last.pt
+saved there, and exits with status 130 (the command only: `main(argv)` called from Python leaves
+Ctrl-C to its caller). The run writing RUN_DIR holds RUN_DIR/.lock (an flock that ends with its
+process), so a second run into the same folder is refused.
 
 Distributed (`training.distributed`): under torchrun every rank trains on its shard of each
 global batch through DistributedDataParallel; --batch-size is the global batch. Only rank 0
@@ -27,8 +31,8 @@ Before the first step every file is checked: the MD5s of the dataset's four file
 --no-verify-data), their shapes and labels, and that RUN_DIR can be written. Every --log-every
 steps, at each save and at each epoch's end, the run checks that no loss, gradient or parameter
 became NaN or infinite; if one did, it stops with exit status 1 and a one-line message, and
-saves nothing of that state. Errors are one line (exit 2 for bad options, 1 for failures);
---verbose adds the traceback.
+saves nothing of that state. Errors are one line (exit 2 for bad options, unusable checkpoints
+and a run folder in use, 1 for failures); --verbose adds the traceback.
 
 On Linux the command (not `main(argv)` called from Python) first tells glibc's malloc to keep
 freed blocks of up to 1 GiB for reuse instead of returning them to the system
@@ -39,6 +43,7 @@ MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES or LD_PRELOAD leaves the allocator to you
 This module is the command; the run itself lives in `capsnet_triton.training`.
 """
 
+import functools
 import os
 import sys
 
@@ -53,11 +58,15 @@ __all__ = ["build_parser", "main", "train"]
 def main(argv=None):
     """Console entry point (`capsnet-train`, `python -m capsnet_triton.train`)."""
     parser = build_parser()
-    config, checkpoint = resolve_config(argv, parser)
-    if argv is None:
-        # Only as the process's own command: a program that passes argv (the tests) keeps its allocator.
-        keep_freed_memory()
-    status = run_command(parser.prog, config["verbose"], train, config, checkpoint)
+    config, checkpoint, lock = resolve_config(argv, parser)
+    # Only as the process's own command: a program that passes argv (the tests) keeps its
+    # allocator and its Ctrl-C.
+    command = argv is None
+    with lock:
+        if command:
+            keep_freed_memory()
+        status = run_command(parser.prog, config["verbose"], functools.partial(train, ctrl_c_stops=command),
+                             config, checkpoint)
     if status == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A torchrun worker ends here without Python's teardown: with gloo, torch 2.13 sometimes
         # aborts a rank at interpreter exit ("terminate called without an active exception"),

@@ -196,7 +196,7 @@ def test_download_keeps_valid_files_of_a_flat_folder(tmp_path, monkeypatch):
     write_dataset(flat, train_count=20, test_count=10)                # the same files, straight in the folder
     messages = []
     data.download(flat, "tiny", mirrors=["file:///nonexistent/"], progress=messages.append)
-    assert messages == [] and not os.listdir(flat / "Tiny" / "raw")
+    assert messages == [] and not (flat / "Tiny").exists()              # no empty folder left behind
     # A split that does not pass is fetched whole into the dataset's folder; the other stays.
     write_idx(flat / "t10k-labels-idx1-ubyte.gz", np.ones(10, np.uint8))
     data.download(flat, "tiny", progress=messages.append)
@@ -204,6 +204,18 @@ def test_download_keeps_valid_files_of_a_flat_folder(tmp_path, monkeypatch):
     assert data.find_split_dir(flat, "tiny", train=True) == str(flat)
     for train in (True, False):
         data.verify_split(flat, "tiny", train)
+
+
+def test_download_of_files_in_place_needs_no_target_folder(tmp_path, monkeypatch):
+    # Even where a file holds the target folder's name, as long as nothing must be fetched.
+    mirror = tmp_path / "mirror"
+    write_dataset(mirror, train_count=20, test_count=10)
+    _fake_source(monkeypatch, mirror)
+    flat = tmp_path / "flat"
+    write_dataset(flat, train_count=20, test_count=10)
+    (flat / "Tiny").write_text("not a folder")
+    data.download(flat, "tiny", mirrors=["file:///nonexistent/"], progress=lambda _: None)
+    assert (flat / "Tiny").read_text() == "not a folder"
 
 
 def test_verify_split_names_the_file_and_both_digests(tmp_path, monkeypatch):
@@ -226,6 +238,20 @@ def test_verify_split_names_the_file_and_both_digests(tmp_path, monkeypatch):
     _fake_source(monkeypatch, mirror, digest_of="gzip")
     with pytest.raises(ValueError, match="uncompressed copy cannot be checked"):
         data.verify_split(plain, "tiny", train=False)
+
+
+def test_only_a_checksum_mismatch_suggests_skipping_the_check(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    write_dataset(mirror, train_count=20, test_count=10)
+    _fake_source(monkeypatch, mirror)
+    labels = mirror / "t10k-labels-idx1-ubyte.gz"
+    write_idx(labels, np.zeros(10, np.uint8))                            # complete, but other content
+    with pytest.raises(ValueError, match="MD5 of its decompressed content.*pass --no-verify-data"):
+        data.verify_split(mirror, "tiny", train=False)
+    labels.write_bytes(labels.read_bytes()[:-12])                        # broken: no flag makes it readable
+    with pytest.raises(ValueError, match="not a complete gzip stream") as error:
+        data.verify_split(mirror, "tiny", train=False)
+    assert "--no-verify-data" not in str(error.value)
 
 
 def test_labels_out_of_range_are_refused_at_load(tmp_path, monkeypatch):
@@ -264,7 +290,7 @@ def test_validation_split_disjoint_and_fixed_by_seed():
     assert torch.equal(val, again_val) and torch.equal(train, again_train)
     assert not torch.equal(val, data.validation_split(1000, 100, seed=4)[1])
     for bad in (0, 1000):
-        with pytest.raises(ValueError, match="validation_size"):
+        with pytest.raises(ValueError, match="--validation-size must be in"):
             data.validation_split(1000, bad)
 
 

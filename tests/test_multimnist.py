@@ -55,7 +55,7 @@ def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
                        "--limit-test", "40", "--log-every", "2", "--device", "cpu", "--no-verify-data",
                        *TINY_MODEL]) == 0
     printed = capsys.readouterr().out
-    assert "test both-digit accuracy" in printed and "on 40 images" in printed
+    assert "test both-digit accuracy" in printed and "on 40 pairs" in printed
     assert {"segmentation.png", "perturbations.png", "training_curves.png", "best.pt"} <= set(os.listdir(out))
     with open(out / "log.jsonl") as f:
         records = [json.loads(line) for line in f]

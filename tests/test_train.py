@@ -1,6 +1,6 @@
 """The training and evaluation commands end to end on a tiny synthetic dataset and a tiny model:
-files written, exact resume (also after a SIGKILL), distributed training equal to one process,
-and the figures."""
+files written, exact resume (also after a SIGKILL or a Ctrl-C), distributed training equal to
+one process, and the figures."""
 
 import json
 import os
@@ -20,6 +20,7 @@ from capsnet_triton import evaluate, train
 from capsnet_triton.data import load_split, to_float
 from capsnet_triton.figures import PERTURBATIONS, capsule_perturbations
 from capsnet_triton.model import build_model
+from capsnet_triton.training import loop
 from capsnet_triton.training.checkpoint import rng_state, save_atomic, set_rng_state
 from idx_files import write_dataset
 
@@ -161,6 +162,83 @@ def test_resume_after_sigkill_is_bit_identical(straight_run, data_dir, tmp_path)
     assert without_timing(read_log(out)) == without_timing(read_log(straight_run))
 
 
+# Runs the training command with Ctrl-C pressed `presses` times from inside the `after`-th call
+# of loop.<where> (a training step, or a validation pass), where the test can place it exactly.
+_CTRL_C_AT = """
+import os, signal, sys
+from capsnet_triton import train
+from capsnet_triton.training import loop
+where, after, presses = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+original = getattr(loop, where)
+calls = 0
+def pressed(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == after:
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+    return original(*args, **kwargs)
+setattr(loop, where, pressed)
+sys.argv = ["capsnet_triton.train", *sys.argv[4:]]
+sys.exit(train.main())                                  # as the command: main(argv) leaves Ctrl-C alone
+"""
+
+
+def run_with_ctrl_c(where, after, presses, argv):
+    return subprocess.run([sys.executable, "-c", _CTRL_C_AT, where, str(after), str(presses), *argv],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_ctrl_c_saves_where_it_stops_and_resume_is_bit_identical(straight_run, data_dir, tmp_path):
+    out = tmp_path / "interrupted"
+    # No periodic checkpoints: a last.pt inside the first epoch can only be the one Ctrl-C saved.
+    result = run_with_ctrl_c("_train_step", 3, 1, tiny_args(data_dir, out, "--epochs", "2", "--checkpoint-every", "0"))
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert load(out)["position"]["global_step"] == 3                   # the step it was pressed in ends first
+    assert result.stderr.rstrip("\n").split("\n")[-1] == (
+        f"python -m capsnet_triton.train: interrupted after step 3, saved in {out / 'last.pt'}; continue with "
+        f"--out {out} --resume")
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    assert_same_state(load(out), load(straight_run))
+    for key, value in load(out, "best.pt")["model"].items():
+        assert torch.equal(value, load(straight_run, "best.pt")["model"][key])
+    assert without_timing(read_log(out)) == without_timing(read_log(straight_run))
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_in_an_epochs_validation_stops_after_it_and_a_second_one_at_once(data_dir, tmp_path, presses):
+    out = tmp_path / "validating"
+    steps = 2                                                   # per epoch: 32 training images / batch 16
+    result = run_with_ctrl_c("evaluate", 1, presses,
+                             tiny_args(data_dir, out, "--epochs", "2", "--limit-train", str(16 * steps)))
+    events = [r["event"] for r in read_log(out)]
+    if presses == 1:
+        # The epoch ends as it would have (validation, best.pt, last.pt), then the run stops.
+        assert result.returncode == 130, result.stderr[-2000:]
+        assert load(out)["position"]["global_step"] == steps and load(out, "best.pt")["epoch"] == 1
+        assert events == ["train", "validation"]
+        assert f"interrupted after step {steps}," in result.stderr.rstrip("\n").split("\n")[-1]
+    else:
+        # Python's own Ctrl-C: KeyboardInterrupt at once, nothing of the epoch saved.
+        assert result.returncode == -signal.SIGINT and "KeyboardInterrupt" in result.stderr
+        assert events == ["train"] and not (out / "last.pt").exists()
+
+
+def test_main_called_with_argv_leaves_ctrl_c_to_its_caller(data_dir, tmp_path, monkeypatch):
+    """A test runner stopped by Ctrl-C in the middle of a training test must see KeyboardInterrupt."""
+    handlers = []
+    validate = loop.evaluate
+
+    def evaluate(*args, **kwargs):
+        handlers.append(signal.getsignal(signal.SIGINT))
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    before = signal.getsignal(signal.SIGINT)
+    assert train.main(tiny_args(data_dir, tmp_path / "run", "--epochs", "1", "--limit-train", "32")) == 0
+    assert handlers and set(handlers) == {before}
+
+
 def test_unfused_digitcaps_trains_the_same_function_and_a_resumed_run_may_switch(straight_run, data_dir, tmp_path):
     """--digitcaps unfused runs DigitCaps as predict then dynamic_routing: the same function as
     the fused default, so the same losses to rounding. It is not part of the run: a resumed run may
@@ -201,6 +279,17 @@ def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path):
     assert ddp_log[0]["train_loss"] == pytest.approx(single_log[0]["train_loss"], rel=1e-5)
 
 
+def test_multimnist_final_lines_count_pairs(data_dir, tmp_path, capsys):
+    out = tmp_path / "pairs"
+    assert train.main(tiny_args(data_dir, out, "--dataset", "multimnist", "--epochs", "1", "--limit-train", "32",
+                                "--limit-val", "8")) == 0
+    printed = capsys.readouterr().out
+    assert "test both-digit accuracy" in printed and "on 24 pairs, best model" in printed
+    assert evaluate.main([str(out / "best.pt"), "--limit", "12", "--device", "cpu", "--out", str(tmp_path / "f"),
+                          "--no-verify-data"]) == 0
+    assert "on 12 pairs, loss" in capsys.readouterr().out
+
+
 def test_amp_run_is_finite(data_dir, tmp_path):
     train.main(tiny_args(data_dir, tmp_path / "amp", "--epochs", "1", "--limit-train", "32", "--amp",
                          "--routing-gradient", "last", "--routing-bias"))
@@ -227,6 +316,7 @@ def test_command_line_errors(straight_run, data_dir, tmp_path, capsys):
     fails(["--out", str(tmp_path / "none"), "--resume"], "no checkpoint")
     fails(tiny_args(data_dir, straight_run), "already holds a run")
     fails(["--out", str(straight_run), "--resume", "--lr", "0.01"], "--lr 0.01 differs from the run's 0.001")
+    fails(["--out", str(straight_run), "--resume", "--epochs", "1"], "--epochs 1 is fewer than the 2 epochs")
     fails(["--out", str(tmp_path / "x")], "--data DIR is required")
     fails(tiny_args(data_dir, tmp_path / "x", "--epochs", "0"), "--epochs must be positive")
     fails(tiny_args(data_dir, tmp_path / "x", "--no-agreement-grad"), "unrecognized arguments: --no-agreement-grad")

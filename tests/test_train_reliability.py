@@ -1,8 +1,9 @@
 """Training that never lies: what the training and evaluation commands refuse, and how.
 
 Each test is one failure a user can meet (bad flags, a run that diverges, wrong or corrupt
-data, a cut log, corrupt checkpoints, killed saves, a full disk), run through the commands on a
-tiny configuration (T below) and small fake MNIST files, in seconds.
+data, a cut log, corrupt or foreign checkpoints, killed saves, a full disk, two runs in one
+folder), run through the commands on a tiny configuration (T below) and small fake MNIST files,
+in seconds.
 """
 
 import errno
@@ -21,7 +22,7 @@ import torch
 from capsnet_triton import evaluate, train
 from capsnet_triton.data import DATASETS, load_split, verify_split
 from capsnet_triton.training import allocator, loop
-from capsnet_triton.training.checkpoint import payload_checksum, save_atomic
+from capsnet_triton.training.checkpoint import LOCK_NAME, payload_checksum, save_atomic
 from capsnet_triton.training.config import build_parser
 from capsnet_triton.training.log import RunLog
 from idx_files import write_dataset, write_idx
@@ -60,6 +61,12 @@ def one_line(err):
     return lines[0]
 
 
+def last_line(err):
+    """The last line of a run's stderr, split at newlines only: a progress bar left open would
+    share its line with what follows (its redraws start with a carriage return)."""
+    return err.rstrip("\n").split("\n")[-1]
+
+
 def read_records(path):
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
@@ -93,6 +100,7 @@ def copy_run(source, target):
     ("--lr-decay", "nan", "--lr-decay must be in (0, 1]"),
     ("--max-shift", "100", "--max-shift must be at most 7 pixels"),
     ("--seed", "-1", "--seed must not be negative"),
+    ("--seed", str(2**32), "--seed must be at most 4294967295"),
     ("--split-seed", "-3", "--split-seed must not be negative"),
     ("--checkpoint-every", "-1", "--checkpoint-every must not be negative"),
 ])
@@ -134,7 +142,10 @@ def test_a_run_whose_loss_turns_nan_stops_and_keeps_its_finite_best(fake_mnist, 
     out = tmp_path / "nan"
     status, err = run(train.main, args(fake_mnist, out, "--epochs", "2"), capsys)
     assert status == 1
-    assert "training diverged: the loss or a gradient became NaN or infinite" in err.strip().splitlines()[-1]
+    line = last_line(err)
+    assert "training diverged: the loss or a gradient became NaN or infinite" in line
+    # --lr cannot change on --resume: the advice is a new run.
+    assert line.endswith("start a new run (another --out) with a smaller --lr")
     best = torch.load(out / "best.pt", weights_only=True)
     last = torch.load(out / "last.pt", weights_only=True)
     assert best["epoch"] == 1 and last["position"]["global_step"] == 2          # nothing of epoch 2 saved
@@ -149,7 +160,9 @@ def test_a_nan_gradient_under_a_finite_loss_is_caught_at_the_next_log_point(fake
     monkeypatch.setattr(loop, "capsnet_loss", nan_from_step(1, "gradient"))
     out = tmp_path / "nan_gradient"
     status, err = run(train.main, args(fake_mnist, out, "--log-every", "1"), capsys)
-    assert status == 1 and "became NaN or infinite by step 1" in err
+    # Raised inside the epoch: the progress bar is closed before the error's line, not redrawn after.
+    assert status == 1 and last_line(err).startswith("python -m capsnet_triton.train: error: training diverged:")
+    assert "became NaN or infinite by step 1" in last_line(err)
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
     assert read_records(out / "log.jsonl") == []
 
@@ -177,7 +190,7 @@ def test_files_that_are_not_the_dataset_are_refused_before_the_first_step(fake_m
     images = os.path.join(fake_mnist, "train-images-idx3-ubyte.gz")
     assert status == 1 and images in line and "--no-verify-data" in line
     assert content_md5(images) in line and DATASETS["mnist"].files[0].md5 in line
-    assert os.listdir(out) == []                                          # no step, no log, no checkpoint
+    assert os.listdir(out) == [LOCK_NAME]                                 # no step, no log, no checkpoint
 
 
 def test_real_mnist_with_shifted_labels_is_refused_and_recompressed_copies_pass(mnist_dir, tmp_path, capsys):
@@ -252,7 +265,7 @@ def test_bad_test_files_stop_the_run_before_the_first_step(fake_mnist, tmp_path,
     out = tmp_path / "run"
     status, err = run(train.main, args(data, out), capsys)
     assert status == 1 and name in one_line(err)
-    assert os.listdir(out) == []
+    assert os.listdir(out) == [LOCK_NAME]
 
 
 # --- 5. checksummed checkpoints -------------------------------------------------------------
@@ -270,10 +283,13 @@ def test_corrupted_checkpoint_bytes_are_refused_by_evaluate_and_resume(finished_
     flip_middle(out / "best.pt")
     status, err = run(evaluate.main, [str(out / "best.pt"), "--data", fake_mnist, "--device", "cpu",
                                       "--no-verify-data"], capsys)
+    # best.pt has no optimizer state: "the run's other checkpoint" is no way to resume.
     assert status == 2 and "corrupt" in one_line(err) and str(out / "best.pt") in err
+    assert one_line(err).endswith("restore an intact copy of it (see --help)")
     flip_middle(out / "last.pt")
     status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
     assert status == 2 and "corrupt" in one_line(err) and str(out / "last.pt") in err
+    assert "other checkpoint" not in err
 
 
 def test_the_checksum_covers_every_stored_value(tmp_path):
@@ -289,7 +305,81 @@ def test_the_checksum_covers_every_stored_value(tmp_path):
     assert len({changed, payload_checksum(loaded), payload_checksum(payload)}) == 3
 
 
-# --- 6. stale temporaries -------------------------------------------------------------------
+def with_checkpoint_changed(path, change):
+    """Rewrite the checkpoint at `path` after change(contents), with a checksum that matches."""
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["checksum"]
+    change(checkpoint)
+    save_atomic({**checkpoint, "checksum": payload_checksum(checkpoint)}, path)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "another epoch", "another run"])
+def test_resume_checks_best_pt_before_training(finished_run, tmp_path, capsys, damage):
+    """The final test reads best.pt: a resumed run refuses, before any step, one that is not the
+    best model last.pt records, instead of finding it after the remaining epochs."""
+    out = copy_run(finished_run, tmp_path / "run")
+    best = out / "best.pt"
+    if damage == "missing":
+        os.remove(best)
+    elif damage == "corrupt":
+        flip_middle(best)
+    elif damage == "another epoch":
+        with_checkpoint_changed(best, lambda checkpoint: checkpoint.update(epoch=2))
+    else:
+        with_checkpoint_changed(best, lambda checkpoint: checkpoint["config"].update(seed=8))
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "log.jsonl")}
+    for _ in range(2):                  # a refusal releases the run folder's lock: the second says the same
+        status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
+        line = one_line(err)
+        assert status == 2 and str(best) in line and "epoch 1" in line and "another --out" in line
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_a_best_pt_written_with_other_resumable_options_passes(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path / "run")
+    with_checkpoint_changed(out / "best.pt", lambda checkpoint: checkpoint["config"].update(
+        epochs=9, log_every=3, out="/where/the/run/was/before"))
+    assert train.main(["--out", str(out), "--resume"]) == 0
+
+
+def test_resuming_a_finished_run_says_nothing_is_trained(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"nothing to train: {out / 'last.pt'} has finished all --epochs 1" in printed
+    assert "test accuracy" in printed
+
+
+# --- 6. one run per folder, stale temporaries -----------------------------------------------
+
+_HOLD_LOCK = """
+import fcntl, sys
+lock = open(sys.argv[1], "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()                                 # until the test closes stdin
+"""
+
+
+def test_a_run_folder_that_another_run_holds_is_refused(finished_run, fake_mnist, tmp_path, capsys):
+    fresh, resumed = tmp_path / "fresh", copy_run(finished_run, tmp_path / "resumed")
+    fresh.mkdir()
+    log_before = (resumed / "log.jsonl").read_bytes()
+    for out in (fresh, resumed):
+        holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / LOCK_NAME)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            argv = args(fake_mnist, out) if out == fresh else ["--out", str(out), "--resume"]
+            status, err = run(train.main, argv, capsys)
+            line = one_line(err)
+            assert status == 2 and f"another run is writing {out}" in line and "another --out" in line
+        finally:
+            holder.communicate("", timeout=60)
+    assert os.listdir(fresh) == [LOCK_NAME] and (resumed / "log.jsonl").read_bytes() == log_before
+    # The lock ends with the process that held it.
+    assert train.main(["--out", str(resumed), "--resume"]) == 0
+
 
 def test_stale_temporaries_of_killed_saves_are_removed(finished_run, fake_mnist, tmp_path):
     stale = [".last.pt.k1l2l3.tmp", ".best.pt.x9y8z7.tmp"]
@@ -318,6 +408,8 @@ def test_user_errors_are_one_line_with_usage_and_failure_statuses(finished_run, 
     assert status == 1 and "data directory not found" in one_line(err)
     status, err = run(train.main, args(tmp_path / "no_data", tmp_path / "run", "--verbose"), capsys)
     assert status == 1 and "Traceback" in err and "data directory not found" in err.strip().splitlines()[-1]
+    status, err = run(train.main, args(fake_mnist, tmp_path / "run", "--validation-size", "6000"), capsys)
+    assert status == 1 and "--validation-size must be in [1, 5099]" in one_line(err)
 
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
@@ -359,6 +451,16 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary(fake_mnis
     line = err.strip().splitlines()[-1]
     assert status == 1 and "could not write" in line and "last.pt" in line and "No space left on device" in line
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+
+
+def test_device_cuda_without_cuda_is_a_usage_error(finished_run, fake_mnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, err = run(train.main, args(fake_mnist, tmp_path / "run", "--device", "cuda"), capsys)
+    assert status == 2 and "--device cuda" in one_line(err) and "--device cpu" in one_line(err)
+    assert not (tmp_path / "run").exists()
+    out = copy_run(finished_run, tmp_path / "resumed")
+    status, err = run(train.main, ["--out", str(out), "--resume", "--device", "cuda"], capsys)
+    assert status == 2 and "--device cuda" in one_line(err)
 
 
 # --- 8. smaller ones ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 - `config`: the command line, the run configuration it resolves to, and its checks;
 - `distributed`: this process's rank and device, and the process group under torchrun;
-- `checkpoint`: the checkpoint format, atomic writes and the global RNG states;
+- `checkpoint`: the checkpoint format, atomic writes, the run folder's lock and the global RNG states;
 - `log`: the JSON-lines log of a run;
 - `errors`: how the commands report what went wrong (one line, exit status 1 or 2);
 - `allocator`: on Linux, the C allocator told to keep freed memory (faster steps on a CPU);

@@ -1,4 +1,5 @@
-"""Checkpoints of a training run: their format, atomic writes, and the global RNG states.
+"""Checkpoints of a training run: their format, atomic writes, the run folder's lock, and the
+global RNG states.
 
 A run folder holds two checkpoints of one format (CHECKPOINT_FORMAT), both loadable with
 `torch.load(..., weights_only=True)`:
@@ -17,6 +18,7 @@ Exact resume: every random draw of the data pipeline is a pure function of (seed
 killed at any moment and resumed ends bit-identical on CPU to one never interrupted.
 """
 
+import fcntl
 import glob
 import hashlib
 import io
@@ -29,11 +31,15 @@ import torch
 
 from ..data import default_permissions
 
-__all__ = ["CHECKPOINT_FORMAT", "save_atomic", "payload_checksum", "load_checkpoint", "remove_stale_temporaries",
+__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "save_atomic", "payload_checksum", "load_checkpoint",
+           "lock_run_folder", "remove_stale_temporaries",
            "save_training_state", "save_best_model", "restore_training_state", "seed_everything", "rng_state",
            "set_rng_state"]
 
 CHECKPOINT_FORMAT = 1
+
+# The file in a run folder that the run writing it holds locked (see `lock_run_folder`).
+LOCK_NAME = ".lock"
 
 
 def save_atomic(obj, path):
@@ -71,10 +77,30 @@ def fsync_directory(directory):
         os.close(fd)
 
 
+def lock_run_folder(run_dir):
+    """Take the run folder's lock: an exclusive flock on RUN_DIR/.lock, held until the returned
+    file is closed or the process ends (a killed run never leaves the folder locked).
+
+    The file is never removed: were a run to delete it on exit, a run that had just opened the old
+    file could lock it while a newer one locked a fresh file, and both would write. Raises
+    ValueError, in one line, when another process holds it.
+    """
+    path = os.path.join(run_dir, LOCK_NAME)
+    lock = open(path, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"another run is writing {run_dir} (it holds {path}); wait for it to end, "
+                         f"or choose another --out") from None
+    return lock
+
+
 def remove_stale_temporaries(run_dir):
     """Remove the temporary files of checkpoint saves that a killed run left in `run_dir`.
 
-    Only one run writes a run folder at a time, so at its start every such file is stale.
+    Only one run writes a run folder at a time (it holds `lock_run_folder`), so at its start
+    every such file is stale.
     """
     for name in ("last.pt", "best.pt"):
         for partial in glob.glob(os.path.join(glob.escape(run_dir), f".{name}.*.tmp")):
@@ -139,7 +165,7 @@ def load_checkpoint(path):
     recorded = checkpoint.pop("checksum", None)
     if recorded is not None and recorded != payload_checksum(checkpoint):
         raise ValueError(f"{path} is corrupt: its contents no longer match the checksum written with them; "
-                         f"use an intact copy (or the run's other checkpoint)")
+                         f"restore an intact copy of it")
     config = checkpoint["config"]
     if "agreement_grad" in config:
         if not config["agreement_grad"]:

@@ -5,14 +5,16 @@ checkpoint. A resumed run takes it from last.pt and accepts only the options of 
 """
 
 import argparse
+import contextlib
 import math
 import os
 
 from ..data import DATASETS, dataset_spec
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, lock_run_folder
+from .distributed import launched_rank, resolve_device
 from .errors import ArgumentParser
 
-__all__ = ["RESUMABLE", "MAX_LR", "HelpFormatter", "build_parser", "check_config", "resolve_config"]
+__all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "check_config", "resolve_config"]
 
 # Options a resumed run may change: they do not alter the trajectory of the parameters, except
 # --device and --digitcaps (the same function, rounded differently, so a run resumed with another
@@ -23,6 +25,9 @@ RESUMABLE = ("data", "download", "verify_data", "epochs", "device", "digitcaps",
 
 # The largest --lr accepted: Adam steps of this size already wreck a trained CapsNet.
 MAX_LR = 1.0
+
+# The largest --seed: NumPy's global generator (np.random.seed) takes 32-bit seeds.
+MAX_SEED = 2**32 - 1
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -121,6 +126,8 @@ def check_config(config, error):
     for key in ("checkpoint_every", "max_shift", "seed", "split_seed"):
         if config[key] < 0:
             error(f"{flag(key)} must not be negative, got {config[key]}")
+    if config["seed"] > MAX_SEED:
+        error(f"--seed must be at most {MAX_SEED}, got {config['seed']}")
     spec = DATASETS[config["dataset"]]
     _, height, width = spec.image_shape
     if config["max_shift"] > min(height, width) // 4:
@@ -143,55 +150,107 @@ def check_config(config, error):
         error(f"--decoder-hidden widths must be positive, got {config['decoder_hidden']}")
 
 
-def _check_out(out, error):
-    """Call error(message) unless `out` is (or can be made) a folder this process can write."""
+def _claim_out(out, error, lock):
+    """Call error(message) unless `out` is (or can be made) a folder this process can write and,
+    on the main rank (the one that writes it), its lock (`checkpoint.lock_run_folder`) is free;
+    the lock goes into the ExitStack `lock`."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         error(f"--out {out}: cannot create the run folder ({e.strerror or e})")
     if not os.access(out, os.W_OK | os.X_OK):
         error(f"--out {out}: the run folder is not writable")
+    if launched_rank() == 0:
+        try:
+            lock.enter_context(lock_run_folder(out))
+        except ValueError as e:
+            error(str(e))
+
+
+def _check_best_model(run_dir, last, error):
+    """Call error(message) unless RUN_DIR/best.pt is the best model that last.pt records: the run
+    tests it at the end, so a missing or foreign one would otherwise show only after the
+    remaining epochs."""
+    path = os.path.join(run_dir, "best.pt")
+    recorded = last["best"]
+    advice = (f"the run's final test needs its best model (epoch {recorded['epoch']}): restore that file, "
+              f"or start a new run in another --out")
+    try:
+        best = load_checkpoint(path)
+    except ValueError as e:
+        error(f"--resume: {e}; {advice}")
+    # "out" may differ: a run folder can be moved between invocations.
+    part_of_the_run = [key for key in last["config"] if key not in RESUMABLE and key != "out"]
+    if ((best.get("epoch"), best.get("validation", {}).get("accuracy")) != (recorded["epoch"], recorded["accuracy"])
+            or any(best["config"].get(key) != last["config"][key] for key in part_of_the_run)):
+        error(f"--resume: {path} is not the best model that last.pt records (another epoch's or another "
+              f"run's); {advice}")
+
+
+def _resumed_config(last, args, explicit, parser):
+    """(config, checkpoint) of --resume: the configuration of last.pt (at `last`) with the
+    RESUMABLE options given."""
+    try:
+        checkpoint = load_checkpoint(last)
+    except ValueError as e:
+        parser.error(f"--resume: {e}")
+    config = dict(checkpoint["config"])
+    for key, value in explicit.items():
+        if key in RESUMABLE:
+            config[key] = value
+        elif key not in ("out", "resume") and value != config[key]:
+            parser.error(f"--{key.replace('_', '-')} {value} differs from the run's {config[key]}; "
+                         f"a resumed run keeps its training configuration")
+    config["out"] = args.out
+    for key in RESUMABLE:                   # options newer than the checkpoint: their defaults
+        config.setdefault(key, parser.get_default(key))
+    config["verbose"] = args.verbose        # how errors show is this invocation's choice
+    position = checkpoint["position"]
+    started = position["epoch"] + (position["step_in_epoch"] > 0)
+    if config["epochs"] < started:
+        parser.error(f"--epochs {config['epochs']} is fewer than the {started} epochs this run has started; "
+                     f"pass --epochs {started} or more")
+    if checkpoint["best"]["epoch"] > 0:
+        _check_best_model(args.out, checkpoint, parser.error)
+    return config, checkpoint
 
 
 def resolve_config(argv, parser):
-    """The run configuration and, with --resume, the checkpoint it continues from (else None).
+    """(config, checkpoint, lock): the run configuration; with --resume, the checkpoint it
+    continues from (else None); and a context manager that holds the run folder's lock, taken
+    before anything in the folder is read or written, until the command leaves it.
 
-    Bad options end the program through parser.error.
+    Bad options end the program through parser.error (exit 2), and so do, before any work, a run
+    folder that another run is writing and, with --resume, checkpoints that cannot continue the run.
     """
     args = parser.parse_args(argv)
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
     last = os.path.join(args.out, "last.pt")
     checkpoint = None
-    if args.resume:
-        if not os.path.isfile(last):
-            parser.error(f"--resume: there is no checkpoint {last} to continue")
+    with contextlib.ExitStack() as lock:    # released here on an error, else handed to the caller
+        if args.resume:
+            if not os.path.isfile(last):
+                parser.error(f"--resume: there is no checkpoint {last} to continue")
+            _claim_out(args.out, parser.error, lock)
+            config, checkpoint = _resumed_config(last, args, explicit, parser)
+        else:
+            config = {key: value for key, value in vars(args).items() if key != "resume"}
+            # The dataset's own defaults (data.DatasetSpec.defaults) for the options left out.
+            for key, value in dataset_spec(config["dataset"]).defaults.items():
+                if key not in explicit:
+                    config[key] = value
+        if config["data"] is None:
+            parser.error("--data DIR is required (the folder with the MNIST IDX files)")
+        config["data"] = os.path.abspath(config["data"])
+        check_config(config, parser.error)
         try:
-            checkpoint = load_checkpoint(last)
+            resolve_device(config["device"])
         except ValueError as e:
-            parser.error(f"--resume: {e}")
-        config = dict(checkpoint["config"])
-        for key, value in explicit.items():
-            if key in RESUMABLE:
-                config[key] = value
-            elif key not in ("out", "resume") and value != config[key]:
-                parser.error(f"--{key.replace('_', '-')} {value} differs from the run's {config[key]}; "
-                             f"a resumed run keeps its training configuration")
-        config["out"] = args.out
-        for key in RESUMABLE:                   # options newer than the checkpoint: their defaults
-            config.setdefault(key, parser.get_default(key))
-        config["verbose"] = args.verbose        # how errors show is this invocation's choice
-    else:
-        if os.path.exists(last):
-            parser.error(f"{args.out} already holds a run (last.pt): pass --resume to continue it, "
-                         f"or choose another --out")
-        config = {key: value for key, value in vars(args).items() if key != "resume"}
-        # The dataset's own defaults (data.DatasetSpec.defaults) for the options left out.
-        for key, value in dataset_spec(config["dataset"]).defaults.items():
-            if key not in explicit:
-                config[key] = value
-    if config["data"] is None:
-        parser.error("--data DIR is required (the folder with the MNIST IDX files)")
-    config["data"] = os.path.abspath(config["data"])
-    check_config(config, parser.error)
-    _check_out(config["out"], parser.error)
-    return config, checkpoint
+            parser.error(str(e))
+        if not args.resume:
+            _claim_out(config["out"], parser.error, lock)
+            # Under the lock: a run that wrote last.pt here has ended, or is still holding it.
+            if os.path.exists(last):
+                parser.error(f"{args.out} already holds a run (last.pt): pass --resume to continue it, "
+                             f"or choose another --out")
+        return config, checkpoint, lock.pop_all()

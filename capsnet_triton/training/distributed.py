@@ -1,8 +1,9 @@
 """This process's place in a training run: its device and, under torchrun, its rank.
 
 Under torchrun (RANK / WORLD_SIZE in the environment) every rank trains on its shard of each
-global batch through DistributedDataParallel (NCCL on GPUs, gloo on CPUs). Only rank 0 logs and
-writes files, but every rank reads RUN_DIR/best.pt for the final test (and last.pt on --resume):
+global batch through DistributedDataParallel (NCCL on GPUs, gloo on CPUs). Only rank 0 logs,
+writes files and holds the run folder's lock, but every rank reads RUN_DIR/best.pt for the final
+test (and last.pt and best.pt on --resume):
 across nodes, RUN_DIR must be on a file system they share (on one node any folder will do).
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "init_distributed", "resolve_device"]
+__all__ = ["Context", "init_distributed", "launched_rank", "resolve_device"]
 
 
 @dataclass
@@ -41,10 +42,16 @@ def resolve_device(name, local_rank=0):
     if name not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; pass --device cpu or auto")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
+
+
+def launched_rank():
+    """This process's rank as torchrun set it in the environment (0 without torchrun), known
+    before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def init_distributed(device_name):
@@ -52,7 +59,7 @@ def init_distributed(device_name):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Context(), resolve_device(device_name)
-    context = Context(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    context = Context(launched_rank(), int(os.environ.get("LOCAL_RANK", "0")), world_size)
     device = resolve_device(device_name, context.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

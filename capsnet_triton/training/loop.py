@@ -1,9 +1,11 @@
 """The training loop of the paper's recipe (SPEC section 6): Adam with the official code's
 learning-rate decay, shifted batches, a validation pass per epoch that picks best.pt, and the
-test set once, at the end."""
+test set once, at the end. Ctrl-C can stop a single-process run at the next step boundary, after
+saving last.pt there (`_StopRequest`)."""
 
 import math
 import os
+import signal
 import time
 
 import torch
@@ -12,14 +14,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..data import dataset_spec, download, epoch_order, load_split, validation_split
-from ..evaluate import evaluate
+from ..evaluate import evaluate, example_count
 from ..figures import write_figures
 from ..losses import capsnet_loss, correct_predictions
 from ..model import build_model
 from .checkpoint import (load_checkpoint, remove_stale_temporaries, restore_training_state, save_best_model,
                          save_training_state, seed_everything)
 from .distributed import init_distributed
-from .errors import TrainingDiverged
+from .errors import TrainingDiverged, TrainingInterrupted
 from .log import RunLog
 
 __all__ = ["MIN_LR", "train"]
@@ -111,25 +113,57 @@ def _check_finite(model, diverged_steps, where):
     bad = torch.stack([diverged_steps > 0, *(~torch.isfinite(p).all() for p in model.parameters())]).tolist()
     if any(bad):
         what = "the loss or a gradient" if bad[0] else f"parameter {names[bad.index(True, 1) - 1]}"
-        raise TrainingDiverged(f"training diverged: {what} became NaN or infinite {where}; stopped without "
-                               f"saving that state (last.pt and best.pt, if there, hold earlier finite ones); "
-                               f"try a smaller --lr")
+        raise TrainingDiverged(f"{what} became NaN or infinite {where}; stopped without saving that state "
+                               f"(last.pt and best.pt, if there, hold earlier finite ones)")
 
 
-def train(config, checkpoint=None):
+class _StopRequest:
+    """Ctrl-C as a request to stop: while active, the first SIGINT only sets `requested`, which
+    the loop reads at its next step boundary, and hands SIGINT back to the handler it replaced,
+    so a second Ctrl-C acts as it always did.
+
+    Enabled for single-process runs only: under torchrun each rank would see the request at
+    another step and wait forever for the others in the next all-reduce. It takes over SIGINT
+    only where Ctrl-C would raise KeyboardInterrupt: a process started with SIGINT ignored (a
+    shell script's background job) keeps it ignored.
+    """
+
+    def __init__(self, enabled):
+        self.active = enabled and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        self.requested = False
+
+    def __enter__(self):
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc_info):
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train(config, checkpoint=None, *, ctrl_c_stops=False):
     """Run (or, given last.pt's contents, continue) the training that `config` describes.
 
+    ctrl_c_stops: a single-process run takes over Ctrl-C (`_StopRequest`), to stop at the next
+    step boundary with last.pt saved there and raise TrainingInterrupted; only for the process's
+    own command, since it must run in the main thread and a program around it (a test runner)
+    expects Ctrl-C to reach it.
     Returns the test metrics of the best model (a dict; see `evaluate.evaluate`).
     """
     context, device = init_distributed(config["device"])
     try:
-        return _train(config, checkpoint, context, device)
+        return _train(config, checkpoint, context, device, ctrl_c_stops and not context.distributed)
     finally:
         if context.distributed:
             dist.destroy_process_group()
 
 
-def _train(config, checkpoint, context, device):
+def _train(config, checkpoint, context, device, ctrl_c_stops):
     run_dir = config["out"]
     os.makedirs(run_dir, exist_ok=True)
     if context.is_main:
@@ -170,57 +204,72 @@ def _train(config, checkpoint, context, device):
                                 sums={key: value.tolist() for key, value in sums.items()}, log=log,
                                 device=device, world_size=world)
 
-    try:
-        for epoch in range(epoch, config["epochs"]):
-            started = time.perf_counter()
-            order = epoch_order(len(train_set), config["seed"], epoch).to(device)
-            progress = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{config['epochs']}",
-                            disable=not context.is_main, dynamic_ncols=True)
-            for step_in_epoch in range(step_in_epoch, steps_per_epoch):
-                step = epoch * steps_per_epoch + step_in_epoch          # global index of this step
-                batch = _shard(train_set, order, step_in_epoch, step, config, context)
-                step_sums = _train_step(trained, optimizer, scheduler, batch, config, context)
-                for key in sums:
-                    sums[key] += step_sums[:SUM_COUNT]
-                diverged_steps += step_sums[SUM_COUNT]
-                progress.update()
-                if (step + 1) % config["log_every"] == 0:
-                    # The one place a step reads the device: every --log-every steps.
-                    _check_finite(model, diverged_steps, f"by step {step + 1}")
-                    running = _means(sums["epoch"].tolist())
-                    progress.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.2%}",
-                                         refresh=False)
-                    log.write(event="train", epoch=epoch + 1, step=step + 1, lr=scheduler.get_last_lr()[0],
-                              **_means(sums["window"].tolist()))
-                    sums["window"].zero_()
-                every = config["checkpoint_every"]
-                if every and (step + 1) % every == 0 and step_in_epoch + 1 < steps_per_epoch:
-                    save_last(epoch, step_in_epoch + 1)
-            progress.close()
+    def interrupted(position_epoch, position_step):
+        return TrainingInterrupted(f"interrupted after step {position_epoch * steps_per_epoch + position_step}, "
+                                   f"saved in {paths['last.pt']}; continue with --out {run_dir} --resume")
 
-            _check_finite(model, diverged_steps, f"in epoch {epoch + 1}")
-            validation = evaluate(model, val_set, batch_size=batch_size,
-                                  reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
-            if not math.isfinite(validation["loss"]):
-                raise TrainingDiverged(f"training diverged: the validation loss of epoch {epoch + 1} is "
-                                       f"{validation['loss']}; stopped before saving this model; try a smaller --lr")
-            improved = validation["accuracy"] > best["accuracy"]
-            if improved:
-                best = {"accuracy": validation["accuracy"], "epoch": epoch + 1}
+    if epoch == config["epochs"] and context.is_main:
+        print(f"nothing to train: {paths['last.pt']} has finished all --epochs {epoch}; testing its best model "
+              f"again (pass a larger --epochs to train more)")
+    stop = _StopRequest(ctrl_c_stops)
+    try:
+        with stop:
+            for epoch in range(epoch, config["epochs"]):
+                started = time.perf_counter()
+                order = epoch_order(len(train_set), config["seed"], epoch).to(device)
+                # Closed on every exit, so that an error's line is not written onto the bar's.
+                with tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{config['epochs']}",
+                          disable=not context.is_main, dynamic_ncols=True) as progress:
+                    for step_in_epoch in range(step_in_epoch, steps_per_epoch):
+                        step = epoch * steps_per_epoch + step_in_epoch          # global index of this step
+                        batch = _shard(train_set, order, step_in_epoch, step, config, context)
+                        step_sums = _train_step(trained, optimizer, scheduler, batch, config, context)
+                        for key in sums:
+                            sums[key] += step_sums[:SUM_COUNT]
+                        diverged_steps += step_sums[SUM_COUNT]
+                        progress.update()
+                        if (step + 1) % config["log_every"] == 0:
+                            # The one place a step reads the device: every --log-every steps.
+                            _check_finite(model, diverged_steps, f"by step {step + 1}")
+                            running = _means(sums["epoch"].tolist())
+                            progress.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.2%}",
+                                                 refresh=False)
+                            log.write(event="train", epoch=epoch + 1, step=step + 1, lr=scheduler.get_last_lr()[0],
+                                      **_means(sums["window"].tolist()))
+                            sums["window"].zero_()
+                        every = config["checkpoint_every"]
+                        due = stop.requested or (every and (step + 1) % every == 0)
+                        # The epoch's last step is saved, and a stop made, after its validation.
+                        if due and step_in_epoch + 1 < steps_per_epoch:
+                            save_last(epoch, step_in_epoch + 1)
+                            if stop.requested:
+                                raise interrupted(epoch, step_in_epoch + 1)
+
+                _check_finite(model, diverged_steps, f"in epoch {epoch + 1}")
+                validation = evaluate(model, val_set, batch_size=batch_size,
+                                      reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
+                if not math.isfinite(validation["loss"]):
+                    raise TrainingDiverged(f"the validation loss of epoch {epoch + 1} is {validation['loss']}; "
+                                           f"stopped before saving this model")
+                improved = validation["accuracy"] > best["accuracy"]
+                if improved:
+                    best = {"accuracy": validation["accuracy"], "epoch": epoch + 1}
+                    if context.is_main:
+                        save_best_model(paths["best.pt"], config=config, model=model, epoch=epoch + 1,
+                                        global_step=(epoch + 1) * steps_per_epoch, validation=validation)
+                train_means = _means(sums["epoch"].tolist())
+                log.write(event="validation", epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
+                          train_loss=train_means["loss"], train_accuracy=train_means["accuracy"],
+                          best=improved, seconds=time.perf_counter() - started, **validation)
                 if context.is_main:
-                    save_best_model(paths["best.pt"], config=config, model=model, epoch=epoch + 1,
-                                    global_step=(epoch + 1) * steps_per_epoch, validation=validation)
-            train_means = _means(sums["epoch"].tolist())
-            log.write(event="validation", epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
-                      train_loss=train_means["loss"], train_accuracy=train_means["accuracy"],
-                      best=improved, seconds=time.perf_counter() - started, **validation)
-            if context.is_main:
-                tqdm.write(f"epoch {epoch + 1}: train loss {train_means['loss']:.4f} acc {train_means['accuracy']:.2%}"
-                           f" | validation loss {validation['loss']:.4f} acc {validation['accuracy']:.2%}"
-                           + (" (best)" if improved else ""))
-            sums["epoch"].zero_()
-            step_in_epoch = 0
-            save_last(epoch + 1, 0)
+                    tqdm.write(f"epoch {epoch + 1}: train loss {train_means['loss']:.4f} acc "
+                               f"{train_means['accuracy']:.2%} | validation loss {validation['loss']:.4f} acc "
+                               f"{validation['accuracy']:.2%}" + (" (best)" if improved else ""))
+                sums["epoch"].zero_()
+                step_in_epoch = 0
+                save_last(epoch + 1, 0)
+                if stop.requested:
+                    raise interrupted(epoch + 1, 0)
 
         # The test set, once, with the model chosen on validation.
         context.barrier(device)
@@ -234,7 +283,7 @@ def _train(config, checkpoint, context, device):
         log.close()
     if context.is_main:
         print(f"test {spec.metric} {test['accuracy']:.2%} (error {1 - test['accuracy']:.2%}) "
-              f"on {test['count']} images, "
+              f"on {example_count(test_set)}, "
               f"best model from epoch {best_state['epoch']} "
               f"(validation {spec.metric} {best_state['validation']['accuracy']:.2%})")
         write_figures(model, test_set, run_dir, log_path=paths["log.jsonl"])
