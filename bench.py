@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """How fast is each implementation of CapsNet's dynamic routing, and how far from the hardware?
 
-    python bench.py                 # about 3 minutes on a 2-core CPU; a CUDA GPU is used when present
-    python bench.py --quick         # under a minute
-    python bench.py --tiny          # seconds, small shapes: the smoke test
+    python bench.py                 # about 3 minutes on a quiet 2-core CPU, more under load;
+                                    # a CUDA GPU is used when present
+    python bench.py --quick         # about 1-2 minutes on a 2-core CPU
+    python bench.py --tiny          # under a minute, small shapes (I = 72): the smoke test
     python bench.py --json out.json --plot out.png
 
 Providers (one row each):
@@ -40,14 +41,20 @@ Before a provider is timed, its outputs and gradients are compared with float64 
 the NumPy reference, or for batches above the NumPy limit torch-einsum's code run in float64 on
 the CPU (itself checked against the NumPy reference at startup). Relative error ||out - ref|| / ||ref||
 must be <= 1e-5 (SPEC section 8, float32). A provider that disagrees or raises is not timed: its
-row says FAILED, the error goes to stderr, and bench exits with status 1.
+row says FAILED, the error goes to stderr, and bench exits with status 1. A shape whose inputs do
+not fit in memory is skipped, as are providers this machine cannot run; a run in which every row
+was skipped exits 0 and says so. Ctrl-C prints the table of the rows finished so far and exits 130.
 
+The table's header names the network shape every row runs (the plan's: --tiny's is not MNIST's)
+and the exact command; bench.json's environment records both, and the plan.
 Columns: median and interquartile range (p25-p75) of the repetitions after two warm-up calls;
-"vs eager" = torch-eager's median / this median, same run; GB/s = the bytes a fused kernel must
-move per call (each workload's `bytes_moved`) / median, and that as a share of the device's
-copy bandwidth measured in this run; peak MiB = memory allocated during one call beyond what was
-allocated before it (CUDA: torch.cuda.max_memory_allocated; CPU: growth of the process's peak
-resident set, Linux VmHWM, reset just before the call after returning freed heap pages to the OS).
+"vs eager" = torch-eager's median / this median, same run ("-" where torch-eager has no timed
+row of that shape, e.g. not among --providers); r is "-" for squash, which has no routing;
+GB/s = the bytes a fused kernel must move per call (each workload's `bytes_moved`) / median, and
+that as a share of the device's copy bandwidth measured in this run; peak MiB = memory allocated
+during one call beyond what was allocated before it (CUDA: torch.cuda.max_memory_allocated; CPU:
+growth of the process's peak resident set, Linux VmHWM, reset just before the call after
+returning freed heap pages to the OS).
 
 The machinery lives in capsnet_triton/bench/, one module per job: providers.py (the
 implementations), workloads.py (shapes, inputs, what each workload computes), check.py (the

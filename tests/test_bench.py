@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from capsnet_triton import baselines
-from capsnet_triton.bench import check, cli, providers, runner, timing
+from capsnet_triton.bench import check, cli, providers, report, runner, timing
 from capsnet_triton.bench.workloads import WORKLOADS, Shape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,16 +138,118 @@ def test_batches_flag_sets_the_batches_of_squash_and_routing(tmp_path):
         cli.main(["--tiny", "--batches", "0,2"])
 
 
-@pytest.mark.parametrize("flag", ["--json", "--plot"])
-def test_an_unwritable_output_path_is_refused_before_any_benchmark(tmp_path, monkeypatch, flag):
+@pytest.mark.parametrize("flag, path", [("--json", "missing-folder/out.json"), ("--plot", "missing-folder/out.png"),
+                                        ("--json", "/proc/bench-out.json"), ("--plot", "/proc/bench-out.png"),
+                                        ("--plot", "out.xyz"), ("--plot", "out")])
+def test_an_unwritable_output_path_is_refused_before_any_benchmark(tmp_path, monkeypatch, capsys, flag, path):
+    # /proc refuses new files even to root, for whom permission bits (os.access) say yes.
+    if path.startswith("/proc") and not os.path.isdir("/proc"):
+        pytest.skip("no /proc on this platform")
+
     def never(*args, **kwargs):
         raise AssertionError("the benchmark ran before the output path was checked")
 
     monkeypatch.setattr(cli, "run", never)
     monkeypatch.setattr(cli, "check_ground_truth", never)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--tiny", flag, str(tmp_path / "missing-folder" / "out")])
+        cli.main(["--tiny", flag, str(tmp_path / path)])
     assert exit_info.value.code == 2
+    assert f"error: {flag} " in capsys.readouterr().err
+
+
+def test_the_writability_check_leaves_no_file_behind_and_keeps_an_old_one(tmp_path):
+    parser = cli.build_parser()
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    old.write_text("earlier run")
+    for path in (new, old):
+        cli.check_writable(parser, "--json", str(path))
+    assert not new.exists() and old.read_text() == "earlier run"
+
+
+def test_recorded_command_quotes_its_arguments_and_the_network_shape():
+    plan = runner.PLANS[("cpu", "tiny")]
+    args = ["--tiny", "--workloads", "routing fwd+bwd,digitcaps fwd+bwd"]
+    env = report.environment(torch.device("cpu"), {"cpu": 1.0}, args, None, plan)
+    assert shlex.split(env["command"]) == ["python", "bench.py", *args]
+    assert env["network"] == dict(I=72, J=10, D=16, P=8, conv_channels=16) and env["plan"]["reps_max"] == 2
+    table = report.format_table([], env, [])
+    assert "network I = 72, J = 10, D = 16, P = 8, Conv1 16 channels (NOT the MNIST shape" in table
+    mnist = report.environment(torch.device("cpu"), {"cpu": 1.0}, [], None, runner.PLANS[("cpu", "quick")])
+    assert "I = 1152, J = 10, D = 16, P = 8, Conv1 256 channels (the MNIST shape)" in report.format_table([], mnist, [])
+
+
+def test_inputs_too_large_for_memory_skip_their_rows():
+    plan = replace(runner.PLANS[("cpu", "tiny")], batches=(10**9,))
+    rows = runner.run([providers.EAGER, providers.EINSUM], [_workload("squash")], plan, torch.device("cpu"),
+                      {"cpu": 1.0}, progress=False)
+    assert [r.status for r in rows] == ["skipped", "skipped"]
+    assert all("do not fit in memory" in r.note for r in rows), rows
+
+
+def _timed_row(workload, B, r, provider, ms):
+    return runner.Row(workload, B, r, provider, "ok", median_ms=ms, p25_ms=ms, p75_ms=ms, rel_error=0.0)
+
+
+def test_plot_keeps_its_legend_off_the_data_and_names_what_it_leaves_out():
+    shapes = ((8, 3), (32, 3), (8, 1), (8, 2))               # B = 8 and 32, and the r sweep at B = 8
+    rows = [_timed_row("routing fwd+bwd", B, r, provider, ms * B * r)
+            for provider, ms in (("torch-eager", 2.0), ("torch-einsum", 1.0)) for B, r in shapes]
+    rows.append(runner.Row("routing fwd+bwd", 8, 3, "flipped", "FAILED", note="relative error 1e-1"))
+    env = {"device": "cpu", "cpu": "a test CPU", "network": runner.network_shape(runner.PLANS[("cpu", "tiny")])}
+    fig = report.figure(rows, env)
+    fig.canvas.draw()
+    over_b, over_r = (ax for ax in fig.axes if ax.get_visible())
+    assert [t.get_text() for t in over_b.get_xticklabels()] == ["8", "32"]
+    assert [t.get_text() for t in over_r.get_xticklabels()] == ["1", "2", "3"]
+    assert over_b.get_legend() is None and over_r.get_legend() is None and len(fig.legends) == 1
+    legend_top = fig.legends[0].get_window_extent().y1
+    assert legend_top <= min(ax.get_window_extent().y0 for ax in (over_b, over_r))
+    title = "\n".join(text.get_text() for text in fig.texts)
+    assert "cpu" in title and "I = 72" in title and "flipped (routing fwd+bwd)" in title
+    import matplotlib.pyplot as plt                         # report.figure chose the Agg backend
+    plt.close(fig)
+
+
+def test_table_footnotes_and_squash_rows():
+    env = report.environment(torch.device("cpu"), {"cpu": 1.0}, [], None, runner.PLANS[("cpu", "tiny")])
+    rows = [_timed_row("squash", 2, 3, "torch-einsum", 1.0)]
+    table = report.format_table(rows, env, [providers.EINSUM])
+    assert re.search(r"\n +2 +-  torch-einsum +1 ", table), table
+    assert "torch-eager was not among the providers" in table
+    assert "on a CPU, the growth of the process's resident memory" in table
+
+
+def test_repeated_batches_and_providers_run_once(tmp_path):
+    path = tmp_path / "rows.json"
+    assert cli.main(["--tiny", "--device", "cpu", "--batches", "2,3,2", "--providers", "torch-eager,torch-eager",
+                     "--workloads", "squash", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["B"], r["provider"]) for r in rows] == [(2, "torch-eager"), (3, "torch-eager")]
+
+
+def test_a_run_that_measured_nothing_says_so(capsys):
+    # On a CPU the triton provider is always skipped: needs a GPU, or refused under the interpreter.
+    assert cli.main(["--tiny", "--device", "cpu", "--workloads", "squash", "--providers", "triton"]) == 0
+    assert "bench: no row was measured" in capsys.readouterr().err
+
+
+def test_ctrl_c_prints_the_rows_so_far_and_exits_130(tmp_path, monkeypatch, capsys):
+    def routing(u_hat, iterations):
+        if u_hat.shape[0] == 3:
+            raise KeyboardInterrupt
+        return baselines.routing(u_hat, iterations)
+
+    real = providers.make_providers
+    monkeypatch.setattr(cli, "make_providers", lambda: real() + [_provider("stopper", routing)])
+    path = tmp_path / "rows.json"
+    status = cli.main(["--tiny", "--device", "cpu", "--batches", "2,3", "--providers", "torch-eager,stopper",
+                       "--workloads", "routing fwd", "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert status == 130
+    assert re.search(r"\n +2 +3  stopper +[0-9.]+ ", out) and re.search(r"\n +3 +3  torch-eager +[0-9.]+ ", out)
+    assert "interrupted (Ctrl-C): the table holds the 3 row(s)" in err
+    report_ = json.loads(path.read_text())
+    assert report_["complete"] is False and len(report_["rows"]) == 3
 
 
 def test_json_holds_the_rows_measured_so_far_while_the_run_goes_on(tmp_path, monkeypatch):

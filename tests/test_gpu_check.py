@@ -1,5 +1,6 @@
 """scripts/gpu_check.sh: its smoke run on a CPU (the same stages as on a GPU, at tiny sizes),
-so that the script a GPU machine runs cannot rot; and its summary of stages cut short."""
+so that the script a GPU machine runs cannot rot; its summary of stages cut short; and its side
+commands (summary, ceilings, kernels) refusing bad arguments before they measure."""
 
 import json
 import os
@@ -7,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from capsnet_triton.bench import summary
+import pytest
+import torch
+
+from capsnet_triton.bench import ceilings, kernels, summary
 from idx_files import write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,3 +132,42 @@ def test_summary_judges_every_gpu_target_and_compares_the_variants(tmp_path):
     assert verdicts["digitcaps fwd: triton-fused (the default variant) / triton-fused-sample"] == ["not measured"]
     assert verdicts["train step, B = 128: the default model (triton-fused) / DigitCaps unfused (triton)"] == [
         "17 / 12 ms"]
+
+
+def test_summary_refuses_a_missing_folder_and_warns_of_an_empty_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        summary.main([str(tmp_path / "missing"), "--epochs", "1"])
+    assert exit_info.value.code == 2 and "no such folder" in capsys.readouterr().err
+    assert summary.main([str(tmp_path), "--epochs", "1"]) == 0
+    assert "no stage output" in capsys.readouterr().err
+
+
+def test_ceilings_checks_its_flags_before_measuring(tmp_path, monkeypatch, capsys):
+    def never(*args):
+        raise AssertionError("measured before the flags were checked")
+
+    monkeypatch.setattr(ceilings, "measure", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, says in ((["--device", "cuda", "--json", str(tmp_path / "c.json")], "error: --device cuda, but"),
+                       (["--json", str(tmp_path / "no" / "c.json")], "error: --json")):
+        with pytest.raises(SystemExit) as exit_info:
+            ceilings.main(argv)
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_ceilings_prints_small_rates_and_says_what_it_did_not_measure(tmp_path, monkeypatch, capsys):
+    facts = {"device": {"cpu": "a test CPU"}, "copy_bandwidth_gbs": 20.0, "gemm_n": 256,
+             "gemm_tflops": {"fp32": 0.2, "tf32": None, "bf16": 0.0121}}
+    monkeypatch.setattr(ceilings, "measure", lambda device, size: facts)
+    assert ceilings.main(["--device", "cpu", "--smoke", "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 0.0121" in out and "tf32 not measured" in out
+
+
+@pytest.mark.parametrize("batches", ["0", "x,128"])
+def test_kernels_checks_its_batches_before_measuring(tmp_path, capsys, batches):
+    with pytest.raises(SystemExit) as exit_info:
+        kernels.main(["--json", str(tmp_path / "k.json"), "--batches", batches])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "python -m capsnet_triton.bench.kernels: error: --batches" in err

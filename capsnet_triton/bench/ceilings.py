@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 
+from .cli import check_writable
 from .report import cpu_name, versions
 from .timing import copy_bandwidth_gbs, time_calls
 
@@ -67,11 +68,16 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--smoke", action="store_true", help=f"small sizes: {SIZES['smoke']}")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA GPU: leave --device out, or run on a GPU machine")
+    check_writable(parser, "--json", args.json)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ceilings = measure(device, "smoke" if args.smoke else "full")
     with open(args.json, "w") as out:
         json.dump(ceilings, out, indent=1)
-    rates = ", ".join(f"{k} {v:.1f}" for k, v in ceilings["gemm_tflops"].items() if v is not None)
+    # Three significant digits: a CPU's bf16 rate (0.01 TFLOP/s) must not print as 0.0.
+    rates = ", ".join(f"{k} {v:.3g}" if v is not None else f"{k} not measured (CUDA only)"
+                      for k, v in ceilings["gemm_tflops"].items())
     print(f"{ceilings['device'].get('name', ceilings['device']['cpu'])}: copy {ceilings['copy_bandwidth_gbs']:.0f} GB/s, "
           f"GEMM n = {ceilings['gemm_n']} TFLOP/s: {rates}")
     return 0

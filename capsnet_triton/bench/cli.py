@@ -12,8 +12,8 @@ import torch
 from . import providers as _providers
 from .check import check_ground_truth
 from .providers import make_providers
-from .report import environment, format_table, load_average, plot
-from .runner import PLANS, run
+from .report import environment, format_table, load_average, plot, plot_formats
+from .runner import PLANS, Interrupted, run
 from .timing import copy_bandwidth_gbs
 from .workloads import WORKLOADS
 
@@ -22,8 +22,11 @@ def build_parser(description=None):
     parser = argparse.ArgumentParser(prog="bench.py", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="fewer sizes and repetitions: under a minute on CPU")
-    size.add_argument("--tiny", action="store_true", help="small shapes, two repetitions: a smoke test in seconds")
+    size.add_argument("--quick", action="store_true",
+                      help="fewer sizes and repetitions: about 1-2 minutes on a 2-core CPU")
+    size.add_argument("--tiny", action="store_true",
+                      help="small shapes (I = 72), two repetitions: the smoke test, under a minute "
+                           "(most of it torch.compile compiling)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--batches", metavar="B,B,...",
@@ -31,17 +34,36 @@ def build_parser(description=None):
     parser.add_argument("--providers", help="comma-separated subset of provider names")
     parser.add_argument("--workloads", help="comma-separated subset of workload names")
     parser.add_argument("--json", metavar="PATH", help="also write the environment and rows as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="also draw median time per provider to a PNG")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="also draw median time per provider, in the format of PATH's extension "
+                             "(.png, .svg, .pdf ...)")
     return parser
 
 
-def _check_writable(path, flag, parser):
-    """Refuse an output path that cannot be written before the benchmark runs, not after it."""
+def check_writable(parser, flag, path):
+    """Refuse an output path that cannot be written before the measuring, not after it. The path
+    is really opened: permission bits say nothing of /proc or a read-only mount, least of all to root."""
     if path is None:
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        parser.error(f"{flag} {path}: cannot write there (is the folder missing, or the path a folder?)")
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        parser.error(f"{flag} {path}: cannot write there ({exc.strerror}); give a file path in a writable folder")
+    if not existed:
+        os.remove(path)
+
+
+def parse_batches(parser, flag, text):
+    """Comma-separated positive batch sizes, each once, in the order given."""
+    try:
+        batches = tuple(dict.fromkeys(int(b) for b in text.split(",")))
+    except ValueError:
+        parser.error(f"{flag} takes comma-separated integers, got {text!r}")
+    if min(batches) < 1:
+        parser.error(f"{flag} must be positive, got {text!r}")
+    return batches
 
 
 def _write_json(path, env, rows, complete):
@@ -74,47 +96,59 @@ def main(argv=None, description=None):
         torch.backends.cudnn.allow_tf32 = False
     plan = PLANS[(device.type, "tiny" if args.tiny else "quick" if args.quick else "default")]
     if args.batches is not None:
-        plan = replace(plan, batches=_batches(args.batches, parser))
+        plan = replace(plan, batches=parse_batches(parser, "--batches", args.batches))
     providers = _select(make_providers(), args.providers, parser, "provider")
     workloads = _select(WORKLOADS, args.workloads, parser, "workload")
 
+    if args.plot is not None and os.path.splitext(args.plot)[1].lower() not in plot_formats():
+        # Without a known extension savefig raises after the whole run, or writes PATH.png instead.
+        parser.error(f"--plot {args.plot}: not an image name matplotlib can write; "
+                     f"end it in one of {' '.join(sorted(plot_formats()))}")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        _check_writable(path, flag, parser)
+        check_writable(parser, flag, path)
 
     load_before = load_average()
-    check_ground_truth(workloads)
-    bandwidth = {d.type: copy_bandwidth_gbs(d, plan.copy_mib) for d in dict.fromkeys([torch.device("cpu"), device])}
+    try:
+        check_ground_truth(workloads)
+        bandwidth = {d.type: copy_bandwidth_gbs(d, plan.copy_mib)
+                     for d in dict.fromkeys([torch.device("cpu"), device])}
+    except KeyboardInterrupt:
+        print("bench: interrupted (Ctrl-C) before any row was measured", file=sys.stderr)
+        return 130
     command = sys.argv[1:] if argv is None else argv
 
     def write_json(rows, complete):
         if args.json:
-            _write_json(args.json, environment(device, bandwidth, command, load_before), rows, complete)
+            _write_json(args.json, environment(device, bandwidth, command, load_before, plan), rows, complete)
 
-    rows = run(providers, workloads, plan, device, bandwidth, on_row=lambda rows: write_json(rows, False))
-    env = environment(device, bandwidth, command, load_before)
+    interrupted = False
+    try:
+        rows = run(providers, workloads, plan, device, bandwidth, on_row=lambda rows: write_json(rows, False))
+    except Interrupted as stop:
+        rows, interrupted = stop.rows, True
+    env = environment(device, bandwidth, command, load_before, plan)
     print(format_table(rows, env, providers))
-    write_json(rows, True)
+    write_json(rows, not interrupted)
+    if interrupted:
+        # 130: the shell's status for a command ended by SIGINT, so scripts see the run as cut short.
+        print(f"bench: interrupted (Ctrl-C): the table holds the {len(rows)} row(s) finished before it"
+              + (", and so does the JSON (complete: false)" if args.json else "")
+              + ("; the plot was not drawn" if args.plot else ""), file=sys.stderr)
+        return 130
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, env)
     failed = [r for r in rows if r.status == "FAILED"]
     if failed:
         print(f"bench: {len(failed)} row(s) FAILED the check against the reference and were not timed",
               file=sys.stderr)
         return 1
+    if not any(r.status == "ok" for r in rows):
+        print("bench: no row was measured: every row was skipped; the table says why for each", file=sys.stderr)
     return 0
 
 
-def _batches(text, parser):
-    try:
-        batches = tuple(int(b) for b in text.split(","))
-    except ValueError:
-        parser.error(f"--batches takes comma-separated integers, got {text!r}")
-    if not batches or min(batches) < 1:
-        parser.error(f"--batches must be positive, got {text!r}")
-    return batches
-
-
 def _select(items, wanted, parser, kind):
+    """The items named in `wanted` (each once, in the order of `items`), or all of them."""
     if wanted is None:
         return items
     names = [name.strip() for name in wanted.split(",")]

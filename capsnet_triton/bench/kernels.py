@@ -20,6 +20,7 @@ import json
 import numpy as np
 import torch
 
+from .cli import check_writable, parse_batches
 from .report import versions
 from .timing import copy_bandwidth_gbs, time_calls
 from .workloads import WORKLOADS, Shape, make_arrays
@@ -160,19 +161,22 @@ def _line(row):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m capsnet_triton.bench.kernels",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="where to write the rows")
     parser.add_argument("--batches", default="128,512", help="comma-separated batch sizes (default 128,512)")
     args = parser.parse_args(argv)
+    batches = parse_batches(parser, "--batches", args.batches)
+    check_writable(parser, "--json", args.json)
     if not torch.cuda.is_available():
         parser.error("times GPU kernels: needs a CUDA GPU")
-    batches = [int(b) for b in args.batches.split(",")]
     print(f"{'B':>5}  {'workload':<18} {'config':<17}")
     result = measure(torch.device("cuda"), batches)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

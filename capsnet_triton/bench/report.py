@@ -5,12 +5,15 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import shlex
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from .workloads import SWEPT
+from .runner import MNIST, network_shape
+from .workloads import SWEPT, WORKLOADS
 
 
 def versions():
@@ -31,10 +34,12 @@ def cpu_name():
     return name
 
 
-def environment(device, bandwidth, args, load_before):
+def environment(device, bandwidth, args, load_before, plan):
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join(["python", "bench.py", *args]),
+        "command": shlex.join(["python", "bench.py", *args]),     # quoted: it can be pasted back
+        # The plan sets the network every row runs (--tiny's is not MNIST's) and the repetitions.
+        "network": network_shape(plan), "plan": asdict(plan),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         # Other processes on the machine skew CPU timings: the 1-minute load before and after.
@@ -53,6 +58,15 @@ def _num(value, fmt):
     return format(value, fmt) if value is not None else "-"
 
 
+def network_text(network):
+    """The network shape of a run, and whether it is MNIST's, which the docs' figures are at."""
+    text = ", ".join(f"{k} = {v}" for k, v in network.items() if k != "conv_channels")
+    text += f", Conv1 {network['conv_channels']} channels"
+    if network == MNIST:
+        return text + " (the MNIST shape)"
+    return text + f" (NOT the MNIST shape: I = {MNIST['I']}, Conv1 {MNIST['conv_channels']} channels)"
+
+
 def format_table(rows, env, providers):
     lines = [f"CapsNet routing benchmark  {env['date']}",
              f"device {env['device']} | cpu {env['cpu']} ({env['cpu_count']} cores, torch threads "
@@ -62,6 +76,7 @@ def format_table(rows, env, providers):
              + (f" cuda {env['cuda']} | TF32 {env['tf32']}" if env["cuda"] and env["device"] != "cpu" else ""),
              "copy bandwidth (read + write): "
              + ", ".join(f"{dev} {gbs:.1f} GB/s" for dev, gbs in env["copy_bandwidth_gbs"].items()),
+             f"network {network_text(env['network'])}",
              f"command: {env['command']}"]
     width = 1 + max(len(name) for name in ["provider", *(p.name for p in providers), *(r.provider for r in rows)])
     lines += ["providers:"] + [f"  {p.name:<{width}}{p.about}" for p in providers]
@@ -73,10 +88,11 @@ def format_table(rows, env, providers):
     lines.append("")
     header = (f"{'B':>5} {'r':>2}  {'provider':<{width}}{'median ms':>10}{'p25-p75 ms':>21}{'vs eager':>10}"
               f"{'GB/s':>8}{'%copy':>7}{'peak MiB':>10}{'rel.err':>9}")
+    routed = {w.name: w.routed for w in WORKLOADS}
     for workload in dict.fromkeys(r.workload for r in rows):
         lines += [f"== {workload} ==", header]
         for row in (r for r in rows if r.workload == workload):
-            lead = f"{row.B:>5} {row.r:>2}  {row.provider:<{width}}"
+            lead = f"{row.B:>5} {row.r if routed[workload] else '-':>2}  {row.provider:<{width}}"
             if row.status != "ok":
                 lines.append(f"{lead}{row.status}: {row.note}" if row.status == "FAILED" else f"{lead}{row.note}")
                 continue
@@ -85,21 +101,46 @@ def format_table(rows, env, providers):
                          f"{_num(row.gbs, '.1f'):>8}{_num(row.copy_share and 100 * row.copy_share, '.0f'):>7}"
                          f"{_num(row.peak_mib, '.0f'):>10}{row.rel_error:>9.1e}")
         lines.append("")
-    lines += ["vs eager: torch-eager's median / this median, same shape.  rel.err: against float64 ground truth.",
+    eager_run = any(r.provider == "torch-eager" for r in rows)
+    lines += ["vs eager: torch-eager's median / this median, same shape; \"-\" where torch-eager has no timed row "
+              "at that shape" + ("" if eager_run else " (here everywhere: torch-eager was not among the providers)")
+              + ".",
+              "r: routing iterations (\"-\" for squash, which has none).  rel.err: against float64 ground truth.",
               "GB/s: the bytes a fused kernel must move / median; %copy: that / the copy bandwidth above.",
-              "peak MiB: memory allocated during one call beyond what was allocated before it."]
+              "peak MiB: memory allocated during one call beyond what was allocated before it;",
+              "          " + ("on a CPU, the growth of the process's resident memory (its peak, Linux VmHWM)."
+                              if env["device"] == "cpu" else "torch.cuda.max_memory_allocated (numpy-ref's: "
+                              "the growth of resident memory).")]
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def plot_formats():
+    """The file extensions (".png", ".svg" ...) matplotlib's savefig can write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    return {"." + extension for extension in FigureCanvasBase.get_supported_filetypes()}
+
+
+def plot(rows, path, env):
+    """Draw figure(rows, env) to `path`, in the format of its extension."""
+    fig = figure(rows, env)
+    if fig is None:
+        print(f"bench: no row was timed, so there is no plot ({path} not written)", file=sys.stderr)
+        return
+    # "tight" grows the image to hold the legend, placed below the panels.
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def figure(rows, env):
+    """Median time per provider: one panel per workload over B (at r = 3), and one over r for
+    the sweep; None when no row was timed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     timed = [r for r in rows if r.status == "ok"]
     if not timed:
-        print(f"bench: no row was timed, so there is no plot ({path} not written)", file=sys.stderr)
-        return
+        return None
     swept_batches = {r.B for r in timed if r.workload == SWEPT and r.r != 3}   # the r sweep's batch
     panels = [(w, "B") for w in dict.fromkeys(r.workload for r in timed)] + [(SWEPT, "r")] * bool(swept_batches)
     columns = min(3, len(panels))
@@ -129,8 +170,26 @@ def plot(rows, path):
         ax.set(title=workload + (" (r sweep)" if axis == "r" else ""), xlabel=axis, ylabel="median ms", yscale="log")
         if axis == "B":
             ax.set_xscale("log", base=2)
+        # Ticks at the measured values, written plainly: 8 and 32, not 2^3 and 2^5; r = 1, 2, 3, not 1.5.
+        ticks = sorted({x for points in series.values() for x, _ in points})
+        ax.set_xticks(ticks, [str(x) for x in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+    title = [f"median ms per call, float32, on {env['device']}"
+             + (f" ({env['cpu']})" if env["device"] == "cpu" else ""), network_text(env["network"])]
+    failed = {}
+    for r in rows:
+        if r.status == "FAILED":
+            failed.setdefault(r.provider, {})[r.workload] = None
+    if failed:
+        # A provider missing from a panel would otherwise read as one that was never run.
+        title.append("FAILED the check, so not drawn: "
+                     + "; ".join(f"{provider} ({', '.join(workloads)})" for provider, workloads in failed.items()))
+    fig.suptitle("\n".join(title), fontsize=10)
+    fig.tight_layout()
     line_panels = [ax for ax in axes.flat if ax.get_lines()]
     if line_panels:                                        # bar panels name providers on their axis
-        line_panels[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        handles = {label: handle for ax in line_panels for handle, label in zip(*ax.get_legend_handles_labels())}
+        # Below the panels, never over their lines.
+        fig.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0),
+                   ncol=min(5, len(handles)), fontsize=8)
+    return fig

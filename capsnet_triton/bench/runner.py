@@ -44,6 +44,23 @@ PLANS = {
 }
 
 
+def network_shape(plan):
+    """The network every row of `plan` runs: rows differ only in B and r."""
+    shape = Shape(B=0, I=plan.I, r=0, conv_channels=plan.conv_channels)
+    return dict(I=shape.I, J=shape.J, D=shape.D, P=shape.P, conv_channels=shape.conv_channels)
+
+
+MNIST = network_shape(PLANS[("cpu", "default")])
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during run(): `rows` holds the rows finished before it."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = rows
+
+
 @dataclass
 class Row:
     workload: str
@@ -108,37 +125,73 @@ def measure(row, provider, workload, shape, arrays, expected, device, plan, band
         row.copy_share = row.gbs / bandwidth[where.type]
 
 
+def _out_of_memory(exc):
+    # torch's CPU allocator raises a plain RuntimeError, not torch.OutOfMemoryError.
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def _inputs(workload, shape, plan):
+    """The shape's inputs and float64 ground truth, or why they could not be built (a skip reason)."""
+    try:
+        arrays = make_arrays(workload, shape)
+        return arrays, ground_truth(workload, arrays, shape, shape.B <= plan.numpy_max_batch)
+    except Exception as exc:
+        if not _out_of_memory(exc):
+            raise
+        # The machine's limit, not a provider's fault: no row of this shape can run, none is wrong.
+        return (f"skipped: the inputs and float64 ground truth of B = {shape.B} do not fit in memory "
+                f"({type(exc).__name__}); use a smaller --batches")
+
+
 def run(providers, workloads, plan, device, bandwidth, progress=True, on_row=None):
     """Check and time every (workload, shape, provider); returns the rows in that order.
 
     on_row(rows): called with the rows so far after each one, so that a run stopped early
-    (a time limit) still leaves what it measured."""
+    (a time limit) still leaves what it measured. Ctrl-C raises Interrupted with the rows
+    finished before it."""
     tasks = [(w, s, p) for w in workloads for s in shapes_for(w, plan) for p in providers]
     rows, cache = [], {}
     bar = tqdm(tasks, file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    for workload, shape, provider in bar:
-        bar.set_description(f"{workload.name} B={shape.B} r={shape.r} {provider.name}")
-        row = Row(workload.name, shape.B, shape.r, provider.name, "skipped")
-        rows.append(row)
-        reason = skip_reason(provider, shape, device, plan, workload)
-        if reason:
-            row.note = reason
-            continue
-        key = (workload.name, shape)
-        if key not in cache:
-            arrays = make_arrays(workload, shape)
-            cache.clear()                   # keep one shape's inputs and ground truth alive at a time
-            cache[key] = arrays, ground_truth(workload, arrays, shape, shape.B <= plan.numpy_max_batch)
-        arrays, expected = cache[key]
-        try:
-            measure(row, provider, workload, shape, arrays, expected, device, plan, bandwidth)
-        except Exception as exc:            # a provider that raises is as wrong as one that disagrees
-            row.status, row.note = "FAILED", f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-        if row.status == "FAILED":
-            tqdm.write(f"bench: FAILED {provider.name} on {workload.name} B={shape.B} r={shape.r}: {row.note}",
-                       file=sys.stderr)
-        if on_row is not None:
-            on_row(rows)
+    try:
+        for workload, shape, provider in bar:
+            bar.set_description(f"{workload.name} B={shape.B} r={shape.r} {provider.name}")
+            rows.append(_row(workload, shape, provider, cache, device, plan, bandwidth))
+            if on_row is not None:
+                on_row(rows)
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(_compare_with_eager(rows)) from None
+    return _compare_with_eager(rows)
+
+
+def _row(workload, shape, provider, cache, device, plan, bandwidth):
+    """One finished Row: skipped, FAILED or timed. `cache` keeps the inputs of one shape."""
+    row = Row(workload.name, shape.B, shape.r, provider.name, "skipped")
+    reason = skip_reason(provider, shape, device, plan, workload)
+    if reason:
+        row.note = reason
+        return row
+    key = (workload.name, shape)
+    if key not in cache:
+        cache.clear()                       # keep one shape's inputs and ground truth alive at a time
+        cache[key] = _inputs(workload, shape, plan)
+    if isinstance(cache[key], str):
+        row.note = cache[key]
+        return row
+    arrays, expected = cache[key]
+    try:
+        measure(row, provider, workload, shape, arrays, expected, device, plan, bandwidth)
+    except Exception as exc:                # a provider that raises is as wrong as one that disagrees
+        row.status, row.note = "FAILED", f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    if row.status == "FAILED":
+        tqdm.write(f"bench: FAILED {provider.name} on {workload.name} B={shape.B} r={shape.r}: {row.note}",
+                   file=sys.stderr)
+    return row
+
+
+def _compare_with_eager(rows):
+    """Fill each timed row's vs_eager from torch-eager's row of the same shape; returns rows."""
     eager = {(r.workload, r.B, r.r): r.median_ms for r in rows if r.provider == "torch-eager" and r.median_ms}
     for row in rows:
         if row.median_ms and (row.workload, row.B, row.r) in eager:

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import re
+import sys
 
 COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
 
@@ -265,6 +266,11 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, required=True, help="epochs the train stage was asked for")
     parser.add_argument("--smoke", action="store_true", help="the run was gpu_check.sh --smoke")
     args = parser.parse_args(argv)
+    if not os.path.isdir(args.out):
+        parser.error(f"{args.out}: no such folder; give the OUT folder scripts/gpu_check.sh wrote")
+    if not stages(args.out):
+        print(f"summary: no stage output in {args.out} (stages.tsv is missing or empty): "
+              "is it the OUT folder of scripts/gpu_check.sh?", file=sys.stderr)
     print(write_summary(args.out, args.epochs, args.smoke), end="")
     return 0
 

@@ -173,11 +173,12 @@ class Workload:
     flops: Callable = lambda shape: None
     batch_sweep: bool = True              # timed at every batch of the plan, else at its layer_batch
     whole_layer: bool = False             # needs only the DigitCaps layer (a fused provider runs it)
+    routed: bool = True                   # runs routing, so the shape's r matters (squash does not)
 
 
 WORKLOADS = [
     Workload("squash", _inputs_squash, _numpy_squash,
-             torch_fn=lambda p, x, r: p.squash(x["s"]),
+             torch_fn=lambda p, x, r: p.squash(x["s"]), routed=False,
              bytes_moved=lambda s: 2 * s.B * s.I * s.P * FLOAT32),                # read s, write v
     Workload("routing fwd", _inputs_routing, _numpy_routing_forward,
              torch_fn=lambda p, x, r: p.routing(x["u_hat"], r),
