@@ -277,7 +277,7 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_
 
 
 def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DEFAULT_VARIANT, splits=None,
-                            block_i=None, out=None):
+                            block_i=None, weight_launch=None, out=None):
     """Gradients of capsule_linear_forward: (du [B, I, P] in u's dtype, dW [I, J, D, P] in W's
     dtype, ds_all [r, B, J, D] in the compute dtype; the bias gradient is ds_all.sum((0, 1))).
 
@@ -289,6 +289,9 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
     is one launch, one program per sample, for variant="sample", and one launch per iteration
     over (block of samples, chunk of I) for variant="split" (the default; see capsule_linear_forward;
     splits forces the chunks per block). Kernel B is the same for both.
+    weight_launch: optional (BLOCK_I, num_warps) of kernel B alone, instead of the launcher's
+    (block_i's, or its tile budget's): the kernels stage times one input over two warps beside
+    the default (docs/PERF.md, 2026-11-30, fourth run).
     out: optional (du, dW, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """
     check_float_tensor(s_all, "s_all")
@@ -337,7 +340,13 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
     else:
         ds_all[:-1].zero_()
         squash_backward(dv, s_all[-1], out=ds_all[-1])
-    weight_config = _launch_config(I, J, D, P, u.dtype, block_i, weight_tile=True)
+    if weight_launch is None:
+        weight_config = _launch_config(I, J, D, P, u.dtype, block_i, weight_tile=True)
+    else:
+        weight_block_i, warps = weight_launch
+        if isinstance(warps, bool) or not isinstance(warps, int) or warps < 1 or warps & (warps - 1):
+            raise ValueError(f"weight_launch's num_warps must be a power of two >= 1, got {warps!r}")
+        weight_config = dict(_launch_config(I, J, D, P, u.dtype, weight_block_i, weight_tile=True), num_warps=warps)
     _capsule_linear_backward_weight_kernel[(triton.cdiv(I, weight_config["BLOCK_I"]),)](
         u, weight, s_all, ds_all, du, dweight,
         B, I, J, D, P, iterations,

@@ -27,7 +27,7 @@ def compute_dtype(dtype):
 
 
 def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full", block_i=None,
-                         variant=DEFAULT_VARIANT, splits=None):
+                         variant=DEFAULT_VARIANT, splits=None, weight_launch=None):
     """Run the kernels on poisoned outputs, compare with the reference, return (v, s_all, du, dW, ds_all)."""
     B, I, P = u.shape
     _, J, D, _ = weight.shape
@@ -37,7 +37,7 @@ def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full
         out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
     du, dW, ds_all = capsule_linear_backward(
         dv, u, weight, s_all, gradient=gradient, block_i=block_i, variant=variant, splits=splits,
-        out=(poisoned(u.shape, dtype), poisoned(weight.shape, dtype),
+        weight_launch=weight_launch, out=(poisoned(u.shape, dtype), poisoned(weight.shape, dtype),
              poisoned((iterations, B, J, D), compute_dtype(dtype))))
 
     # A zero bias changes nothing in the reference and makes it return dL/dbias.
@@ -112,6 +112,17 @@ def test_capsule_linear_at_the_mnist_shape(variant, rng):
     would hold 2**21 elements, over its limit of 2**20: the launchers size tiles by that limit."""
     u, weight, bias, dv = layer_inputs(rng, (2, 1152, 10, 16, 8), torch.float32, with_bias=True)
     check_capsule_linear(u, weight, 3, dv, bias=bias, variant=variant)
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_kernel_b_with_its_own_launch(gradient, rng):
+    """weight_launch sets kernel B's BLOCK_I and warps alone (the kernels stage times one input over
+    two warps): 13 inputs in blocks of 1 and of 4, kernel A at its own block."""
+    u, weight, bias, dv = layer_inputs(rng, (3, 13, 10, 16, 8), torch.float32, with_bias=True)
+    for weight_launch in ((1, 2), (4, 8)):
+        check_capsule_linear(u, weight, 3, dv, bias=bias, gradient=gradient, weight_launch=weight_launch)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        check_capsule_linear(u, weight, 3, dv, weight_launch=(1, 3))
 
 
 @pytest.mark.parametrize("gradient", ["full", "last"])

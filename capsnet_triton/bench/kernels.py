@@ -48,6 +48,11 @@ BACKWARD_CONFIGS = [
     ("A+B sample", dict(variant="sample")),
     ("A+B split", dict(variant="split")),
     ("B (last)", dict(gradient="last")),
+    # Kernel B over fewer warps per input, (BLOCK_I, num_warps): fewer instructions per (input,
+    # sample) in its sm_90 SASS and twice the inputs in flight per SM, at the register limit
+    # (docs/PERF.md, 2026-11-30, fourth run).
+    ("A+B split, B 1x2", dict(variant="split", weight_launch=(1, 2))),
+    ("A+B split, B 2x4", dict(variant="split", weight_launch=(2, 4))),
 ]
 
 
