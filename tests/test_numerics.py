@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from capsnet_triton.numerics import (TOLERANCE, agreement_error, assert_agrees, input_sensitivity, numerical_gradient,
-                                     relative_error, rounding_error)
+                                     poisoned, relative_error, rounding_error)
 
 LOW = (torch.float16, torch.bfloat16)
 
@@ -94,3 +94,14 @@ def test_spread_counts_the_rounding_of_intermediates_that_moving_the_inputs_miss
     assert spread >= 0.99e-9
     (exact,) = input_sensitivity(cancelled, (x,), "float64")
     assert exact < 1e-15                                    # float64: its own rounding only
+
+
+def test_poisoned_buffers_are_all_nan_so_an_unwritten_zero_fails():
+    """Every kernel test writes into poisoned outputs: an element a kernel leaves unwritten must
+    fail, even where the right value is exactly 0 (a buffer that merely came from torch.empty may
+    hold zeros)."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        buffer = poisoned((3, 4), dtype)
+        assert buffer.dtype == dtype and torch.isnan(buffer).all()
+        with pytest.raises(AssertionError):
+            assert_agrees(buffer, np.zeros((3, 4)), dtype, "unwritten")
