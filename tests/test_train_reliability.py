@@ -1,15 +1,14 @@
 """Training that never lies: what the training and evaluation commands refuse, and how.
 
 Each test is one failure a user can meet (bad flags, a run that diverges, wrong or corrupt
-data, a cut log, corrupt or foreign checkpoints, killed saves, a full disk, two runs in one
-folder), run through the commands on a tiny configuration (T below) and small fake MNIST files,
-in seconds.
+data, a cut log, a full disk), run through the commands on the tiny configuration and fake MNIST
+files of tests/command_runs.py, in seconds. The run folder's checkpoints and lock are
+tests/test_run_folder.py's.
 """
 
 import errno
 import gzip
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -25,67 +24,11 @@ from capsnet_triton.training import allocator, loop
 from capsnet_triton.training.checkpoint import LOCK_NAME, payload_checksum, save_atomic
 from capsnet_triton.training.config import build_parser
 from capsnet_triton.training.log import RunLog
-from idx_files import write_dataset, write_idx
+from command_runs import (args, copy_run, fake_mnist, finished_run, last_line, one_line,  # noqa: F401 (fixtures)
+                          read_records, run)
+from idx_files import write_idx
 
 pytestmark = pytest.mark.xdist_group("train_reliability")
-
-T = ["--epochs", "1", "--batch-size", "32", "--limit-train", "64", "--limit-val", "32", "--limit-test", "32",
-     "--conv-channels", "16", "--primary-types", "4", "--decoder-hidden", "32", "64"]
-
-
-@pytest.fixture(scope="module")
-def fake_mnist(tmp_path_factory):
-    """MNIST-shaped files that are not MNIST: enough training images for the default validation split."""
-    return str(write_dataset(tmp_path_factory.mktemp("fake_mnist"), train_count=5100, test_count=40))
-
-
-def args(data, out, *extra, verify=False):
-    return ["--data", str(data), "--out", str(out), *T, "--device", "cpu",
-            *([] if verify else ["--no-verify-data"]), *extra]
-
-
-def run(command, argv, capsys):
-    """(exit status, stderr) of a command's main, whether it returns or exits."""
-    capsys.readouterr()
-    try:
-        status = command(argv)
-    except SystemExit as e:
-        status = e.code
-    return status, capsys.readouterr().err
-
-
-def one_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "error:" in lines[0] and "Traceback" not in err
-    return lines[0]
-
-
-def last_line(err):
-    """The last line of a run's stderr, split at newlines only: a progress bar left open would
-    share its line with what follows (its redraws start with a carriage return)."""
-    return err.rstrip("\n").split("\n")[-1]
-
-
-def read_records(path):
-    def refuse(constant):
-        raise ValueError(f"{constant} is not JSON")
-
-    with open(path, "rb") as f:
-        return [json.loads(line, parse_constant=refuse) for line in f]
-
-
-@pytest.fixture(scope="module")
-def finished_run(fake_mnist, tmp_path_factory):
-    """A T run of one epoch: last.pt, best.pt and the log to corrupt in copies."""
-    out = tmp_path_factory.mktemp("runs") / "finished"
-    assert train.main(args(fake_mnist, out)) == 0
-    return out
-
-
-def copy_run(source, target):
-    shutil.copytree(source, target)
-    return target
 
 
 # --- 1. numeric flags and diverging runs ----------------------------------------------------
@@ -268,136 +211,7 @@ def test_bad_test_files_stop_the_run_before_the_first_step(fake_mnist, tmp_path,
     assert os.listdir(out) == [LOCK_NAME]
 
 
-# --- 5. checksummed checkpoints -------------------------------------------------------------
-
-def flip_middle(path, count=64):
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    for i in range(middle, middle + count):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def test_corrupted_checkpoint_bytes_are_refused_by_evaluate_and_resume(finished_run, fake_mnist, tmp_path, capsys):
-    out = copy_run(finished_run, tmp_path / "run")
-    flip_middle(out / "best.pt")
-    status, err = run(evaluate.main, [str(out / "best.pt"), "--data", fake_mnist, "--device", "cpu",
-                                      "--no-verify-data"], capsys)
-    # best.pt has no optimizer state: "the run's other checkpoint" is no way to resume.
-    assert status == 2 and "corrupt" in one_line(err) and str(out / "best.pt") in err
-    assert one_line(err).endswith("restore an intact copy of it (see --help)")
-    flip_middle(out / "last.pt")
-    status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
-    assert status == 2 and "corrupt" in one_line(err) and str(out / "last.pt") in err
-    assert "other checkpoint" not in err
-
-
-def test_the_checksum_covers_every_stored_value(tmp_path):
-    payload = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 3, "best": {"accuracy": 0.5},
-               "rng": [torch.tensor([1, 2], dtype=torch.int64), None]}
-    save_atomic(payload, tmp_path / "x.pt")
-    loaded = torch.load(tmp_path / "x.pt", weights_only=True)
-    assert payload_checksum(loaded) == payload_checksum(payload)
-    loaded["model"]["w"][1, 2] = 5.000001
-    changed = payload_checksum(loaded)
-    loaded["model"]["w"][1, 2] = 5.0
-    loaded["epoch"] = 4
-    assert len({changed, payload_checksum(loaded), payload_checksum(payload)}) == 3
-
-
-def with_checkpoint_changed(path, change):
-    """Rewrite the checkpoint at `path` after change(contents), with a checksum that matches."""
-    checkpoint = torch.load(path, weights_only=True)
-    del checkpoint["checksum"]
-    change(checkpoint)
-    save_atomic({**checkpoint, "checksum": payload_checksum(checkpoint)}, path)
-
-
-@pytest.mark.parametrize("damage", ["missing", "corrupt", "another epoch", "another run"])
-def test_resume_checks_best_pt_before_training(finished_run, tmp_path, capsys, damage):
-    """The final test reads best.pt: a resumed run refuses, before any step, one that is not the
-    best model last.pt records, instead of finding it after the remaining epochs."""
-    out = copy_run(finished_run, tmp_path / "run")
-    best = out / "best.pt"
-    if damage == "missing":
-        os.remove(best)
-    elif damage == "corrupt":
-        flip_middle(best)
-    elif damage == "another epoch":
-        with_checkpoint_changed(best, lambda checkpoint: checkpoint.update(epoch=2))
-    else:
-        with_checkpoint_changed(best, lambda checkpoint: checkpoint["config"].update(seed=8))
-    before = {name: (out / name).read_bytes() for name in ("last.pt", "log.jsonl")}
-    for _ in range(2):                  # a refusal releases the run folder's lock: the second says the same
-        status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
-        line = one_line(err)
-        assert status == 2 and str(best) in line and "epoch 1" in line and "another --out" in line
-    assert {name: (out / name).read_bytes() for name in before} == before
-
-
-def test_a_best_pt_written_with_other_resumable_options_passes(finished_run, tmp_path):
-    out = copy_run(finished_run, tmp_path / "run")
-    with_checkpoint_changed(out / "best.pt", lambda checkpoint: checkpoint["config"].update(
-        epochs=9, log_every=3, out="/where/the/run/was/before"))
-    assert train.main(["--out", str(out), "--resume"]) == 0
-
-
-def test_resuming_a_finished_run_says_nothing_is_trained(finished_run, tmp_path, capsys):
-    out = copy_run(finished_run, tmp_path / "run")
-    assert train.main(["--out", str(out), "--resume"]) == 0
-    printed = capsys.readouterr().out
-    assert f"nothing to train: {out / 'last.pt'} has finished all --epochs 1" in printed
-    assert "test accuracy" in printed
-
-
-# --- 6. one run per folder, stale temporaries -----------------------------------------------
-
-_HOLD_LOCK = """
-import fcntl, sys
-lock = open(sys.argv[1], "a")
-fcntl.flock(lock, fcntl.LOCK_EX)
-print("locked", flush=True)
-sys.stdin.read()                                 # until the test closes stdin
-"""
-
-
-def test_a_run_folder_that_another_run_holds_is_refused(finished_run, fake_mnist, tmp_path, capsys):
-    fresh, resumed = tmp_path / "fresh", copy_run(finished_run, tmp_path / "resumed")
-    fresh.mkdir()
-    log_before = (resumed / "log.jsonl").read_bytes()
-    for out in (fresh, resumed):
-        holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / LOCK_NAME)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
-        try:
-            assert holder.stdout.readline() == "locked\n"
-            argv = args(fake_mnist, out) if out == fresh else ["--out", str(out), "--resume"]
-            status, err = run(train.main, argv, capsys)
-            line = one_line(err)
-            assert status == 2 and f"another run is writing {out}" in line and "another --out" in line
-        finally:
-            holder.communicate("", timeout=60)
-    assert os.listdir(fresh) == [LOCK_NAME] and (resumed / "log.jsonl").read_bytes() == log_before
-    # The lock ends with the process that held it.
-    assert train.main(["--out", str(resumed), "--resume"]) == 0
-
-
-def test_stale_temporaries_of_killed_saves_are_removed(finished_run, fake_mnist, tmp_path):
-    stale = [".last.pt.k1l2l3.tmp", ".best.pt.x9y8z7.tmp"]
-    out = copy_run(finished_run, tmp_path / "run")
-    for name in stale:
-        (out / name).write_bytes(b"half a checkpoint")
-    (out / "notes.tmp").write_text("not ours")
-    assert train.main(["--out", str(out), "--resume", "--epochs", "2"]) == 0
-    assert not set(stale) & set(os.listdir(out)) and (out / "notes.tmp").exists()
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    for name in stale:
-        (fresh / name).write_bytes(b"half a checkpoint")
-    assert train.main(args(fake_mnist, fresh)) == 0
-    assert not set(stale) & set(os.listdir(fresh))
-
-
-# --- 7. errors as one line ------------------------------------------------------------------
+# --- 5. errors as one line ------------------------------------------------------------------
 
 def test_user_errors_are_one_line_with_usage_and_failure_statuses(finished_run, fake_mnist, tmp_path, capsys):
     blocker = tmp_path / "a_file"
@@ -463,7 +277,7 @@ def test_device_cuda_without_cuda_is_a_usage_error(finished_run, fake_mnist, tmp
     assert status == 2 and "--device cuda" in one_line(err)
 
 
-# --- 8. smaller ones ------------------------------------------------------------------------
+# --- 6. smaller ones ------------------------------------------------------------------------
 
 def test_evaluate_refuses_files_of_another_dataset(finished_run, fake_mnist, capsys):
     status, err = run(evaluate.main, [str(finished_run / "best.pt"), "--data", fake_mnist, "--device", "cpu",
