@@ -7,9 +7,9 @@ prints the test accuracy (both-digit accuracy for MultiMNIST) and writes reconst
 perturbations.png (paper Figures 3 and 4; segmentation.png, the paper's Figure 5, instead of
 reconstructions.png for MultiMNIST) and, when the run's log.jsonl sits beside the checkpoint,
 training_curves.png, into the checkpoint's folder (a subfolder named after --dataset for a
-dataset other than the run's, so that the run's own figures stay). The checkpoint's checksum and the test files' MD5s (unless
---no-verify-data) are checked first, so a corrupt checkpoint or another dataset's files are
-refused, not scored.
+dataset other than the run's, so that the run's own figures stay). The checkpoint's checksum and
+the test files' MD5s (unless --no-verify-data) are checked first, so a corrupt checkpoint or
+another dataset's files are refused, not scored.
 
 Also home of `evaluate`, the accuracy and loss of a model over a whole split, which training
 uses for its validation and test passes.
@@ -113,8 +113,8 @@ def build_parser():
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images (or pairs)")
-    parser.add_argument("--out", metavar="DIR", help="where to write the figures (default: the checkpoint's folder, or its subfolder "
-                             "named after --dataset when that is not the run's)")
+    parser.add_argument("--out", metavar="DIR", help="where to write the figures (default: the checkpoint's "
+                        "folder, or its subfolder named after --dataset when that is not the run's)")
     parser.add_argument("--no-verify-data", dest="verify_data", action="store_false",
                         help="skip the MD5 check of the test files (for deliberately modified data)")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")

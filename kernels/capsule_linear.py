@@ -42,7 +42,8 @@ from capsnet_triton.checks import (
 )
 
 from . import capsule_linear_split, routing_split
-from .launch import DEFAULT_VARIANT, SPLIT_STAGES, block_inputs, check_variant, launch_options, max_tile, output, tl_dtype
+from .launch import (DEFAULT_VARIANT, SPLIT_STAGES, block_inputs, check_variant, launch_options, max_tile, output,
+                     tl_dtype)
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, jd_layout, load_bias, load_u,
                             load_weight, predict, predict_tile, s_of_tile, v_sum_before, weight_layout)
 from .squash import squash_backward, squash_backward_tile

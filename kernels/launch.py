@@ -9,8 +9,8 @@ import triton.language as tl
 
 from capsnet_triton.checks import compute_dtype, interpreting
 
-__all__ = ["tl_dtype", "output", "max_tile", "block_inputs", "launch_options", "VARIANTS", "DEFAULT_VARIANT", "SPLIT_STAGES",
-           "check_variant"]
+__all__ = ["tl_dtype", "output", "max_tile", "block_inputs", "launch_options", "VARIANTS", "DEFAULT_VARIANT",
+           "SPLIT_STAGES", "check_variant"]
 
 # The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
 # temporaries in registers without spilling (float64 division and sqrt take many more registers

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from .cli import check_writable
+from .cli import check_writable, pick_device
 from .report import cpu_name, versions
 from .timing import copy_bandwidth_gbs, time_calls
 
@@ -68,10 +68,8 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--smoke", action="store_true", help=f"small sizes: {SIZES['smoke']}")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no CUDA GPU: leave --device out, or run on a GPU machine")
+    device = pick_device(parser, args.device)
     check_writable(parser, "--json", args.json)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ceilings = measure(device, "smoke" if args.smoke else "full")
     with open(args.json, "w") as out:
         json.dump(ceilings, out, indent=1)

@@ -55,6 +55,14 @@ def check_writable(parser, flag, path):
         os.remove(path)
 
 
+def pick_device(parser, name):
+    """The device of --device `name` (None: cuda when available); asking for cuda without a GPU
+    is a usage error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA GPU: leave --device out, or run on a GPU machine")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def parse_batches(parser, flag, text):
     """Comma-separated positive batch sizes, each once, in the order given."""
     try:
@@ -85,10 +93,8 @@ def main(argv=None, description=None):
         if args.threads < 1:
             parser.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(parser, args.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda, but torch sees no CUDA GPU")
         if _providers.TRITON_INTERPRET:
             # CapsNet's squash picks Triton for CUDA tensors: every train-step row would time the interpreter.
             parser.error("TRITON_INTERPRET is set: unset it to benchmark on a GPU")

@@ -55,7 +55,8 @@ def build_parser(suppress_defaults=False):
 
     data = parser.add_argument_group("data")
     add(data, "--data", metavar="DIR", help="folder with the IDX files (flat, or torchvision's MNIST/raw layout)")
-    add(data, "--dataset", default="mnist", choices=sorted(name for name, spec in DATASETS.items() if not spec.test_only),
+    trainable = sorted(name for name, spec in DATASETS.items() if not spec.test_only)
+    add(data, "--dataset", default="mnist", choices=trainable,
         help="which dataset's files to load (affnist and affnist-generated are test sets: see "
              "python -m capsnet_triton.evaluate)")
     add(data, "--download", default=False, action="store_true",
