@@ -14,8 +14,10 @@ Imports nothing but NumPy and the standard library. One file per concept, in rea
 - optim.py        Adam, for training the NumPy network
 - __main__.py     `python -m capsnet_triton.reference --data DIR`: train a small CapsNet in NumPy
 
-Every differentiable step is `forward(...) -> (out, cache)` and `backward(dout, cache)`;
-squash, whose backward needs only its input, is `squash_forward(s)` / `squash_backward(dv, s)`.
+Every differentiable step is `forward(...) -> (out, cache)` and `backward(dout, cache)`, with
+three departures: squash, whose backward needs only its input, is `squash_forward(s)` /
+`squash_backward(dv, s)`; routing's and capsule_linear's backward also return the bias gradient
+when the forward had a bias; and `network_backward(cache)` starts from the total loss itself.
 """
 
 from .capsule_linear import capsule_linear_backward, capsule_linear_forward
@@ -45,7 +47,7 @@ from .network import (
     network_forward,
     parameter_count,
     parameter_shapes,
-    predict,
+    classify,
 )
 from .prediction import prediction_backward, prediction_forward
 from .routing import routing_backward, routing_forward
@@ -80,7 +82,7 @@ __all__ = [
     "init_params",
     "network_forward",
     "network_backward",
-    "predict",
+    "classify",
     "read_idx",
     "load_mnist",
 ]

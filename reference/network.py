@@ -2,8 +2,8 @@
 
     images [B, C, H, W]
       -> Conv1 (k x k, stride 1) + ReLU                      [B, C1, H1, W1]
-      -> PrimaryCaps conv (k x k, stride 2), no ReLU          [B, T*P, h, w]
-      -> group into capsules, squash (Eq. 1)                  u [B, I = T*h*w, P]
+      -> PrimaryCaps conv (k x k, stride 2), no ReLU          [B, types*P, h, w]
+      -> group into capsules, squash (Eq. 1)                  u [B, I = types*h*w, P]
       -> prediction vectors (Eq. 2)                           u_hat [B, I, J, D]
       -> routing by agreement (Procedure 1)                   v [B, J, D]
       -> lengths |v|, margin loss (Eq. 4)
@@ -52,7 +52,7 @@ __all__ = [
     "init_params",
     "network_forward",
     "network_backward",
-    "predict",
+    "classify",
 ]
 
 CONV1_STRIDE = 1
@@ -67,7 +67,7 @@ class CapsNetConfig:
     image_size: int = 28
     conv_channels: int = 256          # C1
     kernel_size: int = 9              # both convolutions
-    primary_types: int = 32           # T
+    primary_types: int = 32           # types (T is the margin loss's targets)
     primary_dims: int = 8             # P
     num_classes: int = 10             # J
     digit_dims: int = 16              # D
@@ -92,7 +92,7 @@ class CapsNetConfig:
 
     @property
     def input_capsules(self):
-        """I = T * h * w (1152 for MNIST)."""
+        """I = types * h * w (1152 for MNIST)."""
         return self.primary_types * self.primary_grid**2
 
 
@@ -173,15 +173,16 @@ def _check_images(images, config):
 def _encode(params, images, config, routing_iterations, routing_gradient):
     """images -> output capsules v [B, J, D], with the caches of every step."""
     B = images.shape[0]
-    T, P, h = config.primary_types, config.primary_dims, config.primary_grid
+    types, P, h = config.primary_types, config.primary_dims, config.primary_grid
     conv1, conv1_cache = conv2d_forward(
         images, params["conv1.weight"], params["conv1.bias"], CONV1_STRIDE
     )                                                              # [B, C1, H1, W1]
     features, relu_cache = relu_forward(conv1)                     # [B, C1, H1, W1]
     primary, primary_cache = conv2d_forward(
         features, params["primary_caps.conv.weight"], params["primary_caps.conv.bias"], PRIMARY_STRIDE
-    )                                                              # [B, T*P, h, w]
-    s_primary = primary.reshape(B, T, P, h, h).transpose(0, 1, 3, 4, 2).reshape(B, T * h * h, P)  # [B, I, P]
+    )                                                              # [B, types*P, h, w]
+    s_primary = primary.reshape(B, types, P, h, h).transpose(0, 1, 3, 4, 2)  # [B, types, h, w, P]
+    s_primary = s_primary.reshape(B, types * h * h, P)             # [B, I, P]
     u = squash_forward(s_primary)                                  # [B, I, P]
     u_hat, prediction_cache = prediction_forward(u, params["digit_caps.weight"])  # [B, I, J, D]
     v, routing_cache = routing_forward(
@@ -238,7 +239,7 @@ def network_backward(cache):
     """Gradients of the total loss w.r.t. every parameter: {name: array of the param's shape}."""
     config, params = cache["config"], cache["params"]
     B, J, D = cache["v"].shape
-    T, P, h = config.primary_types, config.primary_dims, config.primary_grid
+    types, P, h = config.primary_types, config.primary_dims, config.primary_grid
     grads = {}
 
     # Decoder, from the reconstruction loss back to the masked capsules.
@@ -264,7 +265,8 @@ def network_backward(cache):
         du_hat = routed                                            # [B, I, J, D]
     du, grads["digit_caps.weight"] = prediction_backward(du_hat, cache["prediction"])  # [B, I, P]
     ds_primary = squash_backward(du, cache["s_primary"])           # [B, I, P]
-    dprimary = ds_primary.reshape(B, T, h, h, P).transpose(0, 1, 4, 2, 3).reshape(B, T * P, h, h)  # [B, T*P, h, w]
+    dprimary = ds_primary.reshape(B, types, h, h, P).transpose(0, 1, 4, 2, 3)  # [B, types, P, h, w]
+    dprimary = dprimary.reshape(B, types * P, h, h)                # [B, types*P, h, w]
 
     # Convolutions.
     dfeatures, grads["primary_caps.conv.weight"], grads["primary_caps.conv.bias"] = conv2d_backward(
@@ -274,12 +276,15 @@ def network_backward(cache):
     return {name: grads[name] for name in params}
 
 
-def predict(params, images, config, routing_iterations=3):
-    """(classes [B] of the longest output capsule, reconstructions [B, C*H*W] of that capsule)."""
+def classify(params, images, config, routing_iterations=3, reconstruct=True):
+    """(classes [B] of the longest output capsule, reconstructions [B, C*H*W] of that capsule,
+    or None with reconstruct=False, which skips the decoder)."""
     _check_params(params, config)
     images = _check_images(images, config)
     v, _ = _encode(params, images, config, routing_iterations, routing_gradient="full")
     lengths, _ = capsule_length_forward(v)                         # [B, J]
     classes = np.argmax(lengths, axis=1)                           # [B]
+    if not reconstruct:
+        return classes, None
     reconstruction, _ = _decode(params, v, classes)                # [B, C*H*W]
     return classes, reconstruction

@@ -2,8 +2,9 @@
 
     u_hat[b, i, j] = W[i, j] @ u[b, i]        W [I, J, D, P], u [B, I, P] -> u_hat [B, I, J, D]
 
-Every (input capsule i, parent j) pair has its own D x P matrix; in the MNIST network the
-matrices are NOT shared over the 6 x 6 grid of primary capsules (SPEC section 1).
+u_hat[b, i, j] is the paper's u_hat_{j|i}: input capsule i's prediction for parent j. Every
+(input capsule i, parent j) pair has its own D x P matrix; in the MNIST network the matrices are
+NOT shared over the 6 x 6 grid of primary capsules (SPEC section 1).
 """
 
 import numpy as np
@@ -22,6 +23,9 @@ def prediction_forward(u, W):
         raise ValueError(
             f"u [B, I, P] = {u.shape} does not match W [I, J, D, P] = {W.shape}: I and P must agree"
         )
+    if min(W.shape) < 1:    # only the batch may be empty (SPEC section 7)
+        raise ValueError(f"W [I, J, D, P] needs at least one input capsule, input dimension, parent and "
+                         f"output dimension, got shape {W.shape}")
     u_hat = np.einsum("ijdp,bip->bijd", W, u, optimize=True)      # [B, I, J, D]
     return u_hat, (u, W)
 

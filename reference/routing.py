@@ -1,15 +1,17 @@
 """Routing by agreement (paper Procedure 1, Eq. 3), forward and backward.
 
-Per sample, with prediction vectors u_hat[i, j] (what input capsule i predicts for parent j):
+Per sample, with prediction vectors u_hat[i, j] (the paper's u_hat_{j|i}: what input capsule i
+predicts for parent j):
 
     b = 0                                      # [I, J] routing logits, new for every sample
     for t in 1..r:
-        c = softmax_j(b)                       # coupling coefficients; each row sums to 1 over PARENTS j
+        c = softmax_j(b)                       # coupling coefficients (Eq. 3); each row sums to 1 over PARENTS j
         s_j = sum_i c_ij u_hat_ij (+ bias_j)   # [J, D] total input of parent j (Eq. 2)
         v_j = squash(s_j)                      # [J, D] output of parent j (Eq. 1)
         if t < r: b_ij += u_hat_ij . v_j       # agreement (Procedure 1, line 7)
     return v
 
+The paper's line 7 also updates b after the last iteration; that b is never read, so it is skipped.
 routing_forward is that loop, with b stored and updated. The kernels compute the same function
 without ever storing b or c, from an identity: since b starts at 0,
 
@@ -49,7 +51,7 @@ def check_gradient(gradient):
 
 
 def softmax(logits, axis):
-    """Max-subtracted softmax, so large logits never overflow."""
+    """Max-subtracted softmax (the coupling coefficients of Eq. 3), so large logits never overflow."""
     shifted = logits - np.max(logits, axis=axis, keepdims=True)
     e = np.exp(shifted)
     return e / np.sum(e, axis=axis, keepdims=True)
@@ -86,7 +88,7 @@ def routing_forward(u_hat, iterations=3, *, bias=None, gradient="full"):
     logits = np.zeros((B, I, J), dtype=u_hat.dtype)                # [B, I, J]   b = 0
     couplings, s_all, v_all = [], [], []
     for t in range(iterations):
-        coupling = softmax(logits, axis=2)                         # [B, I, J]   c, over parents j
+        coupling = softmax(logits, axis=2)                         # [B, I, J]   c (Eq. 3), over parents j
         s = np.einsum("bij,bijd->bjd", coupling, u_hat) + non_finite  # [B, J, D]
         if bias is not None:
             s = s + bias                                           # [B, J, D]

@@ -20,13 +20,19 @@ __all__ = ["squash_forward", "squash_backward"]
 
 
 def _norm_and_direction(s):
-    """Return n = |s| (keepdims) and the unit vector s / n (0 where s = 0), without overflow."""
-    scale = np.max(np.abs(s), axis=-1, keepdims=True)             # [..., 1]
-    safe_scale = np.where(scale > 0, scale, 1.0)                   # [..., 1]
-    t = s / safe_scale                                             # [..., D], |t| <= 1
-    t_norm = np.sqrt(np.sum(t * t, axis=-1, keepdims=True))        # [..., 1], in [1, sqrt(D)] or 0
-    n = scale * t_norm                                             # [..., 1]
-    direction = t / np.where(t_norm > 0, t_norm, 1.0)              # [..., D], unit or 0
+    """Return n = |s| (keepdims) and the unit vector s / n (0 where s = 0), without overflow.
+
+    NumPy's warnings are silenced because both cases are meant: a capsule holding inf gives
+    inf / inf = NaN, as SPEC section 7 asks, and n itself may overflow to inf near the largest
+    float, where the length 1 / (1 + 1/n^2) = 1 is still right.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        scale = np.max(np.abs(s), axis=-1, keepdims=True)         # [..., 1]
+        safe_scale = np.where(scale > 0, scale, 1.0)               # [..., 1]
+        t = s / safe_scale                                         # [..., D], |t| <= 1
+        t_norm = np.sqrt(np.sum(t * t, axis=-1, keepdims=True))    # [..., 1], in [1, sqrt(D)] or 0
+        n = scale * t_norm                                         # [..., 1]
+        direction = t / np.where(t_norm > 0, t_norm, 1.0)          # [..., D], unit or 0
     return n, direction
 
 

@@ -19,9 +19,18 @@ def test_demo_trains_on_tiny_generated_data(tmp_path):
     result = run_demo("--data", str(tmp_path), "--steps", "3", "--batch", "4", "--eval", "6")
     assert result.returncode == 0, result.stderr
     losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", result.stdout)]
-    accuracies = [float(x) for x in re.findall(r"accuracy\s+(\d+\.\d)%", result.stdout)]
+    validation = [float(x) for x in re.findall(r"validation accuracy\s+(\d+\.\d)%", result.stdout)]
+    test = [float(x) for x in re.findall(r"test accuracy (\d+\.\d)% on 6 test images", result.stdout)]
     assert len(losses) == 3 and all(np.isfinite(losses)), result.stdout
-    assert len(accuracies) == 3 and all(0 <= a <= 100 for a in accuracies), result.stdout
+    assert len(validation) == 3 and all(0 <= a <= 100 for a in validation), result.stdout
+    assert len(test) == 1 and 0 <= test[0] <= 100, result.stdout
+    assert "10 training images" in result.stdout and "6 held out for validation" in result.stdout
+
+
+def test_demo_refuses_a_validation_set_that_leaves_nothing_to_train(tmp_path):
+    write_mnist(tmp_path, 16, 6, np.random.default_rng(0))
+    result = run_demo("--data", str(tmp_path), "--eval", "16")
+    assert result.returncode == 2 and "leaves no training images" in result.stderr
 
 
 def test_demo_without_data_prints_usage_error():

@@ -14,7 +14,7 @@ from capsnet_triton.reference import (
     network_forward,
     parameter_count,
     parameter_shapes,
-    predict,
+    classify,
     squash_forward,
 )
 from capsnet_triton.numerics import FD_TOLERANCE, numerical_gradient, relative_error, sample_indices
@@ -155,9 +155,11 @@ def test_cache_exposes_the_pieces_of_the_loss():
     np.testing.assert_allclose(cache["lengths"], np.linalg.norm(cache["v"], axis=-1), rtol=1e-14)
 
 
-def test_predict_picks_the_longest_capsule_and_reconstructs_from_it():
+def test_classify_picks_the_longest_capsule_and_reconstructs_from_it():
     params, images, _, _ = tiny_problem(TINY, 4, batch=5)
-    classes, reconstruction = predict(params, images, TINY)
+    classes, reconstruction = classify(params, images, TINY)
+    assert np.array_equal(classify(params, images, TINY, reconstruct=False)[0], classes)
+    assert classify(params, images, TINY, reconstruct=False)[1] is None
     lengths = network_forward(params, images, np.zeros(5, dtype=int), TINY)[1]["lengths"]
     assert np.array_equal(classes, np.argmax(lengths, axis=1))
     # Feeding the predicted classes as labels must mask the same capsule, so the same image.
@@ -170,7 +172,7 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match=r"images must have shape \[B, C, H, W\]"):
         network_forward(params, images[:, :, :10], labels, TINY)
     with pytest.raises(ValueError, match=r"images must have shape \[B, C, H, W\]"):
-        predict(params, images[0], TINY)
+        classify(params, images[0], TINY)
     with pytest.raises(ValueError, match="floating point"):
         network_forward(params, (images * 255).astype(np.uint8), labels, TINY)
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.2"):

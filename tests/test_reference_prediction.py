@@ -59,3 +59,15 @@ def test_bad_shapes_raise(rng):
     _, cache = prediction_forward(rng.normal(size=(1, 3, 8)), rng.normal(size=(3, 2, 4, 8)))
     with pytest.raises(ValueError, match="du_hat"):
         prediction_backward(np.zeros((1, 3, 2, 5)), cache)
+
+
+@pytest.mark.parametrize("empty_axis", range(4))
+def test_only_the_batch_may_be_empty(rng, empty_axis):
+    """SPEC section 7: an empty batch gives empty predictions; any other empty axis is an error."""
+    u_hat, _ = prediction_forward(np.zeros((0, 3, 2)), rng.normal(size=(3, 4, 5, 2)))
+    assert u_hat.shape == (0, 3, 4, 5)
+    shape = [3, 4, 5, 2]
+    shape[empty_axis] = 0
+    u = np.zeros((2, shape[0], shape[3]))
+    with pytest.raises(ValueError, match="needs at least one input capsule"):
+        prediction_forward(u, np.zeros(shape))
