@@ -3,14 +3,17 @@ output buffers, tile budgets, launch options, the Triton dtype a kernel computes
 kernel variants a launcher offers.
 """
 
+import re
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from capsnet_triton.checks import compute_dtype, interpreting
 
-__all__ = ["tl_dtype", "output", "max_tile", "block_inputs", "launch_options", "VARIANTS", "DEFAULT_VARIANT",
-           "SPLIT_STAGES", "check_variant"]
+__all__ = ["tl_dtype", "output", "max_tile", "block_inputs", "interpreter_problem", "launch_options", "VARIANTS",
+           "DEFAULT_VARIANT", "SPLIT_STAGES", "check_variant"]
 
 # The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
 # temporaries in registers without spilling (float64 division and sqrt take many more registers
@@ -55,7 +58,11 @@ _INTERPRETER_MAX_BLOCK_I = 2048
 def block_inputs(I, per_input, dtype, block_i=None):
     """BLOCK_I, the inputs of one tile of per_input elements each (a power of two): block_i when
     given (checked), else as many as keep the tile in registers on a GPU (max_tile), or, under
-    the interpreter, as many as it takes (up to _INTERPRETER_MAX_BLOCK_I and its tensor limit)."""
+    the interpreter, as many as it takes (up to _INTERPRETER_MAX_BLOCK_I and its tensor limit).
+    Under the interpreter, first checks that it can run the loop over I (interpreter_problem)."""
+    problem = interpreter_problem(triton.__version__, np.__version__) if interpreting() else None
+    if problem:
+        raise RuntimeError(problem)
     if block_i is not None:
         if isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
             raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")
@@ -65,6 +72,23 @@ def block_inputs(I, per_input, dtype, block_i=None):
     else:
         most = max_tile(dtype) // per_input
     return min(triton.next_power_of_2(I), max(1, most))
+
+
+def _major_minor(version):
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+def interpreter_problem(triton_version, numpy_version):
+    """Why Triton's interpreter cannot run the routing and capsule_linear kernels with these
+    versions, or None. Before Triton 3.7 the interpreter reads a loop bound passed at run time
+    (the loops over I, the iterations) with int() of a one-element array, which NumPy 2.4 made an
+    error: every such kernel would fail deep inside the interpreter. (Compiled kernels, on a GPU,
+    are unaffected; squash has no such loop.)"""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run these kernels with NumPy {numpy_version}: "
+                "it reads loop bounds with int() of one-element arrays, which NumPy 2.4 refuses. "
+                "Install triton>=3.7, or numpy<2.4 beside this Triton.")
+    return None
 
 
 def launch_options(tile_elements):

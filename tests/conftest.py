@@ -44,22 +44,16 @@ def interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _major_minor(version):
-    return tuple(int(part) for part in version.split(".")[:2])
-
-
 def pytest_report_header(config):
     """How the kernels run in this session, and a known break of older interpreters."""
     if not interpreted():
         return ["triton kernels: compiled for the GPU"]
     lines = ["triton kernels: through Triton's interpreter on the CPU"]
     import triton
-    # Triton 3.6's interpreter turns loop bounds into ints with int() of a 1-element array,
-    # which NumPy 2.4 refuses; Triton 3.9 squeezes first. (3.7 and 3.8 were not checked.)
-    if _major_minor(triton.__version__) < (3, 9) and _major_minor(np.__version__) >= (2, 4):
-        lines.append(f"WARNING: Triton {triton.__version__}'s interpreter fails with NumPy {np.__version__} "
-                     "('only 0-dimensional arrays can be converted to Python scalars'): "
-                     "install numpy<2.4, or Triton 3.9")
+    from capsnet_triton.kernels.launch import interpreter_problem
+    problem = interpreter_problem(triton.__version__, np.__version__)
+    if problem:
+        lines.append(f"WARNING: {problem}")
     return lines
 
 

@@ -152,6 +152,31 @@ def test_routing_copies_once_a_layout_whose_offsets_would_overflow_int32(rng, mo
         routing_forward(u_hat, 3)
 
 
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.5.2", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.2", False),
+    ("3.9.0", "2.4.6", False), ("3.10.1+git1234", "2.10.0rc1", False), ("3.6.0", "2.10.0", True),
+])
+def test_interpreter_problem_names_the_versions_that_break_the_loops(triton_version, numpy_version, broken):
+    """Triton 3.6's interpreter with NumPy 2.4 failed 104 tests deep inside it; 3.7 fixed it
+    (both checked: Triton 3.6 with NumPy 2.3.5 and 2.5.2, and the interpreters of 3.7 and 3.8)."""
+    from capsnet_triton.kernels.launch import interpreter_problem
+    problem = interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == broken
+    if broken:
+        assert triton_version in problem and numpy_version in problem and "triton>=3.7" in problem
+
+
+@pytest.mark.skipif(not interpreted(), reason="the check guards the interpreter only")
+def test_routing_under_a_broken_interpreter_says_so_before_launching(rng, monkeypatch):
+    import triton
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.4.0")
+    u_hat = sample(rng, (2, 5, 3, 4), torch.float32)
+    for block_i in (None, 4):
+        with pytest.raises(RuntimeError, match="triton>=3.7"):
+            routing_forward(u_hat, 3, block_i=block_i)
+
+
 @pytest.mark.parametrize("dtype, gradient",
                          [(torch.float32, "full"), (torch.float32, "last"), (torch.bfloat16, "full")],
                          ids=["float32", "float32-last", "bfloat16"])
