@@ -63,7 +63,7 @@ def _block_layout(u_ptr, B, I, J, D, P, BLOCK_B: tl.constexpr, BLOCK_J: tl.const
     return first, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def split_forward_kernel(
     u_ptr, slices_ptr, bias_ptr, v_ptr, s_all_ptr, partial_ptr,
     B, I, J, D, P, iterations, t, chunk, splits,
@@ -113,7 +113,7 @@ def split_forward_kernel(
                       tl.reshape(partial, [BLOCK_B * BLOCK_J, BLOCK_D]), BLOCK_B)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def split_backward_ds_all_kernel(
     u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr,
     B, I, J, D, P, iterations, t, chunk, splits,

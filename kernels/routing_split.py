@@ -26,7 +26,7 @@ from .routing_tiles import (coupling_tile, load_u_hat, logits_grad, sample_layou
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel", "pick_splits"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def split_forward_kernel(
     u_hat_ptr, bias_ptr, v_ptr, s_all_ptr, partial_ptr,
     B, I, J, D, iterations, t, chunk, splits,
@@ -73,7 +73,7 @@ def split_forward_kernel(
         store_partial(partial_ptr, t % 2, splits, J, D, jd_offsets, jd_mask, partial, 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def split_backward_ds_all_kernel(
     u_hat_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr,
     B, I, J, D, iterations, t, chunk, splits,

@@ -14,7 +14,8 @@ Compiling needs a process without TRITON_INTERPRET (this test session has it set
 runs this file as a script in a subprocess: the script calls the real launchers with their
 kernels replaced by recorders, then compiles every recorded launch with the launch's own block
 sizes, num_warps and argument specialization (ints equal to 1 become constants, pointers and
-multiples of 16 are marked 16-divisible, as Triton's JIT does).
+multiples of 16 are marked 16-divisible, as Triton's JIT does, but for do_not_specialize
+arguments).
 """
 
 import json
@@ -114,18 +115,19 @@ def _specialize(kernel, args, kwargs):
     options = {k: kwargs.pop(k) for k in ("num_warps", "enable_fp_fusion") if k in kwargs}
     values = dict(zip(kernel.arg_names, args), **kwargs)
     signature, constexprs, attrs = {}, {}, {}
-    for index, name in enumerate(kernel.arg_names):
+    for index, param in enumerate(kernel.params):
+        name = param.name
         value = values[name]
         if name in kwargs:
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + _TORCH_TO_TRITON[str(value.dtype).removeprefix("torch.")]
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif value == 1:
+        elif value == 1 and not param.do_not_specialize:
             signature[name], constexprs[name] = "constexpr", 1
         else:
             signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            if value % 16 == 0:
+            if value % 16 == 0 and not param.do_not_specialize:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs, options
 
