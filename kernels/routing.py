@@ -173,8 +173,10 @@ _INT32_MAX = 2**31 - 1
 
 
 def _u_hat_for_kernels(u_hat):
-    """u_hat, checked, as the kernels read it: through its own strides, or copied once where
-    they would overflow the kernels' int32 offsets inside a sample."""
+    """u_hat, checked, as the kernels read it: through its own strides, or a contiguous copy where
+    they would overflow the kernels' int32 offsets inside a sample. The copy is made per call, so
+    a forward and its backward make one each (at the MNIST shape, a batch-inner u_hat from
+    B = 11,661 on)."""
     check_u_hat(u_hat)
     _, I, J, D = u_hat.shape
     # Offsets inside one sample are int32 in the kernels (the batch offset is int64).
@@ -203,8 +205,9 @@ def routing_forward(u_hat, iterations, bias=None, *, variant=DEFAULT_VARIANT, sp
     variant: "split" (default, kernels/routing_split.py): one launch per iteration (and one to
     finish) over (sample, chunk of I), the chunks' partial sums added in a fixed order; splits
     forces the number of chunks per sample (default: enough for a few CTAs on every SM).
-    "sample": one launch runs all iterations, one program per sample. u_hat may have any strides (they are passed to the
-    kernel, nothing is copied). bias: optional [J, D], added to s in every iteration. block_i:
+    "sample": one launch runs all iterations, one program per sample. u_hat may have any strides:
+    the kernels read it through them, and copy it only where that would overflow their int32
+    offsets (_u_hat_for_kernels). bias: optional [J, D], added to s in every iteration. block_i:
     force the BLOCK_I inputs per tile (a power of two; tests use it to exercise the loop over I
     and its masks).
     Returns (v, s_all): v in u_hat's dtype, and s_all [iterations, B, J, D] every iteration's s

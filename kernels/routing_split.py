@@ -126,7 +126,9 @@ _DEFAULT_SMS = 132
 
 def pick_splits(B, I, block_i, device, splits=None):
     """(splits, chunk): S chunks of I per sample, each a multiple of block_i inputs, so that the
-    grid (B, S) gives every SM a few CTAs; `splits` forces S (tests use it)."""
+    grid (B, S) gives every SM a few CTAs; `splits` forces S (tests use it). S, and with it the
+    order of a sample's partial sums, depends on B and the SM count: results repeat bit for bit
+    for one batch size on one GPU model, not across them (README, "Use it")."""
     tiles = triton.cdiv(I, block_i)
     if splits is None:
         sms = _DEFAULT_SMS
