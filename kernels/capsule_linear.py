@@ -56,7 +56,7 @@ def _capsule_linear_forward_kernel(
     u_ptr, slices_ptr, bias_ptr, v_ptr, s_all_ptr,
     B, I, J, D, P, iterations,
     HAS_BIAS: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
     """All routing iterations for one sample per program, u_hat recomputed per tile; grid (B,).
@@ -90,7 +90,7 @@ def _capsule_linear_forward_kernel(
 def _capsule_linear_backward_ds_all_kernel(
     u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr,
     B, I, J, D, P, iterations,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
     """Kernel A of the backward (gradient="full"): ds^(t) = dL/ds^(t) for every iteration t,
@@ -196,8 +196,9 @@ def _launch_config(I, J, D, P, dtype, block_i, samples=1, weight_tile=False):
         # One input's tile is over the budget (backward kernel B's W tile in float64 at the MNIST shape):
         # spread it over twice the warps so that it stays in registers.
         options["num_warps"] *= 2
-    config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, BLOCK_P=block_p,
-                  COMPUTE_DTYPE=tl_dtype(dtype), **options)
+    config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, COMPUTE_DTYPE=tl_dtype(dtype), **options)
+    if weight_tile:
+        config["BLOCK_P"] = block_p
     if samples > 1:
         config.update(BLOCK_B=samples, NUM_STAGES=SPLIT_STAGES)
     return config

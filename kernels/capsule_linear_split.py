@@ -68,7 +68,7 @@ def split_forward_kernel(
     u_ptr, slices_ptr, bias_ptr, v_ptr, s_all_ptr, partial_ptr,
     B, I, J, D, P, iterations, t, chunk, splits,
     HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Launch t (0-based) of the fused forward: grid (cdiv(B, BLOCK_B), splits) for t < iterations,
@@ -118,7 +118,7 @@ def split_backward_ds_all_kernel(
     u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr,
     B, I, J, D, P, iterations, t, chunk, splits,
     BLOCK_B: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Step t (0-based, launched for t = iterations - 1 down to 0) of backward kernel A

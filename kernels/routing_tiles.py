@@ -26,12 +26,8 @@ def sample_layout(u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D,
     offsets into u_hat[sample, i] through u_hat's strides.
     """
     sample = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_J)
-    d = tl.arange(0, BLOCK_D)
-    j_valid = j < J
-    jd_mask = j_valid[:, None] & (d < D)[None, :]                          # [BLOCK_J, BLOCK_D]
-    jd_offsets = j[:, None] * D + d[None, :]                               # into contiguous [J, D]
-    u_jd_offsets = j[:, None] * stride_uj + d[None, :] * stride_ud         # into u_hat[b, i]
+    j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
+    u_jd_offsets = tl.arange(0, BLOCK_J)[:, None] * stride_uj + tl.arange(0, BLOCK_D)[None, :] * stride_ud
     return sample, u_hat_ptr + sample * stride_ub, j_valid, jd_mask, jd_offsets, u_jd_offsets
 
 
@@ -77,15 +73,17 @@ def logits_grad(u_hat, coupling, ds):
 
 
 @triton.jit
-def v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
-                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """V^(t) = squash(s^(1)) + ... + squash(s^(t-1)) (0-based t: the first t iterations) [BLOCK_J, BLOCK_D].
+def v_sum_before(s_all_ptr, t, B, sample, J, D, offsets, mask,
+                  BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """V before iteration t (0-based): the sum of squash(s) over iterations 0..t-1 read back from
+    s_all [iterations, B, J, D], for the rows at `sample` that offsets and mask place (one
+    sample's [J, D], or a block of samples' [SAMPLES J, D]) -> [BLOCK_ROWS, BLOCK_D].
 
     Summed in the forward kernel's order, so that the recomputed V matches it bit for bit.
     """
-    v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+    v_sum = tl.zeros([BLOCK_ROWS, BLOCK_D], COMPUTE_DTYPE)
     for k in range(t):
-        s = tl.load(s_all_ptr + (k * B + sample) * J * D + jd_offsets, mask=jd_mask, other=0.0)
+        s = tl.load(s_all_ptr + (k * B + sample) * J * D + offsets, mask=mask, other=0.0)
         v_sum += squash_tile(s)
     return v_sum
 
@@ -158,13 +156,14 @@ def end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v
 
 
 @triton.jit
-def sum_partials(partial_ptr, slot, B, sample, splits, J, D, jd_offsets, jd_mask,
-                  BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """sum_k partial[slot, sample, k] over the S = splits chunks, in the order k = 0..S-1 [BLOCK_J, BLOCK_D]."""
-    total = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+def sum_partials(partial_ptr, slot, blocks, block, splits, rows, D, offsets, mask,
+                  BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """sum_k partial[slot, block, k] of partial_ptr [slots, blocks, S = splits, rows, D] over the
+    chunks k, in the order k = 0..S-1 -> [BLOCK_ROWS, BLOCK_D] (rows: a block's (sample, parent) pairs)."""
+    total = tl.zeros([BLOCK_ROWS, BLOCK_D], COMPUTE_DTYPE)
     for k in range(splits):
-        total += tl.load(partial_ptr + ((slot * B + sample) * splits + k) * J * D + jd_offsets,
-                         mask=jd_mask, other=0.0)
+        total += tl.load(partial_ptr + ((slot * blocks + block) * splits + k) * rows * D + offsets,
+                         mask=mask, other=0.0)
     return total
 
 
@@ -266,7 +265,7 @@ def spread_nan(partial):
 @triton.jit
 def jd_layout(J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """(j_valid [BLOCK_J], jd_mask and jd_offsets [BLOCK_J, BLOCK_D] into a contiguous [J, D]):
-    what the capsule_linear kernels that walk I need."""
+    which parents and (j, d) are real, and where they sit in s, v and the bias."""
     j = tl.arange(0, BLOCK_J)
     d = tl.arange(0, BLOCK_D)
     j_valid = j < J
