@@ -192,6 +192,23 @@ def test_capsule_linear_of_an_empty_batch(variant):
     assert torch.equal(dW, torch.zeros_like(weight))
 
 
+def test_capsule_linear_refuses_w_or_s_all_past_int32_offsets(rng, monkeypatch):
+    """The kernels index W and s_all with int32 offsets: a lowered limit shows the guard at a small
+    shape (W holds 24 elements, s_all r B J D = 3 x 3 x 4 x 3 = 108), forward and backward."""
+    from capsnet_triton.kernels import capsule_linear
+    u, weight = sample(rng, (3, 1, 2), torch.float32), sample(rng, (1, 4, 3, 2), torch.float32)
+    monkeypatch.setattr(capsule_linear, "_INT32_MAX", 108)
+    _, s_all = capsule_linear_forward(u, weight, 3)
+    monkeypatch.setattr(capsule_linear, "_INT32_MAX", 107)
+    with pytest.raises(ValueError, match=r"s_all \[r, B, J, D\] for r = 3 and B = 3.*2\*\*31 - 1"):
+        capsule_linear_forward(u, weight, 3)
+    with pytest.raises(ValueError, match=r"2\*\*31 - 1 elements"):
+        capsule_linear_backward(torch.ones(3, 4, 3, device=DEVICE), u, weight, s_all)
+    monkeypatch.setattr(capsule_linear, "_INT32_MAX", 23)                    # s_all of one sample: 12
+    with pytest.raises(ValueError, match=r"W \[I, J, D, P\] = \(1, 4, 3, 2\)"):
+        capsule_linear_forward(u[:1], weight, 1)
+
+
 def test_capsule_linear_rejects_bad_input():
     u, weight = torch.ones(2, 5, 3, device=DEVICE), torch.ones(5, 2, 4, 3, device=DEVICE)
     _, s_all = capsule_linear_forward(u, weight, 2)
