@@ -170,6 +170,8 @@ def _routing_backward_u_hat_kernel(
 # Launchers.
 
 _INT32_MAX = 2**31 - 1
+# CUDA's limit on a grid's second axis, which backward kernel B spends on blocks of I.
+_GRID_Y_MAX = 65535
 
 
 def _u_hat_for_kernels(u_hat):
@@ -303,7 +305,11 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", variant=DEFAULT_VARIA
     else:
         ds_all[:-1].zero_()
         squash_backward(dv, s_all[-1], out=ds_all[-1])
-    _routing_backward_u_hat_kernel[(B, triton.cdiv(I, config["BLOCK_I"]))](
+    blocks = triton.cdiv(I, config["BLOCK_I"])
+    if blocks > _GRID_Y_MAX:
+        raise ValueError(f"routing_backward takes at most {_GRID_Y_MAX} blocks of {config['BLOCK_I']} input "
+                         f"capsules (a GPU's grid limit), got I = {I} for J = {J}, D = {D} in {u_hat.dtype}")
+    _routing_backward_u_hat_kernel[(B, blocks)](
         u_hat, s_all, ds_all, du_hat,
         B, I, J, D, iterations, *u_hat.stride(),
         GRADIENT_FULL=gradient == "full", **config,

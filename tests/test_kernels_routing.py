@@ -152,6 +152,20 @@ def test_routing_copies_once_a_layout_whose_offsets_would_overflow_int32(rng, mo
         routing_forward(u_hat, 3)
 
 
+def test_routing_backward_refuses_more_blocks_of_inputs_than_a_grid_axis_takes(rng, monkeypatch):
+    """Kernel B's grid is (B, blocks of I); CUDA refuses a second axis over 65535, with an obscure
+    launch error (fp32 at J = 10, D = 16 from I = 2**20, fp64 at J = D = 32 from I = 65536). A lowered
+    limit shows the check at a small shape: I = 9 in blocks of 4 is 3 blocks."""
+    from capsnet_triton.kernels import routing
+    u_hat, dv = sample(rng, (2, 9, 3, 5), torch.float32), sample(rng, (2, 3, 5), torch.float32)
+    _, s_all = routing_forward(u_hat, 2, block_i=4)
+    monkeypatch.setattr(routing, "_GRID_Y_MAX", 3)
+    routing_backward(dv, u_hat, s_all, block_i=4)
+    monkeypatch.setattr(routing, "_GRID_Y_MAX", 2)
+    with pytest.raises(ValueError, match="at most 2 blocks of 4 input capsules.*I = 9"):
+        routing_backward(dv, u_hat, s_all, block_i=4)
+
+
 @pytest.mark.parametrize("triton_version, numpy_version, broken", [
     ("3.6.0", "2.4.6", True), ("3.6.0", "2.5.2", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.2", False),
     ("3.9.0", "2.4.6", False), ("3.10.1+git1234", "2.10.0rc1", False), ("3.6.0", "2.10.0", True),
