@@ -48,10 +48,12 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     (tmp_path / "stages.tsv").write_text("ceilings\tpass\t9\t40\t\ntests\tfail\t80\t150\t\n"
                                          "bench\tfail\t3\t180\t\nkernels\tpass\t80\t90\t\n"
                                          "train\ttimeout\t200\t200\t\nevaluate\tpass\t6\t40\t\n"
-                                         "multimnist\tpass\t900\t36000\t\n")
+                                         "multimnist\tpass\t900\t36000\t\naffnist-generated\tpass\t27\t600\t\n")
     (tmp_path / "bench.log").write_text("Traceback (most recent call last):\nRuntimeError: CUDA error\n")
     (tmp_path / "multimnist.log").write_text("test both-digit accuracy 94.10% (error 5.90%) on 100000 images, "
                                              "best model from epoch 40\nsome warning\n")
+    (tmp_path / "affnist-generated.log").write_text("affnist-generated test accuracy 79.50% (error 20.50%) on "
+                                                    "10000 images, loss 0.1\n")
     kernel_rows = [dict(B=B, workload="routing fwd", config=c, graph_ms=ms, call_ms=ms + 0.3, copy_pct=100 / ms)
                    for B, c, ms in ((128, "sample", 0.4), (512, "sample", 1.0), (512, "split S=4", 0.5))]
     kernel_rows.append(dict(B=512, workload="routing fwd", config="split S=8", error="CompilationError: x"))
@@ -77,6 +79,9 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     assert "its log ends: `RuntimeError: CUDA error`" in rows["bench"]
     assert "| evaluate | pass |" in rows["evaluate"] and "test accuracy 99.10%" in rows["evaluate"]
     assert "**test both-digit accuracy 94.10%" in rows["multimnist"]        # the optional SPEC 9 stages
+    # SPEC 9: the generated set is never named affNIST, its stage neither.
+    assert rows["affnist-generated"].startswith("| affnist-generated | pass |")
+    assert "**affnist-generated test accuracy 79.50%" in rows["affnist-generated"]
 
 
 def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path):

@@ -1,7 +1,7 @@
 """OUT/summary.md of scripts/gpu_check.sh: one table with every stage's result and figures,
 read from what the stages left in OUT (stages.tsv, ceilings.json, tests.log, memcheck.log,
 bench.json, kernels.json, train/log.jsonl, evaluate.log, and the optional multimnist.log,
-mnist40.log and affnist.log). A stage that failed or ran out of time still shows what it wrote.
+mnist40.log and affnist-generated.log). A stage that failed or ran out of time still shows what it wrote.
 Below it, every GPU target of the open issues with its measured value and verdict, and which
 kernel variant was faster at each batch: what a GPU session has to decide from.
 
@@ -219,7 +219,7 @@ def evaluate_figures(out):
 
 
 def experiment_figures(out, name):
-    """The test line of one of SPEC 9's optional stages (multimnist, mnist40, affnist)."""
+    """The test line of one of SPEC 9's optional stages (multimnist, mnist40, affnist-generated)."""
     log = (_read(out, name + ".log") or "").splitlines()
     lines = [line for line in log if "test " in line and " accuracy " in line]
     return f"**{lines[-1]}**" if lines else "no test accuracy"
@@ -231,7 +231,7 @@ def write_summary(out, epochs, smoke=False):
                "kernels": lambda: kernels_figures(out),
                "train": lambda: train_figures(out, epochs), "evaluate": lambda: evaluate_figures(out),
                **{name: lambda name=name: experiment_figures(out, name)
-                  for name in ("multimnist", "mnist40", "affnist")}}
+                  for name in ("multimnist", "mnist40", "affnist-generated")}}
     mode = "smoke run on a CPU, tiny sizes" if smoke else "GPU run"
     lines = [f"# GPU check ({mode}), {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}", "",
              "| stage | result | seconds (limit) | figures |", "| --- | --- | --- | --- |"]
