@@ -86,6 +86,9 @@ class DatasetSpec:
     metric: the name of what `evaluate` counts as right, for printing.
     test_only: a test set with no training split (affNIST and its generated stand-in): the
     training command does not offer it, and load_split refuses its training split.
+    digit_shape: for examples that place a smaller digit on a larger canvas (MultiMNIST,
+    mnist40), the digit's (channels, height, width): the training command caps --max-shift so
+    that a shifted digit stays whole on the canvas.
     """
 
     name: str
@@ -101,6 +104,7 @@ class DatasetSpec:
     defaults: dict = field(default_factory=dict)
     metric: str = "accuracy"
     test_only: bool = False
+    digit_shape: tuple = None
 
     def split_files(self, train):
         """The (images, labels) IdxFile pair of the training or the test split."""

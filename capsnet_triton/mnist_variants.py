@@ -115,11 +115,12 @@ def pair_source(split):
 _MNIST = data.DATASETS["mnist"]
 data.DATASETS.update({
     "multimnist": replace(
-        _MNIST, name="multimnist", image_shape=(1, 36, 36), stored_shape=(1, 28, 28), training_split=pair_source,
+        _MNIST, name="multimnist", image_shape=(1, 36, 36), stored_shape=(1, 28, 28), digit_shape=(1, 28, 28),
+        training_split=pair_source,
         evaluation_split=fixed_pairs, defaults={"max_shift": 4, "lr_decay_steps": 20000},
         metric="both-digit accuracy"),
-    "mnist40": replace(_MNIST, name="mnist40", image_shape=(1, 40, 40), loader=load_on_canvas,
-                       evaluation_split=fixed_translations, defaults={"max_shift": 6}),
+    "mnist40": replace(_MNIST, name="mnist40", image_shape=(1, 40, 40), digit_shape=(1, 28, 28),
+                       loader=load_on_canvas, evaluation_split=fixed_translations, defaults={"max_shift": 6}),
     "affnist-generated": replace(_MNIST, name="affnist-generated", image_shape=(1, 40, 40),
                                  loader=load_affine_generated, test_only=True),
     "affnist": data.DatasetSpec(name="affnist", image_shape=(1, 40, 40), num_classes=10, loader=load_affnist,

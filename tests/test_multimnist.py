@@ -55,7 +55,7 @@ def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
                        "--limit-test", "40", "--log-every", "2", "--device", "cpu", "--no-verify-data",
                        *TINY_MODEL]) == 0
     printed = capsys.readouterr().out
-    assert "test both-digit accuracy" in printed and "on 40 pairs" in printed
+    assert "multimnist test both-digit accuracy" in printed and "on 40 pairs" in printed
     assert {"segmentation.png", "perturbations.png", "training_curves.png", "best.pt"} <= set(os.listdir(out))
     with open(out / "log.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -70,9 +70,12 @@ def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
     assert len(load_split(data_dir, "multimnist", train=False)) == 30
 
 
-def test_a_shift_that_would_push_a_digit_off_the_canvas_is_a_usage_error(tmp_path, capsys):
+@pytest.mark.parametrize("dataset, largest", [("multimnist", 4), ("mnist40", 6)])
+def test_a_shift_that_would_push_a_digit_off_the_canvas_is_a_usage_error(tmp_path, capsys, dataset, largest):
+    """A 28x28 digit centred on 36x36 (MultiMNIST) or 40x40 (mnist40) stays whole up to 4 or 6 pixels;
+    mnist40 took up to 10 (a quarter of its side), which cut into 7% of digits at 10."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--data", str(tmp_path), "--dataset", "multimnist", "--max-shift", "5",
+        train.main(["--data", str(tmp_path), "--dataset", dataset, "--max-shift", str(largest + 1),
                     "--out", str(tmp_path / "r")])
     assert exit_info.value.code == 2
-    assert "--max-shift must be at most 4 pixels for multimnist" in capsys.readouterr().err
+    assert f"--max-shift must be at most {largest} pixels for {dataset} (a 28x28 digit" in capsys.readouterr().err

@@ -134,11 +134,11 @@ def check_config(config, error):
     if config["max_shift"] > min(height, width) // 4:
         error(f"--max-shift must be at most {min(height, width) // 4} pixels (a quarter of the "
               f"{config['dataset']} image), got {config['max_shift']}")
-    if spec.stored_shape and config["max_shift"] > (height - spec.stored_shape[1]) // 2:
-        # Examples built by placing smaller stored digits on the canvas (MultiMNIST): a larger
-        # shift would push a digit off it.
-        error(f"--max-shift must be at most {(height - spec.stored_shape[1]) // 2} pixels for {config['dataset']} "
-              f"(a {spec.stored_shape[1]}x{spec.stored_shape[2]} digit on a {height}x{width} canvas), "
+    if spec.digit_shape and config["max_shift"] > (height - spec.digit_shape[1]) // 2:
+        # A smaller digit centred on a larger canvas (MultiMNIST, mnist40): a larger shift would
+        # push part of it off the canvas.
+        error(f"--max-shift must be at most {(height - spec.digit_shape[1]) // 2} pixels for {config['dataset']} "
+              f"(a {spec.digit_shape[1]}x{spec.digit_shape[2]} digit on a {height}x{width} canvas), "
               f"got {config['max_shift']}")
     if not (math.isfinite(config["lr"]) and 0 < config["lr"] <= MAX_LR):
         error(f"--lr must be a number in (0, {MAX_LR}], got {config['lr']}")
