@@ -5,9 +5,10 @@
 
 prints the test accuracy (both-digit accuracy for MultiMNIST) and writes reconstructions.png and
 perturbations.png (paper Figures 3 and 4; segmentation.png, the paper's Figure 5, instead of
-reconstructions.png for MultiMNIST) and, when the run's log.jsonl sits beside the checkpoint,
-training_curves.png, into the checkpoint's folder (a subfolder named after --dataset for a
-dataset other than the run's, so that the run's own figures stay). The checkpoint's checksum and
+reconstructions.png for MultiMNIST), each naming the set it shows, and, when the run's log.jsonl
+sits beside the checkpoint, training_curves.png, into the checkpoint's folder (a subfolder named
+after --dataset for a dataset other than the run's, so that the run's own figures stay; the
+training curves are the run's and stay out of it). The checkpoint's checksum and
 the test files' MD5s (unless --no-verify-data) are checked first, so a corrupt checkpoint or
 another dataset's files are refused, not scored.
 
@@ -155,9 +156,12 @@ def _evaluate_checkpoint(args, model, checkpoint, device):
     print(f"{spec.name} test {spec.metric} {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
           f"{example_count(test)}, loss {metrics['loss']:.5f}")
     run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    # Another dataset's figures go to a folder of their own, not over the run's.
-    out = args.out or (run_dir if spec.name == trained_on.name else os.path.join(run_dir, spec.name))
-    for path in write_figures(model, test, out, log_path=os.path.join(run_dir, "log.jsonl")):
+    # Another dataset's figures go to a folder of their own, not over the run's, and without the
+    # run's training curves, which are not about that dataset.
+    own = spec.name == trained_on.name
+    out = args.out or (run_dir if own else os.path.join(run_dir, spec.name))
+    log_path = os.path.join(run_dir, "log.jsonl") if own else None
+    for path in write_figures(model, test, out, dataset=spec.name, metric=spec.metric, log_path=log_path):
         print(f"wrote {path}")
 
 

@@ -59,11 +59,12 @@ def _save(fig, path):
     return os.fspath(path)
 
 
-def reconstruction_figure(images, reconstructions, path, *, labels=None, predictions=None):
+def reconstruction_figure(images, reconstructions, path, *, labels=None, predictions=None, title=None):
     """Inputs (top row) above their reconstructions (bottom row); writes a PNG to `path`.
 
     images [N, C, H, W] in [0, 1]; reconstructions [N, C*H*W] (the decoder's output) or
-    [N, C, H, W]; labels / predictions: optional integer [N], printed above each column.
+    [N, C, H, W]; labels / predictions: optional integer [N], printed above each column; title:
+    optional, below the images (e.g. which set they come from).
     """
     if images.ndim != 4:
         raise ValueError(f"images must have shape [N, C, H, W], got {list(images.shape)}")
@@ -91,6 +92,8 @@ def reconstruction_figure(images, reconstructions, path, *, labels=None, predict
         ax.xaxis.tick_top()
     else:
         ax.set_xticks([])
+    if title:
+        ax.set_xlabel(title)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -128,8 +131,9 @@ def capsule_perturbations(model, image, *, deltas=PERTURBATIONS, capsule=None):
     return j, decoded.reshape(dims, len(deltas), *image.shape)
 
 
-def perturbation_figure(grid, path, *, capsule=None, deltas=PERTURBATIONS):
-    """Draw the [D, K, C, H, W] output of `capsule_perturbations` as a D x K grid; writes `path`."""
+def perturbation_figure(grid, path, *, capsule=None, deltas=PERTURBATIONS, title=None):
+    """Draw the [D, K, C, H, W] output of `capsule_perturbations` as a D x K grid; writes `path`.
+    title: optional, replaces the default "dimension perturbations" heading."""
     if grid.ndim != 5 or grid.shape[1] != len(deltas):
         raise ValueError(f"grid must have shape [D, {len(deltas)}, C, H, W], got {list(grid.shape)}")
     dims = grid.shape[0]
@@ -142,7 +146,8 @@ def perturbation_figure(grid, path, *, capsule=None, deltas=PERTURBATIONS):
     ax.set_yticks([d * cell_height + grid.shape[3] / 2 for d in range(dims)], [str(d) for d in range(dims)], fontsize=7)
     ax.set_xlabel("perturbation")
     ax.set_ylabel("capsule dimension")
-    ax.set_title("dimension perturbations" + ("" if capsule is None else f" of capsule {capsule}"))
+    ax.set_title((title or "dimension perturbations") + ("" if capsule is None else f" of capsule {capsule}"),
+                 fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -151,12 +156,13 @@ def _pair_caption(labels):
     return "(" + ",".join(str(int(k)) for k in labels) + ")"
 
 
-def segmentation_figure(pairs, reconstructions, path, *, labels, predictions):
+def segmentation_figure(pairs, reconstructions, path, *, labels, predictions, title=None):
     """MultiMNIST inputs (top row) above the reconstructions of their two predicted digits, the
     first in red and the second in green, yellow where they overlap (paper Figure 5); writes `path`.
 
     pairs [N, 1, H, W] in [0, 1]; reconstructions [N, 2, H*W] (the decoder's outputs from the two
-    capsules); labels and predictions integer [N, 2], printed above each column.
+    capsules); labels and predictions integer [N, 2], printed above each column; title: optional,
+    below the images.
     """
     count, _, height, width = pairs.shape
     if tuple(reconstructions.shape) != (count, 2, height * width):
@@ -174,6 +180,8 @@ def segmentation_figure(pairs, reconstructions, path, *, labels, predictions):
                   [f"L:{_pair_caption(labels[n])}\nP:{_pair_caption(predictions[n])}" for n in range(count)],
                   fontsize=7)
     ax.xaxis.tick_top()
+    if title:
+        ax.set_xlabel(title)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -193,7 +201,7 @@ def read_log(path):
     return records
 
 
-def training_curves_figure(log_path, path):
+def training_curves_figure(log_path, path, *, metric="accuracy"):
     """Training and validation loss (left) and accuracy (right) against the step; writes `path`.
 
     Reads the JSON-lines log of `capsnet_triton.train`: "train" records (every few steps) and
@@ -211,7 +219,7 @@ def training_curves_figure(log_path, path):
         accuracy_ax.plot(steps, [100.0 * r["accuracy"] for r in points], style, label=event)
     loss_ax.set_yscale("log")
     loss_ax.set(xlabel="step", ylabel="total loss (margin + weighted reconstruction)", title="loss")
-    accuracy_ax.set(xlabel="step", ylabel="accuracy (%)", title="accuracy")
+    accuracy_ax.set(xlabel="step", ylabel=f"{metric} (%)", title=metric)
     for ax in (loss_ax, accuracy_ax):
         ax.grid(alpha=0.3)
         if ax.has_data():
@@ -221,17 +229,20 @@ def training_curves_figure(log_path, path):
 
 
 @torch.no_grad()
-def write_figures(model, split, out_dir, *, log_path=None, count=8):
+def write_figures(model, split, out_dir, *, dataset, metric="accuracy", log_path=None, count=8):
     """Write the figures of a model on the first `count` samples of `split` into `out_dir`.
 
     model: a CapsNet (not DDP-wrapped); split: an evaluation split on the model's device (see
-    `evaluate.evaluate`). reconstructions.png (segmentation.png for MultiMNIST pairs) and
-    perturbations.png need the decoder; training_curves.png needs the log. Returns the paths written.
+    `evaluate.evaluate`); dataset: the name of the set `split` comes from, written on each figure;
+    metric: what the training curves' accuracy counts. reconstructions.png (segmentation.png for
+    MultiMNIST pairs) and perturbations.png need the decoder; training_curves.png needs the log.
+    Returns the paths written.
     """
     os.makedirs(out_dir, exist_ok=True)
     written = []
+    title = f"{dataset} test set, first {min(count, len(split))}"
     if log_path is not None and os.path.isfile(log_path):
-        written.append(training_curves_figure(log_path, os.path.join(out_dir, "training_curves.png")))
+        written.append(training_curves_figure(log_path, os.path.join(out_dir, "training_curves.png"), metric=metric))
     if model.decoder is None:
         return written
     was_training = model.training
@@ -244,16 +255,17 @@ def write_figures(model, split, out_dir, *, log_path=None, count=8):
             predictions = model(images).lengths.topk(batch.labels.shape[1], dim=1).indices  # [N, K]
             written.append(segmentation_figure(
                 images, model(images, predictions).reconstruction, os.path.join(out_dir, "segmentation.png"),
-                labels=batch.labels, predictions=predictions,
+                labels=batch.labels, predictions=predictions, title=title,
             ))
         else:
             output = model(images)                                        # decoder masked by the prediction
             written.append(reconstruction_figure(
                 images, output.reconstruction, os.path.join(out_dir, "reconstructions.png"),
-                labels=batch.labels, predictions=output.lengths.argmax(dim=1),
+                labels=batch.labels, predictions=output.lengths.argmax(dim=1), title=title,
             ))
         capsule, grid = capsule_perturbations(model, images[0])
-        written.append(perturbation_figure(grid, os.path.join(out_dir, "perturbations.png"), capsule=capsule))
+        written.append(perturbation_figure(grid, os.path.join(out_dir, "perturbations.png"), capsule=capsule,
+                                           title=f"{dataset} test example 0: dimension perturbations"))
     finally:
         model.train(was_training)
     return written

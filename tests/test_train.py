@@ -284,7 +284,7 @@ def test_multimnist_final_lines_count_pairs(data_dir, tmp_path, capsys):
     assert train.main(tiny_args(data_dir, out, "--dataset", "multimnist", "--epochs", "1", "--limit-train", "32",
                                 "--limit-val", "8")) == 0
     printed = capsys.readouterr().out
-    assert "test both-digit accuracy" in printed and "on 24 pairs, best model" in printed
+    assert "multimnist test both-digit accuracy" in printed and "on 24 pairs, best model" in printed
     assert evaluate.main([str(out / "best.pt"), "--limit", "12", "--device", "cpu", "--out", str(tmp_path / "f"),
                           "--no-verify-data"]) == 0
     assert "on 12 pairs, loss" in capsys.readouterr().out

@@ -282,9 +282,9 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
     finally:
         log.close()
     if context.is_main:
-        print(f"test {spec.metric} {test['accuracy']:.2%} (error {1 - test['accuracy']:.2%}) "
+        print(f"{spec.name} test {spec.metric} {test['accuracy']:.2%} (error {1 - test['accuracy']:.2%}) "
               f"on {example_count(test_set)}, "
               f"best model from epoch {best_state['epoch']} "
               f"(validation {spec.metric} {best_state['validation']['accuracy']:.2%})")
-        write_figures(model, test_set, run_dir, log_path=paths["log.jsonl"])
+        write_figures(model, test_set, run_dir, dataset=spec.name, metric=spec.metric, log_path=paths["log.jsonl"])
     return test
