@@ -26,6 +26,8 @@ __all__ = ["read_mat", "read_affnist", "find_affnist_files"]
 _NUMERIC = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
 _MATRIX, _COMPRESSED = 14, 15
 _CELL_CLASS, _STRUCT_CLASS, _CHAR_CLASS = 1, 2, 4
+# Text may also be stored as UTF-8, -16 or -32 (SciPy's savemat writes UTF-8), not as numbers.
+_TEXT = {16: "utf-8", 17: "utf-16", 18: "utf-32"}
 
 
 def _elements(buffer, order):
@@ -70,6 +72,9 @@ def _matrix(payload, order):
     if array_class == _CELL_CLASS:
         return name, [_matrix(next(parts)[1], order)[1] for _ in range(count)]
     kind, real = next(parts)
+    if array_class == _CHAR_CLASS and kind in _TEXT:
+        encoding = _TEXT[kind] + ("" if kind == 16 else "-le" if order == "<" else "-be")
+        return name, real.decode(encoding)
     if kind not in _NUMERIC:
         raise ValueError(f"MAT array {name!r} stores its values as type {kind}, which this reader does not know")
     values = np.frombuffer(real, dtype=order + _NUMERIC[kind], count=count).reshape(shape, order="F")

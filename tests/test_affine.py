@@ -34,19 +34,30 @@ def uint8_matrix(name, array):
     return matrix(name, 9, array.shape, element(2, np.asarray(array, dtype=np.uint8).tobytes(order="F")))
 
 
+def text_matrix(name, text, kind):
+    """A 1 x n char array stored as miUINT16 (kind 4, MATLAB's way) or UTF-8/16/32 (16, 17, 18)."""
+    encoded = (np.array([ord(c) for c in text], dtype="<u2").tobytes() if kind == 4
+               else text.encode({16: "utf-8", 17: "utf-16-le", 18: "utf-32-le"}[kind]))
+    return matrix(name, 4, (1, len(text)), element(kind, encoded))
+
+
 def struct_matrix(name, fields):
+    """A 1 x 1 struct; each field an array (stored as uint8) or the bytes of a ready matrix element."""
     width = 32
     names = b"".join(field.encode().ljust(width, b"\0") for field in fields)
     body = struct.pack("<Ii", (4 << 16) | 5, width) + element(1, names)      # width as a small element
-    return matrix(name, 2, (1, 1), body + b"".join(uint8_matrix("", value) for value in fields.values()))
+    values = (value if isinstance(value, bytes) else uint8_matrix("", value) for value in fields.values())
+    return matrix(name, 2, (1, 1), body + b"".join(values))
 
 
-def write_affnist_mat(path, images, labels, compress):
-    """affNIST's layout: struct affNISTdata, image [1600, N] (column n: image n row-major), label_int [1, N]."""
+def write_affnist_mat(path, images, labels, compress, text_kind=4):
+    """affNIST's layout: struct affNISTdata, image [1600, N] (column n: image n row-major), label_int [1, N],
+    and fields the reader ignores (one of them text, stored as text_kind)."""
     record = struct_matrix("affNISTdata", {
         "image": images.reshape(len(images), 1600).T,
         "label_int": labels[None, :],
         "label_one_of_n": np.eye(10, dtype=np.uint8)[labels].T,
+        "comment": text_matrix("", "affNIST-like, 40×40", text_kind),
     })
     if compress:
         packed = zlib.compress(record)
@@ -61,13 +72,15 @@ def affnist_like(count, seed):
     return rng.integers(0, 256, (count, 40, 40), dtype=np.uint8), rng.integers(0, 10, count).astype(np.uint8)
 
 
-@pytest.mark.parametrize("compress", [False, True])
-def test_read_affnist_single_file(tmp_path, compress):
+@pytest.mark.parametrize("compress, text_kind", [(False, 4), (True, 4), (False, 16), (True, 17), (False, 18)])
+def test_read_affnist_single_file(tmp_path, compress, text_kind):
+    """Text stored as UTF-8 (SciPy's savemat) failed the whole file before its images were read."""
     images, labels = affnist_like(7, 0)
-    write_affnist_mat(tmp_path / "test.mat", images, labels, compress)
+    write_affnist_mat(tmp_path / "test.mat", images, labels, compress, text_kind)
     read_images, read_labels = read_affnist(tmp_path)
     assert np.array_equal(read_images, images) and np.array_equal(read_labels, labels)
-    assert read_mat(tmp_path / "test.mat")["affNISTdata"]["label_one_of_n"].shape == (10, 7)
+    record = read_mat(tmp_path / "test.mat")["affNISTdata"]
+    assert record["label_one_of_n"].shape == (10, 7) and record["comment"] == "affNIST-like, 40×40"
 
 
 def test_read_affnist_batches_in_numeric_order(tmp_path):
@@ -126,8 +139,7 @@ def test_evaluate_scores_a_mnist40_model_on_the_generated_set_and_affnist(tmp_pa
     assert evaluate.main([str(out / "best.pt"), "--dataset", "affnist-generated", "--device", "cpu",
                           "--no-verify-data"]) == 0
     assert "affnist-generated test accuracy" in capsys.readouterr().out
-    # Figures of another dataset go to a subfolder named after it; the run's own stay,
-    # and the run's training curves, which are not about that dataset, are not copied there.
+    # Figures of another dataset go to a subfolder named after it; the run's own stay, training curves, which are not about that dataset, are not copied there.
     assert set(os.listdir(out / "affnist-generated")) == {"reconstructions.png", "perturbations.png"}
     assert (out / "reconstructions.png").read_bytes() == own_figure
     assert evaluate.main([str(out / "best.pt"), "--dataset", "affnist", "--device", "cpu",
