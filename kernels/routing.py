@@ -83,7 +83,7 @@ def _routing_forward_kernel(
     for t in range(iterations):
         s = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+            u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             s += s_of_tile(u_hat, v_sum, j_valid)
         v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
@@ -125,7 +125,7 @@ def _routing_backward_ds_all_kernel(
         v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+            u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             grad_v_sum += grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
         grad_v = grad_v_sum
@@ -158,8 +158,10 @@ def _routing_backward_u_hat_kernel(
     """
     sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
-    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    u_hat, mask = load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask,
+    i_start = tl.program_id(1) * BLOCK_I
+    i_in_block = tl.arange(0, BLOCK_I)
+    i = i_start + i_in_block
+    u_hat, mask = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets, jd_mask,
                               COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
     du_hat = du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_valid, jd_mask,
                          jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
@@ -174,19 +176,17 @@ _INT32_MAX = 2**31 - 1
 _GRID_Y_MAX = 65535
 
 
-def _u_hat_for_kernels(u_hat):
-    """u_hat, checked, as the kernels read it: through its own strides, or a contiguous copy where
-    they would overflow the kernels' int32 offsets inside a sample. The copy is made per call, so
-    a forward and its backward make one each (at the MNIST shape, a batch-inner u_hat from
-    B = 11,661 on)."""
-    check_u_hat(u_hat)
+def _u_hat_for_kernels(u_hat, block_i):
+    """u_hat as the kernels read it: through its own strides, or a contiguous copy where the int32
+    offsets inside one tile of block_i inputs would overflow (the tile's start is 64-bit). For a
+    batch-inner u_hat, DigitCaps' layout, that is B > 2**31 / (block_i J D): past 800,000 samples
+    at the MNIST shape."""
     _, I, J, D = u_hat.shape
-    # Offsets inside one sample are int32 in the kernels (the batch offset is int64).
+    # The output du_hat is contiguous and written with int32 offsets inside a sample.
     if I * J * D > _INT32_MAX:
         raise ValueError(f"one sample of u_hat has more than 2**31 - 1 elements: shape {tuple(u_hat.shape)}")
-    span = sum((n - 1) * abs(st) for n, st in zip(u_hat.shape[1:], u_hat.stride()[1:]))
-    if span > _INT32_MAX:
-        # A batch-inner layout (DigitCaps' u_hat is one) at a large batch: one copy, on purpose.
+    _, stride_i, stride_j, stride_d = (abs(st) for st in u_hat.stride())
+    if (min(block_i, I) - 1) * stride_i + (J - 1) * stride_j + (D - 1) * stride_d > _INT32_MAX:
         return u_hat.contiguous()
     return u_hat
 
@@ -208,15 +208,15 @@ def routing_forward(u_hat, iterations, bias=None, *, variant=DEFAULT_VARIANT, sp
     finish) over (sample, chunk of I), the chunks' partial sums added in a fixed order; splits
     forces the number of chunks per sample (default: enough for a few CTAs on every SM).
     "sample": one launch runs all iterations, one program per sample. u_hat may have any strides:
-    the kernels read it through them, and copy it only where that would overflow their int32
-    offsets (_u_hat_for_kernels). bias: optional [J, D], added to s in every iteration. block_i:
+    the kernels read it through them (a copy only past int32 offsets within one tile, see
+    _u_hat_for_kernels). bias: optional [J, D], added to s in every iteration. block_i:
     force the BLOCK_I inputs per tile (a power of two; tests use it to exercise the loop over I
     and its masks).
     Returns (v, s_all): v in u_hat's dtype, and s_all [iterations, B, J, D] every iteration's s
     in the compute dtype (float64 for float64 u_hat, else float32), all routing_backward needs.
     out: optional (v, s_all) of contiguous tensors of those shapes and dtypes to write into.
     """
-    u_hat = _u_hat_for_kernels(u_hat)
+    check_u_hat(u_hat)
     iterations = check_iterations(iterations)
     check_variant(variant)
     bias = check_bias(bias, u_hat)
@@ -228,6 +228,7 @@ def routing_forward(u_hat, iterations, bias=None, *, variant=DEFAULT_VARIANT, sp
     if B == 0:
         return v, s_all
     config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
+    u_hat = _u_hat_for_kernels(u_hat, config["BLOCK_I"])
     # Without a bias the kernel never reads bias_ptr; s_all stands in for the pointer.
     bias_arg = bias.contiguous() if bias is not None else s_all
     if variant == "sample":
@@ -264,7 +265,7 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", variant=DEFAULT_VARIA
     "last": the squash backward kernel on [B, J, D] gives ds^(r), then kernel B.
     out: optional (du_hat, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """
-    u_hat = _u_hat_for_kernels(u_hat)
+    check_u_hat(u_hat)
     check_gradient(gradient)
     check_variant(variant)
     B, I, J, D = u_hat.shape
@@ -288,6 +289,7 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", variant=DEFAULT_VARIA
     if B == 0:
         return du_hat, ds_all
     config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
+    u_hat = _u_hat_for_kernels(u_hat, config["BLOCK_I"])
     if gradient == "full" and variant == "sample":
         _routing_backward_ds_all_kernel[(B,)](
             u_hat, dv.contiguous(), s_all, ds_all,

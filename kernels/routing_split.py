@@ -60,13 +60,13 @@ def split_forward_kernel(
         acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)        # per-thread partial sums
         if t == 0:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
-                u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+                u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                       jd_mask, COMPUTE_DTYPE)
                 acc += uniform_share(u_hat, J)
             partial = spread_nan(tl.sum(acc, axis=0))
         else:
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
-                u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+                u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                       jd_mask, COMPUTE_DTYPE)
                 acc += coupling_tile(u_hat, v_sum, j_valid)[:, :, None] * u_hat
             partial = tl.sum(acc, axis=0)
@@ -106,7 +106,7 @@ def split_backward_ds_all_kernel(
         end = tl.minimum(start + chunk, I)
         acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
         for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
-            u_hat, _ = load_u_hat(u_hat_sample, i_start + i_in_block, I, stride_ui, u_jd_offsets,
+            u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                   jd_mask, COMPUTE_DTYPE)
             coupling = coupling_tile(u_hat, v_sum, j_valid)
             acc += logits_grad(u_hat, coupling, ds)[:, :, None] * u_hat

@@ -32,11 +32,16 @@ def sample_layout(u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D,
 
 
 @triton.jit
-def load_u_hat(u_hat_sample, i, I, stride_ui, u_jd_offsets, jd_mask, COMPUTE_DTYPE: tl.constexpr):
-    """The u_hat tile of inputs i [BLOCK_I] in the compute dtype, padded entries 0, and its mask,
-    both [BLOCK_I, BLOCK_J, BLOCK_D]."""
-    mask = (i < I)[:, None, None] & jd_mask[None, :, :]
-    u_hat = tl.load(u_hat_sample + i[:, None, None] * stride_ui + u_jd_offsets[None, :, :],
+def load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets, jd_mask,
+               COMPUTE_DTYPE: tl.constexpr):
+    """The u_hat tile of inputs i_start + i_in_block [BLOCK_I] in the compute dtype, padded entries
+    0, and its mask, both [BLOCK_I, BLOCK_J, BLOCK_D].
+
+    The tile's start is a 64-bit offset and only the offsets inside the tile are int32, so that a
+    sample may span more than 2**31 elements (a batch-inner u_hat at a large batch) uncopied."""
+    mask = (i_start + i_in_block < I)[:, None, None] & jd_mask[None, :, :]
+    tile = u_hat_sample + tl.cast(i_start, tl.int64) * stride_ui
+    u_hat = tl.load(tile + (i_in_block * stride_ui)[:, None, None] + u_jd_offsets[None, :, :],
                     mask=mask, other=0.0).to(COMPUTE_DTYPE)
     return u_hat, mask
 

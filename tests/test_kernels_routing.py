@@ -136,18 +136,25 @@ def test_routing_of_non_contiguous_u_hat_equals_contiguous(view, rng):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_routing_copies_once_a_layout_whose_offsets_would_overflow_int32(rng, monkeypatch):
-    """DigitCaps' u_hat is batch-inner (input stride B J D); at a large batch one sample spans
-    more than int32 offsets reach, and the launchers copy it. A lowered limit shows it at a small
-    shape: the batch-inner view spans 3999 elements, one sample holds 2080."""
+def test_routing_reads_a_sample_past_int32_offsets_uncopied(rng, monkeypatch):
+    """DigitCaps' u_hat is batch-inner (input stride B J D); at a large batch one sample spans more
+    than int32 offsets reach. The kernels start each tile at a 64-bit offset, so only a tile must
+    fit: a lowered limit shows it at a small shape. The batch-inner view [5, 13, 10, 16] spans 9759
+    elements a sample and 2559 a tile of 4 inputs; one sample holds 2080."""
     from capsnet_triton.kernels import routing
-    u_hat = sample(rng, (13, 2, 10, 16), torch.float32).permute(1, 0, 2, 3)     # [2, 13, 10, 16]
-    dv = sample(rng, (2, 10, 16), torch.float32)
+    u_hat = sample(rng, (13, 5, 10, 16), torch.float32).permute(1, 0, 2, 3)     # [5, 13, 10, 16]
+    dv = sample(rng, (5, 10, 16), torch.float32)
     expected = check_routing(u_hat, 3, dv, block_i=4)
-    monkeypatch.setattr(routing, "_INT32_MAX", 3000)
+    monkeypatch.setattr(routing, "_INT32_MAX", 2600)               # the sample's span overflows
+    assert routing._u_hat_for_kernels(u_hat, 4) is u_hat
     for got, want in zip(check_routing(u_hat, 3, dv, block_i=4), expected):
         assert torch.equal(got, want)
-    monkeypatch.setattr(routing, "_INT32_MAX", 2000)
+    monkeypatch.setattr(routing, "_INT32_MAX", 2100)               # a tile's too: one copy
+    copied = routing._u_hat_for_kernels(u_hat, 4)
+    assert copied is not u_hat and copied.is_contiguous() and torch.equal(copied, u_hat)
+    for got, want in zip(check_routing(u_hat, 3, dv, block_i=4), expected):
+        assert torch.equal(got, want)
+    monkeypatch.setattr(routing, "_INT32_MAX", 2000)               # du_hat's offsets in a sample
     with pytest.raises(ValueError, match="more than 2\\*\\*31 - 1 elements"):
         routing_forward(u_hat, 3)
 
