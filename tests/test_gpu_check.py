@@ -57,10 +57,13 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     kernel_rows = [dict(B=B, workload="routing fwd", config=c, graph_ms=ms, call_ms=ms + 0.3, copy_pct=100 / ms)
                    for B, c, ms in ((128, "sample", 0.4), (512, "sample", 1.0), (512, "split S=4", 0.5))]
     kernel_rows.append(dict(B=512, workload="routing fwd", config="split S=8", error="CompilationError: x"))
-    (tmp_path / "kernels.json").write_text(json.dumps({"default": "sample", "rows": kernel_rows}))
+    kernel_rows += [dict(B=512, workload="digitcaps bwd", config=c, graph_ms=ms, call_ms=ms + 0.3, copy_pct=None)
+                    for c, ms in (("A+B split", 5.0), ("B (last)", 1.0))]
+    (tmp_path / "kernels.json").write_text(json.dumps({"default": "sample", "baselines": ["unfused", "B (last)"],
+                                                       "complete": False, "rows": kernel_rows}))
     (tmp_path / "evaluate.log").write_text("mnist test accuracy 99.10% (error 0.90%) on 10000 images, loss 0.01\n"
                                            "wrote OUT/train/training_curves.png\n")      # as evaluate prints
-    (tmp_path / "tests.log").write_text("FAILED tests/test_x.py::test_y - AssertionError\n"
+    (tmp_path / "tests.log").write_text("12 workers [548 items]\nFAILED tests/test_x.py::test_y - AssertionError\n"
                                         "2 failed, 181 passed, 3 skipped in 79.10s (0:01:19)\n")
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "log.jsonl").write_text("".join(
@@ -68,12 +71,15 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
         for e, s, a in ((1, 6.0, 0.98), (2, 4.0, 0.99), (3, 5.0, 0.985))))
     table = summary.write_summary(str(tmp_path), epochs=50)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert "| tests | FAIL |" in rows["tests"] and "2 failed, 181 passed, 3 skipped" in rows["tests"]
+    assert "| tests | FAIL |" in rows["tests"] and "2 failed, 181 passed, 3 skipped of 548 collected" in rows["tests"]
     assert "tests/test_x.py::test_y" in rows["tests"]
     assert "no ceilings.json" in rows["ceilings"] and "no bench.json" in rows["bench"]
     assert "| train | TIMEOUT |" in rows["train"]
-    assert ("routing fwd B=512: best split S=4 0.5 ms, 200% copy (default sample 1 ms, as a call 1.3 ms); "
-            "3 rows timed, 1 FAILED") in rows["kernels"]
+    assert ("routing fwd B=512: best split S=4 0.5 ms, 200% copy (default sample 1 ms, as a call 1.3 ms)"
+            in rows["kernels"])
+    # "B (last)" runs another gradient policy: beside the candidates, never the best of them.
+    assert "digitcaps bwd B=512: best A+B split 5 ms; B (last) 1 ms" in rows["kernels"]
+    assert "5 rows timed, 1 FAILED; the stage was cut off" in rows["kernels"]
     assert "3/50 epochs, median 5.0 s" in rows["train"] and "99.00% (epoch 2)" in rows["train"]
     assert "not tested" in rows["train"]
     assert "its log ends: `RuntimeError: CUDA error`" in rows["bench"]
@@ -85,10 +91,17 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
 
 
 def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path):
+    """Also: a compute-sanitizer that refuses the machine (as on some GPU machines: "Device not
+    supported") leaves the routing check to run without it, not the stage failed for the tool."""
     empty = tmp_path / "no-mnist-here"
     empty.mkdir()
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_LIMITS": "tests=5 bench=5"}
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "compute-sanitizer").write_text('#!/bin/sh\necho "Error: Device not supported" >&2\nexit 1\n')
+    (tools / "compute-sanitizer").chmod(0o755)
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_LIMITS": "tests=5 bench=5",
+           "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", str(empty), str(out)],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -97,6 +110,8 @@ def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path)
                       "kernels": "skipped", "train": "fail"}, status
     table = (out / "summary.md").read_text()
     assert "| tests | TIMEOUT |" in table and "| train | FAIL |" in table
+    assert "compute-sanitizer cannot run on this machine" in table
+    assert "Device not supported" in (out / "memcheck-probe.log").read_text()
 
 
 def _bench_row(workload, B, provider, ms, **extra):

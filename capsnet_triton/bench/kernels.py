@@ -16,6 +16,7 @@ On a CUDA GPU only (the interpreter's times mean nothing).
 
 import argparse
 import json
+import os
 
 import numpy as np
 import torch
@@ -44,16 +45,20 @@ UNFUSED = ("unfused", None)
 # The fused backward alone, split into its kernels: A and B under "full" per variant, and B alone
 # ("last" runs no kernel A, only a squash backward of [B, J, D] before kernel B).
 BACKWARD = "digitcaps bwd"
+LAST_ONLY = "B (last)"
 BACKWARD_CONFIGS = [
     ("A+B sample", dict(variant="sample")),
     ("A+B split", dict(variant="split")),
-    ("B (last)", dict(gradient="last")),
+    (LAST_ONLY, dict(gradient="last")),
     # Kernel B over fewer warps per input, (BLOCK_I, num_warps): fewer instructions per (input,
     # sample) in its sm_90 SASS and twice the inputs in flight per SM, at the register limit
     # (docs/PERF.md, 2026-11-30, fourth run).
     ("A+B split, B 1x2", dict(variant="split", weight_launch=(1, 2))),
     ("A+B split, B 2x4", dict(variant="split", weight_launch=(2, 4))),
 ]
+# Rows that time other work than their workload's candidates (another code path, another gradient
+# policy): shown beside them, never picked as the best launch.
+BASELINES = (UNFUSED[0], LAST_ONLY)
 
 
 def _routing(x, r, kwargs, backward, shape):
@@ -73,16 +78,22 @@ def _fused(x, r, kwargs, backward, shape):
     from capsnet_triton.kernels import capsule_linear, capsule_linear_backward, capsule_linear_forward
     if kwargs is None:
         return _unfused(x, r, backward)
+    backward_kwargs = kwargs
     if kwargs.get("block_i"):
         samples = capsule_linear._SPLIT_BLOCK_B if kwargs["variant"] == "split" else 1
         default = capsule_linear._launch_config(shape.I, shape.J, shape.D, shape.P, torch.float32, None,
                                                 samples=samples)["BLOCK_I"]
         kwargs = dict(kwargs, block_i=max(1, int(default * kwargs["block_i"])))
+        # block_i would set backward kernel B's BLOCK_I too (a W tile of 8-32 inputs: spills on
+        # sm_90); the row varies the tiles over I alone, so kernel B keeps its default launch.
+        weight = capsule_linear._launch_config(shape.I, shape.J, shape.D, shape.P, torch.float32, None,
+                                               weight_tile=True)
+        backward_kwargs = dict(kwargs, weight_launch=(weight["BLOCK_I"], weight["num_warps"]))
 
     def run():
         v, s_all = capsule_linear_forward(x["u"], x["W"], r, **kwargs)
         if backward:
-            capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, **kwargs)
+            capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, **backward_kwargs)
     return run
 
 
@@ -124,10 +135,14 @@ def _graph_ms(run, device):
     return float(np.median(time_calls(graph.replay, device, reps_min=10, reps_max=50, budget_s=0.3)))
 
 
-def measure(device, batches, r=3, I=1152):
+def measure(device, batches, r=3, I=1152, on_row=None):
+    """Every row, each also given to on_row(result so far) as it is measured."""
+    from capsnet_triton.kernels.launch import DEFAULT_VARIANT
     copy_gbs = copy_bandwidth_gbs(device, 1024)
     workloads = {w.name: w for w in WORKLOADS}
     rows = []
+    result = dict(versions=versions(), device=torch.cuda.get_device_name(device), copy_bandwidth_gbs=copy_gbs,
+                  I=I, r=r, default=DEFAULT_VARIANT, baselines=list(BASELINES), rows=rows)
     for B in batches:
         shape = Shape(B=B, I=I, r=r)
         # (workload, the bench workload whose inputs and bytes it takes, configs, run builder)
@@ -152,9 +167,9 @@ def measure(device, batches, r=3, I=1152):
                     row.update(error=f"{type(error).__name__}: {error}"[:300])
                 rows.append(row)
                 print(_line(row), flush=True)
-    from capsnet_triton.kernels.launch import DEFAULT_VARIANT
-    return dict(versions=versions(), device=torch.cuda.get_device_name(device), copy_bandwidth_gbs=copy_gbs,
-                I=I, r=r, default=DEFAULT_VARIANT, rows=rows)
+                if on_row is not None:
+                    on_row(result)
+    return result
 
 
 def _line(row):
@@ -177,10 +192,20 @@ def main(argv=None):
     if not torch.cuda.is_available():
         parser.error("times GPU kernels: needs a CUDA GPU")
     print(f"{'B':>5}  {'workload':<18} {'config':<17}")
-    result = measure(torch.device("cuda"), batches)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
-    return 0
+    # Written after every row (whole files only, renamed into place), so a stage stopped by its
+    # time limit keeps the rows it measured; "complete" says whether all were.
+    result = measure(torch.device("cuda"), batches, on_row=lambda so_far: _write(args.json, so_far, False))
+    _write(args.json, result, True)
+    failed = sum("error" in row for row in result["rows"])
+    if failed:
+        print(f"{failed} of {len(result['rows'])} rows FAILED")
+    return 1 if failed else 0
+
+
+def _write(path, result, complete):
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(result, complete=complete), f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

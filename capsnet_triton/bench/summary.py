@@ -59,12 +59,26 @@ def ceilings_figures(out):
             f"torch {v['torch']}, triton {v['triton']}, cuda {v['cuda']}, numpy {v['numpy']}, python {v['python']}")
 
 
+def _collected(log):
+    """How many tests pytest set out to run, from its header: pytest-xdist's "12 workers [548
+    items]", or "collected 552 items / 544 deselected / 8 selected"; None without either."""
+    workers = re.search(r"workers \[(\d+) items?\]", log)
+    if workers:
+        return int(workers.group(1))
+    collected = re.search(r"collected (\d+) items?(?: / \d+ deselected / (\d+) selected)?", log)
+    return int(collected.group(2) or collected.group(1)) if collected else None
+
+
 def tests_figures(out):
     log = _read(out, "tests.log") or ""
     summaries = [line for line in log.splitlines() if COUNTS.search(line) and " in " in line]
     if not summaries:
         return "no pytest summary line in tests.log"
     counts = ", ".join(f"{n} {word}" for n, word in COUNTS.findall(summaries[-1]))
+    collected = _collected(log)
+    if collected is not None:
+        # A run stopped by its limit counts only the tests it reached.
+        counts += f" of {collected} collected"
     failed = [line.split(" - ")[0] for line in log.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     return counts + ("; " + ", ".join(failed[:8]) + (" ..." if len(failed) > 8 else "") if failed else "")
 
@@ -104,20 +118,26 @@ def kernels_figures(out):
     if not report:
         return "no kernels.json"
     rows = [r for r in report["rows"] if "error" not in r]
+    baselines = report.get("baselines", [])
     parts = []
     for workload in dict.fromkeys(r["workload"] for r in rows):
         B = max(r["B"] for r in rows if r["workload"] == workload)
         at_B = [r for r in rows if r["workload"] == workload and r["B"] == B]
+        candidates = [r for r in at_B if r["config"] not in baselines]
+        if not candidates:
+            continue
         default = next((r for r in at_B if r["config"] == report["default"]), None)
-        best = min(at_B, key=lambda r: r["graph_ms"])
+        best = min(candidates, key=lambda r: r["graph_ms"])
         pct = f", {best['copy_pct']:.0f}% copy" if best.get("copy_pct") else ""
         text = f"{workload} B={B}: best {best['config']} {best['graph_ms']:.3g} ms{pct}"
         if default:
             text += (f" (default {default['config']} {default['graph_ms']:.3g} ms, "
                      f"as a call {default['call_ms']:.3g} ms)")
+        text += "".join(f"; {r['config']} {r['graph_ms']:.3g} ms" for r in at_B if r["config"] in baselines)
         parts.append(text)
     failed = sum("error" in r for r in report["rows"])
-    return "; ".join(parts + [f"{len(rows)} rows timed, {failed} FAILED"])
+    cut = [] if report.get("complete", True) else ["the stage was cut off: these are the rows it finished"]
+    return "; ".join(parts + [f"{len(rows)} rows timed, {failed} FAILED"] + cut)
 
 
 def _ok_row(rows, workload, B, provider):
