@@ -304,3 +304,15 @@ def test_kernel_timing_builds_and_runs_every_row(monkeypatch):
                       "digitcaps fwd+bwd": configs + 1, kernels.BACKWARD: len(kernels.BACKWARD_CONFIGS)}
     assert all(r["graph_ms"] == 1.0 and r["call_ms"] == 2.0 for r in rows)
     assert result["default"] in {r["config"] for r in rows}
+
+
+def test_a_gpu_run_without_numpy_rows_skips_the_cpu_copy():
+    """The CPU's copy bandwidth is measured only for the NumPy reference's rows (or a CPU run): at
+    the GPU plans' 1 GiB it cost seconds of device time that no row used."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    every = providers.make_providers()
+    quick = runner.PLANS[("cuda", "quick")]
+    assert cli.bandwidth_devices(gpu, every, replace(quick, batches=(32, 128, 512))) == [gpu]
+    assert cli.bandwidth_devices(gpu, every, replace(quick, batches=(2, 128))) == [cpu, gpu]
+    assert cli.bandwidth_devices(gpu, [p for p in every if not p.numpy], replace(quick, batches=(2,))) == [gpu]
+    assert cli.bandwidth_devices(cpu, every, runner.PLANS[("cpu", "default")]) == [cpu]

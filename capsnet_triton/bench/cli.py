@@ -74,6 +74,14 @@ def parse_batches(parser, flag, text):
     return batches
 
 
+def bandwidth_devices(device, providers, plan):
+    """The devices whose copy bandwidth the rows are measured against: the run's, and the CPU where
+    the NumPy reference's rows run. A GPU run without them skips the CPU's copy (1 GiB at the GPU
+    plans' size: seconds of scarce device time)."""
+    numpy_rows = any(p.numpy for p in providers) and min(plan.batches) <= plan.numpy_max_batch
+    return list(dict.fromkeys(([torch.device("cpu")] if numpy_rows else []) + [device]))
+
+
 def _write_json(path, env, rows, complete):
     """The environment and the rows so far; "complete" is false while the run goes on. Written to
     a temporary name and renamed, so a reader never sees half a file."""
@@ -116,8 +124,7 @@ def main(argv=None, description=None):
     load_before = load_average()
     try:
         check_ground_truth(workloads)
-        bandwidth = {d.type: copy_bandwidth_gbs(d, plan.copy_mib)
-                     for d in dict.fromkeys([torch.device("cpu"), device])}
+        bandwidth = {d.type: copy_bandwidth_gbs(d, plan.copy_mib) for d in bandwidth_devices(device, providers, plan)}
     except KeyboardInterrupt:
         print("bench: interrupted (Ctrl-C) before any row was measured", file=sys.stderr)
         return 130
