@@ -82,15 +82,20 @@ def bandwidth_devices(device, providers, plan):
     return list(dict.fromkeys(([torch.device("cpu")] if numpy_rows else []) + [device]))
 
 
+def write_json_atomic(path, obj):
+    """json.dump to a temporary name, then rename: a reader (the GPU check's summary, after a
+    stage was stopped mid-run) never sees half a file."""
+    with open(path + ".tmp", "w") as out:
+        json.dump(obj, out, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def _write_json(path, env, rows, complete):
-    """The environment and the rows so far; "complete" is false while the run goes on. Written to
-    a temporary name and renamed, so a reader never sees half a file."""
+    """The environment and the rows so far; "complete" is false while the run goes on."""
     # An infinite relative error (a provider that gave NaN) becomes null: JSON has no Infinity.
     records = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(r).items()}
                for r in rows]
-    with open(path + ".tmp", "w") as out:
-        json.dump({"environment": env, "complete": complete, "rows": records}, out, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, {"environment": env, "complete": complete, "rows": records})
 
 
 def main(argv=None, description=None):

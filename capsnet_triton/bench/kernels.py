@@ -15,13 +15,11 @@ On a CUDA GPU only (the interpreter's times mean nothing).
 """
 
 import argparse
-import json
-import os
 
 import numpy as np
 import torch
 
-from .cli import check_writable, parse_batches
+from .cli import check_writable, parse_batches, write_json_atomic
 from .report import versions
 from .timing import copy_bandwidth_gbs, time_calls
 from .workloads import WORKLOADS, Shape, make_arrays
@@ -194,18 +192,13 @@ def main(argv=None):
     print(f"{'B':>5}  {'workload':<18} {'config':<17}")
     # Written after every row (whole files only, renamed into place), so a stage stopped by its
     # time limit keeps the rows it measured; "complete" says whether all were.
-    result = measure(torch.device("cuda"), batches, on_row=lambda so_far: _write(args.json, so_far, False))
-    _write(args.json, result, True)
+    result = measure(torch.device("cuda"), batches,
+                     on_row=lambda so_far: write_json_atomic(args.json, dict(so_far, complete=False)))
+    write_json_atomic(args.json, dict(result, complete=True))
     failed = sum("error" in row for row in result["rows"])
     if failed:
         print(f"{failed} of {len(result['rows'])} rows FAILED")
     return 1 if failed else 0
-
-
-def _write(path, result, complete):
-    with open(path + ".tmp", "w") as f:
-        json.dump(dict(result, complete=complete), f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

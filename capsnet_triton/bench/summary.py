@@ -107,8 +107,13 @@ def bench_figures(out):
             parts.append(f"{workload} B={B}: {best['provider']} {best['median_ms']:.3g} ms{eager}{share}")
     failed = sum(r["status"] == "FAILED" for r in rows)
     timed = sum(r["status"] == "ok" for r in rows)
-    cut = [] if report.get("complete", True) else ["the run was cut off: these are the rows it finished"]
+    cut = _cut_off(report)
     return "; ".join(parts + [f"{timed} rows timed, {failed} FAILED"] + cut)
+
+
+def _cut_off(report):
+    """[the note] when a JSON report says its stage stopped before its last row, else []."""
+    return [] if report.get("complete", True) else ["the stage was cut off: these are the rows it finished"]
 
 
 def kernels_figures(out):
@@ -136,7 +141,7 @@ def kernels_figures(out):
         text += "".join(f"; {r['config']} {r['graph_ms']:.3g} ms" for r in at_B if r["config"] in baselines)
         parts.append(text)
     failed = sum("error" in r for r in report["rows"])
-    cut = [] if report.get("complete", True) else ["the stage was cut off: these are the rows it finished"]
+    cut = _cut_off(report)
     return "; ".join(parts + [f"{len(rows)} rows timed, {failed} FAILED"] + cut)
 
 
