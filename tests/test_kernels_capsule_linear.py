@@ -16,14 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kernel_checks import DEVICE, DTYPES, as_float64, assert_agrees, dtype_id, magnitudes, poisoned, sample
 
+from capsnet_triton.checks import compute_dtype
 from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
 from capsnet_triton.kernels.launch import DEFAULT_VARIANT
 from capsnet_triton.reference import capsule_linear_backward as reference_backward
 from capsnet_triton.reference import capsule_linear_forward as reference_forward
-
-
-def compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full", block_i=None,

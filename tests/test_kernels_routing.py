@@ -13,15 +13,12 @@ from hypothesis import strategies as st
 from conftest import interpreted
 from kernel_checks import DEVICE, DTYPES, dtype_id, magnitudes, poisoned, sample
 
+from capsnet_triton.checks import compute_dtype
 from capsnet_triton.kernels import routing_backward, routing_forward
 from capsnet_triton.kernels.launch import DEFAULT_VARIANT
 from capsnet_triton.numerics import as_float64, assert_agrees
 from capsnet_triton.reference import routing_backward as reference_routing_backward
 from capsnet_triton.reference import routing_forward as reference_routing_forward
-
-
-def compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=None, variant=DEFAULT_VARIANT,
