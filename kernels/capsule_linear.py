@@ -45,8 +45,8 @@ from . import capsule_linear_split, routing_split
 from .launch import (DEFAULT_VARIANT, SPLIT_STAGES, block_inputs, check_variant, launch_options, max_tile, output,
                      tl_dtype)
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, jd_layout, load_bias, load_u,
-                            load_weight, predict, predict_tile, s_of_tile, v_sum_before, weight_layout)
-from .squash import squash_backward, squash_backward_tile
+                            load_weight, predict, predict_tile, s_of_tile, sample_ds, v_sum_before, weight_layout)
+from .squash import squash_backward
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
 
@@ -107,15 +107,12 @@ def _capsule_linear_backward_ds_all_kernel(
     j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
     u_sample = u_ptr + sample * I * P
-    sample_offset = sample * J * D
 
-    grad_v = tl.load(dv_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
+    grad_v = tl.load(dv_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
     grad_v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)               # sum of dV over later t
     for k in range(iterations - 1):
         t = iterations - 1 - k                                             # 0-based, t >= 1
-        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
-        ds = squash_backward_tile(grad_v, tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
-        tl.store(ds_all_ptr + offsets, ds, mask=jd_mask)
+        ds = sample_ds(grad_v, s_all_ptr, ds_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask)
         v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
@@ -123,8 +120,7 @@ def _capsule_linear_backward_ds_all_kernel(
                                  COMPUTE_DTYPE)
             grad_v_sum += grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
         grad_v = grad_v_sum
-    s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
-    tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
+    sample_ds(grad_v, s_all_ptr, ds_all_ptr, 0, B, sample, J, D, jd_offsets, jd_mask)
 
 
 @triton.jit

@@ -46,8 +46,8 @@ from capsnet_triton.checks import (
 from .launch import DEFAULT_VARIANT, SPLIT_STAGES, block_inputs, check_variant, launch_options, output, tl_dtype
 from . import routing_split
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u_hat, s_of_tile,
-                            sample_layout, v_sum_before)
-from .squash import squash_backward, squash_backward_tile
+                            sample_ds, sample_layout, v_sum_before)
+from .squash import squash_backward
 
 __all__ = ["routing_forward", "routing_backward"]
 
@@ -75,7 +75,6 @@ def _routing_forward_kernel(
     sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
-    sample_offset = sample * J * D
     bias = load_bias(bias_ptr, jd_offsets, jd_mask, HAS_BIAS, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
 
     v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)                    # V^(t)
@@ -87,7 +86,7 @@ def _routing_forward_kernel(
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             s += s_of_tile(u_hat, v_sum, j_valid)
         v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
-    tl.store(v_ptr + sample_offset + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
+    tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
 
 @triton.jit
@@ -112,16 +111,12 @@ def _routing_backward_ds_all_kernel(
     sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
-    sample_offset = sample * J * D
 
-    grad_v = tl.load(dv_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
+    grad_v = tl.load(dv_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
     grad_v_sum = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)               # sum of dV over later t
     for k in range(iterations - 1):
         t = iterations - 1 - k                                             # 0-based, t >= 1
-        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
-        s = tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0)
-        ds = squash_backward_tile(grad_v, s)
-        tl.store(ds_all_ptr + offsets, ds, mask=jd_mask)
+        ds = sample_ds(grad_v, s_all_ptr, ds_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask)
         v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
@@ -129,8 +124,7 @@ def _routing_backward_ds_all_kernel(
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             grad_v_sum += grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
         grad_v = grad_v_sum
-    s = tl.load(s_all_ptr + sample_offset + jd_offsets, mask=jd_mask, other=0.0)
-    tl.store(ds_all_ptr + sample_offset + jd_offsets, squash_backward_tile(grad_v, s), mask=jd_mask)
+    sample_ds(grad_v, s_all_ptr, ds_all_ptr, 0, B, sample, J, D, jd_offsets, jd_mask)
 
 
 @triton.jit

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .squash import squash_backward_tile, squash_tile
 
-__all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "s_of_tile",
+__all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "sample_ds", "s_of_tile",
            "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration", "sum_partials",
            "split_forward_start", "split_backward_ds", "store_partial", "uniform_share", "spread_nan",
            "jd_layout", "weight_layout", "load_weight", "load_u", "predict_tile", "predict"]
@@ -91,6 +91,17 @@ def v_sum_before(s_all_ptr, t, B, sample, J, D, offsets, mask,
         s = tl.load(s_all_ptr + (k * B + sample) * J * D + offsets, mask=mask, other=0.0)
         v_sum += squash_tile(s)
     return v_sum
+
+
+@triton.jit
+def sample_ds(grad_v, s_all_ptr, ds_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask):
+    """ds^(t) = squash_backward(dL/dv^(t), s^(t)) for one sample's [BLOCK_J, BLOCK_D] at iteration t
+    (0-based), read from s_all and stored in ds_all (both [iterations, B, J, D]) -> ds^(t): the
+    step of the sample kernels' backward kernel A."""
+    offsets = (t * B + sample) * J * D + jd_offsets
+    ds = squash_backward_tile(grad_v, tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+    tl.store(ds_all_ptr + offsets, ds, mask=jd_mask)
+    return ds
 
 
 @triton.jit
