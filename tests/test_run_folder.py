@@ -98,6 +98,31 @@ def test_resuming_a_finished_run_says_nothing_is_trained(finished_run, tmp_path,
     assert "test accuracy" in printed
 
 
+def test_resume_refuses_a_best_model_copied_over_last_pt(finished_run, tmp_path, capsys):
+    """best.pt holds a model but no optimizer, position or RNG state to continue from."""
+    out = copy_run(finished_run, tmp_path / "run")
+    os.replace(out / "last.pt", out / "saved-last.pt")
+    (out / "last.pt").write_bytes((out / "best.pt").read_bytes())
+    status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
+    line = one_line(err)
+    assert status == 2 and str(out / "last.pt") in line and "not a last.pt" in line and "position" in line
+
+
+@pytest.mark.parametrize("kept", [("best.pt", "log.jsonl"), ("last.pt",)])
+def test_a_new_run_refuses_a_folder_with_a_runs_checkpoints(finished_run, fake_mnist, tmp_path, capsys, kept):
+    """A finished run's best.pt is its result even after its last.pt was deleted to save space:
+    a new run there would replace it and cut the log."""
+    out = copy_run(finished_run, tmp_path / "run")
+    for name in {"last.pt", "best.pt", "log.jsonl"} - set(kept):
+        os.remove(out / name)
+    before = {name: (out / name).read_bytes() for name in kept}
+    status, err = run(train.main, args(fake_mnist, out), capsys)
+    line = one_line(err)
+    assert status == 2 and f"already holds a run ({', '.join(n for n in kept if n.endswith('.pt'))})" in line
+    assert ("--resume" in line) == ("last.pt" in kept) and "another --out" in line
+    assert {name: (out / name).read_bytes() for name in kept} == before
+
+
 # --- one run per folder, stale temporaries -----------------------------------------------
 
 _HOLD_LOCK = """

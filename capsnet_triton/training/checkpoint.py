@@ -31,8 +31,8 @@ import torch
 
 from ..data import default_permissions
 
-__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "save_atomic", "payload_checksum", "load_checkpoint",
-           "lock_run_folder", "remove_stale_temporaries",
+__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "save_atomic", "payload_checksum", "load_checkpoint",
+           "load_training_state", "lock_run_folder", "remove_stale_temporaries",
            "save_training_state", "save_best_model", "restore_training_state", "seed_everything", "rng_state",
            "set_rng_state"]
 
@@ -40,6 +40,10 @@ CHECKPOINT_FORMAT = 1
 
 # The file in a run folder that the run writing it holds locked (see `lock_run_folder`).
 LOCK_NAME = ".lock"
+# The checkpoints in a run folder: the training state, and the model chosen on validation.
+CHECKPOINT_FILES = ("last.pt", "best.pt")
+# And the log of every step and evaluation beside them.
+RUN_FILES = (*CHECKPOINT_FILES, "log.jsonl")
 
 
 def save_atomic(obj, path):
@@ -102,7 +106,7 @@ def remove_stale_temporaries(run_dir):
     Only one run writes a run folder at a time (it holds `lock_run_folder`), so at its start
     every such file is stale.
     """
-    for name in ("last.pt", "best.pt"):
+    for name in CHECKPOINT_FILES:
         for partial in glob.glob(os.path.join(glob.escape(run_dir), f".{name}.*.tmp")):
             os.remove(partial)
 
@@ -158,6 +162,9 @@ def load_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails in pickle, zip or torch code, each with its own type
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if reason.startswith("Weights only load failed"):
+            # torch's own advice, loading without weights_only, would run the file's code.
+            reason = "it holds Python objects that a checkpoint of ours never does"
         raise ValueError(f"{path} cannot be read as a checkpoint: it is empty, truncated or corrupt ({reason})") from e
     if (not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT
             or "config" not in checkpoint or "model" not in checkpoint):
@@ -192,6 +199,21 @@ def save_training_state(path, *, config, model, optimizer, scheduler, epoch, ste
         "best": best, "sums": sums, "log_bytes": log.size(), "log_sha256": log.sha256(), "rng": rng_state(device),
         "world_size": world_size,
     }, path)
+
+
+# What last.pt holds beside the model and that a resumed run reads (best.pt holds none of it).
+_TRAINING_STATE = ("optimizer", "scheduler", "position", "best", "sums", "log_bytes", "rng")
+
+
+def load_training_state(path):
+    """load_checkpoint of a last.pt, refusing (ValueError, one line) a checkpoint that holds a
+    model but no training state to continue from, such as a best.pt copied over last.pt."""
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in _TRAINING_STATE if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} holds a model but no training state to continue from (no "
+                         f"{', '.join(missing)}): it is a best-model checkpoint, not a last.pt")
+    return checkpoint
 
 
 def save_best_model(path, *, config, model, epoch, global_step, validation):

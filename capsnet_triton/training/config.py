@@ -10,7 +10,7 @@ import math
 import os
 
 from ..data import DATASETS, dataset_spec
-from .checkpoint import load_checkpoint, lock_run_folder
+from .checkpoint import CHECKPOINT_FILES, load_checkpoint, load_training_state, lock_run_folder
 from .distributed import launched_rank, resolve_device
 from .errors import ArgumentParser
 
@@ -192,7 +192,7 @@ def _resumed_config(last, args, explicit, parser):
     """(config, checkpoint) of --resume: the configuration of last.pt (at `last`) with the
     RESUMABLE options given."""
     try:
-        checkpoint = load_checkpoint(last)
+        checkpoint = load_training_state(last)
     except ValueError as e:
         parser.error(f"--resume: {e}")
     config = dict(checkpoint["config"])
@@ -250,8 +250,12 @@ def resolve_config(argv, parser):
             parser.error(str(e))
         if not args.resume:
             _claim_out(config["out"], parser.error, lock)
-            # Under the lock: a run that wrote last.pt here has ended, or is still holding it.
-            if os.path.exists(last):
-                parser.error(f"{args.out} already holds a run (last.pt): pass --resume to continue it, "
-                             f"or choose another --out")
+            # Under the lock: a run that wrote these here has ended, or is still holding them. A
+            # new run would write over them, and over the log beside them: best.pt is a run's
+            # result even where its last.pt was deleted (three times best.pt's size). A lone log,
+            # of a run that stopped before its first checkpoint, is replaced.
+            held = [name for name in CHECKPOINT_FILES if os.path.exists(os.path.join(config["out"], name))]
+            if held:
+                resume = "pass --resume to continue it, or " if "last.pt" in held else ""
+                parser.error(f"{args.out} already holds a run ({', '.join(held)}): {resume}choose another --out")
         return config, checkpoint, lock.pop_all()

@@ -23,12 +23,14 @@ INTERRUPTED_STATUS = 130
 class TrainingDiverged(RuntimeError):
     """The loss, a gradient or a parameter became NaN or infinite: the run is stopped.
 
-    what: what diverged and what was kept; the message adds what to do. A smaller --lr needs a
-    new run: --lr is part of the run's configuration, which --resume refuses to change.
+    what: what diverged and what was kept; the message adds what to do. A smaller --lr (the usual
+    cause; or a smaller --reconstruction-weight, ...) needs a new run: these are part of the run's
+    configuration, which --resume refuses to change, and the folder keeps the run's log.
     """
 
     def __init__(self, what):
-        super().__init__(f"training diverged: {what}; start a new run (another --out) with a smaller --lr")
+        super().__init__(f"training diverged: {what}; start a new run (another --out) with a smaller --lr, "
+                         f"or whichever other setting made it diverge")
 
 
 class TrainingInterrupted(Exception):

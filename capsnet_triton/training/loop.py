@@ -18,7 +18,7 @@ from ..evaluate import evaluate, example_count
 from ..figures import write_figures
 from ..losses import capsnet_loss, correct_predictions
 from ..model import build_model
-from .checkpoint import (load_checkpoint, remove_stale_temporaries, restore_training_state, save_best_model,
+from .checkpoint import (RUN_FILES, load_checkpoint, remove_stale_temporaries, restore_training_state, save_best_model,
                          save_training_state, seed_everything)
 from .distributed import init_distributed
 from .errors import TrainingDiverged, TrainingInterrupted
@@ -168,7 +168,7 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
     os.makedirs(run_dir, exist_ok=True)
     if context.is_main:
         remove_stale_temporaries(run_dir)
-    paths = {name: os.path.join(run_dir, name) for name in ("last.pt", "best.pt", "log.jsonl")}
+    paths = {name: os.path.join(run_dir, name) for name in RUN_FILES}
     batch_size, world = config["batch_size"], context.world_size
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the {world} ranks")
@@ -286,5 +286,6 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
               f"on {example_count(test_set)}, "
               f"best model from epoch {best_state['epoch']} "
               f"(validation {spec.metric} {best_state['validation']['accuracy']:.2%})")
-        write_figures(model, test_set, run_dir, dataset=spec.name, metric=spec.metric, log_path=paths["log.jsonl"])
+        write_figures(model, test_set, run_dir, dataset=spec.name, model_name="best.pt", metric=spec.metric,
+                      log_path=paths["log.jsonl"])
     return test
