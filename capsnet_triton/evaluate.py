@@ -5,10 +5,12 @@
 
 prints the test accuracy (both-digit accuracy for MultiMNIST) and writes reconstructions.png and
 perturbations.png (paper Figures 3 and 4; segmentation.png, the paper's Figure 5, instead of
-reconstructions.png for MultiMNIST), each naming the set it shows, and, when the run's log.jsonl
-sits beside the checkpoint, training_curves.png, into the checkpoint's folder (a subfolder named
-after --dataset for a dataset other than the run's, so that the run's own figures stay; the
-training curves are the run's and stay out of it). The checkpoint's checksum and
+reconstructions.png for MultiMNIST), each naming the checkpoint and the set it shows, and, when
+the run's log.jsonl sits beside the checkpoint, training_curves.png. They go into the
+checkpoint's folder only for what the run's own figures show, its best.pt on its whole test set;
+any other checkpoint, dataset or --limit gets a subfolder named after them (last/, affnist/,
+last-affnist/, first-100/), so that the run's figures stay (for another dataset without the
+training curves, which are not about it). The checkpoint's checksum and
 the test files' MD5s (unless --no-verify-data) are checked first, so a corrupt checkpoint or
 another dataset's files are refused, not scored.
 
@@ -115,7 +117,8 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images (or pairs)")
     parser.add_argument("--out", metavar="DIR", help="where to write the figures (default: the checkpoint's "
-                        "folder, or its subfolder named after --dataset when that is not the run's)")
+                        "folder for a best.pt on its run's whole test set, else a subfolder of it named "
+                        "after the checkpoint, --dataset and --limit, as last-affnist-first-100)")
     parser.add_argument("--no-verify-data", dest="verify_data", action="store_false",
                         help="skip the MD5 check of the test files (for deliberately modified data)")
     parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
@@ -137,6 +140,16 @@ def main(argv=None):
     return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device)
 
 
+def _figure_folder(run_dir, checkpoint_name, dataset, own, limit):
+    """Where evaluate writes its figures by default: run_dir itself for what the training run's
+    own figures show (best.pt on the run's dataset, its whole test set), else a subfolder named
+    after what differs (the checkpoint's stem, the dataset, the limit), so that nothing
+    overwrites the run's figures with those of another model or set."""
+    stem = os.path.splitext(checkpoint_name)[0]
+    parts = ([] if stem == "best" else [stem]) + ([] if own else [dataset]) + ([] if limit is None else [f"first-{limit}"])
+    return os.path.join(run_dir, "-".join(parts)) if parts else run_dir
+
+
 def _evaluate_checkpoint(args, model, checkpoint, device):
     config = checkpoint["config"]
     spec = dataset_spec(args.dataset or config["dataset"])
@@ -155,13 +168,11 @@ def _evaluate_checkpoint(args, model, checkpoint, device):
                        reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
     print(f"{spec.name} test {spec.metric} {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
           f"{example_count(test)}, loss {metrics['loss']:.5f}")
-    run_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    # Another dataset's figures go to a folder of their own, not over the run's, and without the
-    # run's training curves, which are not about that dataset.
+    run_dir, name = os.path.split(os.path.abspath(args.checkpoint))
     own = spec.name == trained_on.name
-    out = args.out or (run_dir if own else os.path.join(run_dir, spec.name))
     log_path = os.path.join(run_dir, "log.jsonl") if own else None
-    for path in write_figures(model, test, out, dataset=spec.name, metric=spec.metric, log_path=log_path):
+    for path in write_figures(model, test, args.out or _figure_folder(run_dir, name, spec.name, own, args.limit),
+                              dataset=spec.name, metric=spec.metric, log_path=log_path, model_name=name):
         print(f"wrote {path}")
 
 

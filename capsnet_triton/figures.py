@@ -229,18 +229,19 @@ def training_curves_figure(log_path, path, *, metric="accuracy"):
 
 
 @torch.no_grad()
-def write_figures(model, split, out_dir, *, dataset, metric="accuracy", log_path=None, count=8):
+def write_figures(model, split, out_dir, *, dataset, model_name, metric="accuracy", log_path=None, count=8):
     """Write the figures of a model on the first `count` samples of `split` into `out_dir`.
 
     model: a CapsNet (not DDP-wrapped); split: an evaluation split on the model's device (see
-    `evaluate.evaluate`); dataset: the name of the set `split` comes from, written on each figure;
+    `evaluate.evaluate`); dataset: the name of the set `split` comes from, and model_name: which
+    model it is (its checkpoint's file name), both written on each figure;
     metric: what the training curves' accuracy counts. reconstructions.png (segmentation.png for
     MultiMNIST pairs) and perturbations.png need the decoder; training_curves.png needs the log.
     Returns the paths written.
     """
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    title = f"{dataset} test set, first {min(count, len(split))}"
+    title = f"{model_name} on the {dataset} test set, first {min(count, len(split))}"
     if log_path is not None and os.path.isfile(log_path):
         written.append(training_curves_figure(log_path, os.path.join(out_dir, "training_curves.png"), metric=metric))
     if model.decoder is None:
@@ -265,7 +266,7 @@ def write_figures(model, split, out_dir, *, dataset, metric="accuracy", log_path
             ))
         capsule, grid = capsule_perturbations(model, images[0])
         written.append(perturbation_figure(grid, os.path.join(out_dir, "perturbations.png"), capsule=capsule,
-                                           title=f"{dataset} test example 0: dimension perturbations"))
+                                           title=f"{model_name} on {dataset} test example 0: dimension perturbations"))
     finally:
         model.train(was_training)
     return written

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from capsnet_triton import evaluate, train
+from capsnet_triton import evaluate, figures, train
 from capsnet_triton.data import DATASETS, load_split, verify_split
 from capsnet_triton.training import allocator, loop
 from capsnet_triton.training.checkpoint import LOCK_NAME, payload_checksum, save_atomic
@@ -88,7 +88,7 @@ def test_a_run_whose_loss_turns_nan_stops_and_keeps_its_finite_best(fake_mnist, 
     line = last_line(err)
     assert "training diverged: the loss or a gradient became NaN or infinite" in line
     # --lr cannot change on --resume: the advice is a new run.
-    assert line.endswith("start a new run (another --out) with a smaller --lr")
+    assert "start a new run (another --out) with a smaller --lr" in line
     best = torch.load(out / "best.pt", weights_only=True)
     last = torch.load(out / "last.pt", weights_only=True)
     assert best["epoch"] == 1 and last["position"]["global_step"] == 2          # nothing of epoch 2 saved
@@ -284,6 +284,41 @@ def test_evaluate_refuses_files_of_another_dataset(finished_run, fake_mnist, cap
                                       "--dataset", "fashion-mnist"], capsys)
     line = one_line(err)
     assert status == 1 and "fashion-mnist" in line and DATASETS["fashion-mnist"].files[2].md5 in line
+
+
+def test_evaluate_writes_another_models_figures_beside_the_runs(finished_run, fake_mnist, tmp_path, capsys):
+    """The run folder's figures are its best.pt's on the whole test set; last.pt, or a --limit,
+    gets a subfolder, and each figure names its model."""
+    out = copy_run(finished_run, tmp_path / "run")
+    figures = ("reconstructions.png", "perturbations.png", "training_curves.png")
+    before = {name: (out / name).read_bytes() for name in figures}
+    common = ["--data", fake_mnist, "--device", "cpu", "--no-verify-data"]
+    for checkpoint, extra, folder in (("last.pt", [], out / "last"), ("best.pt", ["--limit", "5"], out / "first-5"),
+                                      ("last.pt", ["--limit", "5"], out / "last-first-5")):
+        status, _ = run(evaluate.main, [str(out / checkpoint), *common, *extra], capsys)
+        assert status == 0 and set(figures) <= set(os.listdir(folder)), (checkpoint, extra)
+    assert {name: (out / name).read_bytes() for name in figures} == before
+    assert evaluate.main([str(out / "best.pt"), *common]) == 0
+    assert f"wrote {out / 'reconstructions.png'}" in capsys.readouterr().out
+
+
+def test_figures_name_the_model_they_show(finished_run, fake_mnist, tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr(figures, "reconstruction_figure", lambda *a, title, **k: titles.append(title) or "r.png")
+    monkeypatch.setattr(figures, "perturbation_figure", lambda *a, title, **k: titles.append(title) or "p.png")
+    out = copy_run(finished_run, tmp_path / "run")
+    assert evaluate.main([str(out / "last.pt"), "--data", fake_mnist, "--device", "cpu", "--no-verify-data",
+                          "--out", str(tmp_path / "figures")]) == 0
+    assert len(titles) == 2 and all(title.startswith("last.pt on ") and "mnist test" in title for title in titles)
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_without_advice_to_load_it_unsafely(fake_mnist, tmp_path,
+                                                                                         capsys):
+    path = tmp_path / "objects.pt"
+    torch.save({"format": 1, "hook": print}, path)
+    status, err = run(evaluate.main, [str(path), "--data", fake_mnist, "--device", "cpu"], capsys)
+    line = one_line(err)
+    assert status == 2 and "Python objects" in line and "weights_only" not in line
 
 
 def test_real_mnist_is_told_apart_from_fashion_mnist(mnist_dir):
