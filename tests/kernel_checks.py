@@ -1,5 +1,5 @@
-"""Inputs of the kernel tests: the device, the dtypes and magnitudes drawn, and outputs poisoned
-on that device. What "agree" means is capsnet_triton.numerics (SPEC section 8).
+"""Inputs of the kernel tests: the device, the dtypes and magnitudes drawn, outputs poisoned on
+that device, and what autograd saves. What "agree" means is capsnet_triton.numerics (SPEC section 8).
 """
 
 import numpy as np
@@ -28,6 +28,19 @@ def sample(rng, shape, dtype, magnitude="normal"):
     """Standard normal values times the magnitude, rounded to dtype, on the kernels' device."""
     values = rng.standard_normal(shape) * MAGNITUDES[magnitude]
     return torch.from_numpy(values).to(device=DEVICE, dtype=dtype)
+
+
+def saved_numel(call):
+    """How many elements autograd saves for the backward while call() runs."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = call()
+    return sum(saved), result
 
 
 def poisoned(shape, dtype):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from kernel_checks import DEVICE, DTYPES, saved_numel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from capsnet_triton import capsule_linear
@@ -21,9 +22,6 @@ from capsnet_triton.reference import capsule_linear_backward, capsule_linear_for
 
 # The module, which capsnet_triton.ops' function of the same name hides from attribute access.
 capsule_linear_module = importlib.import_module("capsnet_triton.ops.capsule_linear")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
 def run(u, weight, iterations, dv, *, bias=None, gradient="full", backend="torch"):
@@ -167,17 +165,10 @@ def test_backward_saves_u_weight_per_iteration_s_and_on_the_torch_path_the_coupl
     B, I, J, D, P = 2, 50, 10, 16, 8
     u = torch.randn(B, I, P, device=DEVICE, requires_grad=True)
     weight = torch.randn(I, J, D, P, device=DEVICE, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        capsule_linear(u, weight, r, gradient=gradient, backend=backend)
+    saved, _ = saved_numel(lambda: capsule_linear(u, weight, r, gradient=gradient, backend=backend))
     kept = 0 if backend != "torch" else r - 1 if gradient == "full" else min(1, r - 1)
     couplings = kept * B * J * I
-    assert sum(saved) == u.numel() + weight.numel() + r * B * J * D + couplings
+    assert saved == u.numel() + weight.numel() + r * B * J * D + couplings
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from kernel_checks import DEVICE, saved_numel
 
 from capsnet_triton import capsule_linear, dynamic_routing, squash
 from capsnet_triton.baselines import routing as baseline_routing
@@ -17,8 +18,6 @@ from capsnet_triton.ops.squash import squash_backward_torch, squash_forward_torc
 from capsnet_triton.reference import capsule_linear_forward as reference_capsule_linear
 from capsnet_triton.reference import (routing_backward, routing_forward, squash_backward,
                                       squash_forward)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rounded(array, dtype):
@@ -156,17 +155,10 @@ def test_backward_saves_u_hat_per_iteration_s_and_on_the_torch_path_the_coupling
     backward reads: c^(2..r), [r-1, B, J, I], under "full", c^(r) alone under "last"."""
     B, I, J, D = 2, 50, 10, 16
     u_hat = torch.randn(B, I, J, D, device=DEVICE, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        v = dynamic_routing(u_hat, r, gradient=gradient, backend=backend)
+    saved, v = saved_numel(lambda: dynamic_routing(u_hat, r, gradient=gradient, backend=backend))
     kept = 0 if backend != "torch" else r - 1 if gradient == "full" else min(1, r - 1)
     couplings = kept * B * J * I
-    assert sum(saved) == u_hat.numel() + r * B * J * D + couplings
+    assert saved == u_hat.numel() + r * B * J * D + couplings
     v.sum().backward()
     assert torch.isfinite(u_hat.grad).all()
 
