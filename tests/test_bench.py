@@ -134,8 +134,21 @@ def test_batches_flag_sets_the_batches_of_squash_and_routing(tmp_path):
     # (--tiny: I = 72, r = 3); none for squash.
     flops = {r["workload"]: r["flops"] for r in rows}
     assert flops == {"squash": None, "digitcaps fwd+bwd": 8 * 2 * 8 * (2 * 72 * 10 * 16)}
-    with pytest.raises(SystemExit):
-        cli.main(["--tiny", "--batches", "0,2"])
+    # squash has no routing iterations: no r in the JSON, as the table's "-".
+    assert {r["workload"]: r["r"] for r in rows} == {"squash": None, "digitcaps fwd+bwd": 3}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "0,2"], "--batches must be in [1, 1048576]"),
+    (["--batches", "99999999999999999999999"], "--batches must be in [1, 1048576]"),
+    (["--batches", "4", "--workloads", "train step"], "--batches sets the batches of the squash and routing"),
+    (["--json", "same.png", "--plot", "same.png"], "--json and --plot name one file"),
+])
+def test_flags_that_would_be_ignored_or_clash_are_usage_errors(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--tiny", "--device", "cpu", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, path", [("--json", "missing-folder/out.json"), ("--plot", "missing-folder/out.png"),
@@ -155,6 +168,36 @@ def test_an_unwritable_output_path_is_refused_before_any_benchmark(tmp_path, mon
         cli.main(["--tiny", flag, str(tmp_path / path)])
     assert exit_info.value.code == 2
     assert f"error: {flag} " in capsys.readouterr().err
+
+
+def test_json_onto_a_device_or_a_link_to_one_is_refused(tmp_path, capsys):
+    """The JSON is renamed into place, which would replace a device node with a plain file."""
+    if not os.path.exists("/dev/null"):
+        pytest.skip("no /dev/null on this platform")
+    link = tmp_path / "null.json"
+    link.symlink_to("/dev/null")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--tiny", "--device", "cpu", "--json", str(link)])
+    assert exit_info.value.code == 2 and "not a regular file" in capsys.readouterr().err
+    assert link.is_symlink()
+
+
+def test_a_json_that_cannot_be_written_mid_run_keeps_the_run_and_fails_at_the_end(tmp_path, monkeypatch, capsys):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_write_json", full_disk)
+    status = cli.main(["--tiny", "--device", "cpu", "--workloads", "squash", "--providers", "torch-eager",
+                       "--batches", "2,3", "--json", str(tmp_path / "rows.json")])
+    captured = capsys.readouterr()
+    assert status == 1 and captured.err.count("cannot write it (No space left on device)") == 1
+    assert "was not written" in captured.err and re.search(r"\n +3 +-  torch-eager", captured.out)
+
+
+def test_pgf_plots_need_their_tex_program(monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert ".pgf" not in report.plot_formats() and ".png" in report.plot_formats()
 
 
 def test_the_writability_check_leaves_no_file_behind_and_keeps_an_old_one(tmp_path):
@@ -210,9 +253,20 @@ def test_plot_keeps_its_legend_off_the_data_and_names_what_it_leaves_out():
     plt.close(fig)
 
 
+def test_a_plot_of_the_r_sweep_alone_has_one_panel():
+    """Rows timed only away from r = 3 (the others skipped) leave no panel over B."""
+    rows = [_timed_row("routing fwd+bwd", 2, r, "numpy-ref", float(r)) for r in (1, 2)]
+    env = {"device": "cpu", "cpu": "a test CPU", "network": runner.network_shape(runner.PLANS[("cpu", "tiny")])}
+    fig = report.figure(rows, env)
+    (over_r,) = (ax for ax in fig.axes if ax.get_visible())
+    assert over_r.get_xlabel() == "r"
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
 def test_table_footnotes_and_squash_rows():
     env = report.environment(torch.device("cpu"), {"cpu": 1.0}, [], None, runner.PLANS[("cpu", "tiny")])
-    rows = [_timed_row("squash", 2, 3, "torch-einsum", 1.0)]
+    rows = [_timed_row("squash", 2, None, "torch-einsum", 1.0)]
     table = report.format_table(rows, env, [providers.EINSUM])
     assert re.search(r"\n +2 +-  torch-einsum +1 ", table), table
     assert "torch-eager was not among the providers" in table
@@ -304,6 +358,17 @@ def test_kernel_timing_builds_and_runs_every_row(monkeypatch):
                       "digitcaps fwd+bwd": configs + 1, kernels.BACKWARD: len(kernels.BACKWARD_CONFIGS)}
     assert all(r["graph_ms"] == 1.0 and r["call_ms"] == 2.0 for r in rows)
     assert result["default"] in {r["config"] for r in rows}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
+def test_kernel_timing_says_it_needs_a_gpu_first(capsys):
+    from capsnet_triton.bench import kernels
+    with pytest.raises(SystemExit) as exit_info:
+        kernels.main([])
+    assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kernels.main(["--help"])
+    assert "Needs a CUDA GPU." in capsys.readouterr().out
 
 
 def test_a_gpu_run_without_numpy_rows_skips_the_cpu_copy():

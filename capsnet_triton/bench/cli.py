@@ -40,19 +40,25 @@ def build_parser(description=None):
     return parser
 
 
-def check_writable(parser, flag, path):
+def check_writable(parser, flag, path, renamed=False):
     """Refuse an output path that cannot be written before the measuring, not after it. The path
-    is really opened: permission bits say nothing of /proc or a read-only mount, least of all to root."""
+    is really opened: permission bits say nothing of /proc or a read-only mount, least of all to root.
+    renamed: the file is written as PATH.tmp and renamed onto PATH (write_json_atomic), so that
+    must be possible too, and PATH, where it exists, must be a regular file (a rename would
+    replace a device or a pipe with a file)."""
     if path is None:
         return
-    existed = os.path.lexists(path)
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        parser.error(f"{flag} {path}: cannot write there ({exc.strerror}); give a file path in a writable folder")
-    if not existed:
-        os.remove(path)
+    if renamed and os.path.lexists(path) and not os.path.isfile(path):
+        parser.error(f"{flag} {path}: not a regular file; give a file path")
+    for target in (path, path + ".tmp") if renamed else (path,):
+        existed = os.path.lexists(target)
+        try:
+            with open(target, "a"):
+                pass
+        except OSError as exc:
+            parser.error(f"{flag} {target}: cannot write there ({exc.strerror}); give a file path in a writable folder")
+        if not existed:
+            os.remove(target)
 
 
 def pick_device(parser, name):
@@ -63,14 +69,19 @@ def pick_device(parser, name):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+# Past any machine's memory at the MNIST shape (u_hat alone is 737 KB a sample), and far past what
+# tensor shapes hold without overflow further up.
+MAX_BATCH = 2**20
+
+
 def parse_batches(parser, flag, text):
-    """Comma-separated positive batch sizes, each once, in the order given."""
+    """Comma-separated batch sizes in [1, MAX_BATCH], each once, in the order given."""
     try:
         batches = tuple(dict.fromkeys(int(b) for b in text.split(",")))
     except ValueError:
         parser.error(f"{flag} takes comma-separated integers, got {text!r}")
-    if min(batches) < 1:
-        parser.error(f"{flag} must be positive, got {text!r}")
+    if min(batches) < 1 or max(batches) > MAX_BATCH:
+        parser.error(f"{flag} must be in [1, {MAX_BATCH}], got {text!r}")
     return batches
 
 
@@ -118,13 +129,18 @@ def main(argv=None, description=None):
         plan = replace(plan, batches=parse_batches(parser, "--batches", args.batches))
     providers = _select(make_providers(), args.providers, parser, "provider")
     workloads = _select(WORKLOADS, args.workloads, parser, "workload")
+    if args.batches is not None and not any(w.batch_sweep for w in workloads):
+        parser.error(f"--batches sets the batches of the squash and routing workloads, and none is selected "
+                     f"(the DigitCaps layer and the train step run at B = {plan.layer_batch})")
 
     if args.plot is not None and os.path.splitext(args.plot)[1].lower() not in plot_formats():
         # Without a known extension savefig raises after the whole run, or writes PATH.png instead.
         parser.error(f"--plot {args.plot}: not an image name matplotlib can write; "
                      f"end it in one of {' '.join(sorted(plot_formats()))}")
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        check_writable(parser, flag, path)
+    if args.json is not None and args.plot is not None and os.path.realpath(args.json) == os.path.realpath(args.plot):
+        parser.error(f"--json and --plot name one file, {args.plot}: the plot would overwrite the JSON")
+    check_writable(parser, "--json", args.json, renamed=True)
+    check_writable(parser, "--plot", args.plot)
 
     load_before = load_average()
     try:
@@ -134,10 +150,22 @@ def main(argv=None, description=None):
         print("bench: interrupted (Ctrl-C) before any row was measured", file=sys.stderr)
         return 130
     command = sys.argv[1:] if argv is None else argv
+    json_error = []
 
     def write_json(rows, complete):
-        if args.json:
+        """Write the rows so far; a failure (the disk filled, the folder went away) is said once
+        and the measuring goes on: the table still comes, and the exit status is 1."""
+        if not args.json:
+            return
+        try:
             _write_json(args.json, environment(device, bandwidth, command, load_before, plan), rows, complete)
+        except OSError as exc:
+            if not json_error:
+                print(f"bench: --json {args.json}: cannot write it ({exc.strerror or exc}); the run goes on "
+                      f"and the table below has every row", file=sys.stderr)
+            json_error.append(exc)
+        else:
+            json_error.clear()
 
     interrupted = False
     try:
@@ -159,6 +187,9 @@ def main(argv=None, description=None):
     if failed:
         print(f"bench: {len(failed)} row(s) FAILED the check against the reference and were not timed",
               file=sys.stderr)
+        return 1
+    if json_error:
+        print(f"bench: --json {args.json} was not written: {json_error[-1]}", file=sys.stderr)
         return 1
     if not any(r.status == "ok" for r in rows):
         print("bench: no row was measured: every row was skipped; the table says why for each", file=sys.stderr)

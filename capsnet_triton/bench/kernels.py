@@ -180,15 +180,17 @@ def _line(row):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m capsnet_triton.bench.kernels",
-                                     description=__doc__.split("\n\n")[0],
+                                     description=__doc__.split("\n\n")[0] + "\n\nNeeds a CUDA GPU.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", required=True, help="where to write the rows")
+    parser.add_argument("--json", metavar="PATH", help="where to write the rows (required)")
     parser.add_argument("--batches", default="128,512", help="comma-separated batch sizes (default 128,512)")
     args = parser.parse_args(argv)
     batches = parse_batches(parser, "--batches", args.batches)
-    check_writable(parser, "--json", args.json)
     if not torch.cuda.is_available():
         parser.error("times GPU kernels: needs a CUDA GPU")
+    if args.json is None:
+        parser.error("--json PATH is required: where to write the rows")
+    check_writable(parser, "--json", args.json, renamed=True)
     print(f"{'B':>5}  {'workload':<18} {'config':<17}")
     # Written after every row (whole files only, renamed into place), so a stage stopped by its
     # time limit keeps the rows it measured; "complete" says whether all were.

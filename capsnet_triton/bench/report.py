@@ -115,9 +115,16 @@ def format_table(rows, env, providers):
 
 
 def plot_formats():
-    """The file extensions (".png", ".svg" ...) matplotlib's savefig can write."""
+    """The file extensions (".png", ".svg" ...) matplotlib's savefig can write on this machine:
+    PGF only where its TeX program is installed (savefig would fail after the whole run)."""
+    import shutil
+
+    import matplotlib
     from matplotlib.backend_bases import FigureCanvasBase
-    return {"." + extension for extension in FigureCanvasBase.get_supported_filetypes()}
+    formats = {"." + extension for extension in FigureCanvasBase.get_supported_filetypes()}
+    if shutil.which(matplotlib.rcParams["pgf.texsystem"]) is None:
+        formats.discard(".pgf")
+    return formats
 
 
 def plot(rows, path, env):
@@ -142,7 +149,9 @@ def figure(rows, env):
     if not timed:
         return None
     swept_batches = {r.B for r in timed if r.workload == SWEPT and r.r != 3}   # the r sweep's batch
-    panels = [(w, "B") for w in dict.fromkeys(r.workload for r in timed)] + [(SWEPT, "r")] * bool(swept_batches)
+    # A panel over B for each workload timed at r = 3 (or without routing), one over r for the sweep.
+    panels = ([(w, "B") for w in dict.fromkeys(r.workload for r in timed if r.r in (None, 3))]
+              + [(SWEPT, "r")] * bool(swept_batches))
     columns = min(3, len(panels))
     rows_of_panels = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.5 * columns, 3.6 * rows_of_panels), squeeze=False)
@@ -155,7 +164,7 @@ def figure(rows, env):
         for provider in providers:
             points = sorted((getattr(r, axis), r.median_ms) for r in timed
                             if r.workload == workload and r.provider == provider
-                            and (r.r == 3 if axis == "B" else r.B in swept_batches))
+                            and (r.r in (None, 3) if axis == "B" else r.B in swept_batches))
             if points:
                 series[provider] = points
         if axis == "B" and all(len(points) == 1 for points in series.values()):

@@ -65,7 +65,7 @@ class Interrupted(KeyboardInterrupt):
 class Row:
     workload: str
     B: int
-    r: int
+    r: Optional[int]                      # routing iterations; None for squash, which has none
     provider: str
     status: str                          # "ok", "FAILED" or "skipped"
     note: str = ""
@@ -155,7 +155,8 @@ def run(providers, workloads, plan, device, bandwidth, progress=True, on_row=Non
     bar = tqdm(tasks, file=sys.stderr, disable=not progress, dynamic_ncols=True)
     try:
         for workload, shape, provider in bar:
-            bar.set_description(f"{workload.name} B={shape.B} r={shape.r} {provider.name}")
+            bar.set_description(f"{workload.name} B={shape.B}{f' r={shape.r}' if workload.routed else ''} "
+                                f"{provider.name}")
             rows.append(_row(workload, shape, provider, cache, device, plan, bandwidth))
             if on_row is not None:
                 on_row(rows)
@@ -167,7 +168,7 @@ def run(providers, workloads, plan, device, bandwidth, progress=True, on_row=Non
 
 def _row(workload, shape, provider, cache, device, plan, bandwidth):
     """One finished Row: skipped, FAILED or timed. `cache` keeps the inputs of one shape."""
-    row = Row(workload.name, shape.B, shape.r, provider.name, "skipped")
+    row = Row(workload.name, shape.B, shape.r if workload.routed else None, provider.name, "skipped")
     reason = skip_reason(provider, shape, device, plan, workload)
     if reason:
         row.note = reason
