@@ -15,7 +15,7 @@ from capsnet_triton.reference.routing import GRADIENT_POLICIES, check_gradient
 
 __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "interpreting", "check_float_tensor",
            "check_capsules", "check_u_hat", "check_iterations", "check_bias", "check_backend", "pick_backend",
-           "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight"]
+           "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight", "check_differentiation"]
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -107,9 +107,32 @@ def pick_backend(backend, tensor):
     return backend
 
 
-def check_u_and_weight(u, weight):
-    """u [B, I, P] and W [I, J, D, P] of capsule_linear: one float dtype, one device, I and P
-    agreeing, and every axis but the batch non-empty (B = 0 gives empty results)."""
+def check_differentiation(op, *tensors):
+    """Refuse what the ops' autograd rules (reverse mode, registered with torch.library) cannot
+    give: forward-mode derivatives, for which torch drops the tangents without a word (jvp,
+    jacfwd and dual tensors would get derivatives of 0), and torch.func's reverse-mode transforms,
+    which fail deep inside torch (grad, vjp, jacrev). vmap runs, through torch's fallback.
+    Skipped while torch.compile traces, which does not compose the ops with either."""
+    if torch.compiler.is_compiling():
+        return
+    stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)() or ()
+    transforms = {interpreter.key().name for interpreter in stack}
+    forward_ad = torch.autograd.forward_ad
+    dual = forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if dual or "Jvp" in transforms:
+        raise NotImplementedError(f"{op} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
+                                  f"torch.autograd.forward_ad); use reverse mode: .backward() or "
+                                  f"torch.autograd.grad")
+    if "Grad" in transforms:
+        raise NotImplementedError(f"{op} does not support torch.func.grad, vjp or jacrev (its autograd rule is "
+                                  f"a torch.library custom op's); use .backward() or torch.autograd.grad")
+
+
+def check_u_and_weight(u, weight, same_dtype=True):
+    """u [B, I, P] and W [I, J, D, P] of capsule_linear: one float dtype (unless not same_dtype),
+    one device, I and P agreeing, and every axis but the batch non-empty (B = 0 gives empty
+    results)."""
     check_float_tensor(u, "u")
     check_float_tensor(weight, "weight")
     if u.dim() != 3:
@@ -122,7 +145,7 @@ def check_u_and_weight(u, weight):
     if min(weight.shape) < 1:
         raise ValueError("capsule_linear needs at least one input capsule, input dimension, parent and "
                          f"output dimension, got weight of shape {tuple(weight.shape)}")
-    if weight.dtype != u.dtype:
+    if same_dtype and weight.dtype != u.dtype:
         raise TypeError(f"weight must have u's dtype {u.dtype}, got {weight.dtype}")
     if weight.device != u.device:
         raise ValueError(f"weight is on {weight.device} but u is on {u.device}; they must be on one device")

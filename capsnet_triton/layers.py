@@ -9,7 +9,7 @@ parameters and the reshapes.
 import torch
 from torch import nn
 
-from .checks import check_backend, check_gradient, check_iterations
+from .checks import check_backend, check_float_tensor, check_gradient, check_iterations
 from .ops import capsule_linear, dynamic_routing, squash
 from .ops.capsule_linear import predict
 
@@ -63,15 +63,19 @@ class DigitCaps(nn.Module):
         nn.init.normal_(self.weight, std=0.01)
 
     def forward(self, u):
+        check_float_tensor(u, "u")
         in_caps, out_caps, out_dims, in_dims = self.weight.shape
         if u.ndim != 3 or u.shape[1:] != (in_caps, in_dims):
             raise ValueError(
                 f"DigitCaps expects u of shape [B, I, P] = [B, {in_caps}, {in_dims}], got {list(u.shape)}"
             )
         if self.fused:
-            # Under autocast u arrives in the low dtype, to which the unfused path's matmul casts W
-            # as well; outside it a dtype mismatch is an error, as in the unfused path.
-            weight = self.weight.to(u.dtype) if torch.is_autocast_enabled(u.device.type) else self.weight
+            weight = self.weight
+            if torch.is_autocast_enabled(u.device.type):
+                # As autocast casts the unfused path's matmul: both operands to its low dtype
+                # (float64 left alone), so that the two paths compute in, and return, one dtype.
+                low = torch.get_autocast_dtype(u.device.type)
+                u, weight = (x if x.dtype == torch.float64 else x.to(low) for x in (u, weight))
             return capsule_linear(u, weight, self.routing_iterations, bias=self.bias,
                                   gradient=self.gradient, backend=self.backend)
         u_hat = predict(u, self.weight)                                 # [B, I, J, D]

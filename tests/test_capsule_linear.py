@@ -17,7 +17,8 @@ from kernel_checks import DEVICE, DTYPES, saved_numel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from capsnet_triton import capsule_linear
-from capsnet_triton.numerics import as_float64, assert_agrees
+from capsnet_triton.layers import DigitCaps, predict
+from capsnet_triton.numerics import TOLERANCE, as_float64, assert_agrees, relative_error
 from capsnet_triton.reference import capsule_linear_backward, capsule_linear_forward
 
 # The module, which capsnet_triton.ops' function of the same name hides from attribute access.
@@ -238,10 +239,42 @@ def test_bad_input_is_refused_with_a_clear_message(call, error, words):
         call()
 
 
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: predict(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2).double()), TypeError, "weight must have u's dtype"),
+    (lambda: predict(torch.randn(2, 6), torch.randn(3, 4, 5, 2)), ValueError, "u must have shape"),
+    (lambda: predict(torch.randn(2, 3, 2), torch.randn(4, 4, 5, 2)), ValueError, "I and P must agree"),
+    (lambda: predict(np.zeros((2, 3, 2)), torch.randn(3, 4, 5, 2)), TypeError, "u must be a torch.Tensor"),
+    (lambda: DigitCaps(3, 2, 4, 5)(np.zeros((2, 3, 2), np.float32)), TypeError, "u must be a torch.Tensor"),
+])
+def test_predict_and_digit_caps_name_what_is_wrong(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+def test_predict_under_autocast_takes_a_float32_weight_beside_low_precision_u():
+    u, weight = torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u_hat = predict(u.bfloat16(), weight)
+    assert u_hat.dtype == torch.bfloat16
+    assert_agrees(u_hat, torch.einsum("ijdp,bip->bijd", weight.double(), u.bfloat16().double()), torch.bfloat16,
+                  "u_hat")
+
+
+def test_digit_caps_under_autocast_computes_in_one_dtype_fused_or_not():
+    """A float32 u under autocast: the unfused path's matmul casts u and W to bfloat16, and the
+    fused path does as autocast would, so the two return one dtype and agree."""
+    fused = DigitCaps(9, 8, 10, 16)
+    unfused = DigitCaps(9, 8, 10, 16, fused=False)
+    unfused.load_state_dict(fused.state_dict())
+    u = torch.randn(4, 9, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v_fused, v_unfused = fused(u), unfused(u)
+    assert v_fused.dtype == v_unfused.dtype == torch.bfloat16
+    assert relative_error(v_fused.detach().float().numpy(), v_unfused.detach().float().numpy()) <= TOLERANCE["bfloat16"]
+
+
 @pytest.mark.parametrize("gradient", ["full", "last"])
 def test_digit_caps_fused_by_default_equals_its_unfused_path(gradient):
-    from capsnet_triton.layers import DigitCaps
-
     fused = DigitCaps(9, 8, 10, 16, gradient=gradient, bias=True).double()
     unfused = DigitCaps(9, 8, 10, 16, gradient=gradient, bias=True, fused=False).double()
     unfused.load_state_dict(fused.state_dict())

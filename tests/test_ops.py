@@ -420,3 +420,41 @@ def test_digit_caps_takes_a_gradient_policy():
     for bad in (True, "stop"):
         with pytest.raises(ValueError, match="gradient must be one of"):
             DigitCaps(6, 5, 3, 4, gradient=bad)
+
+
+def _three_ops(backend):
+    """squash, dynamic_routing and capsule_linear as functions of one float64 tensor each."""
+    weight = torch.randn(5, 3, 4, 2, dtype=torch.float64, device=DEVICE)
+    return {"squash": lambda s: squash(s, backend=backend),
+            "dynamic_routing": lambda u_hat: dynamic_routing(u_hat, 2, backend=backend),
+            "capsule_linear": lambda u: capsule_linear(u, weight, 2, backend=backend)}, \
+        {"squash": (2, 4), "dynamic_routing": (2, 5, 3, 4), "capsule_linear": (2, 5, 2)}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_mode_and_func_grad_are_refused_not_zero(backend):
+    """torch drops forward tangents of a custom op whose autograd rule is reverse mode: jvp would
+    give a derivative of 0. The ops refuse it, and torch.func's grad transforms, in one line."""
+    import torch.autograd.forward_ad as fwAD
+    ops, shapes = _three_ops(backend)
+    for name, op in ops.items():
+        x = torch.randn(shapes[name], dtype=torch.float64, device=DEVICE)
+        for transform in (lambda: torch.func.jvp(op, (x,), (torch.ones_like(x),)),
+                          lambda: torch.func.jacfwd(op)(x)):
+            with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode derivative"):
+                transform()
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+            op(fwAD.make_dual(x, torch.ones_like(x)))
+        with fwAD.dual_level():                       # inside a level, a plain input is fine
+            assert torch.equal(op(x), ops[name](x))
+        for transform in (torch.func.grad, torch.func.jacrev):
+            with pytest.raises(NotImplementedError, match="does not support torch.func.grad"):
+                transform(lambda t: op(t).sum())(x)
+
+
+def test_vmap_still_runs_and_matches_the_batched_call():
+    ops, shapes = _three_ops("torch")
+    for name, op in ops.items():
+        x = torch.randn((3, *shapes[name]), dtype=torch.float64)
+        expected = torch.stack([op(row) for row in x])
+        assert torch.allclose(torch.func.vmap(op)(x), expected, rtol=1e-12, atol=1e-15), name

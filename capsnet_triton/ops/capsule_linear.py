@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from ..checks import (check_bias, check_gradient, check_iterations, check_u_and_weight, compute_dtype,
-                      pick_backend)
+from ..checks import (check_bias, check_differentiation, check_float_tensor, check_gradient, check_iterations,
+                      check_u_and_weight, compute_dtype, pick_backend)
 from .routing import kept_couplings, routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
@@ -47,16 +47,25 @@ def _chunks(B, sample_elements):
     return [slice(start, min(start + size, B)) for start in range(0, B, size)]
 
 
-def predict(u, weight, *, workspace=None):
+def predict(u, weight):
     """u_hat[b, i, j] = W[i, j] @ u[b, i] (Eq. 2): u [B, I, P], W [I, J, D, P] -> [B, I, J, D].
 
     One batched matmul over i, [I, B, P] @ [I, P, J*D] -> [I, B, J*D], instead of B*I*J tiny
     D x P products. The result is returned as a permuted view, not copied: routing reads u_hat
     through its strides, and a contiguous copy would cost one more u_hat-sized buffer (94 MB at
     the MNIST shape, B = 128) and about 4% of a CPU training step.
-    workspace: optional 1-D tensor of u's dtype and device, at least B I J D elements, that
-    u_hat is written into (and then views) instead of fresh memory.
+    u and W are checked as capsule_linear's, but under autocast they may differ in dtype, as the
+    operands of any matmul may there.
     """
+    check_float_tensor(u, "u")
+    check_u_and_weight(u, weight, same_dtype=not torch.is_autocast_enabled(u.device.type))
+    return _predict(u, weight)
+
+
+def _predict(u, weight, workspace=None):
+    """predict without its checks, for the fused path's chunks. workspace: optional 1-D tensor of
+    u's dtype and device, at least B I J D elements, that u_hat is written into (and then views)
+    instead of fresh memory."""
     in_caps, out_caps, out_dims, in_dims = weight.shape
     weight_rows = weight.reshape(in_caps, out_caps * out_dims, in_dims).transpose(1, 2)  # [I, P, J*D]
     shape = (in_caps, u.shape[0], out_caps * out_dims)
@@ -85,7 +94,7 @@ def _capsule_linear_forward_torch(u, weight, iterations, bias, gradient):
     couplings = kept_couplings(u, B, I, J, iterations, "torch", gradient)
     workspace = _workspace(B, I * J * D, cdtype, u.device)
     for chunk in _chunks(B, I * J * D):
-        u_hat = predict(u[chunk].to(cdtype), weight, workspace=workspace)  # [b, I, J, D]
+        u_hat = _predict(u[chunk].to(cdtype), weight, workspace)  # [b, I, J, D]
         v[chunk], s_all[:, chunk], _ = routing_forward_torch(u_hat, iterations, bias, gradient,
                                                              couplings[:, chunk])
     return v, s_all, couplings
@@ -105,7 +114,7 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, couplings, gradient):
     u_hat_space, du_hat_space = (_workspace(B, I * J * D, cdtype, u.device) for _ in range(2))
     for chunk in _chunks(B, I * J * D):
         u_chunk = u[chunk].to(cdtype)                                      # [b, I, P]
-        u_hat = predict(u_chunk, weight_c, workspace=u_hat_space)          # [b, I, J, D]
+        u_hat = _predict(u_chunk, weight_c, u_hat_space)          # [b, I, J, D]
         du_hat, ds_all[:, chunk] = routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk],
                                                           couplings[:, chunk], gradient,
                                                           workspace=du_hat_space)
@@ -195,6 +204,7 @@ def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backe
     check_gradient(gradient)
     # check_bias reads J, D and the device off a [B, I, J, D] tensor: a view of W of that shape.
     check_bias(bias, weight[None, ..., 0], "weight")
+    check_differentiation("capsule_linear", u, weight, bias)
     backend = pick_backend(backend, u)
     v, _, _ = _capsule_linear_forward_op(u, weight, iterations, bias, gradient, backend)
     return v

@@ -24,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from ..checks import check_bias, check_gradient, check_iterations, check_u_hat, compute_dtype, pick_backend
+from ..checks import (check_bias, check_differentiation, check_gradient, check_iterations, check_u_hat, compute_dtype,
+                      pick_backend)
 from .squash import squash_backward_torch, squash_forward_torch
 
 __all__ = ["dynamic_routing"]
@@ -259,7 +260,8 @@ def dynamic_routing(u_hat, iterations=3, *, bias=None, gradient="full", backend=
 
     u_hat: [B, I, J, D] prediction vectors u_hat[b, i, j] = W[i, j] u[b, i] (Eq. 2).
     iterations: r >= 1 routing iterations (the paper uses 3; r = 1 is uniform coupling 1/J).
-    bias: optional [J, D] added to s in every iteration (the official code has one).
+    bias: optional [J, D] added to s in every iteration (the official code has one), of any
+        float dtype: added in the compute dtype, its gradient returned in its own.
     gradient: "full" (default, as the official code) lets the gradient flow through every
         iteration, agreement included; "last" treats u_hat (and bias) as constants in iterations
         1..r-1, so the coupling c^(r) is a constant and du_hat = c^(r) ds^(r): a cheaper backward
@@ -273,6 +275,7 @@ def dynamic_routing(u_hat, iterations=3, *, bias=None, gradient="full", backend=
     iterations = check_iterations(iterations)
     check_bias(bias, u_hat)
     check_gradient(gradient)
+    check_differentiation("dynamic_routing", u_hat, bias)
     backend = pick_backend(backend, u_hat)
     v, _, _ = _routing_forward_op(u_hat, iterations, bias, gradient, backend)
     return v

@@ -10,7 +10,7 @@ capsules alone take the scaled path.
 
 import torch
 
-from ..checks import check_capsules, compute_dtype, pick_backend
+from ..checks import check_capsules, check_differentiation, compute_dtype, pick_backend
 
 __all__ = ["squash", "squash_forward_torch", "squash_backward_torch"]
 
@@ -180,6 +180,7 @@ def squash(s, dim=-1, *, backend=None):
     "triton" or "torch" forces one (see capsnet_triton.ops).
     """
     check_capsules(s, "s", dim)
+    check_differentiation("squash", s)
     backend = pick_backend(backend, s)
     if dim in (-1, s.ndim - 1):                # the common case, without two no-op view calls
         return _squash_forward_op(s.contiguous(), backend)
