@@ -74,7 +74,9 @@ class CapsNet(nn.Module):
         (when labels are given, as in training) or the longest one's (Section 4.1). With labels
         [B, K] (K distinct classes per image, SPEC 9) it decodes each of the K capsules alone.
         validate=False skips the range check of the label values (a wait for the device), for
-        labels checked beforehand, as training checks each split once.
+        labels checked beforehand, as training checks each split once. Under torch.compile that
+        check is skipped too (it would break the graph), so check compiled labels beforehand: an
+        out-of-range label there masks every capsule to zero instead of raising.
         """
         self._check_images(images)
         features = torch.relu(self.conv1(images))                     # [B, 256, 20, 20]
