@@ -3,7 +3,7 @@
 - `reconstruction_figure`: inputs above the decoder's reconstructions (paper Figure 3).
 - `perturbation_figure` of `capsule_perturbations`: each of the 16 dimensions of the predicted
   digit capsule shifted by -0.25 .. 0.25 in steps of 0.05 and decoded (paper Figure 4).
-- `training_curves_figure`: loss and accuracy from the JSON-lines log that training writes.
+- `training_curves_figure`: loss and error from the JSON-lines log that training writes.
 - `segmentation_figure`: MultiMNIST pairs above each digit's reconstruction from its own capsule,
   one in red and one in green (paper Figure 5).
 
@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 __all__ = [
     "PERTURBATIONS", "capsule_perturbations", "reconstruction_figure", "perturbation_figure",
-    "segmentation_figure", "training_curves_figure", "read_log", "write_figures",
+    "segmentation_figure", "align_predictions", "training_curves_figure", "read_log", "write_figures",
 ]
 
 # Figure 4: every dimension of the capsule moved by -0.25, -0.20, ..., 0.25 (11 values).
@@ -55,8 +56,22 @@ def _show(ax, tiled):
 
 def _save(fig, path):
     FigureCanvasAgg(fig)
-    fig.savefig(os.fspath(path), dpi=100)
+    # "tight": the image holds exactly the axes and their labels, no empty band around them.
+    fig.savefig(os.fspath(path), dpi=100, bbox_inches="tight")
     return os.fspath(path)
+
+
+class _PlainLogFormatter(LogFormatter):
+    """LogFormatter's choice of which ticks of a log axis to label (some minor ones where the axis
+    spans under two decades), written as plain numbers: 0.6, 2, 30, not 6x10^-1."""
+
+    def __call__(self, x, pos=None):
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def _plain_log_ticks(axis):
+    axis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def reconstruction_figure(images, reconstructions, path, *, labels=None, predictions=None, title=None):
@@ -161,8 +176,8 @@ def segmentation_figure(pairs, reconstructions, path, *, labels, predictions, ti
     first in red and the second in green, yellow where they overlap (paper Figure 5); writes `path`.
 
     pairs [N, 1, H, W] in [0, 1]; reconstructions [N, 2, H*W] (the decoder's outputs from the two
-    capsules); labels and predictions integer [N, 2], printed above each column; title: optional,
-    below the images.
+    capsules); labels (L) and predictions (P) integer [N, 2], printed above each column (see
+    align_predictions for their order); title: optional, below the images, with the colour key.
     """
     count, _, height, width = pairs.shape
     if tuple(reconstructions.shape) != (count, 2, height * width):
@@ -180,10 +195,19 @@ def segmentation_figure(pairs, reconstructions, path, *, labels, predictions, ti
                   [f"L:{_pair_caption(labels[n])}\nP:{_pair_caption(predictions[n])}" for n in range(count)],
                   fontsize=7)
     ax.xaxis.tick_top()
-    if title:
-        ax.set_xlabel(title)
+    key = "L: labels, P: predictions; red: the first predicted digit's reconstruction, green: the second's"
+    ax.set_xlabel(f"{title}\n{key}" if title else key, fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def align_predictions(predictions, labels):
+    """The two predicted classes [N, 2] of each pair ordered as its labels where they share a
+    class, so that a right pair reads L:(7,3) P:(7,3), not P:(3,7), and red and green stand for
+    the first and second label's digit wherever it was found."""
+    swap = (predictions[:, 0] != labels[:, 0]) & ((predictions[:, 1] == labels[:, 0])
+                                                  | (predictions[:, 0] == labels[:, 1]))
+    return torch.where(swap[:, None], predictions.flip(1), predictions)
 
 
 def read_log(path):
@@ -201,29 +225,47 @@ def read_log(path):
     return records
 
 
+# What each curve of the training log is: the training records are means over a window of
+# augmented steps, whose reconstruction the label masks; validation decodes the prediction.
+_CURVES = (("train", "-", "train (mean of each logging window, shifted images)"),
+           ("validation", "o-", "validation (each epoch)"))
+
+
 def training_curves_figure(log_path, path, *, metric="accuracy"):
-    """Training and validation loss (left) and accuracy (right) against the step; writes `path`.
+    """Training and validation loss (left) and error, 100% minus the metric (right), against the
+    step, both on log axes, where the last tenths of a percent are visible; the test of the best
+    model, when the log has it, as a star at the last step. Writes `path`.
 
     Reads the JSON-lines log of `capsnet_triton.train`: "train" records (every few steps) and
-    "validation" records (every epoch), both with "step", "loss" and "accuracy".
+    "validation" records (every epoch), both with "step", "loss" and "accuracy", and the final
+    "test" record.
     """
     records = read_log(log_path)
     fig = Figure(figsize=(10, 4))
-    loss_ax, accuracy_ax = fig.subplots(1, 2)
-    for event, style in (("train", "-"), ("validation", "o-")):
+    loss_ax, error_ax = fig.subplots(1, 2)
+    # A perfect score would be log(0): it is drawn at 0.01%, or one example of a larger set.
+    floor = 100.0 / max([r.get("count", 0) for r in records] + [10_000])
+    for event, style, label in _CURVES:
         points = [r for r in records if r.get("event") == event]
         if not points:
             continue
         steps = [r["step"] for r in points]
-        loss_ax.plot(steps, [r["loss"] for r in points], style, label=event)
-        accuracy_ax.plot(steps, [100.0 * r["accuracy"] for r in points], style, label=event)
-    loss_ax.set_yscale("log")
-    loss_ax.set(xlabel="step", ylabel="total loss (margin + weighted reconstruction)", title="loss")
-    accuracy_ax.set(xlabel="step", ylabel=f"{metric} (%)", title=metric)
-    for ax in (loss_ax, accuracy_ax):
-        ax.grid(alpha=0.3)
+        loss_ax.plot(steps, [r["loss"] for r in points], style, label=label)
+        error_ax.plot(steps, [max(floor, 100.0 * (1.0 - r["accuracy"])) for r in points], style, label=label)
+    test = [r for r in records if r.get("event") == "test"]
+    steps = [r["step"] for r in records if "step" in r]
+    if test and steps:
+        label = f"test of best.pt (epoch {test[-1].get('best_epoch', '?')})"
+        loss_ax.plot([max(steps)], [test[-1]["loss"]], "*", markersize=12, label=label)
+        error_ax.plot([max(steps)], [max(floor, 100.0 * (1.0 - test[-1]["accuracy"]))], "*", markersize=12,
+                      label=label)
+    loss_ax.set(xlabel="step", ylabel="total loss (margin + weighted reconstruction)", title="loss", yscale="log")
+    error_ax.set(xlabel="step", ylabel=f"error (%), 100 - {metric}", title=f"error (100% - {metric})", yscale="log")
+    for ax in (loss_ax, error_ax):
+        _plain_log_ticks(ax.yaxis)
+        ax.grid(alpha=0.3, which="both")
         if ax.has_data():
-            ax.legend()
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -254,6 +296,7 @@ def write_figures(model, split, out_dir, *, dataset, model_name, metric="accurac
         if batch.labels.ndim == 2:
             # Each of the K longest capsules decoded alone, as in the paper's Figure 5.
             predictions = model(images).lengths.topk(batch.labels.shape[1], dim=1).indices  # [N, K]
+            predictions = align_predictions(predictions, batch.labels)
             written.append(segmentation_figure(
                 images, model(images, predictions).reconstruction, os.path.join(out_dir, "segmentation.png"),
                 labels=batch.labels, predictions=predictions, title=title,
@@ -265,8 +308,11 @@ def write_figures(model, split, out_dir, *, dataset, model_name, metric="accurac
                 labels=batch.labels, predictions=output.lengths.argmax(dim=1), title=title,
             ))
         capsule, grid = capsule_perturbations(model, images[0])
-        written.append(perturbation_figure(grid, os.path.join(out_dir, "perturbations.png"), capsule=capsule,
-                                           title=f"{model_name} on {dataset} test example 0: dimension perturbations"))
+        label = batch.labels[0]
+        label = _pair_caption(label) if label.ndim else str(int(label))
+        written.append(perturbation_figure(
+            grid, os.path.join(out_dir, "perturbations.png"), capsule=capsule,
+            title=f"{model_name} on {dataset} test example 0 (label {label}): dimension perturbations"))
     finally:
         model.train(was_training)
     return written
