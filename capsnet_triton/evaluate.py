@@ -146,7 +146,8 @@ def _figure_folder(run_dir, checkpoint_name, dataset, own, limit):
     after what differs (the checkpoint's stem, the dataset, the limit), so that nothing
     overwrites the run's figures with those of another model or set."""
     stem = os.path.splitext(checkpoint_name)[0]
-    parts = ([] if stem == "best" else [stem]) + ([] if own else [dataset]) + ([] if limit is None else [f"first-{limit}"])
+    parts = (([] if stem == "best" else [stem]) + ([] if own else [dataset])
+             + ([] if limit is None else [f"first-{limit}"]))
     return os.path.join(run_dir, "-".join(parts)) if parts else run_dir
 
 

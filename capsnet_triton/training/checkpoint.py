@@ -31,8 +31,8 @@ import torch
 
 from ..data import default_permissions
 
-__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "save_atomic", "payload_checksum", "load_checkpoint",
-           "load_training_state", "lock_run_folder", "remove_stale_temporaries",
+__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "save_atomic", "payload_checksum",
+           "load_checkpoint", "load_training_state", "lock_run_folder", "remove_stale_temporaries",
            "save_training_state", "save_best_model", "restore_training_state", "seed_everything", "rng_state",
            "set_rng_state"]
 
