@@ -70,7 +70,13 @@ def pip_install():
         return False
     command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", ROOT]
     print("install_offline:", " ".join(command))
-    return subprocess.run(command).returncode == 0
+    # pip's own output only where it failed, in its last lines: an old setuptools without `wheel`
+    # fails with a screenful of build errors that the finder below makes moot.
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()][-3:]
+        print("install_offline: pip failed:", *reason, sep="\n    ")
+    return result.returncode == 0
 
 
 def write_finder():
