@@ -20,7 +20,7 @@ import torch
 
 from capsnet_triton import evaluate, figures, train
 from capsnet_triton.data import DATASETS, load_split, verify_split
-from capsnet_triton.training import allocator, loop
+from capsnet_triton.training import allocator, errors, loop
 from capsnet_triton.training.checkpoint import LOCK_NAME, payload_checksum, save_atomic
 from capsnet_triton.training.config import build_parser
 from capsnet_triton.training.log import RunLog
@@ -319,6 +319,50 @@ def test_a_checkpoint_holding_python_objects_is_refused_without_advice_to_load_i
     status, err = run(evaluate.main, [str(path), "--data", fake_mnist, "--device", "cpu"], capsys)
     line = one_line(err)
     assert status == 2 and "Python objects" in line and "weights_only" not in line
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_a_batch_the_processes_cannot_share_is_one_usage_error(fake_mnist, tmp_path, capsys,
+                                                                               monkeypatch, rank):
+    """Every rank parses the same command line: rank 0 alone says what is wrong, before any
+    process group exists."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", str(rank))
+    status, err = run(train.main, args(fake_mnist, tmp_path / "run", "--batch-size", "16"), capsys)
+    assert status == 2
+    if rank == 0:
+        assert "--batch-size 16 is split over the 3 processes torchrun started" in one_line(err)
+    else:
+        assert err == ""
+
+
+def _raise(error):
+    raise error
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_errors_say_which_rank_and_who_failed_first(monkeypatch, capsys, rank):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    prefix = "" if rank == 0 else "rank 1: "
+    assert errors.run_command("prog", False, _raise, ValueError("no data")) == 1
+    assert capsys.readouterr().err == f"{prefix}prog: error: no data\n"
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1234")
+    assert errors.run_command("prog", False, _raise, lost) == 1
+    assert capsys.readouterr().err == f"{prefix}prog: stopped because another rank failed (its error is above)\n"
+    # Ctrl-C reaches every rank through torchrun: one line, from rank 0.
+    assert errors.run_command("prog", False, _raise, KeyboardInterrupt()) == errors.INTERRUPTED_STATUS
+    err = capsys.readouterr().err
+    assert (err.startswith("prog: interrupted (Ctrl-C)") and "--resume" in err) if rank == 0 else err == ""
+    with pytest.raises(TypeError):                      # not a user's error: the traceback stays
+        errors.run_command("prog", False, _raise, TypeError("a bug"))
+
+
+def test_a_single_process_leaves_ctrl_c_and_unknown_runtime_errors_alone(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for error in (KeyboardInterrupt(), RuntimeError("Connection closed by peer")):
+        with pytest.raises(type(error)):
+            errors.run_command("prog", False, _raise, error)
 
 
 def test_real_mnist_is_told_apart_from_fashion_mnist(mnist_dir):

@@ -11,7 +11,7 @@ import os
 
 from ..data import DATASETS, dataset_spec
 from .checkpoint import CHECKPOINT_FILES, load_checkpoint, load_training_state, lock_run_folder
-from .distributed import launched_rank, resolve_device
+from .distributed import launched_rank, launched_world_size, resolve_device
 from .errors import ArgumentParser
 
 __all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "check_config", "resolve_config"]
@@ -124,6 +124,11 @@ def check_config(config, error):
     for key in ("limit_train", "limit_val", "limit_test"):
         if config[key] is not None and config[key] < 1:
             error(f"{flag(key)} must be positive, got {config[key]}")
+    world = launched_world_size()
+    if config["batch_size"] % world:
+        # --batch-size is the global batch and a resumed run keeps it: the process count must fit it.
+        error(f"--batch-size {config['batch_size']} is split over the {world} processes torchrun started and must "
+              f"be a multiple of their number: start a number of processes that divides it")
     for key in ("checkpoint_every", "max_shift", "seed", "split_seed"):
         if config[key] < 0:
             error(f"{flag(key)} must not be negative, got {config[key]}")

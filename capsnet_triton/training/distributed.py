@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "init_distributed", "launched_rank", "resolve_device"]
+__all__ = ["Context", "init_distributed", "launched_rank", "launched_world_size", "resolve_device"]
 
 
 @dataclass
@@ -54,9 +54,15 @@ def launched_rank():
     return int(os.environ.get("RANK", "0"))
 
 
+def launched_world_size():
+    """How many processes torchrun started (1 without torchrun), known before the process group
+    exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device_name):
     """(Context, device): join the process group that torchrun describes in the environment, if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size == 1:
         return Context(), resolve_device(device_name)
     context = Context(launched_rank(), int(os.environ.get("LOCAL_RANK", "0")), world_size)

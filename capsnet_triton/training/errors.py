@@ -6,6 +6,11 @@ that diverged) ends with one line, "PROG: error: what is wrong and what to do", 
 status 1; --verbose shows the traceback as well. A training run stopped by Ctrl-C after saving
 last.pt ends with one line saying how to continue, and exit status 130 (128 + SIGINT, as a shell
 reports a process that SIGINT ended).
+
+Under torchrun every rank runs the command: a usage error, the same on every rank, is said by
+rank 0 alone; an error found while running is said by each rank that meets it, "rank N: ..."
+after the first; a rank that stops because another one failed says only that; Ctrl-C, which
+torchrun passes to every rank, ends them with one line from rank 0.
 """
 
 import argparse
@@ -13,6 +18,9 @@ import sys
 import traceback
 
 import torch
+import torch.distributed as dist
+
+from .distributed import launched_rank, launched_world_size
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "INTERRUPTED_STATUS", "USER_ERRORS", "ArgumentParser",
            "run_command"]
@@ -42,25 +50,51 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, but a usage error is one line (with a pointer to --help), not the usage."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        # Under torchrun every rank parses the same command line: rank 0 alone says what is wrong.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if launched_rank() == 0 else None)
 
 
 # OSError covers missing files, permissions, a full disk and download failures (DownloadError).
 USER_ERRORS = (ValueError, OSError, TrainingDiverged, torch.OutOfMemoryError)
 
 
+def _say(line):
+    """One line on stderr in one write, so that the ranks' lines do not run into each other."""
+    rank = launched_rank()
+    sys.stderr.write(("" if rank == 0 else f"rank {rank}: ") + line + "\n")
+    sys.stderr.flush()
+
+
+def _another_rank_failed(error):
+    """True for the error a rank meets when another one stopped: its collective lost the peer.
+    gloo raises a plain RuntimeError for it, NCCL a DistBackendError."""
+    return launched_world_size() > 1 and (isinstance(error, dist.DistError) or (
+        type(error) is RuntimeError and "closed by peer" in str(error)))
+
+
 def run_command(prog, verbose, function, *args):
     """function(*args); 0 when it returns, 1 with a one-line message when it raises a USER_ERRORS,
-    INTERRUPTED_STATUS with its message when it raises TrainingInterrupted."""
+    INTERRUPTED_STATUS with its message when it raises TrainingInterrupted (or, under torchrun,
+    when Ctrl-C reaches the ranks)."""
     try:
         function(*args)
     except TrainingInterrupted as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        _say(f"{prog}: {e}")
         return INTERRUPTED_STATUS
-    except USER_ERRORS as e:
+    except KeyboardInterrupt:
+        if launched_world_size() == 1:
+            raise                           # a single process stops at a step boundary instead
+        if launched_rank() == 0:
+            _say(f"{prog}: interrupted (Ctrl-C); continue from the run's last checkpoint (last.pt) with --resume")
+        return INTERRUPTED_STATUS
+    except Exception as e:
+        if not isinstance(e, USER_ERRORS) and not _another_rank_failed(e):
+            raise
         if verbose:
             traceback.print_exc()
-        message = str(e).strip() or type(e).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        if _another_rank_failed(e):
+            _say(f"{prog}: stopped because another rank failed (its error is above)")
+        else:
+            _say(f"{prog}: error: {str(e).strip() or type(e).__name__}")
         return 1
     return 0

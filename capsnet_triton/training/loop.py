@@ -169,9 +169,7 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
     if context.is_main:
         remove_stale_temporaries(run_dir)
     paths = {name: os.path.join(run_dir, name) for name in RUN_FILES}
-    batch_size, world = config["batch_size"], context.world_size
-    if batch_size % world:
-        raise ValueError(f"--batch-size {batch_size} must be a multiple of the {world} ranks")
+    batch_size, world = config["batch_size"], context.world_size         # check_config: a multiple of world
 
     seed_everything(config["seed"])
     spec = dataset_spec(config["dataset"])
