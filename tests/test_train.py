@@ -258,7 +258,7 @@ def test_unfused_digitcaps_trains_the_same_function_and_a_resumed_run_may_switch
     assert build_model(config).digit_caps.fused
 
 
-def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path):
+def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path, capsys):
     one_step = ["--epochs", "1", "--limit-train", "16", "--limit-val", "8", "--limit-test", "8"]
     train.main(tiny_args(data_dir, tmp_path / "single", *one_step))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -277,6 +277,10 @@ def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path):
     single_log, ddp_log = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
     assert ddp_log[0]["train_accuracy"] == single_log[0]["train_accuracy"]
     assert ddp_log[0]["train_loss"] == pytest.approx(single_log[0]["train_loss"], rel=1e-5)
+    # Resumed in one process, the run goes on and says it is no longer bit for bit the same.
+    capsys.readouterr()
+    assert train.main(["--out", str(tmp_path / "ddp"), "--resume", "--epochs", "2"]) == 0
+    assert "resuming a run of 2 process(es) with 1: it continues" in capsys.readouterr().err
 
 
 def test_multimnist_final_lines_count_pairs(data_dir, tmp_path, capsys):

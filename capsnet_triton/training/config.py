@@ -18,8 +18,8 @@ __all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "
 
 # Options a resumed run may change: they do not alter the trajectory of the parameters, except
 # --device and --digitcaps (the same function, rounded differently, so a run resumed with another
-# choice loses bit-exactness). Every other option is part of the run and must match the
-# checkpoint's.
+# choice loses bit-exactness), as does another number of torchrun processes (the run says so).
+# Every other option is part of the run and must match the checkpoint's.
 RESUMABLE = ("data", "download", "verify_data", "epochs", "device", "digitcaps", "checkpoint_every",
              "log_every", "limit_test", "verbose")
 

@@ -6,6 +6,7 @@ saving last.pt there (`_StopRequest`)."""
 import math
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -187,6 +188,11 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
     sums = {"epoch": [0.0] * SUM_COUNT, "window": [0.0] * SUM_COUNT}
     if checkpoint is not None:
         epoch, step_in_epoch, best, sums = restore_training_state(checkpoint, model, optimizer, scheduler, device)
+        saved_world = checkpoint.get("world_size", 1)
+        if saved_world != world and context.is_main:
+            # Each rank reduces its shard of the batch: another split rounds the sums differently.
+            print(f"resuming a run of {saved_world} process(es) with {world}: it continues the same training, "
+                  f"but no longer bit for bit as it would have", file=sys.stderr)
     sums = {key: torch.tensor(value, dtype=torch.float64, device=device) for key, value in sums.items()}
     diverged_steps = torch.zeros((), dtype=torch.float64, device=device)
     log = RunLog(paths["log.jsonl"], context.is_main, checkpoint)
