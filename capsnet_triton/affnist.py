@@ -15,7 +15,6 @@ cells, compressed elements), not MATLAB v7.3's HDF5 files.
 
 import glob
 import os
-import re
 import zlib
 
 import numpy as np
@@ -26,6 +25,8 @@ __all__ = ["read_mat", "read_affnist", "find_affnist_files"]
 _NUMERIC = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
 _MATRIX, _COMPRESSED = 14, 15
 _CELL_CLASS, _STRUCT_CLASS, _CHAR_CLASS = 1, 2, 4
+# The published test set in batches: test_batches/1.mat ... 32.mat.
+_BATCHES = 32
 # Text may also be stored as UTF-8, -16 or -32 (SciPy's savemat writes UTF-8), not as numbers.
 _TEXT = {16: "utf-8", 17: "utf-16", 18: "utf-32"}
 
@@ -84,17 +85,24 @@ def _matrix(payload, order):
 
 
 def read_mat(path):
-    """The variables of a MATLAB v5 `.mat` file, as a dict name -> value (see `_matrix`)."""
+    """The variables of a MATLAB v5 `.mat` file, as a dict name -> value (see `_matrix`).
+
+    ValueError naming `path` for a file that is not one, or is truncated or damaged."""
     with open(path, "rb") as f:
         content = f.read()
     if len(content) < 128 or content[124:126] not in (b"\x00\x01", b"\x01\x00"):
         raise ValueError(f"{path}: not a MATLAB v5 .mat file (v7.3 files are HDF5, which this reader does not read)")
     order = "<" if content[126:128] == b"IM" else ">"
     variables = {}
-    for kind, payload in _elements(content[128:], order):
-        if kind == _MATRIX:
-            name, value = _matrix(payload, order)
-            variables[name] = value
+    try:
+        for kind, payload in _elements(content[128:], order):
+            if kind == _MATRIX:
+                name, value = _matrix(payload, order)
+                variables[name] = value
+    # A damaged file fails wherever its bytes stop making sense: in zlib, in an element that
+    # ends early (StopIteration from its parts) or in NumPy's reading of a payload.
+    except (zlib.error, StopIteration, ValueError) as e:
+        raise ValueError(f"{path}: truncated or damaged .mat file ({str(e) or type(e).__name__})") from e
     return variables
 
 
@@ -106,7 +114,15 @@ def find_affnist_files(directory):
             return [single]
         batches = glob.glob(os.path.join(folder, "test_batches", "*.mat"))
         if batches:
-            return sorted(batches, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
+            # The published folder: 1.mat ... 32.mat, each once. A missing or an extra file would
+            # score a different test set without a word.
+            names = sorted(os.path.basename(p) for p in batches)
+            expected = sorted(f"{n}.mat" for n in range(1, _BATCHES + 1))
+            if names != expected:
+                missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
+                raise ValueError(f"{os.path.join(folder, 'test_batches')} must hold exactly 1.mat ... "
+                                 f"{_BATCHES}.mat: missing {missing or 'none'}, unexpected {extra or 'none'}")
+            return [os.path.join(folder, "test_batches", f"{n}.mat") for n in range(1, _BATCHES + 1)]
     raise FileNotFoundError(f"no affNIST test files (test.mat or test_batches/*.mat) in {directory} "
                             f"or {os.path.join(directory, 'affNIST')}; affNIST is not downloaded by this package")
 
@@ -125,6 +141,12 @@ def read_affnist(directory):
         if image.ndim != 2 or image.shape[0] != 1600 or image.shape[1] != label.shape[0]:
             raise ValueError(f"{path}: image must be [1600, N] with N labels, got {list(image.shape)} "
                              f"and {label.shape[0]} labels")
+        # The published values are whole numbers (pixels 0..255, classes 0..9), whatever type the
+        # file stores them in; anything else is another dataset, which a cast would hide.
+        for what, values, top in (("image", image, 255), ("label_int", label, 9)):
+            if values.size and not (np.all(values == np.round(values)) and values.min() >= 0 and values.max() <= top):
+                raise ValueError(f"{path}: {what} must hold whole numbers in [0, {top}], got values in "
+                                 f"[{values.min()}, {values.max()}]")
         images.append(image.T.reshape(-1, 40, 40))
         labels.append(label)
     return np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.uint8)

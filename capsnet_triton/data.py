@@ -29,8 +29,10 @@ per-sample Python and no DataLoader.
   direction with zero padding, vectorised over the batch.
 """
 
+import glob
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -338,6 +340,9 @@ def _fetch(idx_file, target, spec, mirrors, progress):
     """Put idx_file's verified .gz into `target`, keeping the one there if it passes."""
     name = idx_file.stem + ".gz"
     final = os.path.join(target, name)
+    # A download killed midway leaves its partial file: never mistaken for the file, but removed here.
+    for stale in glob.glob(os.path.join(glob.escape(target), f".{name}.*.part")):
+        os.remove(stale)
     failures = []
     if os.path.isfile(final):
         try:
@@ -356,7 +361,8 @@ def _fetch(idx_file, target, spec, mirrors, progress):
             _verify(partial, idx_file, compressed=True)
             os.replace(partial, final)
             return
-        except (OSError, ValueError) as e:                            # URLError is an OSError
+        # URLError is an OSError; a response cut short raises http.client's IncompleteRead.
+        except (OSError, ValueError, http.client.HTTPException) as e:
             failures.append(f"{url}: {e}")
         finally:
             if os.path.exists(partial):

@@ -13,6 +13,7 @@ truncated download fails with a message naming the file instead of a garbled arr
 """
 
 import gzip
+import math
 import os
 import zlib
 
@@ -63,7 +64,7 @@ def read_idx(path):
     if len(data) < header_len:
         raise ValueError(f"{path}: truncated header, {ndim} dimensions need {header_len} bytes, file has {len(data)}")
     shape = tuple(int(n) for n in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64))
+    expected = math.prod(shape)                 # Python ints: a huge header cannot wrap around
     payload = len(data) - header_len
     if payload != expected:
         what = "truncated" if payload < expected else "trailing bytes"

@@ -84,11 +84,11 @@ def test_read_affnist_single_file(tmp_path, compress, text_kind):
 
 
 def test_read_affnist_batches_in_numeric_order(tmp_path):
-    parts = [affnist_like(3, seed) for seed in range(11)]
+    parts = [affnist_like(3, seed) for seed in range(32)]
     for n, (images, labels) in enumerate(parts, start=1):
         write_affnist_mat(tmp_path / "affNIST" / "test_batches" / f"{n}.mat", images, labels, compress=n % 2 == 0)
     split = load_split(tmp_path, "affnist", train=False)
-    assert split.images.shape == (33, 1, 40, 40)
+    assert split.images.shape == (96, 1, 40, 40)
     assert torch.equal(split.images[:, 0], torch.from_numpy(np.concatenate([p[0] for p in parts])))
     assert torch.equal(split.labels, torch.from_numpy(np.concatenate([p[1] for p in parts])).long())
 
@@ -103,6 +103,36 @@ def test_affnist_reader_errors(tmp_path):
         load_split(tmp_path, "affnist", train=True)
     with pytest.raises(DownloadError, match="no download"):
         download(tmp_path, "affnist")
+
+
+def test_damaged_or_foreign_affnist_files_are_refused_naming_the_file(tmp_path):
+    images, labels = affnist_like(4, 1)
+    path = tmp_path / "test.mat"
+    write_affnist_mat(path, images, labels, compress=True)
+    whole = path.read_bytes()
+    for damaged in (whole[:-40], whole[:200] + b"\xff" * 40 + whole[240:]):   # cut short; zlib stream broken
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"{path}: truncated or damaged"):
+            read_affnist(tmp_path)
+    # Values a uint8 cast would hide: pixels past 255 (stored as uint16 here), a label of 10.
+    wide = matrix("", 9, (1600, 4), element(4, np.full((1600, 4), 300, "<u2").tobytes(order="F")))
+    path.parent.mkdir(exist_ok=True)
+    for fields, what in (({"image": wide, "label_int": labels[None, :]}, r"image must hold whole numbers in \[0, 255\]"),
+                         ({"image": images.reshape(4, 1600).T, "label_int": np.array([[1, 2, 10, 3]])},
+                          r"label_int must hold whole numbers in \[0, 9\]")):
+        header = b"MATLAB 5.0".ljust(116, b" ") + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
+        path.write_bytes(header + struct_matrix("affNISTdata", fields))
+        with pytest.raises(ValueError, match=what):
+            read_affnist(tmp_path)
+
+
+def test_a_batch_folder_missing_a_file_or_holding_an_extra_one_is_refused(tmp_path):
+    folder = tmp_path / "test_batches"
+    for n in (1, 2, 3):
+        write_affnist_mat(folder / f"{n}.mat", *affnist_like(2, n), compress=False)
+    (folder / "3 (copy).mat").write_bytes((folder / "3.mat").read_bytes())
+    with pytest.raises(ValueError, match=r"missing \['10.mat', .*unexpected \['3 \(copy\).mat'\]"):
+        read_affnist(tmp_path)
 
 
 # --- mnist40 and the generated set --------------------------------------------------------------

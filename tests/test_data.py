@@ -178,6 +178,36 @@ def test_download_falls_back_to_next_mirror_and_replaces_corrupt_file(tmp_path, 
     assert len(os.listdir(target)) == 4
 
 
+def test_a_response_cut_short_moves_on_to_the_next_mirror_and_stale_partials_go(tmp_path, monkeypatch):
+    """A chunked response cut mid-transfer raises http.client's IncompleteRead, which is neither
+    an OSError nor a ValueError; and a download killed midway leaves a hidden .part file."""
+    import http.client
+    import urllib.request
+    mirror = tmp_path / "mirror"
+    write_dataset(mirror, train_count=20, test_count=10)
+    _fake_source(monkeypatch, mirror)
+    target = tmp_path / "data" / "Tiny" / "raw"
+    target.mkdir(parents=True)
+    stale = target / ".train-images-idx3-ubyte.gz.k1ll3d.part"
+    stale.write_bytes(b"half a file")
+    real_urlopen = urllib.request.urlopen
+
+    class CutShort:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, *args):
+            raise http.client.IncompleteRead(b"partial", 1000)
+
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, **kw: CutShort() if url.startswith("http://cut/") else real_urlopen(url, **kw))
+    data.download(tmp_path / "data", "tiny", mirrors=["http://cut/", mirror.as_uri()], progress=lambda _: None)
+    assert sorted(os.listdir(target)) == sorted(stem + ".gz" for stem in STEMS)
+
+
 def test_download_every_mirror_failing_lists_each(tmp_path, monkeypatch):
     mirror = tmp_path / "mirror"
     write_dataset(mirror, train_count=20, test_count=10)

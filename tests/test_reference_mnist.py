@@ -30,6 +30,8 @@ def test_read_idx_round_trip(tmp_path, rng, name, shape):
         (lambda b: b"\x01" + b[1:], "bad magic"),
         (lambda b: b[:2] + b"\x0d" + b[3:], "type code 0x0d"),    # float32 IDX
         (lambda b: b[:3] + b"\x00", "0 dimensions"),
+        # Sizes whose product overflows 64 bits: the count of bytes needed, exact, not wrapped.
+        (lambda b: b[:3] + b"\x04" + b"\xff\xff\xff\xff" * 4, f"needs {(2**32 - 1) ** 4} data bytes"),
     ],
 )
 def test_read_idx_rejects_corrupt_files(tmp_path, name, corrupt, match):
