@@ -15,7 +15,8 @@ from capsnet_triton.reference.routing import GRADIENT_POLICIES, check_gradient
 
 __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "interpreting", "check_float_tensor",
            "check_capsules", "check_u_hat", "check_iterations", "check_bias", "check_backend", "pick_backend",
-           "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight", "check_differentiation"]
+           "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight", "check_differentiation",
+           "check_positive_int", "check_flag", "autocast_dtype"]
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -66,11 +67,22 @@ def check_u_hat(u_hat):
     return u_hat
 
 
+def check_positive_int(value, name):
+    """value as a Python int (NumPy's integers too, as the reference takes them), >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 def check_iterations(iterations, name="iterations"):
-    """iterations as a Python int (NumPy's integers too, as the reference takes them), >= 1."""
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {iterations!r}")
-    return int(iterations)
+    return check_positive_int(iterations, name)
+
+
+def check_flag(value, name):
+    """value, a bool: a string such as "no" would otherwise count as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_bias(bias, u_hat, name="u_hat"):
@@ -105,6 +117,15 @@ def pick_backend(backend, tensor):
             f"backend='triton' needs CUDA tensors (got a tensor on {tensor.device}), or Triton's "
             "interpreter for CPU tensors: set TRITON_INTERPRET=1 before triton is first imported")
     return backend
+
+
+def autocast_dtype(tensor):
+    """The low dtype autocast computes matmuls in on tensor's device, or None where it is off
+    (or where the device has no autocast, as 'meta', on which asking would raise)."""
+    device_type = tensor.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def check_differentiation(op, *tensors):

@@ -9,7 +9,8 @@ parameters and the reshapes.
 import torch
 from torch import nn
 
-from .checks import check_backend, check_float_tensor, check_gradient, check_iterations
+from .checks import (autocast_dtype, check_backend, check_flag, check_float_tensor, check_gradient,
+                     check_iterations, check_positive_int)
 from .ops import capsule_linear, dynamic_routing, squash
 from .ops.capsule_linear import predict
 
@@ -54,10 +55,13 @@ class DigitCaps(nn.Module):
     def __init__(self, in_caps, in_dims, out_caps, out_dims, routing_iterations=3,
                  gradient="full", bias=False, backend=None, fused=True):
         super().__init__()
+        for name, size in (("in_caps", in_caps), ("in_dims", in_dims), ("out_caps", out_caps), ("out_dims", out_dims)):
+            check_positive_int(size, name)
         self.routing_iterations = check_iterations(routing_iterations, "routing_iterations")
         self.gradient = check_gradient(gradient)
         self.backend = check_backend(backend)      # here, not at the first forward
-        self.fused = bool(fused)
+        self.fused = check_flag(fused, "fused")
+        check_flag(bias, "bias")
         self.weight = nn.Parameter(torch.empty(in_caps, out_caps, out_dims, in_dims))
         self.bias = nn.Parameter(torch.zeros(out_caps, out_dims)) if bias else None
         nn.init.normal_(self.weight, std=0.01)
@@ -70,11 +74,10 @@ class DigitCaps(nn.Module):
                 f"DigitCaps expects u of shape [B, I, P] = [B, {in_caps}, {in_dims}], got {list(u.shape)}"
             )
         if self.fused:
-            weight = self.weight
-            if torch.is_autocast_enabled(u.device.type):
+            weight, low = self.weight, autocast_dtype(u)
+            if low is not None:
                 # As autocast casts the unfused path's matmul: both operands to its low dtype
                 # (float64 left alone), so that the two paths compute in, and return, one dtype.
-                low = torch.get_autocast_dtype(u.device.type)
                 u, weight = (x if x.dtype == torch.float64 else x.to(low) for x in (u, weight))
             return capsule_linear(u, weight, self.routing_iterations, bias=self.bias,
                                   gradient=self.gradient, backend=self.backend)
@@ -98,8 +101,11 @@ class Decoder(nn.Module):
 
     def __init__(self, in_features, hidden=(512, 1024), out_features=784):
         super().__init__()
-        if len(hidden) != 2:
+        if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__len__") or len(hidden) != 2:
             raise ValueError(f"hidden must give the widths of the two hidden layers, got {hidden!r}")
+        for name, width in (("in_features", in_features), ("hidden[0]", hidden[0]), ("hidden[1]", hidden[1]),
+                            ("out_features", out_features)):
+            check_positive_int(width, name)
         self.fc1 = nn.Linear(in_features, hidden[0])
         self.fc2 = nn.Linear(hidden[0], hidden[1])
         self.fc3 = nn.Linear(hidden[1], out_features)

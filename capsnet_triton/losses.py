@@ -12,6 +12,8 @@ Both are computed in at least float32: under autocast (or with half-precision in
 squared errors of 784 pixels summed in bfloat16 would lose most of their bits.
 """
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -42,6 +44,8 @@ def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5, valida
         raise ValueError(f"lengths must be a tensor of shape [B, J], got {_describe(lengths)}")
     if not lengths.is_floating_point():
         raise TypeError(f"lengths must be a floating-point tensor, got dtype {lengths.dtype}")
+    for name, value in (("m_plus", m_plus), ("m_minus", m_minus), ("lambda_", lambda_)):
+        _check_constant(name, value)
     if lengths.shape[0] == 0:
         raise ValueError("lengths has an empty batch; the batch mean is undefined")
     check_labels(labels, lengths.shape[0], lengths.shape[1], values=validate)
@@ -63,6 +67,9 @@ def reconstruction_loss(reconstruction, images):
     """
     if not isinstance(images, torch.Tensor) or images.ndim not in (4, 5):
         raise ValueError(f"images must be a tensor of shape [B, C, H, W] or [B, K, C, H, W], got {_describe(images)}")
+    if not images.is_floating_point():
+        # uint8 pixels of 0..255 against a decoder's 0..1 would make an error 65,000 times too large.
+        raise TypeError(f"images must be a floating-point tensor (scale uint8 to [0, 1]), got {images.dtype}")
     expected = (*images.shape[:-3], images.shape[-3:].numel())
     if not isinstance(reconstruction, torch.Tensor) or tuple(reconstruction.shape) != expected:
         form = "[B, C*H*W]" if images.ndim == 4 else "[B, K, C*H*W]"
@@ -82,12 +89,20 @@ def capsnet_loss(output, images, labels, *, reconstruction_weight=0.0005, valida
     labels [B], or [B, K] with images [B, K, C, H, W] one target per label (see
     `reconstruction_loss`). validate: as in `margin_loss`. Returns `LossTerms`.
     """
+    if not isinstance(reconstruction_weight, torch.Tensor):     # a tensor may be learned: not read here
+        _check_constant("reconstruction_weight", reconstruction_weight)
     margin = margin_loss(output.lengths, labels, validate=validate)
     if output.reconstruction is None:
         reconstruction = margin.new_zeros(())
     else:
         reconstruction = reconstruction_loss(output.reconstruction, images)
     return LossTerms(margin + reconstruction_weight * reconstruction, margin, reconstruction)
+
+
+def _check_constant(name, value):
+    """A loss constant: a finite number >= 0 (a negative lambda or weight would reward errors)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def correct_predictions(lengths, labels):
@@ -121,7 +136,7 @@ def check_labels(labels, batch, num_classes, values=True):
                 f"labels must lie in [0, {num_classes}) for {num_classes} classes, got values in [{low}, {high}]"
             )
         if labels.ndim == 2 and bool((labels.sort(dim=1).values.diff(dim=1) == 0).any()):
-            raise ValueError("labels [B, K] must hold K distinct classes per sample")
+            raise ValueError("labels [B, K] must hold K distinct classes per sample (class indices, not one-hot rows)")
 
 
 def one_hot_mask(labels, num_classes):

@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from .checks import check_flag, check_positive_int
 from .data import dataset_spec
 from .layers import Decoder, DigitCaps, PrimaryCaps
 from .losses import check_labels, one_hot_mask
@@ -43,7 +44,8 @@ class CapsNet(nn.Module):
     memory, fused=False as `predict` then `capsnet_triton.dynamic_routing`: the same function,
     for comparison and, on a GPU, for speed (README, "Use it"). decoder=False drops the
     reconstruction network. PrimaryCaps' squash always picks its backend by device (Triton for
-    CUDA tensors).
+    CUDA tensors). Every option is checked here, not at the first forward: sizes must be integers
+    >= 1 (ValueError) and flags True or False (TypeError), each error naming its option.
     """
 
     def __init__(self, in_channels=1, image_size=28, num_classes=10, conv_channels=256,
@@ -51,6 +53,13 @@ class CapsNet(nn.Module):
                  routing_iterations=3, routing_gradient="full", routing_bias=False, decoder=True,
                  decoder_hidden=(512, 1024), routing_backend=None, fused=True):
         super().__init__()
+        for name, size in (("in_channels", in_channels), ("image_size", image_size), ("num_classes", num_classes),
+                           ("conv_channels", conv_channels), ("kernel_size", kernel_size),
+                           ("primary_types", primary_types), ("primary_dims", primary_dims),
+                           ("digit_dims", digit_dims)):
+            check_positive_int(size, name)
+        for name, flag in (("decoder", decoder), ("routing_bias", routing_bias), ("fused", fused)):
+            check_flag(flag, name)
         conv1_size = image_size - kernel_size + 1
         grid = (conv1_size - kernel_size) // 2 + 1                     # PrimaryCaps conv, stride 2
         if grid < 1:
@@ -108,6 +117,10 @@ class CapsNet(nn.Module):
             raise TypeError(f"images must be a floating-point tensor (scale uint8 to [0, 1]), got {images.dtype}")
 
 
+# The training command's --digitcaps choices, as CapsNet's `fused`.
+_DIGITCAPS = {"fused": True, "unfused": False}
+
+
 def build_model(config):
     """The CapsNet a run configuration (a training checkpoint's "config" dict) describes.
 
@@ -115,6 +128,9 @@ def build_model(config):
     (`data.DATASETS`); the other options from the config itself. Configs older than the
     "digitcaps" entry run the fused layer, their default.
     """
+    digitcaps = config.get("digitcaps", "fused")
+    if digitcaps not in _DIGITCAPS:
+        raise ValueError(f"digitcaps must be one of {sorted(_DIGITCAPS)}, got {digitcaps!r}")
     spec = dataset_spec(config["dataset"])
     channels, height, width = spec.image_shape
     if height != width:
@@ -130,5 +146,5 @@ def build_model(config):
         routing_bias=config["routing_bias"],
         decoder=config["decoder"],
         decoder_hidden=tuple(config["decoder_hidden"]),
-        fused=config.get("digitcaps", "fused") == "fused",
+        fused=_DIGITCAPS[digitcaps],
     )

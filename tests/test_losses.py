@@ -126,3 +126,29 @@ def test_losses_reject_bad_shapes():
         reconstruction_loss(torch.rand(2, 15), torch.rand(2, 1, 4, 4))
     with pytest.raises(ValueError, match=r"images must be a tensor of shape \[B, C, H, W\]"):
         reconstruction_loss(torch.rand(2, 16), torch.rand(2, 16))
+
+
+@pytest.mark.parametrize("constant, value", [("lambda_", -1.0), ("m_plus", float("nan")), ("m_minus", float("inf")),
+                                             ("m_plus", "0.9"), ("lambda_", True)])
+def test_margin_loss_constants_are_finite_numbers_at_least_zero(constant, value):
+    """A negative lambda would reward the capsules it should punish (a loss of -0.1 came back)."""
+    with pytest.raises(ValueError, match=f"{constant} must be a finite number >= 0"):
+        margin_loss(torch.rand(3, 4), torch.tensor([0, 1, 2]), **{constant: value})
+
+
+def test_capsnet_loss_refuses_uint8_targets_and_a_bad_weight():
+    output = CapsNetOutput(torch.rand(2, 3, 4), torch.rand(2, 3), torch.rand(2, 16))
+    images, labels = torch.rand(2, 1, 4, 4), torch.tensor([0, 2])
+    with pytest.raises(TypeError, match=r"scale uint8 to \[0, 1\]"):
+        capsnet_loss(output, (images * 255).to(torch.uint8), labels)
+    for weight in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="reconstruction_weight must be a finite number >= 0"):
+            capsnet_loss(output, images, labels, reconstruction_weight=weight)
+    learned = torch.tensor(0.5, requires_grad=True)             # a tensor weight is taken, not read
+    capsnet_loss(output, images, labels, reconstruction_weight=learned).total.backward()
+    assert learned.grad is not None
+
+
+def test_one_hot_labels_are_told_to_be_class_indices():
+    with pytest.raises(ValueError, match="class indices, not one-hot rows"):
+        margin_loss(torch.rand(2, 10), torch.nn.functional.one_hot(torch.tensor([3, 7]), 10))

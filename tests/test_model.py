@@ -285,3 +285,37 @@ def test_model_rejects_bad_inputs_and_configs():
         DigitCaps(32, 3, 3, 4)(torch.rand(2, 32, 4))
     with pytest.raises(ValueError, match="two hidden layers"):
         Decoder(12, hidden=(6,), out_features=144)
+
+
+@pytest.mark.parametrize("option, value, error, words", [
+    ("image_size", 12.0, ValueError, "image_size must be an integer >= 1, got 12.0"),
+    ("in_channels", "1", ValueError, "in_channels must be an integer >= 1"),
+    ("kernel_size", 0, ValueError, "kernel_size must be an integer >= 1"),
+    ("num_classes", -1, ValueError, "num_classes must be an integer >= 1"),
+    ("decoder_hidden", 8, ValueError, "widths of the two hidden layers"),
+    ("decoder_hidden", (0, 8), ValueError, r"hidden\[0\] must be an integer >= 1"),
+    ("fused", "no", TypeError, "fused must be True or False, got 'no'"),
+    ("decoder", "no", TypeError, "decoder must be True or False"),
+    ("routing_bias", "yes", TypeError, "routing_bias must be True or False"),
+])
+def test_constructor_options_of_the_wrong_type_or_size_name_themselves(option, value, error, words):
+    """They failed inside torch ("empty() takes 1 positional argument"), at the first forward
+    (a size of 0), or were taken for True ("no")."""
+    with pytest.raises(error, match=words):
+        CapsNet(**{**TINY, option: value})
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_model_on_the_meta_device_runs_its_forward(fused):
+    """Asking autocast about 'meta' raised; a model there is how shapes and memory are planned."""
+    model = CapsNet(**TINY, fused=fused).to("meta")
+    output = model(torch.empty(2, 1, 12, 12, device="meta"))
+    assert output.v.device.type == "meta" and output.v.shape == (2, 3, TINY["digit_dims"])
+
+
+def test_build_model_refuses_an_unknown_digitcaps_choice():
+    config = dict(dataset="mnist", conv_channels=8, primary_types=2, routing_iterations=3, routing_gradient="full",
+                  routing_bias=False, decoder=True, decoder_hidden=[16, 32])
+    assert not build_model({**config, "digitcaps": "unfused"}).digit_caps.fused
+    with pytest.raises(ValueError, match=r"digitcaps must be one of \['fused', 'unfused'\], got 'Fused'"):
+        build_model({**config, "digitcaps": "Fused"})

@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from ..checks import (check_bias, check_differentiation, check_float_tensor, check_gradient, check_iterations,
-                      check_u_and_weight, compute_dtype, pick_backend)
+from ..checks import (autocast_dtype, check_bias, check_differentiation, check_float_tensor, check_gradient,
+                      check_iterations, check_u_and_weight, compute_dtype, pick_backend)
 from .routing import kept_couplings, routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
@@ -58,7 +58,7 @@ def predict(u, weight):
     operands of any matmul may there.
     """
     check_float_tensor(u, "u")
-    check_u_and_weight(u, weight, same_dtype=not torch.is_autocast_enabled(u.device.type))
+    check_u_and_weight(u, weight, same_dtype=autocast_dtype(u) is None)
     return _predict(u, weight)
 
 
