@@ -58,7 +58,8 @@ class CapsNet(nn.Module):
                            ("primary_types", primary_types), ("primary_dims", primary_dims),
                            ("digit_dims", digit_dims)):
             check_positive_int(size, name)
-        for name, flag in (("decoder", decoder), ("routing_bias", routing_bias), ("fused", fused)):
+        # DigitCaps checks `fused` under that name; its bias is our routing_bias.
+        for name, flag in (("decoder", decoder), ("routing_bias", routing_bias)):
             check_flag(flag, name)
         conv1_size = image_size - kernel_size + 1
         grid = (conv1_size - kernel_size) // 2 + 1                     # PrimaryCaps conv, stride 2

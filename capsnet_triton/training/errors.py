@@ -88,11 +88,12 @@ def run_command(prog, verbose, function, *args):
             _say(f"{prog}: interrupted (Ctrl-C); continue from the run's last checkpoint (last.pt) with --resume")
         return INTERRUPTED_STATUS
     except Exception as e:
-        if not isinstance(e, USER_ERRORS) and not _another_rank_failed(e):
+        lost_peer = _another_rank_failed(e)
+        if not isinstance(e, USER_ERRORS) and not lost_peer:
             raise
         if verbose:
             traceback.print_exc()
-        if _another_rank_failed(e):
+        if lost_peer:
             _say(f"{prog}: stopped because another rank failed (its error is above)")
         else:
             _say(f"{prog}: error: {str(e).strip() or type(e).__name__}")
