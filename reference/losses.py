@@ -5,9 +5,12 @@
 
       L = sum_k T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2
 
-  with T_k = 1 for the true class only, m+ = 0.9, m- = 0.1, lambda = 0.5.
+  with T_k = 1 for the true class only, m+ = 0.9, m- = 0.1, lambda = 0.5. For MultiMNIST
+  (Section 6, SPEC 9), two digits per image: T_k = 1 for both classes present.
 - Reconstruction loss (Section 4.1): per sample the sum over pixels of the squared error,
-  averaged over the batch. The network weighs it by 0.0005 so that it does not dominate.
+  averaged over the batch. The network weighs it by 0.0005 so that it does not dominate. For
+  MultiMNIST each digit is reconstructed from its own capsule against its own canvas, and the
+  per-sample sum runs over both reconstructions.
 """
 
 import numpy as np
@@ -43,16 +46,21 @@ def capsule_length_backward(dlengths, cache):
 
 
 def _check_labels(labels, batch, num_classes):
+    """Integer labels [B], or [B, K] of K distinct classes per sample (MultiMNIST: K = 2)."""
     labels = np.asarray(labels)
     if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
-    if labels.shape != (batch,):
-        raise ValueError(f"labels must have shape [B] = ({batch},), got {labels.shape}")
+    if labels.shape != (batch,) and not (labels.ndim == 2 and labels.shape[0] == batch
+                                         and 1 <= labels.shape[1] <= num_classes):
+        raise ValueError(f"labels must have shape [B] = ({batch},) or [B, K] with 1 <= K <= {num_classes}, "
+                         f"got {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
             f"labels must lie in 0..{num_classes - 1} (J = {num_classes} classes), "
             f"found values in {labels.min()}..{labels.max()}"
         )
+    if labels.ndim == 2 and np.any(np.diff(np.sort(labels, axis=1), axis=1) == 0):
+        raise ValueError("labels [B, K] must hold K distinct classes per sample")
     return labels
 
 
@@ -64,14 +72,17 @@ def _upstream_scalar(dloss, dtype):
 
 
 def one_hot(labels, num_classes, dtype=np.float64):
-    """T [B, J] with T[b, labels[b]] = 1 and 0 elsewhere."""
+    """T [B, J] with T[b, labels[b]] = 1 and 0 elsewhere; for labels [B, K], a 1 at each of
+    the sample's K classes."""
+    samples = np.arange(labels.shape[0])                           # [B]
     targets = np.zeros((labels.shape[0], num_classes), dtype=dtype)   # [B, J]
-    targets[np.arange(labels.shape[0]), labels] = 1.0
+    targets[samples if labels.ndim == 1 else samples[:, None], labels] = 1.0
     return targets
 
 
 def margin_loss_forward(lengths, labels, m_plus=0.9, m_minus=0.1, lambda_=0.5):
-    """Batch mean of the per-sample margin loss (Eq. 4). lengths [B, J], integer labels [B].
+    """Batch mean of the per-sample margin loss (Eq. 4). lengths [B, J], integer labels [B], or
+    [B, K] of the K classes present in each sample (MultiMNIST).
 
     Returns (loss, cache); loss is a 0-d array of lengths' dtype.
     """
@@ -100,20 +111,22 @@ def margin_loss_backward(dloss, cache):
 
 
 def reconstruction_loss_forward(reconstruction, target):
-    """Batch mean of the per-sample sum of squared errors. reconstruction, target [B, K]."""
+    """Batch mean of the per-sample sum of squared errors. reconstruction, target [B, N] (N
+    pixels), or [B, K, N] for K reconstructions per sample, each against its own target
+    (MultiMNIST: each digit's canvas); the sum then runs over all K N values of a sample."""
     reconstruction, target = np.asarray(reconstruction), np.asarray(target)
-    if reconstruction.ndim != 2:
-        raise ValueError(f"reconstruction must have shape [B, K] (2 axes), got shape {reconstruction.shape}")
+    if reconstruction.ndim not in (2, 3):
+        raise ValueError(f"reconstruction must have shape [B, N] or [B, K, N], got shape {reconstruction.shape}")
     if target.shape != reconstruction.shape:
         raise ValueError(f"target has shape {target.shape} but reconstruction has {reconstruction.shape}")
     if reconstruction.shape[0] == 0:
         raise ValueError("reconstruction has an empty batch; the batch mean is undefined")
-    error = reconstruction - target                                # [B, K]
-    loss = np.mean(np.sum(error * error, axis=1))                  # []
+    error = reconstruction - target                                # [B, (K,) N]
+    loss = np.mean(np.sum(error * error, axis=tuple(range(1, error.ndim))))  # []
     return loss, error
 
 
 def reconstruction_loss_backward(dloss, cache):
-    """d reconstruction [B, K] = dloss * 2 (reconstruction - target) / B."""
+    """d reconstruction [B, (K,) N] = dloss * 2 (reconstruction - target) / B."""
     error = cache
-    return _upstream_scalar(dloss, error.dtype) * 2.0 / error.shape[0] * error  # [B, K]
+    return _upstream_scalar(dloss, error.dtype) * 2.0 / error.shape[0] * error  # [B, (K,) N]

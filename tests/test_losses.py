@@ -18,13 +18,18 @@ from capsnet_triton.reference.losses import reconstruction_loss_backward, recons
 
 @st.composite
 def lengths_and_labels(draw):
+    """Lengths [B, J] and labels [B], or [B, K] of K distinct classes (MultiMNIST, SPEC 9)."""
     batch = draw(st.integers(1, 5))
     classes = draw(st.integers(1, 10))
+    present = draw(st.one_of(st.none(), st.integers(1, classes)))          # K, or None for [B]
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     # Lengths in [0, 1.2) cover both sides of m- = 0.1 and m+ = 0.9, so every branch of max(0, .) is hit.
     lengths = rng.uniform(0.0, 1.2, size=(batch, classes))
-    labels = rng.integers(0, classes, size=batch)
+    if present is None:
+        labels = rng.integers(0, classes, size=batch)
+    else:
+        labels = np.stack([rng.permutation(classes)[:present] for _ in range(batch)])
     return lengths, labels
 
 
@@ -63,10 +68,11 @@ def test_margin_loss_half_precision_computes_in_float32():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_reconstruction_loss_matches_reference_and_by_hand(rng):
-    images = rng.uniform(size=(3, 2, 4, 5))
-    reconstruction = rng.uniform(size=(3, 40))
-    ref, cache = reconstruction_loss_forward(reconstruction, images.reshape(3, 40))
+@pytest.mark.parametrize("digits", [(), (2,)], ids=["one image", "two digits (MultiMNIST)"])
+def test_reconstruction_loss_matches_reference_and_by_hand(rng, digits):
+    images = rng.uniform(size=(3, *digits, 2, 4, 5))
+    reconstruction = rng.uniform(size=(3, *digits, 40))
+    ref, cache = reconstruction_loss_forward(reconstruction, images.reshape(3, *digits, 40))
     ref_grad = reconstruction_loss_backward(1.0, cache)
 
     recon_t = torch.tensor(reconstruction, requires_grad=True)

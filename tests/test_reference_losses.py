@@ -18,26 +18,32 @@ from capsnet_triton.numerics import FD_TOLERANCE, numerical_gradient, relative_e
 seeds = st.integers(0, 2**32 - 1)
 
 
-def margin_problem(seed, B=5, J=4):
+def margin_problem(seed, B=5, J=4, K=None):
+    """Lengths [B, J] and labels [B], or [B, K] of K distinct classes (MultiMNIST's K = 2)."""
     rng = np.random.default_rng(seed)
-    return rng.uniform(0, 1, size=(B, J)), rng.integers(0, J, size=B)
+    if K is None:
+        labels = rng.integers(0, J, size=B)
+    else:
+        labels = np.stack([rng.permutation(J)[:K] for _ in range(B)])
+    return rng.uniform(0, 1, size=(B, J)), labels
 
 
 def margin_loss_by_definition(lengths, labels, m_plus=0.9, m_minus=0.1, lambda_=0.5):
-    """Eq. 4 written term by term, one sample and one class at a time."""
+    """Eq. 4 written term by term, one sample and one class at a time; T_k = 1 for every class
+    present (SPEC 9: both digits of a MultiMNIST image)."""
     total = 0.0
     for b, row in enumerate(lengths):
         for k, length in enumerate(row):
-            if k == labels[b]:
+            if k in np.atleast_1d(labels[b]):
                 total += max(0.0, m_plus - length) ** 2
             else:
                 total += lambda_ * max(0.0, length - m_minus) ** 2
     return total / len(lengths)
 
 
-@given(seeds, st.sampled_from([(0.9, 0.1, 0.5), (0.8, 0.3, 1.0)]))
-def test_margin_loss_matches_equation_4(seed, constants):
-    lengths, labels = margin_problem(seed)
+@given(seeds, st.sampled_from([(0.9, 0.1, 0.5), (0.8, 0.3, 1.0)]), st.sampled_from([None, 1, 2, 4]))
+def test_margin_loss_matches_equation_4(seed, constants, K):
+    lengths, labels = margin_problem(seed, K=K)
     m_plus, m_minus, lambda_ = constants
     loss, _ = margin_loss_forward(lengths, labels, m_plus, m_minus, lambda_)
     assert loss.shape == ()
@@ -53,9 +59,9 @@ def test_margin_loss_is_zero_for_confident_correct_capsules():
     assert np.array_equal(margin_loss_backward(1.0, cache), np.zeros_like(lengths))
 
 
-@given(seeds)
-def test_margin_loss_backward_matches_finite_differences(seed):
-    lengths, labels = margin_problem(seed)
+@given(seeds, st.sampled_from([None, 2]))
+def test_margin_loss_backward_matches_finite_differences(seed, K):
+    lengths, labels = margin_problem(seed, K=K)
     dlengths = margin_loss_backward(0.7, margin_loss_forward(lengths, labels)[1])
     numeric = numerical_gradient(lambda: 0.7 * margin_loss_forward(lengths, labels)[0], lengths)
     assert relative_error(dlengths.ravel(), numeric) <= FD_TOLERANCE
@@ -88,6 +94,10 @@ def test_margin_loss_keeps_float32():
         (np.array([True, False]), "integer"),
         (np.array([[0, 1]]), r"labels must have shape \[B\]"),
         (np.array([0, 1, 2]), r"labels must have shape \[B\]"),
+        (np.array([[0, 1, 2, 0], [0, 1, 2, 1]]), r"1 <= K <= 3"),
+        (np.zeros((2, 0), dtype=int), r"1 <= K <= 3"),
+        (np.array([[0, 2], [1, 1]]), "distinct"),
+        (np.array([[0, 2], [1, 3]]), r"labels must lie in 0\.\.2"),
     ],
 )
 def test_margin_loss_rejects_bad_labels(labels, match):
@@ -105,10 +115,11 @@ def test_margin_loss_rejects_bad_lengths():
         margin_loss_backward(np.ones(2), cache)
 
 
-@given(seeds)
-def test_reconstruction_loss_and_gradient(seed):
+@given(seeds, st.sampled_from([(4, 9), (4, 2, 9)]))
+def test_reconstruction_loss_and_gradient(seed, shape):
+    """One reconstruction per sample [B, N], or two [B, K, N] (MultiMNIST: each against its own digit)."""
     rng = np.random.default_rng(seed)
-    reconstruction, target = rng.uniform(size=(4, 9)), rng.uniform(size=(4, 9))
+    reconstruction, target = rng.uniform(size=shape), rng.uniform(size=shape)
     loss, cache = reconstruction_loss_forward(reconstruction, target)
     assert loss == pytest.approx(sum(((r - t) ** 2).sum() for r, t in zip(reconstruction, target)) / 4, rel=1e-13)
     numeric = numerical_gradient(lambda: 2.5 * reconstruction_loss_forward(reconstruction, target)[0], reconstruction)
@@ -127,8 +138,8 @@ def test_reconstruction_loss_matches_torch_autograd(rng):
 
 
 def test_reconstruction_loss_rejects_bad_shapes():
-    with pytest.raises(ValueError, match=r"\[B, K\]"):
-        reconstruction_loss_forward(np.zeros((2, 3, 4)), np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"\[B, N\] or \[B, K, N\]"):
+        reconstruction_loss_forward(np.zeros((2, 3, 4, 5)), np.zeros((2, 3, 4, 5)))
     with pytest.raises(ValueError, match="target has shape"):
         reconstruction_loss_forward(np.zeros((2, 3)), np.zeros((2, 4)))
 
