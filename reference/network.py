@@ -67,7 +67,7 @@ class CapsNetConfig:
     image_size: int = 28
     conv_channels: int = 256          # C1
     kernel_size: int = 9              # both convolutions
-    primary_types: int = 32           # types (T is the margin loss's targets)
+    primary_types: int = 32           # primary capsule types (32 for MNIST)
     primary_dims: int = 8             # P
     num_classes: int = 10             # J
     digit_dims: int = 16              # D
@@ -174,6 +174,7 @@ def _encode(params, images, config, routing_iterations, routing_gradient):
     """images -> output capsules v [B, J, D], with the caches of every step."""
     B = images.shape[0]
     types, P, h = config.primary_types, config.primary_dims, config.primary_grid
+    w = h                                                          # square images, square grid
     conv1, conv1_cache = conv2d_forward(
         images, params["conv1.weight"], params["conv1.bias"], CONV1_STRIDE
     )                                                              # [B, C1, H1, W1]
@@ -181,8 +182,8 @@ def _encode(params, images, config, routing_iterations, routing_gradient):
     primary, primary_cache = conv2d_forward(
         features, params["primary_caps.conv.weight"], params["primary_caps.conv.bias"], PRIMARY_STRIDE
     )                                                              # [B, types*P, h, w]
-    s_primary = primary.reshape(B, types, P, h, h).transpose(0, 1, 3, 4, 2)  # [B, types, h, w, P]
-    s_primary = s_primary.reshape(B, types * h * h, P)             # [B, I, P]
+    s_primary = primary.reshape(B, types, P, h, w).transpose(0, 1, 3, 4, 2)  # [B, types, h, w, P]
+    s_primary = s_primary.reshape(B, types * h * w, P)             # [B, I, P]
     u = squash_forward(s_primary)                                  # [B, I, P]
     u_hat, prediction_cache = prediction_forward(u, params["digit_caps.weight"])  # [B, I, J, D]
     v, routing_cache = routing_forward(
@@ -240,6 +241,7 @@ def network_backward(cache):
     config, params = cache["config"], cache["params"]
     B, J, D = cache["v"].shape
     types, P, h = config.primary_types, config.primary_dims, config.primary_grid
+    w = h                                                          # square images, square grid
     grads = {}
 
     # Decoder, from the reconstruction loss back to the masked capsules.
@@ -265,13 +267,14 @@ def network_backward(cache):
         du_hat = routed                                            # [B, I, J, D]
     du, grads["digit_caps.weight"] = prediction_backward(du_hat, cache["prediction"])  # [B, I, P]
     ds_primary = squash_backward(du, cache["s_primary"])           # [B, I, P]
-    dprimary = ds_primary.reshape(B, types, h, h, P).transpose(0, 1, 4, 2, 3)  # [B, types, P, h, w]
-    dprimary = dprimary.reshape(B, types * P, h, h)                # [B, types*P, h, w]
+    dprimary = ds_primary.reshape(B, types, h, w, P).transpose(0, 1, 4, 2, 3)  # [B, types, P, h, w]
+    dprimary = dprimary.reshape(B, types * P, h, w)                # [B, types*P, h, w]
 
     # Convolutions.
     dfeatures, grads["primary_caps.conv.weight"], grads["primary_caps.conv.bias"] = conv2d_backward(
         dprimary, cache["primary"])                                # [B, C1, H1, W1]
     dconv1 = relu_backward(dfeatures, cache["relu"])               # [B, C1, H1, W1]
+    # The gradient of the images themselves comes with it, unused: nothing is learned below Conv1.
     _, grads["conv1.weight"], grads["conv1.bias"] = conv2d_backward(dconv1, cache["conv1"])
     return {name: grads[name] for name in params}
 

@@ -24,8 +24,8 @@ def prediction_forward(u, W):
             f"u [B, I, P] = {u.shape} does not match W [I, J, D, P] = {W.shape}: I and P must agree"
         )
     if min(W.shape) < 1:    # only the batch may be empty (SPEC section 7)
-        raise ValueError(f"W [I, J, D, P] needs at least one input capsule, input dimension, parent and "
-                         f"output dimension, got shape {W.shape}")
+        raise ValueError(f"W [I, J, D, P] needs at least one input capsule, parent, output dimension and "
+                         f"input dimension, got shape {W.shape}")
     u_hat = np.einsum("ijdp,bip->bijd", W, u, optimize=True)      # [B, I, J, D]
     return u_hat, (u, W)
 

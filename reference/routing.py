@@ -125,7 +125,7 @@ def routing_backward(dv, cache):
         raise ValueError(f"dv must have shape [B, J, D] = {(B, J, D)}, got {dv.shape}")
     iterations = len(cache["s_all"])
     # V^(t) for t = 1..r: the running sums of the outputs before each iteration.
-    v_sums = np.cumsum([np.zeros_like(dv)] + cache["v_all"][:-1], axis=0)   # [r, B, J, D]
+    v_sums = np.cumsum([np.zeros_like(cache["v_all"][0])] + cache["v_all"][:-1], axis=0)  # [r, B, J, D]
 
     du_hat = np.zeros_like(u_hat)                                  # [B, I, J, D]
     dbias = np.zeros((J, D), dtype=u_hat.dtype)                    # [J, D]
@@ -134,7 +134,8 @@ def routing_backward(dv, cache):
     for t in reversed(range(iterations)):
         coupling, s, v_sum = cache["couplings"][t], cache["s_all"][t], v_sums[t]
         ds = squash_backward(grad_v, s)                            # [B, J, D]
-        dbias += ds.sum(axis=0)                                    # [J, D]
+        if cache["has_bias"]:
+            dbias += ds.sum(axis=0)                                # [J, D]: s^(t) = sum_i c u_hat + bias
         du_hat += coupling[..., None] * ds[:, None, :, :]          # [B, I, J, D]
         if cache["gradient"] == "last":
             break                                                  # c^(r) is a constant: done
