@@ -42,8 +42,8 @@ from capsnet_triton.checks import (
 )
 
 from . import capsule_linear_split, routing_split
-from .launch import (DEFAULT_VARIANT, SPLIT_STAGES, block_inputs, check_variant, launch_options, max_tile, output,
-                     tl_dtype)
+from .launch import (DEFAULT_VARIANT, block_inputs, check_variant, launch_options, max_tile, on_tensor_device, output,
+                     split_stages, tl_dtype)
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, jd_layout, load_bias, load_u,
                             load_weight, predict, predict_tile, s_of_tile, sample_ds, v_sum_before, weight_layout)
 from .squash import squash_backward
@@ -196,7 +196,8 @@ def _launch_config(I, J, D, P, dtype, block_i, samples=1, weight_tile=False):
     if weight_tile:
         config["BLOCK_P"] = block_p
     if samples > 1:
-        config.update(BLOCK_B=samples, NUM_STAGES=SPLIT_STAGES)
+        # A loop step of the split kernels loads P slices of W, [BLOCK_I, BLOCK_J, BLOCK_D] each.
+        config.update(BLOCK_B=samples, NUM_STAGES=split_stages(block_i * block_j * block_d * P * dtype.itemsize))
     return config
 
 
@@ -228,6 +229,7 @@ def _checked(u, weight, iterations, bias=None):
     return u.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
 
 
+@on_tensor_device
 def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_VARIANT, splits=None, block_i=None,
                            out=None):
     """v [B, J, D] = routing(W u, iterations) for u [B, I, P] and W [I, J, D, P], u_hat never stored.
@@ -274,6 +276,7 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_
     return v, s_all
 
 
+@on_tensor_device
 def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DEFAULT_VARIANT, splits=None,
                             block_i=None, weight_launch=None, out=None):
     """Gradients of capsule_linear_forward: (du [B, I, P] in u's dtype, dW [I, J, D, P] in W's

@@ -3,6 +3,7 @@ output buffers, tile budgets, launch options, the Triton dtype a kernel computes
 kernel variants a launcher offers.
 """
 
+import functools
 import re
 
 import numpy as np
@@ -13,7 +14,7 @@ import triton.language as tl
 from capsnet_triton.checks import compute_dtype, interpreting
 
 __all__ = ["tl_dtype", "output", "max_tile", "block_inputs", "interpreter_problem", "launch_options", "VARIANTS",
-           "DEFAULT_VARIANT", "SPLIT_STAGES", "check_variant"]
+           "DEFAULT_VARIANT", "split_stages", "check_variant", "on_tensor_device", "GRID_Y_MAX"]
 
 # The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
 # temporaries in registers without spilling (float64 division and sqrt take many more registers
@@ -107,7 +108,32 @@ VARIANTS = ("sample", "split")
 # (its kernels before predict_tile: the next GPU run decides the layer's default again).
 DEFAULT_VARIANT = "split"
 # Loads in flight per loop of the split kernels (tl.range's software pipelining on a GPU).
-SPLIT_STAGES = 2
+_SPLIT_STAGES = 2
+# Pipelining holds a loop step's loads in shared memory (one step's worth at 2 stages, read off the
+# sm_90 compile: 132 KB for a [1, 128, 256] float32 u_hat tile). Above this a step's loads are not
+# pipelined, so that the largest tiles still launch (an H200 gives a block 227 KB) and smaller
+# ones leave room for two CTAs per SM. The MNIST launches stage 16-32 KB.
+_MAX_STAGED_BYTES = 64 * 1024
+# CUDA's limit on a grid's second and third axes.
+GRID_Y_MAX = 65535
+
+
+def split_stages(staged_bytes):
+    """num_stages of a split kernel's loop over I whose every step loads `staged_bytes`."""
+    return _SPLIT_STAGES if staged_bytes <= _MAX_STAGED_BYTES else 1
+
+
+def on_tensor_device(launcher):
+    """Run a launcher with its first argument's CUDA device current. Triton launches on the
+    current device and its current stream: tensors on cuda:1 while cuda:0 is current would run
+    on the wrong GPU (an illegal address), or unordered against the stream that made them."""
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        if isinstance(first, torch.Tensor) and first.is_cuda:
+            with torch.cuda.device(first.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+    return launch
 
 
 def check_variant(variant):

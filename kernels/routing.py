@@ -43,7 +43,8 @@ from capsnet_triton.checks import (
     compute_dtype,
 )
 
-from .launch import DEFAULT_VARIANT, SPLIT_STAGES, block_inputs, check_variant, launch_options, output, tl_dtype
+from .launch import (DEFAULT_VARIANT, GRID_Y_MAX, block_inputs, check_variant, launch_options, on_tensor_device, output,
+                     split_stages, tl_dtype)
 from . import routing_split
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u_hat, s_of_tile,
                             sample_ds, sample_layout, v_sum_before)
@@ -166,8 +167,6 @@ def _routing_backward_u_hat_kernel(
 # Launchers.
 
 _INT32_MAX = 2**31 - 1
-# CUDA's limit on a grid's second axis, which backward kernel B spends on blocks of I.
-_GRID_Y_MAX = 65535
 
 
 def _u_hat_for_kernels(u_hat, block_i):
@@ -186,14 +185,17 @@ def _u_hat_for_kernels(u_hat, block_i):
 
 
 def _routing_launch_config(I, J, D, dtype, block_i):
-    """Block sizes, compute dtype and launch options of the routing kernels for u_hat [B, I, J, D]."""
+    """Block sizes, compute dtype and launch options of the routing kernels for u_hat [B, I, J, D];
+    NUM_STAGES is for the split kernels only."""
     block_j = triton.next_power_of_2(J)
     block_d = triton.next_power_of_2(D)
     block_i = block_inputs(I, block_j * block_d, dtype, block_i)       # tiles [BLOCK_I, BLOCK_J, BLOCK_D]
+    tile = block_i * block_j * block_d
     return dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, COMPUTE_DTYPE=tl_dtype(dtype),
-                **launch_options(block_i * block_j * block_d))
+                **launch_options(tile)), split_stages(tile * dtype.itemsize)
 
 
+@on_tensor_device
 def routing_forward(u_hat, iterations, bias=None, *, variant=DEFAULT_VARIANT, splits=None, block_i=None,
                     out=None):
     """Route u_hat [B, I, J, D] to v [B, J, D] with `iterations` routing iterations (Procedure 1).
@@ -221,7 +223,7 @@ def routing_forward(u_hat, iterations, bias=None, *, variant=DEFAULT_VARIANT, sp
                    "out[1] (s_all)")
     if B == 0:
         return v, s_all
-    config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
+    config, stages = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
     u_hat = _u_hat_for_kernels(u_hat, config["BLOCK_I"])
     # Without a bias the kernel never reads bias_ptr; s_all stands in for the pointer.
     bias_arg = bias.contiguous() if bias is not None else s_all
@@ -238,11 +240,12 @@ def routing_forward(u_hat, iterations, bias=None, *, variant=DEFAULT_VARIANT, sp
         routing_split.split_forward_kernel[(B, splits if t < iterations else 1)](
             u_hat, bias_arg, v, s_all, partials,
             B, I, J, D, iterations, t, chunk, splits, *u_hat.stride(),
-            HAS_BIAS=bias is not None, NUM_STAGES=SPLIT_STAGES, **config,
+            HAS_BIAS=bias is not None, NUM_STAGES=stages, **config,
         )
     return v, s_all
 
 
+@on_tensor_device
 def routing_backward(dv, u_hat, s_all, *, gradient="full", variant=DEFAULT_VARIANT, splits=None, block_i=None,
                      out=None):
     """Gradients of routing_forward: (du_hat [B, I, J, D] in u_hat's dtype, ds_all [r, B, J, D]).
@@ -282,7 +285,12 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", variant=DEFAULT_VARIA
     ds_all = output(ds_all_out, s_all.shape, dtype, u_hat.device, "out[1] (ds_all)")
     if B == 0:
         return du_hat, ds_all
-    config = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
+    config, stages = _routing_launch_config(I, J, D, u_hat.dtype, block_i)
+    # Kernel B's grid is (B, blocks of I): refused before kernel A runs, not after.
+    blocks = triton.cdiv(I, config["BLOCK_I"])
+    if blocks > GRID_Y_MAX:
+        raise ValueError(f"routing_backward takes at most {GRID_Y_MAX} blocks of {config['BLOCK_I']} input "
+                         f"capsules (a GPU's grid limit), got I = {I} for J = {J}, D = {D} in {u_hat.dtype}")
     u_hat = _u_hat_for_kernels(u_hat, config["BLOCK_I"])
     if gradient == "full" and variant == "sample":
         _routing_backward_ds_all_kernel[(B,)](
@@ -296,15 +304,11 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", variant=DEFAULT_VARIA
             routing_split.split_backward_ds_all_kernel[(B, splits if t > 0 else 1)](
                 u_hat, dv.contiguous(), s_all, ds_all, partials,
                 B, I, J, D, iterations, t, chunk, splits, *u_hat.stride(),
-                NUM_STAGES=SPLIT_STAGES, **config,
+                NUM_STAGES=stages, **config,
             )
     else:
         ds_all[:-1].zero_()
         squash_backward(dv, s_all[-1], out=ds_all[-1])
-    blocks = triton.cdiv(I, config["BLOCK_I"])
-    if blocks > _GRID_Y_MAX:
-        raise ValueError(f"routing_backward takes at most {_GRID_Y_MAX} blocks of {config['BLOCK_I']} input "
-                         f"capsules (a GPU's grid limit), got I = {I} for J = {J}, D = {D} in {u_hat.dtype}")
     _routing_backward_u_hat_kernel[(B, blocks)](
         u_hat, s_all, ds_all, du_hat,
         B, I, J, D, iterations, *u_hat.stride(),

@@ -20,6 +20,7 @@ than the sample kernels at B = 128 and 512 (docs/PERF.md), so they are the defau
 import triton
 import triton.language as tl
 
+from .launch import GRID_Y_MAX
 from .routing_tiles import (coupling_tile, load_u_hat, logits_grad, sample_layout, split_backward_ds,
                             split_forward_start, spread_nan, store_partial, uniform_share, v_sum_before)
 
@@ -126,7 +127,8 @@ _DEFAULT_SMS = 132
 
 def pick_splits(B, I, block_i, device, splits=None):
     """(splits, chunk): S chunks of I per sample, each a multiple of block_i inputs, so that the
-    grid (B, S) gives every SM a few CTAs; `splits` forces S (tests use it). S, and with it the
+    grid (B, S) gives every SM a few CTAs; `splits` forces S (tests use it), within the grid's
+    limit on its second axis (GRID_Y_MAX) and the tiles there are. S, and with it the
     order of a sample's partial sums, depends on B and the SM count: results repeat bit for bit
     for one batch size on one GPU model, not across them (README, "Use it")."""
     tiles = triton.cdiv(I, block_i)
@@ -138,5 +140,5 @@ def pick_splits(B, I, block_i, device, splits=None):
         splits = max(_MIN_SPLITS, triton.cdiv(_CTAS_PER_SM * sms, B))
     elif isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be an integer >= 1, got {splits!r}")
-    chunk = triton.cdiv(tiles, min(splits, tiles)) * block_i
+    chunk = triton.cdiv(tiles, min(splits, tiles, GRID_Y_MAX)) * block_i
     return triton.cdiv(I, chunk), chunk

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from capsnet_triton.checks import check_capsules, check_float_tensor
 
-from .launch import launch_options, max_tile, output, tl_dtype
+from .launch import launch_options, max_tile, on_tensor_device, output, tl_dtype
 
 __all__ = ["squash_forward", "squash_backward"]
 
@@ -146,6 +146,7 @@ def _launch_over_rows(kernel, inputs, s, result):
     return result
 
 
+@on_tensor_device
 def squash_forward(s, *, out=None):
     """v = squash(s) over the last axis (Eq. 1); any leading shape, v in s's dtype.
 
@@ -157,6 +158,7 @@ def squash_forward(s, *, out=None):
     return _launch_over_rows(_squash_forward_kernel, (s,), s, output(out, s.shape, s.dtype, s.device, "out"))
 
 
+@on_tensor_device
 def squash_backward(dv, s, *, out=None):
     """ds = dL/ds of v = squash(s) given dv = dL/dv; shapes equal, ds in s's dtype.
 

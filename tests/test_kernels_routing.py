@@ -15,7 +15,8 @@ from kernel_checks import DEVICE, DTYPES, dtype_id, magnitudes, poisoned, sample
 
 from capsnet_triton.checks import compute_dtype
 from capsnet_triton.kernels import routing_backward, routing_forward
-from capsnet_triton.kernels.launch import DEFAULT_VARIANT
+from capsnet_triton.kernels import routing_split
+from capsnet_triton.kernels.launch import DEFAULT_VARIANT, GRID_Y_MAX
 from capsnet_triton.numerics import as_float64, assert_agrees
 from capsnet_triton.reference import routing_backward as reference_routing_backward
 from capsnet_triton.reference import routing_forward as reference_routing_forward
@@ -159,15 +160,25 @@ def test_routing_reads_a_sample_past_int32_offsets_uncopied(rng, monkeypatch):
 def test_routing_backward_refuses_more_blocks_of_inputs_than_a_grid_axis_takes(rng, monkeypatch):
     """Kernel B's grid is (B, blocks of I); CUDA refuses a second axis over 65535, with an obscure
     launch error (fp32 at J = 10, D = 16 from I = 2**20, fp64 at J = D = 32 from I = 65536). A lowered
-    limit shows the check at a small shape: I = 9 in blocks of 4 is 3 blocks."""
+    limit shows the check at a small shape: I = 9 in blocks of 4 is 3 blocks. The check comes before
+    kernel A runs: the poisoned ds_all stays as it was."""
     from capsnet_triton.kernels import routing
     u_hat, dv = sample(rng, (2, 9, 3, 5), torch.float32), sample(rng, (2, 3, 5), torch.float32)
     _, s_all = routing_forward(u_hat, 2, block_i=4)
-    monkeypatch.setattr(routing, "_GRID_Y_MAX", 3)
+    monkeypatch.setattr(routing, "GRID_Y_MAX", 3)
     routing_backward(dv, u_hat, s_all, block_i=4)
-    monkeypatch.setattr(routing, "_GRID_Y_MAX", 2)
+    monkeypatch.setattr(routing, "GRID_Y_MAX", 2)
+    du_hat, ds_all = torch.full_like(u_hat, float("nan")), torch.full_like(s_all, float("nan"))
     with pytest.raises(ValueError, match="at most 2 blocks of 4 input capsules.*I = 9"):
-        routing_backward(dv, u_hat, s_all, block_i=4)
+        routing_backward(dv, u_hat, s_all, block_i=4, out=(du_hat, ds_all))
+    assert ds_all.isnan().all()
+
+
+def test_forced_splits_stay_within_the_grid_axis_limit():
+    """A forced number of chunks past CUDA's 65535 on the grid's second axis is cut to it."""
+    splits, chunk = routing_split.pick_splits(1, 70_000, 1, torch.device("cpu"), 70_000)
+    assert splits <= GRID_Y_MAX and splits * chunk >= 70_000
+    assert routing_split.pick_splits(1, 37, 4, torch.device("cpu"), 100) == (10, 4)
 
 
 @pytest.mark.parametrize("triton_version, numpy_version, broken", [
@@ -182,6 +193,54 @@ def test_interpreter_problem_names_the_versions_that_break_the_loops(triton_vers
     assert (problem is not None) == broken
     if broken:
         assert triton_version in problem and numpy_version in problem and "triton>=3.7" in problem
+
+
+def test_launchers_run_with_their_tensors_cuda_device_current(monkeypatch):
+    """Triton launches on the current device: a launcher makes its first tensor's device current
+    (a CUDA tensor is stood in by a mock, as this test runs without a GPU), and leaves the
+    current device alone for a CPU tensor."""
+    from unittest import mock
+
+    from capsnet_triton.kernels import launch
+    entered = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(launch.torch.cuda, "device", Device)
+
+    def launcher(first, *args, **kwargs):
+        return list(entered), args, kwargs
+
+    wrapped = launch.on_tensor_device(launcher)
+    on_gpu = mock.MagicMock(spec=torch.Tensor, is_cuda=True, device=torch.device("cuda", 1))
+    assert wrapped(on_gpu, 3, out=None) == ([torch.device("cuda", 1)], (3,), {"out": None})
+    assert entered == [torch.device("cuda", 1), "exit"]
+    entered.clear()
+    assert wrapped(torch.zeros(1), 3) == ([], (3,), {})
+    assert entered == []
+    from capsnet_triton import kernels
+    for name in ("squash_forward", "squash_backward", "routing_forward", "routing_backward",
+                 "capsule_linear_forward", "capsule_linear_backward"):
+        assert hasattr(getattr(kernels, name), "__wrapped__"), name        # every launcher is so wrapped
+
+
+def test_split_loops_pipeline_loads_only_while_they_fit_shared_memory():
+    """A step's loads at 2 stages sit in shared memory (132 KB for a float32 [1, 128, 256] tile on
+    sm_90, over the 227 KB of an H200 in float64): larger ones run unpipelined, MNIST's stay pipelined."""
+    from capsnet_triton.kernels import routing
+    config, stages = routing._routing_launch_config(1152, 10, 16, torch.float32, 16)    # a GPU's BLOCK_I
+    assert stages == 2
+    for dtype in (torch.float32, torch.float64):
+        config, stages = routing._routing_launch_config(1152, 128, 256, dtype, 1)
+        assert config["BLOCK_I"] == 1 and stages == 1
 
 
 @pytest.mark.skipif(not interpreted(), reason="the check guards the interpreter only")

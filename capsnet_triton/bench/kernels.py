@@ -62,7 +62,7 @@ BASELINES = (UNFUSED[0], LAST_ONLY)
 def _routing(x, r, kwargs, backward, shape):
     from capsnet_triton.kernels import routing, routing_backward, routing_forward
     if kwargs.get("block_i"):
-        default = routing._routing_launch_config(shape.I, shape.J, shape.D, torch.float32, None)["BLOCK_I"]
+        default = routing._routing_launch_config(shape.I, shape.J, shape.D, torch.float32, None)[0]["BLOCK_I"]
         kwargs = dict(kwargs, block_i=max(1, int(default * kwargs["block_i"])))
 
     def run():
