@@ -179,10 +179,11 @@ def assert_agrees(out, ref, input_dtype, name, output_dtype=None, spread=0.0):
     assert message is None, f"{name}: {message}"
 
 
-def poisoned(shape, dtype, device="cpu"):
-    """A tensor full of NaN: an output buffer whose unwritten elements fail assert_agrees."""
+def poisoned(shape, dtype, device="cpu", value=float("nan")):
+    """A tensor full of NaN: an output buffer whose unwritten elements fail assert_agrees. Where
+    the expected output is itself NaN (SPEC 7's policy), pass a finite `value` instead."""
     import torch
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, value, dtype=dtype, device=device)
 
 
 def sample_indices(shape, rng, count):

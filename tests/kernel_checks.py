@@ -43,6 +43,11 @@ def saved_numel(call):
     return sum(saved), result
 
 
-def poisoned(shape, dtype):
-    """A NaN-filled output buffer on the kernels' device (SPEC 8: unwritten elements fail)."""
-    return numerics.poisoned(shape, dtype, DEVICE)
+# The poison of outputs that should hold NaN (SPEC 7): a NaN poison would pass there unwritten.
+FINITE_POISON = 12345.0
+
+
+def poisoned(shape, dtype, value=float("nan")):
+    """A NaN-filled output buffer on the kernels' device (SPEC 8: unwritten elements fail); `value`
+    fills it instead where NaN is the expected output."""
+    return numerics.poisoned(shape, dtype, DEVICE, value)

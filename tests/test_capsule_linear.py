@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from capsnet_triton import capsule_linear
 from capsnet_triton.layers import DigitCaps, predict
-from capsnet_triton.numerics import TOLERANCE, as_float64, assert_agrees, relative_error
+from capsnet_triton.numerics import as_float64, assert_agrees
 from capsnet_triton.reference import capsule_linear_backward, capsule_linear_forward
 
 # The module, which capsnet_triton.ops' function of the same name hides from attribute access.
@@ -264,15 +264,21 @@ def test_predict_under_autocast_takes_a_float32_weight_beside_low_precision_u():
 
 def test_digit_caps_under_autocast_computes_in_one_dtype_fused_or_not():
     """A float32 u under autocast: the unfused path's matmul casts u and W to bfloat16, and the
-    fused path does as autocast would, so the two return one dtype and agree."""
+    fused path does as autocast would, so the two return one dtype, and each agrees (SPEC 8) with
+    the float64 reference of what it was given: the fused layer with u and W rounded to bfloat16,
+    the unfused routing with its bfloat16 u_hat."""
+    from capsnet_triton.reference import routing_forward
     fused = DigitCaps(9, 8, 10, 16)
     unfused = DigitCaps(9, 8, 10, 16, fused=False)
     unfused.load_state_dict(fused.state_dict())
     u = torch.randn(4, 9, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         v_fused, v_unfused = fused(u), unfused(u)
-    assert v_fused.dtype == v_unfused.dtype == torch.bfloat16
-    assert relative_error(v_fused.detach().float().numpy(), v_unfused.detach().float().numpy()) <= TOLERANCE["bfloat16"]
+        u_hat = predict(u, unfused.weight)
+    assert v_fused.dtype == v_unfused.dtype == u_hat.dtype == torch.bfloat16
+    rounded = (as_float64(x.detach().bfloat16()) for x in (u, fused.weight))
+    assert_agrees(v_fused, capsule_linear_forward(*rounded, 3)[0], torch.bfloat16, "fused v")
+    assert_agrees(v_unfused, routing_forward(as_float64(u_hat), 3)[0], torch.bfloat16, "unfused v")
 
 
 @pytest.mark.parametrize("gradient", ["full", "last"])

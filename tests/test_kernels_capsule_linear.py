@@ -14,7 +14,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_checks import DEVICE, DTYPES, as_float64, assert_agrees, dtype_id, magnitudes, poisoned, sample
+from kernel_checks import (DEVICE, DTYPES, FINITE_POISON, as_float64, assert_agrees, dtype_id, magnitudes, poisoned,
+                           sample)
 
 from capsnet_triton.checks import compute_dtype
 from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
@@ -70,8 +71,9 @@ def layer_cases(draw, dtype):
     # the part along s too, as a difference of terms 1e14 times larger. Neither is computable in
     # float32, so large inputs are drawn with D, P >= 2, where the part across s dominates.
     least = 2 if magnitude == "large" else 1
+    # B up to 6: the split kernels take the batch in blocks of 4 samples, the last one partial.
     B, I, J, D, P = (draw(st.integers(fewest, most))
-                     for fewest, most in ((1, 3), (1, 19), (1, 10), (least, 16), (least, 9)))
+                     for fewest, most in ((1, 6), (1, 19), (1, 10), (least, 16), (least, 9)))
     return dict(
         magnitude=magnitude,
         shape=(B, I, J, D, P),
@@ -159,8 +161,8 @@ def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iteratio
     u[0, 2, 1] = float("nan")
     u[2, 5, 0] = float("inf")
     v, _ = capsule_linear_forward(u, weight, iterations, variant=variant, splits=2, block_i=2,
-                                  out=(poisoned((3, 4, 5), torch.float32),
-                                       poisoned((iterations, 3, 4, 5), torch.float32)))
+                                  out=(poisoned((3, 4, 5), torch.float32, FINITE_POISON),
+                                       poisoned((iterations, 3, 4, 5), torch.float32, FINITE_POISON)))
     assert torch.isnan(v[0]).all() and torch.isnan(v[2]).all()
     clean, _ = capsule_linear_forward(u[1:2], weight, iterations, variant=variant, splits=2, block_i=2)
     assert torch.equal(v[1], clean[0])

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from conftest import interpreted
-from kernel_checks import DEVICE, DTYPES, dtype_id, magnitudes, poisoned, sample
+from kernel_checks import DEVICE, DTYPES, FINITE_POISON, dtype_id, magnitudes, poisoned, sample
 
 from capsnet_triton.checks import compute_dtype
 from capsnet_triton.kernels import routing_backward, routing_forward
@@ -86,6 +86,15 @@ def test_split_variant_over_several_chunks(shape, iterations, splits, gradient, 
     check_routing(sample(rng, shape, torch.float32), iterations, sample(rng, (B, J, D), torch.float32),
                   bias=sample(rng, (J, D), torch.float32), gradient=gradient, block_i=4,
                   variant="split", splits=splits)
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("variant", ["sample", "split"])
+def test_both_variants_at_more_than_16_parents_of_9_dimensions(variant, gradient, rng):
+    """J = 17 and D = 9 pad to 32 and 16 lanes, in both variants, over blocks of 4 inputs."""
+    B, I, J, D = 2, 13, 17, 9
+    check_routing(sample(rng, (B, I, J, D), torch.float32), 3, sample(rng, (B, J, D), torch.float32),
+                  bias=sample(rng, (J, D), torch.float32), gradient=gradient, block_i=4, variant=variant)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
@@ -324,9 +333,12 @@ def test_a_sample_holding_nan_or_inf_is_all_nan(variant, iterations, gradient, r
         u_hat = sample(rng, (3, 37, 10, 16), torch.float32)
         dv = sample(rng, (3, 10, 16), torch.float32)
         u_hat[1, 30, 9, 15] = bad
-        v, s_all = routing_forward(u_hat, iterations, block_i=16, variant=variant, splits=2)
+        v, s_all = routing_forward(u_hat, iterations, block_i=16, variant=variant, splits=2,
+                                   out=(poisoned((3, 10, 16), torch.float32, FINITE_POISON),
+                                        poisoned((iterations, 3, 10, 16), torch.float32, FINITE_POISON)))
         du_hat, _ = routing_backward(dv, u_hat, s_all, gradient=gradient, block_i=16, variant=variant,
-                                     splits=2)
+                                     splits=2, out=(poisoned(u_hat.shape, torch.float32, FINITE_POISON),
+                                                    poisoned(s_all.shape, torch.float32, FINITE_POISON)))
         ref_v, cache = reference_routing_forward(as_float64(u_hat), iterations, gradient=gradient)
         ref_du_hat = reference_routing_backward(as_float64(dv), cache)
         assert np.isnan(ref_v[1]).all() and np.isnan(np.stack(cache["s_all"])[:, 1]).all()

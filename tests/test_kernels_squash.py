@@ -6,7 +6,7 @@ import torch
 from conftest import interpreted
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_checks import DEVICE, DTYPES, dtype_id, magnitudes, poisoned, sample
+from kernel_checks import DEVICE, DTYPES, FINITE_POISON, dtype_id, magnitudes, poisoned, sample
 
 from capsnet_triton.kernels import squash_backward, squash_forward
 from capsnet_triton.numerics import as_float64, assert_agrees
@@ -128,8 +128,8 @@ def test_squash_of_a_capsule_holding_nan_or_inf_is_all_nan(dtype, rng):
     s[1, 0] = float("inf")
     s[2, 2] = -float("inf")
     s[3, 1], s[3, 3] = float("inf"), -float("inf")
-    v = squash_forward(s, out=poisoned((6, 5), dtype))
-    ds = squash_backward(dv, s, out=poisoned((6, 5), dtype))
+    v = squash_forward(s, out=poisoned((6, 5), dtype, FINITE_POISON))
+    ds = squash_backward(dv, s, out=poisoned((6, 5), dtype, FINITE_POISON))
     v_ref, ds_ref = reference_squash_forward(as_float64(s)), reference_squash_backward(as_float64(dv), as_float64(s))
     assert np.isnan(v_ref[:4]).all() and np.isnan(ds_ref[:4]).all() and not np.isnan(v_ref[4:]).any()
     assert_agrees(v, v_ref, dtype, "v")                    # NaN exactly where the reference has it

@@ -66,14 +66,6 @@ def test_matches_torch_autograd_through_the_baselines(problem):
         assert relative_error(dbias, bias_t.grad.numpy()) <= 1e-12
 
 
-def test_is_prediction_then_routing(rng):
-    from capsnet_triton.reference import prediction_forward, routing_forward
-
-    u, W = rng.normal(size=(2, 6, 3)), rng.normal(size=(6, 4, 5, 3))
-    v, _ = capsule_linear_forward(u, W, 3)
-    assert np.array_equal(v, routing_forward(prediction_forward(u, W)[0], 3)[0])
-
-
 def test_bad_input_raises(rng):
     with pytest.raises(ValueError, match="I and P must agree"):
         capsule_linear_forward(rng.normal(size=(2, 6, 3)), rng.normal(size=(6, 4, 5, 2)))
