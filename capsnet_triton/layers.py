@@ -3,10 +3,12 @@
 PrimaryCaps (convolutional capsules, squashed), DigitCaps (prediction vectors, Eq. 2, then
 routing by agreement, Procedure 1; fused into capsule_linear by default) and the reconstruction
 Decoder (Section 4.1). The maths lives in `capsnet_triton.ops`; these modules own the
-parameters and the reshapes.
+parameters and the reshapes. `recomputed_convolutions` runs Conv1, its ReLU and PrimaryCaps'
+convolution keeping none of their activations for the backward (the model uses it on a CPU).
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checks import (autocast_dtype, check_backend, check_flag, check_float_tensor, check_gradient,
@@ -14,7 +16,7 @@ from .checks import (autocast_dtype, check_backend, check_flag, check_float_tens
 from .ops import capsule_linear, dynamic_routing, squash
 from .ops.capsule_linear import predict
 
-__all__ = ["PrimaryCaps", "DigitCaps", "Decoder", "predict"]
+__all__ = ["PrimaryCaps", "DigitCaps", "Decoder", "predict", "recomputed_convolutions"]
 
 
 class PrimaryCaps(nn.Module):
@@ -32,7 +34,10 @@ class PrimaryCaps(nn.Module):
         self.conv = nn.Conv2d(in_channels, types * dims, kernel_size, stride=stride)
 
     def forward(self, x):
-        out = self.conv(x)                                              # [B, T*P, h, w]
+        return self.capsules(self.conv(x))
+
+    def capsules(self, out):
+        """The convolution's output [B, T*P, h, w] grouped into capsules and squashed: u [B, I, P]."""
         batch, _, h, w = out.shape
         out = out.view(batch, self.types, self.dims, h, w)              # [B, T, P, h, w]
         out = out.permute(0, 1, 3, 4, 2)                                # [B, T, h, w, P]
@@ -114,3 +119,73 @@ class Decoder(nn.Module):
         hidden = torch.relu(self.fc1(masked))                           # [B, hidden[0]]
         hidden = torch.relu(self.fc2(hidden))                           # [B, hidden[1]]
         return torch.sigmoid(self.fc3(hidden))                          # [B, out_features]
+
+
+def recomputed_convolutions(images, first, second, chunk):
+    """second(relu(first(images))) for two nn.Conv2d, keeping only `images` for the backward.
+
+    Autograd would keep relu(first(images)) ([B, 256, 20, 20] in the MNIST network: 50 MiB at
+    B = 128) and, in the backward, hold its gradient and the ReLU's beside it. Here the backward
+    recomputes the activation `chunk` samples at a time and turns each chunk's gradient at once
+    into the weights' (added up in chunk order: deterministic): on a 2-core CPU the whole MNIST
+    training step at B = 128 then grows the peak memory by 105-132 MiB against 274-312, for one
+    more pass of the first convolution and the chunks' weight gradients added up: steps about 9%
+    slower (docs/PERF.md, 2026-11-30, seventh run).
+    The same function and gradients as the modules called directly, under autocast too;
+    differentiable once (no double backward).
+    """
+    return _RecomputedConvolutions.apply(images, first.weight, first.bias, second.weight, second.bias,
+                                         _geometry(first), _geometry(second), chunk)
+
+
+def _geometry(conv):
+    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+
+def _convolution_backward(grad, x, weight, has_bias, geometry, input_grad):
+    """(dx or None, dweight, dbias or None) of F.conv2d(x, weight, bias, **geometry) for its output
+    gradient, computed in the dtype the forward computed in (autocast's, where it ran)."""
+    dtype = grad.dtype
+    return torch.ops.aten.convolution_backward(
+        grad, x.to(dtype), weight.to(dtype), [weight.shape[0]] if has_bias else None,
+        list(geometry["stride"]), list(geometry["padding"]), list(geometry["dilation"]), False, [0, 0],
+        geometry["groups"], [input_grad, True, has_bias])
+
+
+class _RecomputedConvolutions(torch.autograd.Function):
+    """recomputed_convolutions' forward and backward."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, images, weight1, bias1, weight2, bias2, geometry1, geometry2, chunk):
+        ctx.save_for_backward(images, weight1, bias1, weight2)
+        ctx.geometry, ctx.chunk, ctx.has_bias = (geometry1, geometry2), chunk, (bias1 is not None, bias2 is not None)
+        return torch.cat([F.conv2d(torch.relu(F.conv2d(x, weight1, bias1, **geometry1)), weight2, bias2, **geometry2)
+                          for x in images.split(chunk)])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):
+        images, weight1, bias1, weight2 = ctx.saved_tensors
+        (geometry1, geometry2), (has_bias1, has_bias2) = ctx.geometry, ctx.has_bias
+        input_grad = ctx.needs_input_grad[0]
+        # Accumulated in the parameters' dtype (float32 under autocast), in chunk order.
+        grads = [torch.zeros_like(weight1), torch.zeros(weight1.shape[0], dtype=weight1.dtype) if has_bias1 else None,
+                 torch.zeros_like(weight2), torch.zeros(weight2.shape[0], dtype=weight2.dtype) if has_bias2 else None]
+        dimages = []
+        for x, g in zip(images.split(ctx.chunk), grad.split(ctx.chunk)):
+            features = torch.relu(F.conv2d(x, weight1, bias1, **geometry1))     # recomputed, one chunk
+            dfeatures, dweight2, dbias2 = _convolution_backward(g.to(features.dtype), features, weight2, has_bias2,
+                                                                geometry2, True)
+            dfeatures.masked_fill_(features <= 0, 0)                            # the ReLU's backward, in place
+            del features
+            dx, dweight1, dbias1 = _convolution_backward(dfeatures, x, weight1, has_bias1, geometry1, input_grad)
+            for total, part in zip(grads, (dweight1, dbias1, dweight2, dbias2)):
+                if total is not None:
+                    total += part
+            if input_grad:
+                dimages.append(dx.to(images.dtype))
+            # Gone before the next chunk's backward makes its own (dweight2 is 21 MB in the MNIST network).
+            del dfeatures, dx, dweight1, dbias1, dweight2, dbias2
+        return (torch.cat(dimages) if input_grad else None, *grads, None, None, None)

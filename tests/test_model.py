@@ -5,10 +5,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from kernel_checks import DEVICE
+from kernel_checks import DEVICE, saved_numel
 
 from capsnet_triton import CapsNet
-from capsnet_triton.layers import Decoder, DigitCaps, PrimaryCaps, predict
+from capsnet_triton.layers import Decoder, DigitCaps, PrimaryCaps, predict, recomputed_convolutions
 from capsnet_triton.losses import capsnet_loss
 from capsnet_triton.data import DATASETS
 from capsnet_triton.model import CapsNetOutput, build_model
@@ -297,6 +297,7 @@ def test_model_rejects_bad_inputs_and_configs():
     ("fused", "no", TypeError, "fused must be True or False, got 'no'"),
     ("decoder", "no", TypeError, "decoder must be True or False"),
     ("routing_bias", "yes", TypeError, "routing_bias must be True or False"),
+    ("recompute_convolutions", 1, TypeError, "recompute_convolutions must be True or False"),
 ])
 def test_constructor_options_of_the_wrong_type_or_size_name_themselves(option, value, error, words):
     """They failed inside torch ("empty() takes 1 positional argument"), at the first forward
@@ -319,3 +320,70 @@ def test_build_model_refuses_an_unknown_digitcaps_choice():
     assert not build_model({**config, "digitcaps": "unfused"}).digit_caps.fused
     with pytest.raises(ValueError, match=r"digitcaps must be one of \['fused', 'unfused'\], got 'Fused'"):
         build_model({**config, "digitcaps": "Fused"})
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk", [16, 5, 64])
+def test_recomputed_convolutions_equal_the_modules_called_directly(chunk, bias):
+    """Outputs and every gradient (weights, biases, and the images' when they need one) as
+    autograd through the two modules, for a batch that chunks do not divide (37 = 2 x 16 + 5),
+    other strides and padding than the network's, and one chunk larger than the batch."""
+    generator = torch.Generator().manual_seed(3)
+    first = torch.nn.Conv2d(2, 5, 3, padding=1, bias=bias).double()
+    second = torch.nn.Conv2d(5, 4, 3, stride=2, bias=bias).double()
+    images = torch.randn(37, 2, 9, 9, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(37, 4, 4, 4, generator=generator, dtype=torch.float64)
+    results = []
+    for call in (lambda: second(torch.relu(first(images))),
+                 lambda: recomputed_convolutions(images, first, second, chunk)):
+        out = call()
+        tensors = [images, *first.parameters(), *second.parameters()]
+        results.append([out, *torch.autograd.grad(out, tensors, grad)])
+    for expected, got in zip(*results):
+        assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_recomputed_convolutions_under_autocast_compute_in_bfloat16_and_give_float32_gradients():
+    first, second = torch.nn.Conv2d(1, 6, 3), torch.nn.Conv2d(6, 4, 3, stride=2)
+    images = torch.rand(9, 1, 11, 11)
+    results = []
+    for call in (lambda: second(torch.relu(first(images))),
+                 lambda: recomputed_convolutions(images, first, second, 4)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = call()
+        grads = torch.autograd.grad(out.float().square().sum(), [*first.parameters(), *second.parameters()])
+        results.append([out, *grads])
+    for expected, got in zip(*results):
+        assert got.dtype == expected.dtype
+        assert relative_error(got.detach().double().numpy(), expected.detach().double().numpy()) <= TOLERANCE["bfloat16"]
+    assert results[1][0].dtype == torch.bfloat16 and results[1][1].dtype == torch.float32
+
+
+def _saved_shapes(model, images, labels):
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = capsnet_loss(model(images, labels), images, labels).total
+    return loss, [shape for shape in shapes if shape[1:] == (256, 20, 20)]
+
+
+def test_a_cpu_training_forward_keeps_no_activation_of_conv1():
+    """The MNIST network at B = 8: autograd kept relu(conv1(images)), [8, 256, 20, 20], for the
+    ReLU's and PrimaryCaps' backward; now it is recomputed there (unless the model is told not to)."""
+    model = CapsNet()
+    images, labels = torch.rand(8, 1, 28, 28), torch.arange(8)
+    model.recompute_convolutions = False
+    assert _saved_shapes(model, images, labels)[1]
+    model.recompute_convolutions = True
+    loss, activations = _saved_shapes(model, images, labels)
+    assert not activations
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|twice"):
+        out = model(images, labels)
+        grads = torch.autograd.grad(capsnet_loss(out, images, labels).total, model.conv1.weight, create_graph=True)
+        grads[0].sum().backward()
