@@ -43,7 +43,7 @@ from capsnet_triton.checks import (
 
 from . import capsule_linear_split, routing_split
 from .launch import (DEFAULT_VARIANT, block_inputs, check_variant, launch_options, max_tile, on_tensor_device, output,
-                     split_stages, tl_dtype)
+                     scratch, split_stages, tl_dtype)
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, jd_layout, load_bias, load_u,
                             load_weight, predict, predict_tile, s_of_tile, sample_ds, v_sum_before, weight_layout)
 from .squash import squash_backward
@@ -266,7 +266,7 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_
         return v, s_all
     config = _launch_config(I, J, D, P, u.dtype, block_i, samples=_SPLIT_BLOCK_B)
     blocks, splits, chunk = _split_grid(B, I, config, u.device, splits)
-    partials = s_all.new_empty((2, blocks, splits, config["BLOCK_B"] * J, D))
+    partials = scratch((2, blocks, splits, config["BLOCK_B"] * J, D), s_all)
     for t in range(iterations + 1):
         capsule_linear_split.split_forward_kernel[(blocks, splits if t < iterations else 1)](
             u, slices, bias_arg, v, s_all, partials,
@@ -331,7 +331,7 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
     elif gradient == "full":
         split_config = _launch_config(I, J, D, P, u.dtype, block_i, samples=_SPLIT_BLOCK_B)
         blocks, splits, chunk = _split_grid(B, I, split_config, u.device, splits)
-        partials = s_all.new_empty((iterations, blocks, splits, split_config["BLOCK_B"] * J, D))
+        partials = scratch((iterations, blocks, splits, split_config["BLOCK_B"] * J, D), s_all)
         slices = _weight_slices(weight)
         for t in reversed(range(iterations)):
             capsule_linear_split.split_backward_ds_all_kernel[(blocks, splits if t > 0 else 1)](

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from capsnet_triton.checks import compute_dtype, interpreting
 
-__all__ = ["tl_dtype", "output", "max_tile", "block_inputs", "interpreter_problem", "launch_options", "VARIANTS",
+__all__ = ["tl_dtype", "output", "scratch", "max_tile", "block_inputs", "interpreter_problem", "launch_options", "VARIANTS",
            "DEFAULT_VARIANT", "split_stages", "check_variant", "on_tensor_device", "GRID_Y_MAX"]
 
 # The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
@@ -41,6 +41,13 @@ def output(out, shape, dtype, device, name):
         raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} "
                          f"on {device}, got {got}")
     return out
+
+
+def scratch(shape, like):
+    """A buffer of `like`'s dtype and device that a kernel writes before any kernel reads it (the
+    split kernels' partial sums). Tests fill it with NaN instead, so that a read of an element
+    never written fails."""
+    return like.new_empty(shape)
 
 
 def max_tile(dtype):

@@ -44,7 +44,7 @@ from capsnet_triton.checks import (
 )
 
 from .launch import (DEFAULT_VARIANT, GRID_Y_MAX, block_inputs, check_variant, launch_options, on_tensor_device, output,
-                     split_stages, tl_dtype)
+                     scratch, split_stages, tl_dtype)
 from . import routing_split
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u_hat, s_of_tile,
                             sample_ds, sample_layout, v_sum_before)
@@ -235,7 +235,7 @@ def routing_forward(u_hat, iterations, bias=None, *, variant=DEFAULT_VARIANT, sp
         )
         return v, s_all
     splits, chunk = routing_split.pick_splits(B, I, config["BLOCK_I"], u_hat.device, splits)
-    partials = s_all.new_empty((2, B, splits, J, D))
+    partials = scratch((2, B, splits, J, D), s_all)
     for t in range(iterations + 1):
         routing_split.split_forward_kernel[(B, splits if t < iterations else 1)](
             u_hat, bias_arg, v, s_all, partials,
@@ -299,7 +299,7 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", variant=DEFAULT_VARIA
         )
     elif gradient == "full":
         splits, chunk = routing_split.pick_splits(B, I, config["BLOCK_I"], u_hat.device, splits)
-        partials = s_all.new_empty((iterations, B, splits, J, D))
+        partials = scratch((iterations, B, splits, J, D), s_all)
         for t in reversed(range(iterations)):
             routing_split.split_backward_ds_all_kernel[(B, splits if t > 0 else 1)](
                 u_hat, dv.contiguous(), s_all, ds_all, partials,

@@ -85,3 +85,18 @@ def mnist_dir():
     if not os.path.isfile(os.path.join(path, "train-labels-idx1-ubyte.gz")):
         pytest.skip(f"real MNIST not found in {path} (set CAPSNET_MNIST_DIR to its folder)")
     return path
+
+
+@pytest.fixture
+def poisoned_scratch(monkeypatch):
+    """The split launches' partial sums (kernels.launch.scratch) start as NaN, as outputs do: a
+    kernel that read a partial sum no program wrote would fail the test."""
+    import torch
+
+    from capsnet_triton.kernels import capsule_linear, routing
+
+    def nan_filled(shape, like):
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+    for module in (routing, capsule_linear):
+        monkeypatch.setattr(module, "scratch", nan_filled)

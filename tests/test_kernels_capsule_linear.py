@@ -23,6 +23,9 @@ from capsnet_triton.kernels.launch import DEFAULT_VARIANT
 from capsnet_triton.reference import capsule_linear_backward as reference_backward
 from capsnet_triton.reference import capsule_linear_forward as reference_forward
 
+# Every test here runs with the split launches' partial sums poisoned (conftest.py).
+pytestmark = pytest.mark.usefixtures("poisoned_scratch")
+
 
 def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full", block_i=None,
                          variant=DEFAULT_VARIANT, splits=None, weight_launch=None):

@@ -21,6 +21,9 @@ from capsnet_triton.numerics import as_float64, assert_agrees
 from capsnet_triton.reference import routing_backward as reference_routing_backward
 from capsnet_triton.reference import routing_forward as reference_routing_forward
 
+# Every test here runs with the split launches' partial sums poisoned (conftest.py).
+pytestmark = pytest.mark.usefixtures("poisoned_scratch")
+
 
 def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=None, variant=DEFAULT_VARIANT,
                   splits=None):
