@@ -132,8 +132,13 @@ def recomputed_convolutions(images, first, second, chunk):
     more pass of the first convolution and the chunks' weight gradients added up: steps about 9%
     slower (docs/PERF.md, 2026-11-30, seventh run).
     The same function and gradients as the modules called directly, under autocast too;
-    differentiable once (no double backward).
+    differentiable once (no double backward). Both convolutions must zero-pad by integer amounts
+    (the network's do not pad at all).
     """
+    for conv in (first, second):
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"recomputed_convolutions takes convolutions with integer zero padding, got "
+                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
     return _RecomputedConvolutions.apply(images, first.weight, first.bias, second.weight, second.bias,
                                          _geometry(first), _geometry(second), chunk)
 
@@ -171,8 +176,8 @@ class _RecomputedConvolutions(torch.autograd.Function):
         (geometry1, geometry2), (has_bias1, has_bias2) = ctx.geometry, ctx.has_bias
         input_grad = ctx.needs_input_grad[0]
         # Accumulated in the parameters' dtype (float32 under autocast), in chunk order.
-        grads = [torch.zeros_like(weight1), torch.zeros(weight1.shape[0], dtype=weight1.dtype) if has_bias1 else None,
-                 torch.zeros_like(weight2), torch.zeros(weight2.shape[0], dtype=weight2.dtype) if has_bias2 else None]
+        grads = [torch.zeros_like(weight1), weight1.new_zeros(weight1.shape[0]) if has_bias1 else None,
+                 torch.zeros_like(weight2), weight2.new_zeros(weight2.shape[0]) if has_bias2 else None]
         dimages = []
         for x, g in zip(images.split(ctx.chunk), grad.split(ctx.chunk)):
             features = torch.relu(F.conv2d(x, weight1, bias1, **geometry1))     # recomputed, one chunk

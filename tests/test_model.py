@@ -343,6 +343,13 @@ def test_recomputed_convolutions_equal_the_modules_called_directly(chunk, bias):
         assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-12, atol=1e-14)
 
 
+def test_recomputed_convolutions_refuse_padding_they_would_get_wrong():
+    images = torch.rand(2, 1, 8, 8)
+    for first in (torch.nn.Conv2d(1, 2, 3, padding="same"), torch.nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")):
+        with pytest.raises(ValueError, match="integer zero padding"):
+            recomputed_convolutions(images, first, torch.nn.Conv2d(2, 2, 3), 4)
+
+
 def test_recomputed_convolutions_under_autocast_compute_in_bfloat16_and_give_float32_gradients():
     first, second = torch.nn.Conv2d(1, 6, 3), torch.nn.Conv2d(6, 4, 3, stride=2)
     images = torch.rand(9, 1, 11, 11)
