@@ -149,10 +149,10 @@ def _geometry(conv):
 
 def _convolution_backward(grad, x, weight, has_bias, geometry, input_grad):
     """(dx or None, dweight, dbias or None) of F.conv2d(x, weight, bias, **geometry) for its output
-    gradient, computed in the dtype the forward computed in (autocast's, where it ran)."""
-    dtype = grad.dtype
+    gradient, computed in grad's dtype (the forward's: autocast's, where it ran), which weight
+    must already have."""
     return torch.ops.aten.convolution_backward(
-        grad, x.to(dtype), weight.to(dtype), [weight.shape[0]] if has_bias else None,
+        grad, x.to(grad.dtype), weight, [weight.shape[0]] if has_bias else None,
         list(geometry["stride"]), list(geometry["padding"]), list(geometry["dilation"]), False, [0, 0],
         geometry["groups"], [input_grad, True, has_bias])
 
@@ -175,17 +175,18 @@ class _RecomputedConvolutions(torch.autograd.Function):
         images, weight1, bias1, weight2 = ctx.saved_tensors
         (geometry1, geometry2), (has_bias1, has_bias2) = ctx.geometry, ctx.has_bias
         input_grad = ctx.needs_input_grad[0]
+        # The weights in the forward's compute dtype (autocast's, where it ran), cast once, not per chunk.
+        cast1, cast2 = weight1.to(grad.dtype), weight2.to(grad.dtype)
         # Accumulated in the parameters' dtype (float32 under autocast), in chunk order.
         grads = [torch.zeros_like(weight1), weight1.new_zeros(weight1.shape[0]) if has_bias1 else None,
                  torch.zeros_like(weight2), weight2.new_zeros(weight2.shape[0]) if has_bias2 else None]
         dimages = []
         for x, g in zip(images.split(ctx.chunk), grad.split(ctx.chunk)):
             features = torch.relu(F.conv2d(x, weight1, bias1, **geometry1))     # recomputed, one chunk
-            dfeatures, dweight2, dbias2 = _convolution_backward(g.to(features.dtype), features, weight2, has_bias2,
-                                                                geometry2, True)
+            dfeatures, dweight2, dbias2 = _convolution_backward(g, features, cast2, has_bias2, geometry2, True)
             dfeatures.masked_fill_(features <= 0, 0)                            # the ReLU's backward, in place
             del features
-            dx, dweight1, dbias1 = _convolution_backward(dfeatures, x, weight1, has_bias1, geometry1, input_grad)
+            dx, dweight1, dbias1 = _convolution_backward(dfeatures, x, cast1, has_bias1, geometry1, input_grad)
             for total, part in zip(grads, (dweight1, dbias1, dweight2, dbias2)):
                 if total is not None:
                     total += part

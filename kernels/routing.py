@@ -185,8 +185,8 @@ def _u_hat_for_kernels(u_hat, block_i):
 
 
 def _routing_launch_config(I, J, D, dtype, block_i):
-    """Block sizes, compute dtype and launch options of the routing kernels for u_hat [B, I, J, D];
-    NUM_STAGES is for the split kernels only."""
+    """(block sizes, compute dtype and launch options, the split kernels' NUM_STAGES) of the
+    routing kernels for u_hat [B, I, J, D]; the sample kernels take no NUM_STAGES."""
     block_j = triton.next_power_of_2(J)
     block_d = triton.next_power_of_2(D)
     block_i = block_inputs(I, block_j * block_d, dtype, block_i)       # tiles [BLOCK_I, BLOCK_J, BLOCK_D]
