@@ -99,10 +99,10 @@ def check_bias(bias, u_hat, name="u_hat"):
     return bias
 
 
-def check_backend(backend):
-    """backend: None (chosen by device) or one of BACKENDS."""
+def check_backend(backend, name="backend"):
+    """backend: None (chosen by device) or one of BACKENDS (the option is called `name`)."""
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"{name} must be None, 'torch' or 'triton', got {backend!r}")
     return backend
 
 

@@ -97,6 +97,13 @@ class DigitCaps(nn.Module):
                 f"bias={self.bias is not None}, fused={self.fused}")
 
 
+def check_hidden_widths(hidden, name="hidden"):
+    """The decoder's two hidden widths, a pair of integers >= 1 (the option is called `name`)."""
+    if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__len__") or len(hidden) != 2:
+        raise ValueError(f"{name} must give the widths of the two hidden layers, got {hidden!r}")
+    return tuple(check_positive_int(width, f"{name}[{k}]") for k, width in enumerate(hidden))
+
+
 class Decoder(nn.Module):
     """Reconstruction decoder (Section 4.1): FC ReLU -> FC ReLU -> FC sigmoid.
 
@@ -106,10 +113,8 @@ class Decoder(nn.Module):
 
     def __init__(self, in_features, hidden=(512, 1024), out_features=784):
         super().__init__()
-        if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__len__") or len(hidden) != 2:
-            raise ValueError(f"hidden must give the widths of the two hidden layers, got {hidden!r}")
-        for name, width in (("in_features", in_features), ("hidden[0]", hidden[0]), ("hidden[1]", hidden[1]),
-                            ("out_features", out_features)):
+        hidden = check_hidden_widths(hidden)
+        for name, width in (("in_features", in_features), ("out_features", out_features)):
             check_positive_int(width, name)
         self.fc1 = nn.Linear(in_features, hidden[0])
         self.fc2 = nn.Linear(hidden[0], hidden[1])

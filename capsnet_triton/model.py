@@ -19,9 +19,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .checks import check_flag, check_positive_int
+from .checks import check_backend, check_flag, check_gradient, check_iterations, check_positive_int
 from .data import dataset_spec
-from .layers import Decoder, DigitCaps, PrimaryCaps, recomputed_convolutions
+from .layers import Decoder, DigitCaps, PrimaryCaps, check_hidden_widths, recomputed_convolutions
 from .losses import check_labels, one_hot_mask
 
 __all__ = ["CapsNet", "CapsNetOutput", "build_model"]
@@ -49,7 +49,8 @@ class CapsNet(nn.Module):
     for comparison and, on a GPU, for speed (README, "Use it"). decoder=False drops the
     reconstruction network. PrimaryCaps' squash always picks its backend by device (Triton for
     CUDA tensors). Every option is checked here, not at the first forward: sizes must be integers
-    >= 1 (ValueError) and flags True or False (TypeError), each error naming its option.
+    >= 1 and choices among theirs (ValueError), flags True or False (TypeError), each error naming
+    its option.
     recompute_convolutions=True (the default): on a CPU, while gradients are recorded, Conv1's
     activation is not kept for the backward but recomputed there in chunks of samples
     (`layers.recomputed_convolutions`): the same function and gradients, the MNIST training
@@ -67,10 +68,15 @@ class CapsNet(nn.Module):
                            ("primary_types", primary_types), ("primary_dims", primary_dims),
                            ("digit_dims", digit_dims)):
             check_positive_int(size, name)
-        # DigitCaps checks `fused` under that name; its bias is our routing_bias.
+        # DigitCaps and Decoder would check these too, under their own names for them (`fused` is
+        # DigitCaps' own); decoder_hidden is checked even without a decoder.
         for name, flag in (("decoder", decoder), ("routing_bias", routing_bias),
                            ("recompute_convolutions", recompute_convolutions)):
             check_flag(flag, name)
+        check_iterations(routing_iterations, "routing_iterations")
+        check_gradient(routing_gradient, "routing_gradient")
+        check_backend(routing_backend, "routing_backend")
+        check_hidden_widths(decoder_hidden, "decoder_hidden")
         self.recompute_convolutions = recompute_convolutions
         conv1_size = image_size - kernel_size + 1
         grid = (conv1_size - kernel_size) // 2 + 1                     # PrimaryCaps conv, stride 2

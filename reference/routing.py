@@ -43,10 +43,10 @@ __all__ = ["routing_forward", "routing_backward", "softmax", "GRADIENT_POLICIES"
 GRADIENT_POLICIES = ("full", "last")
 
 
-def check_gradient(gradient):
-    """The gradient policy, or a ValueError that names the choices."""
+def check_gradient(gradient, name="gradient"):
+    """The gradient policy, or a ValueError that names the choices (and the option, `name`)."""
     if not isinstance(gradient, str) or gradient not in GRADIENT_POLICIES:
-        raise ValueError(f"gradient must be one of {GRADIENT_POLICIES}, got {gradient!r}")
+        raise ValueError(f"{name} must be one of {GRADIENT_POLICIES}, got {gradient!r}")
     return gradient
 
 

@@ -272,15 +272,11 @@ def test_model_rejects_bad_inputs_and_configs():
         model(torch.rand(2, 1, 12, 12), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="too small"):
         CapsNet(image_size=16)
-    with pytest.raises(ValueError, match="routing_iterations"):
-        CapsNet(**TINY, routing_iterations=0)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         CapsNet(**TINY, decoder=False)(torch.rand(2, 1, 12, 12), torch.tensor([0, 3]))  # unused, still checked
     for fused in (True, False):                # u of another dtype than W: an error both ways, outside autocast
         with pytest.raises((TypeError, RuntimeError), match="dtype|scalar type"):
             DigitCaps(32, 3, 3, 4, fused=fused)(torch.rand(2, 32, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="backend must be None"):
-        CapsNet(**TINY, routing_backend="cuda")              # at construction, not the first forward
     with pytest.raises(ValueError, match=r"u of shape \[B, I, P\] = \[B, 32, 3\]"):
         DigitCaps(32, 3, 3, 4)(torch.rand(2, 32, 4))
     with pytest.raises(ValueError, match="two hidden layers"):
@@ -292,8 +288,11 @@ def test_model_rejects_bad_inputs_and_configs():
     ("in_channels", "1", ValueError, "in_channels must be an integer >= 1"),
     ("kernel_size", 0, ValueError, "kernel_size must be an integer >= 1"),
     ("num_classes", -1, ValueError, "num_classes must be an integer >= 1"),
-    ("decoder_hidden", 8, ValueError, "widths of the two hidden layers"),
-    ("decoder_hidden", (0, 8), ValueError, r"hidden\[0\] must be an integer >= 1"),
+    ("decoder_hidden", 8, ValueError, "^decoder_hidden must give the widths of the two hidden layers"),
+    ("decoder_hidden", (0, 8), ValueError, r"^decoder_hidden\[0\] must be an integer >= 1"),
+    ("routing_iterations", 0, ValueError, "^routing_iterations must be an integer >= 1"),
+    ("routing_gradient", "x", ValueError, r"^routing_gradient must be one of \('full', 'last'\), got 'x'"),
+    ("routing_backend", "cuda", ValueError, "^routing_backend must be None, 'torch' or 'triton', got 'cuda'"),
     ("fused", "no", TypeError, "fused must be True or False, got 'no'"),
     ("decoder", "no", TypeError, "decoder must be True or False"),
     ("routing_bias", "yes", TypeError, "routing_bias must be True or False"),
@@ -304,6 +303,9 @@ def test_constructor_options_of_the_wrong_type_or_size_name_themselves(option, v
     (a size of 0), or were taken for True ("no")."""
     with pytest.raises(error, match=words):
         CapsNet(**{**TINY, option: value})
+    if option == "decoder_hidden":                           # checked even where no decoder is built
+        with pytest.raises(error, match=words):
+            CapsNet(**{**TINY, option: value, "decoder": False})
 
 
 @pytest.mark.parametrize("fused", [True, False])
