@@ -40,7 +40,8 @@ def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5, valida
     (a wait for the device): for labels already checked, as training checks each split once.
     Returns a scalar, float32 for half-precision lengths.
     """
-    if not isinstance(lengths, torch.Tensor) or lengths.ndim != 2:
+    _check_tensor(lengths, "lengths")
+    if lengths.ndim != 2:
         raise ValueError(f"lengths must be a tensor of shape [B, J], got {_describe(lengths)}")
     if not lengths.is_floating_point():
         raise TypeError(f"lengths must be a floating-point tensor, got dtype {lengths.dtype}")
@@ -65,13 +66,15 @@ def reconstruction_loss(reconstruction, images):
     per sample (MultiMNIST, SPEC 9: each digit from its own capsule against its own canvas):
     reconstruction [B, K, C*H*W] and images [B, K, C, H, W], the K errors summed per sample.
     """
-    if not isinstance(images, torch.Tensor) or images.ndim not in (4, 5):
+    _check_tensor(images, "images")
+    _check_tensor(reconstruction, "reconstruction")
+    if images.ndim not in (4, 5):
         raise ValueError(f"images must be a tensor of shape [B, C, H, W] or [B, K, C, H, W], got {_describe(images)}")
     if not images.is_floating_point():
         # uint8 pixels of 0..255 against a decoder's 0..1 would make an error 65,000 times too large.
         raise TypeError(f"images must be a floating-point tensor (scale uint8 to [0, 1]), got {images.dtype}")
     expected = (*images.shape[:-3], images.shape[-3:].numel())
-    if not isinstance(reconstruction, torch.Tensor) or tuple(reconstruction.shape) != expected:
+    if tuple(reconstruction.shape) != expected:
         form = "[B, C*H*W]" if images.ndim == 4 else "[B, K, C*H*W]"
         raise ValueError(
             f"reconstruction must have shape {form} = {list(expected)} for images of shape "
@@ -97,6 +100,12 @@ def capsnet_loss(output, images, labels, *, reconstruction_weight=0.0005, valida
     else:
         reconstruction = reconstruction_loss(output.reconstruction, images)
     return LossTerms(margin + reconstruction_weight * reconstruction, margin, reconstruction)
+
+
+def _check_tensor(x, name):
+    """A wrong type is a TypeError, as for the ops (capsnet_triton.checks); shapes are checked after."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
 def _check_constant(name, value):

@@ -134,6 +134,17 @@ def test_losses_reject_bad_shapes():
         reconstruction_loss(torch.rand(2, 16), torch.rand(2, 16))
 
 
+@pytest.mark.parametrize("loss, args, name", [
+    (margin_loss, ([[0.1, 0.9]], torch.tensor([1])), "lengths"),
+    (reconstruction_loss, (torch.rand(1, 16), [[0.0] * 16]), "images"),
+    (reconstruction_loss, ([[0.0] * 16], torch.rand(1, 1, 4, 4)), "reconstruction"),
+])
+def test_losses_reject_what_is_not_a_tensor_with_a_type_error(loss, args, name):
+    """As the ops do (and margin_loss for its labels): a wrong type is a TypeError, a wrong shape a ValueError."""
+    with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor, got list"):
+        loss(*args)
+
+
 @pytest.mark.parametrize("constant, value", [("lambda_", -1.0), ("m_plus", float("nan")), ("m_minus", float("inf")),
                                              ("m_plus", "0.9"), ("lambda_", True)])
 def test_margin_loss_constants_are_finite_numbers_at_least_zero(constant, value):
