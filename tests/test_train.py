@@ -162,6 +162,55 @@ def test_resume_after_sigkill_is_bit_identical(straight_run, data_dir, tmp_path)
     assert without_timing(read_log(out)) == without_timing(read_log(straight_run))
 
 
+# Runs the training command killed (os._exit, as SIGKILL: no handler, no flush) right after the
+# `after`-th rename that completes a save of last.pt or best.pt, and lists the files it saved.
+_KILL_AFTER_SAVE = """
+import os, sys
+from capsnet_triton import train
+after, saved, replace = int(sys.argv[1]), [], os.replace
+def replace_then_die(source, target, *args, **kwargs):
+    replace(source, target, *args, **kwargs)
+    if os.path.basename(target) in ("last.pt", "best.pt"):
+        saved.append(os.path.basename(target))
+        if len(saved) == after:
+            print(" ".join(saved), flush=True)
+            os._exit(137)
+os.replace = replace_then_die
+sys.argv = ["capsnet_triton.train", *sys.argv[2:]]
+sys.exit(train.main())
+"""
+
+
+# Both epochs of this run improve on validation (accuracy 0.25, then 0.5), and it saves only at
+# their ends: four saves, last.pt and best.pt after each epoch.
+IMPROVING = ("--epochs", "2", "--lr", "0.01", "--checkpoint-every", "0")
+
+
+@pytest.fixture(scope="module")
+def improving_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "improving"
+    assert train.main(tiny_args(data_dir, out, *IMPROVING)) == 0
+    assert [r["best"] for r in read_log(out) if r["event"] == "validation"] == [True, True]
+    return out
+
+
+@pytest.mark.parametrize("after", [1, 2, 3, 4])
+def test_a_run_killed_right_after_any_save_resumes_bit_identical(improving_run, data_dir, tmp_path, after):
+    """An improving epoch ends with two saves, of last.pt and best.pt: killed between them, a run
+    once left a best.pt that its last.pt did not record (or a best.pt and no last.pt at all), and
+    the folder, holding the only copy of the run's best model, could be neither resumed nor reused."""
+    out = tmp_path / "killed"
+    result = subprocess.run([sys.executable, "-c", _KILL_AFTER_SAVE, str(after), *tiny_args(data_dir, out, *IMPROVING)],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 137, result.stderr[-2000:]
+    assert train.main(["--out", str(out), "--resume"]) == 0, result.stdout
+    assert_same_state(load(out), load(improving_run))
+    assert load(out, "best.pt")["epoch"] == load(improving_run, "best.pt")["epoch"] == 2
+    for key, value in load(out, "best.pt")["model"].items():
+        assert torch.equal(value, load(improving_run, "best.pt")["model"][key])
+    assert without_timing(read_log(out)) == without_timing(read_log(improving_run))
+
+
 # Runs the training command with Ctrl-C pressed `presses` times from inside the `after`-th call
 # of loop.<where> (a training step, or a validation pass), where the test can place it exactly.
 _CTRL_C_AT = """

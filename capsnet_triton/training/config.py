@@ -10,7 +10,7 @@ import math
 import os
 
 from ..data import DATASETS, dataset_spec
-from .checkpoint import CHECKPOINT_FILES, load_checkpoint, load_training_state, lock_run_folder
+from .checkpoint import CHECKPOINT_FILES, best_model_in, load_checkpoint, load_training_state, lock_run_folder
 from .distributed import launched_rank, launched_world_size, resolve_device
 from .errors import ArgumentParser
 
@@ -176,7 +176,10 @@ def _claim_out(out, error, lock):
 def _check_best_model(run_dir, last, error):
     """Call error(message) unless RUN_DIR/best.pt is the best model that last.pt records: the run
     tests it at the end, so a missing or foreign one would otherwise show only after the
-    remaining epochs."""
+    remaining epochs. Where last.pt holds that model itself, the resumed run writes best.pt
+    from it (checkpoint.best_model_in), whatever the file holds now."""
+    if best_model_in(last) is not None:
+        return
     path = os.path.join(run_dir, "best.pt")
     recorded = last["best"]
     advice = (f"the run's final test needs its best model (epoch {recorded['epoch']}): restore that file, "

@@ -19,8 +19,8 @@ from ..evaluate import evaluate, example_count
 from ..figures import write_figures
 from ..losses import capsnet_loss, correct_predictions
 from ..model import build_model
-from .checkpoint import (RUN_FILES, load_checkpoint, remove_stale_temporaries, restore_training_state, save_best_model,
-                         save_training_state, seed_everything)
+from .checkpoint import (RUN_FILES, best_model_in, load_checkpoint, remove_stale_temporaries, restore_training_state,
+                         save_best_model, save_training_state, seed_everything)
 from .distributed import init_distributed
 from .errors import TrainingDiverged, TrainingInterrupted
 from .log import RunLog
@@ -188,6 +188,9 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
     sums = {"epoch": [0.0] * SUM_COUNT, "window": [0.0] * SUM_COUNT}
     if checkpoint is not None:
         epoch, step_in_epoch, best, sums = restore_training_state(checkpoint, model, optimizer, scheduler, device)
+        held = best_model_in(checkpoint)
+        if held is not None and context.is_main:
+            save_best_model(paths["best.pt"], **held)              # it may have stopped before writing it
         saved_world = checkpoint.get("world_size", 1)
         if saved_world != world and context.is_main:
             # Each rank reduces its shard of the batch: another split rounds the sums differently.
@@ -257,10 +260,7 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
                                            f"stopped before saving this model")
                 improved = validation["accuracy"] > best["accuracy"]
                 if improved:
-                    best = {"accuracy": validation["accuracy"], "epoch": epoch + 1}
-                    if context.is_main:
-                        save_best_model(paths["best.pt"], config=config, model=model, epoch=epoch + 1,
-                                        global_step=(epoch + 1) * steps_per_epoch, validation=validation)
+                    best = {"accuracy": validation["accuracy"], "epoch": epoch + 1, "validation": validation}
                 train_means = _means(sums["epoch"].tolist())
                 log.write(event="validation", epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch,
                           train_loss=train_means["loss"], train_accuracy=train_means["accuracy"],
@@ -271,7 +271,12 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
                                f"{validation['accuracy']:.2%}" + (" (best)" if improved else ""))
                 sums["epoch"].zero_()
                 step_in_epoch = 0
+                # last.pt first: stopped between the two saves, a run resumes with last.pt holding
+                # the best model, from which it writes best.pt again (checkpoint.best_model_in).
                 save_last(epoch + 1, 0)
+                if improved and context.is_main:
+                    save_best_model(paths["best.pt"], config=config, model=model.state_dict(), epoch=epoch + 1,
+                                    global_step=(epoch + 1) * steps_per_epoch, validation=validation)
                 if stop.requested:
                     raise interrupted(epoch + 1, 0)
 
