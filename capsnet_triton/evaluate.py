@@ -135,9 +135,11 @@ def main(argv=None):
     try:
         device = resolve_device(args.device)
         model, checkpoint = load_model(args.checkpoint, device)
+        _datasets(args, checkpoint)
     except ValueError as e:
         parser.error(str(e))
-    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device)
+    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device,
+                       owns_ctrl_c=argv is None)
 
 
 def _figure_folder(run_dir, checkpoint_name, dataset, own, limit):
@@ -151,14 +153,21 @@ def _figure_folder(run_dir, checkpoint_name, dataset, own, limit):
     return os.path.join(run_dir, "-".join(parts)) if parts else run_dir
 
 
-def _evaluate_checkpoint(args, model, checkpoint, device):
-    config = checkpoint["config"]
-    spec = dataset_spec(args.dataset or config["dataset"])
-    trained_on = dataset_spec(config["dataset"])
+def _datasets(args, checkpoint):
+    """(the dataset to score, the one the model was trained on), or a ValueError where the model
+    cannot take the first's images or classes (a usage error: said before any data is read)."""
+    trained_on = dataset_spec(checkpoint["config"]["dataset"])
+    spec = dataset_spec(args.dataset or trained_on.name)
     if (spec.image_shape, spec.num_classes) != (trained_on.image_shape, trained_on.num_classes):
         raise ValueError(f"the model was trained on {trained_on.name} ({list(trained_on.image_shape)}, "
                          f"{trained_on.num_classes} classes) and cannot score {spec.name} "
                          f"({list(spec.image_shape)}, {spec.num_classes} classes)")
+    return spec, trained_on
+
+
+def _evaluate_checkpoint(args, model, checkpoint, device):
+    config = checkpoint["config"]
+    spec, trained_on = _datasets(args, checkpoint)
     # The MD5s tell the datasets apart: a folder of MNIST is refused as Fashion-MNIST's.
     test = load_split(args.data or config["data"], spec.name, train=False, verify=args.verify_data)
     test = spec.evaluation_split(test, True)

@@ -6,10 +6,10 @@ MNIST-derived sets of its other experiments (SPEC section 9: --dataset multimnis
     torchrun --nproc-per-node 4 -m capsnet_triton.train --data DIR --out runs/mnist
 
 Defaults are the paper's: Adam, lr 1e-3 decayed continuously by x0.96 every 2,000 steps (as
-the official code's tf.train.exponential_decay, floored at 1e-6), global batch 128, 3 routing
-iterations, reconstruction weight 0.0005, random shifts of up to 2 pixels. 5,000 training
-images are held out for validation; the model with the best validation accuracy is kept as
-RUN_DIR/best.pt and evaluated on the test set once, at the end.
+the official code's tf.train.exponential_decay, floored at 1e-6, or at --lr where that is
+smaller), global batch 128, 3 routing iterations, reconstruction weight 0.0005, random shifts
+of up to 2 pixels. 5,000 training images are held out for validation; the model with the best
+validation accuracy is kept as RUN_DIR/best.pt and evaluated on the test set once, at the end.
 
 RUN_DIR receives log.jsonl (one JSON record per line: "train" every --log-every steps,
 "validation" every epoch, "test" at the end), last.pt (the full training state), best.pt (the
@@ -19,8 +19,9 @@ Exact resume (`training.checkpoint`): last.pt is written atomically every epoch 
 --checkpoint-every steps, so a run killed at any moment and resumed with --resume ends
 bit-identical on CPU to one never interrupted. Ctrl-C stops a single-process run at the next
 step boundary (after an epoch's validation when it came in that epoch's last step), with last.pt
-saved there, and exits with status 130 (the command only: `main(argv)` called from Python leaves
-Ctrl-C to its caller). The run writing RUN_DIR holds RUN_DIR/.lock (an flock that ends with its
+saved there, and exits with status 130; a second Ctrl-C, or one outside the training steps,
+stops at once with one line and status 130 (the command only: `main(argv)` called from Python
+leaves Ctrl-C to its caller). The run writing RUN_DIR holds RUN_DIR/.lock (an flock that ends with its
 process), so a second run into the same folder is refused.
 
 Distributed (`training.distributed`): under torchrun every rank trains on its shard of each
@@ -55,6 +56,15 @@ from .training.loop import train
 __all__ = ["build_parser", "main", "train"]
 
 
+def _after_ctrl_c(run_dir):
+    """What is left to do after a Ctrl-C outside a training step (or a second one): continue
+    from the run's last checkpoint, or, before its first, start again."""
+    last = os.path.join(run_dir, "last.pt")
+    if os.path.exists(last):
+        return f"continue from {last} with --out {run_dir} --resume"
+    return "nothing of the run was saved yet; start it again"
+
+
 def main(argv=None):
     """Console entry point (`capsnet-train`, `python -m capsnet_triton.train`)."""
     parser = build_parser()
@@ -66,7 +76,8 @@ def main(argv=None):
         if command:
             keep_freed_memory()
         status = run_command(parser.prog, config["verbose"], functools.partial(train, ctrl_c_stops=command),
-                             config, checkpoint)
+                             config, checkpoint, owns_ctrl_c=command,
+                             after_ctrl_c=functools.partial(_after_ctrl_c, config["out"]))
     if status == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A torchrun worker ends here without Python's teardown: with gloo, torch 2.13 sometimes
         # aborts a rank at interpreter exit ("terminate called without an active exception"),

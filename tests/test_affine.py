@@ -176,5 +176,6 @@ def test_evaluate_scores_a_mnist40_model_on_the_generated_set_and_affnist(tmp_pa
                           "--out", str(tmp_path / "figures")]) == 0
     printed = capsys.readouterr().out
     assert "affnist test accuracy" in printed and "on 9 images" in printed
-    assert evaluate.main([str(out / "best.pt"), "--dataset", "mnist", "--device", "cpu", "--no-verify-data"]) == 1
-    assert "cannot score mnist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:                   # a usage error, said before any data is read
+        evaluate.main([str(out / "best.pt"), "--dataset", "mnist", "--device", "cpu", "--no-verify-data"])
+    assert stopped.value.code == 2 and "cannot score mnist" in capsys.readouterr().err

@@ -268,9 +268,26 @@ def test_ctrl_c_in_an_epochs_validation_stops_after_it_and_a_second_one_at_once(
         assert events == ["train", "validation"]
         assert f"interrupted after step {steps}," in result.stderr.rstrip("\n").split("\n")[-1]
     else:
-        # Python's own Ctrl-C: KeyboardInterrupt at once, nothing of the epoch saved.
-        assert result.returncode == -signal.SIGINT and "KeyboardInterrupt" in result.stderr
+        # The second stops at once, nothing of the epoch saved, with one line.
+        assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.rstrip("\n").split("\n")[-1] == (
+            "python -m capsnet_triton.train: interrupted (Ctrl-C); nothing of the run was saved yet; start it again")
         assert events == ["train"] and not (out / "last.pt").exists()
+
+
+def test_ctrl_c_in_the_final_test_is_one_line_and_resume_tests_again(data_dir, tmp_path):
+    """Outside the training steps (the final test here; loading data, the figures) Ctrl-C stops
+    at once: one line saying how to continue, not a traceback."""
+    out = tmp_path / "testing"
+    argv = tiny_args(data_dir, out, "--epochs", "1", "--limit-train", "32")
+    result = run_with_ctrl_c("evaluate", 2, 1, argv)                  # 1: the validation, 2: the test
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.rstrip("\n").split("\n")[-1] == (
+        f"python -m capsnet_triton.train: interrupted (Ctrl-C); continue from {out / 'last.pt'} with --out {out} "
+        f"--resume")
+    assert [r["event"] for r in read_log(out)] == ["train", "validation"]
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    assert [r["event"] for r in read_log(out)] == ["train", "validation", "test"]
 
 
 def test_main_called_with_argv_leaves_ctrl_c_to_its_caller(data_dir, tmp_path, monkeypatch):

@@ -351,18 +351,24 @@ def test_under_torchrun_errors_say_which_rank_and_who_failed_first(monkeypatch, 
     assert errors.run_command("prog", False, _raise, lost) == 1
     assert capsys.readouterr().err == f"{prefix}prog: stopped because another rank failed (its error is above)\n"
     # Ctrl-C reaches every rank through torchrun: one line, from rank 0.
-    assert errors.run_command("prog", False, _raise, KeyboardInterrupt()) == errors.INTERRUPTED_STATUS
-    err = capsys.readouterr().err
-    assert (err.startswith("prog: interrupted (Ctrl-C)") and "--resume" in err) if rank == 0 else err == ""
+    for owns_ctrl_c in (True, False):                   # a caller's argv or not: torchrun sent it to every rank
+        assert errors.run_command("prog", False, _raise, KeyboardInterrupt(), owns_ctrl_c=owns_ctrl_c,
+                                  after_ctrl_c=lambda: "continue with --resume") == errors.INTERRUPTED_STATUS
+        err = capsys.readouterr().err
+        assert err == ("prog: interrupted (Ctrl-C); continue with --resume\n" if rank == 0 else "")
     with pytest.raises(TypeError):                      # not a user's error: the traceback stays
         errors.run_command("prog", False, _raise, TypeError("a bug"))
 
 
-def test_a_single_process_leaves_ctrl_c_and_unknown_runtime_errors_alone(monkeypatch):
+def test_a_single_process_leaves_ctrl_c_to_a_caller_and_unknown_runtime_errors_alone(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    for error in (KeyboardInterrupt(), RuntimeError("Connection closed by peer")):
-        with pytest.raises(type(error)):
-            errors.run_command("prog", False, _raise, error)
+    with pytest.raises(KeyboardInterrupt):
+        errors.run_command("prog", False, _raise, KeyboardInterrupt(), owns_ctrl_c=False)
+    with pytest.raises(RuntimeError):
+        errors.run_command("prog", False, _raise, RuntimeError("Connection closed by peer"))
+    # The process's own command: one line, whatever it was doing.
+    assert errors.run_command("prog", False, _raise, KeyboardInterrupt()) == errors.INTERRUPTED_STATUS
+    assert capsys.readouterr().err == "prog: interrupted (Ctrl-C)\n"
 
 
 def test_real_mnist_is_told_apart_from_fashion_mnist(mnist_dir):
@@ -409,3 +415,12 @@ def test_the_training_command_keeps_freed_memory_for_the_next_tensor():
 def test_keep_freed_memory_leaves_an_allocator_the_user_chose(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     assert allocator.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1e-7])
+def test_the_learning_rate_decays_to_its_floor_and_never_above_lr(lr):
+    """The floor is MIN_LR, or --lr where that is smaller: --lr 1e-7 trained at 1e-6 from its first step."""
+    factor = loop._learning_rate_factor({"lr": lr, "lr_decay": 0.5, "lr_decay_steps": 1})
+    rates = [lr * factor(step) for step in (0, 1, 60)]
+    assert rates[0] == lr and rates[1] == pytest.approx(max(lr / 2, min(lr, loop.MIN_LR)), rel=1e-12)
+    assert rates[2] == pytest.approx(min(lr, loop.MIN_LR), rel=1e-12)

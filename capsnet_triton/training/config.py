@@ -76,7 +76,8 @@ def build_parser(suppress_defaults=False):
     optim = parser.add_argument_group("optimisation")
     add(optim, "--epochs", default=50, type=int, help="passes over the training split")
     add(optim, "--batch-size", default=128, type=int, help="global batch, split over the ranks")
-    add(optim, "--lr", default=1e-3, type=float, help="Adam learning rate")
+    add(optim, "--lr", default=1e-3, type=float, help="Adam learning rate; its decay stops at 1e-6 (or at "
+        "--lr, where that is smaller)")
     add(optim, "--lr-decay", default=0.96, type=float, help="learning rate factor per --lr-decay-steps")
     add(optim, "--lr-decay-steps", default=2000, type=int, help="steps per --lr-decay factor (applied "
         "continuously); the default is 20000 for multimnist (SPEC 9: 10x longer)")

@@ -5,7 +5,8 @@ Bad options end through argparse with exit status 2 (usage). Everything found wh
 that diverged) ends with one line, "PROG: error: what is wrong and what to do", and exit
 status 1; --verbose shows the traceback as well. A training run stopped by Ctrl-C after saving
 last.pt ends with one line saying how to continue, and exit status 130 (128 + SIGINT, as a shell
-reports a process that SIGINT ended).
+reports a process that SIGINT ended); so does a command stopped by Ctrl-C anywhere else (loading
+data, the final test, the figures, a second Ctrl-C), saying what is left to do.
 
 Under torchrun every rank runs the command: a usage error, the same on every rank, is said by
 rank 0 alone; an error found while running is said by each rank that meets it, "rank N: ..."
@@ -72,20 +73,22 @@ def _another_rank_failed(error):
         type(error) is RuntimeError and "closed by peer" in str(error)))
 
 
-def run_command(prog, verbose, function, *args):
+def run_command(prog, verbose, function, *args, owns_ctrl_c=True, after_ctrl_c=None):
     """function(*args); 0 when it returns, 1 with a one-line message when it raises a USER_ERRORS,
-    INTERRUPTED_STATUS with its message when it raises TrainingInterrupted (or, under torchrun,
-    when Ctrl-C reaches the ranks)."""
+    INTERRUPTED_STATUS with its message when it raises TrainingInterrupted or when Ctrl-C stops
+    it: "PROG: interrupted (Ctrl-C)", then `after_ctrl_c()` (what is left to do) where given, said
+    by rank 0 alone under torchrun. owns_ctrl_c=False, for a caller that passed the command's
+    argv from Python (a test runner), leaves a single process's KeyboardInterrupt to that caller."""
     try:
         function(*args)
     except TrainingInterrupted as e:
         _say(f"{prog}: {e}")
         return INTERRUPTED_STATUS
     except KeyboardInterrupt:
-        if launched_world_size() == 1:
-            raise                           # a single process stops at a step boundary instead
+        if launched_world_size() == 1 and not owns_ctrl_c:
+            raise
         if launched_rank() == 0:
-            _say(f"{prog}: interrupted (Ctrl-C); continue from the run's last checkpoint (last.pt) with --resume")
+            _say(f"{prog}: interrupted (Ctrl-C)" + ("" if after_ctrl_c is None else f"; {after_ctrl_c()}"))
         return INTERRUPTED_STATUS
     except Exception as e:
         lost_peer = _another_rank_failed(e)

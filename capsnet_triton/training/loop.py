@@ -43,8 +43,10 @@ def _means(sums):
 
 
 def _learning_rate_factor(config):
-    """Multiplier of the base lr after `step` steps: decay^(step / decay_steps), at least MIN_LR."""
-    decay, decay_steps, floor = config["lr_decay"], config["lr_decay_steps"], MIN_LR / config["lr"]
+    """Multiplier of the base lr after `step` steps: decay^(step / decay_steps), the decayed lr
+    floored at MIN_LR, or at the base lr where that is smaller (the official code would raise
+    such an lr to MIN_LR from the first step: a run 10x or 1000x faster than asked)."""
+    decay, decay_steps, floor = config["lr_decay"], config["lr_decay_steps"], min(1.0, MIN_LR / config["lr"])
     return lambda step: max(decay ** (step / decay_steps), floor)
 
 
