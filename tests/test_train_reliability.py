@@ -136,6 +136,14 @@ def test_files_that_are_not_the_dataset_are_refused_before_the_first_step(fake_m
     assert os.listdir(out) == [LOCK_NAME]                                 # no step, no log, no checkpoint
 
 
+def test_a_resumed_run_can_turn_the_data_checks_back_on(finished_run, fake_mnist, tmp_path, capsys):
+    """--no-verify-data is kept by a resumed run, like --data; --verify-data turns it back (there
+    was no such flag, so a run started without the checks never had them again)."""
+    out = copy_run(finished_run, tmp_path / "run")
+    status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2", "--verify-data"], capsys)
+    assert status == 1 and "MD5" in one_line(err) and "--no-verify-data" in one_line(err)
+
+
 def test_real_mnist_with_shifted_labels_is_refused_and_recompressed_copies_pass(mnist_dir, tmp_path, capsys):
     shifted = tmp_path / "shifted"
     shutil.copytree(mnist_dir, shifted)

@@ -59,11 +59,14 @@ def build_parser(suppress_defaults=False):
     add(data, "--dataset", default="mnist", choices=trainable,
         help="which dataset's files to load (affnist and affnist-generated are test sets: see "
              "python -m capsnet_triton.evaluate)")
-    add(data, "--download", default=False, action="store_true",
+    # Both switches have a --no- form too, so that a resumed run, which keeps the run's choice
+    # unless told, can turn either back.
+    add(data, "--download", default=False, action=argparse.BooleanOptionalAction,
         help="fetch the .gz files from the canonical mirrors into DIR/<MNIST|FashionMNIST>/raw, "
              "keeping those already there that pass their checksum")
-    add(data, "--no-verify-data", dest="verify_data", default=True, action="store_false",
-        help="skip the MD5 check of the dataset's four files before training (for deliberately modified data)")
+    add(data, "--verify-data", default=True, action=argparse.BooleanOptionalAction,
+        help="check the MD5s of the dataset's four files before training (on by default; --no-verify-data "
+             "for deliberately modified data)")
     add(data, "--validation-size", default=5000, type=int, help="training images held out for model selection")
     add(data, "--split-seed", default=0, type=int, help="seed of the validation split (fixed across runs)")
     add(data, "--max-shift", default=2, type=int, help="random shift augmentation in pixels (0: none); "
