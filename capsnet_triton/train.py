@@ -21,8 +21,8 @@ bit-identical on CPU to one never interrupted. Ctrl-C stops a single-process run
 step boundary (after an epoch's validation when it came in that epoch's last step), with last.pt
 saved there, and exits with status 130; a second Ctrl-C, or one outside the training steps,
 stops at once with one line and status 130 (the command only: `main(argv)` called from Python
-leaves Ctrl-C to its caller). The run writing RUN_DIR holds RUN_DIR/.lock (an flock that ends with its
-process), so a second run into the same folder is refused.
+leaves Ctrl-C to its caller). The run writing RUN_DIR holds RUN_DIR/.lock (an flock that ends
+with its process), so a second run into the same folder is refused.
 
 Distributed (`training.distributed`): under torchrun every rank trains on its shard of each
 global batch through DistributedDataParallel; --batch-size is the global batch. Only rank 0
