@@ -61,26 +61,50 @@ def with_checkpoint_changed(path, change):
     save_atomic({**checkpoint, "checksum": payload_checksum(checkpoint)}, path)
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt", "another epoch", "another run"])
-def test_resume_checks_best_pt_before_training(finished_run, tmp_path, capsys, damage):
-    """The final test reads best.pt: a resumed run refuses, before any step, one that is not the
-    best model last.pt records, instead of finding it after the remaining epochs."""
-    out = copy_run(finished_run, tmp_path / "run")
-    best = out / "best.pt"
-    if damage == "missing":
+DAMAGES = ["missing", "corrupt", "another epoch", "another run"]
+
+
+def damage(best, how):
+    if how == "missing":
         os.remove(best)
-    elif damage == "corrupt":
+    elif how == "corrupt":
         flip_middle(best)
-    elif damage == "another epoch":
+    elif how == "another epoch":
         with_checkpoint_changed(best, lambda checkpoint: checkpoint.update(epoch=2))
     else:
         with_checkpoint_changed(best, lambda checkpoint: checkpoint["config"].update(seed=8))
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_resume_checks_best_pt_before_training(finished_run, tmp_path, capsys, how):
+    """The final test reads best.pt: a resumed run refuses, before any step, one that is not the
+    best model last.pt records, instead of finding it after the remaining epochs. (Here last.pt
+    does not hold that model itself: it records no validation, as an earlier version's did not.)"""
+    out = copy_run(finished_run, tmp_path / "run")
+    with_checkpoint_changed(out / "last.pt", lambda checkpoint: checkpoint["best"].pop("validation"))
+    best = out / "best.pt"
+    damage(best, how)
     before = {name: (out / name).read_bytes() for name in ("last.pt", "log.jsonl")}
     for _ in range(2):                  # a refusal releases the run folder's lock: the second says the same
         status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
         line = one_line(err)
         assert status == 2 and str(best) in line and "epoch 1" in line and "another --out" in line
     assert {name: (out / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_resume_writes_best_pt_again_where_last_pt_holds_the_best_model(finished_run, tmp_path, how):
+    """last.pt saved at the end of the best epoch holds the best model and its validation: that is
+    where a run stopped between its saves of last.pt and best.pt stands, and the resumed run
+    writes best.pt again from it, whatever the file held."""
+    out = copy_run(finished_run, tmp_path / "run")
+    written = torch.load(out / "best.pt", weights_only=True)
+    damage(out / "best.pt", how)
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    again = torch.load(out / "best.pt", weights_only=True)
+    # The checksum covers every value and tensor byte (the files' bytes differ in pickle's memo only).
+    contents = {key: value for key, value in again.items() if key != "checksum"}
+    assert again["checksum"] == written["checksum"] == payload_checksum(contents)
 
 
 def test_a_best_pt_written_with_other_resumable_options_passes(finished_run, tmp_path):

@@ -228,7 +228,7 @@ def best_model_in(checkpoint):
     The run saves last.pt at the end of an epoch whose validation improved, recording that
     validation, before it saves best.pt: a run stopped between the two saves (killed, or its
     disk full) left best.pt a best model behind, or none, and last.pt's model is the best one.
-    Its resumed run writes best.pt again from this, the same bytes the run would have written.
+    Its resumed run writes best.pt again from this, the contents the run would have written.
     """
     best, position = checkpoint["best"], checkpoint["position"]
     if "validation" not in best or (position["epoch"], position["step_in_epoch"]) != (best["epoch"], 0):
