@@ -92,15 +92,21 @@ def test_resume_checks_best_pt_before_training(finished_run, tmp_path, capsys, h
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
-@pytest.mark.parametrize("how", DAMAGES)
-def test_resume_writes_best_pt_again_where_last_pt_holds_the_best_model(finished_run, tmp_path, how):
+@pytest.mark.parametrize("how", [*DAMAGES, "intact"])
+def test_resume_writes_best_pt_again_where_last_pt_holds_the_best_model(finished_run, tmp_path, capsys, how):
     """last.pt saved at the end of the best epoch holds the best model and its validation: that is
     where a run stopped between its saves of last.pt and best.pt stands, and the resumed run
-    writes best.pt again from it, whatever the file held."""
+    writes best.pt again from it, whatever the file held, and says so (an intact one is left alone)."""
     out = copy_run(finished_run, tmp_path / "run")
-    written = torch.load(out / "best.pt", weights_only=True)
-    damage(out / "best.pt", how)
+    written, before = torch.load(out / "best.pt", weights_only=True), (out / "best.pt").read_bytes()
+    if how != "intact":
+        damage(out / "best.pt", how)
+    capsys.readouterr()
     assert train.main(["--out", str(out), "--resume"]) == 0
+    said = "was not the best model that" in capsys.readouterr().err
+    assert said == (how != "intact")
+    if how == "intact":
+        assert (out / "best.pt").read_bytes() == before                     # not written at all
     again = torch.load(out / "best.pt", weights_only=True)
     # The checksum covers every value and tensor byte (the files' bytes differ in pickle's memo only).
     contents = {key: value for key, value in again.items() if key != "checksum"}

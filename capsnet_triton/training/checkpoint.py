@@ -33,7 +33,7 @@ from ..data import default_permissions
 
 __all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "save_atomic", "payload_checksum",
            "load_checkpoint", "load_training_state", "lock_run_folder", "remove_stale_temporaries",
-           "save_training_state", "save_best_model", "best_model_in", "restore_training_state", "seed_everything",
+           "save_training_state", "save_best_model", "best_model_in", "restore_best_model", "restore_training_state", "seed_everything",
            "rng_state", "set_rng_state"]
 
 CHECKPOINT_FORMAT = 1
@@ -216,25 +216,41 @@ def load_training_state(path):
     return checkpoint
 
 
+def _best_model(config, model, epoch, global_step, validation):
+    """best.pt's payload: the model chosen on validation (its state_dict), with the metrics that chose it."""
+    return {"format": CHECKPOINT_FORMAT, "config": config, "model": model, "epoch": epoch,
+            "global_step": global_step, "validation": validation}
+
+
 def save_best_model(path, *, config, model, epoch, global_step, validation):
-    """Write best.pt: the model chosen on validation (its state_dict), with the metrics that chose it."""
-    _save_checkpoint({"format": CHECKPOINT_FORMAT, "config": config, "model": model,
-                      "epoch": epoch, "global_step": global_step, "validation": validation}, path)
+    """Write best.pt (see _best_model)."""
+    _save_checkpoint(_best_model(config, model, epoch, global_step, validation), path)
 
 
 def best_model_in(checkpoint):
-    """save_best_model's arguments for the best model that last.pt's training state holds, or None.
+    """best.pt's payload for the best model that last.pt's training state holds, or None.
 
     The run saves last.pt at the end of an epoch whose validation improved, recording that
     validation, before it saves best.pt: a run stopped between the two saves (killed, or its
     disk full) left best.pt a best model behind, or none, and last.pt's model is the best one.
-    Its resumed run writes best.pt again from this, the contents the run would have written.
     """
     best, position = checkpoint["best"], checkpoint["position"]
     if "validation" not in best or (position["epoch"], position["step_in_epoch"]) != (best["epoch"], 0):
         return None
-    return dict(config=checkpoint["config"], model=checkpoint["model"], epoch=best["epoch"],
-                global_step=position["global_step"], validation=best["validation"])
+    return _best_model(checkpoint["config"], checkpoint["model"], best["epoch"], position["global_step"],
+                       best["validation"])
+
+
+def restore_best_model(path, payload):
+    """Write best.pt from best_model_in's payload unless it holds it already (the same contents,
+    by checksum): what the run would have written. Returns True where it wrote the file."""
+    try:
+        if payload_checksum(load_checkpoint(path)) == payload_checksum(payload):
+            return False
+    except ValueError:                  # missing or corrupt: written again too
+        pass
+    _save_checkpoint(payload, path)
+    return True
 
 
 def restore_training_state(checkpoint, model, optimizer, scheduler, device):

@@ -19,8 +19,8 @@ from ..evaluate import evaluate, example_count
 from ..figures import write_figures
 from ..losses import capsnet_loss, correct_predictions
 from ..model import build_model
-from .checkpoint import (RUN_FILES, best_model_in, load_checkpoint, remove_stale_temporaries, restore_training_state,
-                         save_best_model, save_training_state, seed_everything)
+from .checkpoint import (RUN_FILES, best_model_in, load_checkpoint, remove_stale_temporaries, restore_best_model,
+                         restore_training_state, save_best_model, save_training_state, seed_everything)
 from .distributed import init_distributed
 from .errors import TrainingDiverged, TrainingInterrupted
 from .log import RunLog
@@ -191,8 +191,10 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
     if checkpoint is not None:
         epoch, step_in_epoch, best, sums = restore_training_state(checkpoint, model, optimizer, scheduler, device)
         held = best_model_in(checkpoint)
-        if held is not None and context.is_main:
-            save_best_model(paths["best.pt"], **held)              # it may have stopped before writing it
+        if held is not None and context.is_main and restore_best_model(paths["best.pt"], held):
+            print(f"{paths['best.pt']} was not the best model that {paths['last.pt']} holds (the run stopped "
+                  f"between its two saves at the end of epoch {held['epoch']}, or the file was changed): "
+                  f"written again from it", file=sys.stderr)
         saved_world = checkpoint.get("world_size", 1)
         if saved_world != world and context.is_main:
             # Each rank reduces its shard of the batch: another split rounds the sums differently.
