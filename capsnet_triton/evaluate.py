@@ -135,10 +135,10 @@ def main(argv=None):
     try:
         device = resolve_device(args.device)
         model, checkpoint = load_model(args.checkpoint, device)
-        _datasets(args, checkpoint)
+        datasets = _datasets(args, checkpoint)
     except ValueError as e:
         parser.error(str(e))
-    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device,
+    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device, datasets,
                        owns_ctrl_c=argv is None)
 
 
@@ -165,9 +165,9 @@ def _datasets(args, checkpoint):
     return spec, trained_on
 
 
-def _evaluate_checkpoint(args, model, checkpoint, device):
+def _evaluate_checkpoint(args, model, checkpoint, device, datasets):
     config = checkpoint["config"]
-    spec, trained_on = _datasets(args, checkpoint)
+    spec, trained_on = datasets
     # The MD5s tell the datasets apart: a folder of MNIST is refused as Fashion-MNIST's.
     test = load_split(args.data or config["data"], spec.name, train=False, verify=args.verify_data)
     test = spec.evaluation_split(test, True)

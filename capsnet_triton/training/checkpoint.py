@@ -33,8 +33,8 @@ from ..data import default_permissions
 
 __all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "save_atomic", "payload_checksum",
            "load_checkpoint", "load_training_state", "lock_run_folder", "remove_stale_temporaries",
-           "save_training_state", "save_best_model", "best_model_in", "restore_best_model", "restore_training_state", "seed_everything",
-           "rng_state", "set_rng_state"]
+           "save_training_state", "save_best_model", "best_model_in", "restore_best_model", "restore_training_state",
+           "seed_everything", "rng_state", "set_rng_state"]
 
 CHECKPOINT_FORMAT = 1
 
