@@ -235,12 +235,17 @@ def _setup_context(ctx, inputs, output):
     u_hat, _, bias, gradient, backend = inputs
     _, s_all, couplings = output
     ctx.save_for_backward(u_hat, s_all, couplings)
+    # s_all and the couplings are outputs for the backward alone: without this, autograd would
+    # fill a zero gradient for each (11.8 MB of fresh memory for the couplings at B = 128).
+    ctx.set_materialize_grads(False)
     ctx.gradient = gradient
     ctx.backend = backend
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dv, _ds_all_unused, _couplings_unused):
+    if dv is None:                     # no gradient reached v (set_materialize_grads above)
+        return None, None, None, None, None
     u_hat, s_all, couplings = ctx.saved_tensors
     du_hat, ds_all = _routing_backward_op(dv.contiguous(), u_hat, s_all, couplings, ctx.gradient,
                                           ctx.backend)
