@@ -17,8 +17,11 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
   (B I P) and the slices (I P J D, from L2 after the first samples) r times per sample, writes
   r B J D of s_all and B J D of v.
 - capsule_linear_backward: kernel A (gradient="full" only) reads u and W r - 1 times per sample
-  and writes ds_all; kernel B reads W once per program, u, s_all and ds_all once per sample, and
-  writes du (B I P) and dW (I J D P) once: no pass over anything of size U.
+  and writes ds_all, and the couplings and logit gradients it computes (2 (r - 1) B I J, a
+  quarter of U at the MNIST shape); kernel B reads W once per program, u, s_all, ds_all and
+  those couplings once per sample, and writes du (B I P) and dW (I J D P) once: no pass over
+  anything of size U. With couplings="recomputed" nothing is kept, and kernel B recomputes
+  u_hat and every coupling per sample instead.
 
 Two variants of the forward and of backward kernel A, chosen by the launchers' `variant=`:
 "sample" (in this file), one program per sample for all iterations, which reads all of W once
@@ -44,8 +47,9 @@ from capsnet_triton.checks import (
 from . import capsule_linear_split, routing_split
 from .launch import (DEFAULT_VARIANT, block_inputs, check_variant, launch_options, max_tile, on_tensor_device, output,
                      scratch, split_stages, tl_dtype)
-from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, jd_layout, load_bias, load_u,
-                            load_weight, predict, predict_tile, s_of_tile, sample_ds, v_sum_before, weight_layout)
+from .routing_tiles import (coupling_tile, du_hat_of_kept, du_hat_tile, end_iteration, jd_layout, kept_plane, kept_rows,
+                            load_bias, load_u, load_weight, logits_grad, predict, predict_tile, s_of_tile, sample_ds,
+                            store_kept, v_sum_before, weight_layout)
 from .squash import squash_backward
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
@@ -88,8 +92,9 @@ def _capsule_linear_forward_kernel(
 
 @triton.jit
 def _capsule_linear_backward_ds_all_kernel(
-    u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr,
+    u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr, kept_ptr,
     B, I, J, D, P, iterations,
+    KEEP_COUPLINGS: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
@@ -97,7 +102,9 @@ def _capsule_linear_backward_ds_all_kernel(
     one sample per program; grid (B,). The routing's kernel A with u_hat recomputed per tile.
 
     Walks t = r..1: ds^(t) = squash_backward(dL/dv^(t), s^(t)); for t >= 2 one pass over I
-    recomputes c^(t) and sums dV^(t) = sum_i db^(t) u_hat, and dL/dv^(t-1) = sum_{t' >= t} dV^(t').
+    recomputes c^(t) and sums dV^(t) = sum_i db^(t) u_hat, and dL/dv^(t-1) = sum_{t' >= t} dV^(t');
+    with KEEP_COUPLINGS it stores c^(t) and db^(t) in kept_ptr, [iterations - 1, 2, B, I, J]
+    contiguous in COMPUTE_DTYPE (routing_tiles.kept_rows), for kernel B.
     u_ptr, slices_ptr: as in the forward. dv_ptr: dL/dv [B, J, D], contiguous, any float dtype.
     s_all_ptr, ds_all_ptr: [iterations, B, J, D], contiguous, COMPUTE_DTYPE.
     Memory traffic per program: reads (iterations - 1) (I P of u + I J D P of W) and
@@ -106,6 +113,7 @@ def _capsule_linear_backward_ds_all_kernel(
     sample = tl.program_id(0).to(tl.int64)
     j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
+    j = tl.arange(0, BLOCK_J)
     u_sample = u_ptr + sample * I * P
 
     grad_v = tl.load(dv_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
@@ -116,27 +124,34 @@ def _capsule_linear_backward_ds_all_kernel(
         v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         for i_start in range(0, I, BLOCK_I):
-            u_hat = predict_tile(slices_ptr, u_sample, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,
-                                 COMPUTE_DTYPE)
-            grad_v_sum += grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
+            i = i_start + i_in_block
+            u_hat = predict_tile(slices_ptr, u_sample, i, I, J, D, P, jd_mask, jd_offsets, COMPUTE_DTYPE)
+            coupling = coupling_tile(u_hat, v_sum, j_valid)
+            grad_logits = logits_grad(u_hat, coupling, ds)                # [BLOCK_I, BLOCK_J]
+            grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
+            if KEEP_COUPLINGS:
+                store_kept(kept_rows(kept_ptr, t, B, I, J, sample), kept_plane(B, I, J), i[:, None], j[None, :],
+                           (i < I)[:, None] & j_valid[None, :], coupling, grad_logits, J)
         grad_v = grad_v_sum
     sample_ds(grad_v, s_all_ptr, ds_all_ptr, 0, B, sample, J, D, jd_offsets, jd_mask)
 
 
 @triton.jit
 def _capsule_linear_backward_weight_kernel(
-    u_ptr, weight_ptr, s_all_ptr, ds_all_ptr, du_ptr, dweight_ptr,
+    u_ptr, weight_ptr, s_all_ptr, ds_all_ptr, kept_ptr, du_ptr, dweight_ptr,
     B, I, J, D, P, iterations,
-    GRADIENT_FULL: tl.constexpr,
+    GRADIENT_FULL: tl.constexpr, KEPT_COUPLINGS: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
     """Kernel B of the backward: du and dW for BLOCK_I input capsules; grid (cdiv(I, BLOCK_I),).
 
-    The program loads its W tile once and walks the batch in order. For each sample it
-    recomputes u_hat and forms, in registers,
+    The program loads its W tile once and walks the batch in order. For each sample it forms,
+    in registers,
         GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
         otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy)
+    with c^(t) and db^(t) read from kernel A's kept couplings where KEPT_COUPLINGS (kept_ptr:
+    [iterations - 1, 2, B, I, J], see routing_tiles.kept_rows), else recomputed from u_hat = W u,
     and turns it at once into du[b, i] = sum_j W[i, j]^T du_hat[i, j] (stored) and
     dW[i, j] += du_hat[i, j] u[b, i]^T (kept in registers, stored after the last sample). Each
     program owns its rows of dW and adds the samples in a fixed order: deterministic, no atomics.
@@ -144,9 +159,10 @@ def _capsule_linear_backward_weight_kernel(
     s_all_ptr, ds_all_ptr: [iterations, B, J, D],
     contiguous, COMPUTE_DTYPE. du_ptr: du [B, I, P], contiguous, u's dtype. dweight_ptr:
     dW [I, J, D, P], contiguous, W's dtype.
-    Memory traffic per program: reads BLOCK_I J D P of W once, and per sample BLOCK_I P of u
-    and 2 iterations J D of s_all and ds_all ("last": iterations J D, J D); writes B BLOCK_I P
-    of du and BLOCK_I J D P of dW.
+    Memory traffic per program: reads BLOCK_I J D P of W once, and per sample BLOCK_I P of u,
+    2 iterations J D of s_all and ds_all ("last": iterations J D, J D) and, with KEPT_COUPLINGS,
+    2 (iterations - 1) BLOCK_I J of kept couplings; writes B BLOCK_I P of du and BLOCK_I J D P
+    of dW.
     """
     j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = weight_layout(
         J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
@@ -157,9 +173,13 @@ def _capsule_linear_backward_weight_kernel(
     du_sample = du_ptr
     for sample in range(B):
         u, u_mask = load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-        du_hat = du_hat_tile(predict(weight, u), s_all_ptr, ds_all_ptr, B, sample, J, D, iterations,
-                              j_valid, jd_mask, jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D,
-                              COMPUTE_DTYPE)                               # [BLOCK_I, BLOCK_J, BLOCK_D]
+        if KEPT_COUPLINGS:
+            du_hat = du_hat_of_kept(kept_ptr, s_all_ptr, ds_all_ptr, B, I, J, D, sample, i, iterations, j_valid,
+                                    jd_mask, jd_offsets, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
+        else:
+            du_hat = du_hat_tile(predict(weight, u), s_all_ptr, ds_all_ptr, B, sample, J, D, iterations,
+                                 j_valid, jd_mask, jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D,
+                                 COMPUTE_DTYPE)                            # [BLOCK_I, BLOCK_J, BLOCK_D]
         du = tl.sum(tl.sum(weight * du_hat[:, :, :, None], axis=2), axis=1)  # [BLOCK_I, BLOCK_P]
         tl.store(du_sample + i[:, None] * P + p[None, :], du.to(du_ptr.dtype.element_ty), mask=u_mask)
         dweight += du_hat[:, :, :, None] * u[:, None, None, :]
@@ -177,6 +197,10 @@ _INT32_MAX = 2**31 - 1
 
 # Samples per program of the split kernels: each W tile they load serves this many samples.
 _SPLIT_BLOCK_B = 4
+
+# Where backward kernel B gets the couplings and logit gradients of the "full" policy from
+# (capsule_linear_backward's `couplings`).
+_COUPLINGS = ("kept", "recomputed")
 
 
 def _launch_config(I, J, D, P, dtype, block_i, samples=1, weight_tile=False):
@@ -278,7 +302,7 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_
 
 @on_tensor_device
 def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DEFAULT_VARIANT, splits=None,
-                            block_i=None, weight_launch=None, out=None):
+                            block_i=None, weight_launch=None, couplings="kept", out=None):
     """Gradients of capsule_linear_forward: (du [B, I, P] in u's dtype, dW [I, J, D, P] in W's
     dtype, ds_all [r, B, J, D] in the compute dtype; the bias gradient is ds_all.sum((0, 1))).
 
@@ -293,6 +317,11 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
     weight_launch: optional (BLOCK_I, num_warps) of kernel B alone, instead of the launcher's
     (block_i's, or its tile budget's): the kernels stage times one input over two warps beside
     the default (docs/PERF.md, 2026-11-30, fourth run).
+    couplings: under "full", "kept" (default) has kernel A store every c^(t) and db^(t) it
+    computes, [r - 1, 2, B, I, J] in the compute dtype (2(r - 1)/D of u_hat's size: 1/4 at the
+    MNIST shape), and kernel B form du_hat from them; "recomputed" has kernel B recompute them
+    from u_hat = W u per sample, r couplings and r - 1 logit gradients per input, with no
+    buffer (docs/PERF.md, 2026-11-30, ninth run). "last" recomputes c^(r) either way.
     out: optional (du, dW, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """
     check_float_tensor(s_all, "s_all")
@@ -301,6 +330,8 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
     u, weight, _ = _checked(u, weight, s_all.shape[0])
     check_gradient(gradient)
     check_variant(variant)
+    if couplings not in _COUPLINGS:
+        raise ValueError(f"couplings must be one of {_COUPLINGS}, got {couplings!r}")
     B, I, P = u.shape
     _, J, D, _ = weight.shape
     check_float_tensor(dv, "dv")
@@ -323,10 +354,13 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
         dweight.zero_()
         ds_all.zero_()
         return du, dweight, ds_all
+    keep = gradient == "full" and couplings == "kept" and iterations > 1
+    # Without kept couplings no kernel touches kept_ptr; s_all stands in for the pointer.
+    kept = scratch((iterations - 1, 2, B, I, J), s_all) if keep else s_all
     if gradient == "full" and variant == "sample":
         _capsule_linear_backward_ds_all_kernel[(B,)](
-            u, _weight_slices(weight), dv.contiguous(), s_all, ds_all,
-            B, I, J, D, P, iterations, **_launch_config(I, J, D, P, u.dtype, block_i),
+            u, _weight_slices(weight), dv.contiguous(), s_all, ds_all, kept,
+            B, I, J, D, P, iterations, KEEP_COUPLINGS=keep, **_launch_config(I, J, D, P, u.dtype, block_i),
         )
     elif gradient == "full":
         split_config = _launch_config(I, J, D, P, u.dtype, block_i, samples=_SPLIT_BLOCK_B)
@@ -335,8 +369,8 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
         slices = _weight_slices(weight)
         for t in reversed(range(iterations)):
             capsule_linear_split.split_backward_ds_all_kernel[(blocks, splits if t > 0 else 1)](
-                u, slices, dv.contiguous(), s_all, ds_all, partials,
-                B, I, J, D, P, iterations, t, chunk, splits, **split_config,
+                u, slices, dv.contiguous(), s_all, ds_all, partials, kept,
+                B, I, J, D, P, iterations, t, chunk, splits, KEEP_COUPLINGS=keep, **split_config,
             )
     else:
         ds_all[:-1].zero_()
@@ -349,8 +383,8 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
             raise ValueError(f"weight_launch's num_warps must be a power of two >= 1, got {warps!r}")
         weight_config = dict(_launch_config(I, J, D, P, u.dtype, weight_block_i, weight_tile=True), num_warps=warps)
     _capsule_linear_backward_weight_kernel[(triton.cdiv(I, weight_config["BLOCK_I"]),)](
-        u, weight, s_all, ds_all, du, dweight,
+        u, weight, s_all, ds_all, kept, du, dweight,
         B, I, J, D, P, iterations,
-        GRADIENT_FULL=gradient == "full", **weight_config,
+        GRADIENT_FULL=gradient == "full", KEPT_COUPLINGS=keep, **weight_config,
     )
     return du, dweight, ds_all

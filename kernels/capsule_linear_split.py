@@ -33,8 +33,9 @@ which the sample kernels execute half their instructions per (input, sample): a 
 import triton
 import triton.language as tl
 
-from .routing_tiles import (coupling_tile, jd_layout, logits_grad, predict_tile, split_backward_ds,
-                            split_forward_start, spread_nan, store_partial, uniform_share, v_sum_before)
+from .routing_tiles import (coupling_tile, jd_layout, kept_plane, kept_rows, logits_grad, predict_tile,
+                            split_backward_ds, split_forward_start, spread_nan, store_kept, store_partial,
+                            uniform_share, v_sum_before)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel"]
 
@@ -115,9 +116,9 @@ def split_forward_kernel(
 
 @triton.jit(do_not_specialize=["t"])
 def split_backward_ds_all_kernel(
-    u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr,
+    u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, kept_ptr,
     B, I, J, D, P, iterations, t, chunk, splits,
-    BLOCK_B: tl.constexpr,
+    KEEP_COUPLINGS: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -127,7 +128,9 @@ def split_backward_ds_all_kernel(
     dL/dv^(t) is dv for the last iteration, else the sum over the later iterations t' of
     dV^(t') = sum_k partial[t', block, k] (in the order t' = r-1 .. t+1, k = 0..S-1); then
     ds^(t) = squash_backward(dL/dv^(t), s^(t)), stored by chunk 0, and for t >= 1 the chunk's
-    share of dV^(t) = sum_i db^(t) u_hat, u_hat = W u predicted per tile, goes to partial[t, block, k].
+    share of dV^(t) = sum_i db^(t) u_hat, u_hat = W u predicted per tile, goes to partial[t, block, k];
+    with KEEP_COUPLINGS the chunk's c^(t) and db^(t) go to kept_ptr, [iterations - 1, 2, B, I, J]
+    contiguous in COMPUTE_DTYPE (routing_tiles.kept_rows), for kernel B.
     u_ptr, slices_ptr: as in the forward. dv_ptr: dL/dv [B, J, D], contiguous, any float dtype.
     s_all_ptr, ds_all_ptr: [iterations, B, J, D] and partial_ptr:
     [iterations, cdiv(B, BLOCK_B), splits, BLOCK_B J, D], contiguous, COMPUTE_DTYPE.
@@ -149,10 +152,19 @@ def split_backward_ds_all_kernel(
         start = tl.program_id(1) * chunk
         end = tl.minimum(start + chunk, I)
         acc = tl.zeros([BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+        samples = (first + tl.arange(0, BLOCK_B))[:, None, None]             # not clamped: masked
+        j = tl.arange(0, BLOCK_J)[None, None, :]
+        kept_mask = (samples < B) & (j < J)
+        rows = kept_rows(kept_ptr, t, B, I, J, samples)
+        plane = kept_plane(B, I, J)
         for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
             u_hat = predict_tile(slices_ptr, u_block, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,
                                  COMPUTE_DTYPE)                  # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
             coupling = coupling_tile(u_hat, v_sums, j_valid)
-            acc += tl.expand_dims(logits_grad(u_hat, coupling, ds_block), -1) * u_hat
+            grad_logits = logits_grad(u_hat, coupling, ds_block)        # [BLOCK_B, BLOCK_I, BLOCK_J]
+            acc += tl.expand_dims(grad_logits, -1) * u_hat
+            if KEEP_COUPLINGS:
+                i = (i_start + i_in_block)[None, :, None]
+                store_kept(rows, plane, i, j, kept_mask & (i < I), coupling, grad_logits, J)
         store_partial(partial_ptr, t, splits, J, D, rows_offsets, rows_mask,
                       tl.reshape(tl.sum(acc, axis=1), [BLOCK_B * BLOCK_J, BLOCK_D]), BLOCK_B)

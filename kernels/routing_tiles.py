@@ -1,7 +1,8 @@
 """The tile helpers every routing kernel shares (kernels/routing.py, kernels/routing_split.py,
 kernels/capsule_linear.py, kernels/capsule_linear_split.py): a program's sample layout, u_hat
 tiles, couplings and their gradient, V^(t) from s_all, a tile's share of s, of dV and of du_hat,
-the split kernels' partial sums, and the fused layer's W and u tiles and prediction u_hat = W u.
+the split kernels' partial sums, and the fused layer's W and u tiles, prediction u_hat = W u and
+kept couplings.
 """
 
 import triton
@@ -12,7 +13,8 @@ from .squash import squash_backward_tile, squash_tile
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "sample_ds", "s_of_tile",
            "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration", "sum_partials",
            "split_forward_start", "split_backward_ds", "store_partial", "uniform_share", "spread_nan",
-           "jd_layout", "weight_layout", "load_weight", "load_u", "predict_tile", "predict"]
+           "jd_layout", "weight_layout", "load_weight", "load_u", "predict_tile", "predict", "kept_rows",
+           "kept_plane", "store_kept", "du_hat_of_kept"]
 
 
 @triton.jit
@@ -145,6 +147,53 @@ def du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_val
         du_hat += coupling[:, :, None] * ds[None, :, :]
         if GRADIENT_FULL:
             du_hat += logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
+        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+    return du_hat
+
+
+@triton.jit
+def kept_rows(kept_ptr, t, B, I, J, sample):
+    """Where c^(t) of iteration t >= 1 (0-based) starts for sample (a scalar, or [BLOCK_B, 1, 1] for
+    a block) in the fused layer's kept couplings [iterations - 1, 2, B, I, J], contiguous: input i,
+    parent j at i J + j from there, and db^(t) kept_plane(B, I, J) further on."""
+    return kept_ptr + ((t - 1) * 2 * B + tl.cast(sample, tl.int64)) * I * J
+
+
+@triton.jit
+def kept_plane(B, I, J):
+    """The distance from c^(t) to db^(t) in the kept couplings (see kept_rows), 64-bit."""
+    return tl.cast(B, tl.int64) * I * J
+
+
+@triton.jit
+def store_kept(rows, plane, i, j, mask, coupling, grad_logits, J):
+    """Backward kernel A's c^(t) and db^(t) of one tile at kept_rows' rows, inputs i and parents j
+    (broadcast against each other), for kernel B (see du_hat_of_kept)."""
+    at = rows + i * J + j
+    tl.store(at, coupling, mask=mask)
+    tl.store(at + plane, grad_logits, mask=mask)
+
+
+@triton.jit
+def du_hat_of_kept(kept_ptr, s_all_ptr, ds_all_ptr, B, I, J, D, sample, i, iterations, j_valid, jd_mask,
+                   jd_offsets, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ] (the "full" policy) for one sample's inputs i
+    [BLOCK_I] -> [BLOCK_I, BLOCK_J, BLOCK_D], from the c^(t) and db^(t), t >= 1 (0-based), that
+    backward kernel A kept, with c^(0) = 1/J and V^(0) = 0: no u_hat, no coupling recomputed.
+    Padded inputs and parents get 0; V^(t) is summed from s_all as du_hat_tile sums it."""
+    j = tl.arange(0, BLOCK_J)
+    mask = (i < I)[:, None] & j_valid[None, :]
+    uniform = tl.where(mask, tl.full([], 1.0, COMPUTE_DTYPE) / J, 0.0)    # c^(0) [BLOCK_I, BLOCK_J]
+    ds = tl.load(ds_all_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0)
+    du_hat = uniform[:, :, None] * ds[None, :, :]
+    v_sum = squash_tile(tl.load(s_all_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0))
+    for t in range(1, iterations):
+        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
+        ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
+        at = kept_rows(kept_ptr, t, B, I, J, sample) + i[:, None] * J + j[None, :]
+        coupling = tl.load(at, mask=mask, other=0.0)
+        grad_logits = tl.load(at + kept_plane(B, I, J), mask=mask, other=0.0)
+        du_hat += coupling[:, :, None] * ds[None, :, :] + grad_logits[:, :, None] * v_sum[None, :, :]
         v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
     return du_hat
 

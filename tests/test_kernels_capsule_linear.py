@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("poisoned_scratch")
 
 
 def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full", block_i=None,
-                         variant=DEFAULT_VARIANT, splits=None, weight_launch=None):
+                         variant=DEFAULT_VARIANT, splits=None, weight_launch=None, couplings="kept"):
     """Run the kernels on poisoned outputs, compare with the reference, return (v, s_all, du, dW, ds_all)."""
     B, I, P = u.shape
     _, J, D, _ = weight.shape
@@ -38,7 +38,8 @@ def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full
         out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
     du, dW, ds_all = capsule_linear_backward(
         dv, u, weight, s_all, gradient=gradient, block_i=block_i, variant=variant, splits=splits,
-        weight_launch=weight_launch, out=(poisoned(u.shape, dtype), poisoned(weight.shape, dtype),
+        weight_launch=weight_launch, couplings=couplings,
+        out=(poisoned(u.shape, dtype), poisoned(weight.shape, dtype),
              poisoned((iterations, B, J, D), compute_dtype(dtype))))
 
     # A zero bias changes nothing in the reference and makes it return dL/dbias.
@@ -86,6 +87,7 @@ def layer_cases(draw, dtype):
         block_i=draw(st.sampled_from([None, 2, 8])),
         variant=draw(st.sampled_from(["sample", "split"])),
         splits=draw(st.sampled_from([None, 1, 2, 3])),
+        couplings=draw(st.sampled_from(["kept", "recomputed"])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -98,7 +100,8 @@ def test_capsule_linear_kernels_match_reference(dtype, data):
     rng = np.random.default_rng(case["seed"])
     u, weight, bias, dv = layer_inputs(rng, case["shape"], dtype, case["magnitude"], case["with_bias"])
     check_capsule_linear(u, weight, case["iterations"], dv, bias=bias, gradient=case["gradient"],
-                         block_i=case["block_i"], variant=case["variant"], splits=case["splits"])
+                         block_i=case["block_i"], variant=case["variant"], splits=case["splits"],
+                         couplings=case["couplings"])
 
 
 @pytest.mark.parametrize("variant", ["sample", "split"])
@@ -127,6 +130,18 @@ def test_kernel_b_with_its_own_launch(gradient, rng):
         check_capsule_linear(u, weight, 3, dv, bias=bias, gradient=gradient, weight_launch=weight_launch)
     with pytest.raises(ValueError, match="num_warps must be a power of two"):
         check_capsule_linear(u, weight, 3, dv, weight_launch=(1, 3))
+
+
+@pytest.mark.parametrize("variant", ["sample", "split"])
+@pytest.mark.parametrize("couplings", ["kept", "recomputed"])
+def test_kernel_b_from_kept_or_recomputed_couplings(couplings, variant, rng):
+    """Kernel B forms du_hat from the c^(t) and db^(t) kernel A kept (the kept buffer poisoned
+    before kernel A writes it, as every scratch buffer here), or recomputes them from u_hat:
+    5 samples (two blocks of 4 for split), 13 inputs in blocks of 4, J = 11 parents, r = 4."""
+    u, weight, bias, dv = layer_inputs(rng, (5, 13, 11, 9, 3), torch.float32, with_bias=True)
+    check_capsule_linear(u, weight, 4, dv, bias=bias, block_i=4, variant=variant, splits=2, couplings=couplings)
+    with pytest.raises(ValueError, match="couplings must be one of"):
+        check_capsule_linear(u, weight, 4, dv, couplings="saved")
 
 
 @pytest.mark.parametrize("gradient", ["full", "last"])

@@ -48,6 +48,10 @@ BACKWARD_CONFIGS = [
     ("A+B sample", dict(variant="sample")),
     ("A+B split", dict(variant="split")),
     (LAST_ONLY, dict(gradient="last")),
+    # Kernel B recomputing every coupling and logit gradient from u_hat = W u per sample (the
+    # default before the couplings were kept: 2.3x its instructions per pair in the sm_90 SASS
+    # under Triton 3.6, 5x under 3.9; docs/PERF.md, 2026-11-30, ninth run).
+    ("A+B split, B recomputes", dict(variant="split", couplings="recomputed")),
     # Kernel B over fewer warps per input, (BLOCK_I, num_warps): fewer instructions per (input,
     # sample) in its sm_90 SASS and twice the inputs in flight per SM, at the register limit
     # (docs/PERF.md, 2026-11-30, fourth run).
