@@ -102,7 +102,7 @@ def test_smoke_run_writes_log_checkpoints_and_figures(straight_run, capsys):
     validation = [r for r in records if r["event"] == "validation"]
     assert [r["count"] for r in validation] == [40, 40] and records[-1]["count"] == 24
     last, best = load(straight_run), load(straight_run, "best.pt")
-    assert last["position"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 20}
+    assert last["position"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 20, "seconds_in_epoch": 0.0}
     best_epoch = max(validation, key=lambda r: r["accuracy"])["epoch"]   # first of equals: strict improvement
     assert best["epoch"] == best_epoch == records[-1]["best_epoch"]
     assert best["validation"]["accuracy"] == max(r["accuracy"] for r in validation)
@@ -252,6 +252,22 @@ def test_ctrl_c_saves_where_it_stops_and_resume_is_bit_identical(straight_run, d
     for key, value in load(out, "best.pt")["model"].items():
         assert torch.equal(value, load(straight_run, "best.pt")["model"][key])
     assert without_timing(read_log(out)) == without_timing(read_log(straight_run))
+
+
+def test_an_epoch_resumed_mid_way_logs_the_seconds_of_both_parts(data_dir, tmp_path, monkeypatch):
+    """The validation record's seconds are the whole epoch's: last.pt records the time the epoch
+    took before the interruption, and the resumed part adds to it (here it takes no time at all:
+    the resumed process's clock stands still)."""
+    out = tmp_path / "interrupted"
+    result = run_with_ctrl_c("_train_step", 3, 1, tiny_args(data_dir, out, "--epochs", "1", "--checkpoint-every", "0"))
+    assert result.returncode == 130, result.stderr[-2000:]
+    before = load(out)["position"]
+    assert before["step_in_epoch"] == 3 and before["seconds_in_epoch"] > 0
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: 1000.0)
+    assert train.main(["--out", str(out), "--resume"]) == 0
+    (validation,) = [r for r in read_log(out) if r["event"] == "validation"]
+    assert validation["seconds"] == before["seconds_in_epoch"]
+    assert load(out)["position"]["seconds_in_epoch"] == 0.0            # saved at the epoch's end
 
 
 @pytest.mark.parametrize("presses", [1, 2])

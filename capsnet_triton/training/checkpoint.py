@@ -184,9 +184,10 @@ def load_checkpoint(path):
 
 
 def save_training_state(path, *, config, model, optimizer, scheduler, epoch, step_in_epoch, steps_per_epoch,
-                        best, sums, log, device, world_size):
+                        seconds_in_epoch, best, sums, log, device, world_size):
     """Write last.pt: everything a resumed run needs to continue from (epoch, step_in_epoch).
 
+    seconds_in_epoch: the wall time the epoch has taken so far, which its log record adds up;
     sums: the running sums of the metrics, lists of floats; log: the run's `RunLog`, whose
     length and digest last.pt records (after making its records durable).
     """
@@ -195,7 +196,7 @@ def save_training_state(path, *, config, model, optimizer, scheduler, epoch, ste
         "format": CHECKPOINT_FORMAT, "config": config, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "position": {"epoch": epoch, "step_in_epoch": step_in_epoch,
-                     "global_step": epoch * steps_per_epoch + step_in_epoch},
+                     "global_step": epoch * steps_per_epoch + step_in_epoch, "seconds_in_epoch": seconds_in_epoch},
         "best": best, "sums": sums, "log_bytes": log.size(), "log_sha256": log.sha256(), "rng": rng_state(device),
         "world_size": world_size,
     }, path)
@@ -256,7 +257,8 @@ def restore_best_model(path, payload):
 def restore_training_state(checkpoint, model, optimizer, scheduler, device):
     """Load last.pt's states into the run's objects and the global RNGs.
 
-    Returns (epoch, step_in_epoch, best, sums) to continue from.
+    Returns (epoch, step_in_epoch, seconds_in_epoch, best, sums) to continue from; a last.pt of
+    an earlier version records no seconds_in_epoch (0).
     """
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -266,7 +268,8 @@ def restore_training_state(checkpoint, model, optimizer, scheduler, device):
     set_rng_state(checkpoint["rng"], device)
     position = checkpoint["position"]
     sums = {key: list(value) for key, value in checkpoint["sums"].items()}
-    return position["epoch"], position["step_in_epoch"], dict(checkpoint["best"]), sums
+    return (position["epoch"], position["step_in_epoch"], position.get("seconds_in_epoch", 0.0),
+            dict(checkpoint["best"]), sums)
 
 
 def seed_everything(seed):

@@ -185,11 +185,12 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
     model = build_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate_factor(config))
-    epoch, step_in_epoch = 0, 0
+    epoch, step_in_epoch, seconds_in_epoch = 0, 0, 0.0
     best = {"accuracy": -1.0, "epoch": 0}
     sums = {"epoch": [0.0] * SUM_COUNT, "window": [0.0] * SUM_COUNT}
     if checkpoint is not None:
-        epoch, step_in_epoch, best, sums = restore_training_state(checkpoint, model, optimizer, scheduler, device)
+        epoch, step_in_epoch, seconds_in_epoch, best, sums = restore_training_state(checkpoint, model, optimizer,
+                                                                                  scheduler, device)
         held = best_model_in(checkpoint)
         if held is not None and context.is_main and restore_best_model(paths["best.pt"], held):
             print(f"{paths['best.pt']} was not the best model that {paths['last.pt']} holds (the run stopped "
@@ -211,7 +212,8 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
         if context.is_main:
             save_training_state(paths["last.pt"], config=config, model=model, optimizer=optimizer,
                                 scheduler=scheduler, epoch=position_epoch, step_in_epoch=position_step,
-                                steps_per_epoch=steps_per_epoch, best=best,
+                                steps_per_epoch=steps_per_epoch,
+                                seconds_in_epoch=time.perf_counter() - started if position_step else 0.0, best=best,
                                 sums={key: value.tolist() for key, value in sums.items()}, log=log,
                                 device=device, world_size=world)
 
@@ -226,7 +228,8 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
     try:
         with stop:
             for epoch in range(epoch, config["epochs"]):
-                started = time.perf_counter()
+                started = time.perf_counter() - seconds_in_epoch          # a resumed epoch counts its first part
+                seconds_in_epoch = 0.0
                 order = epoch_order(len(train_set), config["seed"], epoch).to(device)
                 # Closed on every exit, so that an error's line is not written onto the bar's.
                 with tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{config['epochs']}",
