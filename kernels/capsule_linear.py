@@ -103,12 +103,14 @@ def _capsule_linear_backward_ds_all_kernel(
 
     Walks t = r..1: ds^(t) = squash_backward(dL/dv^(t), s^(t)); for t >= 2 one pass over I
     recomputes c^(t) and sums dV^(t) = sum_i db^(t) u_hat, and dL/dv^(t-1) = sum_{t' >= t} dV^(t');
-    with KEEP_COUPLINGS it stores c^(t) and db^(t) in kept_ptr, [iterations - 1, 2, B, I, J]
-    contiguous in COMPUTE_DTYPE (routing_tiles.kept_rows), for kernel B.
+    with KEEP_COUPLINGS it stores those c^(t) and db^(t), t >= 2, in kept_ptr,
+    [iterations - 1, 2, B, I, J] contiguous in COMPUTE_DTYPE (routing_tiles.kept_rows, which
+    counts t from 0), for kernel B.
     u_ptr, slices_ptr: as in the forward. dv_ptr: dL/dv [B, J, D], contiguous, any float dtype.
     s_all_ptr, ds_all_ptr: [iterations, B, J, D], contiguous, COMPUTE_DTYPE.
     Memory traffic per program: reads (iterations - 1) (I P of u + I J D P of W) and
-    O(iterations^2 J D) of s_all, writes iterations J D elements.
+    O(iterations^2 J D) of s_all, writes iterations J D elements (and with KEEP_COUPLINGS
+    2 (iterations - 1) I J kept values).
     """
     sample = tl.program_id(0).to(tl.int64)
     j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
@@ -318,9 +320,9 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
     (block_i's, or its tile budget's): the kernels stage times one input over two warps beside
     the default (docs/PERF.md, 2026-11-30, fourth run).
     couplings: under "full", "kept" (default) has kernel A store every c^(t) and db^(t) it
-    computes, [r - 1, 2, B, I, J] in the compute dtype (2(r - 1)/D of u_hat's size: 1/4 at the
-    MNIST shape), and kernel B form du_hat from them; "recomputed" has kernel B recompute them
-    from u_hat = W u per sample, r couplings and r - 1 logit gradients per input, with no
+    computes, [r - 1, 2, B, I, J] in the compute dtype (2(r - 1)/D of u_hat's elements: 1/4 at
+    the MNIST shape), and kernel B form du_hat from them; "recomputed" has kernel B recompute
+    them from u_hat = W u per sample, r couplings and r logit gradients per input, with no
     buffer (docs/PERF.md, 2026-11-30, ninth run). "last" recomputes c^(r) either way.
     out: optional (du, dW, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """

@@ -136,7 +136,7 @@ def split_backward_ds_all_kernel(
     [iterations, cdiv(B, BLOCK_B), splits, BLOCK_B J, D], contiguous, COMPUTE_DTYPE.
     Memory traffic per program: reads chunk J D P of W and BLOCK_B chunk P of u, and
     O(BLOCK_B (iterations splits + t) J D) of partials and s_all; writes BLOCK_B J D (+ as much
-    of ds_all in chunk 0).
+    of ds_all in chunk 0, and with KEEP_COUPLINGS 2 BLOCK_B chunk J kept values for t >= 1).
     """
     j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     first, u_block, rows_mask, rows_offsets, _, _ = _block_layout(

@@ -18,6 +18,7 @@ from kernel_checks import (DEVICE, DTYPES, FINITE_POISON, as_float64, assert_agr
                            sample)
 
 from capsnet_triton.checks import compute_dtype
+from capsnet_triton.kernels import capsule_linear as capsule_linear_kernels
 from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
 from capsnet_triton.kernels.launch import DEFAULT_VARIANT
 from capsnet_triton.reference import capsule_linear_backward as reference_backward
@@ -134,12 +135,17 @@ def test_kernel_b_with_its_own_launch(gradient, rng):
 
 @pytest.mark.parametrize("variant", ["sample", "split"])
 @pytest.mark.parametrize("couplings", ["kept", "recomputed"])
-def test_kernel_b_from_kept_or_recomputed_couplings(couplings, variant, rng):
+def test_kernel_b_from_kept_or_recomputed_couplings(couplings, variant, rng, monkeypatch):
     """Kernel B forms du_hat from the c^(t) and db^(t) kernel A kept (the kept buffer poisoned
     before kernel A writes it, as every scratch buffer here), or recomputes them from u_hat:
     5 samples (two blocks of 4 for split), 13 inputs in blocks of 4, J = 11 parents, r = 4."""
+    asked = []
+    poisoned_scratch = capsule_linear_kernels.scratch
+    monkeypatch.setattr(capsule_linear_kernels, "scratch", lambda shape, like: asked.append(shape) or
+                        poisoned_scratch(shape, like))
     u, weight, bias, dv = layer_inputs(rng, (5, 13, 11, 9, 3), torch.float32, with_bias=True)
     check_capsule_linear(u, weight, 4, dv, bias=bias, block_i=4, variant=variant, splits=2, couplings=couplings)
+    assert ((3, 2, 5, 13, 11) in asked) == (couplings == "kept")
     with pytest.raises(ValueError, match="couplings must be one of"):
         check_capsule_linear(u, weight, 4, dv, couplings="saved")
 
