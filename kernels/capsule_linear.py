@@ -47,8 +47,8 @@ from capsnet_triton.checks import (
 from . import capsule_linear_split, routing_split
 from .launch import (DEFAULT_VARIANT, block_inputs, check_variant, launch_options, max_tile, on_tensor_device, output,
                      scratch, split_stages, tl_dtype)
-from .routing_tiles import (coupling_tile, du_hat_of_kept, du_hat_tile, end_iteration, jd_layout, kept_plane, kept_rows,
-                            load_bias, load_u, load_weight, logits_grad, predict, predict_tile, s_of_tile, sample_ds,
+from .routing_tiles import (du_hat_of_kept, du_hat_tile, end_iteration, grad_v_sum_of_tile, jd_layout, kept_plane,
+                            kept_rows, load_bias, load_u, load_weight, predict, predict_tile, s_of_tile, sample_ds,
                             store_kept, v_sum_before, weight_layout)
 from .squash import squash_backward
 
@@ -125,15 +125,15 @@ def _capsule_linear_backward_ds_all_kernel(
         ds = sample_ds(grad_v, s_all_ptr, ds_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask)
         v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
                               BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
+        rows = kept_rows(kept_ptr, t, B, I, J, sample)
         for i_start in range(0, I, BLOCK_I):
             i = i_start + i_in_block
             u_hat = predict_tile(slices_ptr, u_sample, i, I, J, D, P, jd_mask, jd_offsets, COMPUTE_DTYPE)
-            coupling = coupling_tile(u_hat, v_sum, j_valid)
-            grad_logits = logits_grad(u_hat, coupling, ds)                # [BLOCK_I, BLOCK_J]
-            grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
+            share, coupling, grad_logits = grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
+            grad_v_sum += share
             if KEEP_COUPLINGS:
-                store_kept(kept_rows(kept_ptr, t, B, I, J, sample), kept_plane(B, I, J), i[:, None], j[None, :],
-                           (i < I)[:, None] & j_valid[None, :], coupling, grad_logits, J)
+                store_kept(rows, kept_plane(B, I, J), i[:, None], j[None, :], (i < I)[:, None] & j_valid[None, :],
+                           coupling, grad_logits, J)
         grad_v = grad_v_sum
     sample_ds(grad_v, s_all_ptr, ds_all_ptr, 0, B, sample, J, D, jd_offsets, jd_mask)
 

@@ -115,10 +115,12 @@ def s_of_tile(u_hat, v_sum, j_valid):
 
 @triton.jit
 def grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid):
-    """dV = sum_i db u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with
-    c and db recomputed from V = v_sum and ds: kernel A's share of dL/dv of earlier iterations."""
-    grad_logits = logits_grad(u_hat, coupling_tile(u_hat, v_sum, j_valid), ds)  # [BLOCK_I, BLOCK_J]
-    return tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
+    """(dV, c, db): dV = sum_i db u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D],
+    with c and db [BLOCK_I, BLOCK_J] recomputed from V = v_sum and ds: kernel A's share of dL/dv
+    of earlier iterations, and the couplings and logit gradients it took (the fused layer keeps them)."""
+    coupling = coupling_tile(u_hat, v_sum, j_valid)
+    grad_logits = logits_grad(u_hat, coupling, ds)
+    return tl.sum(grad_logits[:, :, None] * u_hat, axis=0), coupling, grad_logits
 
 
 @triton.jit
