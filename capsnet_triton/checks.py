@@ -13,7 +13,7 @@ import torch
 
 from capsnet_triton.reference.routing import GRADIENT_POLICIES, check_gradient
 
-__all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "interpreting", "check_float_tensor",
+__all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "kept_iterations", "interpreting", "check_float_tensor",
            "check_capsules", "check_u_hat", "check_iterations", "check_bias", "check_backend", "pick_backend",
            "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight", "check_differentiation",
            "check_positive_int", "check_flag", "autocast_dtype"]
@@ -25,6 +25,14 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def compute_dtype(dtype):
     """float64 is computed in float64; float32, float16 and bfloat16 in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kept_iterations(iterations, gradient):
+    """How many iterations' couplings a forward keeps for its backward under the gradient policy:
+    c^(2..r) under "full", c^(r) alone under "last", none at r = 1 (c^(1) is the uniform 1/J).
+    The routing op's PyTorch path and the fused layer (both paths) keep them; the routing kernels
+    recompute them from u_hat."""
+    return iterations - 1 if gradient == "full" else min(1, iterations - 1)
 
 
 def interpreting():

@@ -7,7 +7,8 @@ the same function and gradients as capsnet_triton.reference.capsule_linear, unde
 policies of SPEC section 3, without u_hat [B, I, J, D] or its gradient ever in memory: every
 kernel recomputes the u_hat tile it needs from u and W in registers (2P FLOP per element where
 reading it would cost 4 bytes in float32) and then runs the routing kernels' tile code on it
-(kernels/routing_tiles.py: b and c recomputed from V, nothing but s_all saved for backward).
+(kernels/routing_tiles.py: b and c recomputed from V). The forward keeps s_all and the couplings
+the backward reads ([k, B, I, J], 1/D of u_hat's size per kept iteration), as the PyTorch path does.
 
 Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - unfused (predict, routing forward and backward, prediction backward): predict writes U, the
@@ -15,13 +16,12 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
   the prediction's backward reads du_hat twice: about 2r + 4 passes over U.
 - capsule_linear_forward: copies W to its slices [I, P, J, D] (_weight_slices), then reads u
   (B I P) and the slices (I P J D, from L2 after the first samples) r times per sample, writes
-  r B J D of s_all and B J D of v.
-- capsule_linear_backward: kernel A (gradient="full" only) reads u and W r - 1 times per sample
-  and writes ds_all, and the couplings and logit gradients it computes (2 (r - 1) B I J, a
-  quarter of U at the MNIST shape); kernel B reads W once per program, u, s_all, ds_all and
-  those couplings once per sample, and writes du (B I P) and dW (I J D P) once: no pass over
-  anything of size U. With couplings="recomputed" nothing is kept, and kernel B recomputes
-  u_hat and every coupling per sample instead.
+  r B J D of s_all, B J D of v and the kept couplings ((r - 1) B I J under "full", an eighth of
+  U at the MNIST shape).
+- capsule_linear_backward: kernel A (gradient="full" only) reads u and W and the couplings
+  r - 1 times per sample and writes ds_all and the logit gradients it forms ((r - 1) B I J);
+  kernel B reads W once per program, u, s_all, ds_all, the couplings and the logit gradients
+  once per sample, and writes du (B I P) and dW (I J D P) once: no pass over anything of size U.
 
 Two variants of the forward and of backward kernel A, chosen by the launchers' `variant=`:
 "sample" (in this file), one program per sample for all iterations, which reads all of W once
@@ -42,14 +42,14 @@ from capsnet_triton.checks import (
     check_u_and_weight,
     compute_dtype,
     interpreting,
+    kept_iterations,
 )
 
 from . import capsule_linear_split, routing_split
 from .launch import (DEFAULT_VARIANT, block_inputs, check_variant, launch_options, max_tile, on_tensor_device, output,
                      scratch, split_stages, tl_dtype)
-from .routing_tiles import (du_hat_of_kept, du_hat_tile, end_iteration, grad_v_sum_of_tile, jd_layout, kept_plane,
-                            kept_rows, load_bias, load_u, load_weight, predict, predict_tile, s_of_tile, sample_ds,
-                            store_kept, v_sum_before, weight_layout)
+from .routing_tiles import (du_hat_of_kept, end_iteration, jd_layout, kept_rows, load_bias, load_u, load_weight,
+                            logits_grad, predict_tile, s_of_tile, sample_ds, weight_layout)
 from .squash import squash_backward
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
@@ -57,8 +57,8 @@ __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
 
 @triton.jit
 def _capsule_linear_forward_kernel(
-    u_ptr, slices_ptr, bias_ptr, v_ptr, s_all_ptr,
-    B, I, J, D, P, iterations,
+    u_ptr, slices_ptr, bias_ptr, v_ptr, s_all_ptr, couplings_ptr,
+    B, I, J, D, P, iterations, first_kept,
     HAS_BIAS: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -69,12 +69,15 @@ def _capsule_linear_forward_kernel(
     u's dtype (see predict_tile); read one [BLOCK_I, BLOCK_J, BLOCK_D] slice per p. bias_ptr:
     bias [J, D], contiguous (read only when HAS_BIAS). v_ptr: v [B, J, D], contiguous, u's dtype.
     s_all_ptr: s_all [iterations, B, J, D], contiguous, COMPUTE_DTYPE: every iteration's s.
+    couplings_ptr: [iterations - first_kept, B, I, J], contiguous, COMPUTE_DTYPE: c^(t) of the
+    iterations t >= first_kept >= 1 (0-based) in slot t - first_kept (routing_tiles.kept_rows).
     Memory traffic per program: reads iterations * (I P of u + I J D P of W), writes
-    (iterations + 1) J D elements.
+    (iterations + 1) J D elements and (iterations - first_kept) I J couplings.
     """
     sample = tl.program_id(0).to(tl.int64)
     j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
+    j = tl.arange(0, BLOCK_J)
     u_sample = u_ptr + sample * I * P
     bias = load_bias(bias_ptr, jd_offsets, jd_mask, HAS_BIAS, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
 
@@ -82,19 +85,23 @@ def _capsule_linear_forward_kernel(
     v = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
     for t in range(iterations):
         s = tl.zeros([BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+        rows = kept_rows(couplings_ptr, t - first_kept, B, I, J, sample)
         for i_start in range(0, I, BLOCK_I):
-            u_hat = predict_tile(slices_ptr, u_sample, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,
+            i = i_start + i_in_block
+            u_hat = predict_tile(slices_ptr, u_sample, i, I, J, D, P, jd_mask, jd_offsets,
                                  COMPUTE_DTYPE)                   # [BLOCK_I, BLOCK_J, BLOCK_D]
-            s += s_of_tile(u_hat, v_sum, j_valid)
+            share, coupling = s_of_tile(u_hat, v_sum, j_valid)
+            s += share
+            if t >= first_kept:
+                tl.store(rows + i[:, None] * J + j[None, :], coupling, mask=(i < I)[:, None] & j_valid[None, :])
         v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
     tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
 
 @triton.jit
 def _capsule_linear_backward_ds_all_kernel(
-    u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr, kept_ptr,
+    u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr, couplings_ptr, grad_logits_ptr,
     B, I, J, D, P, iterations,
-    KEEP_COUPLINGS: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
@@ -102,15 +109,15 @@ def _capsule_linear_backward_ds_all_kernel(
     one sample per program; grid (B,). The routing's kernel A with u_hat recomputed per tile.
 
     Walks t = r..1: ds^(t) = squash_backward(dL/dv^(t), s^(t)); for t >= 2 one pass over I
-    recomputes c^(t) and sums dV^(t) = sum_i db^(t) u_hat, and dL/dv^(t-1) = sum_{t' >= t} dV^(t');
-    with KEEP_COUPLINGS it stores those c^(t) and db^(t), t >= 2, in kept_ptr,
-    [iterations - 1, 2, B, I, J] contiguous in COMPUTE_DTYPE (routing_tiles.kept_rows, which
-    counts t from 0), for kernel B.
+    reads c^(t) from the forward's couplings, forms db^(t) from it and sums dV^(t) =
+    sum_i db^(t) u_hat, and dL/dv^(t-1) = sum_{t' >= t} dV^(t'); it stores those db^(t) for
+    kernel B. couplings_ptr and grad_logits_ptr: [iterations - 1, B, I, J], contiguous,
+    COMPUTE_DTYPE, c^(t) and db^(t) in slot t - 1, t counted from 0 (routing_tiles.kept_rows).
     u_ptr, slices_ptr: as in the forward. dv_ptr: dL/dv [B, J, D], contiguous, any float dtype.
     s_all_ptr, ds_all_ptr: [iterations, B, J, D], contiguous, COMPUTE_DTYPE.
-    Memory traffic per program: reads (iterations - 1) (I P of u + I J D P of W) and
-    O(iterations^2 J D) of s_all, writes iterations J D elements (and with KEEP_COUPLINGS
-    2 (iterations - 1) I J kept values).
+    Memory traffic per program: reads (iterations - 1) (I P of u + I J D P of W + I J couplings)
+    and O(iterations^2 J D) of s_all, writes iterations J D elements and (iterations - 1) I J
+    logit gradients.
     """
     sample = tl.program_id(0).to(tl.int64)
     j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
@@ -123,26 +130,25 @@ def _capsule_linear_backward_ds_all_kernel(
     for k in range(iterations - 1):
         t = iterations - 1 - k                                             # 0-based, t >= 1
         ds = sample_ds(grad_v, s_all_ptr, ds_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask)
-        v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
-                              BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
-        rows = kept_rows(kept_ptr, t, B, I, J, sample)
+        coupling_rows = kept_rows(couplings_ptr, t - 1, B, I, J, sample)
+        grad_logits_rows = kept_rows(grad_logits_ptr, t - 1, B, I, J, sample)
         for i_start in range(0, I, BLOCK_I):
             i = i_start + i_in_block
             u_hat = predict_tile(slices_ptr, u_sample, i, I, J, D, P, jd_mask, jd_offsets, COMPUTE_DTYPE)
-            share, coupling, grad_logits = grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
-            grad_v_sum += share
-            if KEEP_COUPLINGS:
-                store_kept(rows, kept_plane(B, I, J), i[:, None], j[None, :], (i < I)[:, None] & j_valid[None, :],
-                           coupling, grad_logits, J)
+            at = i[:, None] * J + j[None, :]
+            mask = (i < I)[:, None] & j_valid[None, :]
+            grad_logits = logits_grad(u_hat, tl.load(coupling_rows + at, mask=mask, other=0.0), ds)
+            grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
+            tl.store(grad_logits_rows + at, grad_logits, mask=mask)
         grad_v = grad_v_sum
     sample_ds(grad_v, s_all_ptr, ds_all_ptr, 0, B, sample, J, D, jd_offsets, jd_mask)
 
 
 @triton.jit
 def _capsule_linear_backward_weight_kernel(
-    u_ptr, weight_ptr, s_all_ptr, ds_all_ptr, kept_ptr, du_ptr, dweight_ptr,
+    u_ptr, weight_ptr, s_all_ptr, ds_all_ptr, couplings_ptr, grad_logits_ptr, du_ptr, dweight_ptr,
     B, I, J, D, P, iterations,
-    GRADIENT_FULL: tl.constexpr, KEPT_COUPLINGS: tl.constexpr,
+    GRADIENT_FULL: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
@@ -152,9 +158,10 @@ def _capsule_linear_backward_weight_kernel(
     in registers,
         GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
         otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy)
-    with c^(t) and db^(t) read from kernel A's kept couplings where KEPT_COUPLINGS (kept_ptr:
-    [iterations - 1, 2, B, I, J], see routing_tiles.kept_rows), else recomputed from u_hat = W u,
-    and turns it at once into du[b, i] = sum_j W[i, j]^T du_hat[i, j] (stored) and
+    from the couplings the forward kept (couplings_ptr: [iterations - 1, B, I, J] under "full",
+    [1, B, I, J] holding c^(r) under "last", nothing at r = 1) and the db^(t) kernel A kept
+    (grad_logits_ptr: [iterations - 1, B, I, J], "full" only; see routing_tiles.du_hat_of_kept),
+    never u_hat, and turns it at once into du[b, i] = sum_j W[i, j]^T du_hat[i, j] (stored) and
     dW[i, j] += du_hat[i, j] u[b, i]^T (kept in registers, stored after the last sample). Each
     program owns its rows of dW and adds the samples in a fixed order: deterministic, no atomics.
     u_ptr: as in the forward. weight_ptr: W [I, J, D, P], contiguous, u's dtype.
@@ -162,9 +169,8 @@ def _capsule_linear_backward_weight_kernel(
     contiguous, COMPUTE_DTYPE. du_ptr: du [B, I, P], contiguous, u's dtype. dweight_ptr:
     dW [I, J, D, P], contiguous, W's dtype.
     Memory traffic per program: reads BLOCK_I J D P of W once, and per sample BLOCK_I P of u,
-    2 iterations J D of s_all and ds_all ("last": iterations J D, J D) and, with KEPT_COUPLINGS,
-    2 (iterations - 1) BLOCK_I J of kept couplings; writes B BLOCK_I P of du and BLOCK_I J D P
-    of dW.
+    2 iterations J D of s_all and ds_all and 2 (iterations - 1) BLOCK_I J kept values ("last":
+    J D of ds_all, BLOCK_I J couplings); writes B BLOCK_I P of du and BLOCK_I J D P of dW.
     """
     j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = weight_layout(
         J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
@@ -175,13 +181,9 @@ def _capsule_linear_backward_weight_kernel(
     du_sample = du_ptr
     for sample in range(B):
         u, u_mask = load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-        if KEPT_COUPLINGS:
-            du_hat = du_hat_of_kept(kept_ptr, s_all_ptr, ds_all_ptr, B, I, J, D, sample, i, iterations, j_valid,
-                                    jd_mask, jd_offsets, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
-        else:
-            du_hat = du_hat_tile(predict(weight, u), s_all_ptr, ds_all_ptr, B, sample, J, D, iterations,
-                                 j_valid, jd_mask, jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D,
-                                 COMPUTE_DTYPE)                            # [BLOCK_I, BLOCK_J, BLOCK_D]
+        du_hat = du_hat_of_kept(couplings_ptr, grad_logits_ptr, s_all_ptr, ds_all_ptr, B, I, J, D, sample, i,
+                                iterations, j_valid, jd_mask, jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D,
+                                COMPUTE_DTYPE)                             # [BLOCK_I, BLOCK_J, BLOCK_D]
         du = tl.sum(tl.sum(weight * du_hat[:, :, :, None], axis=2), axis=1)  # [BLOCK_I, BLOCK_P]
         tl.store(du_sample + i[:, None] * P + p[None, :], du.to(du_ptr.dtype.element_ty), mask=u_mask)
         dweight += du_hat[:, :, :, None] * u[:, None, None, :]
@@ -199,11 +201,6 @@ _INT32_MAX = 2**31 - 1
 
 # Samples per program of the split kernels: each W tile they load serves this many samples.
 _SPLIT_BLOCK_B = 4
-
-# Where backward kernel B gets the couplings and logit gradients of the "full" policy from
-# (capsule_linear_backward's `couplings`).
-_COUPLINGS = ("kept", "recomputed")
-
 
 def _launch_config(I, J, D, P, dtype, block_i, samples=1, weight_tile=False):
     """Block sizes, compute dtype and launch options of the kernels for W [I, J, D, P], whose
@@ -256,8 +253,8 @@ def _checked(u, weight, iterations, bias=None):
 
 
 @on_tensor_device
-def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_VARIANT, splits=None, block_i=None,
-                           out=None):
+def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full", variant=DEFAULT_VARIANT,
+                           splits=None, block_i=None, out=None):
     """v [B, J, D] = routing(W u, iterations) for u [B, I, P] and W [I, J, D, P], u_hat never stored.
 
     variant: "split" (default, kernels/capsule_linear_split.py): one launch per iteration (and
@@ -267,63 +264,74 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, variant=DEFAULT_
     iterations, one program per sample. bias: optional [J, D], added to s in every iteration.
     block_i: force the BLOCK_I inputs per tile (a power of two; tests use it to exercise the loop
     over I and its masks).
-    Returns (v, s_all): v in u's dtype, and s_all [iterations, B, J, D] every iteration's s in the
-    compute dtype (float64 for float64 u, else float32), all capsule_linear_backward needs.
-    out: optional (v, s_all) of contiguous tensors of those shapes and dtypes to write into.
+    Returns (v, s_all, couplings), all capsule_linear_backward needs: v in u's dtype; in the
+    compute dtype (float64 for float64 u, else float32) s_all [iterations, B, J, D], every
+    iteration's s, and the couplings the gradient policy's backward reads (checks.kept_iterations),
+    [k, B, I, J]: c^(2..r) under "full" (k = r - 1), c^(r) under "last" (k = 1), none at r = 1.
+    They are 1/D of u_hat's size per iteration (11.8 MB at B = 128 and the MNIST shape under
+    "full"): the backward then recomputes no softmax, and storing them let the compiler compute
+    the softmax once per (sample, input, parent) instead of on a layout replicated over D (the
+    split loop halved in the sm_90 SASS; docs/PERF.md, 2026-11-30, tenth run).
+    out: optional (v, s_all, couplings) of contiguous tensors of those shapes and dtypes to write into.
     """
     u, weight, bias = _checked(u, weight, iterations, bias)
+    check_gradient(gradient)
     check_variant(variant)
     B, I, P = u.shape
     _, J, D, _ = weight.shape
-    v_out, s_all_out = (None, None) if out is None else out
+    dtype = compute_dtype(u.dtype)
+    kept = kept_iterations(iterations, gradient)
+    v_out, s_all_out, couplings_out = (None, None, None) if out is None else out
     v = output(v_out, (B, J, D), u.dtype, u.device, "out[0] (v)")
-    s_all = output(s_all_out, (iterations, B, J, D), compute_dtype(u.dtype), u.device, "out[1] (s_all)")
+    s_all = output(s_all_out, (iterations, B, J, D), dtype, u.device, "out[1] (s_all)")
+    couplings = output(couplings_out, (kept, B, I, J), dtype, u.device, "out[2] (couplings)")
     if B == 0:
-        return v, s_all
-    # Without a bias the kernel never reads bias_ptr; s_all stands in for the pointer.
+        return v, s_all, couplings
+    # Without a bias (or couplings to keep) the kernels never read bias_ptr (or write couplings_ptr);
+    # s_all stands in for the pointer.
     bias_arg = bias if bias is not None else s_all
+    couplings_arg = couplings if kept else s_all
+    first_kept = iterations - kept
     slices = _weight_slices(weight)
     if variant == "sample":
         _capsule_linear_forward_kernel[(B,)](
-            u, slices, bias_arg, v, s_all,
-            B, I, J, D, P, iterations,
+            u, slices, bias_arg, v, s_all, couplings_arg,
+            B, I, J, D, P, iterations, first_kept,
             HAS_BIAS=bias is not None, **_launch_config(I, J, D, P, u.dtype, block_i),
         )
-        return v, s_all
+        return v, s_all, couplings
     config = _launch_config(I, J, D, P, u.dtype, block_i, samples=_SPLIT_BLOCK_B)
     blocks, splits, chunk = _split_grid(B, I, config, u.device, splits)
     partials = scratch((2, blocks, splits, config["BLOCK_B"] * J, D), s_all)
     for t in range(iterations + 1):
         capsule_linear_split.split_forward_kernel[(blocks, splits if t < iterations else 1)](
-            u, slices, bias_arg, v, s_all, partials,
-            B, I, J, D, P, iterations, t, chunk, splits,
+            u, slices, bias_arg, v, s_all, partials, couplings_arg,
+            B, I, J, D, P, iterations, t, chunk, splits, first_kept,
             HAS_BIAS=bias is not None, **config,
         )
-    return v, s_all
+    return v, s_all, couplings
 
 
 @on_tensor_device
-def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DEFAULT_VARIANT, splits=None,
-                            block_i=None, weight_launch=None, couplings="kept", out=None):
+def capsule_linear_backward(dv, u, weight, s_all, couplings, *, gradient="full", variant=DEFAULT_VARIANT,
+                            splits=None, block_i=None, weight_launch=None, out=None):
     """Gradients of capsule_linear_forward: (du [B, I, P] in u's dtype, dW [I, J, D, P] in W's
     dtype, ds_all [r, B, J, D] in the compute dtype; the bias gradient is ds_all.sum((0, 1))).
 
-    dv: dL/dv [B, J, D]; s_all: capsule_linear_forward's second output. gradient: "full"
-    (default) or "last", as routing_backward's: "last" leaves ds_all 0 but for
-    ds^(r) = squash_backward(dv, s^(r)), and du_hat = c^(r) ds^(r).
-    "full": kernel A walks the iterations backwards to ds_all ("last": the squash backward kernel
-    on [B, J, D]); then kernel B, one program per block of inputs, writes du and dW once. Kernel A
+    dv: dL/dv [B, J, D]; s_all and couplings: capsule_linear_forward's second and third outputs,
+    from a forward under the same gradient policy. gradient: "full" (default) or "last", as
+    routing_backward's: "last" leaves ds_all 0 but for ds^(r) = squash_backward(dv, s^(r)), and
+    du_hat = c^(r) ds^(r).
+    "full": kernel A walks the iterations backwards to ds_all, reading the kept c^(t) and keeping
+    the logit gradients db^(t) it forms, [r - 1, B, I, J] in the compute dtype ("last": the squash
+    backward kernel on [B, J, D]); then kernel B, one program per block of inputs, forms du_hat
+    from those kept values alone and turns it into du and dW, written once. Kernel A
     is one launch, one program per sample, for variant="sample", and one launch per iteration
     over (block of samples, chunk of I) for variant="split" (the default; see capsule_linear_forward;
     splits forces the chunks per block). Kernel B is the same for both.
     weight_launch: optional (BLOCK_I, num_warps) of kernel B alone, instead of the launcher's
     (block_i's, or its tile budget's): the kernels stage times one input over two warps beside
     the default (docs/PERF.md, 2026-11-30, fourth run).
-    couplings: under "full", "kept" (default) has kernel A store every c^(t) and db^(t) it
-    computes, [r - 1, 2, B, I, J] in the compute dtype (2(r - 1)/D of u_hat's elements: 1/4 at
-    the MNIST shape), and kernel B form du_hat from them; "recomputed" has kernel B recompute
-    them from u_hat = W u per sample, r couplings and r logit gradients per input, with no
-    buffer (docs/PERF.md, 2026-11-30, ninth run). "last" recomputes c^(r) either way.
     out: optional (du, dW, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """
     check_float_tensor(s_all, "s_all")
@@ -332,8 +340,6 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
     u, weight, _ = _checked(u, weight, s_all.shape[0])
     check_gradient(gradient)
     check_variant(variant)
-    if couplings not in _COUPLINGS:
-        raise ValueError(f"couplings must be one of {_COUPLINGS}, got {couplings!r}")
     B, I, P = u.shape
     _, J, D, _ = weight.shape
     check_float_tensor(dv, "dv")
@@ -343,11 +349,19 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
     if s_all.shape[1:] != (B, J, D) or s_all.dtype != dtype:
         raise ValueError(f"s_all must be capsule_linear_forward's [r, B, J, D] = [r, {B}, {J}, {D}] "
                          f"{dtype} output, got shape {tuple(s_all.shape)} {s_all.dtype}")
-    for name, x in (("dv", dv), ("s_all", s_all)):
+    iterations = s_all.shape[0]
+    check_float_tensor(couplings, "couplings")
+    kept_shape = (kept_iterations(iterations, gradient), B, I, J)
+    if couplings.shape != kept_shape or couplings.dtype != dtype:
+        raise ValueError(f"couplings must be capsule_linear_forward's third output under gradient={gradient!r}, "
+                         f"[k, B, I, J] = {list(kept_shape)} {dtype}, got shape {tuple(couplings.shape)} "
+                         f"{couplings.dtype}")
+    for name, x in (("dv", dv), ("s_all", s_all), ("couplings", couplings)):
         if x.device != u.device:
             raise ValueError(f"{name} is on {x.device} but u is on {u.device}; they must be on one device")
     s_all = s_all.contiguous()
-    iterations = s_all.shape[0]
+    # With nothing kept (r = 1) no kernel reads couplings_ptr; s_all stands in for the pointer.
+    couplings = couplings.contiguous() if couplings.numel() else s_all
     du_out, dweight_out, ds_all_out = (None, None, None) if out is None else out
     du = output(du_out, u.shape, u.dtype, u.device, "out[0] (du)")
     dweight = output(dweight_out, weight.shape, weight.dtype, u.device, "out[1] (dW)")
@@ -356,13 +370,14 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
         dweight.zero_()
         ds_all.zero_()
         return du, dweight, ds_all
-    keep = gradient == "full" and couplings == "kept" and iterations > 1
-    # Without kept couplings no kernel touches kept_ptr; s_all stands in for the pointer.
-    kept = scratch((iterations - 1, 2, B, I, J), s_all) if keep else s_all
+    # Kernel A's logit gradients db^(t) for kernel B; under "last" (or r = 1) nothing reads them,
+    # and s_all stands in for the pointer.
+    full = gradient == "full" and iterations > 1
+    grad_logits = scratch((iterations - 1, B, I, J), s_all) if full else s_all
     if gradient == "full" and variant == "sample":
         _capsule_linear_backward_ds_all_kernel[(B,)](
-            u, _weight_slices(weight), dv.contiguous(), s_all, ds_all, kept,
-            B, I, J, D, P, iterations, KEEP_COUPLINGS=keep, **_launch_config(I, J, D, P, u.dtype, block_i),
+            u, _weight_slices(weight), dv.contiguous(), s_all, ds_all, couplings, grad_logits,
+            B, I, J, D, P, iterations, **_launch_config(I, J, D, P, u.dtype, block_i),
         )
     elif gradient == "full":
         split_config = _launch_config(I, J, D, P, u.dtype, block_i, samples=_SPLIT_BLOCK_B)
@@ -371,8 +386,8 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
         slices = _weight_slices(weight)
         for t in reversed(range(iterations)):
             capsule_linear_split.split_backward_ds_all_kernel[(blocks, splits if t > 0 else 1)](
-                u, slices, dv.contiguous(), s_all, ds_all, partials, kept,
-                B, I, J, D, P, iterations, t, chunk, splits, KEEP_COUPLINGS=keep, **split_config,
+                u, slices, dv.contiguous(), s_all, ds_all, partials, couplings, grad_logits,
+                B, I, J, D, P, iterations, t, chunk, splits, **split_config,
             )
     else:
         ds_all[:-1].zero_()
@@ -385,8 +400,8 @@ def capsule_linear_backward(dv, u, weight, s_all, *, gradient="full", variant=DE
             raise ValueError(f"weight_launch's num_warps must be a power of two >= 1, got {warps!r}")
         weight_config = dict(_launch_config(I, J, D, P, u.dtype, weight_block_i, weight_tile=True), num_warps=warps)
     _capsule_linear_backward_weight_kernel[(triton.cdiv(I, weight_config["BLOCK_I"]),)](
-        u, weight, s_all, ds_all, kept, du, dweight,
+        u, weight, s_all, ds_all, couplings, grad_logits, du, dweight,
         B, I, J, D, P, iterations,
-        GRADIENT_FULL=gradient == "full", KEPT_COUPLINGS=keep, **weight_config,
+        GRADIENT_FULL=gradient == "full", **weight_config,
     )
     return du, dweight, ds_all

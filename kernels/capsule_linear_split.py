@@ -17,7 +17,7 @@ A program's [J, D] quantities (s, V, ds, partial sums) are [BLOCK_B * BLOCK_J, B
 whose row b * BLOCK_J + j is sample b's parent j: squash acts per row, and since the block's
 samples are consecutive, s_all [r, B, J, D] of samples first..first+BLOCK_B-1 is one
 [BLOCK_B J, D] matrix at sample `first`. So the split routing kernels' helpers
-(kernels/routing_tiles.py: split_forward_start, split_backward_ds, store_partial, v_sum_before)
+(kernels/routing_tiles.py: split_forward_start, split_backward_ds, store_partial)
 serve both, with the partial sums laid out to match: [slots, cdiv(B, BLOCK_B), S, BLOCK_B J, D].
 Samples past B in the last block read sample B - 1's u (never out of bounds) and are masked out
 of every store.
@@ -33,11 +33,21 @@ which the sample kernels execute half their instructions per (input, sample): a 
 import triton
 import triton.language as tl
 
-from .routing_tiles import (coupling_tile, jd_layout, kept_plane, kept_rows, logits_grad, predict_tile,
-                            split_backward_ds, split_forward_start, spread_nan, store_kept, store_partial,
-                            uniform_share, v_sum_before)
+from .routing_tiles import (coupling_tile, jd_layout, kept_rows, logits_grad, predict_tile, split_backward_ds,
+                            split_forward_start, spread_nan, store_partial, uniform_share)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel"]
+
+
+@triton.jit
+def _kept_layout(first, B, I, J, i_start, BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The block's samples [BLOCK_B, 1, 1] (not clamped: masked), and the offsets [1, BLOCK_I, BLOCK_J]
+    from kept_rows and mask [BLOCK_B, BLOCK_I, BLOCK_J] of the (sample, input, parent) of the tile
+    at i_start in a kept buffer [slots, B, I, J]."""
+    samples = (first + tl.arange(0, BLOCK_B))[:, None, None]
+    i = (i_start + tl.arange(0, BLOCK_I))[None, :, None]
+    j = tl.arange(0, BLOCK_J)[None, None, :]
+    return samples, i * J + j, (samples < B) & (i < I) & (j < J)
 
 
 @triton.jit
@@ -66,8 +76,8 @@ def _block_layout(u_ptr, B, I, J, D, P, BLOCK_B: tl.constexpr, BLOCK_J: tl.const
 
 @triton.jit(do_not_specialize=["t"])
 def split_forward_kernel(
-    u_ptr, slices_ptr, bias_ptr, v_ptr, s_all_ptr, partial_ptr,
-    B, I, J, D, P, iterations, t, chunk, splits,
+    u_ptr, slices_ptr, bias_ptr, v_ptr, s_all_ptr, partial_ptr, couplings_ptr,
+    B, I, J, D, P, iterations, t, chunk, splits, first_kept,
     HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -78,17 +88,20 @@ def split_forward_kernel(
     A launch t >= 1 first sums the partials of iteration t - 1 to s^(t-1) (+ bias), which chunk 0
     stores in s_all, and adds squash(s^(t-1)) to V = squash(s^(1)) + ... read back from s_all.
     For t < iterations the program then sums c^(t) u_hat over inputs [k chunk, (k + 1) chunk) of
-    its samples, u_hat = W u predicted per tile, into partial[t % 2, block, k]; the last launch
-    stores v = squash(s^(r)).
+    its samples, u_hat = W u predicted per tile, into partial[t % 2, block, k], and for
+    t >= first_kept stores the couplings c^(t) it took in slot t - first_kept of couplings_ptr
+    ([iterations - first_kept, B, I, J], contiguous, COMPUTE_DTYPE; see kept_rows); the last
+    launch stores v = squash(s^(r)).
     u_ptr: u [B, I, P], contiguous, any float dtype. slices_ptr: W as [I, P, J, D], contiguous,
     u's dtype (see predict_tile). bias_ptr: bias [J, D], contiguous (read only when HAS_BIAS). v_ptr: v [B, J, D],
     contiguous, u's dtype. s_all_ptr: [iterations, B, J, D] and partial_ptr:
     [2, cdiv(B, BLOCK_B), splits, BLOCK_B J, D], contiguous, COMPUTE_DTYPE. chunk: a multiple of
     BLOCK_I. Memory traffic per program: reads chunk J D P of W and BLOCK_B chunk P of u, and
-    BLOCK_B (splits + t) J D of partials and s_all; writes BLOCK_B J D (+ as much of s_all in chunk 0).
+    BLOCK_B (splits + t) J D of partials and s_all; writes BLOCK_B J D (+ as much of s_all in chunk 0)
+    and, for t >= first_kept, BLOCK_B chunk J couplings.
     """
     j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
-    _, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask = _block_layout(
+    first, u_block, rows_mask, rows_offsets, bias_offsets, bias_mask = _block_layout(
         u_ptr, B, I, J, D, P, BLOCK_B, BLOCK_J, BLOCK_D)
     v_sum = split_forward_start(partial_ptr, bias_ptr, s_all_ptr, v_ptr, t, iterations, B, splits, J, D,
                                 rows_offsets, rows_mask, bias_offsets, bias_mask, HAS_BIAS, BLOCK_B,
@@ -105,10 +118,18 @@ def split_forward_kernel(
                                                   jd_mask, jd_offsets, COMPUTE_DTYPE), J)
             partial = spread_nan(tl.sum(acc, axis=1))
         else:
+            # Kept for the backward (and storing them lets the compiler compute the softmax once
+            # per (sample, input, parent) instead of on a layout replicated over D: half the loop's
+            # instructions in the sm_90 SASS; docs/PERF.md, 2026-11-30, tenth run).
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 u_hat = predict_tile(slices_ptr, u_block, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,
                                      COMPUTE_DTYPE)              # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
-                acc += tl.expand_dims(coupling_tile(u_hat, v_sums, j_valid), -1) * u_hat
+                coupling = coupling_tile(u_hat, v_sums, j_valid)       # [BLOCK_B, BLOCK_I, BLOCK_J]
+                acc += tl.expand_dims(coupling, -1) * u_hat
+                if t >= first_kept:
+                    samples, at, kept_mask = _kept_layout(first, B, I, J, i_start, BLOCK_B, BLOCK_I, BLOCK_J)
+                    tl.store(kept_rows(couplings_ptr, t - first_kept, B, I, J, samples) + at, coupling,
+                             mask=kept_mask)
             partial = tl.sum(acc, axis=1)
         store_partial(partial_ptr, t % 2, splits, J, D, rows_offsets, rows_mask,
                       tl.reshape(partial, [BLOCK_B * BLOCK_J, BLOCK_D]), BLOCK_B)
@@ -116,9 +137,9 @@ def split_forward_kernel(
 
 @triton.jit(do_not_specialize=["t"])
 def split_backward_ds_all_kernel(
-    u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, kept_ptr,
+    u_ptr, slices_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, couplings_ptr, grad_logits_ptr,
     B, I, J, D, P, iterations, t, chunk, splits,
-    KEEP_COUPLINGS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -128,15 +149,17 @@ def split_backward_ds_all_kernel(
     dL/dv^(t) is dv for the last iteration, else the sum over the later iterations t' of
     dV^(t') = sum_k partial[t', block, k] (in the order t' = r-1 .. t+1, k = 0..S-1); then
     ds^(t) = squash_backward(dL/dv^(t), s^(t)), stored by chunk 0, and for t >= 1 the chunk's
-    share of dV^(t) = sum_i db^(t) u_hat, u_hat = W u predicted per tile, goes to partial[t, block, k];
-    with KEEP_COUPLINGS the chunk's c^(t) and db^(t) go to kept_ptr, [iterations - 1, 2, B, I, J]
-    contiguous in COMPUTE_DTYPE (routing_tiles.kept_rows), for kernel B.
+    share of dV^(t) = sum_i db^(t) u_hat, u_hat = W u predicted per tile and c^(t) read from the
+    forward's couplings, goes to partial[t, block, k], and the chunk's db^(t) to grad_logits_ptr
+    for kernel B. couplings_ptr and grad_logits_ptr: [iterations - 1, B, I, J], contiguous,
+    COMPUTE_DTYPE, slot t - 1 (routing_tiles.kept_rows).
     u_ptr, slices_ptr: as in the forward. dv_ptr: dL/dv [B, J, D], contiguous, any float dtype.
     s_all_ptr, ds_all_ptr: [iterations, B, J, D] and partial_ptr:
     [iterations, cdiv(B, BLOCK_B), splits, BLOCK_B J, D], contiguous, COMPUTE_DTYPE.
     Memory traffic per program: reads chunk J D P of W and BLOCK_B chunk P of u, and
-    O(BLOCK_B (iterations splits + t) J D) of partials and s_all; writes BLOCK_B J D (+ as much
-    of ds_all in chunk 0, and with KEEP_COUPLINGS 2 BLOCK_B chunk J kept values for t >= 1).
+    O(BLOCK_B (iterations splits + t) J D) of partials and s_all, and for t >= 1 BLOCK_B chunk J
+    couplings; writes BLOCK_B J D (+ as much of ds_all in chunk 0) and for t >= 1 BLOCK_B chunk J
+    logit gradients.
     """
     j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     first, u_block, rows_mask, rows_offsets, _, _ = _block_layout(
@@ -144,27 +167,19 @@ def split_backward_ds_all_kernel(
     ds = split_backward_ds(dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, t, iterations, B, splits, J, D,
                            rows_offsets, rows_mask, BLOCK_B, BLOCK_B * BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
     if t > 0:
-        v_sum = v_sum_before(s_all_ptr, t, B, first, J, D, rows_offsets, rows_mask,
-                             BLOCK_B * BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
-        v_sums = tl.reshape(v_sum, [BLOCK_B, BLOCK_J, BLOCK_D])            # one V and ds per sample
-        ds_block = tl.reshape(ds, [BLOCK_B, BLOCK_J, BLOCK_D])
+        ds_block = tl.reshape(ds, [BLOCK_B, BLOCK_J, BLOCK_D])             # one ds per sample
         i_in_block = tl.arange(0, BLOCK_I)
         start = tl.program_id(1) * chunk
         end = tl.minimum(start + chunk, I)
         acc = tl.zeros([BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
-        samples = (first + tl.arange(0, BLOCK_B))[:, None, None]             # not clamped: masked
-        j = tl.arange(0, BLOCK_J)[None, None, :]
-        kept_mask = (samples < B) & (j < J)
-        rows = kept_rows(kept_ptr, t, B, I, J, samples)
-        plane = kept_plane(B, I, J)
         for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
             u_hat = predict_tile(slices_ptr, u_block, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,
                                  COMPUTE_DTYPE)                  # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
-            coupling = coupling_tile(u_hat, v_sums, j_valid)
+            samples, at, kept_mask = _kept_layout(first, B, I, J, i_start, BLOCK_B, BLOCK_I, BLOCK_J)
+            # Samples past B (u_hat of sample B - 1) get c = 0, so db = 0: masked out of every store.
+            coupling = tl.load(kept_rows(couplings_ptr, t - 1, B, I, J, samples) + at, mask=kept_mask, other=0.0)
             grad_logits = logits_grad(u_hat, coupling, ds_block)        # [BLOCK_B, BLOCK_I, BLOCK_J]
             acc += tl.expand_dims(grad_logits, -1) * u_hat
-            if KEEP_COUPLINGS:
-                i = (i_start + i_in_block)[None, :, None]
-                store_kept(rows, plane, i, j, kept_mask & (i < I), coupling, grad_logits, J)
+            tl.store(kept_rows(grad_logits_ptr, t - 1, B, I, J, samples) + at, grad_logits, mask=kept_mask)
         store_partial(partial_ptr, t, splits, J, D, rows_offsets, rows_mask,
                       tl.reshape(tl.sum(acc, axis=1), [BLOCK_B * BLOCK_J, BLOCK_D]), BLOCK_B)

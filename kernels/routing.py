@@ -85,7 +85,7 @@ def _routing_forward_kernel(
         for i_start in range(0, I, BLOCK_I):
             u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
-            s += s_of_tile(u_hat, v_sum, j_valid)
+            s += s_of_tile(u_hat, v_sum, j_valid)[0]
         v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
     tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
@@ -123,7 +123,7 @@ def _routing_backward_ds_all_kernel(
         for i_start in range(0, I, BLOCK_I):
             u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
-            grad_v_sum += grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)[0]
+            grad_v_sum += grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid)
         grad_v = grad_v_sum
     sample_ds(grad_v, s_all_ptr, ds_all_ptr, 0, B, sample, J, D, jd_offsets, jd_mask)
 

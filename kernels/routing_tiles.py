@@ -13,8 +13,7 @@ from .squash import squash_backward_tile, squash_tile
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "sample_ds", "s_of_tile",
            "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration", "sum_partials",
            "split_forward_start", "split_backward_ds", "store_partial", "uniform_share", "spread_nan",
-           "jd_layout", "weight_layout", "load_weight", "load_u", "predict_tile", "predict", "kept_rows",
-           "kept_plane", "store_kept", "du_hat_of_kept"]
+           "jd_layout", "weight_layout", "load_weight", "load_u", "predict_tile", "kept_rows", "du_hat_of_kept"]
 
 
 @triton.jit
@@ -108,19 +107,18 @@ def sample_ds(grad_v, s_all_ptr, ds_all_ptr, t, B, sample, J, D, jd_offsets, jd_
 
 @triton.jit
 def s_of_tile(u_hat, v_sum, j_valid):
-    """s = sum_i c u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with c
-    recomputed from V = v_sum: the tile's share of s (Eq. 2) -> [BLOCK_J, BLOCK_D]."""
-    return tl.sum(coupling_tile(u_hat, v_sum, j_valid)[:, :, None] * u_hat, axis=0)
+    """(s, c): s = sum_i c u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with
+    c [BLOCK_I, BLOCK_J] recomputed from V = v_sum: the tile's share of s (Eq. 2) -> [BLOCK_J,
+    BLOCK_D], and the couplings it took (the fused layer keeps them)."""
+    coupling = coupling_tile(u_hat, v_sum, j_valid)
+    return tl.sum(coupling[:, :, None] * u_hat, axis=0), coupling
 
 
 @triton.jit
 def grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid):
-    """(dV, c, db): dV = sum_i db u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D],
-    with c and db [BLOCK_I, BLOCK_J] recomputed from V = v_sum and ds: kernel A's share of dL/dv
-    of earlier iterations, and the couplings and logit gradients it took (the fused layer keeps them)."""
-    coupling = coupling_tile(u_hat, v_sum, j_valid)
-    grad_logits = logits_grad(u_hat, coupling, ds)
-    return tl.sum(grad_logits[:, :, None] * u_hat, axis=0), coupling, grad_logits
+    """dV = sum_i db u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with db
+    recomputed from V = v_sum and ds: kernel A's share of dL/dv of earlier iterations."""
+    return tl.sum(logits_grad(u_hat, coupling_tile(u_hat, v_sum, j_valid), ds)[:, :, None] * u_hat, axis=0)
 
 
 @triton.jit
@@ -154,49 +152,51 @@ def du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_val
 
 
 @triton.jit
-def kept_rows(kept_ptr, t, B, I, J, sample):
-    """Where c^(t) of iteration t >= 1 (0-based) starts for sample (a scalar, or [BLOCK_B, 1, 1] for
-    a block) in the fused layer's kept couplings [iterations - 1, 2, B, I, J], contiguous: input i,
-    parent j at i J + j from there, and db^(t) kept_plane(B, I, J) further on."""
-    return kept_ptr + ((t - 1) * 2 * B + tl.cast(sample, tl.int64)) * I * J
+def kept_rows(kept_ptr, slot, B, I, J, sample):
+    """Where `slot` starts for sample (a scalar, or [BLOCK_B, 1, 1] for a block) in one of the fused
+    layer's per-input buffers [slots, B, I, J], contiguous (input i, parent j at i J + j from
+    there): the couplings its forward keeps (capsule_linear_forward's third output, c^(t) in slot
+    t - first_kept) and the logit gradients backward kernel A keeps for kernel B (db^(t) in slot
+    t - 1; t counts from 0)."""
+    return kept_ptr + (slot * B + tl.cast(sample, tl.int64)) * I * J
 
 
 @triton.jit
-def kept_plane(B, I, J):
-    """The distance from c^(t) to db^(t) in the kept couplings (see kept_rows), 64-bit."""
-    return tl.cast(B, tl.int64) * I * J
+def du_hat_of_kept(couplings_ptr, grad_logits_ptr, s_all_ptr, ds_all_ptr, B, I, J, D, sample, i, iterations,
+                   j_valid, jd_mask, jd_offsets, GRADIENT_FULL: tl.constexpr, BLOCK_J: tl.constexpr,
+                   BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """du_hat for one sample's inputs i [BLOCK_I] -> [BLOCK_I, BLOCK_J, BLOCK_D], from kept values
+    (kept_rows): no u_hat, no coupling recomputed.
 
+        GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
+        otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy)
 
-@triton.jit
-def store_kept(rows, plane, i, j, mask, coupling, grad_logits, J):
-    """Backward kernel A's c^(t) and db^(t) of one tile at kept_rows' rows, inputs i and parents j
-    (broadcast against each other), for kernel B (see du_hat_of_kept)."""
-    at = rows + i * J + j
-    tl.store(at, coupling, mask=mask)
-    tl.store(at + plane, grad_logits, mask=mask)
-
-
-@triton.jit
-def du_hat_of_kept(kept_ptr, s_all_ptr, ds_all_ptr, B, I, J, D, sample, i, iterations, j_valid, jd_mask,
-                   jd_offsets, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ] (the "full" policy) for one sample's inputs i
-    [BLOCK_I] -> [BLOCK_I, BLOCK_J, BLOCK_D], from the c^(t) and db^(t), t >= 1 (0-based), that
-    backward kernel A kept, with c^(0) = 1/J and V^(0) = 0: no u_hat, no coupling recomputed.
-    Padded inputs and parents get 0; V^(t) is summed from s_all as du_hat_tile sums it."""
+    with c^(0) = 1/J and V^(0) = 0; c^(t), t >= 1 (0-based), from the forward's couplings
+    (couplings_ptr: slot t - 1 under "full", slot 0 holding c^(r) under "last"), db^(t) from
+    backward kernel A's (grad_logits_ptr, slot t - 1; read under "full" only), V^(t) summed
+    from s_all as du_hat_tile sums it. Padded inputs and parents get 0.
+    """
     j = tl.arange(0, BLOCK_J)
     mask = (i < I)[:, None] & j_valid[None, :]
+    at = i[:, None] * J + j[None, :]
     uniform = tl.where(mask, tl.full([], 1.0, COMPUTE_DTYPE) / J, 0.0)    # c^(0) [BLOCK_I, BLOCK_J]
-    ds = tl.load(ds_all_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0)
-    du_hat = uniform[:, :, None] * ds[None, :, :]
-    v_sum = squash_tile(tl.load(s_all_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0))
-    for t in range(1, iterations):
-        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
-        ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
-        at = kept_rows(kept_ptr, t, B, I, J, sample) + i[:, None] * J + j[None, :]
-        coupling = tl.load(at, mask=mask, other=0.0)
-        grad_logits = tl.load(at + kept_plane(B, I, J), mask=mask, other=0.0)
-        du_hat += coupling[:, :, None] * ds[None, :, :] + grad_logits[:, :, None] * v_sum[None, :, :]
-        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+    if GRADIENT_FULL:
+        ds = tl.load(ds_all_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0)
+        du_hat = uniform[:, :, None] * ds[None, :, :]
+        v_sum = squash_tile(tl.load(s_all_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0))
+        for t in range(1, iterations):
+            offsets = (t * B + sample) * J * D + jd_offsets                # s^(t) in s_all
+            ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
+            coupling = tl.load(kept_rows(couplings_ptr, t - 1, B, I, J, sample) + at, mask=mask, other=0.0)
+            grad_logits = tl.load(kept_rows(grad_logits_ptr, t - 1, B, I, J, sample) + at, mask=mask, other=0.0)
+            du_hat += coupling[:, :, None] * ds[None, :, :] + grad_logits[:, :, None] * v_sum[None, :, :]
+            v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
+    else:
+        ds = tl.load(ds_all_ptr + ((iterations - 1) * B + sample) * J * D + jd_offsets, mask=jd_mask, other=0.0)
+        coupling = uniform
+        if iterations > 1:
+            coupling = tl.load(kept_rows(couplings_ptr, 0, B, I, J, sample) + at, mask=mask, other=0.0)
+        du_hat = coupling[:, :, None] * ds[None, :, :]
     return du_hat
 
 
@@ -398,12 +398,3 @@ def predict_tile(slices_ptr, u_rows, i, I, J, D, P, jd_mask, jd_offsets, COMPUTE
     for p in range(1, P):
         u_hat += _predict_slice(w_rows, w_mask, u_at, i_valid, p, J, D, COMPUTE_DTYPE)
     return u_hat
-
-
-@triton.jit
-def predict(weight, u):
-    """u_hat[i, j] = W[i, j] @ u[i] (Eq. 2) from a W tile held in registers: weight
-    [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P] and u [BLOCK_I, BLOCK_P] -> [BLOCK_I, BLOCK_J, BLOCK_D]
-    (plain FMAs, never TF32). For backward kernel B, which keeps its W tile for the whole batch;
-    the kernels that walk I use predict_tile."""
-    return tl.sum(weight * tl.expand_dims(u, (-3, -2)), axis=-1)

@@ -130,10 +130,10 @@ def test_batches_flag_sets_the_batches_of_squash_and_routing(tmp_path):
     assert status == 0
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert sorted((r["workload"], r["B"]) for r in rows) == [("digitcaps fwd+bwd", 2), ("squash", 3), ("squash", 5)]
-    # The layer's counted FLOPs (for its compute floor): 2P per u_hat element, 2r + 2 times over
+    # The layer's counted FLOPs (for its compute floor): 2P per u_hat element, 2r + 1 times over
     # (--tiny: I = 72, r = 3); none for squash.
     flops = {r["workload"]: r["flops"] for r in rows}
-    assert flops == {"squash": None, "digitcaps fwd+bwd": 8 * 2 * 8 * (2 * 72 * 10 * 16)}
+    assert flops == {"squash": None, "digitcaps fwd+bwd": 7 * 2 * 8 * (2 * 72 * 10 * 16)}
     # squash has no routing iterations: no r in the JSON, as the table's "-".
     assert {r["workload"]: r["r"] for r in rows} == {"squash": None, "digitcaps fwd+bwd": 3}
 

@@ -180,14 +180,15 @@ def test_backward_allocates_no_zero_gradient_for_what_the_forward_keeps(layer):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("r", [1, 3])
-def test_backward_saves_u_weight_per_iteration_s_and_on_the_torch_path_the_couplings(backend, gradient, r):
-    """The kernels keep u, W and s^(1..r); the PyTorch path also keeps the couplings its backward
-    reads: c^(2..r), [r-1, B, J, I], under "full", c^(r) alone under "last"."""
+def test_backward_saves_u_weight_per_iteration_s_and_the_couplings(backend, gradient, r):
+    """Both paths keep u, W, s^(1..r) and the couplings the backward reads: c^(2..r) under "full",
+    c^(r) alone under "last" ([r-1, B, J, I] or [1, B, J, I] on the PyTorch path, [., B, I, J]
+    from the kernels), nothing of u_hat's size."""
     B, I, J, D, P = 2, 50, 10, 16, 8
     u = torch.randn(B, I, P, device=DEVICE, requires_grad=True)
     weight = torch.randn(I, J, D, P, device=DEVICE, requires_grad=True)
     saved, _ = saved_numel(lambda: capsule_linear(u, weight, r, gradient=gradient, backend=backend))
-    kept = 0 if backend != "torch" else r - 1 if gradient == "full" else min(1, r - 1)
+    kept = r - 1 if gradient == "full" else min(1, r - 1)
     couplings = kept * B * J * I
     assert saved == u.numel() + weight.numel() + r * B * J * D + couplings
 

@@ -2,9 +2,10 @@
 kernels/capsule_linear_split.py) against the float64 NumPy reference (reference/capsule_linear.py:
 prediction then routing; SPEC 3, 7 and 8).
 
-Every check runs forward and backward: v and every iteration's s against the reference forward,
-du, dW and the bias gradient ds_all.sum((0, 1)) against the reference backward, under both
-gradient policies, with all outputs poisoned with NaN before the kernels write them. The split
+Every check runs forward and backward: v, every iteration's s and the couplings kept for the
+backward against the reference forward, du, dW and the bias gradient ds_all.sum((0, 1)) against
+the reference backward, under both gradient policies, with all outputs (and the scratch buffers,
+kernel A's logit gradients among them) poisoned with NaN before the kernels write them. The split
 kernels take samples in blocks of BLOCK_B = 4: batches of 1 to 3 leave a block partly empty, and
 a batch of 5 or 8 makes two blocks.
 """
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from kernel_checks import (DEVICE, DTYPES, FINITE_POISON, as_float64, assert_agrees, dtype_id, magnitudes, poisoned,
                            sample)
 
-from capsnet_triton.checks import compute_dtype
+from capsnet_triton.checks import compute_dtype, kept_iterations
 from capsnet_triton.kernels import capsule_linear as capsule_linear_kernels
 from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
 from capsnet_triton.kernels.launch import DEFAULT_VARIANT
@@ -29,17 +30,19 @@ pytestmark = pytest.mark.usefixtures("poisoned_scratch")
 
 
 def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full", block_i=None,
-                         variant=DEFAULT_VARIANT, splits=None, weight_launch=None, couplings="kept"):
+                         variant=DEFAULT_VARIANT, splits=None, weight_launch=None):
     """Run the kernels on poisoned outputs, compare with the reference, return (v, s_all, du, dW, ds_all)."""
     B, I, P = u.shape
     _, J, D, _ = weight.shape
     dtype = u.dtype
-    v, s_all = capsule_linear_forward(
-        u, weight, iterations, bias, block_i=block_i, variant=variant, splits=splits,
-        out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
+    kept = kept_iterations(iterations, gradient)
+    v, s_all, couplings = capsule_linear_forward(
+        u, weight, iterations, bias, gradient=gradient, block_i=block_i, variant=variant, splits=splits,
+        out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype)),
+             poisoned((kept, B, I, J), compute_dtype(dtype))))
     du, dW, ds_all = capsule_linear_backward(
-        dv, u, weight, s_all, gradient=gradient, block_i=block_i, variant=variant, splits=splits,
-        weight_launch=weight_launch, couplings=couplings,
+        dv, u, weight, s_all, couplings, gradient=gradient, block_i=block_i, variant=variant, splits=splits,
+        weight_launch=weight_launch,
         out=(poisoned(u.shape, dtype), poisoned(weight.shape, dtype),
              poisoned((iterations, B, J, D), compute_dtype(dtype))))
 
@@ -52,6 +55,9 @@ def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full
     # s_all and ds_all are computed and kept in the compute dtype, from inputs already rounded to
     # theirs: they are held to its tolerance, not to the half-precision input's.
     assert_agrees(s_all, np.stack(cache[1]["s_all"]), compute_dtype(dtype), "s_all")
+    # c^(2..r) under "full", c^(r) under "last" (nothing at r = 1), [k, B, I, J] as the reference's.
+    assert_agrees(couplings, np.asarray(cache[1]["couplings"][iterations - kept:]).reshape(kept, B, I, J),
+                  compute_dtype(dtype), "kept couplings")
     assert_agrees(du, ref_du, dtype, "du")
     assert_agrees(dW, ref_dW, dtype, "dW")
     assert_agrees(ds_all.sum((0, 1)), ref_dbias, compute_dtype(dtype), "dbias = ds_all.sum((0, 1))")
@@ -88,7 +94,6 @@ def layer_cases(draw, dtype):
         block_i=draw(st.sampled_from([None, 2, 8])),
         variant=draw(st.sampled_from(["sample", "split"])),
         splits=draw(st.sampled_from([None, 1, 2, 3])),
-        couplings=draw(st.sampled_from(["kept", "recomputed"])),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -101,8 +106,7 @@ def test_capsule_linear_kernels_match_reference(dtype, data):
     rng = np.random.default_rng(case["seed"])
     u, weight, bias, dv = layer_inputs(rng, case["shape"], dtype, case["magnitude"], case["with_bias"])
     check_capsule_linear(u, weight, case["iterations"], dv, bias=bias, gradient=case["gradient"],
-                         block_i=case["block_i"], variant=case["variant"], splits=case["splits"],
-                         couplings=case["couplings"])
+                         block_i=case["block_i"], variant=case["variant"], splits=case["splits"])
 
 
 @pytest.mark.parametrize("variant", ["sample", "split"])
@@ -134,20 +138,31 @@ def test_kernel_b_with_its_own_launch(gradient, rng):
 
 
 @pytest.mark.parametrize("variant", ["sample", "split"])
-@pytest.mark.parametrize("couplings", ["kept", "recomputed"])
-def test_kernel_b_from_kept_or_recomputed_couplings(couplings, variant, rng, monkeypatch):
-    """Kernel B forms du_hat from the c^(t) and db^(t) kernel A kept (the kept buffer poisoned
-    before kernel A writes it, as every scratch buffer here), or recomputes them from u_hat:
-    5 samples (two blocks of 4 for split), 13 inputs in blocks of 4, J = 11 parents, r = 4."""
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_backward_from_the_kept_couplings_alone(gradient, variant, rng, monkeypatch):
+    """The backward reads c^(t) from the forward's couplings, not from u_hat: with the kept
+    couplings replaced by other values of their shape (those of other inputs), du and dW
+    follow them. Kernel A's logit gradients [r - 1, B, I, J] are asked for under "full" only
+    (poisoned, as every scratch buffer here). 5 samples (two blocks of 4 for split), 13 inputs
+    in blocks of 4, J = 11 parents, r = 4."""
     asked = []
     poisoned_scratch = capsule_linear_kernels.scratch
     monkeypatch.setattr(capsule_linear_kernels, "scratch", lambda shape, like: asked.append(shape) or
                         poisoned_scratch(shape, like))
     u, weight, bias, dv = layer_inputs(rng, (5, 13, 11, 9, 3), torch.float32, with_bias=True)
-    check_capsule_linear(u, weight, 4, dv, bias=bias, block_i=4, variant=variant, splits=2, couplings=couplings)
-    assert ((3, 2, 5, 13, 11) in asked) == (couplings == "kept")
-    with pytest.raises(ValueError, match="couplings must be one of"):
-        check_capsule_linear(u, weight, 4, dv, couplings="saved")
+    check_capsule_linear(u, weight, 4, dv, bias=bias, gradient=gradient, block_i=4, variant=variant, splits=2)
+    assert ((3, 5, 13, 11) in asked) == (gradient == "full")
+
+    launch = dict(gradient=gradient, block_i=4, variant=variant, splits=2)
+    _, s_all, couplings = capsule_linear_forward(u, weight, 4, bias, **launch)
+    _, _, other = capsule_linear_forward(u.flip(0), weight, 4, bias, **launch)
+    du, dW, _ = capsule_linear_backward(dv, u, weight, s_all, couplings, **launch)
+    du_other, dW_other, _ = capsule_linear_backward(dv, u, weight, s_all, other, **launch)
+    assert not torch.allclose(du, du_other) and not torch.allclose(dW, dW_other)
+    with pytest.raises(ValueError, match=r"couplings must be capsule_linear_forward's third output under "
+                                         r"gradient='last', \[k, B, I, J\] = \[1, 5, 13, 11\]"):
+        capsule_linear_backward(dv, u, weight, s_all, couplings[:2] if gradient == "full" else couplings[:0],
+                                gradient="last")
 
 
 @pytest.mark.parametrize("gradient", ["full", "last"])
@@ -184,11 +199,12 @@ def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iteratio
     u, weight, _, _ = layer_inputs(rng, (3, 6, 4, 5, 3), torch.float32)
     u[0, 2, 1] = float("nan")
     u[2, 5, 0] = float("inf")
-    v, _ = capsule_linear_forward(u, weight, iterations, variant=variant, splits=2, block_i=2,
-                                  out=(poisoned((3, 4, 5), torch.float32, FINITE_POISON),
-                                       poisoned((iterations, 3, 4, 5), torch.float32, FINITE_POISON)))
+    v, _, _ = capsule_linear_forward(u, weight, iterations, variant=variant, splits=2, block_i=2,
+                                     out=(poisoned((3, 4, 5), torch.float32, FINITE_POISON),
+                                          poisoned((iterations, 3, 4, 5), torch.float32, FINITE_POISON),
+                                          poisoned((iterations - 1, 3, 6, 4), torch.float32, FINITE_POISON)))
     assert torch.isnan(v[0]).all() and torch.isnan(v[2]).all()
-    clean, _ = capsule_linear_forward(u[1:2], weight, iterations, variant=variant, splits=2, block_i=2)
+    clean, _, _ = capsule_linear_forward(u[1:2], weight, iterations, variant=variant, splits=2, block_i=2)
     assert torch.equal(v[1], clean[0])
 
 
@@ -196,10 +212,11 @@ def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iteratio
 def test_capsule_linear_allocates_its_outputs_when_not_given(variant, rng):
     u, weight, _, dv = layer_inputs(rng, (3, 7, 5, 6, 4), torch.float16)
     v, s_all, du, dW, ds_all = check_capsule_linear(u, weight, 2, dv, variant=variant)
-    v_new, s_all_new = capsule_linear_forward(u, weight, 2, variant=variant)
-    du_new, dW_new, ds_all_new = capsule_linear_backward(dv, u, weight, s_all_new, variant=variant)
+    v_new, s_all_new, couplings = capsule_linear_forward(u, weight, 2, variant=variant)
+    du_new, dW_new, ds_all_new = capsule_linear_backward(dv, u, weight, s_all_new, couplings, variant=variant)
     assert v_new.dtype == du_new.dtype == dW_new.dtype == torch.float16
-    assert s_all_new.dtype == ds_all_new.dtype == torch.float32
+    assert s_all_new.dtype == ds_all_new.dtype == couplings.dtype == torch.float32
+    assert couplings.shape == (1, 3, 7, 5)
     for got, expected in zip((v_new, s_all_new, du_new, dW_new, ds_all_new), (v, s_all, du, dW, ds_all)):
         assert torch.equal(got, expected)
 
@@ -207,9 +224,9 @@ def test_capsule_linear_allocates_its_outputs_when_not_given(variant, rng):
 @pytest.mark.parametrize("variant", ["sample", "split"])
 def test_capsule_linear_of_an_empty_batch(variant):
     u, weight = torch.empty(0, 5, 3, device=DEVICE), torch.ones(5, 2, 4, 3, device=DEVICE)
-    v, s_all = capsule_linear_forward(u, weight, 3, variant=variant)
-    assert v.shape == (0, 2, 4) and s_all.shape == (3, 0, 2, 4)
-    du, dW, ds_all = capsule_linear_backward(torch.empty(0, 2, 4, device=DEVICE), u, weight, s_all,
+    v, s_all, couplings = capsule_linear_forward(u, weight, 3, variant=variant)
+    assert v.shape == (0, 2, 4) and s_all.shape == (3, 0, 2, 4) and couplings.shape == (2, 0, 5, 2)
+    du, dW, ds_all = capsule_linear_backward(torch.empty(0, 2, 4, device=DEVICE), u, weight, s_all, couplings,
                                              variant=variant)
     assert du.shape == (0, 5, 3) and ds_all.shape == (3, 0, 2, 4)
     assert torch.equal(dW, torch.zeros_like(weight))
@@ -221,12 +238,12 @@ def test_capsule_linear_refuses_w_or_s_all_past_int32_offsets(rng, monkeypatch):
     from capsnet_triton.kernels import capsule_linear
     u, weight = sample(rng, (3, 1, 2), torch.float32), sample(rng, (1, 4, 3, 2), torch.float32)
     monkeypatch.setattr(capsule_linear, "_INT32_MAX", 108)
-    _, s_all = capsule_linear_forward(u, weight, 3)
+    _, s_all, couplings = capsule_linear_forward(u, weight, 3)
     monkeypatch.setattr(capsule_linear, "_INT32_MAX", 107)
     with pytest.raises(ValueError, match=r"s_all \[r, B, J, D\] for r = 3 and B = 3.*2\*\*31 - 1"):
         capsule_linear_forward(u, weight, 3)
     with pytest.raises(ValueError, match=r"2\*\*31 - 1 elements"):
-        capsule_linear_backward(torch.ones(3, 4, 3, device=DEVICE), u, weight, s_all)
+        capsule_linear_backward(torch.ones(3, 4, 3, device=DEVICE), u, weight, s_all, couplings)
     monkeypatch.setattr(capsule_linear, "_INT32_MAX", 23)                    # s_all of one sample: 12
     with pytest.raises(ValueError, match=r"W \[I, J, D, P\] = \(1, 4, 3, 2\)"):
         capsule_linear_forward(u[:1], weight, 1)
@@ -234,7 +251,7 @@ def test_capsule_linear_refuses_w_or_s_all_past_int32_offsets(rng, monkeypatch):
 
 def test_capsule_linear_rejects_bad_input():
     u, weight = torch.ones(2, 5, 3, device=DEVICE), torch.ones(5, 2, 4, 3, device=DEVICE)
-    _, s_all = capsule_linear_forward(u, weight, 2)
+    _, s_all, couplings = capsule_linear_forward(u, weight, 2)
     dv = torch.ones(2, 2, 4, device=DEVICE)
     cases = [
         (TypeError, "torch.Tensor", lambda: capsule_linear_forward(np.ones((2, 5, 3)), weight, 2)),
@@ -248,24 +265,31 @@ def test_capsule_linear_rejects_bad_input():
         (ValueError, r"bias must have shape \[J, D\]",
          lambda: capsule_linear_forward(u, weight, 2, torch.ones(4, 2, device=DEVICE))),
         (ValueError, "power of two", lambda: capsule_linear_forward(u, weight, 2, block_i=3)),
-        (ValueError, "gradient", lambda: capsule_linear_backward(dv, u, weight, s_all, gradient="none")),
+        (ValueError, "gradient", lambda: capsule_linear_backward(dv, u, weight, s_all, couplings, gradient="none")),
         (ValueError, r"variant must be one of \('sample', 'split'\)",
          lambda: capsule_linear_forward(u, weight, 2, variant="persistent")),
-        (ValueError, "variant must be one of", lambda: capsule_linear_backward(dv, u, weight, s_all, variant=None)),
+        (ValueError, "variant must be one of", lambda: capsule_linear_backward(dv, u, weight, s_all, couplings, variant=None)),
         (ValueError, "splits must be an integer >= 1",
          lambda: capsule_linear_forward(u, weight, 2, variant="split", splits=0)),
         (ValueError, "splits must be an integer >= 1",
-         lambda: capsule_linear_backward(dv, u, weight, s_all, variant="split", splits=1.5)),
+         lambda: capsule_linear_backward(dv, u, weight, s_all, couplings, variant="split", splits=1.5)),
         (ValueError, r"out\[0\] \(v\)",
-         lambda: capsule_linear_forward(u, weight, 2, out=(torch.empty(2, 4, 2, device=DEVICE), s_all))),
+         lambda: capsule_linear_forward(u, weight, 2, out=(torch.empty(2, 4, 2, device=DEVICE), s_all, couplings))),
         (ValueError, r"dv must have shape \[B, J, D\]",
-         lambda: capsule_linear_backward(dv[:1], u, weight, s_all)),
+         lambda: capsule_linear_backward(dv[:1], u, weight, s_all, couplings)),
         (ValueError, "s_all must be capsule_linear_forward's",
-         lambda: capsule_linear_backward(dv, u, weight, s_all.double())),
+         lambda: capsule_linear_backward(dv, u, weight, s_all.double(), couplings)),
         (ValueError, "s_all must be capsule_linear_forward's",
-         lambda: capsule_linear_backward(dv, u, weight, s_all[0])),
+         lambda: capsule_linear_backward(dv, u, weight, s_all[0], couplings)),
+        (ValueError, "gradient", lambda: capsule_linear_forward(u, weight, 2, gradient="none")),
+        (ValueError, r"out\[2\] \(couplings\)",
+         lambda: capsule_linear_forward(u, weight, 2, out=(torch.empty(2, 2, 4, device=DEVICE), s_all, s_all))),
+        (TypeError, "couplings", lambda: capsule_linear_backward(dv, u, weight, s_all, couplings.numpy())),
+        (ValueError, r"couplings must be capsule_linear_forward's third output under gradient='full', "
+                     r"\[k, B, I, J\] = \[1, 2, 5, 2\] torch.float32, got shape \(1, 2, 5, 2\) torch.float64",
+         lambda: capsule_linear_backward(dv, u, weight, s_all, couplings.double())),
         (ValueError, r"out\[1\] \(dW\)",
-         lambda: capsule_linear_backward(dv, u, weight, s_all,
+         lambda: capsule_linear_backward(dv, u, weight, s_all, couplings,
                                          out=(torch.empty_like(u), torch.empty_like(u), torch.empty_like(s_all)))),
     ]
     for error, message, call in cases:

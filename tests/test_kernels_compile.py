@@ -6,8 +6,8 @@ launchers make at the MNIST shapes (PrimaryCaps squash: [128, 1152, 8]; DigitCap
 u_hat [128, 1152, 10, 16], 3 iterations, backward under both gradient policies, "last" with its
 squash backward of ds^(r); the split variant at B = 32, 128 and 512, whose chunking depends
 on the batch; the fused DigitCaps layer capsule_linear: u [128, 1152, 8], W [1152, 10, 16, 8],
-the same iterations and policies, backward kernels A and B with the couplings kept and
-recomputed, and its split variant at B = 32, 128 and 512), in float32,
+the same iterations and policies, the forward keeping the couplings each policy's backward
+reads, and its split variant at B = 32, 128 and 512), in float32,
 bfloat16 and float64, and reads each binary's
 registers and local-memory use (spills) with the bundled cuobjdump, and its shared memory.
 
@@ -197,18 +197,15 @@ def _compile_mnist_launches(dtype_name):
         routing.routing_backward(dv, u_hat, s_all, gradient="full", variant="split")
     weight = torch.empty(INPUTS, PARENTS, DIMS, PRIMARY_DIMS, dtype=dtype)
     dv = torch.empty(BATCH, PARENTS, DIMS, dtype=dtype)
-    _, s_all = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS, variant="sample")
-    for couplings in ("kept", "recomputed"):
-        capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="full", variant="sample",
-                                               couplings=couplings)
-    capsule_linear.capsule_linear_backward(dv, s, weight, s_all, gradient="last")
+    _, s_all, couplings = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS, variant="sample")
+    capsule_linear.capsule_linear_backward(dv, s, weight, s_all, couplings, gradient="full", variant="sample")
+    _, s_all, couplings = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS, gradient="last")
+    capsule_linear.capsule_linear_backward(dv, s, weight, s_all, couplings, gradient="last")
     for batch in SPLIT_BATCHES:
         u = torch.empty(batch, INPUTS, PRIMARY_DIMS, dtype=dtype)
-        _, s_all = capsule_linear.capsule_linear_forward(u, weight, ITERATIONS, variant="split")
+        _, s_all, couplings = capsule_linear.capsule_linear_forward(u, weight, ITERATIONS, variant="split")
         dv = torch.empty(batch, PARENTS, DIMS, dtype=dtype)
-        for couplings in ("kept", "recomputed"):
-            capsule_linear.capsule_linear_backward(dv, u, weight, s_all, gradient="full", variant="split",
-                                                   couplings=couplings)
+        capsule_linear.capsule_linear_backward(dv, u, weight, s_all, couplings, gradient="full", variant="split")
 
     results, seen = [], set()
     for kernel, args, kwargs in launches:

@@ -48,10 +48,6 @@ BACKWARD_CONFIGS = [
     ("A+B sample", dict(variant="sample")),
     ("A+B split", dict(variant="split")),
     (LAST_ONLY, dict(gradient="last")),
-    # Kernel B recomputing every coupling and logit gradient from u_hat = W u per sample (the
-    # default before the couplings were kept: 2.3x its instructions per pair in the sm_90 SASS
-    # under Triton 3.6, 5x under 3.9; docs/PERF.md, 2026-11-30, ninth run).
-    ("A+B split, B recomputes", dict(variant="split", couplings="recomputed")),
     # Kernel B over fewer warps per input, (BLOCK_I, num_warps): fewer instructions per (input,
     # sample) in its sm_90 SASS and twice the inputs in flight per SM, at the register limit
     # (docs/PERF.md, 2026-11-30, fourth run).
@@ -93,18 +89,18 @@ def _fused(x, r, kwargs, backward, shape):
         backward_kwargs = dict(kwargs, weight_launch=(weight["BLOCK_I"], weight["num_warps"]))
 
     def run():
-        v, s_all = capsule_linear_forward(x["u"], x["W"], r, **kwargs)
+        _, s_all, couplings = capsule_linear_forward(x["u"], x["W"], r, **kwargs)
         if backward:
-            capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, **backward_kwargs)
+            capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, couplings, **backward_kwargs)
     return run
 
 
 def _fused_backward(x, r, kwargs):
     from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
-    _, s_all = capsule_linear_forward(x["u"], x["W"], r)
+    _, s_all, couplings = capsule_linear_forward(x["u"], x["W"], r, gradient=kwargs.get("gradient", "full"))
 
     def run():
-        capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, **kwargs)
+        capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, couplings, **kwargs)
     return run
 
 

@@ -74,15 +74,15 @@ class _SampleCapsuleLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, weight, iterations):
         from capsnet_triton.kernels.capsule_linear import capsule_linear_forward
-        v, s_all = capsule_linear_forward(u, weight, iterations, variant="sample")
-        ctx.save_for_backward(u, weight, s_all)
+        v, s_all, couplings = capsule_linear_forward(u, weight, iterations, variant="sample")
+        ctx.save_for_backward(u, weight, s_all, couplings)
         return v
 
     @staticmethod
     def backward(ctx, dv):
         from capsnet_triton.kernels.capsule_linear import capsule_linear_backward
-        u, weight, s_all = ctx.saved_tensors
-        du, dweight, _ = capsule_linear_backward(dv.contiguous(), u, weight, s_all, variant="sample")
+        u, weight, s_all, couplings = ctx.saved_tensors
+        du, dweight, _ = capsule_linear_backward(dv.contiguous(), u, weight, s_all, couplings, variant="sample")
         return du, dweight, None
 
 

@@ -192,8 +192,9 @@ WORKLOADS = [
              flops=lambda s: s.r * s.prediction_flops),                          # u_hat once per iteration
     Workload("digitcaps fwd+bwd", _inputs_digitcaps, _numpy_digitcaps_backward, torch_fn=_digitcaps,
              grad_wrt=("u", "W"), batch_sweep=False, whole_layer=True,
-             # forward r; backward r - 1 to recompute the couplings, then u_hat, du and dW once each
-             flops=lambda s: (2 * s.r + 2) * s.prediction_flops),
+             # forward r; backward r - 1 to recompute u_hat for the logit gradients, then du and dW
+             # once each (kernel B forms du_hat from the kept couplings, without u_hat)
+             flops=lambda s: (2 * s.r + 1) * s.prediction_flops),
     Workload("train step", _inputs_train, numpy_step=_numpy_train_step, torch_step=_train_step,
              batch_sweep=False, whole_layer=True),
 ]

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..checks import (autocast_dtype, check_bias, check_differentiation, check_float_tensor, check_gradient,
-                      check_iterations, check_u_and_weight, compute_dtype, pick_backend)
+                      check_iterations, check_u_and_weight, compute_dtype, kept_iterations, pick_backend)
 from .routing import kept_couplings, routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
@@ -133,12 +133,10 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, couplings, gradient):
 def _capsule_linear_forward_op(u: torch.Tensor, weight: torch.Tensor, iterations: int,
                                bias: Optional[torch.Tensor], gradient: str,
                                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # gradient picks what the PyTorch path keeps for the backward; the backward rule reads it too.
+    # gradient picks the couplings kept for the backward; the backward rule reads it too.
     if backend == "triton":
         from capsnet_triton.kernels import capsule_linear_forward
-        v, s_all = capsule_linear_forward(u, weight, iterations, bias)
-        B, I, _ = u.shape
-        return v, s_all, kept_couplings(u, B, I, weight.shape[1], iterations, backend, gradient)
+        return capsule_linear_forward(u, weight, iterations, bias, gradient=gradient)
     return _capsule_linear_forward_torch(u, weight, iterations, bias, gradient)
 
 
@@ -148,7 +146,7 @@ def _capsule_linear_backward_op(dv: torch.Tensor, u: torch.Tensor, weight: torch
                                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from capsnet_triton.kernels import capsule_linear_backward
-        return capsule_linear_backward(dv, u, weight, s_all, gradient=gradient)
+        return capsule_linear_backward(dv, u, weight, s_all, couplings, gradient=gradient)
     return _capsule_linear_backward_torch(dv, u, weight, s_all, couplings, gradient)
 
 
@@ -156,8 +154,11 @@ def _capsule_linear_backward_op(dv: torch.Tensor, u: torch.Tensor, weight: torch
 def _(u, weight, iterations, bias, gradient, backend):
     B, I, _ = u.shape
     _, J, D, _ = weight.shape
+    # The kernels keep the couplings [k, B, I, J], the PyTorch path (the routing op's) [k, B, J, I].
+    kept = kept_iterations(iterations, gradient)
+    couplings_shape = (kept, B, I, J) if backend == "triton" else (kept, B, J, I)
     return (u.new_empty((B, J, D)), u.new_empty((iterations, B, J, D), dtype=compute_dtype(u.dtype)),
-            kept_couplings(u, B, I, J, iterations, backend, gradient))
+            u.new_empty(couplings_shape, dtype=compute_dtype(u.dtype)))
 
 
 @_capsule_linear_backward_op.register_fake

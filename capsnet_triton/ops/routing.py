@@ -3,7 +3,7 @@ public function.
 
 The PyTorch path is written for CPUs. Its forward saves the per-iteration s (s_all,
 [r, B, J, D]) and the couplings its backward reads (1/D of u_hat's size per iteration): c^(2..r)
-under the "full" gradient policy, c^(r) alone under "last" (see kept_couplings); the Triton
+under the "full" gradient policy, c^(r) alone under "last" (see kept_couplings); the routing
 kernels save only s_all and recompute the couplings from u_hat (SPEC section 3). On a
 CPU, recomputing them cost a wider product over u_hat and a softmax per iteration; keeping them
 made forward + backward 15-20% faster at B = 32 and 3-6% at B = 128, and 19-25% under the
@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..checks import (check_bias, check_differentiation, check_gradient, check_iterations, check_u_hat, compute_dtype,
-                      pick_backend)
+                      kept_iterations, pick_backend)
 from .squash import squash_backward_torch, squash_forward_torch
 
 __all__ = ["dynamic_routing"]
@@ -86,11 +86,11 @@ def _first_s_as_the_reference(u3, J):
 
 
 def kept_couplings(like, B, I, J, iterations, backend, gradient):
-    """A buffer for what the forward keeps of the couplings for the backward, on like's device in
-    the compute dtype: on the PyTorch path, which writes them, c^(2..r) [r-1, B, J, I] under the
-    "full" policy and c^(r) alone [1, B, J, I] under "last" (none at r = 1, where c is uniform);
-    nothing ([0, B, J, I]) from the Triton kernels, which recompute them from u_hat (or u and W)."""
-    kept = 0 if backend != "torch" else iterations - 1 if gradient == "full" else min(1, iterations - 1)
+    """A buffer for what the routing forward keeps of the couplings for the backward, on like's
+    device in the compute dtype: on the PyTorch path, which writes them, c^(2..r) [r-1, B, J, I]
+    under the "full" policy and c^(r) alone [1, B, J, I] under "last" (checks.kept_iterations);
+    nothing ([0, B, J, I]) from the routing kernels, which recompute them from u_hat."""
+    kept = kept_iterations(iterations, gradient) if backend == "torch" else 0
     return like.new_empty((kept, B, J, I), dtype=compute_dtype(like.dtype))
 
 
