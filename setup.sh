@@ -52,6 +52,16 @@ else
         fi
     fi
     "${pip[@]}" -e '.[test]'
+    # tests/test_kernels_compile.py compiles every kernel for sm_90 with the Triton of the GPU
+    # machines' image too (its GPU_IMAGE_TRITON), whose compiler makes other code than the newest
+    # Triton's: a copy of it beside the venv's own, for that test alone (not on the venv's path).
+    image_triton=.venv/triton-gpu-image
+    if [ ! -d "$image_triton/triton-3.6.0.dist-info" ]; then
+        rm -rf "$image_triton"
+        "${pip[@]}" --no-deps --target "$image_triton" triton==3.6.0 \
+            || echo "setup.sh: could not install triton 3.6.0 into $image_triton: the sm_90 compile test" \
+                    "will skip its second compiler" >&2
+    fi
 fi
 echo "setup.sh: .venv ready, torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'); next:" \
      ".venv/bin/python bench.py, or .venv/bin/python -m pytest -n auto"

@@ -11,6 +11,13 @@ reads, and its split variant at B = 32, 128 and 512), in float32,
 bfloat16 and float64, and reads each binary's
 registers and local-memory use (spills) with the bundled cuobjdump, and its shared memory.
 
+Each launch is compiled twice: by the Triton installed here, and by the Triton of the GPU
+machines' image (3.6.0; one H200's, docs/PERF.md), whose compiler makes other code (other
+register counts, other spills) from the same kernels. ./setup.sh puts a copy of that Triton in
+.venv/triton-gpu-image for this test alone; where the installed Triton is the image's, the
+second compile would repeat the first and is skipped, as it is (saying so) where the copy is
+missing.
+
 Compiling needs a process without TRITON_INTERPRET (this test session has it set), so the test
 runs this file as a script in a subprocess: the script calls the real launchers with their
 kernels replaced by recorders, then compiles every recorded launch with the launch's own block
@@ -40,13 +47,39 @@ SPILL_LIMIT_BYTES = 64
 _TORCH_TO_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
-def test_kernels_compile_for_h100_without_spills(dtype):
+# The Triton of the GPU machines' image, and where ./setup.sh installs a copy of it beside the
+# venv's own (a folder put first on PYTHONPATH for the compiling subprocess).
+GPU_IMAGE_TRITON = "3.6.0"
+GPU_IMAGE_TRITON_DIR = os.path.join(sys.prefix, "triton-gpu-image")
+
+
+def _compiler_environment(triton_build):
+    """The subprocess's environment for the "installed" Triton or the "gpu-image" one, and the
+    version it must report; skips where the image's would repeat the installed one or is missing."""
+    import triton
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_build == "installed":
+        return env, triton.__version__
+    if triton.__version__ == GPU_IMAGE_TRITON:
+        pytest.skip(f"the installed Triton is the GPU image's ({GPU_IMAGE_TRITON}): compiled once, as installed")
+    if not os.path.isdir(os.path.join(GPU_IMAGE_TRITON_DIR, "triton")):
+        pytest.skip(f"no copy of the GPU image's Triton {GPU_IMAGE_TRITON} in {GPU_IMAGE_TRITON_DIR}: "
+                    f"./setup.sh installs it")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (GPU_IMAGE_TRITON_DIR, env.get("PYTHONPATH"))))
+    return env, GPU_IMAGE_TRITON
+
+
+@pytest.mark.parametrize("triton_build", ["installed", "gpu-image"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_kernels_compile_for_h100_without_spills(dtype, triton_build):
+    env, version = _compiler_environment(triton_build)
     proc = subprocess.run([sys.executable, __file__, dtype], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"compiling for sm_90 failed:\n{proc.stdout}\n{proc.stderr}"
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["triton"] == version
+    results = report["launches"]
     kernels = {r["kernel"] for r in results}
     assert kernels == {"squash._squash_forward_kernel", "squash._squash_backward_kernel",
                        "routing._routing_forward_kernel", "routing._routing_backward_ds_all_kernel",
@@ -58,7 +91,7 @@ def test_kernels_compile_for_h100_without_spills(dtype):
                        "capsule_linear_split.split_forward_kernel",
                        "capsule_linear_split.split_backward_ds_all_kernel"}
     for r in results:
-        print(f"{dtype:9s} {r['kernel']:53s} {r['config']}: {r['registers']} registers, "
+        print(f"{version:6s} {dtype:9s} {r['kernel']:53s} {r['config']}: {r['registers']} registers, "
               f"{r['local_bytes']} B local, {r['stack_bytes']} B stack, {r['shared_bytes']} B shared, "
               f"{ctas_per_sm(r)} CTAs/SM")
     spilling = [r for r in results
@@ -224,7 +257,7 @@ def _compile_mnist_launches(dtype_name):
                             local_bytes=local_bytes, stack_bytes=stack_bytes,
                             inner_loop_local_accesses=inner_loop_local,
                             shared_bytes=compiled.metadata.shared))
-    print(json.dumps(results))
+    print(json.dumps(dict(triton=triton.__version__, launches=results)))
 
 
 if __name__ == "__main__":
