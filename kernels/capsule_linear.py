@@ -4,11 +4,13 @@
     v = routing(u_hat)                          v [B, J, D]
 
 the same function and gradients as capsnet_triton.reference.capsule_linear, under both gradient
-policies of SPEC section 3, without u_hat [B, I, J, D] or its gradient ever in memory: every
-kernel recomputes the u_hat tile it needs from u and W in registers (2P FLOP per element where
-reading it would cost 4 bytes in float32) and then runs the routing kernels' tile code on it
-(kernels/routing_tiles.py: b and c recomputed from V). The forward keeps s_all and the couplings
-the backward reads ([k, B, I, J], 1/D of u_hat's size per kept iteration), as the PyTorch path does.
+policies of SPEC section 3, without u_hat [B, I, J, D] or its gradient ever in memory. The
+forward and backward kernel A recompute the u_hat tile they need from u and W in registers (2P
+FLOP per element where reading it would cost 4 bytes in float32) and run the routing kernels'
+tile code on it (kernels/routing_tiles.py). The forward recomputes b and c from V, and keeps
+s_all and the couplings the backward reads ([k, B, I, J], 1/D of u_hat's size per kept
+iteration), as the PyTorch path does; kernel A reads those couplings and keeps the logit
+gradients it forms; kernel B forms du_hat from the two, without u_hat.
 
 Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - unfused (predict, routing forward and backward, prediction backward): predict writes U, the
@@ -47,7 +49,7 @@ from capsnet_triton.checks import (
 
 from . import capsule_linear_split, routing_split
 from .launch import (DEFAULT_VARIANT, block_inputs, check_variant, launch_options, max_tile, on_tensor_device, output,
-                     scratch, split_stages, tl_dtype)
+                     outputs, scratch, split_stages, tl_dtype)
 from .routing_tiles import (du_hat_of_kept, end_iteration, jd_layout, kept_rows, load_bias, load_u, load_weight,
                             logits_grad, predict_tile, s_of_tile, sample_ds, weight_layout)
 from .squash import squash_backward
@@ -281,7 +283,7 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full",
     _, J, D, _ = weight.shape
     dtype = compute_dtype(u.dtype)
     kept = kept_iterations(iterations, gradient)
-    v_out, s_all_out, couplings_out = (None, None, None) if out is None else out
+    v_out, s_all_out, couplings_out = outputs(out, ("v", "s_all", "couplings"))
     v = output(v_out, (B, J, D), u.dtype, u.device, "out[0] (v)")
     s_all = output(s_all_out, (iterations, B, J, D), dtype, u.device, "out[1] (s_all)")
     couplings = output(couplings_out, (kept, B, I, J), dtype, u.device, "out[2] (couplings)")
@@ -362,7 +364,7 @@ def capsule_linear_backward(dv, u, weight, s_all, couplings, *, gradient="full",
     s_all = s_all.contiguous()
     # With nothing kept (r = 1) no kernel reads couplings_ptr; s_all stands in for the pointer.
     couplings = couplings.contiguous() if couplings.numel() else s_all
-    du_out, dweight_out, ds_all_out = (None, None, None) if out is None else out
+    du_out, dweight_out, ds_all_out = outputs(out, ("du", "dW", "ds_all"))
     du = output(du_out, u.shape, u.dtype, u.device, "out[0] (du)")
     dweight = output(dweight_out, weight.shape, weight.dtype, u.device, "out[1] (dW)")
     ds_all = output(ds_all_out, s_all.shape, dtype, u.device, "out[2] (ds_all)")

@@ -23,7 +23,9 @@ Samples past B in the last block read sample B - 1's u (never out of bounds) and
 of every store.
 
 Memory traffic per launch: u once (B I P), W once per block of samples (cdiv(B, BLOCK_B) I J D P,
-from L2), and cdiv(B, BLOCK_B) S BLOCK_B J D partials written and S times that read. On one
+from L2), cdiv(B, BLOCK_B) S BLOCK_B J D partials written and S times that read, and for
+t >= 1 the B I J couplings of iteration t (forward: written where kept; kernel A: read, and as
+many logit gradients written). On one
 H200 they ran the layer's forward + backward about 1.1x faster than the sample kernels at B = 128
 and 512, so they are the default; both were then 5-8x slower than predicting u_hat and routing it
 with the routing kernels, before predict_tile took W one slice at a time (docs/PERF.md), after
@@ -176,7 +178,8 @@ def split_backward_ds_all_kernel(
             u_hat = predict_tile(slices_ptr, u_block, i_start + i_in_block, I, J, D, P, jd_mask, jd_offsets,
                                  COMPUTE_DTYPE)                  # [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
             samples, at, kept_mask = _kept_layout(first, B, I, J, i_start, BLOCK_B, BLOCK_I, BLOCK_J)
-            # Samples past B (u_hat of sample B - 1) get c = 0, so db = 0: masked out of every store.
+            # Samples past B (u_hat of sample B - 1) get c = 0, so db = 0 (NaN where sample B - 1's
+            # u_hat is not finite): their rows are masked out of every store.
             coupling = tl.load(kept_rows(couplings_ptr, t - 1, B, I, J, samples) + at, mask=kept_mask, other=0.0)
             grad_logits = logits_grad(u_hat, coupling, ds_block)        # [BLOCK_B, BLOCK_I, BLOCK_J]
             acc += tl.expand_dims(grad_logits, -1) * u_hat

@@ -43,6 +43,17 @@ def output(out, shape, dtype, device, name):
     return out
 
 
+def outputs(out, names):
+    """The caller's `out` of a launcher with several outputs, one tensor (or None) per name, as a
+    tuple; all None when out is None. Each is then checked by `output`."""
+    if out is None:
+        return (None,) * len(names)
+    if not isinstance(out, (tuple, list)) or len(out) != len(names):
+        got = f"{len(out)} items" if isinstance(out, (tuple, list)) else type(out).__name__
+        raise ValueError(f"out must be a tuple of {len(names)} tensors ({', '.join(names)}), got {got}")
+    return tuple(out)
+
+
 def scratch(shape, like):
     """A buffer of `like`'s dtype and device that a kernel writes before any kernel reads it (the
     split kernels' partial sums). Tests fill it with NaN instead, so that a read of an element

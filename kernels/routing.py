@@ -44,7 +44,7 @@ from capsnet_triton.checks import (
 )
 
 from .launch import (DEFAULT_VARIANT, GRID_Y_MAX, block_inputs, check_variant, launch_options, on_tensor_device, output,
-                     scratch, split_stages, tl_dtype)
+                     outputs, scratch, split_stages, tl_dtype)
 from . import routing_split
 from .routing_tiles import (du_hat_tile, end_iteration, grad_v_sum_of_tile, load_bias, load_u_hat, s_of_tile,
                             sample_ds, sample_layout, v_sum_before)
@@ -217,7 +217,7 @@ def routing_forward(u_hat, iterations, bias=None, *, variant=DEFAULT_VARIANT, sp
     check_variant(variant)
     bias = check_bias(bias, u_hat)
     B, I, J, D = u_hat.shape
-    v_out, s_all_out = (None, None) if out is None else out
+    v_out, s_all_out = outputs(out, ("v", "s_all"))
     v = output(v_out, (B, J, D), u_hat.dtype, u_hat.device, "out[0] (v)")
     s_all = output(s_all_out, (iterations, B, J, D), compute_dtype(u_hat.dtype), u_hat.device,
                    "out[1] (s_all)")
@@ -280,7 +280,7 @@ def routing_backward(dv, u_hat, s_all, *, gradient="full", variant=DEFAULT_VARIA
             raise ValueError(f"{name} is on {x.device} but u_hat is on {u_hat.device}; "
                              "they must be on one device")
     iterations = s_all.shape[0]
-    du_hat_out, ds_all_out = (None, None) if out is None else out
+    du_hat_out, ds_all_out = outputs(out, ("du_hat", "ds_all"))
     du_hat = output(du_hat_out, u_hat.shape, u_hat.dtype, u_hat.device, "out[0] (du_hat)")
     ds_all = output(ds_all_out, s_all.shape, dtype, u_hat.device, "out[1] (ds_all)")
     if B == 0:

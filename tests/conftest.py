@@ -89,8 +89,9 @@ def mnist_dir():
 
 @pytest.fixture
 def poisoned_scratch(monkeypatch):
-    """The split launches' partial sums and the fused backward's kept couplings (kernels.launch.scratch)
-    start as NaN, as outputs do: a kernel that read an element no program wrote would fail the test."""
+    """The split launches' partial sums and the fused backward's logit gradients, which kernel A
+    keeps for kernel B (kernels.launch.scratch), start as NaN, as outputs do: a kernel that read an
+    element no program wrote would fail the test."""
     import torch
 
     from capsnet_triton.kernels import capsule_linear, routing

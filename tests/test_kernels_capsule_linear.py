@@ -142,7 +142,8 @@ def test_kernel_b_with_its_own_launch(gradient, rng):
 def test_backward_from_the_kept_couplings_alone(gradient, variant, rng, monkeypatch):
     """The backward reads c^(t) from the forward's couplings, not from u_hat: with the kept
     couplings replaced by other values of their shape (those of other inputs), du and dW
-    follow them. Kernel A's logit gradients [r - 1, B, I, J] are asked for under "full" only
+    follow them, and under "full" so does kernel A's ds^(1..r-1) (kernel B alone reads them under
+    "last"). Kernel A's logit gradients [r - 1, B, I, J] are asked for under "full" only
     (poisoned, as every scratch buffer here). 5 samples (two blocks of 4 for split), 13 inputs
     in blocks of 4, J = 11 parents, r = 4."""
     asked = []
@@ -156,9 +157,11 @@ def test_backward_from_the_kept_couplings_alone(gradient, variant, rng, monkeypa
     launch = dict(gradient=gradient, block_i=4, variant=variant, splits=2)
     _, s_all, couplings = capsule_linear_forward(u, weight, 4, bias, **launch)
     _, _, other = capsule_linear_forward(u.flip(0), weight, 4, bias, **launch)
-    du, dW, _ = capsule_linear_backward(dv, u, weight, s_all, couplings, **launch)
-    du_other, dW_other, _ = capsule_linear_backward(dv, u, weight, s_all, other, **launch)
+    du, dW, ds_all = capsule_linear_backward(dv, u, weight, s_all, couplings, **launch)
+    du_other, dW_other, ds_all_other = capsule_linear_backward(dv, u, weight, s_all, other, **launch)
     assert not torch.allclose(du, du_other) and not torch.allclose(dW, dW_other)
+    assert torch.equal(ds_all[-1], ds_all_other[-1])                      # squash's backward of dv alone
+    assert torch.allclose(ds_all[:-1], ds_all_other[:-1]) == (gradient == "last")
     with pytest.raises(ValueError, match=r"couplings must be capsule_linear_forward's third output under "
                                          r"gradient='last', \[k, B, I, J\] = \[1, 5, 13, 11\]"):
         capsule_linear_backward(dv, u, weight, s_all, couplings[:2] if gradient == "full" else couplings[:0],
@@ -195,17 +198,26 @@ def test_capsule_linear_of_one_parent(P, variant, rng):
 @pytest.mark.parametrize("variant", ["sample", "split"])
 def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iterations, rng):
     """SPEC 7: a sample whose u holds a NaN or inf gets NaN in all of its v; the others, in the
-    split kernels in the same block of samples, are unaffected."""
-    u, weight, _, _ = layer_inputs(rng, (3, 6, 4, 5, 3), torch.float32)
+    split kernels in the same block of samples, are unaffected. So in the backward: the kept
+    couplings and du of those samples are NaN, the clean sample's are those of the clean sample
+    alone (dW, a sum over the batch, is NaN)."""
+    u, weight, _, dv = layer_inputs(rng, (3, 6, 4, 5, 3), torch.float32)
     u[0, 2, 1] = float("nan")
     u[2, 5, 0] = float("inf")
-    v, _, _ = capsule_linear_forward(u, weight, iterations, variant=variant, splits=2, block_i=2,
-                                     out=(poisoned((3, 4, 5), torch.float32, FINITE_POISON),
-                                          poisoned((iterations, 3, 4, 5), torch.float32, FINITE_POISON),
-                                          poisoned((iterations - 1, 3, 6, 4), torch.float32, FINITE_POISON)))
-    assert torch.isnan(v[0]).all() and torch.isnan(v[2]).all()
-    clean, _, _ = capsule_linear_forward(u[1:2], weight, iterations, variant=variant, splits=2, block_i=2)
-    assert torch.equal(v[1], clean[0])
+    launch = dict(variant=variant, splits=2, block_i=2)
+    v, s_all, couplings = capsule_linear_forward(
+        u, weight, iterations, **launch,
+        out=(poisoned((3, 4, 5), torch.float32, FINITE_POISON),
+             poisoned((iterations, 3, 4, 5), torch.float32, FINITE_POISON),
+             poisoned((iterations - 1, 3, 6, 4), torch.float32, FINITE_POISON)))
+    du, _, ds_all = capsule_linear_backward(dv, u, weight, s_all, couplings, **launch)
+    clean, clean_s_all, clean_couplings = capsule_linear_forward(u[1:2], weight, iterations, **launch)
+    clean_du, _, clean_ds_all = capsule_linear_backward(dv[1:2], u[1:2], weight, clean_s_all, clean_couplings,
+                                                        **launch)
+    for bad in (0, 2):
+        assert torch.isnan(v[bad]).all() and torch.isnan(couplings[:, bad]).all() and torch.isnan(du[bad]).all()
+    assert torch.equal(v[1], clean[0]) and torch.equal(couplings[:, 1], clean_couplings[:, 0])
+    assert torch.equal(du[1], clean_du[0]) and torch.equal(ds_all[:, 1], clean_ds_all[:, 0])
 
 
 @pytest.mark.parametrize("variant", ["sample", "split"])
@@ -282,6 +294,8 @@ def test_capsule_linear_rejects_bad_input():
         (ValueError, "s_all must be capsule_linear_forward's",
          lambda: capsule_linear_backward(dv, u, weight, s_all[0], couplings)),
         (ValueError, "gradient", lambda: capsule_linear_forward(u, weight, 2, gradient="none")),
+        (ValueError, r"out must be a tuple of 3 tensors \(v, s_all, couplings\), got 2 items",
+         lambda: capsule_linear_forward(u, weight, 2, out=(torch.empty(2, 2, 4, device=DEVICE), s_all))),
         (ValueError, r"out\[2\] \(couplings\)",
          lambda: capsule_linear_forward(u, weight, 2, out=(torch.empty(2, 2, 4, device=DEVICE), s_all, s_all))),
         (TypeError, "couplings", lambda: capsule_linear_backward(dv, u, weight, s_all, couplings.numpy())),

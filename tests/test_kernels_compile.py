@@ -232,7 +232,10 @@ def _compile_mnist_launches(dtype_name):
     dv = torch.empty(BATCH, PARENTS, DIMS, dtype=dtype)
     _, s_all, couplings = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS, variant="sample")
     capsule_linear.capsule_linear_backward(dv, s, weight, s_all, couplings, gradient="full", variant="sample")
-    _, s_all, couplings = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS, gradient="last")
+    # Under "last" the forwards keep from another iteration (first_kept), another specialization.
+    for variant in ("sample", "split"):
+        _, s_all, couplings = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS, gradient="last",
+                                                                    variant=variant)
     capsule_linear.capsule_linear_backward(dv, s, weight, s_all, couplings, gradient="last")
     for batch in SPLIT_BATCHES:
         u = torch.empty(batch, INPUTS, PRIMARY_DIMS, dtype=dtype)
