@@ -48,10 +48,10 @@ from capsnet_triton.checks import (
 )
 
 from . import capsule_linear_split, routing_split
-from .launch import (DEFAULT_VARIANT, block_inputs, check_variant, launch_options, max_tile, on_tensor_device, output,
-                     outputs, scratch, split_stages, tl_dtype)
-from .routing_tiles import (du_hat_of_kept, end_iteration, jd_layout, kept_rows, load_bias, load_u, load_weight,
-                            logits_grad, predict_tile, s_of_tile, sample_ds, weight_layout)
+from .launch import (DEFAULT_VARIANT, block_inputs, check_variant, couplings_pointer, kept_couplings, launch_options,
+                     max_tile, on_tensor_device, output, outputs, scratch, split_stages, tl_dtype)
+from .routing_tiles import (du_hat_of_kept, end_iteration, jd_layout, kept_logits_grad, kept_rows, kept_tile, load_bias,
+                            load_u, load_weight, predict_tile, s_of_tile, sample_ds, weight_layout)
 from .squash import squash_backward
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
@@ -79,7 +79,6 @@ def _capsule_linear_forward_kernel(
     sample = tl.program_id(0).to(tl.int64)
     j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
-    j = tl.arange(0, BLOCK_J)
     u_sample = u_ptr + sample * I * P
     bias = load_bias(bias_ptr, jd_offsets, jd_mask, HAS_BIAS, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
 
@@ -95,7 +94,8 @@ def _capsule_linear_forward_kernel(
             share, coupling = s_of_tile(u_hat, v_sum, j_valid)
             s += share
             if t >= first_kept:
-                tl.store(rows + i[:, None] * J + j[None, :], coupling, mask=(i < I)[:, None] & j_valid[None, :])
+                at, mask = kept_tile(rows, i, I, J, j_valid, BLOCK_J)
+                tl.store(at, coupling, mask=mask)
         v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
     tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
@@ -124,7 +124,6 @@ def _capsule_linear_backward_ds_all_kernel(
     sample = tl.program_id(0).to(tl.int64)
     j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
     i_in_block = tl.arange(0, BLOCK_I)
-    j = tl.arange(0, BLOCK_J)
     u_sample = u_ptr + sample * I * P
 
     grad_v = tl.load(dv_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0).to(COMPUTE_DTYPE)
@@ -137,11 +136,10 @@ def _capsule_linear_backward_ds_all_kernel(
         for i_start in range(0, I, BLOCK_I):
             i = i_start + i_in_block
             u_hat = predict_tile(slices_ptr, u_sample, i, I, J, D, P, jd_mask, jd_offsets, COMPUTE_DTYPE)
-            at = i[:, None] * J + j[None, :]
-            mask = (i < I)[:, None] & j_valid[None, :]
-            grad_logits = logits_grad(u_hat, tl.load(coupling_rows + at, mask=mask, other=0.0), ds)
+            coupling_at, mask = kept_tile(coupling_rows, i, I, J, j_valid, BLOCK_J)
+            grad_logits_at, _ = kept_tile(grad_logits_rows, i, I, J, j_valid, BLOCK_J)
+            grad_logits = kept_logits_grad(u_hat, ds, coupling_at, grad_logits_at, mask)
             grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
-            tl.store(grad_logits_rows + at, grad_logits, mask=mask)
         grad_v = grad_v_sum
     sample_ds(grad_v, s_all_ptr, ds_all_ptr, 0, B, sample, J, D, jd_offsets, jd_mask)
 
@@ -289,10 +287,9 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full",
     couplings = output(couplings_out, (kept, B, I, J), dtype, u.device, "out[2] (couplings)")
     if B == 0:
         return v, s_all, couplings
-    # Without a bias (or couplings to keep) the kernels never read bias_ptr (or write couplings_ptr);
-    # s_all stands in for the pointer.
+    # Without a bias the kernels never read bias_ptr; s_all stands in for the pointer.
     bias_arg = bias if bias is not None else s_all
-    couplings_arg = couplings if kept else s_all
+    couplings_arg = couplings_pointer(couplings, s_all)
     first_kept = iterations - kept
     slices = _weight_slices(weight)
     if variant == "sample":
@@ -352,18 +349,12 @@ def capsule_linear_backward(dv, u, weight, s_all, couplings, *, gradient="full",
         raise ValueError(f"s_all must be capsule_linear_forward's [r, B, J, D] = [r, {B}, {J}, {D}] "
                          f"{dtype} output, got shape {tuple(s_all.shape)} {s_all.dtype}")
     iterations = s_all.shape[0]
-    check_float_tensor(couplings, "couplings")
-    kept_shape = (kept_iterations(iterations, gradient), B, I, J)
-    if couplings.shape != kept_shape or couplings.dtype != dtype:
-        raise ValueError(f"couplings must be capsule_linear_forward's third output under gradient={gradient!r}, "
-                         f"[k, B, I, J] = {list(kept_shape)} {dtype}, got shape {tuple(couplings.shape)} "
-                         f"{couplings.dtype}")
-    for name, x in (("dv", dv), ("s_all", s_all), ("couplings", couplings)):
+    for name, x in (("dv", dv), ("s_all", s_all)):
         if x.device != u.device:
             raise ValueError(f"{name} is on {x.device} but u is on {u.device}; they must be on one device")
+    couplings = kept_couplings(couplings, iterations, gradient, B, I, J, dtype, u.device, "capsule_linear_forward")
     s_all = s_all.contiguous()
-    # With nothing kept (r = 1) no kernel reads couplings_ptr; s_all stands in for the pointer.
-    couplings = couplings.contiguous() if couplings.numel() else s_all
+    couplings = couplings_pointer(couplings, s_all)
     du_out, dweight_out, ds_all_out = outputs(out, ("du", "dW", "ds_all"))
     du = output(du_out, u.shape, u.dtype, u.device, "out[0] (du)")
     dweight = output(dweight_out, weight.shape, weight.dtype, u.device, "out[1] (dW)")

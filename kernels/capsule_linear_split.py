@@ -35,7 +35,7 @@ which the sample kernels execute half their instructions per (input, sample): a 
 import triton
 import triton.language as tl
 
-from .routing_tiles import (coupling_tile, jd_layout, kept_rows, logits_grad, predict_tile, split_backward_ds,
+from .routing_tiles import (coupling_tile, jd_layout, kept_logits_grad, kept_rows, predict_tile, split_backward_ds,
                             split_forward_start, spread_nan, store_partial, uniform_share)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel"]
@@ -180,9 +180,9 @@ def split_backward_ds_all_kernel(
             samples, at, kept_mask = _kept_layout(first, B, I, J, i_start, BLOCK_B, BLOCK_I, BLOCK_J)
             # Samples past B (u_hat of sample B - 1) get c = 0, so db = 0 (NaN where sample B - 1's
             # u_hat is not finite): their rows are masked out of every store.
-            coupling = tl.load(kept_rows(couplings_ptr, t - 1, B, I, J, samples) + at, mask=kept_mask, other=0.0)
-            grad_logits = logits_grad(u_hat, coupling, ds_block)        # [BLOCK_B, BLOCK_I, BLOCK_J]
+            grad_logits = kept_logits_grad(u_hat, ds_block, kept_rows(couplings_ptr, t - 1, B, I, J, samples) + at,
+                                           kept_rows(grad_logits_ptr, t - 1, B, I, J, samples) + at,
+                                           kept_mask)                     # [BLOCK_B, BLOCK_I, BLOCK_J]
             acc += tl.expand_dims(grad_logits, -1) * u_hat
-            tl.store(kept_rows(grad_logits_ptr, t - 1, B, I, J, samples) + at, grad_logits, mask=kept_mask)
         store_partial(partial_ptr, t, splits, J, D, rows_offsets, rows_mask,
                       tl.reshape(tl.sum(acc, axis=1), [BLOCK_B * BLOCK_J, BLOCK_D]), BLOCK_B)

@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from capsnet_triton.checks import compute_dtype, interpreting
+from capsnet_triton.checks import check_float_tensor, compute_dtype, interpreting, kept_iterations
 
-__all__ = ["tl_dtype", "output", "scratch", "max_tile", "block_inputs", "interpreter_problem", "launch_options",
+__all__ = ["tl_dtype", "output", "outputs", "kept_couplings", "couplings_pointer", "scratch", "max_tile", "block_inputs", "interpreter_problem", "launch_options",
            "VARIANTS", "DEFAULT_VARIANT", "split_stages", "check_variant", "on_tensor_device", "GRID_Y_MAX"]
 
 # The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
@@ -52,6 +52,26 @@ def outputs(out, names):
         got = f"{len(out)} items" if isinstance(out, (tuple, list)) else type(out).__name__
         raise ValueError(f"out must be a tuple of {len(names)} tensors ({', '.join(names)}), got {got}")
     return tuple(out)
+
+
+def kept_couplings(couplings, iterations, gradient, B, I, J, dtype, device, forward):
+    """The couplings a forward kept for its backward ([k, B, I, J], checks.kept_iterations), checked
+    to be `forward`'s output for r = iterations under this gradient policy, contiguous."""
+    check_float_tensor(couplings, "couplings")
+    shape = (kept_iterations(iterations, gradient), B, I, J)
+    if couplings.shape != shape or couplings.dtype != dtype:
+        raise ValueError(f"couplings must be {forward}'s third output under gradient={gradient!r}, "
+                         f"[k, B, I, J] = {list(shape)} {dtype}, got shape {tuple(couplings.shape)} "
+                         f"{couplings.dtype}")
+    if couplings.device != device:
+        raise ValueError(f"couplings is on {couplings.device}, not on {device} with the other tensors")
+    return couplings.contiguous()
+
+
+def couplings_pointer(couplings, stand_in):
+    """What a kernel gets for the kept couplings: the buffer, or where none is kept (r = 1) the
+    stand-in tensor, whose pointer no kernel then reads or writes."""
+    return couplings if couplings.numel() else stand_in
 
 
 def scratch(shape, like):

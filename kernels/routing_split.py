@@ -21,16 +21,16 @@ import triton
 import triton.language as tl
 
 from .launch import GRID_Y_MAX
-from .routing_tiles import (coupling_tile, load_u_hat, logits_grad, sample_layout, split_backward_ds,
-                            split_forward_start, spread_nan, store_partial, uniform_share, v_sum_before)
+from .routing_tiles import (coupling_tile, kept_logits_grad, kept_rows, kept_tile, load_u_hat, sample_layout,
+                            split_backward_ds, split_forward_start, spread_nan, store_partial, uniform_share)
 
 __all__ = ["split_forward_kernel", "split_backward_ds_all_kernel", "pick_splits"]
 
 
 @triton.jit(do_not_specialize=["t"])
 def split_forward_kernel(
-    u_hat_ptr, bias_ptr, v_ptr, s_all_ptr, partial_ptr,
-    B, I, J, D, iterations, t, chunk, splits,
+    u_hat_ptr, bias_ptr, v_ptr, s_all_ptr, partial_ptr, couplings_ptr,
+    B, I, J, D, iterations, t, chunk, splits, first_kept,
     stride_ub, stride_ui, stride_uj, stride_ud,
     HAS_BIAS: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -42,12 +42,15 @@ def split_forward_kernel(
     A launch t >= 1 first sums the partials of iteration t - 1 to s^(t-1) (+ bias), which chunk 0
     stores in s_all, and adds squash(s^(t-1)) to V = squash(s^(1)) + ... read back from s_all.
     For t < iterations the program then sums c^(t) u_hat over inputs [k chunk, (k + 1) chunk)
-    of its sample into partial[t % 2, sample, k]; the last launch stores v = squash(s^(r)).
+    of its sample into partial[t % 2, sample, k], and for t >= first_kept stores the couplings
+    c^(t) it took in slot t - first_kept of couplings_ptr ([iterations - first_kept, B, I, J],
+    contiguous, COMPUTE_DTYPE; see kept_rows); the last launch stores v = squash(s^(r)).
     u_hat_ptr: u_hat [B, I, J, D] with strides (stride_ub, ...), any float dtype.
     bias_ptr: bias [J, D], contiguous (read only when HAS_BIAS). v_ptr: v [B, J, D], contiguous.
     s_all_ptr: [iterations, B, J, D] and partial_ptr: [2, B, splits, J, D], contiguous, COMPUTE_DTYPE.
     chunk: a multiple of BLOCK_I. Memory traffic per program: reads chunk J D of u_hat and
-    (splits + t) J D of partials and s_all; writes J D (+ J D of s_all in chunk 0).
+    (splits + t) J D of partials and s_all; writes J D (+ J D of s_all in chunk 0) and, for
+    t >= first_kept, chunk J couplings.
     """
     sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
@@ -66,17 +69,22 @@ def split_forward_kernel(
                 acc += uniform_share(u_hat, J)
             partial = spread_nan(tl.sum(acc, axis=0))
         else:
+            rows = kept_rows(couplings_ptr, t - first_kept, B, I, J, sample)
             for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
                 u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                       jd_mask, COMPUTE_DTYPE)
-                acc += coupling_tile(u_hat, v_sum, j_valid)[:, :, None] * u_hat
+                coupling = coupling_tile(u_hat, v_sum, j_valid)
+                acc += coupling[:, :, None] * u_hat
+                if t >= first_kept:
+                    at, mask = kept_tile(rows, i_start + i_in_block, I, J, j_valid, BLOCK_J)
+                    tl.store(at, coupling, mask=mask)
             partial = tl.sum(acc, axis=0)
         store_partial(partial_ptr, t % 2, splits, J, D, jd_offsets, jd_mask, partial, 1)
 
 
 @triton.jit(do_not_specialize=["t"])
 def split_backward_ds_all_kernel(
-    u_hat_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr,
+    u_hat_ptr, dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, couplings_ptr, grad_logits_ptr,
     B, I, J, D, iterations, t, chunk, splits,
     stride_ub, stride_ui, stride_uj, stride_ud,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -88,29 +96,34 @@ def split_backward_ds_all_kernel(
     dL/dv^(t) is dv for the last iteration, else the sum over the later iterations t' of
     dV^(t') = sum_k partial[t', sample, k] (in the order t' = r-1 .. t+1, k = 0..S-1); then
     ds^(t) = squash_backward(dL/dv^(t), s^(t)), stored by chunk 0, and for t >= 1 the chunk's
-    share of dV^(t) = sum_i db^(t) u_hat goes to partial[t, sample, k].
+    share of dV^(t) = sum_i db^(t) u_hat, with c^(t) read from the forward's couplings, goes to
+    partial[t, sample, k], and the chunk's db^(t) to grad_logits_ptr for kernel B.
     u_hat_ptr: u_hat [B, I, J, D] with strides (stride_ub, ...), any float dtype.
     dv_ptr: [B, J, D], contiguous. s_all_ptr, ds_all_ptr: [iterations, B, J, D] and
-    partial_ptr: [iterations, B, splits, J, D], contiguous, COMPUTE_DTYPE.
-    Memory traffic per program: reads chunk J D of u_hat and O((iterations splits + t) J D)
-    of partials and s_all; writes J D (+ J D of ds_all in chunk 0).
+    partial_ptr: [iterations, B, splits, J, D], contiguous, COMPUTE_DTYPE. couplings_ptr and
+    grad_logits_ptr: [iterations - 1, B, I, J], contiguous, COMPUTE_DTYPE, slot t - 1
+    (routing_tiles.kept_rows).
+    Memory traffic per program: reads chunk J D of u_hat, chunk J couplings and
+    O((iterations splits + t) J D) of partials and s_all; writes J D (+ J D of ds_all in
+    chunk 0) and chunk J logit gradients.
     """
     sample, u_hat_sample, j_valid, jd_mask, jd_offsets, u_jd_offsets = sample_layout(
         u_hat_ptr, stride_ub, stride_uj, stride_ud, J, D, BLOCK_J, BLOCK_D)
     ds = split_backward_ds(dv_ptr, s_all_ptr, ds_all_ptr, partial_ptr, t, iterations, B, splits, J, D,
                            jd_offsets, jd_mask, 1, BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
     if t > 0:
-        v_sum = v_sum_before(s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask,
-                             BLOCK_J, BLOCK_D, COMPUTE_DTYPE)
         i_in_block = tl.arange(0, BLOCK_I)
         start = tl.program_id(1) * chunk
         end = tl.minimum(start + chunk, I)
         acc = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D], COMPUTE_DTYPE)
+        coupling_rows = kept_rows(couplings_ptr, t - 1, B, I, J, sample)
+        grad_logits_rows = kept_rows(grad_logits_ptr, t - 1, B, I, J, sample)
         for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
             u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                   jd_mask, COMPUTE_DTYPE)
-            coupling = coupling_tile(u_hat, v_sum, j_valid)
-            acc += logits_grad(u_hat, coupling, ds)[:, :, None] * u_hat
+            coupling_at, mask = kept_tile(coupling_rows, i_start + i_in_block, I, J, j_valid, BLOCK_J)
+            grad_logits_at, _ = kept_tile(grad_logits_rows, i_start + i_in_block, I, J, j_valid, BLOCK_J)
+            acc += kept_logits_grad(u_hat, ds, coupling_at, grad_logits_at, mask)[:, :, None] * u_hat
         store_partial(partial_ptr, t, splits, J, D, jd_offsets, jd_mask, tl.sum(acc, axis=0), 1)
 
 

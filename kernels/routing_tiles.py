@@ -11,9 +11,10 @@ import triton.language as tl
 from .squash import squash_backward_tile, squash_tile
 
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "sample_ds", "s_of_tile",
-           "grad_v_sum_of_tile", "du_hat_tile", "load_bias", "end_iteration", "sum_partials",
+           "load_bias", "end_iteration", "sum_partials",
            "split_forward_start", "split_backward_ds", "store_partial", "uniform_share", "spread_nan",
-           "jd_layout", "weight_layout", "load_weight", "load_u", "predict_tile", "kept_rows", "du_hat_of_kept"]
+           "jd_layout", "weight_layout", "load_weight", "load_u", "predict_tile", "kept_rows", "kept_tile",
+           "kept_logits_grad", "du_hat_of_kept"]
 
 
 @triton.jit
@@ -115,43 +116,6 @@ def s_of_tile(u_hat, v_sum, j_valid):
 
 
 @triton.jit
-def grad_v_sum_of_tile(u_hat, v_sum, ds, j_valid):
-    """dV = sum_i db u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with db
-    recomputed from V = v_sum and ds: kernel A's share of dL/dv of earlier iterations."""
-    return tl.sum(logits_grad(u_hat, coupling_tile(u_hat, v_sum, j_valid), ds)[:, :, None] * u_hat, axis=0)
-
-
-@triton.jit
-def du_hat_tile(u_hat, s_all_ptr, ds_all_ptr, B, sample, J, D, iterations, j_valid, jd_mask, jd_offsets,
-                GRADIENT_FULL: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
-                COMPUTE_DTYPE: tl.constexpr):
-    """du_hat for one sample's u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], kept in registers:
-
-        GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
-        otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy: c^(r) is a constant)
-
-    with c^(t) and db^(t) recomputed from the tile and V^(t) from s_all ("last" recomputes only
-    V^(r), to get c^(r)); s_all_ptr and ds_all_ptr are [iterations, B, J, D], contiguous.
-    """
-    du_hat = tl.zeros_like(u_hat)
-    if GRADIENT_FULL:
-        first = 0
-    else:
-        first = iterations - 1
-    v_sum = v_sum_before(s_all_ptr, first, B, sample, J, D, jd_offsets, jd_mask,
-                         BLOCK_J, BLOCK_D, COMPUTE_DTYPE)                  # V^(t)
-    for t in range(first, iterations):
-        offsets = (t * B + sample) * J * D + jd_offsets                    # s^(t) in s_all
-        ds = tl.load(ds_all_ptr + offsets, mask=jd_mask, other=0.0)
-        coupling = coupling_tile(u_hat, v_sum, j_valid)
-        du_hat += coupling[:, :, None] * ds[None, :, :]
-        if GRADIENT_FULL:
-            du_hat += logits_grad(u_hat, coupling, ds)[:, :, None] * v_sum[None, :, :]
-        v_sum += squash_tile(tl.load(s_all_ptr + offsets, mask=jd_mask, other=0.0))
-    return du_hat
-
-
-@triton.jit
 def kept_rows(kept_ptr, slot, B, I, J, sample):
     """Where `slot` starts for sample (a scalar, or [BLOCK_B, 1, 1] for a block) in one of the fused
     layer's per-input buffers [slots, B, I, J], contiguous (input i, parent j at i J + j from
@@ -159,6 +123,25 @@ def kept_rows(kept_ptr, slot, B, I, J, sample):
     t - first_kept) and the logit gradients backward kernel A keeps for kernel B (db^(t) in slot
     t - 1; t counts from 0)."""
     return kept_ptr + (slot * B + tl.cast(sample, tl.int64)) * I * J
+
+
+@triton.jit
+def kept_tile(rows, i, I, J, j_valid, BLOCK_J: tl.constexpr):
+    """(pointers, mask) [BLOCK_I, BLOCK_J] of one sample's inputs i [BLOCK_I] and every parent in a
+    kept buffer, from kept_rows' rows."""
+    j = tl.arange(0, BLOCK_J)
+    return rows + i[:, None] * J + j[None, :], (i < I)[:, None] & j_valid[None, :]
+
+
+@triton.jit
+def kept_logits_grad(u_hat, ds, coupling_at, grad_logits_at, mask):
+    """Backward kernel A's db^(t) = logits_grad of a u_hat tile, from the coupling c^(t) the forward
+    kept (read at coupling_at) and ds^(t): stored at grad_logits_at for kernel B, and returned.
+    Pointers and mask as kept_tile's (or, for a block of samples, with a leading sample axis);
+    masked entries read c = 0, so padded parents and inputs get db = 0."""
+    grad_logits = logits_grad(u_hat, tl.load(coupling_at, mask=mask, other=0.0), ds)
+    tl.store(grad_logits_at, grad_logits, mask=mask)
+    return grad_logits
 
 
 @triton.jit
@@ -174,15 +157,16 @@ def du_hat_of_kept(couplings_ptr, grad_logits_ptr, s_all_ptr, ds_all_ptr, B, I, 
     with c^(0) = 1/J and V^(0) = 0; c^(t), t >= 1 (0-based), from the forward's couplings
     (couplings_ptr: slot t - 1 under "full", slot 0 holding c^(r) under "last"), db^(t) from
     backward kernel A's (grad_logits_ptr, slot t - 1; read under "full" only), V^(t) summed
-    from s_all as du_hat_tile sums it. Padded inputs and parents get 0.
+    from s_all (v_sum_before's order). Padded inputs and parents get 0.
     """
-    j = tl.arange(0, BLOCK_J)
-    mask = (i < I)[:, None] & j_valid[None, :]
-    at = i[:, None] * J + j[None, :]
+    at, mask = kept_tile(0, i, I, J, j_valid, BLOCK_J)                    # offsets from a slot's rows
     uniform = tl.where(mask, tl.full([], 1.0, COMPUTE_DTYPE) / J, 0.0)    # c^(0) [BLOCK_I, BLOCK_J]
     if GRADIENT_FULL:
         ds = tl.load(ds_all_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0)
-        du_hat = uniform[:, :, None] * ds[None, :, :]
+        # db^(0) V^(0) is 0 by V^(0) = 0, but as the reference computes it, NaN where db^(0) is not
+        # finite: for finite u_hat, exactly where ds^(0) holds a NaN or inf (a finite sample whose
+        # first s overflowed, SPEC 7), which spreads to all of the sample's du_hat. So does this.
+        du_hat = uniform[:, :, None] * ds[None, :, :] + tl.sum(tl.sum(ds * 0.0, axis=1), axis=0)
         v_sum = squash_tile(tl.load(s_all_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0))
         for t in range(1, iterations):
             offsets = (t * B + sample) * J * D + jd_offsets                # s^(t) in s_all

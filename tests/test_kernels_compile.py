@@ -219,15 +219,18 @@ def _compile_mnist_launches(dtype_name):
     squash.squash_forward(s)
     squash.squash_backward(torch.empty_like(s), s)
     u_hat = torch.empty(BATCH, INPUTS, PARENTS, DIMS, dtype=dtype)
-    _, s_all = routing.routing_forward(u_hat, ITERATIONS, variant="sample")
+    _, s_all, couplings = routing.routing_forward(u_hat, ITERATIONS, variant="sample")
     dv = torch.empty(BATCH, PARENTS, DIMS, dtype=dtype)
-    routing.routing_backward(dv, u_hat, s_all, gradient="full", variant="sample")
-    routing.routing_backward(dv, u_hat, s_all, gradient="last")
+    routing.routing_backward(dv, u_hat, s_all, couplings, gradient="full", variant="sample")
+    # Under "last" the forwards keep from another iteration (first_kept), another specialization.
+    for variant in ("sample", "split"):
+        _, s_all, couplings = routing.routing_forward(u_hat, ITERATIONS, gradient="last", variant=variant)
+    routing.routing_backward(dv, u_hat, s_all, couplings, gradient="last")
     for batch in SPLIT_BATCHES:
         u_hat = torch.empty(batch, INPUTS, PARENTS, DIMS, dtype=dtype)
-        _, s_all = routing.routing_forward(u_hat, ITERATIONS, variant="split")
+        _, s_all, couplings = routing.routing_forward(u_hat, ITERATIONS, variant="split")
         dv = torch.empty(batch, PARENTS, DIMS, dtype=dtype)
-        routing.routing_backward(dv, u_hat, s_all, gradient="full", variant="split")
+        routing.routing_backward(dv, u_hat, s_all, couplings, gradient="full", variant="split")
     weight = torch.empty(INPUTS, PARENTS, DIMS, PRIMARY_DIMS, dtype=dtype)
     dv = torch.empty(BATCH, PARENTS, DIMS, dtype=dtype)
     _, s_all, couplings = capsule_linear.capsule_linear_forward(s, weight, ITERATIONS, variant="sample")

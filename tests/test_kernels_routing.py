@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from conftest import interpreted
 from kernel_checks import DEVICE, DTYPES, FINITE_POISON, dtype_id, magnitudes, poisoned, sample
 
-from capsnet_triton.checks import compute_dtype
+from capsnet_triton.checks import compute_dtype, kept_iterations
 from capsnet_triton.kernels import routing_backward, routing_forward
 from capsnet_triton.kernels import routing_split
 from capsnet_triton.kernels.launch import DEFAULT_VARIANT, GRID_Y_MAX
@@ -30,11 +30,13 @@ def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=
     """Run both kernels on poisoned outputs, compare with the reference, return (v, s_all, du_hat, ds_all)."""
     B, I, J, D = u_hat.shape
     dtype = u_hat.dtype
-    v, s_all = routing_forward(
-        u_hat, iterations, bias, block_i=block_i, variant=variant, splits=splits,
-        out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
+    kept = kept_iterations(iterations, gradient)
+    v, s_all, couplings = routing_forward(
+        u_hat, iterations, bias, gradient=gradient, block_i=block_i, variant=variant, splits=splits,
+        out=(poisoned((B, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype)),
+             poisoned((kept, B, I, J), compute_dtype(dtype))))
     du_hat, ds_all = routing_backward(
-        dv, u_hat, s_all, gradient=gradient, block_i=block_i, variant=variant, splits=splits,
+        dv, u_hat, s_all, couplings, gradient=gradient, block_i=block_i, variant=variant, splits=splits,
         out=(poisoned((B, I, J, D), dtype), poisoned((iterations, B, J, D), compute_dtype(dtype))))
 
     # A zero bias changes nothing in the reference and makes it return dL/dbias = sum of every ds.
@@ -45,6 +47,9 @@ def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=
     # s_all and ds_all are computed and kept in the compute dtype, from inputs already rounded to
     # theirs: they are held to its tolerance, not to the half-precision input's.
     assert_agrees(s_all, np.stack(cache["s_all"]), compute_dtype(dtype), "s_all")
+    # c^(2..r) under "full", c^(r) under "last" (nothing at r = 1), [k, B, I, J] as the reference's.
+    assert_agrees(couplings, np.asarray(cache["couplings"][iterations - kept:]).reshape(kept, B, I, J),
+                  compute_dtype(dtype), "kept couplings")
     assert_agrees(du_hat, ref_du_hat, dtype, "du_hat")
     assert_agrees(ds_all.sum((0, 1)), ref_dbias, compute_dtype(dtype), "dbias = ds_all.sum((0, 1))")
     return v, s_all, du_hat, ds_all
@@ -137,13 +142,37 @@ def test_routing_of_non_contiguous_u_hat_equals_contiguous(view, rng):
     assert not u_hat.is_contiguous()
     dv = sample(rng, (2, 10, 16), torch.float32)
     results = check_routing(u_hat, 3, dv, block_i=4)
-    v, s_all = routing_forward(u_hat.contiguous(), 3, block_i=4)
-    du_hat, ds_all = routing_backward(dv, u_hat.contiguous(), s_all, block_i=4)
+    v, s_all, couplings = routing_forward(u_hat.contiguous(), 3, block_i=4)
+    du_hat, ds_all = routing_backward(dv, u_hat.contiguous(), s_all, couplings, block_i=4)
     for got, expected in zip(results, (v, s_all, du_hat, ds_all)):
         if interpreted():
             assert torch.equal(got, expected)
         else:
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["sample", "split"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_backward_from_the_kept_couplings(gradient, variant, rng, monkeypatch):
+    """The backward reads c^(t) from the forward's couplings: with them replaced by another batch's,
+    du_hat follows, and under "full" so does kernel A's ds^(1..r-1). Kernel A's logit gradients
+    [r - 1, B, I, J] are asked for (poisoned) under "full" only. 3 samples, 13 inputs in blocks of
+    4, J = 11, r = 4."""
+    from capsnet_triton.kernels import routing
+    asked = []
+    poisoned_scratch = routing.scratch
+    monkeypatch.setattr(routing, "scratch", lambda shape, like: asked.append(shape) or poisoned_scratch(shape, like))
+    u_hat, dv = sample(rng, (3, 13, 11, 5), torch.float32), sample(rng, (3, 11, 5), torch.float32)
+    check_routing(u_hat, 4, dv, gradient=gradient, block_i=4, variant=variant, splits=2)
+    assert ((3, 3, 13, 11) in asked) == (gradient == "full")
+    launch = dict(gradient=gradient, block_i=4, variant=variant, splits=2)
+    _, s_all, couplings = routing_forward(u_hat, 4, **launch)
+    _, _, other = routing_forward(u_hat.flip(0), 4, **launch)
+    du_hat, ds_all = routing_backward(dv, u_hat, s_all, couplings, **launch)
+    du_hat_other, ds_all_other = routing_backward(dv, u_hat, s_all, other, **launch)
+    assert not torch.allclose(du_hat, du_hat_other)
+    assert torch.equal(ds_all[-1], ds_all_other[-1])                      # squash's backward of dv alone
+    assert torch.allclose(ds_all[:-1], ds_all_other[:-1]) == (gradient == "last")
 
 
 def test_routing_reads_a_sample_past_int32_offsets_uncopied(rng, monkeypatch):
@@ -176,13 +205,13 @@ def test_routing_backward_refuses_more_blocks_of_inputs_than_a_grid_axis_takes(r
     kernel A runs: the poisoned ds_all stays as it was."""
     from capsnet_triton.kernels import routing
     u_hat, dv = sample(rng, (2, 9, 3, 5), torch.float32), sample(rng, (2, 3, 5), torch.float32)
-    _, s_all = routing_forward(u_hat, 2, block_i=4)
+    _, s_all, couplings = routing_forward(u_hat, 2, block_i=4)
     monkeypatch.setattr(routing, "GRID_Y_MAX", 3)
-    routing_backward(dv, u_hat, s_all, block_i=4)
+    routing_backward(dv, u_hat, s_all, couplings, block_i=4)
     monkeypatch.setattr(routing, "GRID_Y_MAX", 2)
     du_hat, ds_all = torch.full_like(u_hat, float("nan")), torch.full_like(s_all, float("nan"))
     with pytest.raises(ValueError, match="at most 2 blocks of 4 input capsules.*I = 9"):
-        routing_backward(dv, u_hat, s_all, block_i=4, out=(du_hat, ds_all))
+        routing_backward(dv, u_hat, s_all, couplings, block_i=4, out=(du_hat, ds_all))
     assert ds_all.isnan().all()
 
 
@@ -286,10 +315,11 @@ def test_routing_allocates_its_outputs_when_not_given(rng):
     u_hat = sample(rng, (3, 7, 5, 6), torch.float16)
     dv = sample(rng, (3, 5, 6), torch.float16)
     v, s_all, du_hat, ds_all = check_routing(u_hat, 2, dv)
-    v_new, s_all_new = routing_forward(u_hat, 2)
-    du_hat_new, ds_all_new = routing_backward(dv, u_hat, s_all_new)
+    v_new, s_all_new, couplings = routing_forward(u_hat, 2)
+    du_hat_new, ds_all_new = routing_backward(dv, u_hat, s_all_new, couplings)
     assert v_new.dtype == du_hat_new.dtype == torch.float16
-    assert s_all_new.dtype == ds_all_new.dtype == torch.float32
+    assert s_all_new.dtype == ds_all_new.dtype == couplings.dtype == torch.float32
+    assert couplings.shape == (1, 3, 7, 5)
     for got, expected in zip((v_new, s_all_new, du_hat_new, ds_all_new), (v, s_all, du_hat, ds_all)):
         assert torch.equal(got, expected)
 
@@ -297,9 +327,11 @@ def test_routing_allocates_its_outputs_when_not_given(rng):
 @pytest.mark.parametrize("gradient", ["full", "last"])
 def test_routing_of_an_empty_batch(gradient):
     u_hat = torch.empty(0, 5, 3, 4, device=DEVICE)
-    v, s_all = routing_forward(u_hat, 3)
+    v, s_all, couplings = routing_forward(u_hat, 3, gradient=gradient)
     assert v.shape == (0, 3, 4) and s_all.shape == (3, 0, 3, 4)
-    du_hat, ds_all = routing_backward(torch.empty(0, 3, 4, device=DEVICE), u_hat, s_all, gradient=gradient)
+    assert couplings.shape == ((2 if gradient == "full" else 1), 0, 5, 3)
+    du_hat, ds_all = routing_backward(torch.empty(0, 3, 4, device=DEVICE), u_hat, s_all, couplings,
+                                      gradient=gradient)
     assert du_hat.shape == (0, 5, 3, 4) and ds_all.shape == (3, 0, 3, 4)
 
 
@@ -315,8 +347,9 @@ def test_routing_kernels_match_autograd_of_the_literal_loop(gradient, use_bias, 
         dv = sample(rng, (2, 4, 3), torch.float64)
         v_expected = routing(u_hat, iterations, bias=bias, gradient=gradient)
         expected = torch.autograd.grad(v_expected, (u_hat, bias) if use_bias else (u_hat,), dv)
-        v, s_all = routing_forward(u_hat.detach(), iterations, None if bias is None else bias.detach())
-        du_hat, ds_all = routing_backward(dv, u_hat.detach(), s_all, gradient=gradient)
+        v, s_all, couplings = routing_forward(u_hat.detach(), iterations, None if bias is None else bias.detach(),
+                                              gradient=gradient)
+        du_hat, ds_all = routing_backward(dv, u_hat.detach(), s_all, couplings, gradient=gradient)
         got = (du_hat, ds_all.sum((0, 1))) if use_bias else (du_hat,)
         assert torch.allclose(v, v_expected, rtol=1e-12, atol=1e-14)
         for g, e in zip(got, expected):
@@ -330,18 +363,22 @@ def test_routing_kernels_match_autograd_of_the_literal_loop(gradient, use_bias, 
 @pytest.mark.parametrize("iterations", [1, 3])
 @pytest.mark.parametrize("variant", ["sample", "split"])
 def test_a_sample_holding_nan_or_inf_is_all_nan(variant, iterations, gradient, rng):
-    """SPEC 7: NaN in all of v, s_all and du_hat of that sample, in every block of I; the other
-    samples bit for bit as when routed without it."""
+    """SPEC 7: NaN in all of v, s_all, the kept couplings and du_hat of that sample, in every block
+    of I; the other samples bit for bit as when routed without it."""
     for bad in (float("nan"), float("inf"), float("-inf")):
         u_hat = sample(rng, (3, 37, 10, 16), torch.float32)
         dv = sample(rng, (3, 10, 16), torch.float32)
         u_hat[1, 30, 9, 15] = bad
-        v, s_all = routing_forward(u_hat, iterations, block_i=16, variant=variant, splits=2,
-                                   out=(poisoned((3, 10, 16), torch.float32, FINITE_POISON),
-                                        poisoned((iterations, 3, 10, 16), torch.float32, FINITE_POISON)))
-        du_hat, _ = routing_backward(dv, u_hat, s_all, gradient=gradient, block_i=16, variant=variant,
+        kept = kept_iterations(iterations, gradient)
+        v, s_all, couplings = routing_forward(
+            u_hat, iterations, gradient=gradient, block_i=16, variant=variant, splits=2,
+            out=(poisoned((3, 10, 16), torch.float32, FINITE_POISON),
+                 poisoned((iterations, 3, 10, 16), torch.float32, FINITE_POISON),
+                 poisoned((kept, 3, 37, 10), torch.float32, FINITE_POISON)))
+        du_hat, _ = routing_backward(dv, u_hat, s_all, couplings, gradient=gradient, block_i=16, variant=variant,
                                      splits=2, out=(poisoned(u_hat.shape, torch.float32, FINITE_POISON),
                                                     poisoned(s_all.shape, torch.float32, FINITE_POISON)))
+        assert torch.isnan(couplings[:, 1]).all()
         ref_v, cache = reference_routing_forward(as_float64(u_hat), iterations, gradient=gradient)
         ref_du_hat = reference_routing_backward(as_float64(dv), cache)
         assert np.isnan(ref_v[1]).all() and np.isnan(np.stack(cache["s_all"])[:, 1]).all()
@@ -350,15 +387,17 @@ def test_a_sample_holding_nan_or_inf_is_all_nan(variant, iterations, gradient, r
         assert_agrees(s_all, np.stack(cache["s_all"]), torch.float32, "s_all")
         assert_agrees(du_hat, ref_du_hat, torch.float32, "du_hat")
         clean = [0, 2]
-        v_c, s_all_c = routing_forward(u_hat[clean], iterations, block_i=16, variant=variant, splits=2)
-        du_hat_c, _ = routing_backward(dv[clean], u_hat[clean], s_all_c, gradient=gradient, block_i=16,
-                                       variant=variant, splits=2)
+        v_c, s_all_c, couplings_c = routing_forward(u_hat[clean], iterations, gradient=gradient, block_i=16,
+                                                    variant=variant, splits=2)
+        du_hat_c, _ = routing_backward(dv[clean], u_hat[clean], s_all_c, couplings_c, gradient=gradient,
+                                       block_i=16, variant=variant, splits=2)
         assert torch.equal(v[clean], v_c) and torch.equal(du_hat[clean], du_hat_c)
+        assert torch.equal(couplings[:, clean], couplings_c)
 
 
 def test_routing_rejects_bad_input():
     u_hat = torch.ones(2, 5, 3, 4, device=DEVICE)
-    _, s_all = routing_forward(u_hat, 2)
+    _, s_all, couplings = routing_forward(u_hat, 2)
     dv = torch.ones(2, 3, 4, device=DEVICE)
     cases = [
         (TypeError, "torch.Tensor", lambda: routing_forward(np.ones((2, 5, 3, 4)), 2)),
@@ -372,9 +411,9 @@ def test_routing_rejects_bad_input():
          lambda: routing_forward(torch.ones(2, 5, 3, 0, device=DEVICE), 2)),
         (ValueError, "at least one input capsule",
          lambda: routing_backward(torch.ones(2, 0, 4, device=DEVICE), torch.ones(2, 5, 0, 4, device=DEVICE),
-                                  torch.ones(2, 2, 0, 4, device=DEVICE))),
+                                  torch.ones(2, 2, 0, 4, device=DEVICE), torch.ones(1, 2, 5, 0, device=DEVICE))),
         (ValueError, r"gradient must be one of \('full', 'last'\)",
-         lambda: routing_backward(dv, u_hat, s_all, gradient=False)),
+         lambda: routing_backward(dv, u_hat, s_all, couplings, gradient=False)),
         (ValueError, "iterations must be an integer >= 1", lambda: routing_forward(u_hat, 0)),
         (ValueError, "iterations must be an integer >= 1", lambda: routing_forward(u_hat, True)),
         (ValueError, "iterations must be an integer >= 1", lambda: routing_forward(u_hat, 2.0)),
@@ -382,18 +421,27 @@ def test_routing_rejects_bad_input():
          lambda: routing_forward(u_hat, 2, torch.ones(4, 3, device=DEVICE))),
         (ValueError, "one device", lambda: routing_forward(u_hat, 2, torch.ones(3, 4, device="meta"))),
         (ValueError, "power of two", lambda: routing_forward(u_hat, 2, block_i=3)),
-        (ValueError, "power of two", lambda: routing_backward(dv, u_hat, s_all, block_i=0)),
+        (ValueError, "power of two", lambda: routing_backward(dv, u_hat, s_all, couplings, block_i=0)),
         (ValueError, r"variant must be one of \('sample', 'split'\)",
          lambda: routing_forward(u_hat, 2, variant="persistent")),
-        (ValueError, "variant must be one of", lambda: routing_backward(dv, u_hat, s_all, variant=None)),
+        (ValueError, "variant must be one of", lambda: routing_backward(dv, u_hat, s_all, couplings, variant=None)),
         (ValueError, "splits must be an integer >= 1", lambda: routing_forward(u_hat, 2, variant="split", splits=0)),
         (ValueError, r"out\[0\] \(v\)",
-         lambda: routing_forward(u_hat, 2, out=(torch.empty(2, 4, 3, device=DEVICE), s_all))),
-        (ValueError, r"dv must have shape \[B, J, D\]", lambda: routing_backward(dv[:1], u_hat, s_all)),
-        (ValueError, "s_all must be routing_forward's", lambda: routing_backward(dv, u_hat, s_all.double())),
-        (ValueError, "s_all must be routing_forward's", lambda: routing_backward(dv, u_hat, s_all[:, :1])),
+         lambda: routing_forward(u_hat, 2, out=(torch.empty(2, 4, 3, device=DEVICE), s_all, couplings))),
+        (ValueError, r"out must be a tuple of 3 tensors \(v, s_all, couplings\), got 2 items",
+         lambda: routing_forward(u_hat, 2, out=(torch.empty(2, 3, 4, device=DEVICE), s_all))),
+        (ValueError, "gradient", lambda: routing_forward(u_hat, 2, gradient="none")),
+        (ValueError, r"dv must have shape \[B, J, D\]", lambda: routing_backward(dv[:1], u_hat, s_all, couplings)),
+        (ValueError, "s_all must be routing_forward's",
+         lambda: routing_backward(dv, u_hat, s_all.double(), couplings)),
+        (ValueError, "s_all must be routing_forward's", lambda: routing_backward(dv, u_hat, s_all[:, :1], couplings)),
+        (ValueError, r"couplings must be routing_forward's third output under gradient='last', "
+                     r"\[k, B, I, J\] = \[1, 2, 5, 3\] torch.float32, got shape \(1, 2, 5, 3\) torch.float64",
+         lambda: routing_backward(dv, u_hat, s_all, couplings.double(), gradient="last")),
+        (ValueError, "couplings must be routing_forward's third output",
+         lambda: routing_backward(dv, u_hat, s_all, couplings[:0])),
         (ValueError, r"out\[1\] \(ds_all\)",
-         lambda: routing_backward(dv, u_hat, s_all,
+         lambda: routing_backward(dv, u_hat, s_all, couplings,
                                   out=(torch.empty_like(u_hat), torch.empty(3, 2, 3, 4, device=DEVICE)))),
     ]
     for error, message, call in cases:

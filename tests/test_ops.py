@@ -150,13 +150,14 @@ def test_gradient_policies_match_autograd_of_the_literal_loop(backend, gradient,
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("r", [1, 3])
-def test_backward_saves_u_hat_per_iteration_s_and_on_the_torch_path_the_couplings(backend, gradient, r):
-    """The kernels keep u_hat and s^(1..r); the PyTorch path also keeps the couplings its
-    backward reads: c^(2..r), [r-1, B, J, I], under "full", c^(r) alone under "last"."""
+def test_backward_saves_u_hat_per_iteration_s_and_the_couplings(backend, gradient, r):
+    """Both paths keep u_hat, s^(1..r) and the couplings the backward reads: c^(2..r) under
+    "full", c^(r) alone under "last" ([k, B, J, I] on the PyTorch path, [k, B, I, J] from the
+    kernels)."""
     B, I, J, D = 2, 50, 10, 16
     u_hat = torch.randn(B, I, J, D, device=DEVICE, requires_grad=True)
     saved, v = saved_numel(lambda: dynamic_routing(u_hat, r, gradient=gradient, backend=backend))
-    kept = 0 if backend != "torch" else r - 1 if gradient == "full" else min(1, r - 1)
+    kept = r - 1 if gradient == "full" else min(1, r - 1)
     couplings = kept * B * J * I
     assert saved == u_hat.numel() + r * B * J * D + couplings
     v.sum().backward()
@@ -196,6 +197,23 @@ def test_non_contiguous_u_hat():
     u_np = u_hat.numpy().copy()
     v_ref, _ = routing_forward(u_np, 3)
     assert_agrees(dynamic_routing(u_hat, 3, backend="torch"), v_ref, torch.float64, "v")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("r", [1, 3])
+def test_the_routing_ops_fake_implementations_give_what_the_backends_return(r, gradient, backend):
+    """torch.compile traces the custom ops through their fakes: each must give the shapes, dtypes
+    and strides its backend really returns, the kept couplings included ([k, B, J, I] from the
+    PyTorch path, [k, B, I, J] from the kernels)."""
+    from capsnet_triton.ops import routing as routing_ops
+    u_hat = torch.randn(3, 7, 4, 6, device=DEVICE)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(routing_ops._routing_forward_op, (u_hat, r, None, gradient, backend), test_utils=checks)
+    _, s_all, couplings = routing_ops._routing_forward_op(u_hat, r, None, gradient, backend)
+    torch.library.opcheck(routing_ops._routing_backward_op,
+                          (torch.randn(3, 4, 6, device=DEVICE), u_hat, s_all, couplings, gradient, backend),
+                          test_utils=checks)
 
 
 def test_compile_fullgraph_traces_through_the_ops():

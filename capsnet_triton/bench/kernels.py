@@ -66,9 +66,9 @@ def _routing(x, r, kwargs, backward, shape):
         kwargs = dict(kwargs, block_i=max(1, int(default * kwargs["block_i"])))
 
     def run():
-        v, s_all = routing_forward(x["u_hat"], r, **kwargs)
+        _, s_all, couplings = routing_forward(x["u_hat"], r, **kwargs)
         if backward:
-            routing_backward(x["dv"], x["u_hat"], s_all, **kwargs)
+            routing_backward(x["dv"], x["u_hat"], s_all, couplings, **kwargs)
     return run
 
 

@@ -51,15 +51,15 @@ class _SampleRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u_hat, iterations):
         from capsnet_triton.kernels.routing import routing_forward
-        v, s_all = routing_forward(u_hat, iterations, variant="sample")
-        ctx.save_for_backward(u_hat, s_all)
+        v, s_all, couplings = routing_forward(u_hat, iterations, variant="sample")
+        ctx.save_for_backward(u_hat, s_all, couplings)
         return v
 
     @staticmethod
     def backward(ctx, dv):
         from capsnet_triton.kernels.routing import routing_backward
-        u_hat, s_all = ctx.saved_tensors
-        du_hat, _ = routing_backward(dv.contiguous(), u_hat, s_all, variant="sample")
+        u_hat, s_all, couplings = ctx.saved_tensors
+        du_hat, _ = routing_backward(dv.contiguous(), u_hat, s_all, couplings, variant="sample")
         return du_hat, None
 
 

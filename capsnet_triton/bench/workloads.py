@@ -157,7 +157,11 @@ class Workload:
     A stateful workload (a training step) instead gives builders of a step callable:
     `numpy_step(inputs, shape)` and `torch_step(provider, tensors, shape)`.
     `bytes_moved(shape)` counts the traffic of a fused kernel: the least any implementation of
-    the project's recompute-from-u_hat design (SPEC section 3) must move; terms of B J D left out.
+    the recompute-from-u_hat design (SPEC section 3) must move; terms of B J D left out. It stays
+    the yardstick of the bandwidth targets, though the routing kernels now keep the couplings:
+    their backward skips one read of u_hat (B I J D values) and moves 5 (r - 1) B I J values of
+    couplings and logit gradients instead (5/8 of it at the MNIST shape, r = 3; docs/PERF.md,
+    2026-11-30, tenth run), so their GB/s is an effective figure, about 5% above what they move.
     `flops(shape)` counts, for the DigitCaps layer, the multiply-adds of the fused design's
     products (2P FLOP per u_hat element for each prediction, du and dW), a lower bound on its
     arithmetic: its compute floor is that over the device's fp32 rate."""

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..checks import (autocast_dtype, check_bias, check_differentiation, check_float_tensor, check_gradient,
-                      check_iterations, check_u_and_weight, compute_dtype, kept_iterations, pick_backend)
+                      check_iterations, check_u_and_weight, compute_dtype, pick_backend)
 from .routing import kept_couplings, routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
@@ -154,11 +154,8 @@ def _capsule_linear_backward_op(dv: torch.Tensor, u: torch.Tensor, weight: torch
 def _(u, weight, iterations, bias, gradient, backend):
     B, I, _ = u.shape
     _, J, D, _ = weight.shape
-    # The kernels keep the couplings [k, B, I, J], the PyTorch path (the routing op's) [k, B, J, I].
-    kept = kept_iterations(iterations, gradient)
-    couplings_shape = (kept, B, I, J) if backend == "triton" else (kept, B, J, I)
     return (u.new_empty((B, J, D)), u.new_empty((iterations, B, J, D), dtype=compute_dtype(u.dtype)),
-            u.new_empty(couplings_shape, dtype=compute_dtype(u.dtype)))
+            kept_couplings(u, B, I, J, iterations, backend, gradient))
 
 
 @_capsule_linear_backward_op.register_fake

@@ -3,8 +3,8 @@ public function.
 
 The PyTorch path is written for CPUs. Its forward saves the per-iteration s (s_all,
 [r, B, J, D]) and the couplings its backward reads (1/D of u_hat's size per iteration): c^(2..r)
-under the "full" gradient policy, c^(r) alone under "last" (see kept_couplings); the routing
-kernels save only s_all and recompute the couplings from u_hat (SPEC section 3). On a
+under the "full" gradient policy, c^(r) alone under "last" (see kept_couplings), as the Triton
+kernels do (SPEC section 3 lets either recompute them from u_hat instead). On a
 CPU, recomputing them cost a wider product over u_hat and a softmax per iteration; keeping them
 made forward + backward 15-20% faster at B = 32 and 3-6% at B = 128, and 19-25% under the
 "last" policy, whose backward no longer reads u_hat (docs/PERF.md, 2026-11-30). Every
@@ -86,12 +86,14 @@ def _first_s_as_the_reference(u3, J):
 
 
 def kept_couplings(like, B, I, J, iterations, backend, gradient):
-    """A buffer for what the routing forward keeps of the couplings for the backward, on like's
-    device in the compute dtype: on the PyTorch path, which writes them, c^(2..r) [r-1, B, J, I]
-    under the "full" policy and c^(r) alone [1, B, J, I] under "last" (checks.kept_iterations);
-    nothing ([0, B, J, I]) from the routing kernels, which recompute them from u_hat."""
-    kept = kept_iterations(iterations, gradient) if backend == "torch" else 0
-    return like.new_empty((kept, B, J, I), dtype=compute_dtype(like.dtype))
+    """A buffer for the couplings a forward keeps for its backward, on like's device in the compute
+    dtype: c^(2..r) under the "full" policy and c^(r) alone under "last", none at r = 1
+    (checks.kept_iterations); laid out [k, B, J, I] on the PyTorch path (parents before inputs,
+    see the module's docstring), [k, B, I, J] as the Triton kernels write them. The routing and
+    fused-layer ops' fakes give this too."""
+    kept = kept_iterations(iterations, gradient)
+    shape = (kept, B, I, J) if backend == "triton" else (kept, B, J, I)
+    return like.new_empty(shape, dtype=compute_dtype(like.dtype))
 
 
 def routing_forward_torch(u_hat, iterations, bias, gradient, couplings=None):
@@ -201,9 +203,7 @@ def _routing_forward_op(u_hat: torch.Tensor, iterations: int, bias: Optional[tor
     # gradient picks what the PyTorch path keeps for the backward; the backward rule reads it too.
     if backend == "triton":
         from capsnet_triton.kernels import routing_forward
-        v, s_all = routing_forward(u_hat, iterations, bias)
-        B, I, J, _ = u_hat.shape
-        return v, s_all, kept_couplings(u_hat, B, I, J, iterations, backend, gradient)
+        return routing_forward(u_hat, iterations, bias, gradient=gradient)
     return routing_forward_torch(u_hat, iterations, bias, gradient)
 
 
@@ -213,7 +213,7 @@ def _routing_backward_op(dv: torch.Tensor, u_hat: torch.Tensor, s_all: torch.Ten
                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from capsnet_triton.kernels import routing_backward
-        return routing_backward(dv, u_hat, s_all, gradient=gradient)
+        return routing_backward(dv, u_hat, s_all, couplings, gradient=gradient)
     return routing_backward_torch(dv, u_hat, s_all, couplings, gradient)
 
 
