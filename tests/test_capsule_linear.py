@@ -234,24 +234,6 @@ def test_compile_fullgraph_traces_through_the_op():
     assert torch.isfinite(weight.grad).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("gradient", ["full", "last"])
-@pytest.mark.parametrize("r", [1, 3])
-def test_the_ops_fake_implementations_give_what_the_backends_return(r, gradient, backend):
-    """torch.compile traces the custom ops through their fakes: each must give the shapes, dtypes
-    and strides its backend really returns, the kept couplings included ([k, B, J, I] from the
-    PyTorch path, [k, B, I, J] from the kernels)."""
-    forward = capsule_linear_module._capsule_linear_forward_op
-    backward = capsule_linear_module._capsule_linear_backward_op
-    u = torch.randn(3, 7, 5, device=DEVICE)
-    weight = torch.randn(7, 4, 6, 5, device=DEVICE)
-    checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(forward, (u, weight, r, None, gradient, backend), test_utils=checks)
-    _, s_all, couplings = forward(u, weight, r, None, gradient, backend)
-    torch.library.opcheck(backward, (torch.randn(3, 4, 6, device=DEVICE), u, weight, s_all, couplings, gradient,
-                                     backend), test_utils=checks)
-
-
 @pytest.mark.parametrize("call, error, words", [
     (lambda: capsule_linear(torch.randn(2, 3), torch.randn(3, 4, 5, 2)), ValueError, "3 axes"),
     (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5)), ValueError, "4 axes"),

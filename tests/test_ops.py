@@ -3,6 +3,8 @@
 The torch backend runs everywhere; the triton backend runs through the interpreter here and
 natively on a GPU machine (see conftest.py)."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -202,18 +204,22 @@ def test_non_contiguous_u_hat():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("r", [1, 3])
-def test_the_routing_ops_fake_implementations_give_what_the_backends_return(r, gradient, backend):
+@pytest.mark.parametrize("op", ["routing", "capsule_linear"])
+def test_the_ops_fake_implementations_give_what_the_backends_return(op, r, gradient, backend):
     """torch.compile traces the custom ops through their fakes: each must give the shapes, dtypes
     and strides its backend really returns, the kept couplings included ([k, B, J, I] from the
     PyTorch path, [k, B, I, J] from the kernels)."""
-    from capsnet_triton.ops import routing as routing_ops
-    u_hat = torch.randn(3, 7, 4, 6, device=DEVICE)
+    ops = importlib.import_module(f"capsnet_triton.ops.{op}")
+    forward, backward = getattr(ops, f"_{op}_forward_op"), getattr(ops, f"_{op}_backward_op")
+    if op == "routing":
+        inputs = (torch.randn(3, 7, 4, 6, device=DEVICE),)                          # u_hat
+    else:
+        inputs = (torch.randn(3, 7, 5, device=DEVICE), torch.randn(7, 4, 6, 5, device=DEVICE))  # u, W
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(routing_ops._routing_forward_op, (u_hat, r, None, gradient, backend), test_utils=checks)
-    _, s_all, couplings = routing_ops._routing_forward_op(u_hat, r, None, gradient, backend)
-    torch.library.opcheck(routing_ops._routing_backward_op,
-                          (torch.randn(3, 4, 6, device=DEVICE), u_hat, s_all, couplings, gradient, backend),
-                          test_utils=checks)
+    torch.library.opcheck(forward, (*inputs, r, None, gradient, backend), test_utils=checks)
+    _, s_all, couplings = forward(*inputs, r, None, gradient, backend)
+    dv = torch.randn(3, 4, 6, device=DEVICE)
+    torch.library.opcheck(backward, (dv, *inputs, s_all, couplings, gradient, backend), test_utils=checks)
 
 
 def test_compile_fullgraph_traces_through_the_ops():
