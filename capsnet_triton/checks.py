@@ -30,8 +30,7 @@ def compute_dtype(dtype):
 def kept_iterations(iterations, gradient):
     """How many iterations' couplings a forward keeps for its backward under the gradient policy:
     c^(2..r) under "full", c^(r) alone under "last", none at r = 1 (c^(1) is the uniform 1/J).
-    The routing op's PyTorch path and the fused layer (both paths) keep them; the routing kernels
-    recompute them from u_hat."""
+    Both ops keep them on both paths (capsnet_triton.ops.routing.kept_couplings has the layouts)."""
     return iterations - 1 if gradient == "full" else min(1, iterations - 1)
 
 

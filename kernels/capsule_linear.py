@@ -14,8 +14,8 @@ gradients it forms; kernel B forms du_hat from the two, without u_hat.
 
 Memory traffic, with U = B I J D elements of u_hat and r iterations:
 - unfused (predict, routing forward and backward, prediction backward): predict writes U, the
-  routing forward reads it r times, the backward reads it r times and writes du_hat (U), and
-  the prediction's backward reads du_hat twice: about 2r + 4 passes over U.
+  routing forward reads it r times, the backward reads it r - 1 times and writes du_hat (U),
+  and the prediction's backward reads du_hat twice: about 2r + 3 passes over U.
 - capsule_linear_forward: copies W to its slices [I, P, J, D] (_weight_slices), then reads u
   (B I P) and the slices (I P J D, from L2 after the first samples) r times per sample, writes
   r B J D of s_all, B J D of v and the kept couplings ((r - 1) B I J under "full", an eighth of

@@ -13,8 +13,9 @@ import triton.language as tl
 
 from capsnet_triton.checks import check_float_tensor, compute_dtype, interpreting, kept_iterations
 
-__all__ = ["tl_dtype", "output", "outputs", "kept_couplings", "couplings_pointer", "scratch", "max_tile", "block_inputs", "interpreter_problem", "launch_options",
-           "VARIANTS", "DEFAULT_VARIANT", "split_stages", "check_variant", "on_tensor_device", "GRID_Y_MAX"]
+__all__ = ["tl_dtype", "output", "outputs", "kept_couplings", "couplings_pointer", "scratch", "max_tile",
+           "block_inputs", "interpreter_problem", "launch_options", "VARIANTS", "DEFAULT_VARIANT", "split_stages",
+           "check_variant", "on_tensor_device", "GRID_Y_MAX"]
 
 # The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
 # temporaries in registers without spilling (float64 division and sqrt take many more registers

@@ -1,8 +1,8 @@
 """The tile helpers every routing kernel shares (kernels/routing.py, kernels/routing_split.py,
 kernels/capsule_linear.py, kernels/capsule_linear_split.py): a program's sample layout, u_hat
-tiles, couplings and their gradient, V^(t) from s_all, a tile's share of s, of dV and of du_hat,
-the split kernels' partial sums, and the fused layer's W and u tiles, prediction u_hat = W u and
-kept couplings.
+tiles, couplings and their gradient, V^(t) from s_all, a tile's share of s, the split kernels'
+partial sums, the fused layer's W and u tiles and prediction u_hat = W u, and the kept
+couplings and logit gradients with du_hat formed from them.
 """
 
 import triton
@@ -117,9 +117,9 @@ def s_of_tile(u_hat, v_sum, j_valid):
 
 @triton.jit
 def kept_rows(kept_ptr, slot, B, I, J, sample):
-    """Where `slot` starts for sample (a scalar, or [BLOCK_B, 1, 1] for a block) in one of the fused
-    layer's per-input buffers [slots, B, I, J], contiguous (input i, parent j at i J + j from
-    there): the couplings its forward keeps (capsule_linear_forward's third output, c^(t) in slot
+    """Where `slot` starts for sample (a scalar, or [BLOCK_B, 1, 1] for a block) in a per-input
+    buffer [slots, B, I, J], contiguous (input i, parent j at i J + j from there): the couplings a
+    forward keeps (routing_forward's and capsule_linear_forward's third output, c^(t) in slot
     t - first_kept) and the logit gradients backward kernel A keeps for kernel B (db^(t) in slot
     t - 1; t counts from 0)."""
     return kept_ptr + (slot * B + tl.cast(sample, tl.int64)) * I * J
@@ -157,7 +157,8 @@ def du_hat_of_kept(couplings_ptr, grad_logits_ptr, s_all_ptr, ds_all_ptr, B, I, 
     with c^(0) = 1/J and V^(0) = 0; c^(t), t >= 1 (0-based), from the forward's couplings
     (couplings_ptr: slot t - 1 under "full", slot 0 holding c^(r) under "last"), db^(t) from
     backward kernel A's (grad_logits_ptr, slot t - 1; read under "full" only), V^(t) summed
-    from s_all (v_sum_before's order). Padded inputs and parents get 0.
+    from s_all (v_sum_before's order). Padded inputs and parents get 0, but for the NaN below,
+    which the callers' stores mask out there.
     """
     at, mask = kept_tile(0, i, I, J, j_valid, BLOCK_J)                    # offsets from a slot's rows
     uniform = tl.where(mask, tl.full([], 1.0, COMPUTE_DTYPE) / J, 0.0)    # c^(0) [BLOCK_I, BLOCK_J]

@@ -155,7 +155,8 @@ def test_routing_of_non_contiguous_u_hat_equals_contiguous(view, rng):
 @pytest.mark.parametrize("gradient", ["full", "last"])
 def test_backward_from_the_kept_couplings(gradient, variant, rng, monkeypatch):
     """The backward reads c^(t) from the forward's couplings: with them replaced by another batch's,
-    du_hat follows, and under "full" so does kernel A's ds^(1..r-1). Kernel A's logit gradients
+    du_hat follows, and under "full" so does kernel A's ds^(1..r-1); under "last" u_hat is not
+    read at all. Kernel A's logit gradients
     [r - 1, B, I, J] are asked for (poisoned) under "full" only. 3 samples, 13 inputs in blocks of
     4, J = 11, r = 4."""
     from capsnet_triton.kernels import routing
@@ -173,6 +174,9 @@ def test_backward_from_the_kept_couplings(gradient, variant, rng, monkeypatch):
     assert not torch.allclose(du_hat, du_hat_other)
     assert torch.equal(ds_all[-1], ds_all_other[-1])                      # squash's backward of dv alone
     assert torch.allclose(ds_all[:-1], ds_all_other[:-1]) == (gradient == "last")
+    if gradient == "last":                                 # no kernel A, and kernel B reads no u_hat
+        nan_u_hat = torch.full_like(u_hat, float("nan"))
+        assert torch.equal(routing_backward(dv, nan_u_hat, s_all, couplings, **launch)[0], du_hat)
 
 
 def test_routing_reads_a_sample_past_int32_offsets_uncopied(rng, monkeypatch):

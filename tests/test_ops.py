@@ -17,6 +17,7 @@ from capsnet_triton.baselines import routing as baseline_routing
 from capsnet_triton.layers import DigitCaps
 from capsnet_triton.numerics import as_float64, assert_agrees, input_sensitivity
 from capsnet_triton.ops.squash import squash_backward_torch, squash_forward_torch
+from capsnet_triton.reference import capsule_linear_backward as reference_capsule_linear_backward
 from capsnet_triton.reference import capsule_linear_forward as reference_capsule_linear
 from capsnet_triton.reference import (routing_backward, routing_forward, squash_backward,
                                       squash_forward)
@@ -337,20 +338,38 @@ def test_routing_of_a_sample_holding_nan_or_inf_is_all_nan_like_the_reference(ba
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_a_finite_sample_whose_first_sum_overflows_keeps_its_other_parents(backend):
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_a_finite_sample_whose_first_sum_overflows_keeps_its_other_parents(backend, gradient):
     """SPEC 7 makes a whole sample NaN only where its input is not finite: finite float32
     predictions whose uniform sum overflows give one infinite s, so at r = 1 only that parent's
-    capsule is NaN, as in the reference."""
+    capsule is NaN, as in the reference. The gradients' NaN are the reference's too: under
+    "full" all of the sample's (its logit gradient db^(1) is NaN, and db^(1) V^(1) with it,
+    though V^(1) = 0), under "last" only that parent's; the fused layer's dW shows which."""
     u_np = np.random.default_rng(7).standard_normal((2, 4, 3, 2)).astype(np.float32)
     u_np[0, :, 1, 0] = 3e38                                # 4 * 3e38 / 3 exceeds float32's max
     dv_np = np.random.default_rng(8).standard_normal((2, 3, 2)).astype(np.float32)
-    v_ref, du_ref, _ = reference_routing(u_np, dv_np, 1, None, "full")
+    v_ref, du_ref, _ = reference_routing(u_np, dv_np, 1, None, gradient)
     assert np.isnan(v_ref[0, 1]).all() and not np.isnan(v_ref[0, [0, 2]]).any()
+    assert np.isnan(du_ref[0]).all() == (gradient == "full")
     u_hat = torch.tensor(u_np, device=DEVICE, requires_grad=True)
-    v = dynamic_routing(u_hat, 1, backend=backend)
+    v = dynamic_routing(u_hat, 1, gradient=gradient, backend=backend)
     v.backward(torch.tensor(dv_np, device=DEVICE))
     assert_agrees(v, v_ref, torch.float32, "v")            # NaN exactly where the reference has it
     assert_agrees(u_hat.grad, du_ref, torch.float32, "du_hat")
+
+    u = np.random.default_rng(9).standard_normal((2, 4, 1)).astype(np.float32)
+    u[0] = 3e38
+    weight = np.full((4, 3, 2, 1), 1e-3, np.float32)
+    weight[:, 1, 0] = 1.0                                  # only parent 1's first dim overflows
+    v_ref, cache = reference_capsule_linear(u, weight, 1, gradient=gradient)
+    du_ref, dweight_ref = reference_capsule_linear_backward(dv_np, cache)
+    assert np.isnan(dweight_ref).all() == (gradient == "full")
+    u_t, weight_t = (torch.tensor(x, device=DEVICE, requires_grad=True) for x in (u, weight))
+    v = capsule_linear(u_t, weight_t, 1, gradient=gradient, backend=backend)
+    v.backward(torch.tensor(dv_np, device=DEVICE))
+    assert_agrees(v, v_ref, torch.float32, "v of capsule_linear")
+    assert_agrees(u_t.grad, du_ref, torch.float32, "du of capsule_linear")
+    assert_agrees(weight_t.grad, dweight_ref, torch.float32, "dW of capsule_linear")
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

@@ -186,10 +186,12 @@ WORKLOADS = [
              bytes_moved=lambda s: 2 * s.B * s.I * s.P * FLOAT32),                # read s, write v
     Workload("routing fwd", _inputs_routing, _numpy_routing_forward,
              torch_fn=lambda p, x, r: p.routing(x["u_hat"], r),
-             bytes_moved=lambda s: s.r * s.u_hat_bytes),                          # u_hat once per iteration
+             # u_hat once per iteration (the kernels' kept couplings, (r - 1) B I J, left out)
+             bytes_moved=lambda s: s.r * s.u_hat_bytes),
     Workload("routing fwd+bwd", _inputs_routing, _numpy_routing_backward,
              torch_fn=lambda p, x, r: p.routing(x["u_hat"], r), grad_wrt=("u_hat",),
-             # forward r reads; backward r reads (r - 1 for the dV chain, one to form du_hat) + du_hat
+             # forward r reads; backward r reads (r - 1 for the dV chain, one for du_hat, which the
+             # kernels now form from kept couplings instead; see Workload's docstring) + du_hat
              bytes_moved=lambda s: (2 * s.r + 1) * s.u_hat_bytes),
     Workload("digitcaps fwd", _inputs_digitcaps, _numpy_digitcaps_forward, torch_fn=_digitcaps,
              batch_sweep=False, whole_layer=True,

@@ -8,10 +8,9 @@ implementations, chosen by `backend`:
 
 - "triton": the fused kernels of `capsnet_triton.kernels` (CUDA tensors; CPU tensors only when
   TRITON_INTERPRET=1 was set before triton was imported);
-- "torch": a PyTorch path written for CPUs, with the kernels' memory plan (nothing of u_hat's
-  size kept for the backward) except that routing also keeps the couplings its backward reads,
-  1/D of u_hat's size each (c^(2..r) under gradient="full", c^(r) alone under "last"), instead
-  of recomputing them.
+- "torch": a PyTorch path written for CPUs, with the kernels' memory plan: nothing of u_hat's
+  size kept for the backward, only s^(1..r) and the couplings the backward reads, 1/D of u_hat's
+  size each (c^(2..r) under gradient="full", c^(r) alone under "last").
 
 `backend=None` picks "triton" for CUDA tensors and "torch" otherwise.
 """

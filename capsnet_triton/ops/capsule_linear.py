@@ -5,9 +5,9 @@ torch tensors: the PyTorch path, the custom ops, the public function.
     u [B, I, P], W [I, J, D, P] -> v [B, J, D]
 
 without u_hat [B, I, J, D] (or its gradient) ever in memory. Unfused, a training step at the
-MNIST shape moves about ten u_hat-sized tensors (94 MB each in float32 at B = 128): predict
-writes u_hat, the routing forward reads it r times, the backward reads it r times and writes
-du_hat, and the prediction's backward reads du_hat twice more.
+MNIST shape moves about nine u_hat-sized tensors (94 MB each in float32 at B = 128): predict
+writes u_hat, the routing forward reads it r times, the backward reads it r - 1 times (the
+PyTorch path: r) and writes du_hat, and the prediction's backward reads du_hat twice more.
 
 The PyTorch path is written for CPUs. Routing treats every sample on its own, so it runs over
 chunks of samples: for each chunk it computes u_hat from u and W, routes it with the routing

@@ -42,8 +42,11 @@ def _block_diagonal(x):
     T vectors at once, a contraction over d (or an outer product) separately for each parent j,
     in one batched matrix product that needs no copy of u_hat."""
     B, T, J, D = x.shape
-    eye = torch.eye(J, dtype=x.dtype, device=x.device)
-    return (x.unsqueeze(3) * eye.view(1, 1, J, J, 1)).reshape(B, T * J, J * D)
+    # Written into zeros, not multiplied by an identity: a NaN or inf in x stays in its block
+    # (times 0 it would be NaN in every block of its row, so in every parent of a product).
+    out = x.new_zeros((B, T, J, J, D))
+    torch.diagonal(out, dim1=2, dim2=3).copy_(x.transpose(2, 3))
+    return out.view(B, T * J, J * D)
 
 
 def _agreement(u3, x):
@@ -171,6 +174,11 @@ def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None
         db = torch.addcmul(c_dc, c, c_dc.sum(dim=1, keepdim=True), value=-1, out=db_slot)  # softmax over j
         grad_v_sum = grad_v_sum + _weighted_sum(db.unsqueeze(1), u3).squeeze(1)
         grad_v = grad_v_sum
+    # db^(1) V^(1) is 0 by V^(1) = 0 and left out, but as the reference computes it, NaN where
+    # db^(1) is not finite: for finite u_hat, exactly where ds^(1) holds a NaN or inf (a sample
+    # whose first s overflowed, SPEC 7), which spreads to all of the sample's du_hat. A NaN in
+    # c^(1)'s weights does that in the product below (NaN times its zeros).
+    weights[:, 0] += (ds_all[0] * 0.0).sum(dim=(1, 2)).view(B, 1, 1)
     vectors = torch.cat((ds_all.transpose(0, 1), v_sums[:, 1:]), dim=1)       # [B, T, J, D]
     du3 = torch.bmm(weights.view(B, (2 * r - 1) * J, I).transpose(1, 2), _block_diagonal(vectors),
                     out=_rows_out(workspace, u3))
