@@ -16,7 +16,7 @@ from capsnet_triton.reference.routing import GRADIENT_POLICIES, check_gradient
 __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "kept_iterations", "interpreting", "check_float_tensor",
            "check_capsules", "check_u_hat", "check_iterations", "check_bias", "check_backend", "pick_backend",
            "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight", "check_differentiation",
-           "check_positive_int", "check_flag", "autocast_dtype"]
+           "check_positive_int", "check_flag", "autocast_dtype", "needs_backward"]
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -133,6 +133,13 @@ def autocast_dtype(tensor):
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def needs_backward(*tensors):
+    """Whether autograd may run an op's backward: grad mode is on and one of its tensors (None
+    for an absent bias) requires grad. Where not (inference, torch.no_grad), a forward keeps no
+    couplings for a backward that cannot come."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def check_differentiation(op, *tensors):

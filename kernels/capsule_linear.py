@@ -253,7 +253,7 @@ def _checked(u, weight, iterations, bias=None):
 
 
 @on_tensor_device
-def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full", variant=DEFAULT_VARIANT,
+def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full", keep=True, variant=DEFAULT_VARIANT,
                            splits=None, block_i=None, out=None):
     """v [B, J, D] = routing(W u, iterations) for u [B, I, P] and W [I, J, D, P], u_hat never stored.
 
@@ -267,7 +267,8 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full",
     Returns (v, s_all, couplings), all capsule_linear_backward needs: v in u's dtype; in the
     compute dtype (float64 for float64 u, else float32) s_all [iterations, B, J, D], every
     iteration's s, and the couplings the gradient policy's backward reads (checks.kept_iterations),
-    [k, B, I, J]: c^(2..r) under "full" (k = r - 1), c^(r) under "last" (k = 1), none at r = 1.
+    [k, B, I, J]: c^(2..r) under "full" (k = r - 1), c^(r) under "last" (k = 1), none at r = 1
+    or with keep=False, for a forward no backward will follow (inference).
     They are 1/D of u_hat's size per iteration (11.8 MB at B = 128 and the MNIST shape under
     "full"): the backward then recomputes no softmax, and storing them let the compiler compute
     the softmax once per (sample, input, parent) instead of on a layout replicated over D (the
@@ -280,7 +281,7 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full",
     B, I, P = u.shape
     _, J, D, _ = weight.shape
     dtype = compute_dtype(u.dtype)
-    kept = kept_iterations(iterations, gradient)
+    kept = kept_iterations(iterations, gradient) if keep else 0
     v_out, s_all_out, couplings_out = outputs(out, ("v", "s_all", "couplings"))
     v = output(v_out, (B, J, D), u.dtype, u.device, "out[0] (v)")
     s_all = output(s_all_out, (iterations, B, J, D), dtype, u.device, "out[1] (s_all)")

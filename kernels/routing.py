@@ -213,8 +213,8 @@ def _routing_launch_config(I, J, D, dtype, block_i):
 
 
 @on_tensor_device
-def routing_forward(u_hat, iterations, bias=None, *, gradient="full", variant=DEFAULT_VARIANT, splits=None,
-                    block_i=None, out=None):
+def routing_forward(u_hat, iterations, bias=None, *, gradient="full", keep=True, variant=DEFAULT_VARIANT,
+                    splits=None, block_i=None, out=None):
     """Route u_hat [B, I, J, D] to v [B, J, D] with `iterations` routing iterations (Procedure 1).
 
     variant: "split" (default, kernels/routing_split.py): one launch per iteration (and one to
@@ -229,8 +229,9 @@ def routing_forward(u_hat, iterations, bias=None, *, gradient="full", variant=DE
     dtype (float64 for float64 u_hat, else float32) s_all [iterations, B, J, D], every
     iteration's s, and the couplings the gradient policy's backward reads
     (checks.kept_iterations), [k, B, I, J]: c^(2..r) under "full" (k = r - 1), c^(r) under
-    "last", none at r = 1, 1/D of u_hat's size per kept iteration. With them the backward's
-    kernel B forms du_hat without reading u_hat (docs/PERF.md, 2026-11-30, tenth run).
+    "last", none at r = 1, 1/D of u_hat's size per kept iteration; none either with keep=False,
+    for a forward no backward will follow (inference). With them the backward's kernel B forms
+    du_hat without reading u_hat (docs/PERF.md, 2026-11-30, tenth run).
     out: optional (v, s_all, couplings) of contiguous tensors of those shapes and dtypes to write into.
     """
     check_u_hat(u_hat)
@@ -240,7 +241,7 @@ def routing_forward(u_hat, iterations, bias=None, *, gradient="full", variant=DE
     bias = check_bias(bias, u_hat)
     B, I, J, D = u_hat.shape
     dtype = compute_dtype(u_hat.dtype)
-    kept = kept_iterations(iterations, gradient)
+    kept = kept_iterations(iterations, gradient) if keep else 0
     v_out, s_all_out, couplings_out = outputs(out, ("v", "s_all", "couplings"))
     v = output(v_out, (B, J, D), u_hat.dtype, u_hat.device, "out[0] (v)")
     s_all = output(s_all_out, (iterations, B, J, D), dtype, u_hat.device, "out[1] (s_all)")

@@ -10,7 +10,8 @@ implementations, chosen by `backend`:
   TRITON_INTERPRET=1 was set before triton was imported);
 - "torch": a PyTorch path written for CPUs, with the kernels' memory plan: nothing of u_hat's
   size kept for the backward, only s^(1..r) and the couplings the backward reads, 1/D of u_hat's
-  size each (c^(2..r) under gradient="full", c^(r) alone under "last").
+  size each (c^(2..r) under gradient="full", c^(r) alone under "last"), and those only where a
+  backward may follow (not under torch.no_grad, checks.needs_backward).
 
 `backend=None` picks "triton" for CUDA tensors and "torch" otherwise.
 """

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ..checks import (autocast_dtype, check_bias, check_differentiation, check_float_tensor, check_gradient,
-                      check_iterations, check_u_and_weight, compute_dtype, pick_backend)
+                      check_iterations, check_u_and_weight, compute_dtype, needs_backward, pick_backend)
 from .routing import kept_couplings, routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
@@ -84,18 +84,18 @@ def _workspace(B, sample_elements, dtype, device):
     return torch.empty(samples * sample_elements, dtype=dtype, device=device)
 
 
-def _capsule_linear_forward_torch(u, weight, iterations, bias, gradient):
+def _capsule_linear_forward_torch(u, weight, iterations, bias, gradient, keep):
     B, I, _ = u.shape
     _, J, D, _ = weight.shape
     cdtype = compute_dtype(u.dtype)
     weight = weight.to(cdtype)
     v = u.new_empty((B, J, D))
     s_all = u.new_empty((iterations, B, J, D), dtype=cdtype)
-    couplings = kept_couplings(u, B, I, J, iterations, "torch", gradient)
+    couplings = kept_couplings(u, B, I, J, iterations, "torch", gradient, keep)
     workspace = _workspace(B, I * J * D, cdtype, u.device)
     for chunk in _chunks(B, I * J * D):
         u_hat = _predict(u[chunk].to(cdtype), weight, workspace)  # [b, I, J, D]
-        v[chunk], s_all[:, chunk], _ = routing_forward_torch(u_hat, iterations, bias, gradient,
+        v[chunk], s_all[:, chunk], _ = routing_forward_torch(u_hat, iterations, bias, gradient, keep,
                                                              couplings[:, chunk])
     return v, s_all, couplings
 
@@ -131,13 +131,14 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, couplings, gradient):
 
 @torch.library.custom_op("capsnet_triton::capsule_linear_forward", mutates_args=())
 def _capsule_linear_forward_op(u: torch.Tensor, weight: torch.Tensor, iterations: int,
-                               bias: Optional[torch.Tensor], gradient: str,
-                               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # gradient picks the couplings kept for the backward; the backward rule reads it too.
+                               bias: Optional[torch.Tensor], gradient: str, backend: str,
+                               keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # gradient picks the couplings kept for the backward (none without keep: no backward will
+    # come); the backward rule reads it too.
     if backend == "triton":
         from capsnet_triton.kernels import capsule_linear_forward
-        return capsule_linear_forward(u, weight, iterations, bias, gradient=gradient)
-    return _capsule_linear_forward_torch(u, weight, iterations, bias, gradient)
+        return capsule_linear_forward(u, weight, iterations, bias, gradient=gradient, keep=keep)
+    return _capsule_linear_forward_torch(u, weight, iterations, bias, gradient, keep)
 
 
 @torch.library.custom_op("capsnet_triton::capsule_linear_backward", mutates_args=())
@@ -151,11 +152,11 @@ def _capsule_linear_backward_op(dv: torch.Tensor, u: torch.Tensor, weight: torch
 
 
 @_capsule_linear_forward_op.register_fake
-def _(u, weight, iterations, bias, gradient, backend):
+def _(u, weight, iterations, bias, gradient, backend, keep):
     B, I, _ = u.shape
     _, J, D, _ = weight.shape
     return (u.new_empty((B, J, D)), u.new_empty((iterations, B, J, D), dtype=compute_dtype(u.dtype)),
-            kept_couplings(u, B, I, J, iterations, backend, gradient))
+            kept_couplings(u, B, I, J, iterations, backend, gradient, keep))
 
 
 @_capsule_linear_backward_op.register_fake
@@ -164,7 +165,7 @@ def _(dv, u, weight, s_all, couplings, gradient, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    u, weight, _, bias, gradient, backend = inputs
+    u, weight, _, bias, gradient, backend, _ = inputs
     _, s_all, couplings = output
     ctx.save_for_backward(u, weight, s_all, couplings)
     # s_all and the couplings are outputs for the backward alone: without this, autograd would
@@ -177,12 +178,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dv, _ds_all_unused, _couplings_unused):
     if dv is None:                     # no gradient reached v (set_materialize_grads above)
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     u, weight, s_all, couplings = ctx.saved_tensors
     du, dW, ds_all = _capsule_linear_backward_op(dv.contiguous(), u, weight, s_all, couplings,
                                                  ctx.gradient, ctx.backend)
     dbias = None if ctx.bias_dtype is None else ds_all.sum(dim=(0, 1)).to(ctx.bias_dtype)
-    return du, dW, None, dbias, None, None
+    return du, dW, None, dbias, None, None, None
 
 
 _capsule_linear_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -209,5 +210,6 @@ def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backe
     check_bias(bias, weight[None, ..., 0], "weight")
     check_differentiation("capsule_linear", u, weight, bias)
     backend = pick_backend(backend, u)
-    v, _, _ = _capsule_linear_forward_op(u, weight, iterations, bias, gradient, backend)
+    v, _, _ = _capsule_linear_forward_op(u, weight, iterations, bias, gradient, backend,
+                                         needs_backward(u, weight, bias))
     return v

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..checks import (check_bias, check_differentiation, check_gradient, check_iterations, check_u_hat, compute_dtype,
-                      kept_iterations, pick_backend)
+                      kept_iterations, needs_backward, pick_backend)
 from .squash import squash_backward_torch, squash_forward_torch
 
 __all__ = ["dynamic_routing"]
@@ -88,28 +88,27 @@ def _first_s_as_the_reference(u3, J):
     return torch.where(finite.view(-1, 1, 1), s, torch.nan)
 
 
-def kept_couplings(like, B, I, J, iterations, backend, gradient):
+def kept_couplings(like, B, I, J, iterations, backend, gradient, keep=True):
     """A buffer for the couplings a forward keeps for its backward, on like's device in the compute
     dtype: c^(2..r) under the "full" policy and c^(r) alone under "last", none at r = 1
-    (checks.kept_iterations); laid out [k, B, J, I] on the PyTorch path (parents before inputs,
-    see the module's docstring), [k, B, I, J] as the Triton kernels write them. The routing and
-    fused-layer ops' fakes give this too."""
-    kept = kept_iterations(iterations, gradient)
+    (checks.kept_iterations), and none without keep (no backward to come); laid out [k, B, J, I]
+    on the PyTorch path (parents before inputs, see the module's docstring), [k, B, I, J] as the
+    Triton kernels write them. The routing and fused-layer ops' fakes give this too."""
+    kept = kept_iterations(iterations, gradient) if keep else 0
     shape = (kept, B, I, J) if backend == "triton" else (kept, B, J, I)
     return like.new_empty(shape, dtype=compute_dtype(like.dtype))
 
 
-def routing_forward_torch(u_hat, iterations, bias, gradient, couplings=None):
+def routing_forward_torch(u_hat, iterations, bias, gradient, keep=True, couplings=None):
     """(v, s_all, couplings): v [B, J, D] in u_hat's dtype; s_all [r, B, J, D] and the couplings
-    the gradient policy's backward reads (see kept_couplings; c^(1) is uniform) in the compute
-    dtype. couplings: optional buffer of that shape and dtype to write them into (the fused
-    layer's slice of its own), instead of a new one. Under "last" each iteration's couplings
-    overwrite the previous ones in the one slot, which ends holding c^(r)."""
+    the gradient policy's backward reads (see kept_couplings; c^(1) is uniform; none without
+    keep) in the compute dtype. couplings: optional buffer of that shape and dtype to write them
+    into (the fused layer's slice of its own), instead of a new one."""
     B, I, J, D = u_hat.shape
     u3 = _as_rows(u_hat)
     s_all = u3.new_empty((iterations, B, J, D))
     if couplings is None:
-        couplings = kept_couplings(u3, B, I, J, iterations, "torch", gradient)
+        couplings = kept_couplings(u3, B, I, J, iterations, "torch", gradient, keep)
     first_kept = iterations - len(couplings)     # steps t >= first_kept keep theirs, in slot t - first_kept
     v_sum = None                                                   # V = v^(1) + ... + v^(t-1)
     for t in range(iterations):
@@ -119,8 +118,9 @@ def routing_forward_torch(u_hat, iterations, bias, gradient, couplings=None):
             if s.device.type != "cpu" or not bool(torch.isfinite(s).all()):
                 s = _first_s_as_the_reference(u3, J)
         else:
-            c = couplings[max(0, t - first_kept)]                  # [B, J, I]
-            c.copy_(_coupling(_agreement(u3, v_sum.unsqueeze(1)).squeeze(1)))
+            c = _coupling(_agreement(u3, v_sum.unsqueeze(1)).squeeze(1))    # [B, J, I]
+            if t >= first_kept:
+                couplings[t - first_kept].copy_(c)
             s = _weighted_sum(c.unsqueeze(1), u3).squeeze(1)       # [B, J, D]
         if bias is not None:
             s = s + bias.to(s.dtype)
@@ -207,12 +207,14 @@ def _routing_backward_last_torch(dv, u_hat, u3, s_all, couplings, workspace):
 
 @torch.library.custom_op("capsnet_triton::routing_forward", mutates_args=())
 def _routing_forward_op(u_hat: torch.Tensor, iterations: int, bias: Optional[torch.Tensor],
-                        gradient: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # gradient picks what the PyTorch path keeps for the backward; the backward rule reads it too.
+                        gradient: str, backend: str,
+                        keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # gradient picks the couplings kept for the backward (none without keep: no backward will
+    # come); the backward rule reads it too.
     if backend == "triton":
         from capsnet_triton.kernels import routing_forward
-        return routing_forward(u_hat, iterations, bias, gradient=gradient)
-    return routing_forward_torch(u_hat, iterations, bias, gradient)
+        return routing_forward(u_hat, iterations, bias, gradient=gradient, keep=keep)
+    return routing_forward_torch(u_hat, iterations, bias, gradient, keep)
 
 
 @torch.library.custom_op("capsnet_triton::routing_backward", mutates_args=())
@@ -226,11 +228,11 @@ def _routing_backward_op(dv: torch.Tensor, u_hat: torch.Tensor, s_all: torch.Ten
 
 
 @_routing_forward_op.register_fake
-def _(u_hat, iterations, bias, gradient, backend):
+def _(u_hat, iterations, bias, gradient, backend, keep):
     B, I, J, D = u_hat.shape
     v = u_hat.new_empty((B, J, D))
     return (v, u_hat.new_empty((iterations, B, J, D), dtype=compute_dtype(u_hat.dtype)),
-            kept_couplings(u_hat, B, I, J, iterations, backend, gradient))
+            kept_couplings(u_hat, B, I, J, iterations, backend, gradient, keep))
 
 
 @_routing_backward_op.register_fake
@@ -240,7 +242,7 @@ def _(dv, u_hat, s_all, couplings, gradient, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    u_hat, _, bias, gradient, backend = inputs
+    u_hat, _, bias, gradient, backend, _ = inputs
     _, s_all, couplings = output
     ctx.save_for_backward(u_hat, s_all, couplings)
     # s_all and the couplings are outputs for the backward alone: without this, autograd would
@@ -253,12 +255,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dv, _ds_all_unused, _couplings_unused):
     if dv is None:                     # no gradient reached v (set_materialize_grads above)
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     u_hat, s_all, couplings = ctx.saved_tensors
     du_hat, ds_all = _routing_backward_op(dv.contiguous(), u_hat, s_all, couplings, ctx.gradient,
                                           ctx.backend)
     dbias = None if ctx.bias_dtype is None else ds_all.sum(dim=(0, 1)).to(ctx.bias_dtype)
-    return du_hat, None, dbias, None, None
+    return du_hat, None, dbias, None, None, None
 
 
 _routing_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -290,5 +292,5 @@ def dynamic_routing(u_hat, iterations=3, *, bias=None, gradient="full", backend=
     check_gradient(gradient)
     check_differentiation("dynamic_routing", u_hat, bias)
     backend = pick_backend(backend, u_hat)
-    v, _, _ = _routing_forward_op(u_hat, iterations, bias, gradient, backend)
+    v, _, _ = _routing_forward_op(u_hat, iterations, bias, gradient, backend, needs_backward(u_hat, bias))
     return v
