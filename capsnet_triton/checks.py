@@ -27,10 +27,13 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def kept_iterations(iterations, gradient):
+def kept_iterations(iterations, gradient, keep=True):
     """How many iterations' couplings a forward keeps for its backward under the gradient policy:
-    c^(2..r) under "full", c^(r) alone under "last", none at r = 1 (c^(1) is the uniform 1/J).
+    c^(2..r) under "full", c^(r) alone under "last", none at r = 1 (c^(1) is the uniform 1/J),
+    and none without keep, where no backward will follow (needs_backward).
     Both ops keep them on both paths (capsnet_triton.ops.routing.kept_couplings has the layouts)."""
+    if not keep:
+        return 0
     return iterations - 1 if gradient == "full" else min(1, iterations - 1)
 
 

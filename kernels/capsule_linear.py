@@ -48,8 +48,8 @@ from capsnet_triton.checks import (
 )
 
 from . import capsule_linear_split, routing_split
-from .launch import (DEFAULT_VARIANT, block_inputs, check_variant, couplings_pointer, kept_couplings, launch_options,
-                     max_tile, on_tensor_device, output, outputs, scratch, split_stages, tl_dtype)
+from .launch import (DEFAULT_VARIANT, block_inputs, check_kept_couplings, check_variant, couplings_pointer,
+                     launch_options, max_tile, on_tensor_device, output, outputs, scratch, split_stages, tl_dtype)
 from .routing_tiles import (du_hat_of_kept, end_iteration, jd_layout, kept_logits_grad, kept_rows, kept_tile, load_bias,
                             load_u, load_weight, predict_tile, s_of_tile, sample_ds, weight_layout)
 from .squash import squash_backward
@@ -94,8 +94,8 @@ def _capsule_linear_forward_kernel(
             share, coupling = s_of_tile(u_hat, v_sum, j_valid)
             s += share
             if t >= first_kept:
-                at, mask = kept_tile(rows, i, I, J, j_valid, BLOCK_J)
-                tl.store(at, coupling, mask=mask)
+                at, mask = kept_tile(i, I, J, j_valid, BLOCK_J)
+                tl.store(rows + at, coupling, mask=mask)
         v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
     tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
@@ -136,9 +136,8 @@ def _capsule_linear_backward_ds_all_kernel(
         for i_start in range(0, I, BLOCK_I):
             i = i_start + i_in_block
             u_hat = predict_tile(slices_ptr, u_sample, i, I, J, D, P, jd_mask, jd_offsets, COMPUTE_DTYPE)
-            coupling_at, mask = kept_tile(coupling_rows, i, I, J, j_valid, BLOCK_J)
-            grad_logits_at, _ = kept_tile(grad_logits_rows, i, I, J, j_valid, BLOCK_J)
-            grad_logits = kept_logits_grad(u_hat, ds, coupling_at, grad_logits_at, mask)
+            at, mask = kept_tile(i, I, J, j_valid, BLOCK_J)
+            grad_logits = kept_logits_grad(u_hat, ds, coupling_rows, grad_logits_rows, at, mask)
             grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
         grad_v = grad_v_sum
     sample_ds(grad_v, s_all_ptr, ds_all_ptr, 0, B, sample, J, D, jd_offsets, jd_mask)
@@ -281,7 +280,7 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full",
     B, I, P = u.shape
     _, J, D, _ = weight.shape
     dtype = compute_dtype(u.dtype)
-    kept = kept_iterations(iterations, gradient) if keep else 0
+    kept = kept_iterations(iterations, gradient, keep)
     v_out, s_all_out, couplings_out = outputs(out, ("v", "s_all", "couplings"))
     v = output(v_out, (B, J, D), u.dtype, u.device, "out[0] (v)")
     s_all = output(s_all_out, (iterations, B, J, D), dtype, u.device, "out[1] (s_all)")
@@ -353,7 +352,8 @@ def capsule_linear_backward(dv, u, weight, s_all, couplings, *, gradient="full",
     for name, x in (("dv", dv), ("s_all", s_all)):
         if x.device != u.device:
             raise ValueError(f"{name} is on {x.device} but u is on {u.device}; they must be on one device")
-    couplings = kept_couplings(couplings, iterations, gradient, B, I, J, dtype, u.device, "capsule_linear_forward")
+    couplings = check_kept_couplings(couplings, iterations, gradient, B, I, J, dtype, u.device,
+                                     "capsule_linear_forward")
     s_all = s_all.contiguous()
     couplings = couplings_pointer(couplings, s_all)
     du_out, dweight_out, ds_all_out = outputs(out, ("du", "dW", "ds_all"))

@@ -180,8 +180,8 @@ def split_backward_ds_all_kernel(
             samples, at, kept_mask = _kept_layout(first, B, I, J, i_start, BLOCK_B, BLOCK_I, BLOCK_J)
             # Samples past B (u_hat of sample B - 1) get c = 0, so db = 0 (NaN where sample B - 1's
             # u_hat is not finite): their rows are masked out of every store.
-            grad_logits = kept_logits_grad(u_hat, ds_block, kept_rows(couplings_ptr, t - 1, B, I, J, samples) + at,
-                                           kept_rows(grad_logits_ptr, t - 1, B, I, J, samples) + at,
+            grad_logits = kept_logits_grad(u_hat, ds_block, kept_rows(couplings_ptr, t - 1, B, I, J, samples),
+                                           kept_rows(grad_logits_ptr, t - 1, B, I, J, samples), at,
                                            kept_mask)                     # [BLOCK_B, BLOCK_I, BLOCK_J]
             acc += tl.expand_dims(grad_logits, -1) * u_hat
         store_partial(partial_ptr, t, splits, J, D, rows_offsets, rows_mask,

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from capsnet_triton.checks import check_float_tensor, compute_dtype, interpreting, kept_iterations
 
-__all__ = ["tl_dtype", "output", "outputs", "kept_couplings", "couplings_pointer", "scratch", "max_tile",
+__all__ = ["tl_dtype", "output", "outputs", "check_kept_couplings", "couplings_pointer", "scratch", "max_tile",
            "block_inputs", "interpreter_problem", "launch_options", "VARIANTS", "DEFAULT_VARIANT", "split_stages",
            "check_variant", "on_tensor_device", "GRID_Y_MAX"]
 
@@ -55,7 +55,7 @@ def outputs(out, names):
     return tuple(out)
 
 
-def kept_couplings(couplings, iterations, gradient, B, I, J, dtype, device, forward):
+def check_kept_couplings(couplings, iterations, gradient, B, I, J, dtype, device, forward):
     """The couplings a forward kept for its backward ([k, B, I, J], checks.kept_iterations), checked
     to be `forward`'s output for r = iterations under this gradient policy, contiguous."""
     check_float_tensor(couplings, "couplings")

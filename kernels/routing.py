@@ -49,7 +49,7 @@ from capsnet_triton.checks import (
     kept_iterations,
 )
 
-from .launch import (DEFAULT_VARIANT, GRID_Y_MAX, block_inputs, check_variant, couplings_pointer, kept_couplings,
+from .launch import (DEFAULT_VARIANT, GRID_Y_MAX, block_inputs, check_kept_couplings, check_variant, couplings_pointer,
                      launch_options, on_tensor_device, output, outputs, scratch, split_stages, tl_dtype)
 from . import routing_split
 from .routing_tiles import (du_hat_of_kept, end_iteration, jd_layout, kept_logits_grad, kept_rows, kept_tile, load_bias,
@@ -97,8 +97,8 @@ def _routing_forward_kernel(
             share, coupling = s_of_tile(u_hat, v_sum, j_valid)
             s += share
             if t >= first_kept:
-                at, mask = kept_tile(rows, i_start + i_in_block, I, J, j_valid, BLOCK_J)
-                tl.store(at, coupling, mask=mask)
+                at, mask = kept_tile(i_start + i_in_block, I, J, j_valid, BLOCK_J)
+                tl.store(rows + at, coupling, mask=mask)
         v, v_sum = end_iteration(s, bias, s_all_ptr, t, B, sample, J, D, jd_offsets, jd_mask, v_sum, HAS_BIAS)
     tl.store(v_ptr + sample * J * D + jd_offsets, v.to(v_ptr.dtype.element_ty), mask=jd_mask)
 
@@ -141,9 +141,8 @@ def _routing_backward_ds_all_kernel(
             u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                    jd_mask, COMPUTE_DTYPE)                 # [BLOCK_I, BLOCK_J, BLOCK_D]
             i = i_start + i_in_block
-            coupling_at, mask = kept_tile(coupling_rows, i, I, J, j_valid, BLOCK_J)
-            grad_logits_at, _ = kept_tile(grad_logits_rows, i, I, J, j_valid, BLOCK_J)
-            grad_logits = kept_logits_grad(u_hat, ds, coupling_at, grad_logits_at, mask)
+            at, mask = kept_tile(i, I, J, j_valid, BLOCK_J)
+            grad_logits = kept_logits_grad(u_hat, ds, coupling_rows, grad_logits_rows, at, mask)
             grad_v_sum += tl.sum(grad_logits[:, :, None] * u_hat, axis=0)
         grad_v = grad_v_sum
     sample_ds(grad_v, s_all_ptr, ds_all_ptr, 0, B, sample, J, D, jd_offsets, jd_mask)
@@ -241,7 +240,7 @@ def routing_forward(u_hat, iterations, bias=None, *, gradient="full", keep=True,
     bias = check_bias(bias, u_hat)
     B, I, J, D = u_hat.shape
     dtype = compute_dtype(u_hat.dtype)
-    kept = kept_iterations(iterations, gradient) if keep else 0
+    kept = kept_iterations(iterations, gradient, keep)
     v_out, s_all_out, couplings_out = outputs(out, ("v", "s_all", "couplings"))
     v = output(v_out, (B, J, D), u_hat.dtype, u_hat.device, "out[0] (v)")
     s_all = output(s_all_out, (iterations, B, J, D), dtype, u_hat.device, "out[1] (s_all)")
@@ -310,8 +309,8 @@ def routing_backward(dv, u_hat, s_all, couplings, *, gradient="full", variant=DE
             raise ValueError(f"{name} is on {x.device} but u_hat is on {u_hat.device}; "
                              "they must be on one device")
     iterations = s_all.shape[0]
-    couplings = couplings_pointer(kept_couplings(couplings, iterations, gradient, B, I, J, dtype, u_hat.device,
-                                                 "routing_forward"), s_all)
+    couplings = couplings_pointer(check_kept_couplings(couplings, iterations, gradient, B, I, J, dtype,
+                                                       u_hat.device, "routing_forward"), s_all)
     du_hat_out, ds_all_out = outputs(out, ("du_hat", "ds_all"))
     du_hat = output(du_hat_out, u_hat.shape, u_hat.dtype, u_hat.device, "out[0] (du_hat)")
     ds_all = output(ds_all_out, s_all.shape, dtype, u_hat.device, "out[1] (ds_all)")

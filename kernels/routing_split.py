@@ -76,8 +76,8 @@ def split_forward_kernel(
                 coupling = coupling_tile(u_hat, v_sum, j_valid)
                 acc += coupling[:, :, None] * u_hat
                 if t >= first_kept:
-                    at, mask = kept_tile(rows, i_start + i_in_block, I, J, j_valid, BLOCK_J)
-                    tl.store(at, coupling, mask=mask)
+                    at, mask = kept_tile(i_start + i_in_block, I, J, j_valid, BLOCK_J)
+                    tl.store(rows + at, coupling, mask=mask)
             partial = tl.sum(acc, axis=0)
         store_partial(partial_ptr, t % 2, splits, J, D, jd_offsets, jd_mask, partial, 1)
 
@@ -121,9 +121,8 @@ def split_backward_ds_all_kernel(
         for i_start in tl.range(start, end, BLOCK_I, num_stages=NUM_STAGES):
             u_hat, _ = load_u_hat(u_hat_sample, i_start, i_in_block, I, stride_ui, u_jd_offsets,
                                   jd_mask, COMPUTE_DTYPE)
-            coupling_at, mask = kept_tile(coupling_rows, i_start + i_in_block, I, J, j_valid, BLOCK_J)
-            grad_logits_at, _ = kept_tile(grad_logits_rows, i_start + i_in_block, I, J, j_valid, BLOCK_J)
-            acc += kept_logits_grad(u_hat, ds, coupling_at, grad_logits_at, mask)[:, :, None] * u_hat
+            at, mask = kept_tile(i_start + i_in_block, I, J, j_valid, BLOCK_J)
+            acc += kept_logits_grad(u_hat, ds, coupling_rows, grad_logits_rows, at, mask)[:, :, None] * u_hat
         store_partial(partial_ptr, t, splits, J, D, jd_offsets, jd_mask, tl.sum(acc, axis=0), 1)
 
 

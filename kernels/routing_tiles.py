@@ -110,7 +110,7 @@ def sample_ds(grad_v, s_all_ptr, ds_all_ptr, t, B, sample, J, D, jd_offsets, jd_
 def s_of_tile(u_hat, v_sum, j_valid):
     """(s, c): s = sum_i c u_hat over the inputs of one u_hat tile [BLOCK_I, BLOCK_J, BLOCK_D], with
     c [BLOCK_I, BLOCK_J] recomputed from V = v_sum: the tile's share of s (Eq. 2) -> [BLOCK_J,
-    BLOCK_D], and the couplings it took (the fused layer keeps them)."""
+    BLOCK_D], and the couplings it took (the forwards keep them for the backward)."""
     coupling = coupling_tile(u_hat, v_sum, j_valid)
     return tl.sum(coupling[:, :, None] * u_hat, axis=0), coupling
 
@@ -126,21 +126,21 @@ def kept_rows(kept_ptr, slot, B, I, J, sample):
 
 
 @triton.jit
-def kept_tile(rows, i, I, J, j_valid, BLOCK_J: tl.constexpr):
-    """(pointers, mask) [BLOCK_I, BLOCK_J] of one sample's inputs i [BLOCK_I] and every parent in a
-    kept buffer, from kept_rows' rows."""
+def kept_tile(i, I, J, j_valid, BLOCK_J: tl.constexpr):
+    """(offsets from kept_rows' rows, mask) [BLOCK_I, BLOCK_J] of one sample's inputs i [BLOCK_I]
+    and every parent in a kept buffer."""
     j = tl.arange(0, BLOCK_J)
-    return rows + i[:, None] * J + j[None, :], (i < I)[:, None] & j_valid[None, :]
+    return i[:, None] * J + j[None, :], (i < I)[:, None] & j_valid[None, :]
 
 
 @triton.jit
-def kept_logits_grad(u_hat, ds, coupling_at, grad_logits_at, mask):
+def kept_logits_grad(u_hat, ds, coupling_rows, grad_logits_rows, at, mask):
     """Backward kernel A's db^(t) = logits_grad of a u_hat tile, from the coupling c^(t) the forward
-    kept (read at coupling_at) and ds^(t): stored at grad_logits_at for kernel B, and returned.
-    Pointers and mask as kept_tile's (or, for a block of samples, with a leading sample axis);
-    masked entries read c = 0, so padded parents and inputs get db = 0."""
-    grad_logits = logits_grad(u_hat, tl.load(coupling_at, mask=mask, other=0.0), ds)
-    tl.store(grad_logits_at, grad_logits, mask=mask)
+    kept (read at coupling_rows + at) and ds^(t): stored at grad_logits_rows + at for kernel B, and
+    returned. Rows from kept_rows, offsets and mask as kept_tile's (or, for a block of samples,
+    with a leading sample axis); masked entries read c = 0, so padded parents and inputs get db = 0."""
+    grad_logits = logits_grad(u_hat, tl.load(coupling_rows + at, mask=mask, other=0.0), ds)
+    tl.store(grad_logits_rows + at, grad_logits, mask=mask)
     return grad_logits
 
 
@@ -160,7 +160,7 @@ def du_hat_of_kept(couplings_ptr, grad_logits_ptr, s_all_ptr, ds_all_ptr, B, I, 
     from s_all (v_sum_before's order). Padded inputs and parents get 0, but for the NaN below,
     which the callers' stores mask out there.
     """
-    at, mask = kept_tile(0, i, I, J, j_valid, BLOCK_J)                    # offsets from a slot's rows
+    at, mask = kept_tile(i, I, J, j_valid, BLOCK_J)
     uniform = tl.where(mask, tl.full([], 1.0, COMPUTE_DTYPE) / J, 0.0)    # c^(0) [BLOCK_I, BLOCK_J]
     if GRADIENT_FULL:
         ds = tl.load(ds_all_ptr + sample * J * D + jd_offsets, mask=jd_mask, other=0.0)

@@ -94,7 +94,7 @@ def kept_couplings(like, B, I, J, iterations, backend, gradient, keep=True):
     (checks.kept_iterations), and none without keep (no backward to come); laid out [k, B, J, I]
     on the PyTorch path (parents before inputs, see the module's docstring), [k, B, I, J] as the
     Triton kernels write them. The routing and fused-layer ops' fakes give this too."""
-    kept = kept_iterations(iterations, gradient) if keep else 0
+    kept = kept_iterations(iterations, gradient, keep)
     shape = (kept, B, I, J) if backend == "triton" else (kept, B, J, I)
     return like.new_empty(shape, dtype=compute_dtype(like.dtype))
 
