@@ -36,6 +36,8 @@ at small batches. Both move the same bytes; the default is the one faster on one
 (launch.DEFAULT_VARIANT).
 """
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -185,15 +187,19 @@ def _routing_backward_u_hat_kernel(
 _INT32_MAX = 2**31 - 1
 
 
+def _check_sample_size(u_hat):
+    """du_hat is contiguous and written with int32 offsets inside a sample."""
+    if math.prod(u_hat.shape[1:]) > _INT32_MAX:
+        raise ValueError(f"one sample of u_hat has more than 2**31 - 1 elements: shape {tuple(u_hat.shape)}")
+
+
 def _u_hat_for_kernels(u_hat, block_i):
     """u_hat as the kernels read it: through its own strides, or a contiguous copy where the int32
     offsets inside one tile of block_i inputs would overflow (the tile's start is 64-bit). For a
     batch-inner u_hat, DigitCaps' layout, that is B > 2**31 / (block_i J D): past 800,000 samples
     at the MNIST shape."""
     _, I, J, D = u_hat.shape
-    # The output du_hat is contiguous and written with int32 offsets inside a sample.
-    if I * J * D > _INT32_MAX:
-        raise ValueError(f"one sample of u_hat has more than 2**31 - 1 elements: shape {tuple(u_hat.shape)}")
+    _check_sample_size(u_hat)
     _, stride_i, stride_j, stride_d = (abs(st) for st in u_hat.stride())
     if (min(block_i, I) - 1) * stride_i + (J - 1) * stride_j + (D - 1) * stride_d > _INT32_MAX:
         return u_hat.contiguous()
@@ -322,7 +328,10 @@ def routing_backward(dv, u_hat, s_all, couplings, *, gradient="full", variant=DE
     if blocks > GRID_Y_MAX:
         raise ValueError(f"routing_backward takes at most {GRID_Y_MAX} blocks of {config['BLOCK_I']} input "
                          f"capsules (a GPU's grid limit), got I = {I} for J = {J}, D = {D} in {u_hat.dtype}")
-    u_hat = _u_hat_for_kernels(u_hat, config["BLOCK_I"])
+    if gradient == "full":
+        u_hat = _u_hat_for_kernels(u_hat, config["BLOCK_I"])
+    else:                                   # no kernel reads u_hat: nothing to copy
+        _check_sample_size(u_hat)
     # Kernel A's logit gradients db^(t) for kernel B; under "last" (or r = 1) nothing reads them,
     # and s_all stands in for the pointer.
     full = gradient == "full" and iterations > 1

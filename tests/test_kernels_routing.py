@@ -197,9 +197,17 @@ def test_routing_reads_a_sample_past_int32_offsets_uncopied(rng, monkeypatch):
     assert copied is not u_hat and copied.is_contiguous() and torch.equal(copied, u_hat)
     for got, want in zip(check_routing(u_hat, 3, dv, block_i=4), expected):
         assert torch.equal(got, want)
+    _, s_all, couplings = routing_forward(u_hat, 3, gradient="last")
+    prepared = []
+    monkeypatch.setattr(routing, "_u_hat_for_kernels", lambda *args: prepared.append(1) or args[0])
+    routing_backward(dv, u_hat, s_all, couplings, gradient="last", block_i=4)
+    assert prepared == []                                      # "last" reads no u_hat: no copy
+    monkeypatch.undo()
     monkeypatch.setattr(routing, "_INT32_MAX", 2000)               # du_hat's offsets in a sample
     with pytest.raises(ValueError, match="more than 2\\*\\*31 - 1 elements"):
         routing_forward(u_hat, 3)
+    with pytest.raises(ValueError, match="more than 2\\*\\*31 - 1 elements"):
+        routing_backward(dv, u_hat, s_all, couplings, gradient="last", block_i=4)
 
 
 def test_routing_backward_refuses_more_blocks_of_inputs_than_a_grid_axis_takes(rng, monkeypatch):
