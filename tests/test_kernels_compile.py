@@ -24,6 +24,10 @@ kernels replaced by recorders, then compiles every recorded launch with the laun
 sizes, num_warps and argument specialization (ints equal to 1 become constants, pointers and
 multiples of 16 are marked 16-divisible, as Triton's JIT does, but for do_not_specialize
 arguments).
+
+docs/KERNELS.md tabulates every launch's registers, stack, shared memory and CTAs per SM, one
+section per Triton version; the test fails while the section of the Triton it compiled with
+differs from the compile. `python tests/test_kernels_compile.py --table` prints the section.
 """
 
 import json
@@ -44,6 +48,7 @@ SPLIT_BATCHES = (32, 128, 512)
 # loop-invariant scalars (Triton 3.6 caps the backward kernels A at 128 registers: 8-40 B, stored
 # before the loops and reloaded once per routing iteration, read off the SASS): free.
 SPILL_LIMIT_BYTES = 64
+COMPILED_DTYPES = ("float32", "bfloat16", "float64")
 _TORCH_TO_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 
 
@@ -71,7 +76,7 @@ def _compiler_environment(triton_build):
 
 
 @pytest.mark.parametrize("triton_build", ["installed", "gpu-image"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("dtype", COMPILED_DTYPES)
 def test_kernels_compile_for_h100_without_spills(dtype, triton_build):
     env, version = _compiler_environment(triton_build)
     proc = subprocess.run([sys.executable, __file__, dtype], env=env, capture_output=True, text=True,
@@ -98,6 +103,51 @@ def test_kernels_compile_for_h100_without_spills(dtype, triton_build):
                 if r["inner_loop_local_accesses"] or r["local_bytes"] + r["stack_bytes"] >= SPILL_LIMIT_BYTES]
     assert not spilling, f"kernels that spill to local memory on sm_90: {spilling}"
     assert all(0 < r["registers"] <= 255 for r in results)
+    documented = _documented_rows(version)
+    if documented is not None:                 # a Triton the table has no section for is not checked
+        rows = set(_table_rows(results, dtype))
+        assert rows == {row for row in documented if f"| {dtype} |" in row}, (
+            f"{RESOURCE_TABLE} differs from the compile under Triton {version} in {dtype}: regenerate its "
+            f"section with `python {os.path.relpath(__file__)} --table`" +
+            (f" (PYTHONPATH={GPU_IMAGE_TRITON_DIR})" if triton_build == "gpu-image" else "") +
+            f"\ncompiled, not documented: {sorted(rows - documented)}")
+
+
+RESOURCE_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "KERNELS.md")
+
+
+def _table_rows(results, dtype):
+    """The Markdown rows of docs/KERNELS.md for one dtype's launches (identical rows once)."""
+    rows = []
+    for r in results:
+        constants = ", ".join(f"{k} {v}" for k, v in r["config"].items() if k not in ("COMPUTE_DTYPE", "num_warps"))
+        row = (f"| `{r['kernel']}` | {dtype} | {constants} | {r['config']['num_warps']} | {r['registers']} | "
+               f"{r['stack_bytes']} | {r['shared_bytes'] / 1024:.1f} | {ctas_per_sm(r)} |")
+        if row not in rows:
+            rows.append(row)
+    return rows
+
+
+def _documented_rows(version):
+    """The rows of docs/KERNELS.md's section "### Triton <version>", or None where it has none."""
+    with open(RESOURCE_TABLE) as f:
+        sections = f.read().split("\n### ")
+    for section in sections:
+        if section.startswith(f"Triton {version}"):
+            return {line for line in section.splitlines() if line.startswith("| `")}
+    return None
+
+
+def _print_table():
+    """docs/KERNELS.md's section for the Triton this process imports: every launch, every dtype."""
+    import triton
+
+    print(f"### Triton {triton.__version__}\n")
+    print("| kernel | dtype | constants | warps | registers | stack B | shared KB | CTAs/SM |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for dtype in COMPILED_DTYPES:
+        proc = subprocess.run([sys.executable, __file__, dtype], capture_output=True, text=True, check=True)
+        print("\n".join(_table_rows(json.loads(proc.stdout.strip().splitlines()[-1])["launches"], dtype)))
 
 
 def test_local_memory_is_found_inside_innermost_loops_only():
@@ -269,4 +319,7 @@ def _compile_mnist_launches(dtype_name):
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("compiling for a GPU needs a process without TRITON_INTERPRET=1")
-    _compile_mnist_launches(sys.argv[1])
+    if sys.argv[1] == "--table":
+        _print_table()
+    else:
+        _compile_mnist_launches(sys.argv[1])
