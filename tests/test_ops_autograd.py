@@ -167,7 +167,8 @@ def test_inference_on_the_torch_path_skips_the_custom_op_and_nothing_else_does(o
     seen = {"backward": lambda: ops[op](x.clone().requires_grad_()).detach(),
             "dispatch mode": lambda: _with(_PassThrough(), lambda: ops[op](x)),
             "autocast": lambda: _with(torch.autocast("cpu", dtype=torch.bfloat16), lambda: ops[op](x)),
-            "compile": lambda: torch.compile(ops[op], fullgraph=True, backend="eager")(x)}
+            "compile": lambda: torch.compile(ops[op], fullgraph=True, backend="eager")(x),
+            "jit trace": lambda: torch.jit.trace(ops[op], (x,))(x)}
     for what, call in seen.items():
         through_op.clear()
         assert torch.equal(call(), expected) and through_op, what
