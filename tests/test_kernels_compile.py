@@ -27,7 +27,7 @@ arguments).
 
 docs/KERNELS.md tabulates every launch's registers, stack, shared memory and CTAs per SM, one
 section per Triton version; the test fails while the section of the Triton it compiled with
-differs from the compile. `python tests/test_kernels_compile.py --table` prints the section.
+differs from the compile, and warns where that Triton has no section. `python tests/test_kernels_compile.py --table` prints the section.
 """
 
 import json
@@ -36,6 +36,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import pytest
 
@@ -104,7 +105,10 @@ def test_kernels_compile_for_h100_without_spills(dtype, triton_build):
     assert not spilling, f"kernels that spill to local memory on sm_90: {spilling}"
     assert all(0 < r["registers"] <= 255 for r in results)
     documented = _documented_rows(version)
-    if documented is not None:                 # a Triton the table has no section for is not checked
+    if documented is None:                     # CI takes the newest Triton: not a failure, but said
+        warnings.warn(f"{RESOURCE_TABLE} has no section for Triton {version}: add one with "
+                      f"`python {os.path.relpath(__file__)} --table`")
+    else:
         rows = set(_table_rows(results, dtype))
         assert rows == {row for row in documented if f"| {dtype} |" in row}, (
             f"{RESOURCE_TABLE} differs from the compile under Triton {version} in {dtype}: regenerate its "

@@ -105,9 +105,10 @@ def test_compile_fullgraph_traces_through_the_ops():
     assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
 
 
-def _three_ops(backend):
-    """squash, dynamic_routing and capsule_linear as functions of one float64 tensor each."""
-    weight = torch.randn(5, 3, 4, 2, dtype=torch.float64, device=DEVICE)
+def _three_ops(backend, dtype=torch.float64):
+    """squash, dynamic_routing and capsule_linear as functions of one tensor each (of dtype, the
+    fused layer's weight's)."""
+    weight = torch.randn(5, 3, 4, 2, dtype=torch.float64, device=DEVICE).to(dtype)
     return {"squash": lambda s: squash(s, backend=backend),
             "dynamic_routing": lambda u_hat: dynamic_routing(u_hat, 2, backend=backend),
             "capsule_linear": lambda u: capsule_linear(u, weight, 2, backend=backend)}, \
@@ -148,6 +149,15 @@ class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _FunctionPassThrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass, whose torch functions a plain call would run as its own."""
+
+
 @pytest.mark.parametrize("op", ["squash", "dynamic_routing", "capsule_linear"])
 def test_inference_on_the_torch_path_skips_the_custom_op_and_nothing_else_does(op, monkeypatch):
     """Where nothing can see the call (no backward to follow, no compile, transform, mode or
@@ -164,8 +174,16 @@ def test_inference_on_the_torch_path_skips_the_custom_op_and_nothing_else_does(o
     assert through_op == []
     with torch.no_grad():
         assert torch.equal(ops[op](x.clone().requires_grad_()), expected) and through_op == []
+    if op == "capsule_linear":                     # the layer's weight as a module holds it
+        weight = torch.nn.Parameter(torch.randn(5, 3, 4, 2, dtype=torch.float64))
+        layer_v = capsule_linear(x, weight, 2, backend="torch").detach()
+        through_op.clear()
+        with torch.no_grad():
+            assert torch.equal(capsule_linear(x, weight, 2, backend="torch"), layer_v) and through_op == []
     seen = {"backward": lambda: ops[op](x.clone().requires_grad_()).detach(),
             "dispatch mode": lambda: _with(_PassThrough(), lambda: ops[op](x)),
+            "torch function mode": lambda: _with(_FunctionPassThrough(), lambda: ops[op](x)),
+            "tensor subclass": lambda: ops[op](x.as_subclass(_Subclass)).as_subclass(torch.Tensor),
             "autocast": lambda: _with(torch.autocast("cpu", dtype=torch.bfloat16), lambda: ops[op](x)),
             "compile": lambda: torch.compile(ops[op], fullgraph=True, backend="eager")(x),
             "jit trace": lambda: torch.jit.trace(ops[op], (x,))(x)}
@@ -179,3 +197,25 @@ def test_inference_on_the_torch_path_skips_the_custom_op_and_nothing_else_does(o
 def _with(context, call):
     with context:
         return call()
+
+
+@pytest.mark.parametrize("case", ["float16", "empty batch", "NaN"])
+@pytest.mark.parametrize("op", ["squash", "dynamic_routing", "capsule_linear"])
+def test_the_plain_call_and_the_custom_op_give_the_same_v(op, case):
+    """Inference calls the PyTorch path as a function, anything that watches the call (here a
+    dispatch mode) gets the custom op: the two must not differ, in half precision, for an empty
+    batch or a NaN (SPEC 7), to the bit."""
+    dtype = torch.float16 if case == "float16" else torch.float64
+    ops, shapes = _three_ops("torch", dtype)
+    x = torch.randn(shapes[op], dtype=torch.float64).to(dtype)
+    if case == "empty batch":
+        x = x[:0]
+    if case == "NaN":
+        x[0].view(-1)[0] = float("nan")
+    with torch.no_grad():
+        plain = ops[op](x)
+        with _PassThrough():
+            through_op = ops[op](x)
+    assert plain.dtype == through_op.dtype == dtype and plain.shape == through_op.shape
+    torch.testing.assert_close(through_op, plain, rtol=0, atol=0, equal_nan=True)
+    assert case != "NaN" or plain.isnan().any()
