@@ -155,11 +155,11 @@ def runs_as_function(*tensors):
     """Whether a public op may call its PyTorch path as a plain function instead of its
     torch.library custom op, which then buys nothing: no backward may follow (needs_backward),
     the tensors (None for an absent bias) are torch.Tensor itself or nn.Parameter (a subclass may
-    override torch functions or dispatch), and nothing traces, transforms
-    or recasts the call: no torch.compile or export, no torch.func transform, no torch function
-    or dispatch mode (FakeTensorMode, FlopCounterMode), no torch.jit.trace (which would bake the
-    PyTorch path's data-dependent choices into its graph), no autocast. The dispatch costs 25-80 us
-    a call on a CPU, a third of squash's time at B = 8 (docs/PERF.md, 2026-11-30, eleventh run)."""
+    override torch functions or dispatch), and nothing traces, transforms or recasts the call: no
+    torch.compile or export, no torch.func transform, no torch function or dispatch mode
+    (FakeTensorMode, FlopCounterMode), no torch.jit.trace (which would bake the PyTorch path's
+    data-dependent choices into its graph), no autocast. The dispatch costs 25-80 us a call on a
+    CPU, a third of squash's time at B = 8 (docs/PERF.md, 2026-11-30, eleventh run)."""
     present = [t for t in tensors if t is not None]
     return (not needs_backward(*present)
             and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in present)
