@@ -150,8 +150,7 @@ def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None
     # du_hat = sum_t c^(t) ds^(t) [+ db^(t) V^(t)], as one product over all t at the end, with
     # the weights c^(1..r) then db^(2..r); the loop writes each db^(t) in place.
     weights = u3.new_empty((B, 2 * r - 1, J, I))
-    weights[:, 0] = 1.0 / J                                        # c^(1): uniform
-    weights[:, 1:r] = couplings.transpose(0, 1)
+    weights[:, 1:r] = couplings.transpose(0, 1)                    # c^(1), uniform, after the loop
     grad_v = dv.to(s_all.dtype)                                    # dL/dv^(t)
     grad_v_sum = torch.zeros_like(grad_v)                          # sum of dV over later t
     for t in reversed(range(r)):
@@ -174,11 +173,12 @@ def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None
         db = torch.addcmul(c_dc, c, c_dc.sum(dim=1, keepdim=True), value=-1, out=db_slot)  # softmax over j
         grad_v_sum = grad_v_sum + _weighted_sum(db.unsqueeze(1), u3).squeeze(1)
         grad_v = grad_v_sum
-    # db^(1) V^(1) is 0 by V^(1) = 0 and left out, but as the reference computes it, NaN where
-    # db^(1) is not finite: for finite u_hat, exactly where ds^(1) holds a NaN or inf (a sample
-    # whose first s overflowed, SPEC 7), which spreads to all of the sample's du_hat. A NaN in
-    # c^(1)'s weights does that in the product below (NaN times its zeros).
-    weights[:, 0] += (ds_all[0] * 0.0).sum(dim=(1, 2)).view(B, 1, 1)
+    # c^(1) = 1/J, written in one pass with this: db^(1) V^(1) is 0 by V^(1) = 0 and left out, but
+    # as the reference computes it, NaN where db^(1) is not finite: for finite u_hat, exactly where
+    # ds^(1) holds a NaN or inf (a sample whose first s overflowed, SPEC 7), which spreads to all
+    # of the sample's du_hat. A NaN in c^(1)'s weights does that in the product below (NaN times
+    # its zeros).
+    weights[:, 0] = (ds_all[0] * 0.0).sum(dim=(1, 2)).add_(1.0 / J).view(B, 1, 1)
     vectors = torch.cat((ds_all.transpose(0, 1), v_sums[:, 1:]), dim=1)       # [B, T, J, D]
     du3 = torch.bmm(weights.view(B, (2 * r - 1) * J, I).transpose(1, 2), _block_diagonal(vectors),
                     out=_rows_out(workspace, u3))
