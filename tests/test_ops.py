@@ -3,6 +3,8 @@
 The torch backend runs everywhere; the triton backend runs through the interpreter here and
 natively on a GPU machine (see conftest.py)."""
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -37,11 +39,23 @@ def reference_routing(u_hat, dv, iterations, bias, gradient):
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 10), st.integers(1, 16))
 
 
+def in_layout(u_hat, layout):
+    """A leaf tensor holding u_hat [B, I, J, D] in memory as the layout says, and u_hat as a view
+    of it: "contiguous", or "prediction" ([I, B, J, D] in memory, as predict and the fused
+    layer's chunks write it, where the PyTorch path takes per-parent products)."""
+    if layout == "contiguous":
+        leaf = u_hat.clone().requires_grad_(True)
+        return leaf, leaf
+    leaf = u_hat.transpose(0, 1).contiguous().requires_grad_(True)
+    return leaf, leaf.transpose(0, 1)
+
+
 @given(shape=shapes, iterations=st.integers(1, 4), use_bias=st.booleans(),
        gradient=st.sampled_from(["full", "last"]),
        dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
-       scale=st.sampled_from([1.0, 1e-3, 30.0]), seed=st.integers(0, 2**32 - 1))
-def test_torch_routing_matches_reference(shape, iterations, use_bias, gradient, dtype, scale, seed):
+       scale=st.sampled_from([1.0, 1e-3, 30.0]), layout=st.sampled_from(["contiguous", "prediction"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_torch_routing_matches_reference(shape, iterations, use_bias, gradient, dtype, scale, layout, seed):
     rng = np.random.default_rng(seed)
     B, I, J, D = shape
     u_hat_t, u_hat = rounded(scale * rng.standard_normal(shape), dtype)
@@ -53,14 +67,15 @@ def test_torch_routing_matches_reference(shape, iterations, use_bias, gradient, 
     spread = input_sensitivity(lambda u, b: reference_routing(u, dv, iterations, b, gradient),
                                (u_hat, bias), dtype)
 
-    u_hat_t.requires_grad_(True)
+    leaf, u_hat_t = in_layout(u_hat_t, layout)
     if bias_t is not None:
         bias_t.requires_grad_(True)
     v = dynamic_routing(u_hat_t, iterations, backend="torch", bias=bias_t, gradient=gradient)
     v.backward(dv_t)
-    assert v.dtype == dtype and u_hat_t.grad.dtype == dtype
+    du_hat = leaf.grad if layout == "contiguous" else leaf.grad.transpose(0, 1)
+    assert v.dtype == dtype and du_hat.dtype == dtype
     assert_agrees(v, v_ref, dtype, "v", spread=spread[0])
-    assert_agrees(u_hat_t.grad, du_ref, dtype, "du_hat", spread=spread[1])
+    assert_agrees(du_hat, du_ref, dtype, "du_hat", spread=spread[1])
     if use_bias:
         assert_agrees(bias_t.grad, dbias_ref, dtype, "dbias", spread=spread[2])
 
@@ -175,6 +190,36 @@ def test_inputs_are_never_modified():
     assert torch.equal(u_hat.detach(), before) and torch.equal(s, s_before)
 
 
+def test_per_parent_products_are_taken_for_a_cached_u_hat_in_the_prediction_layout_alone(monkeypatch):
+    """The PyTorch path's per-parent products (ops/routing.py, _parent_matrices) pay only on a
+    u_hat that stays in cache and is laid out as the prediction writes it: the fused layer's
+    chunks take them, forward and backward, as views of u_hat; a contiguous u_hat and a larger
+    one do not."""
+    routing_module = importlib.import_module("capsnet_triton.ops.routing")
+    original, taken = routing_module._parent_matrices, []
+
+    def spy(u3, J):
+        parents = original(u3, J)
+        assert parents is None or parents.untyped_storage().data_ptr() == u3.untyped_storage().data_ptr()
+        taken.append(parents is not None)
+        return parents
+
+    monkeypatch.setattr(routing_module, "_parent_matrices", spy)
+    capsule_linear(torch.randn(3, 7, 2, requires_grad=True), torch.randn(7, 4, 5, 2), 3).sum().backward()
+    assert taken == [True, True]
+    taken.clear()
+    dynamic_routing(torch.randn(3, 7, 4, 5, requires_grad=True), 3).sum().backward()
+    assert taken == [False, False]
+    taken.clear()
+    base = torch.randn(7, 3, 4, 5, requires_grad=True)                 # [I, B, J, D] in memory
+    dynamic_routing(base.transpose(0, 1), 3).sum().backward()
+    assert taken == [True, True]
+    taken.clear()
+    monkeypatch.setattr(routing_module, "CACHED_ELEMENTS", base.numel() - 1)
+    dynamic_routing(base.transpose(0, 1), 3).sum().backward()
+    assert taken == [False, False]
+
+
 def test_non_contiguous_u_hat():
     base = torch.randn(5, 2, 3, 4, dtype=torch.float64)       # [I, B, J, D] in memory
     u_hat = base.permute(1, 0, 2, 3)
@@ -258,7 +303,9 @@ def test_squash_of_a_capsule_holding_nan_or_inf_is_all_nan_like_the_reference(ba
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_routing_of_a_sample_holding_nan_or_inf_is_all_nan_like_the_reference(backend, gradient, iterations):
+@pytest.mark.parametrize("layout", ["contiguous", "prediction"])
+def test_routing_of_a_sample_holding_nan_or_inf_is_all_nan_like_the_reference(backend, gradient, iterations,
+                                                                              layout):
     """SPEC 7: NaN in all of v (and du_hat) of the sample whose u_hat holds a NaN or inf, even
     with one iteration; the other samples as the reference routes them."""
     for bad in (float("nan"), float("inf")):
@@ -266,13 +313,14 @@ def test_routing_of_a_sample_holding_nan_or_inf_is_all_nan_like_the_reference(ba
         u_np[1, 2, 3, 4] = bad
         dv_np = np.random.default_rng(6).standard_normal((3, 4, 5))
         v_ref, du_ref, _ = reference_routing(u_np, dv_np, iterations, None, gradient)
-        u_hat = torch.tensor(u_np, device=DEVICE, requires_grad=True)
+        leaf, u_hat = in_layout(torch.tensor(u_np, device=DEVICE), layout)
         v = dynamic_routing(u_hat, iterations, gradient=gradient, backend=backend)
         v.backward(torch.tensor(dv_np, device=DEVICE))
+        du_hat = leaf.grad if layout == "contiguous" else leaf.grad.transpose(0, 1)
         assert np.isnan(v_ref[1]).all() and np.isnan(du_ref[1]).all()
         assert not np.isnan(v_ref[[0, 2]]).any() and not np.isnan(du_ref[[0, 2]]).any()
         assert_agrees(v, v_ref, torch.float64, "v")          # NaN exactly where the reference has it
-        assert_agrees(u_hat.grad, du_ref, torch.float64, "du_hat")
+        assert_agrees(du_hat, du_ref, torch.float64, "du_hat")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -339,17 +387,18 @@ def test_a_first_sum_that_overflows_only_before_the_division_by_j_stays_finite(b
     assert_agrees(v, v_ref, torch.float32, "v of capsule_linear")
 
 
-def check_float32_routing(u_hat, dv, iterations, backend):
+def check_float32_routing(u_hat, dv, iterations, backend, layout="contiguous"):
     """v and du_hat of dynamic_routing on u_hat and dv rounded to float32, against the reference
     on the same rounded values, at float32's tolerance ("full" gradient, no bias)."""
     u_hat_t, u_hat = rounded(u_hat, torch.float32)
     dv_t, dv = rounded(dv, torch.float32)
     v_ref, du_ref, _ = reference_routing(u_hat, dv, iterations, None, "full")
-    u_hat_t = u_hat_t.to(DEVICE).requires_grad_(True)
+    leaf, u_hat_t = in_layout(u_hat_t.to(DEVICE), layout)
     v = dynamic_routing(u_hat_t, iterations, backend=backend)
     v.backward(dv_t.to(DEVICE))
     assert_agrees(v, v_ref, torch.float32, "v")
-    assert_agrees(u_hat_t.grad, du_ref, torch.float32, "du_hat")
+    assert_agrees(leaf.grad if layout == "contiguous" else leaf.grad.transpose(0, 1), du_ref,
+                  torch.float32, "du_hat")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -363,7 +412,8 @@ def test_a_saturated_coupling_keeps_the_float32_gradient_accurate(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_parents_tied_for_the_largest_coupling_keep_the_float32_gradient_accurate(backend):
+@pytest.mark.parametrize("layout", ["contiguous", "prediction"])
+def test_parents_tied_for_the_largest_coupling_keep_the_float32_gradient_accurate(backend, layout):
     """Two parents with the same predictions have the same logits in every iteration, so both
     are "the most coupled parent" that dc is measured from; their ds, and so their dc, differ.
     At scale 30 they share nearly all of the coupling (c -> 1/2 each)."""
@@ -371,7 +421,7 @@ def test_parents_tied_for_the_largest_coupling_keep_the_float32_gradient_accurat
     u_np = 30.0 * rng.standard_normal((2, 23, 3, 4))
     u_np[:, :, 1] = u_np[:, :, 0]
     u_np[:, :, 2] *= 0.01
-    check_float32_routing(u_np, rng.standard_normal((2, 3, 4)), 3, backend)
+    check_float32_routing(u_np, rng.standard_normal((2, 3, 4)), 3, backend, layout)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

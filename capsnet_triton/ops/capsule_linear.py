@@ -24,16 +24,17 @@ import torch
 from ..checks import (autocast_dtype, check_bias, check_differentiation, check_float_tensor, check_gradient,
                       check_iterations, check_u_and_weight, compute_dtype, needs_backward, pick_backend,
                       runs_as_function)
-from .routing import kept_couplings, routing_backward_torch, routing_forward_torch
+from .routing import CACHED_ELEMENTS, kept_couplings, routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
 
-# Elements of u_hat per chunk of samples, at most: 8 MiB in float32 (11 samples at the MNIST
-# shape), each op of a chunk run on all of torch's threads. Measured on a quiet 2-core CPU at
-# B = 128 (docs/PERF.md): chunks of 5 samples ran about 1.4x slower, as every op's thread fork
-# and join and BLAS set-up weigh on little work (so did 5 samples per thread, each thread with
-# chunks of its own); chunks of 32 ran 1.1x slower and grew the peak to 103 MiB, out of cache.
-_CHUNK_ELEMENTS = 1 << 21
+# Elements of u_hat per chunk of samples, at most: what stays in cache (11 samples at the MNIST
+# shape), so that routing takes its per-parent products; each op of a chunk runs on all of
+# torch's threads. Measured on a quiet 2-core CPU at B = 128 (docs/PERF.md): chunks of 4, 6 or
+# 8 samples ran 1.15-1.3x slower, as every op's thread fork and join and BLAS set-up weigh on
+# little work (so did 5 samples per thread, each thread with chunks of its own); chunks of 32
+# ran 1.1x slower and grew the peak to 103 MiB, out of cache.
+_CHUNK_ELEMENTS = CACHED_ELEMENTS
 
 
 # ---------------------------------------------------------------------------------------------

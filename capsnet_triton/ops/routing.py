@@ -12,7 +12,10 @@ contraction over capsule dims is one batched matrix product against a block-diag
 built from a [B, T, J, D] tensor, so no temporary is ever as large as u_hat. These products do
 J times the multiply-adds the contraction needs, yet on a CPU at the MNIST shape they beat the
 alternatives measured (one bmm per parent over strided views, einsum, multiply-and-sum, a
-[B, J, I, D] copy of u_hat, J padded to 16, parents in groups; docs/PERF.md).
+[B, J, I, D] copy of u_hat, J padded to 16, parents in groups; docs/PERF.md). The exception is
+a u_hat small enough to stay in cache and laid out as the prediction writes it, as in the fused
+layer's chunks: there the agreements and weighted sums are one product per sample and parent
+(see _parent_matrices).
 
 The per-input tensors (logits b, couplings c and their gradients) are laid out [B, T, J, I],
 parents before inputs: the softmax's reductions over j then run along whole contiguous rows of
@@ -29,6 +32,11 @@ from ..checks import (check_bias, check_differentiation, check_gradient, check_i
 from .squash import squash_backward_torch, squash_forward_torch
 
 __all__ = ["dynamic_routing"]
+
+# Elements of u_hat (8 MiB in float32, 11 samples at the MNIST shape) that stay in a 2-core
+# CPU's cache from one product to the next: the fused layer's chunks hold at most this many, and
+# routing takes its per-parent products (see _parent_matrices) at most at this size.
+CACHED_ELEMENTS = 1 << 21
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,17 +57,36 @@ def _block_diagonal(x):
     return out.view(B, T * J, J * D)
 
 
-def _agreement(u3, x):
-    """sum_d u_hat[b,i,j,d] x[b,t,j,d] -> [B, T, J, I], for u3 = u_hat as [B, I, J*D]."""
-    B, T, J, _ = x.shape
-    return torch.bmm(_block_diagonal(x), u3.transpose(1, 2)).view(B, T, J, u3.shape[1])
+def _agreement(u3, x, parents=None):
+    """sum_d u_hat[b,i,j,d] x[b,j,d] -> [B, J, I], for u3 = u_hat as [B, I, J*D] (and parents,
+    see _parent_matrices)."""
+    B, J, D = x.shape
+    if parents is not None:
+        return torch.bmm(parents, x.reshape(B * J, D, 1)).view(B, J, u3.shape[1])
+    return torch.bmm(_block_diagonal(x.unsqueeze(1)), u3.transpose(1, 2)).view(B, J, u3.shape[1])
 
 
-def _weighted_sum(weights, u3):
-    """sum_i weights[b,t,j,i] u_hat[b,i,j,d] -> [B, T, J, D]."""
-    B, T, J, I = weights.shape
-    full = torch.bmm(weights.view(B, T * J, I), u3)                       # [B, T*J, J*D]
-    return torch.diagonal(full.view(B, T, J, J, u3.shape[2] // J), dim1=2, dim2=3).transpose(2, 3)
+def _weighted_sum(weights, u3, parents=None):
+    """sum_i weights[b,j,i] u_hat[b,i,j,d] -> [B, J, D]."""
+    B, J, I = weights.shape
+    D = u3.shape[2] // J
+    if parents is not None:
+        return torch.bmm(weights.reshape(B * J, 1, I), parents).view(B, J, D)
+    full = torch.bmm(weights, u3)                                          # [B, J, J*D]
+    return torch.diagonal(full.view(B, J, J, D), dim1=1, dim2=2).transpose(1, 2)
+
+
+def _parent_matrices(u3, J):
+    """u_hat as [B*J, I, D], one matrix per sample and parent, where that is a view of a u_hat
+    small enough for a CPU's cache (the fused layer's chunks, in the prediction's layout
+    [I, B, J, D]), else None. There a product per sample and parent, at exactly the multiply-adds
+    the contraction needs, beat the block-diagonal products by 15-25% (docs/PERF.md, twelfth
+    run); over a larger u_hat, read from memory, they lost."""
+    B, I, JD = u3.shape
+    if (u3.device.type != "cpu" or u3.numel() > CACHED_ELEMENTS or u3.stride(2) != 1
+            or (B > 1 and u3.stride(0) != JD)):
+        return None
+    return u3.view(B, I, J, JD // J).transpose(1, 2).view(B * J, I, JD // J)
 
 
 def _coupling(logits):
@@ -106,6 +133,7 @@ def routing_forward_torch(u_hat, iterations, bias, gradient, keep=True, coupling
     into (the fused layer's slice of its own), instead of a new one."""
     B, I, J, D = u_hat.shape
     u3 = _as_rows(u_hat)
+    parents = _parent_matrices(u3, J)
     s_all = u3.new_empty((iterations, B, J, D))
     if couplings is None:
         couplings = kept_couplings(u3, B, I, J, iterations, "torch", gradient, keep)
@@ -118,10 +146,10 @@ def routing_forward_torch(u_hat, iterations, bias, gradient, keep=True, coupling
             if s.device.type != "cpu" or not bool(torch.isfinite(s).all()):
                 s = _first_s_as_the_reference(u3, J)
         else:
-            c = _coupling(_agreement(u3, v_sum.unsqueeze(1)).squeeze(1))    # [B, J, I]
+            c = _coupling(_agreement(u3, v_sum, parents))                  # [B, J, I]
             if t >= first_kept:
                 couplings[t - first_kept].copy_(c)
-            s = _weighted_sum(c.unsqueeze(1), u3).squeeze(1)       # [B, J, D]
+            s = _weighted_sum(c, u3, parents)                          # [B, J, D]
         if bias is not None:
             s = s + bias.to(s.dtype)
         s_all[t] = s
@@ -144,6 +172,7 @@ def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None
     if gradient == "last":
         return _routing_backward_last_torch(dv, u_hat, u3, s_all, couplings, workspace)
     I = u3.shape[1]
+    parents = _parent_matrices(u3, J)
     v_all = squash_forward_torch(s_all)                           # [r, B, J, D]
     v_sums = (torch.cumsum(v_all, dim=0) - v_all).transpose(0, 1)  # [B, r, J, D], V^(t)
     ds_all = torch.empty_like(s_all)
@@ -159,7 +188,7 @@ def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None
         if t == 0:
             break                                                  # V^(1) = 0: no agreement
         c = couplings[t - 1]                                       # [B, J, I]
-        dc = _agreement(u3, ds.unsqueeze(1)).squeeze(1)            # u_hat . ds  [B, J, I]
+        dc = _agreement(u3, ds, parents)                           # u_hat . ds  [B, J, I]
         # The softmax's backward, with dc measured from the most coupled parent's (as the
         # reference: exact, rounds less), where c / max_j c is exactly 1, or from the mean over
         # parents tied to float rounding (no bool masks or indices: slow here). In place, with
@@ -171,7 +200,7 @@ def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None
         top_dc = top.mul_(dc).sum(dim=1, keepdim=True).div_(ties)
         c_dc = dc.sub_(top_dc).mul_(c)                             # c (dc - top_dc)
         db = torch.addcmul(c_dc, c, c_dc.sum(dim=1, keepdim=True), value=-1, out=db_slot)  # softmax over j
-        grad_v_sum = grad_v_sum + _weighted_sum(db.unsqueeze(1), u3).squeeze(1)
+        grad_v_sum = grad_v_sum + _weighted_sum(db, u3, parents)
         grad_v = grad_v_sum
     # c^(1) = 1/J, written in one pass with this: db^(1) V^(1) is 0 by V^(1) = 0 and left out, but
     # as the reference computes it, NaN where db^(1) is not finite: for finite u_hat, exactly where
