@@ -189,17 +189,18 @@ def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None
             break                                                  # V^(1) = 0: no agreement
         c = couplings[t - 1]                                       # [B, J, I]
         dc = _agreement(u3, ds, parents)                           # u_hat . ds  [B, J, I]
-        # The softmax's backward, with dc measured from the most coupled parent's (as the
-        # reference: exact, rounds less), where c / max_j c is exactly 1, or from the mean over
-        # parents tied to float rounding (no bool masks or indices: slow here). In place, with
-        # db's slot of weights as scratch for top until db is written: every new [B, J, I]
-        # tensor is fresh memory, which costs more than the arithmetic here.
+        # The softmax's backward db = c (e - sum_j c e) with e = dc - sum_j c dc, which changes
+        # nothing but rounding (sum_j c = 1). Where a coupling saturates (c -> 1), dc - sum_j c dc
+        # alone cancels to the small (1 - c) dc left over and keeps mostly the rounding of the
+        # sum; sum_j c e is that rounding, and taking it off leaves errors of the result's size,
+        # as measuring dc from the most coupled parent's does (the reference), in 6 passes over
+        # [B, J, I] instead of 11 (docs/PERF.md, twelfth run). In place, in db's slot of
+        # weights: every new [B, J, I] tensor is fresh memory, which costs more than the
+        # arithmetic here.
         db_slot = weights[:, r - 1 + t]
-        top = torch.div(c, c.amax(dim=1, keepdim=True), out=db_slot).floor_()  # 1 at the top parent(s)
-        ties = top.sum(dim=1, keepdim=True)
-        top_dc = top.mul_(dc).sum(dim=1, keepdim=True).div_(ties)
-        c_dc = dc.sub_(top_dc).mul_(c)                             # c (dc - top_dc)
-        db = torch.addcmul(c_dc, c, c_dc.sum(dim=1, keepdim=True), value=-1, out=db_slot)  # softmax over j
+        e = dc.sub_(torch.mul(c, dc, out=db_slot).sum(dim=1, keepdim=True))
+        c_e = torch.mul(c, e, out=db_slot)
+        db = c_e.addcmul_(c, c_e.sum(dim=1, keepdim=True), value=-1)   # softmax over j
         grad_v_sum = grad_v_sum + _weighted_sum(db, u3, parents)
         grad_v = grad_v_sum
     # c^(1) = 1/J, written in one pass with this: db^(1) V^(1) is 0 by V^(1) = 0 and left out, but
