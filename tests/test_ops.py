@@ -196,28 +196,35 @@ def test_per_parent_products_are_taken_for_a_cached_u_hat_in_the_prediction_layo
     chunks take them, forward and backward, as views of u_hat; a contiguous u_hat and a larger
     one do not."""
     routing_module = importlib.import_module("capsnet_triton.ops.routing")
-    original, taken = routing_module._parent_matrices, []
+    originals, taken = {name: getattr(routing_module, name) for name in
+                        ("_parent_matrices", "_agreement", "_weighted_sum")}, []
 
-    def spy(u3, J):
-        parents = original(u3, J)
+    def parent_matrices(u3, J):
+        parents = originals["_parent_matrices"](u3, J)
         assert parents is None or parents.untyped_storage().data_ptr() == u3.untyped_storage().data_ptr()
         taken.append(parents is not None)
         return parents
 
-    monkeypatch.setattr(routing_module, "_parent_matrices", spy)
+    def product(name):
+        def call(*args):                       # each product takes what the call above gave
+            assert (args[2] is not None) == taken[-1], name
+            return originals[name](*args)
+        return call
+
+    monkeypatch.setattr(routing_module, "_parent_matrices", parent_matrices)
+    for name in ("_agreement", "_weighted_sum"):
+        monkeypatch.setattr(routing_module, name, product(name))
     capsule_linear(torch.randn(3, 7, 2, requires_grad=True), torch.randn(7, 4, 5, 2), 3).sum().backward()
     assert taken == [True, True]
     taken.clear()
     dynamic_routing(torch.randn(3, 7, 4, 5, requires_grad=True), 3).sum().backward()
     assert taken == [False, False]
-    taken.clear()
     base = torch.randn(7, 3, 4, 5, requires_grad=True)                 # [I, B, J, D] in memory
-    dynamic_routing(base.transpose(0, 1), 3).sum().backward()
-    assert taken == [True, True]
-    taken.clear()
-    monkeypatch.setattr(routing_module, "CACHED_ELEMENTS", base.numel() - 1)
-    dynamic_routing(base.transpose(0, 1), 3).sum().backward()
-    assert taken == [False, False]
+    for cached, expected in ((base.numel(), True), (base.numel() - 1, False)):
+        taken.clear()
+        monkeypatch.setattr(routing_module, "CACHED_ELEMENTS", cached)
+        dynamic_routing(base.transpose(0, 1), 3).sum().backward()
+        assert taken == [expected, expected]
 
 
 def test_non_contiguous_u_hat():
@@ -409,6 +416,16 @@ def test_a_saturated_coupling_keeps_the_float32_gradient_accurate(backend):
     well conditioned here (one rounding of the inputs moves du_hat by 6e-7)."""
     rng = np.random.default_rng(1627978696)
     check_float32_routing(30.0 * rng.standard_normal((1, 23, 3, 4)), rng.standard_normal((1, 3, 4)), 4, backend)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "prediction"])
+def test_the_softmax_backward_of_saturated_couplings_keeps_the_float32_gradient_accurate(layout):
+    """The PyTorch path's softmax backward, c (dc - sum_j c dc) with the rounding of the sum taken
+    off in a second round: on this draw (found by search) the textbook form c dc - c sum_j c dc
+    and the form without the second round put du_hat at 2x float32's ceiling, in both layouts."""
+    rng = np.random.default_rng(82)
+    check_float32_routing(30.0 * rng.standard_normal((1, 20, 5, 3)), rng.standard_normal((1, 5, 3)), 4,
+                          "torch", layout)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

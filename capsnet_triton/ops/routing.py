@@ -67,7 +67,9 @@ def _agreement(u3, x, parents=None):
 
 
 def _weighted_sum(weights, u3, parents=None):
-    """sum_i weights[b,j,i] u_hat[b,i,j,d] -> [B, J, D]."""
+    """sum_i weights[b,j,i] u_hat[b,i,j,d] -> [B, J, D]. With parents, weights is copied where
+    its samples and parents do not merge (db's slot of the backward's buffer): [B, J, I], small
+    next to the cached u_hat the product reads."""
     B, J, I = weights.shape
     D = u3.shape[2] // J
     if parents is not None:
@@ -77,11 +79,12 @@ def _weighted_sum(weights, u3, parents=None):
 
 
 def _parent_matrices(u3, J):
-    """u_hat as [B*J, I, D], one matrix per sample and parent, where that is a view of a u_hat
-    small enough for a CPU's cache (the fused layer's chunks, in the prediction's layout
-    [I, B, J, D]), else None. There a product per sample and parent, at exactly the multiply-adds
-    the contraction needs, beat the block-diagonal products by 15-25% (docs/PERF.md, twelfth
-    run); over a larger u_hat, read from memory, they lost."""
+    """u_hat as [B*J, I, D], one matrix per sample and parent, where that is a view (samples and
+    parents merge into one batch axis: the prediction's layout [I, B, J, D] in memory, as in the
+    fused layer's chunks, or a single sample) of a CPU u_hat small enough for the cache, else
+    None. There a product per sample and parent, at exactly the multiply-adds the contraction
+    needs, beat the block-diagonal products by 15-25% (docs/PERF.md, twelfth run); over a larger
+    u_hat, read from memory, they lost."""
     B, I, JD = u3.shape
     if (u3.device.type != "cpu" or u3.numel() > CACHED_ELEMENTS or u3.stride(2) != 1
             or (B > 1 and u3.stride(0) != JD)):
