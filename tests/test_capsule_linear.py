@@ -208,6 +208,15 @@ def test_non_finite_input_gives_nan_in_all_of_its_samples_v_only(backend):
     assert torch.isnan(v[0]).all() and torch.isnan(v[2]).all()
     # The other sample is unaffected.
     assert torch.allclose(v[1], capsule_linear(u[1:2], weight, 3, backend=backend)[0], rtol=1e-12, atol=1e-15)
+    # To the bit, in float32, against the same batch without the NaN and inf (SPEC 7), v and du.
+    clean = torch.randn(3, 6, 4, generator=generator).to(DEVICE)
+    outputs = []
+    for u in (clean, torch.where(torch.isfinite(u), clean, u)):
+        u = u.float().requires_grad_()
+        v = capsule_linear(u, weight.float(), 3, backend=backend)
+        v.backward(torch.ones_like(v))
+        outputs.append((v[1], u.grad[1]))
+    assert all(torch.equal(bad, good) for bad, good in zip(outputs[1], outputs[0]))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -470,3 +470,27 @@ def test_digit_caps_takes_a_gradient_policy():
     for bad in (True, "stop"):
         with pytest.raises(ValueError, match="gradient must be one of"):
             DigitCaps(6, 5, 3, 4, gradient=bad)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_a_non_finite_sample_leaves_the_other_samples_bit_for_bit(backend, gradient):
+    """SPEC 7: the other samples are unaffected, to the bit: their v and du_hat are those of the
+    same batch without the NaN or inf, in float32, where a sum taken another way would show."""
+    generator = torch.Generator().manual_seed(9)
+    clean, dv = torch.randn(3, 40, 4, 6, generator=generator), torch.randn(3, 4, 6, generator=generator)
+
+    def route(u_hat):
+        u_hat = u_hat.detach().to(DEVICE).requires_grad_()
+        v = dynamic_routing(u_hat, 3, gradient=gradient, backend=backend)
+        v.backward(dv.to(DEVICE))
+        return v.detach(), u_hat.grad
+
+    v_clean, du_clean = route(clean)
+    for bad in (float("nan"), float("inf")):
+        u_hat = clean.clone()
+        u_hat[1, 2, 3, 4] = bad
+        v, du_hat = route(u_hat)
+        assert torch.isnan(v[1]).all()
+        assert torch.equal(v[[0, 2]], v_clean[[0, 2]]) and torch.equal(du_hat[[0, 2]], du_clean[[0, 2]])

@@ -110,8 +110,9 @@ def _first_s_as_the_reference(u3, J):
     c u_hat scaled by c = 1/J before the sum (as a product with a vector of 1/J, no temporary of
     u_hat's size), so that a sum which overflows only before the division stays finite; and all
     of a sample's values NaN where its u_hat holds a NaN or inf (SPEC 7: every output of such a
-    sample is NaN, even at r = 1). On a CPU it runs only where the plain sum over I is not finite;
-    a sample whose sum still overflows keeps its other parents, as in the reference and the kernels."""
+    sample is NaN, even at r = 1). On a CPU it runs only for the samples whose plain sum over I is
+    not finite; a sample whose sum still overflows keeps its other parents, as in the reference and
+    the kernels."""
     B, I, JD = u3.shape
     s = torch.matmul(u3.transpose(1, 2), u3.new_full((I, 1), 1.0 / J)).view(B, J, JD // J)
     finite = torch.isfinite(u3).flatten(1).all(dim=1)             # [B]
@@ -145,9 +146,14 @@ def routing_forward_torch(u_hat, iterations, bias, gradient, keep=True, coupling
     for t in range(iterations):
         if v_sum is None:                                          # b = 0: uniform c = 1/J
             s = u3.sum(dim=1).view(B, J, D) / J
-            # Looking at s first is a read by the host: cheap on a CPU, a wait for the device elsewhere.
-            if s.device.type != "cpu" or not bool(torch.isfinite(s).all()):
+            # Looking at s first is a read by the host: cheap on a CPU, a wait for the device
+            # elsewhere. Only the samples whose s is not finite take the reference's form, so
+            # that the others keep their rounding whatever another sample holds (SPEC 7).
+            if s.device.type != "cpu":
                 s = _first_s_as_the_reference(u3, J)
+            elif not bool(torch.isfinite(s).all()):
+                rows = ~torch.isfinite(s).flatten(1).all(dim=1)
+                s[rows] = _first_s_as_the_reference(u3[rows], J)
         else:
             c = _coupling(_agreement(u3, v_sum, parents))                  # [B, J, I]
             if t >= first_kept:
