@@ -5,8 +5,8 @@
 DIR holds MNIST's IDX files (train-images-idx3-ubyte.gz etc., gzipped or not). The network is
 the paper's (Section 4) with fewer channels so that a few hundred Adam steps take minutes on a
 laptop CPU. It holds the last --eval training images out for validation and prints the loss
-falling and the validation accuracy rising; the test images are scored once, at the end (as SPEC
-section 6 asks: choose on validation, report test once).
+falling and the validation accuracy rising; the first --eval test images are scored once, at the
+end (as SPEC section 6 asks: choose on validation, report test once).
 """
 
 import argparse

@@ -373,7 +373,7 @@ def test_kernel_timing_says_it_needs_a_gpu_first(capsys):
 
 def test_a_gpu_run_without_numpy_rows_skips_the_cpu_copy():
     """The CPU's copy bandwidth is measured only for the NumPy reference's rows (or a CPU run): at
-    the GPU plans' 1 GiB it cost seconds of device time that no row used."""
+    the GPU plans' 1 GiB it cost seconds of GPU time that no row used."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     every = providers.make_providers()
     quick = runner.PLANS[("cuda", "quick")]

@@ -46,7 +46,7 @@ def _origins(python, tmp_path, env=None):
 
 
 def _python_312():
-    """Python 3.12 (the GPU image's) if this machine has one, else this Python."""
+    """Python 3.12 (the GPU machine's) if this machine has one, else this Python."""
     candidates = [os.environ.get("CAPSNET_TEST_PYTHON"), shutil.which("python3.12")]
     if shutil.which("pyenv"):
         versions = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True).stdout.split()

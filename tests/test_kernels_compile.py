@@ -68,9 +68,9 @@ def _compiler_environment(triton_build):
     if triton_build == "installed":
         return env, triton.__version__
     if triton.__version__ == GPU_IMAGE_TRITON:
-        pytest.skip(f"the installed Triton is the GPU image's ({GPU_IMAGE_TRITON}): compiled once, as installed")
+        pytest.skip(f"the installed Triton is the GPU machine's ({GPU_IMAGE_TRITON}): compiled once, as installed")
     if not os.path.isdir(os.path.join(GPU_IMAGE_TRITON_DIR, "triton")):
-        pytest.skip(f"no copy of the GPU image's Triton {GPU_IMAGE_TRITON} in {GPU_IMAGE_TRITON_DIR}: "
+        pytest.skip(f"no copy of the GPU machine's Triton {GPU_IMAGE_TRITON} in {GPU_IMAGE_TRITON_DIR}: "
                     f"./setup.sh installs it")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (GPU_IMAGE_TRITON_DIR, env.get("PYTHONPATH"))))
     return env, GPU_IMAGE_TRITON

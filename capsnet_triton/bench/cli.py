@@ -88,7 +88,7 @@ def parse_batches(parser, flag, text):
 def bandwidth_devices(device, providers, plan):
     """The devices whose copy bandwidth the rows are measured against: the run's, and the CPU where
     the NumPy reference's rows run. A GPU run without them skips the CPU's copy (1 GiB at the GPU
-    plans' size: seconds of scarce device time)."""
+    plans' size: seconds of scarce GPU time)."""
     numpy_rows = any(p.numpy for p in providers) and min(plan.batches) <= plan.numpy_max_batch
     return list(dict.fromkeys(([torch.device("cpu")] if numpy_rows else []) + [device]))
 

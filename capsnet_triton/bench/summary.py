@@ -2,8 +2,8 @@
 read from what the stages left in OUT (stages.tsv, ceilings.json, tests.log, memcheck.log,
 bench.json, kernels.json, train/log.jsonl, evaluate.log, and the optional multimnist.log,
 mnist40.log and affnist-generated.log). A stage that failed or ran out of time still shows what it wrote.
-Below it, every GPU target of the open issues with its measured value and verdict, and which
-kernel variant was faster at each batch: what a GPU session has to decide from.
+Below it, every GPU target of the project (docs/PERF.md, "Where the targets stand") with its measured value and verdict, and which
+kernel variant was faster at each batch: what the next GPU run has to decide from.
 
     python -m capsnet_triton.bench.summary OUT --epochs 50 [--smoke]
 """
@@ -164,10 +164,10 @@ def _x(value):
 
 
 def targets(out):
-    """[(target, measured, verdict)]: the GPU targets of the open issues, read from bench.json
-    (and ceilings.json for the compute floor). Issue 9, the routing kernels (`triton`): at
+    """[(target, measured, verdict)]: the project's GPU targets, read from bench.json
+    (and ceilings.json for the compute floor). The routing kernels (`triton`): at
     least 70% of the copy bandwidth at B = 128 and 512, 5x torch-eager and 2x torch.compile at
-    B = 128, forward and forward + backward. Issue 10, the fused DigitCaps layer
+    B = 128, forward and forward + backward. The fused DigitCaps layer
     (`triton-fused`): forward + backward at least 3x the unfused kernels (`triton`) at B = 128,
     and within 2x of its compute floor (Workload.flops over the fp32 GEMM rate)."""
     report = _json(out, "bench.json")
