@@ -80,6 +80,8 @@ def routing_forward(u_hat, iterations=3, *, bias=None, gradient="full"):
         bias = np.asarray(bias)
         if bias.shape != (J, D):
             raise ValueError(f"bias must have shape [J, D] = {(J, D)}, got {bias.shape}")
+        if not np.issubdtype(bias.dtype, np.floating):
+            raise ValueError(f"bias must be a floating-point array, got dtype {bias.dtype}")
     # 0 for a sample whose u_hat is finite, NaN for one that is not: added to every s, it makes
     # all of that sample's outputs NaN (SPEC 7), not only the parents the bad value reaches.
     finite = np.isfinite(u_hat).all(axis=(1, 2, 3))                # [B]

@@ -147,6 +147,8 @@ def test_bad_input_raises(rng):
             routing_forward(rng.normal(size=(1, 2, 3, 4)), bad)
     with pytest.raises(ValueError, match="bias"):
         routing_forward(rng.normal(size=(1, 2, 3, 4)), bias=np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="bias must be a floating-point"):
+        routing_forward(rng.normal(size=(1, 2, 3, 4)), bias=np.zeros((3, 4), dtype=np.int64))
     for bad in (True, False, "stop", None):
         with pytest.raises(ValueError, match=r"gradient must be one of \('full', 'last'\)"):
             routing_forward(rng.normal(size=(1, 2, 3, 4)), gradient=bad)
