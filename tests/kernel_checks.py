@@ -7,12 +7,22 @@ import torch
 from conftest import interpreted
 
 from capsnet_triton import numerics
-from capsnet_triton.numerics import as_float64, assert_agrees  # noqa: F401  (the kernel tests' comparison)
+from capsnet_triton.numerics import as_float64  # noqa: F401  (re-exported for the kernel tests)
 
 # Interpreted kernels take CPU tensors; compiled ones (on a GPU machine) take CUDA tensors.
 DEVICE = "cpu" if interpreted() else "cuda"
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 MAGNITUDES = {"zeros": 0.0, "tiny": 1e-20, "normal": 1.0, "large": 1e15}
+
+
+# How the kernels convert float32 to bfloat16: Triton's interpreter truncates (toward zero),
+# compiled kernels round to nearest even. SPEC 8's rounding rule compares with that conversion.
+CONVERSION = "truncate" if interpreted() else "nearest"
+
+
+def assert_agrees(out, ref, input_dtype, name, output_dtype=None, spread=0.0):
+    """The kernel tests' comparison: numerics.assert_agrees with the kernels' CONVERSION."""
+    numerics.assert_agrees(out, ref, input_dtype, name, output_dtype, spread, conversion=CONVERSION)
 
 
 def dtype_id(dtype):

@@ -11,13 +11,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from conftest import interpreted
-from kernel_checks import DEVICE, DTYPES, FINITE_POISON, dtype_id, magnitudes, poisoned, sample
+from kernel_checks import DEVICE, DTYPES, FINITE_POISON, assert_agrees, dtype_id, magnitudes, poisoned, sample
 
 from capsnet_triton.checks import compute_dtype, kept_iterations
 from capsnet_triton.kernels import routing_backward, routing_forward
 from capsnet_triton.kernels import routing_split
 from capsnet_triton.kernels.launch import DEFAULT_VARIANT, GRID_Y_MAX
-from capsnet_triton.numerics import as_float64, assert_agrees
+from capsnet_triton.numerics import as_float64
 from capsnet_triton.reference import routing_backward as reference_routing_backward
 from capsnet_triton.reference import routing_forward as reference_routing_forward
 

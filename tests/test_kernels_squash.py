@@ -6,10 +6,10 @@ import torch
 from conftest import interpreted
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_checks import DEVICE, DTYPES, FINITE_POISON, dtype_id, magnitudes, poisoned, sample
+from kernel_checks import DEVICE, DTYPES, FINITE_POISON, assert_agrees, dtype_id, magnitudes, poisoned, sample
 
 from capsnet_triton.kernels import squash_backward, squash_forward
-from capsnet_triton.numerics import as_float64, assert_agrees
+from capsnet_triton.numerics import as_float64
 from capsnet_triton.reference import squash_backward as reference_squash_backward
 from capsnet_triton.reference import squash_forward as reference_squash_forward
 
