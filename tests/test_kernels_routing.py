@@ -57,9 +57,15 @@ def check_routing(u_hat, iterations, dv, *, bias=None, gradient="full", block_i=
 
 @st.composite
 def routing_cases(draw, dtype):
+    magnitude = draw(st.sampled_from(magnitudes(dtype)))
+    # For |s| ~ 1e15 squash's gradient along s is 2 / |s|^3 ~ 1e-45, below float32's normal range;
+    # at D = 1 only that part exists, and the logits' gradient u_hat . ds carries its flushed
+    # rounding up by |u_hat| ~ 1e15 (du_hat 0.96 off in bfloat16). Not computable in float32, so
+    # large inputs are drawn with D >= 2, where the part across s dominates (as for the fused layer).
+    least = 2 if magnitude == "large" else 1
     return dict(
-        magnitude=draw(st.sampled_from(magnitudes(dtype))),
-        shape=tuple(draw(st.integers(1, most)) for most in (3, 40, 20, 16)),                # B, I, J, D
+        magnitude=magnitude,
+        shape=tuple(draw(st.integers(fewest, most)) for fewest, most in ((1, 3), (1, 40), (1, 20), (least, 16))),
         iterations=draw(st.integers(1, 5)),
         with_bias=draw(st.booleans()),
         gradient=draw(st.sampled_from(["full", "last"])),
