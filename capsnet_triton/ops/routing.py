@@ -147,13 +147,14 @@ def routing_forward_torch(u_hat, iterations, bias, gradient, keep=True, coupling
         if v_sum is None:                                          # b = 0: uniform c = 1/J
             s = u3.sum(dim=1).view(B, J, D) / J
             # Looking at s first is a read by the host: cheap on a CPU, a wait for the device
-            # elsewhere. Only the samples whose s is not finite take the reference's form, so
-            # that the others keep their rounding whatever another sample holds (SPEC 7).
+            # elsewhere. Only the samples whose s is not finite take the reference's form, each
+            # on its own (a batched product's rounding depends on how many samples it holds), so
+            # that every sample's result is the same whatever another sample holds (SPEC 7).
             if s.device.type != "cpu":
                 s = _first_s_as_the_reference(u3, J)
             elif not bool(torch.isfinite(s).all()):
-                rows = ~torch.isfinite(s).flatten(1).all(dim=1)
-                s[rows] = _first_s_as_the_reference(u3[rows], J)
+                for row in (~torch.isfinite(s).flatten(1).all(dim=1)).nonzero().flatten().tolist():
+                    s[row] = _first_s_as_the_reference(u3[row:row + 1], J)[0]
         else:
             c = _coupling(_agreement(u3, v_sum, parents))                  # [B, J, I]
             if t >= first_kept:
