@@ -16,11 +16,11 @@ goes through this module:
 - Triton's interpreter converts float32 to bfloat16 by truncation (toward zero), not rounding;
   a test of interpreted kernels passes conversion="truncate", and the rule above then applies to
   the output less the known difference of the two conversions, trunc(ref) - round(ref) (0 or
-  one ulp per element), so a bias fails there as under rounding. Truncation jumps a whole ulp
-  where the kernel's float32 value and the reference lie on either side of a bfloat16 number, so
-  under truncation one ulp is allowed more for each element whose reference lies within STRADDLE
-  (2^-16, a few float32 roundings) of |ref| of a bfloat16 number, about 1 element in 300, and
-  for no other;
+  one ulp per element). Truncation jumps a whole ulp where the kernel's float32 value and the
+  reference lie on either side of a bfloat16 number, so one ulp more is allowed for each element
+  whose reference lies within STRADDLE |ref| (2^-16 |ref|, a few float32 roundings) of a
+  bfloat16 number, about 1 element in 180 of normal values, and for no other: a bias fails
+  nearly as under rounding;
 - an underflow floor of one smallest normal number of the output dtype per element, since
   values below it come back flushed to zero or as subnormals, which no format holds to any
   relative tolerance;
