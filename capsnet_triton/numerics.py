@@ -115,11 +115,15 @@ def _straddle_slack(expected, truncated):
     return float(np.linalg.norm(ulp[(above <= reach) | (ulp - above <= reach)]))
 
 
+def _check_conversion(conversion):
+    if conversion not in CONVERSIONS:
+        raise ValueError(f"conversion must be one of {CONVERSIONS}, not {conversion!r}")
+
+
 def rounding_error(expected, dtype, conversion="nearest"):
     """||convert(expected, dtype) - expected||: the error of a perfect kernel with dtype output
     whose backend converts float32 to bfloat16 as `conversion` says (see CONVERSIONS)."""
-    if conversion not in CONVERSIONS:
-        raise ValueError(f"conversion must be one of {CONVERSIONS}, not {conversion!r}")
+    _check_conversion(conversion)
     expected = np.asarray(expected, dtype=np.float64)
     return float(np.linalg.norm(_round_to(expected, dtype_name(dtype), conversion) - expected))
 
@@ -158,8 +162,7 @@ def agreement_error(actual, expected, input_dtype, output_dtype=None, spread=0.0
     backend that computed `actual` converts float32 to bfloat16 (CONVERSIONS: "truncate" for
     Triton's interpreter); it changes nothing for other output dtypes.
     """
-    if conversion not in CONVERSIONS:
-        raise ValueError(f"conversion must be one of {CONVERSIONS}, not {conversion!r}")
+    _check_conversion(conversion)
     input_dtype = dtype_name(input_dtype)
     output_dtype = input_dtype if output_dtype is None else dtype_name(output_dtype)
     actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
@@ -183,8 +186,8 @@ def agreement_error(actual, expected, input_dtype, output_dtype=None, spread=0.0
     if output_dtype in LOW_PRECISION:
         rounded = _round_to(expected, output_dtype)
         rounding = float(np.linalg.norm(rounded - expected))
-        slack = 0.0
-        if output_dtype == "bfloat16" and conversion == "truncate":
+        slack, truncating = 0.0, output_dtype == "bfloat16" and conversion == "truncate"
+        if truncating:
             # What rounding would have given, and one ulp for each element whose float32 value
             # may truncate across a bfloat16 number (see the module docstring).
             truncated = _round_to(expected, output_dtype, conversion)
@@ -194,7 +197,7 @@ def agreement_error(actual, expected, input_dtype, output_dtype=None, spread=0.0
             return (f"error {error:.3e} is {error / max(rounding, floor):.2f}x the error of rounding the "
                     f"reference to {output_dtype} ({rounding:.3e}); at most {ROUNDING_FACTOR:g}x"
                     + (f" (after truncation, plus {slack:.3e} for values near a bfloat16 number)"
-                       if conversion == "truncate" and output_dtype == "bfloat16" else ""))
+                       if truncating else ""))
     return None
 
 

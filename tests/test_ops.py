@@ -38,15 +38,16 @@ def reference_routing(u_hat, dv, iterations, bias, gradient):
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 10), st.integers(1, 16))
 
 
+def as_u_hat(tensor, layout):
+    """[B, I, J, D] seen from memory laid out "contiguous" or "prediction" ([I, B, J, D], as predict
+    writes u_hat, where the PyTorch path takes per-parent products), and back (its own inverse)."""
+    return tensor if layout == "contiguous" else tensor.transpose(0, 1)
+
+
 def in_layout(u_hat, layout):
-    """A leaf tensor holding u_hat [B, I, J, D] in memory as the layout says, and u_hat as a view
-    of it: "contiguous", or "prediction" ([I, B, J, D] in memory, as predict and the fused
-    layer's chunks write it, where the PyTorch path takes per-parent products)."""
-    if layout == "contiguous":
-        leaf = u_hat.clone().requires_grad_(True)
-        return leaf, leaf
-    leaf = u_hat.transpose(0, 1).contiguous().requires_grad_(True)
-    return leaf, leaf.transpose(0, 1)
+    """A new leaf holding u_hat in the layout's memory, and u_hat as a view of it."""
+    leaf = as_u_hat(u_hat, layout).clone(memory_format=torch.contiguous_format).requires_grad_(True)
+    return leaf, as_u_hat(leaf, layout)
 
 
 @given(shape=shapes, iterations=st.integers(1, 4), use_bias=st.booleans(),
@@ -71,7 +72,7 @@ def test_torch_routing_matches_reference(shape, iterations, use_bias, gradient, 
         bias_t.requires_grad_(True)
     v = dynamic_routing(u_hat_t, iterations, backend="torch", bias=bias_t, gradient=gradient)
     v.backward(dv_t)
-    du_hat = leaf.grad if layout == "contiguous" else leaf.grad.transpose(0, 1)
+    du_hat = as_u_hat(leaf.grad, layout)
     assert v.dtype == dtype and du_hat.dtype == dtype
     assert_agrees(v, v_ref, dtype, "v", spread=spread[0])
     assert_agrees(du_hat, du_ref, dtype, "du_hat", spread=spread[1])
@@ -95,8 +96,7 @@ def test_torch_squash_of_a_capsule_does_not_depend_on_its_neighbours():
 
 
 @given(shape=st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 9)),
-       dim=st.integers(-3, 2), seed=st.integers(0, 2**32 - 1),
-       scale=st.sampled_from([0.0, 1e-30, 1.0, 1e15]))
+       dim=st.integers(-3, 2), seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.0, 1e-30, 1.0, 1e15]))
 def test_torch_squash_matches_reference_on_any_axis(shape, dim, seed, scale):
     rng = np.random.default_rng(seed)
     s = scale * rng.standard_normal(shape)
@@ -322,7 +322,7 @@ def test_routing_of_a_sample_holding_nan_or_inf_is_all_nan_like_the_reference(ba
         leaf, u_hat = in_layout(torch.tensor(u_np, device=DEVICE), layout)
         v = dynamic_routing(u_hat, iterations, gradient=gradient, backend=backend)
         v.backward(torch.tensor(dv_np, device=DEVICE))
-        du_hat = leaf.grad if layout == "contiguous" else leaf.grad.transpose(0, 1)
+        du_hat = as_u_hat(leaf.grad, layout)
         assert np.isnan(v_ref[1]).all() and np.isnan(du_ref[1]).all()
         assert not np.isnan(v_ref[[0, 2]]).any() and not np.isnan(du_ref[[0, 2]]).any()
         assert_agrees(v, v_ref, torch.float64, "v")          # NaN exactly where the reference has it
@@ -403,8 +403,7 @@ def check_float32_routing(u_hat, dv, iterations, backend, layout="contiguous"):
     v = dynamic_routing(u_hat_t, iterations, backend=backend)
     v.backward(dv_t.to(DEVICE))
     assert_agrees(v, v_ref, torch.float32, "v")
-    assert_agrees(leaf.grad if layout == "contiguous" else leaf.grad.transpose(0, 1), du_ref,
-                  torch.float32, "du_hat")
+    assert_agrees(as_u_hat(leaf.grad, layout), du_ref, torch.float32, "du_hat")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -482,6 +481,7 @@ def test_a_non_finite_sample_leaves_the_other_samples_bit_for_bit(backend, gradi
     generator = torch.Generator().manual_seed(9)
     clean, dv = torch.randn(3, 40, 4, 6, generator=generator), torch.randn(3, 4, 6, generator=generator)
     clean[2] = clean[2].abs() * 2e37
+
     def route(u_hat):
         u_hat = u_hat.detach().to(DEVICE).requires_grad_()
         v = dynamic_routing(u_hat, iterations, gradient=gradient, backend=backend)
