@@ -16,7 +16,7 @@ from capsnet_triton.reference.routing import GRADIENT_POLICIES, check_gradient
 __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "kept_iterations", "interpreting", "check_float_tensor",
            "check_capsules", "check_u_hat", "check_iterations", "check_bias", "check_backend", "pick_backend",
            "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight", "check_differentiation",
-           "check_positive_int", "check_flag", "autocast_dtype", "needs_backward", "runs_as_function"]
+           "differentiable_once",            "check_positive_int", "check_flag", "autocast_dtype", "needs_backward", "runs_as_function"]
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -142,7 +142,16 @@ def needs_backward(*tensors):
     """Whether autograd may run an op's backward: grad mode is on and one of its tensors (None
     for an absent bias) requires grad. Where not (inference, torch.no_grad), a forward keeps no
     couplings for a backward that cannot come."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(t is not None and _requires_grad(t) for t in tensors)
+
+
+def _requires_grad(tensor):
+    """tensor.requires_grad, seen through torch.func.vmap's batched wrappers, which report False
+    for a tensor whose unbatched value requires grad: the backward that follows vmap reads the
+    couplings the forward keeps."""
+    while torch._C._functorch.is_batchedtensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor.requires_grad
 
 
 def _transforms():
@@ -190,6 +199,16 @@ def check_differentiation(op, *tensors):
     if "Grad" in transforms:
         raise NotImplementedError(f"{op} does not support torch.func.grad, vjp or jacrev (its autograd rule is "
                                   f"a torch.library custom op's); use .backward() or torch.autograd.grad")
+
+
+def differentiable_once(backward_op, op):
+    """Give an op's backward (a custom op) an autograd rule that refuses its own derivative by
+    name: without one, differentiating a gradient taken with create_graph=True fails in torch with
+    a message asking for an autograd formula to be registered."""
+    def refuse(ctx, *grads):
+        raise NotImplementedError(f"{op} is differentiable once: its gradient has no derivative "
+                                  f"(a backward through a gradient taken with create_graph=True)")
+    backward_op.register_autograd(refuse)
 
 
 def check_u_and_weight(u, weight, same_dtype=True):

@@ -136,12 +136,47 @@ def test_forward_mode_and_func_grad_are_refused_not_zero(backend):
                 transform(lambda t: op(t).sum())(x)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_second_derivative_is_refused_by_name(backend):
+    """The ops are differentiable once: a backward through their gradient (taken with
+    create_graph=True) raises an error that names the op, not torch's request for a formula."""
+    ops, shapes = _three_ops(backend)
+    for name, op in ops.items():
+        x = torch.randn(shapes[name], dtype=torch.float64, device=DEVICE, requires_grad=True)
+        grad, = torch.autograd.grad(op(x).pow(2).sum(), x, create_graph=True)
+        assert torch.equal(grad, torch.autograd.grad(op(x).pow(2).sum(), x)[0])
+        with pytest.raises(NotImplementedError, match=f"{name} is differentiable once"):
+            torch.autograd.grad(grad.sum(), x)
+
+
 def test_vmap_still_runs_and_matches_the_batched_call():
     ops, shapes = _three_ops("torch")
     for name, op in ops.items():
         x = torch.randn((3, *shapes[name]), dtype=torch.float64)
         expected = torch.stack([op(row) for row in x])
         assert torch.allclose(torch.func.vmap(op)(x), expected, rtol=1e-12, atol=1e-15), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("gradient", ["full", "last"])
+def test_a_backward_after_vmap_gives_the_gradients_of_a_loop(gradient, backend):
+    """vmap's batched wrappers say requires_grad=False for a tensor that requires grad: the ops
+    must still keep the couplings their backward reads (r = 3), for a batched u_hat, u or W (the
+    last as torch.func.stack_module_state batches an ensemble's weights)."""
+    generator = torch.Generator().manual_seed(3)
+    u_hat, u, weight = (torch.randn(shape, dtype=torch.float64, generator=generator).to(DEVICE)
+                        for shape in ((2, 3, 5, 4, 6), (2, 3, 5, 2), (2, 5, 4, 6, 2)))
+    routing = lambda x: dynamic_routing(x, 3, gradient=gradient, backend=backend)        # noqa: E731
+    layer = lambda x, w: capsule_linear(x, w, 3, gradient=gradient, backend=backend)     # noqa: E731
+    cases = {"u_hat": (routing, u_hat), "u": (lambda x: layer(x, weight[0]), u),
+             "W": (lambda w: layer(u[0], w), weight)}
+    for name, (op, batched) in cases.items():
+        dv = torch.randn((2, *op(batched[0]).shape), dtype=torch.float64, generator=generator).to(DEVICE)
+        mapped = batched.clone().requires_grad_()
+        (torch.func.vmap(op)(mapped) * dv).sum().backward()
+        looped = batched.clone().requires_grad_()
+        sum((op(row) * grad).sum() for row, grad in zip(looped, dv)).backward()
+        assert torch.allclose(mapped.grad, looped.grad, rtol=1e-10, atol=1e-12), name
 
 
 class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):

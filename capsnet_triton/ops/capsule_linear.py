@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from ..checks import (autocast_dtype, check_bias, check_differentiation, check_float_tensor, check_gradient,
-                      check_iterations, check_u_and_weight, compute_dtype, needs_backward, pick_backend,
-                      runs_as_function)
+                      check_iterations, check_u_and_weight, compute_dtype, differentiable_once, needs_backward,
+                      pick_backend, runs_as_function)
 from .routing import CACHED_ELEMENTS, kept_couplings, routing_backward_torch, routing_forward_torch
 
 __all__ = ["capsule_linear", "predict"]
@@ -189,6 +189,7 @@ def _backward(ctx, dv, _ds_all_unused, _couplings_unused):
 
 
 _capsule_linear_forward_op.register_autograd(_backward, setup_context=_setup_context)
+differentiable_once(_capsule_linear_backward_op, "capsule_linear")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ..checks import (check_bias, check_differentiation, check_gradient, check_iterations, check_u_hat, compute_dtype,
-                      kept_iterations, needs_backward, pick_backend, runs_as_function)
+                      differentiable_once, kept_iterations, needs_backward, pick_backend, runs_as_function)
 from .squash import squash_backward_torch, squash_forward_torch
 
 __all__ = ["dynamic_routing"]
@@ -304,6 +304,7 @@ def _backward(ctx, dv, _ds_all_unused, _couplings_unused):
 
 
 _routing_forward_op.register_autograd(_backward, setup_context=_setup_context)
+differentiable_once(_routing_backward_op, "dynamic_routing")
 
 
 # ---------------------------------------------------------------------------------------------

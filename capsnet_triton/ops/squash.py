@@ -10,7 +10,8 @@ capsules alone take the scaled path.
 
 import torch
 
-from ..checks import check_capsules, check_differentiation, compute_dtype, pick_backend, runs_as_function
+from ..checks import (check_capsules, check_differentiation, compute_dtype, differentiable_once, pick_backend,
+                      runs_as_function)
 
 __all__ = ["squash", "squash_forward_torch", "squash_backward_torch"]
 
@@ -167,6 +168,7 @@ def _backward(ctx, dv):
 
 
 _squash_forward_op.register_autograd(_backward, setup_context=_setup_context)
+differentiable_once(_squash_backward_op, "squash")
 
 
 # ---------------------------------------------------------------------------------------------
