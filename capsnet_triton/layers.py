@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import (autocast_dtype, check_backend, check_flag, check_float_tensor, check_gradient,
+from .checks import (check_backend, check_flag, check_float_tensor, check_gradient,
                      check_iterations, check_positive_int)
 from .ops import capsule_linear, dynamic_routing, squash
 from .ops.capsule_linear import predict
@@ -79,12 +79,7 @@ class DigitCaps(nn.Module):
                 f"DigitCaps expects u of shape [B, I, P] = [B, {in_caps}, {in_dims}], got {list(u.shape)}"
             )
         if self.fused:
-            weight, low = self.weight, autocast_dtype(u)
-            if low is not None:
-                # As autocast casts the unfused path's matmul: both operands to its low dtype
-                # (float64 left alone), so that the two paths compute in, and return, one dtype.
-                u, weight = (x if x.dtype == torch.float64 else x.to(low) for x in (u, weight))
-            return capsule_linear(u, weight, self.routing_iterations, bias=self.bias,
+            return capsule_linear(u, self.weight, self.routing_iterations, bias=self.bias,
                                   gradient=self.gradient, backend=self.backend)
         u_hat = predict(u, self.weight)                                 # [B, I, J, D]
         return dynamic_routing(u_hat, self.routing_iterations, bias=self.bias,

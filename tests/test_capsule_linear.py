@@ -293,10 +293,11 @@ def test_predict_under_autocast_takes_a_float32_weight_beside_low_precision_u():
 
 
 def test_digit_caps_under_autocast_computes_in_one_dtype_fused_or_not():
-    """A float32 u under autocast: the unfused path's matmul casts u and W to bfloat16, and the
-    fused path does as autocast would, so the two return one dtype, and each agrees (SPEC 8) with
-    the float64 reference of what it was given: the fused layer with u and W rounded to bfloat16,
-    the unfused routing with its bfloat16 u_hat."""
+    """A float32 u under autocast: the unfused path's matmul casts u and W to bfloat16, and
+    capsule_linear does as autocast would (float32 or bfloat16 u beside a float32 W), so the two
+    return one dtype, and each agrees (SPEC 8) with the float64 reference of what it was given:
+    the fused layer with u and W rounded to bfloat16, the unfused routing with its bfloat16
+    u_hat."""
     from capsnet_triton.reference import routing_forward
     fused = DigitCaps(9, 8, 10, 16)
     unfused = DigitCaps(9, 8, 10, 16, fused=False)
@@ -305,6 +306,8 @@ def test_digit_caps_under_autocast_computes_in_one_dtype_fused_or_not():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         v_fused, v_unfused = fused(u), unfused(u)
         u_hat = predict(u, unfused.weight)
+        for given in (u, u.bfloat16()):
+            assert torch.equal(capsule_linear(given, fused.weight), v_fused)
     assert v_fused.dtype == v_unfused.dtype == u_hat.dtype == torch.bfloat16
     rounded = (as_float64(x.detach().bfloat16()) for x in (u, fused.weight))
     assert_agrees(v_fused, capsule_linear_forward(*rounded, 3)[0], torch.bfloat16, "fused v")

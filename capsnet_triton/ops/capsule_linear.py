@@ -196,6 +196,17 @@ differentiable_once(_capsule_linear_backward_op, "capsule_linear")
 # The public function
 # ---------------------------------------------------------------------------------------------
 
+def _as_autocast_casts(u, weight):
+    """u and W as autocast casts a matmul's operands where it is on: both to its low dtype, a
+    float64 left alone (and so refused beside a low one, as predict's matmul refuses it)."""
+    check_float_tensor(u, "u")
+    check_float_tensor(weight, "weight")
+    low = autocast_dtype(u)
+    if low is None:
+        return u, weight
+    return tuple(x if x.dtype == torch.float64 else x.to(low) for x in (u, weight))
+
+
 def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backend=None):
     """The DigitCaps layer fused: v = dynamic_routing(u_hat), u_hat[b, i, j] = W[i, j] @ u[b, i].
 
@@ -204,8 +215,11 @@ def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backe
     dynamic_routing's, and so is backend (None: the Triton kernels for CUDA tensors, the PyTorch
     path otherwise). Differentiable in u, weight and bias; u_hat [B, I, J, D] and its gradient
     are never held in memory: every part of the computation recomputes the u_hat it needs from u
-    and W. Returns v [B, J, D] in u's dtype (half precision is accumulated in float32).
+    and W. Returns v [B, J, D] in u's dtype (half precision is accumulated in float32). Under
+    autocast, u and W are first cast as autocast casts predict's matmul (to its low dtype, float64
+    left alone), so that the result is dynamic_routing(predict(u, W))'s in dtype too.
     """
+    u, weight = _as_autocast_casts(u, weight)
     check_u_and_weight(u, weight)
     iterations = check_iterations(iterations)
     check_gradient(gradient)
