@@ -23,3 +23,8 @@ def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'capsnet_triton' has no attribute {name!r}")
+
+
+def __dir__():
+    """The lazy names too, for tab completion and dir()."""
+    return sorted(set(globals()) | set(_LAZY))

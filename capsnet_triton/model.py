@@ -106,6 +106,8 @@ class CapsNet(nn.Module):
         out-of-range label there masks every capsule to zero instead of raising.
         """
         self._check_images(images)
+        if labels is not None:            # before the forward's work, and even where unused
+            check_labels(labels, images.shape[0], self.num_classes, values=validate)
         if self.recompute_convolutions and images.device.type == "cpu" and torch.is_grad_enabled():
             u = self.primary_caps.capsules(recomputed_convolutions(
                 images, self.conv1, self.primary_caps.conv, _RECOMPUTE_CHUNK))  # [B, I, P]
@@ -114,8 +116,6 @@ class CapsNet(nn.Module):
             u = self.primary_caps(features)                            # [B, I, P]
         v = self.digit_caps(u)                                         # [B, J, D]
         lengths = torch.linalg.vector_norm(v, dim=-1, dtype=torch.promote_types(v.dtype, torch.float32))
-        if labels is not None:                                         # checked even where unused
-            check_labels(labels, images.shape[0], self.num_classes, values=validate)
         if self.decoder is None:
             return CapsNetOutput(v, lengths, None)
         if labels is None:

@@ -50,6 +50,7 @@ def test_package_top_level_does_not_import_torch():
         import sys
         import capsnet_triton
         import capsnet_triton.reference
+        assert set(capsnet_triton.__all__) <= set(dir(capsnet_triton))   # the lazy names, listed
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "triton")))
     """)
     assert result.returncode == 0, result.stderr

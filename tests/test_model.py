@@ -264,12 +264,15 @@ def test_model_rejects_wrong_image_shapes(shape, match):
 
 def test_model_rejects_bad_inputs_and_configs():
     model = CapsNet(**TINY)
+    started = []                               # bad input is refused before the forward's work
+    model.digit_caps.register_forward_pre_hook(lambda *_: started.append(1))
     with pytest.raises(TypeError, match="floating-point"):
         model(torch.zeros(2, 1, 12, 12, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         model(torch.rand(2, 1, 12, 12), torch.tensor([0, 3]))
     with pytest.raises(TypeError, match="integer"):
         model(torch.rand(2, 1, 12, 12), torch.tensor([0.0, 1.0]))
+    assert started == []
     with pytest.raises(ValueError, match="too small"):
         CapsNet(image_size=16)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
