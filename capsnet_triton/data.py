@@ -367,7 +367,8 @@ def _fetch(idx_file, target, spec, mirrors, progress):
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
-    raise DownloadError(f"could not download {name} of {spec.name}:\n  " + "\n  ".join(failures))
+    # One line, as the commands report every error (training.errors): each mirror's failure after "; ".
+    raise DownloadError(f"could not download {name} of {spec.name}: " + "; ".join(failures))
 
 
 def derive_seed(*keys):

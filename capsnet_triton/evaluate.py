@@ -28,6 +28,7 @@ from .figures import write_figures
 from .losses import capsnet_loss, check_labels, correct_predictions
 from .model import build_model
 from .training.checkpoint import load_checkpoint
+from .training.config import check_run_config
 from .training.distributed import resolve_device
 from .training.errors import ArgumentParser, run_command
 
@@ -93,6 +94,7 @@ def load_model(path, device="cpu"):
     model its config describes.
     """
     checkpoint = load_checkpoint(path)
+    check_run_config(checkpoint["config"], path)
     try:
         model = build_model(checkpoint["config"])
         model.load_state_dict(checkpoint["model"])

@@ -234,7 +234,8 @@ _CURVES = (("train", "-", "train (mean of each logging window, shifted images)")
 def training_curves_figure(log_path, path, *, metric="accuracy"):
     """Training and validation loss (left) and error, 100% minus the metric (right), against the
     step, both on log axes, where the last tenths of a percent are visible; the test of the best
-    model, when the log has it, as a star at the last step. Writes `path`.
+    model, when the log has it, as a star at the step where it was chosen (its epoch's validation;
+    the last step where the log lacks that epoch). Writes `path`.
 
     Reads the JSON-lines log of `capsnet_triton.train`: "train" records (every few steps) and
     "validation" records (every epoch), both with "step", "loss" and "accuracy", and the final
@@ -255,10 +256,13 @@ def training_curves_figure(log_path, path, *, metric="accuracy"):
     test = [r for r in records if r.get("event") == "test"]
     steps = [r["step"] for r in records if "step" in r]
     if test and steps:
-        label = f"test of best.pt (epoch {test[-1].get('best_epoch', '?')})"
-        loss_ax.plot([max(steps)], [test[-1]["loss"]], "*", markersize=12, label=label)
-        error_ax.plot([max(steps)], [max(floor, 100.0 * (1.0 - test[-1]["accuracy"]))], "*", markersize=12,
-                      label=label)
+        best_epoch = test[-1].get("best_epoch", "?")
+        # At the step where best.pt was chosen (its epoch's validation), where the log has it.
+        chosen = [r["step"] for r in records if r.get("event") == "validation" and r.get("epoch") == best_epoch]
+        step = chosen[-1] if chosen else max(steps)
+        label = f"test of best.pt (epoch {best_epoch})"
+        loss_ax.plot([step], [test[-1]["loss"]], "*", markersize=12, label=label)
+        error_ax.plot([step], [max(floor, 100.0 * (1.0 - test[-1]["accuracy"]))], "*", markersize=12, label=label)
     loss_ax.set(xlabel="step", ylabel="total loss (margin + weighted reconstruction)", title="loss", yscale="log")
     error_ax.set(xlabel="step", ylabel=f"error (%), 100 - {metric}", title=f"error (100% - {metric})", yscale="log")
     for ax in (loss_ax, error_ax):

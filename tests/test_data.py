@@ -216,6 +216,7 @@ def test_download_every_mirror_failing_lists_each(tmp_path, monkeypatch):
         data.download(tmp_path / "data", "tiny", mirrors=[(tmp_path / "a").as_uri(), (tmp_path / "b").as_uri()],
                       progress=lambda _: None)
     assert str(tmp_path / "a") in str(error.value) and str(tmp_path / "b") in str(error.value)
+    assert "\n" not in str(error.value)                 # the commands' errors are one line
 
 
 def test_download_keeps_valid_files_of_a_flat_folder(tmp_path, monkeypatch):

@@ -33,10 +33,10 @@ def test_training_curves_plot_the_error_on_log_axes_with_the_test_of_the_best_mo
     log = _log(tmp_path, [
         {"event": "train", "step": 10, "loss": 0.6, "accuracy": 0.5},
         {"event": "train", "step": 20, "loss": 0.3, "accuracy": 0.9},
-        {"event": "validation", "step": 20, "loss": 0.2, "accuracy": 0.99, "count": 500},
+        {"event": "validation", "epoch": 1, "step": 20, "loss": 0.2, "accuracy": 0.99, "count": 500},
         {"event": "train", "step": 30, "loss": 0.1, "accuracy": 0.995},
-        {"event": "validation", "step": 30, "loss": 0.05, "accuracy": 1.0, "count": 500},
-        {"event": "test", "best_epoch": 2, "loss": 0.06, "accuracy": 0.996, "count": 1000},
+        {"event": "validation", "epoch": 2, "step": 30, "loss": 0.05, "accuracy": 1.0, "count": 500},
+        {"event": "test", "best_epoch": 1, "loss": 0.06, "accuracy": 0.996, "count": 1000},
     ])
     figures.training_curves_figure(log, tmp_path / "curves.png", metric="accuracy")
     (fig,) = drawn
@@ -48,8 +48,8 @@ def test_training_curves_plot_the_error_on_log_axes_with_the_test_of_the_best_mo
         [50.0, 10.0, 0.5])
     # A perfect validation score is drawn at 0.01% (the sets here are smaller), not at log(0).
     assert list(lines["validation (each epoch)"].get_ydata()) == pytest.approx([1.0, 0.01])
-    star = lines["test of best.pt (epoch 2)"]
-    assert list(star.get_xdata()) == [30] and list(star.get_ydata()) == pytest.approx([0.4])
+    star = lines["test of best.pt (epoch 1)"]           # at the step where best.pt was chosen
+    assert list(star.get_xdata()) == [20] and list(star.get_ydata()) == pytest.approx([0.4])
     # Log axes labelled in plain numbers, not 6x10^-1.
     labels = [t.get_text() for ax in (loss_ax, error_ax) for t in ax.get_yticklabels(which="both") if t.get_text()]
     assert labels and not any("10^" in text or "e-" in text or "times" in text for text in labels), labels

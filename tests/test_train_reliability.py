@@ -249,6 +249,29 @@ def test_user_errors_are_one_line_with_usage_and_failure_statuses(finished_run, 
     assert status == 2 and "do not fit the model its config describes" in one_line(err)
 
 
+@pytest.mark.parametrize("edit, words", [
+    (lambda config: config.pop("lr"), "lacks --lr"),
+    (lambda config: config.update(dataset="cifar"), "has --dataset 'cifar'"),
+    (lambda config: config.update(batch_size=16.0), "has --batch-size 16.0"),
+    (lambda config: config.update(amp="no"), "has --amp 'no'"),
+    (lambda config: config.update(decoder_hidden=[16]), "has --decoder-hidden [16]"),
+])
+def test_a_checkpoint_whose_config_no_option_could_give_is_one_usage_error(finished_run, fake_mnist, tmp_path,
+                                                                            capsys, edit, words):
+    """A checkpoint of another version, or edited (checksum intact), is refused by name by both
+    commands, not with a KeyError or TypeError from deep in the run."""
+    out = copy_run(finished_run, tmp_path / "run")
+    for name in ("last.pt", "best.pt"):
+        checkpoint = torch.load(out / name, weights_only=True)
+        del checkpoint["checksum"]
+        edit(checkpoint["config"])
+        save_atomic({**checkpoint, "checksum": payload_checksum(checkpoint)}, out / name)
+    for command, argv in ((train.main, ["--out", str(out), "--resume", "--epochs", "9"]),
+                          (evaluate.main, [str(out / "best.pt"), "--data", fake_mnist, "--device", "cpu"])):
+        status, err = run(command, argv, capsys)
+        assert status == 2 and words in one_line(err) and "another version" in one_line(err), command
+
+
 def test_the_command_line_process_ends_with_one_line_and_its_status(fake_mnist, tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))

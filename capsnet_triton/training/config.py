@@ -14,7 +14,8 @@ from .checkpoint import CHECKPOINT_FILES, best_model_in, load_checkpoint, load_t
 from .distributed import launched_rank, launched_world_size, resolve_device
 from .errors import ArgumentParser
 
-__all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "check_config", "resolve_config"]
+__all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "check_config", "check_run_config",
+           "resolve_config"]
 
 # Options a resumed run may change: they do not alter the trajectory of the parameters, except
 # --device and --digitcaps (the same function, rounded differently, so a run resumed with another
@@ -72,9 +73,10 @@ def build_parser(suppress_defaults=False):
     add(data, "--max-shift", default=2, type=int, help="random shift augmentation in pixels (0: none); "
         "the default is 6 for mnist40 (a digit anywhere on its 40x40 canvas) and 4 for multimnist (each digit "
         "of a pair, SPEC 9)")
-    add(data, "--limit-train", type=int, metavar="N", help="train on N images of the shuffled training split only (smoke runs)")
-    add(data, "--limit-val", type=int, metavar="N", help="validate on N images only")
-    add(data, "--limit-test", type=int, metavar="N", help="test on N images only")
+    add(data, "--limit-train", type=int, metavar="N", help="train on N images of the shuffled training split only "
+        "(smoke runs; multimnist: N training digits, each the first of a pair)")
+    add(data, "--limit-val", type=int, metavar="N", help="validate on N images (multimnist: pairs) only")
+    add(data, "--limit-test", type=int, metavar="N", help="test on N images (multimnist: pairs) only")
 
     optim = parser.add_argument_group("optimisation")
     add(optim, "--epochs", default=50, type=int, help="passes over the training split")
@@ -160,6 +162,41 @@ def check_config(config, error):
         error(f"--decoder-hidden widths must be positive, got {config['decoder_hidden']}")
 
 
+def _of_its_kind(value, action):
+    """Whether a checkpoint's config value could have come from the option `action`."""
+    if action.nargs == 2:
+        return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_a(x, action.type) for x in value)
+    if action.choices is not None:
+        return value in action.choices
+    if value is None:
+        return action.default is None
+    return _is_a(value, action.type or type(action.default))
+
+
+def _is_a(value, kind):
+    """isinstance, where a bool is no number and an int is a float too, as argparse's types read them."""
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def check_run_config(config, path):
+    """ValueError, in one line naming `path`, unless a checkpoint's config holds every option that
+    is part of a run (all but RESUMABLE's, which a resumed run fills with their defaults, and
+    "out") with a value the option could have given: a checkpoint of another version, or edited,
+    would otherwise fail later with a KeyError or TypeError deep in the run."""
+    for action in build_parser()._actions:
+        key = action.dest
+        if key in RESUMABLE or key in ("help", "out", "resume"):
+            continue
+        if key not in config:
+            raise ValueError(f"{path}: its run configuration lacks --{key.replace('_', '-')} (written by another "
+                             f"version of capsnet_triton, or edited?)")
+        if not _of_its_kind(config[key], action):
+            raise ValueError(f"{path}: its run configuration has --{key.replace('_', '-')} {config[key]!r}, which "
+                             f"that option cannot take (written by another version of capsnet_triton, or edited?)")
+
+
 def _claim_out(out, error, lock):
     """Call error(message) unless `out` is (or can be made) a folder this process can write and,
     on the main rank (the one that writes it), its lock (`checkpoint.lock_run_folder`) is free;
@@ -205,6 +242,7 @@ def _resumed_config(last, args, explicit, parser):
     RESUMABLE options given."""
     try:
         checkpoint = load_training_state(last)
+        check_run_config(checkpoint["config"], last)
     except ValueError as e:
         parser.error(f"--resume: {e}")
     config = dict(checkpoint["config"])

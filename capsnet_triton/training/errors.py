@@ -1,9 +1,10 @@
 """How the commands (train, evaluate) end on an error a user can cause or meet.
 
-Bad options end through argparse with exit status 2 (usage). Everything found while running
-(data that is missing, corrupt or of another dataset, a corrupt checkpoint, a full disk, a run
-that diverged) ends with one line, "PROG: error: what is wrong and what to do", and exit
-status 1; --verbose shows the traceback as well. A training run stopped by Ctrl-C after saving
+Bad options end through argparse with exit status 2 (usage), and so does, before any work, what
+the options point at that cannot serve: a missing, corrupt or foreign checkpoint, a run folder
+in use. Everything found while running (data that is missing, corrupt or of another dataset, a
+failed download, a full disk, a run that diverged) ends with one line, "PROG: error: what is
+wrong and what to do", and exit status 1; --verbose shows the traceback as well. A training run stopped by Ctrl-C after saving
 last.pt ends with one line saying how to continue, and exit status 130 (128 + SIGINT, as a shell
 reports a process that SIGINT ended); so does a command stopped by Ctrl-C anywhere else (loading
 data, the final test, the figures, a second Ctrl-C), saying what is left to do.
