@@ -248,6 +248,9 @@ def _checked(u, weight, iterations, bias=None):
                          f"{iterations} and B = {B}, has more than 2**31 - 1 elements")
     # check_bias reads J, D and the device off a [B, I, J, D] tensor: a view of W of that shape.
     check_bias(bias, weight[None, ..., 0], "weight")
+    # Backward kernel B's tile, W's [BLOCK_J, BLOCK_D, BLOCK_P] per input, checked here too, so
+    # that a W too large for it is refused by the forward, not by a backward after it.
+    _launch_config(I, J, D, P, u.dtype, None, weight_tile=True)
     return u.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
 
 

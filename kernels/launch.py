@@ -99,10 +99,15 @@ def block_inputs(I, per_input, dtype, block_i=None):
     """BLOCK_I, the inputs of one tile of per_input elements each (a power of two): block_i when
     given (checked), else as many as keep the tile in registers on a GPU (max_tile), or, under
     the interpreter, as many as it takes (up to _INTERPRETER_MAX_BLOCK_I and its tensor limit).
-    Under the interpreter, first checks that it can run the loop over I (interpreter_problem)."""
+    Under the interpreter, first checks that it can run the loop over I (interpreter_problem);
+    everywhere, that one input's tile is a tensor Triton can hold (ValueError)."""
     problem = interpreter_problem(triton.__version__, np.__version__) if interpreting() else None
     if problem:
         raise RuntimeError(problem)
+    if per_input > tl.TRITON_MAX_TENSOR_NUMEL:
+        raise ValueError(f"one input's tile would hold {per_input} elements (J, D and P padded to powers of two), "
+                         f"more than a Triton tensor may ({tl.TRITON_MAX_TENSOR_NUMEL}); the PyTorch path "
+                         f"(backend='torch') has no such limit")
     if block_i is not None:
         if isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
             raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")

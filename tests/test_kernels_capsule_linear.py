@@ -91,7 +91,7 @@ def layer_cases(draw, dtype):
         iterations=draw(st.integers(1, 4)),
         with_bias=draw(st.booleans()),
         gradient=draw(st.sampled_from(["full", "last"])),
-        block_i=draw(st.sampled_from([None, 2, 8])),
+        block_i=draw(st.sampled_from([None, 1, 2, 8])),  # 1: the split forward's on a GPU in float64
         variant=draw(st.sampled_from(["sample", "split"])),
         splits=draw(st.sampled_from([None, 1, 2, 3])),
         seed=draw(st.integers(0, 2**32 - 1)),
@@ -277,6 +277,10 @@ def test_capsule_linear_rejects_bad_input():
         (ValueError, r"bias must have shape \[J, D\]",
          lambda: capsule_linear_forward(u, weight, 2, torch.ones(4, 2, device=DEVICE))),
         (ValueError, "power of two", lambda: capsule_linear_forward(u, weight, 2, block_i=3)),
+        # Backward kernel B's [J, D, P] tile of W would be 2**21 elements: refused by the forward.
+        (ValueError, "more than a Triton tensor may",
+         lambda: capsule_linear_forward(torch.ones(1, 1, 128, device=DEVICE), torch.ones(1, 128, 128, 128, device=DEVICE),
+                                        2)),
         (ValueError, "gradient", lambda: capsule_linear_backward(dv, u, weight, s_all, couplings, gradient="none")),
         (ValueError, r"variant must be one of \('sample', 'split'\)",
          lambda: capsule_linear_forward(u, weight, 2, variant="persistent")),

@@ -438,6 +438,8 @@ def test_routing_rejects_bad_input():
         (ValueError, r"bias must have shape \[J, D\]",
          lambda: routing_forward(u_hat, 2, torch.ones(4, 3, device=DEVICE))),
         (ValueError, "one device", lambda: routing_forward(u_hat, 2, torch.ones(3, 4, device="meta"))),
+        (ValueError, "more than a Triton tensor may",                  # one input's [J, D] tile: 2**21
+         lambda: routing_forward(torch.ones(1, 1, 1024, 1025, device=DEVICE), 2)),
         (ValueError, "power of two", lambda: routing_forward(u_hat, 2, block_i=3)),
         (ValueError, "power of two", lambda: routing_backward(dv, u_hat, s_all, couplings, block_i=0)),
         (ValueError, r"variant must be one of \('sample', 'split'\)",
