@@ -21,7 +21,8 @@ bit-identical on CPU to one never interrupted. Ctrl-C stops a single-process run
 step boundary (after an epoch's validation when it came in that epoch's last step), with last.pt
 saved there, and exits with status 130; a second Ctrl-C, or one outside the training steps,
 stops at once with one line and status 130 (the command only: `main(argv)` called from Python
-leaves Ctrl-C to its caller). The run writing RUN_DIR holds RUN_DIR/.lock (an flock that ends
+leaves Ctrl-C to its caller). SIGTERM, a scheduler's warning before it kills a job, stops the
+training steps the same way, with status 143. The run writing RUN_DIR holds RUN_DIR/.lock (an flock that ends
 with its process), so a second run into the same folder is refused.
 
 Distributed (`training.distributed`): under torchrun every rank trains on its shard of each
@@ -75,7 +76,7 @@ def main(argv=None):
     with lock:
         if command:
             keep_freed_memory()
-        status = run_command(parser.prog, config["verbose"], functools.partial(train, ctrl_c_stops=command),
+        status = run_command(parser.prog, config["verbose"], functools.partial(train, signals_stop=command),
                              config, checkpoint, owns_ctrl_c=command,
                              after_ctrl_c=functools.partial(_after_ctrl_c, config["out"]))
     if status == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:

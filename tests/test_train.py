@@ -211,13 +211,15 @@ def test_a_run_killed_right_after_any_save_resumes_bit_identical(improving_run, 
     assert without_timing(read_log(out)) == without_timing(read_log(improving_run))
 
 
-# Runs the training command with Ctrl-C pressed `presses` times from inside the `after`-th call
-# of loop.<where> (a training step, or a validation pass), where the test can place it exactly.
+# Runs the training command with Ctrl-C pressed (or another signal sent, SIGNAL in the
+# environment) `presses` times from inside the `after`-th call of loop.<where> (a training step,
+# or a validation pass), where the test can place it exactly.
 _CTRL_C_AT = """
 import os, signal, sys
 from capsnet_triton import train
 from capsnet_triton.training import loop
 where, after, presses = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sent = getattr(signal, os.environ.get("SIGNAL", "SIGINT"))
 original = getattr(loop, where)
 calls = 0
 def pressed(*args, **kwargs):
@@ -225,7 +227,7 @@ def pressed(*args, **kwargs):
     calls += 1
     if calls == after:
         for _ in range(presses):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sent)
     return original(*args, **kwargs)
 setattr(loop, where, pressed)
 sys.argv = ["capsnet_triton.train", *sys.argv[4:]]
@@ -233,19 +235,22 @@ sys.exit(train.main())                                  # as the command: main(a
 """
 
 
-def run_with_ctrl_c(where, after, presses, argv):
+def run_with_ctrl_c(where, after, presses, argv, sent="SIGINT"):
     return subprocess.run([sys.executable, "-c", _CTRL_C_AT, where, str(after), str(presses), *argv],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+                          env={**subprocess_env(), "SIGNAL": sent}, capture_output=True, text=True, timeout=120)
 
 
-def test_ctrl_c_saves_where_it_stops_and_resume_is_bit_identical(straight_run, data_dir, tmp_path):
+@pytest.mark.parametrize("sent, status, by", [("SIGINT", 130, ""), ("SIGTERM", 143, " by SIGTERM")])
+def test_ctrl_c_saves_where_it_stops_and_resume_is_bit_identical(straight_run, data_dir, tmp_path, sent, status, by):
+    """Ctrl-C, or SIGTERM (what a cluster's scheduler sends before it kills a job)."""
     out = tmp_path / "interrupted"
-    # No periodic checkpoints: a last.pt inside the first epoch can only be the one Ctrl-C saved.
-    result = run_with_ctrl_c("_train_step", 3, 1, tiny_args(data_dir, out, "--epochs", "2", "--checkpoint-every", "0"))
-    assert result.returncode == 130, result.stderr[-2000:]
-    assert load(out)["position"]["global_step"] == 3                   # the step it was pressed in ends first
+    # No periodic checkpoints: a last.pt inside the first epoch can only be the one the signal saved.
+    result = run_with_ctrl_c("_train_step", 3, 1, tiny_args(data_dir, out, "--epochs", "2", "--checkpoint-every", "0"),
+                             sent)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert load(out)["position"]["global_step"] == 3                   # the step it came in ends first
     assert result.stderr.rstrip("\n").split("\n")[-1] == (
-        f"python -m capsnet_triton.train: interrupted after step 3, saved in {out / 'last.pt'}; continue with "
+        f"python -m capsnet_triton.train: interrupted{by} after step 3, saved in {out / 'last.pt'}; continue with "
         f"--out {out} --resume")
     assert train.main(["--out", str(out), "--resume"]) == 0
     assert_same_state(load(out), load(straight_run))

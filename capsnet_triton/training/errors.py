@@ -4,10 +4,11 @@ Bad options end through argparse with exit status 2 (usage), and so does, before
 the options point at that cannot serve: a missing, corrupt or foreign checkpoint, a run folder
 in use. Everything found while running (data that is missing, corrupt or of another dataset, a
 failed download, a full disk, a run that diverged) ends with one line, "PROG: error: what is
-wrong and what to do", and exit status 1; --verbose shows the traceback as well. A training run stopped by Ctrl-C after saving
-last.pt ends with one line saying how to continue, and exit status 130 (128 + SIGINT, as a shell
-reports a process that SIGINT ended); so does a command stopped by Ctrl-C anywhere else (loading
-data, the final test, the figures, a second Ctrl-C), saying what is left to do.
+wrong and what to do", and exit status 1; --verbose shows the traceback as well. A training run
+stopped by Ctrl-C after saving last.pt ends with one line saying how to continue, and exit status
+130 (128 + SIGINT, as a shell reports a process that SIGINT ended), or 143 after SIGTERM; a
+command stopped by Ctrl-C anywhere else (loading data, the final test, the figures, a second
+Ctrl-C) ends with 130 and one line saying what is left to do.
 
 Under torchrun every rank runs the command: a usage error, the same on every rank, is said by
 rank 0 alone; an error found while running is said by each rank that meets it, "rank N: ..."
@@ -44,8 +45,14 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C stopped the run at a step boundary, after saving last.pt there; the message says
-    how to continue. Not a failure: the command ends with INTERRUPTED_STATUS."""
+    """Ctrl-C (or SIGTERM) stopped the run at a step boundary, after saving last.pt there; the
+    message says how to continue. Not a failure: the command ends with `status`, 128 + the
+    signal's number as a shell reports a process the signal ended (INTERRUPTED_STATUS for
+    Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message, status=INTERRUPTED_STATUS):
+        super().__init__(message)
+        self.status = status
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -76,15 +83,16 @@ def _another_rank_failed(error):
 
 def run_command(prog, verbose, function, *args, owns_ctrl_c=True, after_ctrl_c=None):
     """function(*args); 0 when it returns, 1 with a one-line message when it raises a USER_ERRORS,
-    INTERRUPTED_STATUS with its message when it raises TrainingInterrupted or when Ctrl-C stops
-    it: "PROG: interrupted (Ctrl-C)", then `after_ctrl_c()` (what is left to do) where given, said
-    by rank 0 alone under torchrun. owns_ctrl_c=False, for a caller that passed the command's
-    argv from Python (a test runner), leaves a single process's KeyboardInterrupt to that caller."""
+    the exception's status with its message when it raises TrainingInterrupted, and
+    INTERRUPTED_STATUS when Ctrl-C stops it: "PROG: interrupted (Ctrl-C)", then `after_ctrl_c()`
+    (what is left to do) where given, said by rank 0 alone under torchrun. owns_ctrl_c=False,
+    for a caller that passed the command's argv from Python (a test runner), leaves a single
+    process's KeyboardInterrupt to that caller."""
     try:
         function(*args)
     except TrainingInterrupted as e:
         _say(f"{prog}: {e}")
-        return INTERRUPTED_STATUS
+        return e.status
     except KeyboardInterrupt:
         if launched_world_size() == 1 and not owns_ctrl_c:
             raise

@@ -1,7 +1,7 @@
 """The training loop of the paper's recipe (SPEC section 6): Adam with the official code's
 learning-rate decay, shifted batches, a validation pass per epoch that picks best.pt, and the
-test set once, at the end. Ctrl-C can stop a single-process run at the next step boundary, after
-saving last.pt there (`_StopRequest`)."""
+test set once, at the end. Ctrl-C or SIGTERM can stop a single-process run at the next step
+boundary, after saving last.pt there (`_StopRequest`)."""
 
 import math
 import os
@@ -121,52 +121,57 @@ def _check_finite(model, diverged_steps, where):
 
 
 class _StopRequest:
-    """Ctrl-C as a request to stop: while active, the first SIGINT only sets `requested`, which
-    the loop reads at its next step boundary, and hands SIGINT back to the handler it replaced,
-    so a second Ctrl-C acts as it always did.
+    """Ctrl-C (SIGINT) and SIGTERM, the signal a cluster's scheduler sends before it kills a job,
+    as a request to stop: while active, the first of either only sets `requested` (the signal's
+    number), which the loop reads at its next step boundary, and hands that signal back to the
+    handler it replaced, so a second one acts as it always did.
 
     Enabled for single-process runs only: under torchrun each rank would see the request at
-    another step and wait forever for the others in the next all-reduce. It takes over SIGINT
-    only where Ctrl-C would raise KeyboardInterrupt: a process started with SIGINT ignored (a
-    shell script's background job) keeps it ignored.
+    another step and wait forever for the others in the next all-reduce. It takes over a signal
+    only where the process has its default action: a process started with SIGINT ignored (a
+    shell script's background job) keeps it ignored, and a handler a program installed stays.
     """
 
+    _DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
     def __init__(self, enabled):
-        self.active = enabled and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        self.requested = False
+        self.taken = [signum for signum, default in self._DEFAULTS.items()
+                      if enabled and signal.getsignal(signum) is default]
+        self.requested = None
+        self.previous = {}
 
     def __enter__(self):
-        if self.active:
-            self.previous = signal.signal(signal.SIGINT, self._request)
+        for signum in self.taken:
+            self.previous[signum] = signal.signal(signum, self._request)
         return self
 
     def _request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        self.requested = self.requested or signum
+        signal.signal(signum, self.previous[signum])
 
     def __exit__(self, *exc_info):
-        if self.active:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
-def train(config, checkpoint=None, *, ctrl_c_stops=False):
+def train(config, checkpoint=None, *, signals_stop=False):
     """Run (or, given last.pt's contents, continue) the training that `config` describes.
 
-    ctrl_c_stops: a single-process run takes over Ctrl-C (`_StopRequest`), to stop at the next
-    step boundary with last.pt saved there and raise TrainingInterrupted; only for the process's
+    signals_stop: a single-process run takes over Ctrl-C and SIGTERM (`_StopRequest`), to stop at
+    the next step boundary with last.pt saved there and raise TrainingInterrupted; only for the process's
     own command, since it must run in the main thread and a program around it (a test runner)
     expects Ctrl-C to reach it.
     Returns the test metrics of the best model (a dict; see `evaluate.evaluate`).
     """
     context, device = init_distributed(config["device"])
     try:
-        return _train(config, checkpoint, context, device, ctrl_c_stops and not context.distributed)
+        return _train(config, checkpoint, context, device, signals_stop and not context.distributed)
     finally:
         if context.distributed:
             dist.destroy_process_group()
 
 
-def _train(config, checkpoint, context, device, ctrl_c_stops):
+def _train(config, checkpoint, context, device, signals_stop):
     run_dir = config["out"]
     os.makedirs(run_dir, exist_ok=True)
     if context.is_main:
@@ -218,13 +223,15 @@ def _train(config, checkpoint, context, device, ctrl_c_stops):
                                 device=device, world_size=world)
 
     def interrupted(position_epoch, position_step):
-        return TrainingInterrupted(f"interrupted after step {position_epoch * steps_per_epoch + position_step}, "
-                                   f"saved in {paths['last.pt']}; continue with --out {run_dir} --resume")
+        by = "" if stop.requested == signal.SIGINT else f" by {signal.Signals(stop.requested).name}"
+        return TrainingInterrupted(f"interrupted{by} after step {position_epoch * steps_per_epoch + position_step}, "
+                                   f"saved in {paths['last.pt']}; continue with --out {run_dir} --resume",
+                                   status=128 + stop.requested)
 
     if epoch == config["epochs"] and context.is_main:
         print(f"nothing to train: {paths['last.pt']} has finished all --epochs {epoch}; testing its best model "
               f"again (pass a larger --epochs to train more)")
-    stop = _StopRequest(ctrl_c_stops)
+    stop = _StopRequest(signals_stop)
     try:
         with stop:
             for epoch in range(epoch, config["epochs"]):
