@@ -45,7 +45,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     parser.add_argument("--eval", type=int, default=1000,
                         help="training images held out for validation, and test images scored at the end (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the validation split and the batches")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batches")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.eval < 1:
         parser.error("--steps, --batch and --eval must be positive")

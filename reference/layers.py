@@ -25,6 +25,21 @@ __all__ = [
 ]
 
 
+def _check_floating(**arrays):
+    """Integer arrays would give integer outputs (and wrap around): the layers compute in floats."""
+    for name, array in arrays.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}")
+
+
+def _check_dout(dout, shape):
+    """dout as an array of the forward output's shape (NumPy would broadcast a wrong one)."""
+    dout = np.asarray(dout)
+    if dout.shape != shape:
+        raise ValueError(f"dout must have shape {shape}, got {dout.shape}")
+    return dout
+
+
 def conv2d_output_size(size, kernel_size, stride=1):
     """Spatial output size of a valid (unpadded) convolution."""
     return (size - kernel_size) // stride + 1
@@ -37,6 +52,7 @@ def conv2d_forward(x, weight, bias, stride=1):
     BLAS call, which is what makes the reference network trainable in NumPy.
     """
     x, weight, bias = np.asarray(x), np.asarray(weight), np.asarray(bias)
+    _check_floating(x=x, weight=weight, bias=bias)
     if x.ndim != 4:
         raise ValueError(f"x must have shape [N, C, H, W] (4 axes), got shape {x.shape}")
     if weight.ndim != 4:
@@ -66,9 +82,7 @@ def conv2d_backward(dout, cache):
     kh, kw = weight.shape[2:]
     windows = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]  # [N, C, Ho, Wo, kh, kw]
     N, _, Ho, Wo = windows.shape[:4]
-    dout = np.asarray(dout)
-    if dout.shape != (N, weight.shape[0], Ho, Wo):
-        raise ValueError(f"dout must have shape {(N, weight.shape[0], Ho, Wo)}, got {dout.shape}")
+    dout = _check_dout(dout, (N, weight.shape[0], Ho, Wo))
     dbias = dout.sum(axis=(0, 2, 3))                               # [O]
     dweight = np.tensordot(dout, windows, axes=([0, 2, 3], [0, 2, 3]))  # [O, C, kh, kw]
     dwindows = np.tensordot(dout, weight, axes=([1], [0]))         # [N, Ho, Wo, C, kh, kw]
@@ -90,12 +104,13 @@ def relu_forward(x):
 
 def relu_backward(dout, cache):
     """dx = dout where x > 0, else 0 (torch's choice of 0 at x = 0)."""
-    return np.where(cache, dout, 0)
+    return np.where(cache, _check_dout(dout, cache.shape), 0)
 
 
 def linear_forward(x, weight, bias):
     """y = x W^T + b. x [N, in], weight [out, in], bias [out] -> (y [N, out], cache)."""
     x, weight, bias = np.asarray(x), np.asarray(weight), np.asarray(bias)
+    _check_floating(x=x, weight=weight, bias=bias)
     if x.ndim != 2:
         raise ValueError(f"x must have shape [N, in] (2 axes), got shape {x.shape}")
     if weight.ndim != 2 or weight.shape[1] != x.shape[1]:
@@ -108,9 +123,7 @@ def linear_forward(x, weight, bias):
 def linear_backward(dout, cache):
     """(dx [N, in] = dout W, dweight [out, in] = dout^T x, dbias [out] = sum_n dout)."""
     x, weight = cache
-    dout = np.asarray(dout)
-    if dout.shape != (x.shape[0], weight.shape[0]):
-        raise ValueError(f"dout must have shape {(x.shape[0], weight.shape[0])}, got {dout.shape}")
+    dout = _check_dout(dout, (x.shape[0], weight.shape[0]))
     return dout @ weight, dout.T @ x, dout.sum(axis=0)
 
 
@@ -125,4 +138,4 @@ def sigmoid_forward(x):
 def sigmoid_backward(dout, cache):
     """dx = dout y (1 - y)."""
     y = cache
-    return dout * y * (1.0 - y)
+    return _check_dout(dout, y.shape) * y * (1.0 - y)

@@ -15,6 +15,8 @@
 
 import numpy as np
 
+from .squash import _check, _norm_and_direction
+
 __all__ = [
     "capsule_length_forward",
     "capsule_length_backward",
@@ -27,22 +29,19 @@ __all__ = [
 
 
 def capsule_length_forward(v):
-    """lengths = |v| over the last axis. v [..., D] -> (lengths [...], cache)."""
-    v = np.asarray(v)
-    if v.ndim < 1:
-        raise ValueError("v must have at least one axis (the capsule dimension), got a scalar")
-    lengths = np.sqrt(np.sum(v * v, axis=-1))                      # [...]
-    return lengths, (v, lengths)
+    """lengths = |v| over the last axis, scaled as squash scales its norm, so that tiny capsules
+    do not underflow to length 0. v [..., D] -> (lengths [...], cache)."""
+    lengths, direction = _norm_and_direction(_check(v, "v"))                    # [..., 1], [..., D]
+    return lengths[..., 0], (direction, lengths[..., 0])
 
 
 def capsule_length_backward(dlengths, cache):
     """dv = dlengths v / |v|, and 0 where v = 0 (a subgradient; never NaN). -> dv [..., D]."""
-    v, lengths = cache
+    direction, lengths = cache
     dlengths = np.asarray(dlengths)
     if dlengths.shape != lengths.shape:
         raise ValueError(f"dlengths must have shape {lengths.shape}, got {dlengths.shape}")
-    safe = np.where(lengths > 0, lengths, 1.0)                     # [...]
-    return (dlengths / safe)[..., None] * v                        # [..., D]
+    return dlengths[..., None] * direction                         # [..., D]
 
 
 def _check_labels(labels, batch, num_classes):
@@ -115,6 +114,9 @@ def reconstruction_loss_forward(reconstruction, target):
     pixels), or [B, K, N] for K reconstructions per sample, each against its own target
     (MultiMNIST: each digit's canvas); the sum then runs over all K N values of a sample."""
     reconstruction, target = np.asarray(reconstruction), np.asarray(target)
+    for name, array in (("reconstruction", reconstruction), ("target", target)):
+        if not np.issubdtype(array.dtype, np.floating):   # uint8 pixels would wrap around, unscaled
+            raise ValueError(f"{name} must be floating point (pixels in [0, 1]), got dtype {array.dtype}")
     if reconstruction.ndim not in (2, 3):
         raise ValueError(f"reconstruction must have shape [B, N] or [B, K, N], got shape {reconstruction.shape}")
     if target.shape != reconstruction.shape:

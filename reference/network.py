@@ -78,6 +78,11 @@ class CapsNetConfig:
         object.__setattr__(self, "decoder_hidden", tuple(self.decoder_hidden))
         if len(self.decoder_hidden) != 2:
             raise ValueError(f"decoder_hidden must hold 2 layer widths, got {self.decoder_hidden}")
+        sizes = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                 if field.type is int or field.type == "int"}
+        for name, size in [*sizes.items(), *(("a decoder_hidden width", width) for width in self.decoder_hidden)]:
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
         if self.primary_grid < 1:
             raise ValueError(
                 f"image_size {self.image_size} is too small for two {self.kernel_size}x{self.kernel_size} "
@@ -221,11 +226,16 @@ def network_forward(params, images, labels, config, routing_iterations=3, routin
     """
     _check_params(params, config)
     images = _check_images(images, config)
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        # The margin loss takes [B, K] (MultiMNIST), but this decoder reconstructs one capsule
+        # per image; SPEC 9's reconstruction of each digit on its own is the PyTorch CapsNet's.
+        raise ValueError(f"labels must have shape [B], one class per image, got shape {labels.shape}")
     B = images.shape[0]
     v, encoder_caches = _encode(params, images, config, routing_iterations, routing_gradient)
     lengths, length_cache = capsule_length_forward(v)              # [B, J]
     margin, margin_cache = margin_loss_forward(lengths, labels)    # []
-    reconstruction, decoder_cache = _decode(params, v, np.asarray(labels))  # [B, C*H*W]
+    reconstruction, decoder_cache = _decode(params, v, labels)    # [B, C*H*W]
     recon_loss, recon_cache = reconstruction_loss_forward(reconstruction, images.reshape(B, -1))  # []
     total = margin + reconstruction_weight * recon_loss            # []
     cache = dict(v=v, lengths=lengths, reconstruction=reconstruction, margin_loss=margin,

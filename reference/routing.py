@@ -61,7 +61,8 @@ def routing_forward(u_hat, iterations=3, *, bias=None, gradient="full"):
     """Route prediction vectors u_hat [B, I, J, D] to output capsules v [B, J, D] (Procedure 1).
 
     iterations: r >= 1; r = 1 is a single pass with uniform coupling c = 1/J.
-    bias: optional [J, D] added to s in every iteration (the official code has one; off by default).
+    bias: optional [J, D] added to s in every iteration (the official code has one; off by default),
+    in u_hat's dtype, so that v keeps u_hat's dtype whatever the bias's.
     gradient: "full" or "last", the policy routing_backward follows (see the module docstring).
     Returns (v, cache); the cache holds every iteration's coupling, s and v for routing_backward.
     """
@@ -82,6 +83,7 @@ def routing_forward(u_hat, iterations=3, *, bias=None, gradient="full"):
             raise ValueError(f"bias must have shape [J, D] = {(J, D)}, got {bias.shape}")
         if not np.issubdtype(bias.dtype, np.floating):
             raise ValueError(f"bias must be a floating-point array, got dtype {bias.dtype}")
+        bias = bias.astype(u_hat.dtype, copy=False)
     # 0 for a sample whose u_hat is finite, NaN for one that is not: added to every s, it makes
     # all of that sample's outputs NaN (SPEC 7), not only the parents the bad value reaches.
     finite = np.isfinite(u_hat).all(axis=(1, 2, 3))                # [B]

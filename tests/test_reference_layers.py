@@ -82,6 +82,8 @@ def test_conv2d_bad_input_raises(rng):
         conv2d_forward(x, weight, bias, stride=0)
     with pytest.raises(ValueError, match="smaller than"):
         conv2d_forward(x[:, :, :2], weight, bias)
+    with pytest.raises(ValueError, match="x must be a floating-point array"):
+        conv2d_forward(np.ones((1, 2, 5, 5), dtype=np.int64), weight, bias)    # would give integers
     _, cache = conv2d_forward(x, weight, bias)
     with pytest.raises(ValueError, match="dout"):
         conv2d_backward(np.zeros((1, 3, 2, 2)), cache)
@@ -110,9 +112,16 @@ def test_linear_bad_input_raises(rng):
         linear_forward(rng.normal(size=(2, 7)), rng.normal(size=(5, 6)), rng.normal(size=5))
     with pytest.raises(ValueError, match="bias"):
         linear_forward(rng.normal(size=(2, 7)), rng.normal(size=(5, 7)), rng.normal(size=4))
+    with pytest.raises(ValueError, match="weight must be a floating-point array"):
+        linear_forward(rng.normal(size=(2, 7)), np.ones((5, 7), dtype=np.int32), rng.normal(size=5))
     _, cache = linear_forward(rng.normal(size=(2, 7)), rng.normal(size=(5, 7)), rng.normal(size=5))
     with pytest.raises(ValueError, match="dout"):
         linear_backward(np.zeros((2, 4)), cache)
+    # A dout NumPy would broadcast to the output's shape is refused too.
+    for forward, backward in ((relu_forward, relu_backward), (sigmoid_forward, sigmoid_backward)):
+        _, cache = forward(rng.normal(size=(2, 3)))
+        with pytest.raises(ValueError, match=r"dout must have shape \(2, 3\), got \(1, 3\)"):
+            backward(np.ones((1, 3)), cache)
 
 
 def test_relu_matches_torch_including_zero(rng):

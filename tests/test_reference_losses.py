@@ -142,6 +142,8 @@ def test_reconstruction_loss_rejects_bad_shapes():
         reconstruction_loss_forward(np.zeros((2, 3, 4, 5)), np.zeros((2, 3, 4, 5)))
     with pytest.raises(ValueError, match="target has shape"):
         reconstruction_loss_forward(np.zeros((2, 3)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"target must be floating point \(pixels in \[0, 1\]\)"):
+        reconstruction_loss_forward(np.full((1, 3), 0.5), np.array([[0, 128, 255]], np.uint8))
 
 
 @given(seeds)
@@ -168,9 +170,17 @@ def test_capsule_length_matches_torch_and_has_zero_gradient_at_zero(rng):
     assert relative_error(dv, v_t.grad.numpy()) <= 1e-14
 
 
+def test_capsule_length_of_a_tiny_capsule_does_not_underflow():
+    lengths, cache = capsule_length_forward(np.array([[3e-200, 4e-200]]))
+    assert relative_error(lengths, np.array([5e-200])) <= 1e-15
+    assert relative_error(capsule_length_backward(np.ones(1), cache), np.array([[0.6, 0.8]])) <= 1e-15
+
+
 def test_capsule_length_rejects_bad_input():
     with pytest.raises(ValueError, match="scalar"):
         capsule_length_forward(np.float64(2.0))
+    with pytest.raises(ValueError, match="0 dimensions"):
+        capsule_length_forward(np.ones((2, 0)))
     _, cache = capsule_length_forward(np.ones((2, 3, 4)))
     with pytest.raises(ValueError, match="dlengths"):
         capsule_length_backward(np.ones((2, 4)), cache)

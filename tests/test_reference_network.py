@@ -177,6 +177,8 @@ def test_bad_input_raises():
         network_forward(params, (images * 255).astype(np.uint8), labels, TINY)
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.2"):
         network_forward(params, images, labels + 3, TINY)
+    with pytest.raises(ValueError, match=r"labels must have shape \[B\], one class per image"):
+        network_forward(params, images, np.stack([labels, (labels + 1) % 3], axis=1), TINY)   # [B, K]
     with pytest.raises(ValueError, match=r"missing \['digit_caps.bias'\]"):
         network_forward(params, images, labels, dataclasses.replace(TINY, routing_bias=True))
     wrong = dict(params, **{"conv1.bias": np.zeros(5)})
@@ -186,3 +188,8 @@ def test_bad_input_raises():
         CapsNetConfig(image_size=16)
     with pytest.raises(ValueError, match="decoder_hidden"):
         CapsNetConfig(decoder_hidden=(512,))
+    for sizes in (dict(conv_channels=0), dict(num_classes=0), dict(kernel_size=0), dict(image_size=28.0)):
+        with pytest.raises(ValueError, match=f"{next(iter(sizes))} must be a positive integer"):
+            CapsNetConfig(**sizes)
+    with pytest.raises(ValueError, match="a decoder_hidden width must be a positive integer, got 0"):
+        CapsNetConfig(decoder_hidden=(512, 0))

@@ -149,6 +149,8 @@ def test_bad_input_raises(rng):
         routing_forward(rng.normal(size=(1, 2, 3, 4)), bias=np.zeros((4, 3)))
     with pytest.raises(ValueError, match="bias must be a floating-point"):
         routing_forward(rng.normal(size=(1, 2, 3, 4)), bias=np.zeros((3, 4), dtype=np.int64))
+    # A bias of another float dtype is added in u_hat's: v keeps u_hat's dtype.
+    assert routing_forward(np.ones((1, 2, 3, 4), np.float32), bias=np.ones((3, 4)))[0].dtype == np.float32
     for bad in (True, False, "stop", None):
         with pytest.raises(ValueError, match=r"gradient must be one of \('full', 'last'\)"):
             routing_forward(rng.normal(size=(1, 2, 3, 4)), gradient=bad)
