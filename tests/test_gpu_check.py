@@ -93,11 +93,22 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     assert "**affnist-generated test accuracy 79.50%" in rows["affnist-generated"]
 
 
+def test_on_a_gpu_the_tests_stage_runs_every_file_whose_tests_use_the_device():
+    """gpu_check.sh runs only the test files that use the GPU (the rest, CPU alone, run in CI):
+    every file that takes kernel_checks.DEVICE or asks torch for CUDA must be in its list."""
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    listed = set(script.split("device_tests=(", 1)[1].split(")", 1)[0].split())
+    uses_device = {f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py")
+                   if path.name != "test_gpu_check.py"
+                   and ("DEVICE" in path.read_text() or "torch.cuda.is_available()" in path.read_text())}
+    assert listed == uses_device and all((ROOT / name).exists() for name in listed)
+
+
 def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path):
     """Also: a compute-sanitizer that refuses the machine (as on some GPU machines: "Device not
-    supported") leaves the routing check to run without it, not the stage failed for the tool."""
-    empty = tmp_path / "no-mnist-here"
-    empty.mkdir()
+    supported") leaves the routing check to run without it, not the stage failed for the tool;
+    and without MNIST (a DATA_DIR not there) the training stage is skipped, the rest measure."""
+    missing = tmp_path / "no-mnist-here"
     out = tmp_path / "out"
     tools = tmp_path / "bin"
     tools.mkdir()
@@ -106,14 +117,14 @@ def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path)
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUDGET": LOADED_MACHINE["GPU_CHECK_BUDGET"],
            "GPU_CHECK_LIMITS": LOADED_MACHINE["GPU_CHECK_LIMITS"] + " tests=5 bench=5",
            "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", str(empty), str(out)],
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", str(missing), str(out)],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stdout + result.stderr
     status = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines())
     assert status == {"ceilings": "pass", "tests": "timeout", "memcheck": "pass", "bench": "timeout",
-                      "kernels": "skipped", "train": "fail"}, status
+                      "kernels": "skipped", "train": "skipped"}, status
     table = (out / "summary.md").read_text()
-    assert "| tests | TIMEOUT |" in table and "| train | FAIL |" in table
+    assert "| tests | TIMEOUT |" in table and "| train | SKIPPED |" in table and f"no DATA_DIR {missing}" in table
     assert "compute-sanitizer cannot run on this machine" in table
     assert "Device not supported" in (out / "memcheck-probe.log").read_text()
 

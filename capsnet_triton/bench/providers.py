@@ -91,7 +91,10 @@ def _sample_capsule_linear(u, weight, iterations=3):
 
 
 def make_providers():
-    torch._dynamo.config.recompile_limit = 64    # one graph per (grad mode, shape, r): never fall back to eager
+    # One graph per (grad mode, shape, r): never fall back to eager. (torch before 2.7 names the
+    # limit cache_size_limit.)
+    config = torch._dynamo.config
+    setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", 64)
     compiled = dict(squash=torch.compile(baselines.squash), predict=baselines.predict,
                     routing=torch.compile(baselines.routing))
     providers = [
