@@ -90,8 +90,9 @@ def load_model(path, device="cpu"):
     """Rebuild the model saved in a training checkpoint (best.pt or last.pt).
 
     Returns (model in eval mode on `device`, the checkpoint dict). ValueError, in one line, for
-    a checkpoint that cannot be loaded (see `load_checkpoint`) or whose weights do not fit the
-    model its config describes.
+    a checkpoint that cannot be loaded (see `load_checkpoint`), whose config no option of the
+    training command could have given (training.config.check_run_config) or whose weights do not
+    fit the model its config describes.
     """
     checkpoint = load_checkpoint(path)
     check_run_config(checkpoint["config"], path)

@@ -248,9 +248,6 @@ def _checked(u, weight, iterations, bias=None):
                          f"{iterations} and B = {B}, has more than 2**31 - 1 elements")
     # check_bias reads J, D and the device off a [B, I, J, D] tensor: a view of W of that shape.
     check_bias(bias, weight[None, ..., 0], "weight")
-    # Backward kernel B's tile, W's [BLOCK_J, BLOCK_D, BLOCK_P] per input, checked here too, so
-    # that a W too large for it is refused by the forward, not by a backward after it.
-    _launch_config(I, J, D, P, u.dtype, None, weight_tile=True)
     return u.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
 
 
@@ -290,6 +287,10 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full",
     couplings = output(couplings_out, (kept, B, I, J), dtype, u.device, "out[2] (couplings)")
     if B == 0:
         return v, s_all, couplings
+    if keep:
+        # Where a backward may follow, its kernel B's tile (W's [BLOCK_J, BLOCK_D, BLOCK_P] per
+        # input) is checked too: a W too large for it is refused here, not by the backward after.
+        _launch_config(I, J, D, P, u.dtype, None, weight_tile=True)
     # Without a bias the kernels never read bias_ptr; s_all stands in for the pointer.
     bias_arg = bias if bias is not None else s_all
     couplings_arg = couplings_pointer(couplings, s_all)

@@ -15,6 +15,7 @@
 
 import numpy as np
 
+from .layers import _check_floating
 from .squash import _check, _norm_and_direction
 
 __all__ = [
@@ -30,7 +31,8 @@ __all__ = [
 
 def capsule_length_forward(v):
     """lengths = |v| over the last axis, scaled as squash scales its norm, so that tiny capsules
-    do not underflow to length 0. v [..., D] -> (lengths [...], cache)."""
+    do not underflow to length 0 (nor huge ones overflow). A capsule holding a NaN or inf has
+    length NaN, as squash gives it NaN outputs (SPEC 7). v [..., D] -> (lengths [...], cache)."""
     lengths, direction = _norm_and_direction(_check(v, "v"))                    # [..., 1], [..., D]
     return lengths[..., 0], (direction, lengths[..., 0])
 
@@ -114,9 +116,7 @@ def reconstruction_loss_forward(reconstruction, target):
     pixels), or [B, K, N] for K reconstructions per sample, each against its own target
     (MultiMNIST: each digit's canvas); the sum then runs over all K N values of a sample."""
     reconstruction, target = np.asarray(reconstruction), np.asarray(target)
-    for name, array in (("reconstruction", reconstruction), ("target", target)):
-        if not np.issubdtype(array.dtype, np.floating):   # uint8 pixels would wrap around, unscaled
-            raise ValueError(f"{name} must be floating point (pixels in [0, 1]), got dtype {array.dtype}")
+    _check_floating(reconstruction=reconstruction, target=target)  # uint8 pixels would wrap, unscaled
     if reconstruction.ndim not in (2, 3):
         raise ValueError(f"reconstruction must have shape [B, N] or [B, K, N], got shape {reconstruction.shape}")
     if target.shape != reconstruction.shape:

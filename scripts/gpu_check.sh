@@ -3,7 +3,8 @@
 # limit (and all within one budget) so that a slow stage cannot starve the rest; each outcome (pass,
 # fail, timeout, skipped) is recorded and a failed stage does not stop the next:
 #   ceilings  device, versions, copy bandwidth, fp32/TF32/bf16 GEMM rates -> OUT/ceilings.json
-#   tests     the test suite on the GPU, Hypothesis profile "gpu" (fewer examples: each shape compiles)
+#   tests     the test files whose tests use the GPU, Hypothesis profile "gpu" (fewer examples: each
+#             shape compiles); the rest of the suite runs on the CPU alone, as in CI
 #   memcheck  a small routing forward + backward under compute-sanitizer --tool memcheck
 #   bench     bench.py at B = 32, 128, 512, every provider -> OUT/bench.json, OUT/bench.png
 #   kernels   the routing and fused-layer kernels alone (CUDA graph replay), per variant and launch
@@ -39,6 +40,7 @@ mkdir -p "$2" && out=$(cd "$2" && pwd)
 # Without MNIST the stages that need it are recorded as skipped; the rest still measure.
 data=
 [[ -d $1 ]] && data=$(cd "$1" && pwd)
+no_data="no DATA_DIR $1: copy MNIST's IDX files there"
 python=${PYTHON:-python3}
 # A python given by a path relative to where the script was started stays that python after the cd.
 [[ $python == */* ]] && python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")
@@ -62,8 +64,8 @@ print("routing forward and backward of u_hat", tuple(u_hat.shape), "on", device,
 '
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 
-# On a GPU the whole suite runs but for tests/test_gpu_check.py (this script's smoke run, on the
-# CPU); the smoke runs a few fast tests of the suite, not the suite inside the suite.
+# On a GPU the test files whose tests use the GPU run (device_tests below); the smoke runs a few
+# fast tests of the suite, not the suite inside the suite.
 if (( smoke )); then
     budget=170
     summary_args=(--smoke)
@@ -177,7 +179,7 @@ else
 fi
 
 if [[ -z $data ]]; then
-    record train skipped 0 0 "no DATA_DIR $1: copy MNIST's IDX files there"
+    record train skipped 0 0 "$no_data"
 else
     reserve=${limit[evaluate]} stage train "$python" -m capsnet_triton.train --data "$data" --out "$scratch/train" \
         --epochs "$epochs" --checkpoint-every 0 "${train_args[@]}"
@@ -189,7 +191,11 @@ if [[ $(tail -n 1 "$out/stages.tsv" | cut -f 2) == timeout && -f $scratch/train/
 fi
 cp "$scratch"/train/*.jsonl "$scratch"/train/*.png "$out/train/" 2>/dev/null
 
-if [[ ${GPU_CHECK_EXPERIMENTS:-0} == 1 && -n $data ]]; then
+if [[ ${GPU_CHECK_EXPERIMENTS:-0} == 1 && -z $data ]]; then
+    for experiment in multimnist mnist40 affnist-generated; do
+        record "$experiment" skipped 0 0 "$no_data"
+    done
+elif [[ ${GPU_CHECK_EXPERIMENTS:-0} == 1 ]]; then
     # Outside the budget: each of these stages is bounded by its own limit only.
     budget=$((SECONDS - started + limit[multimnist] + limit[mnist40] + ${limit[affnist-generated]})) reserve=0
     for experiment in multimnist mnist40; do

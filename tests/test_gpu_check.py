@@ -107,14 +107,18 @@ def test_on_a_gpu_the_tests_stage_runs_every_file_whose_tests_use_the_device():
 def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path):
     """Also: a compute-sanitizer that refuses the machine (as on some GPU machines: "Device not
     supported") leaves the routing check to run without it, not the stage failed for the tool;
-    and without MNIST (a DATA_DIR not there) the training stage is skipped, the rest measure."""
+    without MNIST (a DATA_DIR not there) the training stages are skipped, the rest measure; and
+    PYTHON may be a path relative to where the script was started."""
     missing = tmp_path / "no-mnist-here"
     out = tmp_path / "out"
     tools = tmp_path / "bin"
     tools.mkdir()
     (tools / "compute-sanitizer").write_text('#!/bin/sh\necho "Error: Device not supported" >&2\nexit 1\n')
     (tools / "compute-sanitizer").chmod(0o755)
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUDGET": LOADED_MACHINE["GPU_CHECK_BUDGET"],
+    (tools / "py").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (tools / "py").chmod(0o755)
+    env = {**os.environ, "PYTHON": "bin/py", "GPU_CHECK_EXPERIMENTS": "1",
+           "GPU_CHECK_BUDGET": LOADED_MACHINE["GPU_CHECK_BUDGET"],
            "GPU_CHECK_LIMITS": LOADED_MACHINE["GPU_CHECK_LIMITS"] + " tests=5 bench=5",
            "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--smoke", str(missing), str(out)],
@@ -122,7 +126,8 @@ def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     status = dict(line.split("\t")[:2] for line in (out / "stages.tsv").read_text().splitlines())
     assert status == {"ceilings": "pass", "tests": "timeout", "memcheck": "pass", "bench": "timeout",
-                      "kernels": "skipped", "train": "skipped"}, status
+                      "kernels": "skipped", "train": "skipped", "multimnist": "skipped", "mnist40": "skipped",
+                      "affnist-generated": "skipped"}, status
     table = (out / "summary.md").read_text()
     assert "| tests | TIMEOUT |" in table and "| train | SKIPPED |" in table and f"no DATA_DIR {missing}" in table
     assert "compute-sanitizer cannot run on this machine" in table

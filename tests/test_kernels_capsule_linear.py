@@ -263,6 +263,7 @@ def test_capsule_linear_refuses_w_or_s_all_past_int32_offsets(rng, monkeypatch):
 
 def test_capsule_linear_rejects_bad_input():
     u, weight = torch.ones(2, 5, 3, device=DEVICE), torch.ones(5, 2, 4, 3, device=DEVICE)
+    too_wide_for_kernel_b = (torch.ones(1, 1, 1024, device=DEVICE), torch.full((1, 16, 128, 1024), 1e-3, device=DEVICE))
     _, s_all, couplings = capsule_linear_forward(u, weight, 2)
     dv = torch.ones(2, 2, 4, device=DEVICE)
     cases = [
@@ -277,10 +278,9 @@ def test_capsule_linear_rejects_bad_input():
         (ValueError, r"bias must have shape \[J, D\]",
          lambda: capsule_linear_forward(u, weight, 2, torch.ones(4, 2, device=DEVICE))),
         (ValueError, "power of two", lambda: capsule_linear_forward(u, weight, 2, block_i=3)),
-        # Backward kernel B's [J, D, P] tile of W would be 2**21 elements: refused by the forward.
-        (ValueError, "more than a Triton tensor may",
-         lambda: capsule_linear_forward(torch.ones(1, 1, 128, device=DEVICE), torch.ones(1, 128, 128, 128, device=DEVICE),
-                                        2)),
+        # Backward kernel B's [J, D, P] tile of W would be 2**21 elements: refused by the forward
+        # a backward may follow (keep, the default), not by the backward after it.
+        (ValueError, "more than a Triton tensor may", lambda: capsule_linear_forward(*too_wide_for_kernel_b, 1)),
         (ValueError, "gradient", lambda: capsule_linear_backward(dv, u, weight, s_all, couplings, gradient="none")),
         (ValueError, r"variant must be one of \('sample', 'split'\)",
          lambda: capsule_linear_forward(u, weight, 2, variant="persistent")),
@@ -314,3 +314,6 @@ def test_capsule_linear_rejects_bad_input():
     for error, message, call in cases:
         with pytest.raises(error, match=message):
             call()
+    # Inference (keep=False: no backward follows) takes that W: its own tiles fit.
+    v, _, _ = capsule_linear_forward(*too_wide_for_kernel_b, 1, keep=False)
+    assert v.shape == (1, 16, 128) and torch.isfinite(v).all()

@@ -213,13 +213,16 @@ def test_a_run_killed_right_after_any_save_resumes_bit_identical(improving_run, 
 
 # Runs the training command with Ctrl-C pressed (or another signal sent, SIGNAL in the
 # environment) `presses` times from inside the `after`-th call of loop.<where> (a training step,
-# or a validation pass), where the test can place it exactly.
+# or a validation pass), where the test can place it exactly; with that signal ignored from the
+# start where IGNORED is set, as a job started that way has it.
 _CTRL_C_AT = """
 import os, signal, sys
 from capsnet_triton import train
 from capsnet_triton.training import loop
 where, after, presses = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sent = getattr(signal, os.environ.get("SIGNAL", "SIGINT"))
+if os.environ.get("IGNORED"):
+    signal.signal(sent, signal.SIG_IGN)
 original = getattr(loop, where)
 calls = 0
 def pressed(*args, **kwargs):
@@ -235,9 +238,10 @@ sys.exit(train.main())                                  # as the command: main(a
 """
 
 
-def run_with_ctrl_c(where, after, presses, argv, sent="SIGINT"):
+def run_with_ctrl_c(where, after, presses, argv, sent="SIGINT", ignored=False):
     return subprocess.run([sys.executable, "-c", _CTRL_C_AT, where, str(after), str(presses), *argv],
-                          env={**subprocess_env(), "SIGNAL": sent}, capture_output=True, text=True, timeout=120)
+                          env={**subprocess_env(), "SIGNAL": sent, **({"IGNORED": "1"} if ignored else {})},
+                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("sent, status, by", [("SIGINT", 130, ""), ("SIGTERM", 143, " by SIGTERM")])
@@ -257,6 +261,12 @@ def test_ctrl_c_saves_where_it_stops_and_resume_is_bit_identical(straight_run, d
     for key, value in load(out, "best.pt")["model"].items():
         assert torch.equal(value, load(straight_run, "best.pt")["model"][key])
     assert without_timing(read_log(out)) == without_timing(read_log(straight_run))
+
+
+def test_a_run_started_with_sigterm_ignored_keeps_it_ignored(data_dir, tmp_path):
+    result = run_with_ctrl_c("_train_step", 2, 1, tiny_args(data_dir, tmp_path / "run", "--epochs", "1"), "SIGTERM",
+                             ignored=True)
+    assert result.returncode == 0 and "interrupted" not in result.stderr, result.stderr[-2000:]
 
 
 def test_an_epoch_resumed_mid_way_logs_the_seconds_of_both_parts(data_dir, tmp_path, monkeypatch):

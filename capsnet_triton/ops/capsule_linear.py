@@ -204,6 +204,9 @@ def _as_autocast_casts(u, weight):
     low = autocast_dtype(u)
     if low is None:
         return u, weight
+    if (u.dtype == torch.float64) != (weight.dtype == torch.float64):
+        raise TypeError(f"weight must have u's dtype {u.dtype}, got {weight.dtype}: under autocast only float64 "
+                        f"may stand beside float64, as in predict's matmul (the other dtypes are cast to {low})")
     return tuple(x if x.dtype == torch.float64 else x.to(low) for x in (u, weight))
 
 
