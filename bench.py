@@ -47,7 +47,8 @@ was skipped exits 0 and says so. Ctrl-C prints the table of the rows finished so
 
 The table's header names the network shape every row runs (the plan's: --tiny's is not MNIST's)
 and the exact command; bench.json's environment records both, and the plan.
-Columns: median and interquartile range (p25-p75) of the repetitions after two warm-up calls;
+Columns: median and interquartile range (p25-p75) of the repetitions after two warm-up calls
+(on a CPU a third, untimed, sizes the repetitions);
 "vs eager" = torch-eager's median / this median, same run ("-" where torch-eager has no timed
 row of that shape, e.g. not among --providers); r is "-" for squash, which has no routing;
 GB/s = the bytes a fused kernel must move per call (each workload's `bytes_moved`) / median, and

@@ -306,6 +306,20 @@ def test_ctrl_c_prints_the_rows_so_far_and_exits_130(tmp_path, monkeypatch, caps
     assert report_["complete"] is False and len(report_["rows"]) == 3
 
 
+def test_ctrl_c_before_any_row_or_a_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
+    find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--tiny", "--device", "cpu", "--plot", str(tmp_path / "p.png")])
+    assert exit_info.value.code == 2 and "--plot needs matplotlib" in capsys.readouterr().err
+
+    def stopped():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "make_providers", stopped)
+    assert cli.main(["--tiny", "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.strip() == "bench: interrupted (Ctrl-C)"
+
+
 def test_json_holds_the_rows_measured_so_far_while_the_run_goes_on(tmp_path, monkeypatch):
     path = tmp_path / "rows.json"
     seen = []
@@ -315,6 +329,8 @@ def test_json_holds_the_rows_measured_so_far_while_the_run_goes_on(tmp_path, mon
         def on_row_and_read(rows):
             on_row(rows)
             report = json.loads(path.read_text())
+            # vs eager is filled as the rows come: a run stopped early (a time limit) keeps it.
+            assert all(row["vs_eager"] == 1.0 for row in report["rows"]), report["rows"]
             seen.append((report["complete"], len(report["rows"])))
         return real_run(*args, on_row=on_row_and_read, **kwargs)
 
@@ -377,7 +393,12 @@ def test_a_gpu_run_without_numpy_rows_skips_the_cpu_copy():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     every = providers.make_providers()
     quick = runner.PLANS[("cuda", "quick")]
-    assert cli.bandwidth_devices(gpu, every, replace(quick, batches=(32, 128, 512))) == [gpu]
-    assert cli.bandwidth_devices(gpu, every, replace(quick, batches=(2, 128))) == [cpu, gpu]
-    assert cli.bandwidth_devices(gpu, [p for p in every if not p.numpy], replace(quick, batches=(2,))) == [gpu]
-    assert cli.bandwidth_devices(cpu, every, runner.PLANS[("cpu", "default")]) == [cpu]
+    every_workload = WORKLOADS
+    assert cli.bandwidth_devices(gpu, every, every_workload, replace(quick, batches=(32, 128, 512))) == [gpu]
+    assert cli.bandwidth_devices(gpu, every, every_workload, replace(quick, batches=(2, 128))) == [cpu, gpu]
+    assert cli.bandwidth_devices(gpu, [p for p in every if not p.numpy], every_workload,
+                                 replace(quick, batches=(2,))) == [gpu]
+    assert cli.bandwidth_devices(cpu, every, every_workload, runner.PLANS[("cpu", "default")]) == [cpu]
+    # The sweep over r and the layer run at the plan's own batches: NumPy rows there need the CPU's.
+    tiny = runner.PLANS[("cuda", "tiny")]
+    assert cli.bandwidth_devices(gpu, every, every_workload, replace(tiny, batches=(4,))) == [cpu, gpu]

@@ -1,6 +1,7 @@
 """bench.py's command line: parse the flags, pick the plan, providers and workloads, run, report."""
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from . import providers as _providers
 from .check import check_ground_truth
 from .providers import make_providers
 from .report import environment, format_table, load_average, plot, plot_formats
-from .runner import PLANS, Interrupted, run
+from .runner import PLANS, Interrupted, run, shapes_for
 from .timing import copy_bandwidth_gbs
 from .workloads import WORKLOADS
 
@@ -30,7 +31,8 @@ def build_parser(description=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--batches", metavar="B,B,...",
-                        help="comma-separated batch sizes of the squash and routing rows (default: the plan's)")
+                        help="comma-separated batch sizes of the squash and routing rows (default: the plan's; "
+                             "the sweep over r keeps the plan's batch: 32 on a CPU, 128 on a GPU)")
     parser.add_argument("--providers", help="comma-separated subset of provider names")
     parser.add_argument("--workloads", help="comma-separated subset of workload names")
     parser.add_argument("--json", metavar="PATH", help="also write the environment and rows as JSON")
@@ -85,11 +87,13 @@ def parse_batches(parser, flag, text):
     return batches
 
 
-def bandwidth_devices(device, providers, plan):
+def bandwidth_devices(device, providers, workloads, plan):
     """The devices whose copy bandwidth the rows are measured against: the run's, and the CPU where
-    the NumPy reference's rows run. A GPU run without them skips the CPU's copy (1 GiB at the GPU
-    plans' size: seconds of scarce GPU time)."""
-    numpy_rows = any(p.numpy for p in providers) and min(plan.batches) <= plan.numpy_max_batch
+    the NumPy reference's rows run (at any of the workloads' shapes: the sweep over r and the
+    layer run at batches of their own). A GPU run without them skips the CPU's copy (1 GiB at the
+    GPU plans' size: seconds of scarce GPU time)."""
+    numpy_rows = any(p.numpy for p in providers) and any(
+        shape.B <= plan.numpy_max_batch for workload in workloads for shape in shapes_for(workload, plan))
     return list(dict.fromkeys(([torch.device("cpu")] if numpy_rows else []) + [device]))
 
 
@@ -110,6 +114,16 @@ def _write_json(path, env, rows, complete):
 
 
 def main(argv=None, description=None):
+    """bench.py's command; Ctrl-C anywhere ends it with one line and status 130 (while rows are
+    measured, after printing the rows finished before it)."""
+    try:
+        return _main(argv, description)
+    except KeyboardInterrupt:
+        print("bench: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _main(argv, description):
     parser = build_parser(description)
     args = parser.parse_args(argv)
 
@@ -133,6 +147,8 @@ def main(argv=None, description=None):
         parser.error(f"--batches sets the batches of the squash and routing workloads, and none is selected "
                      f"(the DigitCaps layer and the train step run at B = {plan.layer_batch})")
 
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib (pip install matplotlib); leave it out to run without a plot")
     if args.plot is not None and os.path.splitext(args.plot)[1].lower() not in plot_formats():
         # Without a known extension savefig raises after the whole run, or writes PATH.png instead.
         parser.error(f"--plot {args.plot}: not an image name matplotlib can write; "
@@ -145,7 +161,7 @@ def main(argv=None, description=None):
     load_before = load_average()
     try:
         check_ground_truth(workloads)
-        bandwidth = {d.type: copy_bandwidth_gbs(d, plan.copy_mib) for d in bandwidth_devices(device, providers, plan)}
+        bandwidth = {d.type: copy_bandwidth_gbs(d, plan.copy_mib) for d in bandwidth_devices(device, providers, workloads, plan)}
     except KeyboardInterrupt:
         print("bench: interrupted (Ctrl-C) before any row was measured", file=sys.stderr)
         return 130
@@ -185,7 +201,7 @@ def main(argv=None, description=None):
         plot(rows, args.plot, env)
     failed = [r for r in rows if r.status == "FAILED"]
     if failed:
-        print(f"bench: {len(failed)} row(s) FAILED the check against the reference and were not timed",
+        print(f"bench: {len(failed)} row(s) FAILED (disagreed with the reference, or raised) and were not timed",
               file=sys.stderr)
         return 1
     if json_error:

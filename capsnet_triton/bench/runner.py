@@ -162,7 +162,7 @@ def run(providers, workloads, plan, device, bandwidth, progress=True, on_row=Non
                                 f"{provider.name}")
             rows.append(_row(workload, shape, provider, cache, device, plan, bandwidth))
             if on_row is not None:
-                on_row(rows)
+                on_row(_compare_with_eager(rows))       # vs_eager too, for a run stopped early
     except KeyboardInterrupt:
         bar.close()
         raise Interrupted(_compare_with_eager(rows)) from None
