@@ -4,7 +4,9 @@
   pixels on its own 36 x 36 canvas, overlaid by min(1, a + b). `multimnist` makes a set of them;
   training draws a `PairRecipe` per step (`draw_pairs`: which digits, which shifts) and
   `compose_pairs` turns it into images, so no pair is ever stored.
-- MNIST on a 40 x 40 canvas (Section 5.2): `place` puts each digit at its own position.
+- `place` puts each digit at its own position on a larger canvas (MultiMNIST's two digits).
+  MNIST on a 40 x 40 canvas (Section 5.2) is centred by mnist_variants.load_on_canvas and
+  shifted by data.random_shift.
 - An affNIST-like test set: `affine_transform` applies a random affine map with affNIST's
   published ranges to each 40 x 40 digit. It is *generated*, not affNIST (see `data.DATASETS`).
 
