@@ -33,6 +33,8 @@ samples and fills a GPU at small batches. The default is the one faster on one H
 (launch.DEFAULT_VARIANT).
 """
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -48,8 +50,9 @@ from capsnet_triton.checks import (
 )
 
 from . import capsule_linear_split, routing_split
-from .launch import (DEFAULT_VARIANT, block_inputs, check_kept_couplings, check_variant, couplings_pointer,
-                     launch_options, max_tile, on_tensor_device, output, outputs, scratch, split_stages, tl_dtype)
+from .launch import (DEFAULT_VARIANT, block_inputs, check_kept_couplings, check_tile, check_variant,
+                     couplings_pointer, launch_options, max_tile, on_tensor_device, output, outputs, scratch,
+                     split_stages, tl_dtype)
 from .routing_tiles import (du_hat_of_kept, end_iteration, jd_layout, kept_logits_grad, kept_rows, kept_tile, load_bias,
                             load_u, load_weight, predict_tile, s_of_tile, sample_ds, weight_layout)
 from .squash import squash_backward
@@ -201,12 +204,17 @@ _INT32_MAX = 2**31 - 1
 # Samples per program of the split kernels: each W tile they load serves this many samples.
 _SPLIT_BLOCK_B = 4
 
+def _blocks(J, D, P):
+    """BLOCK_J, BLOCK_D, BLOCK_P: J, D and P padded to powers of two."""
+    return tuple(triton.next_power_of_2(n) for n in (J, D, P))
+
+
 def _launch_config(I, J, D, P, dtype, block_i, samples=1, weight_tile=False):
     """Block sizes, compute dtype and launch options of the kernels for W [I, J, D, P], whose
     programs predict u_hat for `samples` samples from each W slice (the split kernels: BLOCK_B).
     A tile holds u_hat [samples, BLOCK_I, BLOCK_J, BLOCK_D] (predict_tile reads W one p at a
     time), or for backward kernel B (weight_tile) W's [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P]."""
-    block_j, block_d, block_p = (triton.next_power_of_2(n) for n in (J, D, P))
+    block_j, block_d, block_p = _blocks(J, D, P)
     per_input = samples * block_j * block_d * (block_p if weight_tile else 1)
     block_i = block_inputs(I, per_input, dtype, block_i)
     options = launch_options(block_i * per_input)
@@ -290,7 +298,7 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full",
     if keep:
         # Where a backward may follow, its kernel B's tile (W's [BLOCK_J, BLOCK_D, BLOCK_P] per
         # input) is checked too: a W too large for it is refused here, not by the backward after.
-        _launch_config(I, J, D, P, u.dtype, None, weight_tile=True)
+        check_tile(math.prod(_blocks(J, D, P)))
     # Without a bias the kernels never read bias_ptr; s_all stands in for the pointer.
     bias_arg = bias if bias is not None else s_all
     couplings_arg = couplings_pointer(couplings, s_all)

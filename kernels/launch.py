@@ -14,7 +14,7 @@ import triton.language as tl
 from capsnet_triton.checks import check_float_tensor, compute_dtype, interpreting, kept_iterations
 
 __all__ = ["tl_dtype", "output", "outputs", "check_kept_couplings", "couplings_pointer", "scratch", "max_tile",
-           "block_inputs", "interpreter_problem", "launch_options", "VARIANTS", "DEFAULT_VARIANT", "split_stages",
+           "check_tile", "block_inputs", "interpreter_problem", "launch_options", "VARIANTS", "DEFAULT_VARIANT", "split_stages",
            "check_variant", "on_tensor_device", "GRID_Y_MAX"]
 
 # The most elements one tile may hold on a GPU, by compute dtype: enough to keep a tile and its
@@ -95,6 +95,14 @@ def max_tile(dtype):
 _INTERPRETER_MAX_BLOCK_I = 2048
 
 
+def check_tile(per_input):
+    """ValueError unless one input's tile of per_input elements is a tensor Triton can hold."""
+    if per_input > tl.TRITON_MAX_TENSOR_NUMEL:
+        raise ValueError(f"one input's tile would hold {per_input} elements (J, D and P padded to powers of two), "
+                         f"more than a Triton tensor may ({tl.TRITON_MAX_TENSOR_NUMEL}); the PyTorch path "
+                         f"(backend='torch') has no such limit")
+
+
 def block_inputs(I, per_input, dtype, block_i=None):
     """BLOCK_I, the inputs of one tile of per_input elements each (a power of two): block_i when
     given (checked), else as many as keep the tile in registers on a GPU (max_tile), or, under
@@ -104,10 +112,7 @@ def block_inputs(I, per_input, dtype, block_i=None):
     problem = interpreter_problem(triton.__version__, np.__version__) if interpreting() else None
     if problem:
         raise RuntimeError(problem)
-    if per_input > tl.TRITON_MAX_TENSOR_NUMEL:
-        raise ValueError(f"one input's tile would hold {per_input} elements (J, D and P padded to powers of two), "
-                         f"more than a Triton tensor may ({tl.TRITON_MAX_TENSOR_NUMEL}); the PyTorch path "
-                         f"(backend='torch') has no such limit")
+    check_tile(per_input)
     if block_i is not None:
         if isinstance(block_i, bool) or not isinstance(block_i, int) or block_i < 1 or block_i & (block_i - 1):
             raise ValueError(f"block_i must be a power of two >= 1, got {block_i!r}")

@@ -161,7 +161,8 @@ def _main(argv, description):
     load_before = load_average()
     try:
         check_ground_truth(workloads)
-        bandwidth = {d.type: copy_bandwidth_gbs(d, plan.copy_mib) for d in bandwidth_devices(device, providers, workloads, plan)}
+        bandwidth = {d.type: copy_bandwidth_gbs(d, plan.copy_mib)
+                     for d in bandwidth_devices(device, providers, workloads, plan)}
     except KeyboardInterrupt:
         print("bench: interrupted (Ctrl-C) before any row was measured", file=sys.stderr)
         return 130

@@ -2,8 +2,9 @@
 read from what the stages left in OUT (stages.tsv, ceilings.json, tests.log, memcheck.log,
 bench.json, kernels.json, train/log.jsonl, evaluate.log, and the optional multimnist.log,
 mnist40.log and affnist-generated.log). A stage that failed or ran out of time still shows what it wrote.
-Below it, every GPU target of the project (docs/PERF.md, "Where the targets stand") with its measured value and verdict, and which
-kernel variant was faster at each batch: what the next GPU run has to decide from.
+Below it, every GPU target of the project (docs/PERF.md, "Where the targets stand") with its
+measured value and verdict, and which kernel variant was faster at each batch: what the next
+GPU run has to decide from.
 
     python -m capsnet_triton.bench.summary OUT --epochs 50 [--smoke]
 """
