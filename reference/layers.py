@@ -12,6 +12,8 @@ the matching torch.nn.functional op computes, with torch's weight layouts:
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from .checks import check_floating
+
 __all__ = [
     "conv2d_forward",
     "conv2d_backward",
@@ -23,13 +25,6 @@ __all__ = [
     "sigmoid_forward",
     "sigmoid_backward",
 ]
-
-
-def _check_floating(**arrays):
-    """Integer arrays would give integer outputs (and wrap around): the layers compute in floats."""
-    for name, array in arrays.items():
-        if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}")
 
 
 def _check_dout(dout, shape):
@@ -52,7 +47,7 @@ def conv2d_forward(x, weight, bias, stride=1):
     BLAS call, which is what makes the reference network trainable in NumPy.
     """
     x, weight, bias = np.asarray(x), np.asarray(weight), np.asarray(bias)
-    _check_floating(x=x, weight=weight, bias=bias)
+    check_floating(x=x, weight=weight, bias=bias)
     if x.ndim != 4:
         raise ValueError(f"x must have shape [N, C, H, W] (4 axes), got shape {x.shape}")
     if weight.ndim != 4:
@@ -110,7 +105,7 @@ def relu_backward(dout, cache):
 def linear_forward(x, weight, bias):
     """y = x W^T + b. x [N, in], weight [out, in], bias [out] -> (y [N, out], cache)."""
     x, weight, bias = np.asarray(x), np.asarray(weight), np.asarray(bias)
-    _check_floating(x=x, weight=weight, bias=bias)
+    check_floating(x=x, weight=weight, bias=bias)
     if x.ndim != 2:
         raise ValueError(f"x must have shape [N, in] (2 axes), got shape {x.shape}")
     if weight.ndim != 2 or weight.shape[1] != x.shape[1]:

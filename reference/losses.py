@@ -15,8 +15,8 @@
 
 import numpy as np
 
-from .layers import _check_floating
-from .squash import _check, _norm_and_direction
+from .checks import check_capsules, check_floating
+from .squash import _norm_and_direction
 
 __all__ = [
     "capsule_length_forward",
@@ -33,7 +33,7 @@ def capsule_length_forward(v):
     """lengths = |v| over the last axis, scaled as squash scales its norm, so that tiny capsules
     do not underflow to length 0 (nor huge ones overflow). A capsule holding a NaN or inf has
     length NaN, as squash gives it NaN outputs (SPEC 7). v [..., D] -> (lengths [...], cache)."""
-    lengths, direction = _norm_and_direction(_check(v, "v"))                    # [..., 1], [..., D]
+    lengths, direction = _norm_and_direction(check_capsules(v, "v"))            # [..., 1], [..., D]
     return lengths[..., 0], (direction, lengths[..., 0])
 
 
@@ -90,8 +90,7 @@ def margin_loss_forward(lengths, labels, m_plus=0.9, m_minus=0.1, lambda_=0.5):
     lengths = np.asarray(lengths)
     if lengths.ndim != 2:
         raise ValueError(f"lengths must have shape [B, J] (2 axes), got shape {lengths.shape}")
-    if not np.issubdtype(lengths.dtype, np.floating):
-        raise ValueError(f"lengths must be a floating-point array, got dtype {lengths.dtype}")
+    check_floating(lengths=lengths)
     B, J = lengths.shape
     if B == 0:
         raise ValueError("lengths has an empty batch; the batch mean is undefined")
@@ -116,7 +115,7 @@ def reconstruction_loss_forward(reconstruction, target):
     pixels), or [B, K, N] for K reconstructions per sample, each against its own target
     (MultiMNIST: each digit's canvas); the sum then runs over all K N values of a sample."""
     reconstruction, target = np.asarray(reconstruction), np.asarray(target)
-    _check_floating(reconstruction=reconstruction, target=target)  # uint8 pixels would wrap, unscaled
+    check_floating(reconstruction=reconstruction, target=target)  # uint8 pixels would wrap, unscaled
     if reconstruction.ndim not in (2, 3):
         raise ValueError(f"reconstruction must have shape [B, N] or [B, K, N], got shape {reconstruction.shape}")
     if target.shape != reconstruction.shape:

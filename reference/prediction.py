@@ -9,6 +9,8 @@ NOT shared over the 6 x 6 grid of primary capsules (SPEC section 1).
 
 import numpy as np
 
+from .checks import check_floating
+
 __all__ = ["prediction_forward", "prediction_backward"]
 
 
@@ -19,9 +21,7 @@ def prediction_forward(u, W):
         raise ValueError(f"u must have shape [B, I, P] (3 axes), got shape {u.shape}")
     if W.ndim != 4:
         raise ValueError(f"W must have shape [I, J, D, P] (4 axes), got shape {W.shape}")
-    for name, x in (("u", u), ("W", W)):
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    check_floating(u=u, W=W)
     if u.shape[1] != W.shape[0] or u.shape[2] != W.shape[3]:
         raise ValueError(
             f"u [B, I, P] = {u.shape} does not match W [I, J, D, P] = {W.shape}: I and P must agree"

@@ -36,6 +36,7 @@ its v (and gradients); the other samples are unaffected. An empty batch gives em
 
 import numpy as np
 
+from .checks import check_floating
 from .squash import squash_backward, squash_forward
 
 __all__ = ["routing_forward", "routing_backward", "softmax", "GRADIENT_POLICIES", "check_gradient"]
@@ -69,8 +70,7 @@ def routing_forward(u_hat, iterations=3, *, bias=None, gradient="full"):
     u_hat = np.asarray(u_hat)
     if u_hat.ndim != 4:
         raise ValueError(f"u_hat must have shape [B, I, J, D] (4 axes), got shape {u_hat.shape}")
-    if not np.issubdtype(u_hat.dtype, np.floating):
-        raise ValueError(f"u_hat must be a floating-point array, got dtype {u_hat.dtype}")
+    check_floating(u_hat=u_hat)
     if min(u_hat.shape[1:]) < 1:
         raise ValueError(f"u_hat needs at least one input capsule, parent and dimension, got shape {u_hat.shape}")
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
@@ -81,8 +81,7 @@ def routing_forward(u_hat, iterations=3, *, bias=None, gradient="full"):
         bias = np.asarray(bias)
         if bias.shape != (J, D):
             raise ValueError(f"bias must have shape [J, D] = {(J, D)}, got {bias.shape}")
-        if not np.issubdtype(bias.dtype, np.floating):
-            raise ValueError(f"bias must be a floating-point array, got dtype {bias.dtype}")
+        check_floating(bias=bias)
         bias = bias.astype(u_hat.dtype, copy=False)
     # 0 for a sample whose u_hat is finite, NaN for one that is not: added to every s, it makes
     # all of that sample's outputs NaN (SPEC 7), not only the parents the bad value reaches.

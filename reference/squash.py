@@ -16,6 +16,8 @@ Numerics pinned by the specification (SPEC section 2):
 
 import numpy as np
 
+from .checks import check_capsules
+
 __all__ = ["squash_forward", "squash_backward"]
 
 
@@ -64,7 +66,7 @@ def _h(n):
 
 def squash_forward(s):
     """v = (|s|^2 / (1 + |s|^2)) s / |s| over the last axis (Eq. 1). Any shape [..., D]."""
-    s = _check(s, "s")
+    s = check_capsules(s, "s")
     n, direction = _norm_and_direction(s)                          # [..., 1], [..., D]
     return _length(n) * direction                                  # [..., D]
 
@@ -83,7 +85,7 @@ def squash_backward(dv, s):
     terms cancel down to h ~ 2/n^3 and lose a factor n^2 of relative precision. h is computed
     directly instead. h(0) = 0 and s_hat(0) = 0, so ds at s = 0 is exactly f(0) dv = 0.
     """
-    s = _check(s, "s")
+    s = check_capsules(s, "s")
     dv = np.asarray(dv)
     if dv.shape != s.shape:
         raise ValueError(f"dv has shape {dv.shape} but s has shape {s.shape}; they must match")
@@ -91,14 +93,3 @@ def squash_backward(dv, s):
     radial = np.sum(direction * dv, axis=-1, keepdims=True)        # [..., 1]
     radial_part = radial * direction                               # [..., D]
     return _f(n) * (dv - radial_part) + _h(n) * radial_part        # [..., D]
-
-
-def _check(x, name):
-    x = np.asarray(x)
-    if x.ndim < 1:
-        raise ValueError(f"{name} must have at least one axis (the capsule dimension), got a scalar")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{name} has capsules of 0 dimensions (its last axis is empty, shape {x.shape})")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-    return x
