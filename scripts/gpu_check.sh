@@ -20,11 +20,12 @@
 #   scripts/gpu_check.sh DATA_DIR OUT_DIR           on a CUDA GPU, at most 9.3 minutes
 #   scripts/gpu_check.sh --smoke DATA_DIR OUT_DIR   the same stages on a CPU at tiny sizes, < 3 minutes
 #
-# DATA_DIR holds MNIST's IDX files (where it is missing, the training stages are skipped). The project must be importable by $PYTHON (default python3):
-# ./setup.sh does that without downloading where python3 has a CUDA torch. GPU_CHECK_BUDGET (seconds
-# for all stages: 540 on a GPU, 170 for --smoke) and GPU_CHECK_LIMITS (e.g. "bench=300 train=900",
-# seconds per stage; the optional ones default to multimnist=36000 mnist40=36000 affnist-generated=600) override
-# the defaults. Exit status 0 when every stage that ran passed.
+# DATA_DIR holds MNIST's IDX files (where it is missing, the training stages are skipped). The
+# project must be importable by $PYTHON (default python3): ./setup.sh does that without
+# downloading where python3 has a CUDA torch. GPU_CHECK_BUDGET (seconds for all stages: 540 on a
+# GPU, 170 for --smoke) and GPU_CHECK_LIMITS (e.g. "bench=300 train=900", seconds per stage; the
+# optional ones default to multimnist=36000 mnist40=36000 affnist-generated=600) override the
+# defaults. Exit status 0 when every stage that ran passed.
 set -uo pipefail
 
 smoke=0
