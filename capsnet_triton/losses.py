@@ -36,6 +36,8 @@ def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5, valida
 
     lengths: [B, J] capsule lengths |v_k|; labels: integer [B] in [0, J), T_k = [k == label],
     or [B, K] of K distinct classes present in each image, T_k = [k among them] (MultiMNIST).
+    One-hot rows are refused where they repeat a class, so for J >= 3; with J = 2 a row [1, 0] is
+    the classes 1 and 0, both present: give such labels as [B] class indices.
     validate=False skips the range check of the label values, the one check that reads them
     (a wait for the device): for labels already checked, as training checks each split once.
     Returns a scalar, float32 for half-precision lengths.
@@ -73,6 +75,8 @@ def reconstruction_loss(reconstruction, images):
     if not images.is_floating_point():
         # uint8 pixels of 0..255 against a decoder's 0..1 would make an error 65,000 times too large.
         raise TypeError(f"images must be a floating-point tensor (scale uint8 to [0, 1]), got {images.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError("images has an empty batch; the batch mean is undefined")
     expected = (*images.shape[:-3], images.shape[-3:].numel())
     if tuple(reconstruction.shape) != expected:
         form = "[B, C*H*W]" if images.ndim == 4 else "[B, K, C*H*W]"

@@ -128,6 +128,8 @@ def test_losses_reject_bad_shapes():
         margin_loss(torch.ones(2, 3, dtype=torch.int64), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="empty batch"):
         margin_loss(torch.rand(0, 3), torch.tensor([], dtype=torch.int64))
+    with pytest.raises(ValueError, match="empty batch"):      # a NaN mean before
+        reconstruction_loss(torch.rand(0, 16), torch.rand(0, 1, 4, 4))
     with pytest.raises(ValueError, match=r"reconstruction must have shape \[B, C\*H\*W\] = \[2, 16\]"):
         reconstruction_loss(torch.rand(2, 15), torch.rand(2, 1, 4, 4))
     with pytest.raises(ValueError, match=r"images must be a tensor of shape \[B, C, H, W\]"):

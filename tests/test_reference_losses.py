@@ -110,6 +110,10 @@ def test_margin_loss_rejects_bad_lengths():
         margin_loss_forward(np.full((2, 3, 1), 0.5), np.array([0, 1]))
     with pytest.raises(ValueError, match="empty batch"):
         margin_loss_forward(np.zeros((0, 3)), np.zeros(0, dtype=int))
+    # As torch's margin_loss refuses them: a negative lambda_ gave a negative loss.
+    for name, value in (("lambda_", -1.0), ("m_plus", np.nan), ("m_minus", "0.1"), ("lambda_", True)):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+            margin_loss_forward(np.full((2, 3), 0.5), np.array([0, 1]), **{name: value})
     _, cache = margin_loss_forward(np.full((2, 3), 0.5), np.array([0, 1]))
     with pytest.raises(ValueError, match="scalar"):
         margin_loss_backward(np.ones(2), cache)
