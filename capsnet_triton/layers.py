@@ -30,10 +30,17 @@ class PrimaryCaps(nn.Module):
 
     def __init__(self, in_channels, types=32, dims=8, kernel_size=9, stride=2):
         super().__init__()
+        for name, size in (("in_channels", in_channels), ("types", types), ("dims", dims),
+                           ("kernel_size", kernel_size), ("stride", stride)):
+            check_positive_int(size, name)
         self.types, self.dims = types, dims
         self.conv = nn.Conv2d(in_channels, types * dims, kernel_size, stride=stride)
 
     def forward(self, x):
+        check_float_tensor(x, "x")
+        # nn.Conv2d would also take one unbatched [C, H, W] image, which capsules() cannot group.
+        if x.ndim != 4:
+            raise ValueError(f"PrimaryCaps expects x of shape [B, C, H, W], got {list(x.shape)}")
         return self.capsules(self.conv(x))
 
     def capsules(self, out):

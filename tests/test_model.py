@@ -284,6 +284,12 @@ def test_model_rejects_bad_inputs_and_configs():
         DigitCaps(32, 3, 3, 4)(torch.rand(2, 32, 4))
     with pytest.raises(ValueError, match="two hidden layers"):
         Decoder(12, hidden=(6,), out_features=144)
+    # PrimaryCaps built a conv of 0 channels, failing only at its forward, or took "2" for a size.
+    for option, value in (("types", 0), ("dims", "2"), ("kernel_size", 2.0), ("stride", True)):
+        with pytest.raises(ValueError, match=f"{option} must be an integer >= 1"):
+            PrimaryCaps(4, **{option: value})
+    with pytest.raises(ValueError, match=r"PrimaryCaps expects x of shape \[B, C, H, W\], got \[4, 12, 12\]"):
+        PrimaryCaps(4, types=2, dims=3, kernel_size=3)(torch.rand(4, 12, 12))
 
 
 @pytest.mark.parametrize("option, value, error, words", [
