@@ -97,8 +97,9 @@ def test_smoke_run_writes_log_checkpoints_and_figures(straight_run, capsys):
     for record in records:
         assert 0.0 <= record["accuracy"] <= 1.0 and record["loss"] > 0
     for record in (r for r in records if r["event"] == "train"):
-        # lr = 1e-3 * 0.96^(step / 2000), the official code's continuous decay.
-        assert record["lr"] == pytest.approx(1e-3 * 0.96 ** (record["step"] / 2000), rel=1e-12)
+        # The rate the record's last step ran at: 1e-3 * 0.96^(steps before it / 2000), the
+        # official code's continuous decay.
+        assert record["lr"] == pytest.approx(1e-3 * 0.96 ** ((record["step"] - 1) / 2000), rel=1e-12)
     validation = [r for r in records if r["event"] == "validation"]
     assert [r["count"] for r in validation] == [40, 40] and records[-1]["count"] == 24
     last, best = load(straight_run), load(straight_run, "best.pt")

@@ -244,6 +244,7 @@ def _train(config, checkpoint, context, device, signals_stop):
                     for step_in_epoch in range(step_in_epoch, steps_per_epoch):
                         step = epoch * steps_per_epoch + step_in_epoch          # global index of this step
                         batch = _shard(train_set, order, step_in_epoch, step, config, context)
+                        lr = scheduler.get_last_lr()[0]         # this step's rate: the step advances it
                         step_sums = _train_step(trained, optimizer, scheduler, batch, config, context)
                         for key in sums:
                             sums[key] += step_sums[:SUM_COUNT]
@@ -255,7 +256,7 @@ def _train(config, checkpoint, context, device, signals_stop):
                             running = _means(sums["epoch"].tolist())
                             progress.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.2%}",
                                                  refresh=False)
-                            log.write(event="train", epoch=epoch + 1, step=step + 1, lr=scheduler.get_last_lr()[0],
+                            log.write(event="train", epoch=epoch + 1, step=step + 1, lr=lr,
                                       **_means(sums["window"].tolist()))
                             sums["window"].zero_()
                         every = config["checkpoint_every"]
