@@ -77,10 +77,11 @@ if (( smoke )); then
     tests_note="a few fast tests: -k 'squash and zero'"
     bench_args=(--tiny --device cpu --workloads "routing fwd+bwd")
     epochs=1
-    # The smoke's DATA_DIR may hold a few hundred made-up images, which fail MNIST's checksums.
-    train_args=(--device cpu --batch-size 16 --validation-size 40 --limit-test 40 --log-every 5
+    # The smoke's DATA_DIR may hold a few hundred made-up images, which fail MNIST's checksums, or
+    # real MNIST, of which the limits keep the tiny sizes (a whole epoch took past the 90 s limit).
+    train_args=(--device cpu --batch-size 16 --validation-size 40 --limit-train 200 --limit-test 40 --log-every 5
                 --conv-channels 8 --primary-types 2 --decoder-hidden 16 32 --no-verify-data)
-    evaluate_args=(--no-verify-data)
+    evaluate_args=(--no-verify-data --limit 40)
 else
     # On one H200 (2026-11-29): ceilings 8 s, the suite about 250 s with 12 workers (its longest
     # test, bench's tiny run with torch.compile, 148 s), memcheck 16 s, bench 105 s, kernels 86 s

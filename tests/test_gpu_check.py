@@ -44,6 +44,9 @@ def test_smoke_run_writes_a_summary_of_every_stage(tmp_path):
     assert "| digitcaps fwd+bwd, B = 128: triton-fused >= 3x triton (unfused) | - | not measured |" in table
     assert json.loads((out / "bench.json").read_text())["rows"]
     assert (out / "train" / "log.jsonl").exists() and (out / "bench.png").exists()
+    # 200 training images at batch 16, whatever DATA_DIR holds: real MNIST's 55,000 ran past the limit.
+    records = [json.loads(line) for line in (out / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "validation"] == [200 // 16]
     assert not list(out.rglob("*.pt")), "checkpoints must stay out of OUT"
 
 
