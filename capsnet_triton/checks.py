@@ -212,10 +212,11 @@ def differentiable_once(backward_op, op):
     backward_op.register_autograd(refuse)
 
 
-def check_u_and_weight(u, weight, same_dtype=True):
-    """u [B, I, P] and W [I, J, D, P] of capsule_linear: one float dtype (unless not same_dtype),
-    one device, I and P agreeing, and every axis but the batch non-empty (B = 0 gives empty
-    results)."""
+def check_u_and_weight(u, weight, autocast=False):
+    """u [B, I, P] and W [I, J, D, P] of capsule_linear: one float dtype, one device, I and P
+    agreeing, and every axis but the batch non-empty (B = 0 gives empty results). With autocast
+    (for a matmul of the two, where autocast is on), the dtypes may differ as a matmul's operands
+    may there: any but float64 beside another."""
     check_float_tensor(u, "u")
     check_float_tensor(weight, "weight")
     if u.dim() != 3:
@@ -228,8 +229,13 @@ def check_u_and_weight(u, weight, same_dtype=True):
     if min(weight.shape) < 1:
         raise ValueError("capsule_linear needs at least one input capsule, input dimension, parent and "
                          f"output dimension, got weight of shape {tuple(weight.shape)}")
-    if same_dtype and weight.dtype != u.dtype:
-        raise TypeError(f"weight must have u's dtype {u.dtype}, got {weight.dtype}")
+    if weight.dtype != u.dtype:
+        low = autocast_dtype(u) if autocast else None
+        if low is None:
+            raise TypeError(f"weight must have u's dtype {u.dtype}, got {weight.dtype}")
+        if torch.float64 in (u.dtype, weight.dtype):
+            raise TypeError(f"weight must have u's dtype {u.dtype}, got {weight.dtype}: under autocast only "
+                            f"float64 may stand beside float64, as in a matmul (the other dtypes are cast to {low})")
     if weight.device != u.device:
         raise ValueError(f"weight is on {weight.device} but u is on {u.device}; they must be on one device")
     return u, weight

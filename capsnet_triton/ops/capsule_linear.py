@@ -5,9 +5,10 @@ torch tensors: the PyTorch path, the custom ops, the public function.
     u [B, I, P], W [I, J, D, P] -> v [B, J, D]
 
 without u_hat [B, I, J, D] (or its gradient) ever in memory. Unfused, a training step at the
-MNIST shape moves about nine u_hat-sized tensors (94 MB each in float32 at B = 128): predict
-writes u_hat, the routing forward reads it r times, the backward reads it r - 1 times (the
-PyTorch path: r) and writes du_hat, and the prediction's backward reads du_hat twice more.
+MNIST shape moves about nine u_hat-sized tensors (94 MB each in float32 at B = 128; eleven on
+the PyTorch path): predict writes u_hat, the routing forward reads it r times, the backward
+reads it r - 1 times (the PyTorch path: 2(r - 1), a product over it for dc and one for dV in
+each iteration) and writes du_hat, and the prediction's backward reads du_hat twice more.
 
 The PyTorch path is written for CPUs. Routing treats every sample on its own, so it runs over
 chunks of samples: for each chunk it computes u_hat from u and W, routes it with the routing
@@ -21,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..checks import (autocast_dtype, check_bias, check_differentiation, check_float_tensor, check_gradient,
+from ..checks import (autocast_dtype, check_bias, check_differentiation, check_gradient,
                       check_iterations, check_u_and_weight, compute_dtype, differentiable_once, needs_backward,
                       pick_backend, runs_as_function)
 from .routing import CACHED_ELEMENTS, kept_couplings, routing_backward_torch, routing_forward_torch
@@ -59,8 +60,7 @@ def predict(u, weight):
     u and W are checked as capsule_linear's, but under autocast they may differ in dtype, as the
     operands of any matmul may there.
     """
-    check_float_tensor(u, "u")
-    check_u_and_weight(u, weight, same_dtype=autocast_dtype(u) is None)
+    check_u_and_weight(u, weight, autocast=True)
     return _predict(u, weight)
 
 
@@ -197,16 +197,12 @@ differentiable_once(_capsule_linear_backward_op, "capsule_linear")
 # ---------------------------------------------------------------------------------------------
 
 def _as_autocast_casts(u, weight):
-    """u and W as autocast casts a matmul's operands where it is on: both to its low dtype, a
-    float64 left alone (and so refused beside a low one, as predict's matmul refuses it)."""
-    check_float_tensor(u, "u")
-    check_float_tensor(weight, "weight")
+    """u and W checked as predict checks them, then cast as autocast casts a matmul's operands
+    where it is on: both to its low dtype, a float64 left alone."""
+    check_u_and_weight(u, weight, autocast=True)
     low = autocast_dtype(u)
     if low is None:
         return u, weight
-    if (u.dtype == torch.float64) != (weight.dtype == torch.float64):
-        raise TypeError(f"weight must have u's dtype {u.dtype}, got {weight.dtype}: under autocast only float64 "
-                        f"may stand beside float64, as in predict's matmul (the other dtypes are cast to {low})")
     return tuple(x if x.dtype == torch.float64 else x.to(low) for x in (u, weight))
 
 
@@ -223,7 +219,6 @@ def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backe
     left alone), so that the result is dynamic_routing(predict(u, W))'s in dtype too.
     """
     u, weight = _as_autocast_casts(u, weight)
-    check_u_and_weight(u, weight)
     iterations = check_iterations(iterations)
     check_gradient(gradient)
     # check_bias reads J, D and the device off a [B, I, J, D] tensor: a view of W of that shape.
