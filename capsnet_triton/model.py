@@ -27,7 +27,7 @@ from .losses import check_labels, one_hot_mask
 __all__ = ["CapsNet", "CapsNetOutput", "build_model"]
 
 # Samples per chunk of the convolutions' recomputation in a CPU backward (layers.recomputed_convolutions):
-# at B = 128 chunks of 16 kept the MNIST training step's peak growth at 106-131 MiB, chunks of 32 at 142-152.
+# at B = 128 chunks of 16 kept the MNIST training step's peak growth at 105-132 MiB, chunks of 32 at 142-152.
 _RECOMPUTE_CHUNK = 16
 
 

@@ -11,6 +11,7 @@ Imports nothing but NumPy and the standard library. One file per concept, in rea
 - layers.py       the plain layers around the capsules: conv2d, ReLU, linear, sigmoid
 - network.py      the whole MNIST CapsNet (Section 4) as functions of a parameter dict
 - mnist.py        reading MNIST's IDX files
+- checks.py       the input checks the functions above share
 - optim.py        Adam, for training the NumPy network
 - __main__.py     `python -m capsnet_triton.reference --data DIR`: train a small CapsNet in NumPy
 

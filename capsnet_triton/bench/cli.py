@@ -32,7 +32,8 @@ def build_parser(description=None):
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--batches", metavar="B,B,...",
                         help="comma-separated batch sizes of the squash and routing rows (default: the plan's; "
-                             "the sweep over r keeps the plan's batch: 32 on a CPU, 128 on a GPU)")
+                             "the sweep over r keeps the plan's batch: 32 on a CPU (16 with --quick), 128 on a "
+                             "GPU, 2 with --tiny)")
     parser.add_argument("--providers", help="comma-separated subset of provider names")
     parser.add_argument("--workloads", help="comma-separated subset of workload names")
     parser.add_argument("--json", metavar="PATH", help="also write the environment and rows as JSON")

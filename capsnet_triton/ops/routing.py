@@ -9,7 +9,9 @@ CPU, recomputing them cost a wider product over u_hat and a softmax per iteratio
 made forward + backward 15-20% faster at B = 32 and 3-6% at B = 128, and 19-25% under the
 "last" policy, whose backward no longer reads u_hat (docs/PERF.md, 2026-11-30). Every
 contraction over capsule dims is one batched matrix product against a block-diagonal matrix
-built from a [B, T, J, D] tensor, so no temporary is ever as large as u_hat. These products do
+built from a [B, T, J, D] tensor, so no contraction builds a temporary of u_hat's size (what
+does: the float32 copy of a half-precision u_hat, _as_rows, and off a CPU the first iteration's
+test for non-finite samples, _first_s_as_the_reference). These products do
 J times the multiply-adds the contraction needs, yet on a CPU at the MNIST shape they beat the
 alternatives measured (one bmm per parent over strided views, einsum, multiply-and-sum, a
 [B, J, I, D] copy of u_hat, J padded to 16, parents in groups; docs/PERF.md). The exception is
