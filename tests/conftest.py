@@ -92,12 +92,23 @@ def poisoned_scratch(monkeypatch):
     """The split launches' partial sums and the fused backward's logit gradients, which kernel A
     keeps for kernel B (kernels.launch.scratch), start as NaN, as outputs do: a kernel that read an
     element no program wrote would fail the test."""
-    import torch
+    from kernel_checks import poisoned
 
     from capsnet_triton.kernels import capsule_linear, routing
 
     def nan_filled(shape, like):
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+        return poisoned(shape, like.dtype)
 
     for module in (routing, capsule_linear):
         monkeypatch.setattr(module, "scratch", nan_filled)
+
+
+@pytest.fixture
+def guarded_outputs():
+    """After the test, no kernel wrote past either end of a poisoned buffer (kernel_checks.poisoned)."""
+    from kernel_checks import written_past_the_ends
+
+    written_past_the_ends()                                     # forget an earlier test's buffers
+    yield
+    spoiled = written_past_the_ends()
+    assert not spoiled, f"a kernel wrote past the ends of its output buffers: {spoiled}"

@@ -2,6 +2,8 @@
 that device, and what autograd saves. What "agree" means is capsnet_triton.numerics (SPEC section 8).
 """
 
+import math
+
 import numpy as np
 import torch
 from conftest import interpreted
@@ -57,7 +59,33 @@ def saved_numel(call):
 FINITE_POISON = 12345.0
 
 
+# Every poisoned buffer has guards either side, as large as itself and at least MIN_GUARD
+# elements, holding GUARD_VALUE: a kernel that writes past its output's ends (the rows of a
+# block's samples past B, a padded parent) changes them, where the interpreter, storing through
+# raw pointers, would corrupt other memory or crash, if anything.
+MIN_GUARD = 1024
+GUARD_VALUE = -4321.0
+_guarded = []                     # (buffer, guard, the output's shape) of the running test
+
+
 def poisoned(shape, dtype, value=float("nan")):
     """A NaN-filled output buffer on the kernels' device (SPEC 8: unwritten elements fail); `value`
-    fills it instead where NaN is the expected output."""
-    return numerics.poisoned(shape, dtype, DEVICE, value)
+    fills it instead where NaN is the expected output. It is the middle of a larger buffer whose
+    guards either side the fixture guarded_outputs (conftest.py) checks after the test."""
+    numel = math.prod(shape)
+    guard = max(numel, MIN_GUARD)
+    buffer = numerics.poisoned((guard + numel + guard,), dtype, DEVICE, GUARD_VALUE)
+    _guarded.append((buffer, guard, tuple(shape)))
+    return buffer[guard:guard + numel].view(shape).fill_(value)
+
+
+def written_past_the_ends():
+    """The shapes and dtypes of the poisoned buffers made since the last call whose guards a
+    kernel wrote into; the list of buffers is emptied."""
+    spoiled = []
+    for buffer, guard, shape in _guarded:
+        guards = torch.cat((buffer[:guard], buffer[guard + math.prod(shape):]))
+        if not bool((guards == torch.full_like(guards, GUARD_VALUE)).all()):
+            spoiled.append(f"{list(shape)} {buffer.dtype}")
+    _guarded.clear()
+    return spoiled

@@ -13,6 +13,9 @@ from capsnet_triton.numerics import as_float64
 from capsnet_triton.reference import squash_backward as reference_squash_backward
 from capsnet_triton.reference import squash_forward as reference_squash_forward
 
+# Every test here checks that no kernel wrote past the ends of a poisoned buffer (conftest.py).
+pytestmark = pytest.mark.usefixtures("guarded_outputs")
+
 
 @st.composite
 def squash_cases(draw, dtype):
