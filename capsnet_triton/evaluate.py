@@ -60,7 +60,9 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
     correct = torch.zeros((), dtype=torch.float64, device=device)
     share = torch.tensor_split(torch.arange(len(split), device=device), world)[rank]
     try:
-        for index in share.split(batch_size):
+        # A rank's share is empty where the split has fewer examples than there are ranks; split()
+        # would still give it one batch, an empty one, which the loss refuses.
+        for index in share.split(batch_size) if len(share) else ():
             batch = split.batch(index)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 output = model(batch.images, batch.labels if batch.labels.ndim == 2 else None, validate=False)
