@@ -28,7 +28,7 @@ from .figures import write_figures
 from .losses import capsnet_loss, check_labels, correct_predictions
 from .model import build_model
 from .training.checkpoint import load_checkpoint
-from .training.config import check_run_config
+from .training.config import check_run_config, unwritable_folder
 from .training.distributed import resolve_device
 from .training.errors import ArgumentParser, run_command
 
@@ -143,8 +143,16 @@ def main(argv=None):
         datasets = _datasets(args, checkpoint)
     except ValueError as e:
         parser.error(str(e))
-    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device, datasets,
-                       owns_ctrl_c=argv is None)
+    spec, trained_on = datasets
+    run_dir, name = os.path.split(os.path.abspath(args.checkpoint))
+    own = spec.name == trained_on.name
+    folder = args.out or _figure_folder(run_dir, name, spec.name, own, args.limit)
+    # Before the data is read and scored (minutes on a whole test set), not after.
+    problem = unwritable_folder(folder, "the figures' folder")
+    if problem:
+        parser.error(f"--out {folder}: {problem}" if args.out else f"{folder}: {problem} (choose another with --out)")
+    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device, spec,
+                       os.path.join(run_dir, "log.jsonl") if own else None, folder, owns_ctrl_c=argv is None)
 
 
 def _figure_folder(run_dir, checkpoint_name, dataset, own, limit):
@@ -170,9 +178,8 @@ def _datasets(args, checkpoint):
     return spec, trained_on
 
 
-def _evaluate_checkpoint(args, model, checkpoint, device, datasets):
+def _evaluate_checkpoint(args, model, checkpoint, device, spec, log_path, folder):
     config = checkpoint["config"]
-    spec, trained_on = datasets
     # The MD5s tell the datasets apart: a folder of MNIST is refused as Fashion-MNIST's.
     test = load_split(args.data or config["data"], spec.name, train=False, verify=args.verify_data)
     test = spec.evaluation_split(test, True)
@@ -183,11 +190,8 @@ def _evaluate_checkpoint(args, model, checkpoint, device, datasets):
                        reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
     print(f"{spec.name} test {spec.metric} {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
           f"{example_count(test)}, loss {metrics['loss']:.5f}")
-    run_dir, name = os.path.split(os.path.abspath(args.checkpoint))
-    own = spec.name == trained_on.name
-    log_path = os.path.join(run_dir, "log.jsonl") if own else None
-    for path in write_figures(model, test, args.out or _figure_folder(run_dir, name, spec.name, own, args.limit),
-                              dataset=spec.name, metric=spec.metric, log_path=log_path, model_name=name):
+    for path in write_figures(model, test, folder, dataset=spec.name, metric=spec.metric, log_path=log_path,
+                              model_name=os.path.basename(args.checkpoint)):
         print(f"wrote {path}")
 
 

@@ -317,6 +317,15 @@ def test_evaluate_refuses_files_of_another_dataset(finished_run, fake_mnist, cap
     assert status == 1 and "fashion-mnist" in line and DATASETS["fashion-mnist"].files[2].md5 in line
 
 
+def test_evaluate_refuses_a_figures_folder_it_cannot_write_before_reading_the_data(finished_run, tmp_path, capsys):
+    """It scored the whole test set first, then failed on a bare errno (exit 1)."""
+    (tmp_path / "a-file").write_text("")
+    missing = str(tmp_path / "no-data")                         # read after the check: never reached
+    status, err = run(evaluate.main, [str(finished_run / "best.pt"), "--data", missing, "--device", "cpu",
+                                      "--out", str(tmp_path / "a-file")], capsys)
+    assert status == 2 and f"--out {tmp_path / 'a-file'}: cannot create the figures' folder" in one_line(err)
+
+
 def test_evaluate_writes_another_models_figures_beside_the_runs(finished_run, fake_mnist, tmp_path, capsys):
     """The run folder's figures are its best.pt's on the whole test set; last.pt, or a --limit,
     gets a subfolder, and each figure names its model."""

@@ -15,7 +15,7 @@ from .distributed import launched_rank, launched_world_size, resolve_device
 from .errors import ArgumentParser
 
 __all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "check_config", "check_run_config",
-           "resolve_config"]
+           "resolve_config", "unwritable_folder"]
 
 # Options a resumed run may change: they do not alter the trajectory of the parameters, except
 # --device and --digitcaps (the same function, rounded differently, so a run resumed with another
@@ -197,16 +197,25 @@ def check_run_config(config, path):
                              f"that option cannot take (written by another version of capsnet_triton, or edited?)")
 
 
+def unwritable_folder(path, what):
+    """None where `path` is, or has now been made, a folder this process can write; else why not,
+    calling it `what`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {what} ({e.strerror or e})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{what} is not writable"
+    return None
+
+
 def _claim_out(out, error, lock):
     """Call error(message) unless `out` is (or can be made) a folder this process can write and,
     on the main rank (the one that writes it), its lock (`checkpoint.lock_run_folder`) is free;
     the lock goes into the ExitStack `lock`."""
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        error(f"--out {out}: cannot create the run folder ({e.strerror or e})")
-    if not os.access(out, os.W_OK | os.X_OK):
-        error(f"--out {out}: the run folder is not writable")
+    problem = unwritable_folder(out, "the run folder")
+    if problem:
+        error(f"--out {out}: {problem}")
     if launched_rank() == 0:
         try:
             lock.enter_context(lock_run_folder(out))
