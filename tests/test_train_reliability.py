@@ -53,9 +53,10 @@ def test_out_of_range_flags_are_refused_before_anything_runs(fake_mnist, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def nan_from_step(first_bad_step, where):
+def nan_from_step(first_bad_step, where, factor=float("nan")):
     """A stand-in for the loop's capsnet_loss whose total (where="loss") or whose gradient
-    (where="gradient", the loss staying finite) is NaN from the `first_bad_step`-th call on."""
+    (where="gradient", the loss staying finite) is NaN from the `first_bad_step`-th call on; or
+    whose gradient is `factor` times the true one, where a factor is given."""
     calls = []
     original = loop.capsnet_loss
 
@@ -66,7 +67,7 @@ def nan_from_step(first_bad_step, where):
 
         @staticmethod
         def backward(ctx, grad):
-            return grad * float("nan")
+            return grad * factor
 
     def capsnet_loss(*a, **k):
         terms = original(*a, **k)
@@ -108,6 +109,15 @@ def test_a_nan_gradient_under_a_finite_loss_is_caught_at_the_next_log_point(fake
     assert "became NaN or infinite by step 1" in last_line(err)
     assert not (out / "best.pt").exists() and not (out / "last.pt").exists()
     assert read_records(out / "log.jsonl") == []
+
+
+def test_finite_gradients_too_large_for_their_norm_are_not_divergence(fake_mnist, tmp_path, capsys, monkeypatch):
+    """Gradients 1e21 times the true ones are finite, but the sum of their squares overflows
+    float32: the run was stopped as diverged. Adam's steps do not grow with the gradient."""
+    monkeypatch.setattr(loop, "capsnet_loss", nan_from_step(1, "gradient", factor=1e21))
+    status, err = run(train.main, args(fake_mnist, tmp_path / "large", "--log-every", "1"), capsys)
+    assert status == 0, err
+    assert all(torch.isfinite(value).all() for value in torch.load(tmp_path / "large" / "best.pt")["model"].values())
 
 
 def test_the_log_refuses_non_finite_numbers(tmp_path):
