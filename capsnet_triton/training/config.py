@@ -259,8 +259,11 @@ def _resumed_config(last, args, explicit, parser):
         if key in RESUMABLE:
             config[key] = value
         elif key not in ("out", "resume") and value != config[key]:
-            parser.error(f"--{key.replace('_', '-')} {value} differs from the run's {config[key]}; "
-                         f"a resumed run keeps its training configuration")
+            option = next(action for action in parser._actions if action.dest == key)
+            # A flag (--amp, --no-decoder) that is not resumable was left out when the run started.
+            given = (f"{option.option_strings[0]}, which the run was started without," if option.nargs == 0
+                     else f"{option.option_strings[0]} {value}, which differs from the run's {config[key]},")
+            parser.error(f"{given} cannot be given to --resume: a resumed run keeps its training configuration")
     config["out"] = args.out
     for key in RESUMABLE:                   # options newer than the checkpoint: their defaults
         config.setdefault(key, parser.get_default(key))
