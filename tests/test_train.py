@@ -246,7 +246,8 @@ def run_with_ctrl_c(where, after, presses, argv, sent="SIGINT", ignored=False):
 
 
 @pytest.mark.parametrize("sent, status, by", [("SIGINT", 130, ""), ("SIGTERM", 143, " by SIGTERM")])
-def test_ctrl_c_saves_where_it_stops_and_resume_is_bit_identical(straight_run, data_dir, tmp_path, sent, status, by):
+def test_ctrl_c_saves_where_it_stops_and_resume_is_bit_identical(straight_run, data_dir, tmp_path, sent, status, by,
+                                                                  capsys):
     """Ctrl-C, or SIGTERM (what a cluster's scheduler sends before it kills a job)."""
     out = tmp_path / "interrupted"
     # No periodic checkpoints: a last.pt inside the first epoch can only be the one the signal saved.
@@ -257,7 +258,9 @@ def test_ctrl_c_saves_where_it_stops_and_resume_is_bit_identical(straight_run, d
     assert result.stderr.rstrip("\n").split("\n")[-1] == (
         f"python -m capsnet_triton.train: interrupted{by} after step 3, saved in {out / 'last.pt'}; continue with "
         f"--out {out} --resume")
+    capsys.readouterr()
     assert train.main(["--out", str(out), "--resume"]) == 0
+    assert f"resuming at epoch 1/2, step 3 of {STEPS_PER_EPOCH}\n" in capsys.readouterr().out
     assert_same_state(load(out), load(straight_run))
     for key, value in load(out, "best.pt")["model"].items():
         assert torch.equal(value, load(straight_run, "best.pt")["model"][key])
@@ -367,6 +370,7 @@ def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path, capsys)
     single, ddp = load(tmp_path / "single"), load(tmp_path / "ddp")
     assert ddp["world_size"] == 2 and ddp["position"]["global_step"] == 1
     assert read_log(tmp_path / "ddp")[-1]["event"] == "test" and read_log(tmp_path / "ddp")[-1]["count"] == 1
+    assert "on 1 image, best model" in result.stdout
     torch.manual_seed(7)                                           # the run's seed: its initial parameters
     initial = build_model(single["config"]).state_dict()
     for key, value in single["model"].items():

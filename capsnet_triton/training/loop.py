@@ -204,6 +204,8 @@ def _train(config, checkpoint, context, device, signals_stop):
             print(f"{paths['best.pt']} was not the best model that {paths['last.pt']} holds (the run stopped "
                   f"between its two saves at the end of epoch {held['epoch']}, or the file was changed): "
                   f"written again from it", file=sys.stderr)
+        if epoch < config["epochs"] and context.is_main:
+            print(f"resuming at epoch {epoch + 1}/{config['epochs']}, step {step_in_epoch} of {steps_per_epoch}")
         saved_world = checkpoint.get("world_size", 1)
         if saved_world != world and context.is_main:
             # Each rank reduces its shard of the batch: another split rounds the sums differently.
