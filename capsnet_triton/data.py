@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .losses import check_labels
-from .reference.mnist import SPLIT_FILES, find_idx, load_mnist
+from .reference.mnist import SPLIT_FILES, find_idx, load_mnist, read_idx
 from .synthetic import multimnist
 
 __all__ = [
@@ -295,9 +295,13 @@ def verify_split(directory, dataset="mnist", train=True):
     spec = dataset_spec(dataset)
     folder = find_split_dir(directory, dataset, train)
     for idx_file in spec.split_files(train):
+        path = find_idx(folder, idx_file.stem)
         try:
-            _verify(find_idx(folder, idx_file.stem), idx_file)
+            _verify(path, idx_file)
         except _ChecksumMismatch as e:
+            # An empty or cut file has a wrong MD5 too, but no flag makes it readable: say what is
+            # wrong with it instead of offering --no-verify-data.
+            read_idx(path)
             raise ValueError(f"{e} of {spec.name}; pass --no-verify-data to use other data deliberately") from e
 
 

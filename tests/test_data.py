@@ -283,6 +283,14 @@ def test_only_a_checksum_mismatch_suggests_skipping_the_check(tmp_path, monkeypa
     with pytest.raises(ValueError, match="not a complete gzip stream") as error:
         data.verify_split(mirror, "tiny", train=False)
     assert "--no-verify-data" not in str(error.value)
+    # Complete gzip streams whose content no flag makes readable either: nothing, a cut IDX file.
+    write_idx(labels, np.zeros(10, np.uint8))
+    cut = gzip.decompress(labels.read_bytes())[:-3]
+    for content, problem in ((b"", "0 bytes is too short for an IDX header"), (cut, "truncated")):
+        labels.write_bytes(gzip.compress(content))
+        with pytest.raises(ValueError, match=problem) as error:
+            data.verify_split(mirror, "tiny", train=False)
+        assert "--no-verify-data" not in str(error.value)
 
 
 def test_labels_out_of_range_are_refused_at_load(tmp_path, monkeypatch):
