@@ -321,6 +321,7 @@ def test_digit_caps_under_autocast_computes_in_one_dtype_fused_or_not():
 def test_digit_caps_fused_by_default_equals_its_unfused_path(gradient):
     fused = DigitCaps(9, 8, 10, 16, gradient=gradient, bias=True).double()
     unfused = DigitCaps(9, 8, 10, 16, gradient=gradient, bias=True, fused=False).double()
+    torch.nn.init.normal_(fused.bias)                  # a zero bias would look the same used or dropped
     unfused.load_state_dict(fused.state_dict())
     assert fused.fused and not unfused.fused and "fused=True" in repr(fused)
     u = torch.randn(4, 9, 8, dtype=torch.float64)
@@ -328,4 +329,5 @@ def test_digit_caps_fused_by_default_equals_its_unfused_path(gradient):
         layer(u).pow(2).sum().backward()
     assert torch.allclose(fused(u), unfused(u), rtol=1e-12, atol=0)
     for got, expected in zip(fused.parameters(), unfused.parameters()):
+        assert got.grad is not None and expected.grad is not None
         assert torch.allclose(got.grad, expected.grad, rtol=1e-12, atol=1e-15)
