@@ -218,8 +218,9 @@ def test_capsule_linear_of_one_parent(P, variant, rng):
 def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iterations, rng):
     """SPEC 7: a sample whose u holds a NaN or inf gets NaN in all of its v; the others, in the
     split kernels in the same block of samples, are unaffected. So in the backward: the kept
-    couplings and du of those samples are NaN, the clean sample's are those of the clean sample
-    alone (dW, a sum over the batch, is NaN)."""
+    couplings, s_all, ds_all and du of those samples are NaN, the clean sample's are those of the
+    clean sample alone (dW, a sum over the batch, is NaN). Every output is poisoned with a finite
+    value, so that one left unwritten shows."""
     u, weight, _, dv = layer_inputs(rng, (3, 6, 4, 5, 3), torch.float32)
     u[0, 2, 1] = float("nan")
     u[2, 5, 0] = float("inf")
@@ -229,13 +230,19 @@ def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iteratio
         out=(poisoned((3, 4, 5), torch.float32, FINITE_POISON),
              poisoned((iterations, 3, 4, 5), torch.float32, FINITE_POISON),
              poisoned((iterations - 1, 3, 6, 4), torch.float32, FINITE_POISON)))
-    du, _, ds_all = capsule_linear_backward(dv, u, weight, s_all, couplings, **launch)
+    du, dW, ds_all = capsule_linear_backward(
+        dv, u, weight, s_all, couplings, **launch,
+        out=(poisoned(u.shape, torch.float32, FINITE_POISON), poisoned(weight.shape, torch.float32, FINITE_POISON),
+             poisoned((iterations, 3, 4, 5), torch.float32, FINITE_POISON)))
     clean, clean_s_all, clean_couplings = capsule_linear_forward(u[1:2], weight, iterations, **launch)
     clean_du, _, clean_ds_all = capsule_linear_backward(dv[1:2], u[1:2], weight, clean_s_all, clean_couplings,
                                                         **launch)
     for bad in (0, 2):
-        assert torch.isnan(v[bad]).all() and torch.isnan(couplings[:, bad]).all() and torch.isnan(du[bad]).all()
+        for output in (v[bad], s_all[:, bad], couplings[:, bad], du[bad], ds_all[:, bad]):
+            assert torch.isnan(output).all()
+    assert torch.isnan(dW).all()
     assert torch.equal(v[1], clean[0]) and torch.equal(couplings[:, 1], clean_couplings[:, 0])
+    assert torch.equal(s_all[:, 1], clean_s_all[:, 0])
     assert torch.equal(du[1], clean_du[0]) and torch.equal(ds_all[:, 1], clean_ds_all[:, 0])
 
 

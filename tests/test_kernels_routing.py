@@ -402,9 +402,10 @@ def test_a_sample_holding_nan_or_inf_is_all_nan(variant, iterations, gradient, r
             out=(poisoned((3, 10, 16), torch.float32, FINITE_POISON),
                  poisoned((iterations, 3, 10, 16), torch.float32, FINITE_POISON),
                  poisoned((kept, 3, 37, 10), torch.float32, FINITE_POISON)))
-        du_hat, _ = routing_backward(dv, u_hat, s_all, couplings, gradient=gradient, block_i=16, variant=variant,
-                                     splits=2, out=(poisoned(u_hat.shape, torch.float32, FINITE_POISON),
-                                                    poisoned(s_all.shape, torch.float32, FINITE_POISON)))
+        du_hat, ds_all = routing_backward(dv, u_hat, s_all, couplings, gradient=gradient, block_i=16,
+                                          variant=variant, splits=2,
+                                          out=(poisoned(u_hat.shape, torch.float32, FINITE_POISON),
+                                               poisoned(s_all.shape, torch.float32, FINITE_POISON)))
         assert torch.isnan(couplings[:, 1]).all()
         ref_v, cache = reference_routing_forward(as_float64(u_hat), iterations, gradient=gradient)
         ref_du_hat = reference_routing_backward(as_float64(dv), cache)
@@ -416,10 +417,13 @@ def test_a_sample_holding_nan_or_inf_is_all_nan(variant, iterations, gradient, r
         clean = [0, 2]
         v_c, s_all_c, couplings_c = routing_forward(u_hat[clean], iterations, gradient=gradient, block_i=16,
                                                     variant=variant, splits=2)
-        du_hat_c, _ = routing_backward(dv[clean], u_hat[clean], s_all_c, couplings_c, gradient=gradient,
-                                       block_i=16, variant=variant, splits=2)
+        du_hat_c, ds_all_c = routing_backward(dv[clean], u_hat[clean], s_all_c, couplings_c, gradient=gradient,
+                                              block_i=16, variant=variant, splits=2)
         assert torch.equal(v[clean], v_c) and torch.equal(du_hat[clean], du_hat_c)
-        assert torch.equal(couplings[:, clean], couplings_c)
+        assert torch.equal(couplings[:, clean], couplings_c) and torch.equal(ds_all[:, clean], ds_all_c)
+        # The sample's ds^(t): NaN, but for the zeros "last" gives the iterations before the last.
+        assert torch.isnan(ds_all[-1, 1]).all()
+        assert (torch.isnan(ds_all[:-1, 1]) if gradient == "full" else ds_all[:-1, 1] == 0).all()
 
 
 def test_routing_rejects_bad_input():
