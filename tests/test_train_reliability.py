@@ -245,7 +245,10 @@ def test_user_errors_are_one_line_with_usage_and_failure_statuses(finished_run, 
 
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    for path, message in ((empty, "empty, truncated or corrupt"), (tmp_path / "none.pt", "no checkpoint file")):
+    log = tmp_path / "log.jsonl"                  # once said to hold Python objects
+    log.write_text('{"event": "train"}\n')
+    for path, message in ((empty, "empty, truncated or corrupt"), (tmp_path / "none.pt", "no checkpoint file"),
+                          (log, "or another kind of file (not the zip archive torch.save writes)")):
         status, err = run(evaluate.main, [str(path), "--data", fake_mnist, "--device", "cpu"], capsys)
         assert status == 2 and message in one_line(err)
 

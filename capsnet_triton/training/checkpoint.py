@@ -25,6 +25,7 @@ import io
 import os
 import random
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
@@ -158,6 +159,10 @@ def load_checkpoint(path):
     """
     if not os.path.isfile(path):
         raise ValueError(f"there is no checkpoint file {path}")
+    if not zipfile.is_zipfile(path):
+        # torch.load would take it for a legacy pickle and fail with advice of its own.
+        raise ValueError(f"{path} cannot be read as a checkpoint: it is empty, truncated or corrupt, or another "
+                         f"kind of file (not the zip archive torch.save writes)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails in pickle, zip or torch code, each with its own type
