@@ -260,7 +260,9 @@ def training_curves_figure(log_path, path, *, metric="accuracy"):
         # At the step where best.pt was chosen (its epoch's validation), where the log has it.
         chosen = [r["step"] for r in records if r.get("event") == "validation" and r.get("epoch") == best_epoch]
         step = chosen[-1] if chosen else max(steps)
-        label = f"test of best.pt (epoch {best_epoch})"
+        # The count says which test this is: the run's own (--limit-test), not a later evaluate's.
+        count = test[-1].get("count")
+        label = f"test of best.pt (epoch {best_epoch}{'' if count is None else f', {count} examples'})"
         loss_ax.plot([step], [test[-1]["loss"]], "*", markersize=12, label=label)
         error_ax.plot([step], [max(floor, 100.0 * (1.0 - test[-1]["accuracy"]))], "*", markersize=12, label=label)
     loss_ax.set(xlabel="step", ylabel="total loss (margin + weighted reconstruction)", title="loss", yscale="log")

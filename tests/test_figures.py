@@ -48,7 +48,7 @@ def test_training_curves_plot_the_error_on_log_axes_with_the_test_of_the_best_mo
         [50.0, 10.0, 0.5])
     # A perfect validation score is drawn at 0.01% (the sets here are smaller), not at log(0).
     assert list(lines["validation (each epoch)"].get_ydata()) == pytest.approx([1.0, 0.01])
-    star = lines["test of best.pt (epoch 1)"]           # at the step where best.pt was chosen
+    star = lines["test of best.pt (epoch 1, 1000 examples)"]   # at the step where best.pt was chosen
     assert list(star.get_xdata()) == [20] and list(star.get_ydata()) == pytest.approx([0.4])
     # Log axes labelled in plain numbers, not 6x10^-1.
     labels = [t.get_text() for ax in (loss_ax, error_ax) for t in ax.get_yticklabels(which="both") if t.get_text()]
