@@ -22,6 +22,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from .data import DATASETS, dataset_spec, load_split
 from .figures import write_figures
@@ -36,7 +37,7 @@ __all__ = ["evaluate", "example_count", "load_model", "main"]
 
 
 @torch.no_grad()
-def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=False):
+def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=False, progress=None):
     """Loss terms and accuracy of `model` over a whole evaluation split (on the model's device).
 
     split: a `data.Split` or any object with len() and batch(index) -> `data.Batch` (MultiMNIST's
@@ -48,6 +49,7 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
     torch.distributed each rank evaluates a contiguous share and the sums are all-reduced, so
     every rank returns the totals of the whole split.
     The labels are checked once for the whole split, not per batch (each check waits for the device).
+    progress: the label of a progress bar over the batches (on rank 0; gone when done), or None.
     Returns a dict: loss, margin, reconstruction (batch means), accuracy, count.
     """
     check_labels(split.labels, len(split), model.num_classes)
@@ -59,10 +61,12 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
     loss_sums = torch.zeros(3, dtype=torch.float64, device=device)     # total, margin, reconstruction
     correct = torch.zeros((), dtype=torch.float64, device=device)
     share = torch.tensor_split(torch.arange(len(split), device=device), world)[rank]
+    # A rank's share is empty where the split has fewer examples than there are ranks; split()
+    # would still give it one batch, an empty one, which the loss refuses.
+    batches = share.split(batch_size) if len(share) else ()
     try:
-        # A rank's share is empty where the split has fewer examples than there are ranks; split()
-        # would still give it one batch, an empty one, which the loss refuses.
-        for index in share.split(batch_size) if len(share) else ():
+        for index in tqdm(batches, desc=progress, disable=progress is None or rank != 0, leave=False,
+                          dynamic_ncols=True, unit="batch"):
             batch = split.batch(index)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 output = model(batch.images, batch.labels if batch.labels.ndim == 2 else None, validate=False)
@@ -187,7 +191,7 @@ def _evaluate_checkpoint(args, model, checkpoint, device, spec, log_path, folder
     if args.limit is not None:
         test = test.subset(slice(0, args.limit))
     test = test.to(device)
-    metrics = evaluate(model, test, batch_size=args.batch_size,
+    metrics = evaluate(model, test, batch_size=args.batch_size, progress=f"{spec.name} test",
                        reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
     print(f"{spec.name} test {spec.metric} {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
           f"{example_count(test)}, loss {metrics['loss']:.5f}")

@@ -125,7 +125,8 @@ def test_a_fresh_run_replaces_the_log_of_an_earlier_run_that_never_checkpointed(
 def test_evaluate_command_reports_test_accuracy_and_figures(straight_run, data_dir, tmp_path, capsys):
     assert evaluate.main([str(straight_run / "best.pt"), "--data", data_dir, "--limit", "24",
                           "--device", "cpu", "--out", str(tmp_path), "--no-verify-data"]) == 0
-    output = capsys.readouterr().out
+    output, progress = capsys.readouterr()
+    assert "mnist test:   0%|" in progress                # a progress bar over the batches while it scores
     test_record = read_log(straight_run)[-1]
     assert f"test accuracy {test_record['accuracy']:.2%}" in output and "on 24 images" in output
     assert {"reconstructions.png", "perturbations.png", "training_curves.png"} <= set(os.listdir(tmp_path))

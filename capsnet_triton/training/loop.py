@@ -273,7 +273,7 @@ def _train(config, checkpoint, context, device, signals_stop):
                                 raise interrupted(epoch, step_in_epoch + 1)
 
                 _check_finite(model, diverged_steps, f"in epoch {epoch + 1}")
-                validation = evaluate(model, val_set, batch_size=batch_size,
+                validation = evaluate(model, val_set, batch_size=batch_size, progress="validation",
                                       reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
                 if not math.isfinite(validation["loss"]):
                     raise TrainingDiverged(f"the validation loss of epoch {epoch + 1} is {validation['loss']}; "
@@ -305,7 +305,7 @@ def _train(config, checkpoint, context, device, signals_stop):
         best_state = load_checkpoint(paths["best.pt"])
         model.load_state_dict(best_state["model"])
         test_set = test_set.to(device)
-        test = evaluate(model, test_set, batch_size=batch_size,
+        test = evaluate(model, test_set, batch_size=batch_size, progress=f"{spec.name} test",
                         reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
         log.write(event="test", best_epoch=best_state["epoch"], metric=spec.metric, **test)
     finally:
