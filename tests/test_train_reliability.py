@@ -189,7 +189,7 @@ def test_resume_refuses_a_log_that_differs_from_what_the_checkpoint_recorded(fin
     log_path.write_bytes(data)
     status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
     line = one_line(err)
-    assert status == 1 and str(log_path) in line
+    assert status == 2 and str(log_path) in line                        # a usage error, before any data is read
     assert ("fewer than" if damage == "truncated" else "changed or torn") in line
     assert log_path.read_bytes() == data                                  # refused, not padded or cut
 

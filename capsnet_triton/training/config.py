@@ -13,6 +13,7 @@ from ..data import DATASETS, dataset_spec
 from .checkpoint import CHECKPOINT_FILES, best_model_in, load_checkpoint, load_training_state, lock_run_folder
 from .distributed import launched_rank, launched_world_size, resolve_device
 from .errors import ArgumentParser
+from .log import logged_prefix
 
 __all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "check_config", "check_run_config",
            "resolve_config", "unwritable_folder"]
@@ -252,6 +253,8 @@ def _resumed_config(last, args, explicit, parser):
     try:
         checkpoint = load_training_state(last)
         check_run_config(checkpoint["config"], last)
+        if launched_rank() == 0:             # the rank that writes the log: a bad one is refused before any work
+            logged_prefix(os.path.join(os.path.dirname(last), "log.jsonl"), checkpoint)
     except ValueError as e:
         parser.error(f"--resume: {e}")
     config = dict(checkpoint["config"])

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 
-__all__ = ["RunLog"]
+__all__ = ["RunLog", "logged_prefix"]
 
 
 class RunLog:
@@ -29,29 +29,11 @@ class RunLog:
             # A fresh run: the log of an earlier run in RUN_DIR that never reached a checkpoint goes.
             self.file = open(path, "wb")
             return
-        length, expected = resume_from["log_bytes"], resume_from.get("log_sha256")
-        self._check_prefix(length, expected)
+        self.digest, self.length = logged_prefix(path, resume_from)
         # Records written after the checkpoint belong to steps that are about to be redone.
         self.file = open(path, "r+b")
-        self.file.truncate(length)
-        self.file.seek(length)
-
-    def _check_prefix(self, length, expected):
-        if not os.path.isfile(self.path):
-            raise ValueError(f"{self.path} is missing but last.pt records {length} bytes of it; "
-                             f"restore the log, or start a new run in another --out")
-        with open(self.path, "rb") as f:
-            prefix = f.read(length)
-        if len(prefix) < length:
-            raise ValueError(f"{self.path} has {len(prefix)} bytes, fewer than the {length} that last.pt "
-                             f"records: the log was cut; restore it, or start a new run in another --out")
-        self.digest.update(prefix)
-        self.length = length
-        # Checkpoints written before the digest existed: the prefix must at least be whole JSON lines.
-        intact = (self.digest.hexdigest() == expected if expected is not None else _is_json_lines(prefix))
-        if not intact:
-            raise ValueError(f"the first {length} bytes of {self.path} differ from those last.pt recorded: "
-                             f"the log was changed or torn; restore it, or start a new run in another --out")
+        self.file.truncate(self.length)
+        self.file.seek(self.length)
 
     def write(self, **record):
         if self.file is not None:
@@ -77,6 +59,28 @@ class RunLog:
         if self.file is not None:
             self.sync()
             self.file.close()
+
+
+def logged_prefix(path, resume_from):
+    """(SHA-256 object, length) of the first bytes of the log at `path` that last.pt's contents
+    `resume_from` record; ValueError where the log is missing, shorter, or changed in them.
+    --resume checks this before any work; RunLog checks it again as it opens the log."""
+    length, expected = resume_from["log_bytes"], resume_from.get("log_sha256")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing but last.pt records {length} bytes of it; "
+                         f"restore the log, or start a new run in another --out")
+    with open(path, "rb") as f:
+        prefix = f.read(length)
+    if len(prefix) < length:
+        raise ValueError(f"{path} has {len(prefix)} bytes, fewer than the {length} that last.pt "
+                         f"records: the log was cut; restore it, or start a new run in another --out")
+    digest = hashlib.sha256(prefix)
+    # Checkpoints written before the digest existed: the prefix must at least be whole JSON lines.
+    intact = digest.hexdigest() == expected if expected is not None else _is_json_lines(prefix)
+    if not intact:
+        raise ValueError(f"the first {length} bytes of {path} differ from those last.pt recorded: "
+                         f"the log was changed or torn; restore it, or start a new run in another --out")
+    return digest, length
 
 
 def _is_json_lines(data):
