@@ -432,8 +432,10 @@ def test_command_line_errors(straight_run, data_dir, tmp_path, capsys):
     fails(tiny_args(data_dir, tmp_path / "x", "--no-agreement-grad"), "unrecognized arguments: --no-agreement-grad")
     fails(tiny_args(data_dir, tmp_path / "x", "--routing-gradient", "agreement"), "invalid choice: 'agreement'")
     fails(tiny_args(data_dir, tmp_path / "x", "--dataset", "affnist"), "invalid choice: 'affnist'")  # a test set
-    assert train.main(tiny_args(data_dir, tmp_path / "small", "--limit-train", "8")) == 1
-    assert "do not fill one batch" in capsys.readouterr().err
+    fails(tiny_args(data_dir, tmp_path / "x", "--limit-train", "8"), "--limit-train 8 does not fill one batch of 16")
+    # A training split too small for one batch that no option names: found once the data is read.
+    assert train.main(tiny_args(data_dir, tmp_path / "small", "--validation-size", "190")) == 1
+    assert "10 training images do not fill one batch of 16" in capsys.readouterr().err
 
 
 def with_old_gradient_key(source, target, agreement_grad):

@@ -46,6 +46,7 @@ pytestmark = pytest.mark.xdist_group("train_reliability")
     ("--seed", str(2**32), "--seed must be at most 4294967295"),
     ("--split-seed", "-3", "--split-seed must not be negative"),
     ("--checkpoint-every", "-1", "--checkpoint-every must not be negative"),
+    ("--limit-train", "7", "--limit-train 7 does not fill one batch of"),
 ])
 def test_out_of_range_flags_are_refused_before_anything_runs(fake_mnist, tmp_path, capsys, flag, value, message):
     status, err = run(train.main, args(fake_mnist, tmp_path / "run", flag, value), capsys)

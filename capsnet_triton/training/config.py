@@ -131,6 +131,10 @@ def check_config(config, error):
     for key in ("limit_train", "limit_val", "limit_test"):
         if config[key] is not None and config[key] < 1:
             error(f"{flag(key)} must be positive, got {config[key]}")
+    if config["limit_train"] is not None and config["limit_train"] < config["batch_size"]:
+        # Refused here, before the data is read; the loop still checks a split smaller than asked.
+        error(f"--limit-train {config['limit_train']} does not fill one batch of {config['batch_size']}: "
+              f"lower --batch-size or raise --limit-train")
     world = launched_world_size()
     if config["batch_size"] % world:
         # --batch-size is the global batch and a resumed run keeps it: the process count must fit it.
