@@ -20,6 +20,7 @@ import torch
 
 from capsnet_triton import evaluate, figures, train
 from capsnet_triton.data import DATASETS, load_split, verify_split
+from capsnet_triton import training
 from capsnet_triton.training import allocator, errors, loop
 from capsnet_triton.training.checkpoint import LOCK_NAME, payload_checksum, save_atomic
 from capsnet_triton.training.config import build_parser
@@ -193,6 +194,24 @@ def test_resume_refuses_a_log_that_differs_from_what_the_checkpoint_recorded(fin
     assert status == 2 and str(log_path) in line                        # a usage error, before any data is read
     assert ("fewer than" if damage == "truncated" else "changed or torn") in line
     assert log_path.read_bytes() == data                                  # refused, not padded or cut
+
+
+@pytest.mark.parametrize("module, name", [("log", "log.jsonl"), ("checkpoint", "last.pt")])
+def test_a_run_file_this_process_may_not_read_is_one_line_naming_why(finished_run, tmp_path, capsys, monkeypatch,
+                                                                     module, name):
+    """(Permissions that root, running this suite, would ignore are stood in for by open.) The log
+    check raised a traceback; a checkpoint was called corrupt, losing the reason."""
+    out = copy_run(finished_run, tmp_path / "run")
+    refused = str(out / name)
+
+    def guarded_open(path, *args, **kwargs):
+        if str(path) == refused:
+            raise PermissionError(13, "Permission denied", refused)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(getattr(training, module), "open", guarded_open, raising=False)
+    status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
+    assert status == 2 and "Permission denied" in one_line(err) and refused in one_line(err)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name fsynced files")

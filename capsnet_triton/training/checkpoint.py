@@ -25,7 +25,6 @@ import io
 import os
 import random
 import tempfile
-import zipfile
 
 import numpy as np
 import torch
@@ -45,6 +44,9 @@ LOCK_NAME = ".lock"
 CHECKPOINT_FILES = ("last.pt", "best.pt")
 # And the log of every step and evaluation beside them.
 RUN_FILES = (*CHECKPOINT_FILES, "log.jsonl")
+
+# The first bytes of the zip archive torch.save writes (a local file header).
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def save_atomic(obj, path):
@@ -159,7 +161,12 @@ def load_checkpoint(path):
     """
     if not os.path.isfile(path):
         raise ValueError(f"there is no checkpoint file {path}")
-    if not zipfile.is_zipfile(path):
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == _ZIP_MAGIC
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read as a checkpoint ({e.strerror or e})") from e
+    if not zipped:
         # torch.load would take it for a legacy pickle and fail with advice of its own.
         raise ValueError(f"{path} cannot be read as a checkpoint: it is empty, truncated or corrupt, or another "
                          f"kind of file (not the zip archive torch.save writes)")

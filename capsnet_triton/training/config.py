@@ -259,7 +259,7 @@ def _resumed_config(last, args, explicit, parser):
         check_run_config(checkpoint["config"], last)
         if launched_rank() == 0:             # the rank that writes the log: a bad one is refused before any work
             logged_prefix(os.path.join(os.path.dirname(last), "log.jsonl"), checkpoint)
-    except ValueError as e:
+    except (OSError, ValueError) as e:      # OSError: a log this process may not read
         parser.error(f"--resume: {e}")
     config = dict(checkpoint["config"])
     for key, value in explicit.items():
