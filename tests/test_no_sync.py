@@ -87,7 +87,7 @@ def test_training_steps_make_no_device_to_host_read(counted, dataset):
     assert reads.reads == []
     # The counter does see reads: the log point reads the sums, once.
     with counted(ignored=counters) as reads:
-        loop._check_finite(model, diverged_steps, "here")
+        loop._check_finite(model, optimizer, diverged_steps, "here")
         sums.tolist()
     assert reads.reads.count("tolist") == 2 and sums[4].item() == 32
 

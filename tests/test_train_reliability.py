@@ -113,13 +113,26 @@ def test_a_nan_gradient_under_a_finite_loss_is_caught_at_the_next_log_point(fake
     assert read_records(out / "log.jsonl") == []
 
 
-def test_finite_gradients_too_large_for_their_norm_are_not_divergence(fake_mnist, tmp_path, capsys, monkeypatch):
+def test_finite_gradients_diverge_only_where_adams_squares_overflow(fake_mnist, tmp_path, capsys, monkeypatch):
     """Gradients 1e21 times the true ones are finite, but the sum of their squares overflows
-    float32: the run was stopped as diverged. Adam's steps do not grow with the gradient."""
+    float32: the run was stopped as diverged, though Adam's steps do not grow with the gradient.
+    A gradient of 1e25 is finite too, but Adam's running square of it overflows to inf, and its
+    parameter never moves again: that is divergence, with every gradient and parameter finite."""
     monkeypatch.setattr(loop, "capsnet_loss", nan_from_step(1, "gradient", factor=1e21))
     status, err = run(train.main, args(fake_mnist, tmp_path / "large", "--log-every", "1"), capsys)
     assert status == 0, err
     assert all(torch.isfinite(value).all() for value in torch.load(tmp_path / "large" / "best.pt")["model"].values())
+    monkeypatch.undo()
+    step = loop._train_step
+
+    def with_a_huge_gradient(model, *rest):
+        if not hasattr(model, "huge"):
+            model.huge = model.digit_caps.weight.register_hook(lambda grad: torch.full_like(grad, 1e25))
+        return step(model, *rest)
+
+    monkeypatch.setattr(loop, "_train_step", with_a_huge_gradient)
+    status, err = run(train.main, args(fake_mnist, tmp_path / "frozen", "--log-every", "1"), capsys)
+    assert status == 1 and "parameter digit_caps.weight or its Adam state became NaN or infinite" in last_line(err)
 
 
 def test_the_log_refuses_non_finite_numbers(tmp_path):

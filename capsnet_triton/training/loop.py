@@ -112,13 +112,19 @@ def _train_step(model, optimizer, scheduler, batch, config, context):
     return sums
 
 
-def _check_finite(model, diverged_steps, where):
+def _check_finite(model, optimizer, diverged_steps, where):
     """Raise TrainingDiverged if a step since the start had a non-finite loss or gradient, or a
-    parameter is not finite. Reads the device once: called at log points, saves and epoch ends."""
-    names = [name for name, _ in model.named_parameters()]
-    bad = torch.stack([diverged_steps > 0, *(~torch.isfinite(p).all() for p in model.parameters())]).tolist()
+    parameter or its optimizer state is not finite: a finite gradient beyond about 6e20 overflows
+    Adam's running square to inf, after which its parameter never moves again. Reads the device
+    once: called at log points, saves and epoch ends."""
+    named = list(model.named_parameters())
+    # Adam's moments have the parameter's shape (its step count is a scalar, kept on the CPU).
+    states = [[value for value in optimizer.state[p].values() if value.shape == p.shape] for _, p in named]
+    bad = torch.stack([diverged_steps > 0, *(torch.stack([~torch.isfinite(t).all() for t in (p, *state)]).any()
+                                             for (_, p), state in zip(named, states))]).tolist()
     if any(bad):
-        what = "the loss or a gradient" if bad[0] else f"parameter {names[bad.index(True, 1) - 1]}"
+        name = named[bad.index(True, 1) - 1][0] if not bad[0] else None
+        what = "the loss or a gradient" if bad[0] else f"parameter {name} or its Adam state"
         raise TrainingDiverged(f"{what} became NaN or infinite {where}; stopped without saving that state "
                                f"(last.pt and best.pt, if there, hold earlier finite ones)")
 
@@ -218,7 +224,8 @@ def _train(config, checkpoint, context, device, signals_stop):
                if context.distributed else model)
 
     def save_last(position_epoch, position_step):
-        _check_finite(model, diverged_steps, f"before step {position_epoch * steps_per_epoch + position_step + 1}")
+        _check_finite(model, optimizer, diverged_steps,
+                      f"before step {position_epoch * steps_per_epoch + position_step + 1}")
         if context.is_main:
             save_training_state(paths["last.pt"], config=config, model=model, optimizer=optimizer,
                                 scheduler=scheduler, epoch=position_epoch, step_in_epoch=position_step,
@@ -257,7 +264,7 @@ def _train(config, checkpoint, context, device, signals_stop):
                         progress.update()
                         if (step + 1) % config["log_every"] == 0:
                             # The one place a step reads the device: every --log-every steps.
-                            _check_finite(model, diverged_steps, f"by step {step + 1}")
+                            _check_finite(model, optimizer, diverged_steps, f"by step {step + 1}")
                             running = _means(sums["epoch"].tolist())
                             progress.set_postfix(loss=f"{running['loss']:.4f}", acc=f"{running['accuracy']:.2%}",
                                                  refresh=False)
@@ -272,7 +279,7 @@ def _train(config, checkpoint, context, device, signals_stop):
                             if stop.requested:
                                 raise interrupted(epoch, step_in_epoch + 1)
 
-                _check_finite(model, diverged_steps, f"in epoch {epoch + 1}")
+                _check_finite(model, optimizer, diverged_steps, f"in epoch {epoch + 1}")
                 validation = evaluate(model, val_set, batch_size=batch_size, progress="validation",
                                       reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
                 if not math.isfinite(validation["loss"]):
