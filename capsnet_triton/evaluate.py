@@ -153,7 +153,7 @@ def main(argv=None):
     own = spec.name == trained_on.name
     folder = args.out or _figure_folder(run_dir, name, spec.name, own, args.limit)
     # Before the data is read and scored (minutes on a whole test set), not after.
-    problem = unwritable_folder(folder, "the figures' folder")
+    problem = unwritable_folder(folder, "the figures' folder", create=False)
     if problem:
         parser.error(f"--out {folder}: {problem}" if args.out else f"{folder}: {problem} (choose another with --out)")
     return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device, spec,

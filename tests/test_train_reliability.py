@@ -370,6 +370,10 @@ def test_evaluate_refuses_a_figures_folder_it_cannot_write_before_reading_the_da
     status, err = run(evaluate.main, [str(finished_run / "best.pt"), "--data", missing, "--device", "cpu",
                                       "--out", str(tmp_path / "a-file")], capsys)
     assert status == 2 and f"--out {tmp_path / 'a-file'}: cannot create the figures' folder" in one_line(err)
+    # A folder it could make is made when the figures are written: a failure before leaves none behind.
+    status, _ = run(evaluate.main, [str(finished_run / "best.pt"), "--data", missing, "--device", "cpu",
+                                    "--out", str(tmp_path / "figures" / "here")], capsys)
+    assert status == 1 and not (tmp_path / "figures").exists()
 
 
 def test_evaluate_writes_another_models_figures_beside_the_runs(finished_run, fake_mnist, tmp_path, capsys):

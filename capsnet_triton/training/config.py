@@ -202,13 +202,24 @@ def check_run_config(config, path):
                              f"that option cannot take (written by another version of capsnet_triton, or edited?)")
 
 
-def unwritable_folder(path, what):
-    """None where `path` is, or has now been made, a folder this process can write; else why not,
-    calling it `what`."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        return f"cannot create {what} ({e.strerror or e})"
+def unwritable_folder(path, what, create=True):
+    """None where `path` is a folder this process can write, or has now been made one (create),
+    or could be made one (not create: nothing is made, so a command that fails later leaves no
+    empty folder); else why not, calling it `what`."""
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            return f"cannot create {what} ({e.strerror or e})"
+    else:
+        existing = os.path.abspath(path)
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            return f"cannot create {what} ({existing} is not a folder)"
+        if existing != os.path.abspath(path):
+            path = existing                    # to be made in the nearest folder that exists
+            what = f"{existing}, where {what} would be made,"
     if not os.access(path, os.W_OK | os.X_OK):
         return f"{what} is not writable"
     return None
