@@ -87,8 +87,8 @@ def evaluate(model, split, *, batch_size=256, reconstruction_weight=0.0005, amp=
 
 
 def example_count(split):
-    """How many examples an evaluation split holds, in words for the final line: "N images", or
-    "N pairs" for MultiMNIST's examples of two digits (labels [N, 2])."""
+    """How many examples an evaluation split holds, in words for the final line: "N images" ("1
+    image"), or "N pairs" for MultiMNIST's examples of two digits (labels [N, 2])."""
     noun = "pair" if split.labels.ndim == 2 else "image"
     return f"{len(split)} {noun}{'' if len(split) == 1 else 's'}"
 

@@ -73,7 +73,9 @@ def poisoned(shape, dtype, value=float("nan")):
     fills it instead where NaN is the expected output. It is the middle of a larger buffer whose
     guards either side the fixture guarded_outputs (conftest.py) checks after the test."""
     numel = math.prod(shape)
-    guard = max(numel, MIN_GUARD)
+    # A multiple of 64 elements (128 bytes or more): the output keeps the alignment of a fresh
+    # tensor, so that a compiled kernel runs the variant it runs on the tensors users pass.
+    guard = -(-max(numel, MIN_GUARD) // 64) * 64
     buffer = numerics.poisoned((guard + numel + guard,), dtype, DEVICE, GUARD_VALUE)
     _guarded.append((buffer, guard, tuple(shape)))
     return buffer[guard:guard + numel].view(shape).fill_(value)

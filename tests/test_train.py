@@ -426,6 +426,8 @@ def test_command_line_errors(straight_run, data_dir, tmp_path, capsys):
     fails(tiny_args(data_dir, straight_run), "already holds a run")
     fails(["--out", str(straight_run), "--resume", "--lr", "0.01"], "--lr 0.01, which differs from the run's 0.001,")
     fails(["--out", str(straight_run), "--resume", "--no-decoder"], "--no-decoder, which the run was started without,")
+    fails(["--out", str(straight_run), "--resume", "--decoder-hidden", "8", "16"],
+          "--decoder-hidden 8 16, which differs from the run's 16 32,")
     fails(["--out", str(straight_run), "--resume", "--epochs", "1"], "--epochs 1 is fewer than the 2 epochs")
     fails(["--out", str(tmp_path / "x")], "--data DIR is required")
     fails(tiny_args(data_dir, tmp_path / "x", "--epochs", "0"), "--epochs must be positive")

@@ -262,6 +262,11 @@ def _check_best_model(run_dir, last, error):
               f"run's); {advice}")
 
 
+def _as_typed(setting):
+    """An option's value as the command line takes it: 8 16 for --decoder-hidden's [8, 16]."""
+    return " ".join(map(str, setting)) if isinstance(setting, (list, tuple)) else setting
+
+
 def _resumed_config(last, args, explicit, parser):
     """(config, checkpoint) of --resume: the configuration of last.pt (at `last`) with the
     RESUMABLE options given."""
@@ -280,7 +285,8 @@ def _resumed_config(last, args, explicit, parser):
             option = next(action for action in parser._actions if action.dest == key)
             # A flag (--amp, --no-decoder) that is not resumable was left out when the run started.
             given = (f"{option.option_strings[0]}, which the run was started without," if option.nargs == 0
-                     else f"{option.option_strings[0]} {value}, which differs from the run's {config[key]},")
+                     else f"{option.option_strings[0]} {_as_typed(value)}, which differs from the run's "
+                          f"{_as_typed(config[key])},")
             parser.error(f"{given} cannot be given to --resume: a resumed run keeps its training configuration")
     config["out"] = args.out
     for key in RESUMABLE:                   # options newer than the checkpoint: their defaults
