@@ -209,13 +209,21 @@ def _blocks(J, D, P):
     return tuple(triton.next_power_of_2(n) for n in (J, D, P))
 
 
-def _launch_config(I, J, D, P, dtype, block_i, samples=1, weight_tile=False):
-    """Block sizes, compute dtype and launch options of the kernels for W [I, J, D, P], whose
-    programs predict u_hat for `samples` samples from each W slice (the split kernels: BLOCK_B).
-    A tile holds u_hat [samples, BLOCK_I, BLOCK_J, BLOCK_D] (predict_tile reads W one p at a
-    time), or for backward kernel B (weight_tile) W's [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P]."""
+def _launch_config(I, J, D, P, dtype, block_i, samples=None, weight_tile=False):
+    """Block sizes, compute dtype and launch options of the kernels for W [I, J, D, P]. The split
+    kernels' programs predict u_hat for up to `samples` samples from each W slice (BLOCK_B; None
+    for the other kernels, one sample). A tile holds u_hat [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
+    (predict_tile reads W one p at a time), or for backward kernel B (weight_tile) W's
+    [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P]."""
     block_j, block_d, block_p = _blocks(J, D, P)
-    per_input = samples * block_j * block_d * (block_p if weight_tile else 1)
+    if samples is not None:
+        # On sm_90 the split kernels' whole tile passes through shared memory for a layout
+        # conversion: 4 samples of J = 100, D = 128 in float32 took 256 KB, over the 227 KB a block
+        # may have, and would not launch. Fewer samples where one input's tile of them is over the
+        # register budget (never at the MNIST shape: 4 samples of 16 x 16).
+        while samples > 1 and samples * block_j * block_d > max_tile(dtype):
+            samples //= 2
+    per_input = (samples or 1) * block_j * block_d * (block_p if weight_tile else 1)
     block_i = block_inputs(I, per_input, dtype, block_i)
     options = launch_options(block_i * per_input)
     if not interpreting() and block_i * per_input > max_tile(dtype):
@@ -225,7 +233,7 @@ def _launch_config(I, J, D, P, dtype, block_i, samples=1, weight_tile=False):
     config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, COMPUTE_DTYPE=tl_dtype(dtype), **options)
     if weight_tile:
         config["BLOCK_P"] = block_p
-    if samples > 1:
+    if samples is not None:
         # A loop step of the split kernels loads P slices of W, [BLOCK_I, BLOCK_J, BLOCK_D] each.
         config.update(BLOCK_B=samples, NUM_STAGES=split_stages(block_i * block_j * block_d * P * dtype.itemsize))
     return config
@@ -402,8 +410,10 @@ def capsule_linear_backward(dv, u, weight, s_all, couplings, *, gradient="full",
         weight_config = _launch_config(I, J, D, P, u.dtype, block_i, weight_tile=True)
     else:
         weight_block_i, warps = weight_launch
-        if isinstance(warps, bool) or not isinstance(warps, int) or warps < 1 or warps & (warps - 1):
-            raise ValueError(f"weight_launch's num_warps must be a power of two >= 1, got {warps!r}")
+        if (isinstance(warps, bool) or not isinstance(warps, int) or warps < 1 or warps & (warps - 1)
+                or warps > 32):
+            # A CUDA block holds at most 1024 threads, 32 warps: the interpreter would run more.
+            raise ValueError(f"weight_launch's num_warps must be a power of two from 1 to 32, got {warps!r}")
         weight_config = dict(_launch_config(I, J, D, P, u.dtype, weight_block_i, weight_tile=True), num_warps=warps)
     _capsule_linear_backward_weight_kernel[(triton.cdiv(I, weight_config["BLOCK_I"]),)](
         u, weight, s_all, ds_all, couplings, grad_logits, du, dweight,

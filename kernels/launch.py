@@ -160,8 +160,9 @@ DEFAULT_VARIANT = "split"
 _SPLIT_STAGES = 2
 # Pipelining holds a loop step's loads in shared memory (one step's worth at 2 stages, read off the
 # sm_90 compile: 132 KB for a [1, 128, 256] float32 u_hat tile). Above this a step's loads are not
-# pipelined, so that the largest tiles still launch (an H200 gives a block 227 KB) and smaller
-# ones leave room for two CTAs per SM. The MNIST launches stage 16-32 KB.
+# pipelined, so that the largest tiles still launch (an H200 gives a block 227 KB; the fused split
+# kernels' tile passes through shared memory too, which capsule_linear._launch_config bounds) and
+# smaller ones leave room for two CTAs per SM. The MNIST launches stage 16-32 KB.
 _MAX_STAGED_BYTES = 64 * 1024
 # CUDA's limit on a grid's second and third axes.
 GRID_Y_MAX = 65535

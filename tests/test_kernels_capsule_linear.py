@@ -152,8 +152,25 @@ def test_kernel_b_with_its_own_launch(gradient, rng):
     u, weight, bias, dv = layer_inputs(rng, (3, 13, 10, 16, 8), torch.float32, with_bias=True)
     for weight_launch in ((1, 2), (4, 8)):
         check_capsule_linear(u, weight, 3, dv, bias=bias, gradient=gradient, weight_launch=weight_launch)
-    with pytest.raises(ValueError, match="num_warps must be a power of two"):
-        check_capsule_linear(u, weight, 3, dv, weight_launch=(1, 3))
+    for warps in (3, 64):
+        with pytest.raises(ValueError, match="num_warps must be a power of two from 1 to 32"):
+            check_capsule_linear(u, weight, 3, dv, weight_launch=(1, warps))
+
+
+def test_the_split_kernels_tile_fits_a_gpu_blocks_shared_memory(monkeypatch):
+    """On sm_90 the split kernels' whole u_hat tile [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D] passes
+    through shared memory: 4 samples of J = 100, D = 128 in float32 took 256 KB, over a block's
+    227 KB, and could not launch. The launch config of a GPU, not the interpreter's, keeps fewer
+    samples there; the MNIST shape keeps its 4."""
+    from capsnet_triton.kernels import launch
+    for module in (launch, capsule_linear_kernels):
+        monkeypatch.setattr(module, "interpreting", lambda: False)
+    for (J, D, dtype), block_b in (((10, 16, torch.float32), 4), ((100, 128, torch.float32), 1),
+                                   ((64, 128, torch.float64), 1), ((64, 256, torch.bfloat16), 1)):
+        config = capsule_linear_kernels._launch_config(1152, J, D, 8, dtype, None, samples=4)
+        assert config["BLOCK_B"] == block_b, (J, D, dtype)
+        tile = config["BLOCK_B"] * config["BLOCK_I"] * config["BLOCK_J"] * config["BLOCK_D"]
+        assert tile * compute_dtype(dtype).itemsize <= 128 * 1024, (J, D, dtype)
 
 
 @pytest.mark.parametrize("variant", ["sample", "split"])

@@ -81,7 +81,7 @@ def _fused(x, r, kwargs, backward, shape):
         return _unfused(x, r, backward)
     backward_kwargs = kwargs
     if kwargs.get("block_i"):
-        samples = capsule_linear._SPLIT_BLOCK_B if kwargs["variant"] == "split" else 1
+        samples = capsule_linear._SPLIT_BLOCK_B if kwargs["variant"] == "split" else None
         default = capsule_linear._launch_config(shape.I, shape.J, shape.D, shape.P, torch.float32, None,
                                                 samples=samples)["BLOCK_I"]
         kwargs = dict(kwargs, block_i=max(1, int(default * kwargs["block_i"])))
