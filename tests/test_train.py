@@ -370,8 +370,7 @@ def test_distributed_gloo_step_equals_single_process(data_dir, tmp_path, capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     single, ddp = load(tmp_path / "single"), load(tmp_path / "ddp")
     assert ddp["world_size"] == 2 and ddp["position"]["global_step"] == 1
-    assert read_log(tmp_path / "ddp")[-1]["event"] == "test" and read_log(tmp_path / "ddp")[-1]["count"] == 1
-    assert "on 1 image, best model" in result.stdout
+    assert read_log(tmp_path / "ddp")[-1]["count"] == 1 and "on 1 image, best model" in result.stdout
     torch.manual_seed(7)                                           # the run's seed: its initial parameters
     initial = build_model(single["config"]).state_dict()
     for key, value in single["model"].items():
@@ -435,8 +434,7 @@ def test_command_line_errors(straight_run, data_dir, tmp_path, capsys):
     fails(tiny_args(data_dir, tmp_path / "x", "--routing-gradient", "agreement"), "invalid choice: 'agreement'")
     fails(tiny_args(data_dir, tmp_path / "x", "--dataset", "affnist"), "invalid choice: 'affnist'")  # a test set
     fails(tiny_args(data_dir, tmp_path / "x", "--limit-train", "8"), "--limit-train 8 does not fill one batch of 16")
-    # A training split too small for one batch that no option names: found once the data is read.
-    assert train.main(tiny_args(data_dir, tmp_path / "small", "--validation-size", "190")) == 1
+    assert train.main(tiny_args(data_dir, tmp_path / "small", "--validation-size", "190")) == 1  # seen in the data
     assert "10 training images do not fill one batch of 16" in capsys.readouterr().err
 
 
