@@ -5,8 +5,12 @@ figures go, and the mistakes it refuses (exit 2 for options and folders, before 
 
 import os
 
-from capsnet_triton import evaluate, figures
-from capsnet_triton.data import DATASETS
+import pytest
+import torch
+
+from capsnet_triton import CapsNet, evaluate, figures
+from capsnet_triton.data import DATASETS, Split
+from capsnet_triton.losses import capsnet_loss
 from command_runs import copy_run, fake_mnist, finished_run, one_line, run  # noqa: F401 (fixtures)
 
 
@@ -54,3 +58,28 @@ def test_figures_name_the_model_they_show(finished_run, fake_mnist, tmp_path, mo
     assert evaluate.main([str(out / "last.pt"), "--data", fake_mnist, "--device", "cpu", "--no-verify-data",
                           "--out", str(tmp_path / "figures")]) == 0
     assert len(titles) == 2 and all(title.startswith("last.pt on ") and "mnist test" in title for title in titles)
+
+
+def test_evaluate_is_the_loss_and_accuracy_of_the_whole_split_at_once():
+    """In batches of 16, the last one partial, evaluate() gives what the model and the loss give
+    on all 40 images at once, each image weighted once; the decoder sees the longest capsule (its
+    first layer scaled up, as an untrained network's capsules are about 1e-4 long, so that which
+    capsule it sees shows in the reconstruction error), and the accuracy counts the longest capsule."""
+    torch.manual_seed(0)
+    model = CapsNet(conv_channels=8, primary_types=2, decoder_hidden=(16, 32))
+    with torch.no_grad():
+        model.decoder.fc1.weight.mul_(1e6)
+    images, labels = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (40,))
+    split = DATASETS["mnist"].evaluation_split(Split(images, labels), False)
+    got = evaluate.evaluate(model, split, batch_size=16)
+    batch = split.batch(torch.arange(40))
+    model.eval()
+    with torch.no_grad():
+        output = model(batch.images)
+        terms = capsnet_loss(output, batch.targets, labels)
+        by_label = capsnet_loss(model(batch.images, labels), batch.targets, labels)
+    assert by_label.reconstruction.item() != pytest.approx(terms.reconstruction.item(), rel=1e-3)
+    assert got["count"] == 40
+    assert got["loss"] == pytest.approx(terms.total.item(), rel=1e-5)
+    assert got["reconstruction"] == pytest.approx(terms.reconstruction.item(), rel=1e-5)
+    assert got["accuracy"] == (output.lengths.argmax(dim=1) == labels).double().mean().item()
