@@ -69,7 +69,7 @@ def test_a_wrong_provider_is_refused_not_timed(wrong):
         if wrong == "raises":
             raise RuntimeError("kernel exploded")
         v = baselines.routing(u_hat, iterations)
-        return v * 1.001 if wrong == "scaled" else v * float("nan")
+        return v * 1.0001 if wrong == "scaled" else v * float("nan")   # 1e-4: ten times the tolerance
 
     plan = runner.PLANS[("cpu", "tiny")]
     rows = runner.run([_provider("wrong", routing), providers.EAGER], [_workload("routing fwd+bwd")],
@@ -80,6 +80,24 @@ def test_a_wrong_provider_is_refused_not_timed(wrong):
             assert ("kernel exploded" in row.note) if wrong == "raises" else ("relative error" in row.note)
         else:
             assert row.status == "ok" and row.rel_error <= check.TOLERANCE, row
+
+
+def test_bytes_and_rates_are_the_documented_counts(monkeypatch):
+    """docs/PERF.md, "How to read a table": squash reads s and writes v, the routing forward reads
+    u_hat once per iteration, forward + backward 2r times and writes du_hat once; GB/s is those
+    bytes over the median; vs eager is torch-eager's median over the row's."""
+    shape = Shape(2, 72, 3)                                   # u_hat: 2 x 72 x 10 x 16 float32 = 92,160 bytes
+    moved = {w.name: w.bytes_moved(shape) for w in WORKLOADS}
+    assert (moved["squash"], moved["routing fwd"], moved["routing fwd+bwd"]) == (9216, 3 * 92160, 7 * 92160)
+    monkeypatch.setattr(runner, "time_calls", lambda *args: [2.0] * 5)           # milliseconds
+    monkeypatch.setattr(runner, "peak_memory_mib", lambda *args: 0.0)
+    rows = runner.run([providers.EAGER, replace(providers.EAGER, name="other")], [_workload("squash")],
+                      runner.PLANS[("cpu", "tiny")], torch.device("cpu"), {"cpu": 1.0}, progress=False)
+    eager, other = (next(r for r in rows if r.provider == name) for name in ("torch-eager", "other"))
+    assert eager.gbs == pytest.approx(9216 / 2e-3 / 1e9) and eager.copy_share == pytest.approx(eager.gbs)
+    eager.median_ms = 3.0
+    runner._compare_with_eager(rows)
+    assert other.vs_eager == pytest.approx(1.5)                # 1.5 times as fast as eager
 
 
 def test_main_exits_nonzero_and_says_failed(monkeypatch, capsys):
