@@ -213,18 +213,18 @@ def test_a_run_killed_right_after_any_save_resumes_bit_identical(improving_run, 
     assert without_timing(read_log(out)) == without_timing(read_log(improving_run))
 
 
-# Runs the training command with Ctrl-C pressed (or another signal sent, SIGNAL in the
-# environment) `presses` times from inside the `after`-th call of loop.<where> (a training step,
-# or a validation pass), where the test can place it exactly; with that signal ignored from the
-# start where IGNORED is set, as a job started that way has it.
+# Runs the training command with Ctrl-C pressed (or another signal, SIGNAL in the environment)
+# `presses` times in the `after`-th call of loop.<where> (a step or a validation pass), placed
+# exactly by the test; with that signal ignored from the start where IGNORED is set, as a job
+# started so has it, else as Python sets it up (even if pytest runs with it ignored, as `cmd &`).
 _CTRL_C_AT = """
 import os, signal, sys
 from capsnet_triton import train
 from capsnet_triton.training import loop
 where, after, presses = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sent = getattr(signal, os.environ.get("SIGNAL", "SIGINT"))
-if os.environ.get("IGNORED"):
-    signal.signal(sent, signal.SIG_IGN)
+usual = signal.default_int_handler if sent == signal.SIGINT else signal.SIG_DFL
+signal.signal(sent, signal.SIG_IGN if os.environ.get("IGNORED") else usual)
 original = getattr(loop, where)
 calls = 0
 def pressed(*args, **kwargs):

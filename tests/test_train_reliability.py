@@ -190,6 +190,15 @@ def test_real_mnist_with_shifted_labels_is_refused_and_recompressed_copies_pass(
 
 # --- 3. the log -----------------------------------------------------------------------------
 
+def test_resume_drops_the_records_written_after_last_pt(finished_run, tmp_path, capsys):
+    """Records past the length last.pt recorded belong to steps the resumed run redoes."""
+    out = copy_run(finished_run, tmp_path / "run")
+    with open(out / "log.jsonl", "ab") as f:
+        f.write(b'{"event": "train", "step": 999}\n' * 50)
+    assert run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)[0] == 0
+    assert not [r for r in read_records(out / "log.jsonl") if r.get("step") == 999]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "torn"])
 def test_resume_refuses_a_log_that_differs_from_what_the_checkpoint_recorded(finished_run, tmp_path, capsys,
                                                                               damage):
@@ -341,6 +350,20 @@ def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_temporary(fake_mnis
     line = err.strip().splitlines()[-1]
     assert status == 1 and "could not write" in line and "last.pt" in line and "No space left on device" in line
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+
+
+def test_a_tie_keeps_the_first_best_model_and_the_seeds_range_ends_where_it_says(fake_mnist, tmp_path, capsys):
+    """At lr 1e-9 both epochs validate alike: best.pt stays the first (a strict improvement
+    only). The largest --seed trains; the split seed, part of the run, cannot change on --resume."""
+    out = tmp_path / "tie"
+    status, _ = run(train.main, args(fake_mnist, out, "--epochs", "2", "--lr", "1e-9", "--seed", str(2**32 - 1)),
+                    capsys)
+    validation = [r for r in read_records(out / "log.jsonl") if r["event"] == "validation"]
+    assert status == 0 and validation[0]["accuracy"] == validation[1]["accuracy"]
+    assert [r["best"] for r in validation] == [True, False]
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 1
+    status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "3", "--split-seed", "5"], capsys)
+    assert status == 2 and "--split-seed 5, which differs from the run's" in one_line(err)
 
 
 def test_device_cuda_without_cuda_is_a_usage_error(finished_run, fake_mnist, tmp_path, capsys, monkeypatch):
