@@ -123,8 +123,7 @@ def _check_finite(model, optimizer, diverged_steps, where):
     bad = torch.stack([diverged_steps > 0, *(torch.stack([~torch.isfinite(t).all() for t in (p, *state)]).any()
                                              for (_, p), state in zip(named, states))]).tolist()
     if any(bad):
-        name = named[bad.index(True, 1) - 1][0] if not bad[0] else None
-        what = "the loss or a gradient" if bad[0] else f"parameter {name} or its Adam state"
+        what = "the loss or a gradient" if bad[0] else f"parameter {named[bad.index(True) - 1][0]} or its Adam state"
         raise TrainingDiverged(f"{what} became NaN or infinite {where}; stopped without saving that state "
                                f"(last.pt and best.pt, if there, hold earlier finite ones)")
 
