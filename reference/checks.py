@@ -2,9 +2,12 @@
 point (integer arrays would give integer results, or wrap around), and a capsule has an axis of
 dimensions to squash or measure."""
 
+import math
+import numbers
+
 import numpy as np
 
-__all__ = ["check_floating", "check_capsules"]
+__all__ = ["check_floating", "check_capsules", "check_constant"]
 
 
 def check_floating(**arrays):
@@ -12,6 +15,14 @@ def check_floating(**arrays):
     for name, array in arrays.items():
         if not np.issubdtype(array.dtype, np.floating):
             raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}")
+
+
+def check_constant(name, value):
+    """ValueError unless value is a finite real number >= 0 (a loss's weight or margin: a
+    negative one would reward errors, a NaN would train on NaN)."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def check_capsules(x, name):

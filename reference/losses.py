@@ -13,12 +13,9 @@
   per-sample sum runs over both reconstructions.
 """
 
-import math
-import numbers
-
 import numpy as np
 
-from .checks import check_capsules, check_floating
+from .checks import check_capsules, check_constant, check_floating
 from .squash import _norm_and_direction
 
 __all__ = [
@@ -98,9 +95,7 @@ def margin_loss_forward(lengths, labels, m_plus=0.9, m_minus=0.1, lambda_=0.5):
     if B == 0:
         raise ValueError("lengths has an empty batch; the batch mean is undefined")
     for name, value in (("m_plus", m_plus), ("m_minus", m_minus), ("lambda_", lambda_)):
-        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if not (real and math.isfinite(value) and value >= 0):     # a negative lambda rewards errors
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_constant(name, value)
     labels = _check_labels(labels, B, J)
     T = one_hot(labels, J, lengths.dtype)                          # [B, J]
     present = np.maximum(0.0, m_plus - lengths)                    # [B, J]

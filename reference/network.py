@@ -21,6 +21,7 @@ import dataclasses
 
 import numpy as np
 
+from .checks import check_constant
 from .layers import (
     conv2d_backward,
     conv2d_forward,
@@ -226,6 +227,7 @@ def network_forward(params, images, labels, config, routing_iterations=3, routin
     """
     _check_params(params, config)
     images = _check_images(images, config)
+    check_constant("reconstruction_weight", reconstruction_weight)
     labels = np.asarray(labels)
     if labels.ndim != 1:
         # The margin loss takes [B, K] (MultiMNIST), but this decoder reconstructs one capsule

@@ -179,6 +179,10 @@ def test_bad_input_raises():
         network_forward(params, images, labels + 3, TINY)
     with pytest.raises(ValueError, match=r"labels must have shape \[B\], one class per image"):
         network_forward(params, images, np.stack([labels, (labels + 1) % 3], axis=1), TINY)   # [B, K]
+    # As torch's capsnet_loss refuses them: a negative weight rewards a bad reconstruction.
+    for weight in (-0.0005, np.nan, "0.0005"):
+        with pytest.raises(ValueError, match="reconstruction_weight must be a finite number >= 0"):
+            network_forward(params, images, labels, TINY, reconstruction_weight=weight)
     with pytest.raises(ValueError, match=r"missing \['digit_caps.bias'\]"):
         network_forward(params, images, labels, dataclasses.replace(TINY, routing_bias=True))
     wrong = dict(params, **{"conv1.bias": np.zeros(5)})
