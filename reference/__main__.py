@@ -1,6 +1,6 @@
 """Train a reduced-width CapsNet on MNIST with nothing but NumPy, to show the reference learns.
 
-    python -m capsnet_triton.reference --data DIR [--steps 300] [--batch 32]
+    python -m capsnet_triton.reference --data DIR [--steps 300] [--batch 32] [--eval 1000] [--seed 0]
 
 DIR holds MNIST's IDX files (train-images-idx3-ubyte.gz etc., gzipped or not). The network is
 the paper's (Section 4) with fewer channels so that a few hundred Adam steps take minutes on a
@@ -45,7 +45,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     parser.add_argument("--eval", type=int, default=1000,
                         help="training images held out for validation, and test images scored at the end (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batches")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batches (default 0)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.eval < 1:
         parser.error("--steps, --batch and --eval must be positive")

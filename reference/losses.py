@@ -85,7 +85,7 @@ def margin_loss_forward(lengths, labels, m_plus=0.9, m_minus=0.1, lambda_=0.5):
     """Batch mean of the per-sample margin loss (Eq. 4). lengths [B, J], integer labels [B], or
     [B, K] of the K classes present in each sample (MultiMNIST).
 
-    Returns (loss, cache); loss is a 0-d array of lengths' dtype.
+    Returns (loss, cache); loss is a NumPy scalar of lengths' dtype.
     """
     lengths = np.asarray(lengths)
     if lengths.ndim != 2:

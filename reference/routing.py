@@ -13,12 +13,13 @@ predicts for parent j):
 
 The paper's line 7 also updates b after the last iteration; that b is never read, so it is skipped.
 routing_forward is that loop, with b stored and updated. The kernels compute the same function
-without ever storing b or c, from an identity: since b starts at 0,
+without ever storing b, from an identity: since b starts at 0,
 
     b^(t) = u_hat . V^(t),   V^(t) = v^(1) + ... + v^(t-1)        (v_sum, [J, D] per sample)
 
-so the running sum of the outputs is all the state routing needs, and b and c are recomputed
-from the u_hat tile in registers. routing_backward is derived with the same identity: the
+so the running sum of the outputs is all the state routing needs: b and c are recomputed from
+the u_hat tile in registers, and only the couplings the backward reads are stored (SPEC section 3
+lets an implementation keep them or recompute them). routing_backward is derived with the same identity: the
 gradient reaches u_hat through s = sum_i c u_hat and through b = u_hat . V, and reaches every
 earlier output v^(t) through each later V.
 
@@ -113,10 +114,10 @@ def routing_backward(dv, cache):
     V^(t) = v^(1) + ... + v^(t-1) and ds = squash_backward(dL/dv^(t), s^(t)):
         du_hat += c ds                                  (through s = sum_i c u_hat)
         dc      = u_hat . ds                            [B, I, J]
-        db      = c (dc - sum_j c dc)                   (softmax over j; dc taken relative
+        dlogits = c (dc - sum_j c dc)                   (softmax over j; dc taken relative
                                                          to the most coupled parent's)
-        du_hat += db V^(t)                              (through b = u_hat . V)
-        dV      = sum_i db u_hat                        [B, J, D]
+        du_hat += dlogits V^(t)                         (through b = u_hat . V)
+        dV      = sum_i dlogits u_hat                   [B, J, D]
     and, because v^(t-1) enters every V^(t'), t' >= t, dL/dv^(t-1) is the sum of dV over the
     iterations from t on (grad_v_sum).
     Returns du_hat, or (du_hat, dbias) when the forward had a bias.

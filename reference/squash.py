@@ -83,7 +83,12 @@ def squash_backward(dv, s):
     This is SPEC's `f(n) dv + f'(n) ((s . dv) / n) s`, since h = f + n f'. SPEC's form is not
     used: for large n, f ~ 1/n and n f' ~ -1/n, so for a radial dv (always, when D = 1) its two
     terms cancel down to h ~ 2/n^3 and lose a factor n^2 of relative precision. h is computed
-    directly instead. h(0) = 0 and s_hat(0) = 0, so ds at s = 0 is exactly f(0) dv = 0.
+    directly instead, so the radial part keeps its precision, and for D = 1 so does ds. For
+    D >= 2 and a dv that is radial or nearly so (the margin loss alone gives a radial dv), ds is
+    ill-conditioned in dv itself: dv - (s_hat . dv) s_hat cancels to dv's rounding, which f ~ 1/n
+    carries against the radial part's h ~ 2/n^3, so ds has a relative error of about eps n^2 / 2
+    in either form, as a change of dv by its own rounding would give; at the digit capsules'
+    moderate n this is rounding. h(0) = 0 and s_hat(0) = 0, so ds at s = 0 is exactly f(0) dv = 0.
     """
     s = check_capsules(s, "s")
     dv = np.asarray(dv)
