@@ -230,9 +230,12 @@ def find_split_dir(directory, dataset="mnist", train=True):
         if any(found[candidate]):
             missing = stems[found[candidate].index(False)]
             raise FileNotFoundError(f"{missing}(.gz) is missing from {candidate} (its companion file is there)")
+    # Said the same way by train and evaluate, which has no --download; a set built from MNIST's
+    # files (MultiMNIST, mnist40, the generated affNIST-like set) names them as MNIST's.
     raise FileNotFoundError(
-        f"{spec.name} {'training' if train else 'test'} files ({' and '.join(s + '(.gz)' for s in stems)}) "
-        f"not found in any of: {', '.join(candidates)}; pass --download to fetch them"
+        f"{spec.name} {'training' if train else 'test'} files ({spec.folder}'s "
+        f"{' and '.join(s + '(.gz)' for s in stems)}) not found in any of: {', '.join(candidates)}; "
+        f"the training command's --download fetches {spec.folder}'s files"
     )
 
 

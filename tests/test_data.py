@@ -50,6 +50,10 @@ def test_torchvision_layout_tells_the_datasets_apart(tmp_path):
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="--download"):
         data.load_split(tmp_path, train=True)
+    # evaluate says this too, and has no --download; a set built from MNIST names MNIST's files.
+    with pytest.raises(FileNotFoundError, match=r"multimnist test files \(MNIST's t10k-images.*the training "
+                                                r"command's --download fetches MNIST's files$"):
+        data.load_split(tmp_path, "multimnist", train=False)
     with pytest.raises(FileNotFoundError, match="data directory not found"):
         data.load_split(tmp_path / "nowhere", train=True)
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", make_digits(5, 0)[0])
