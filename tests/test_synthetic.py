@@ -78,7 +78,7 @@ def test_deterministic_for_a_seed():
 
 def test_bad_input_raises():
     images, labels = noisy_digits(10)
-    with pytest.raises(ValueError, match="at least two classes"):
+    with pytest.raises(ValueError, match="at least two classes .*, got 1 among 10 digits; a larger --validation-size"):
         multimnist(images, torch.full((10,), 4), 5, seed=0)
     for count in (0, -3):
         with pytest.raises(ValueError, match="count"):
