@@ -11,7 +11,7 @@
 #             config, beside the same launches as plain calls -> OUT/kernels.json (GPU only)
 #   train     the paper's MNIST recipe, 50 epochs -> OUT/train/ (log and figures, no checkpoints);
 #             stopped by its limit, the model it chose on validation so far is tested (stage evaluate)
-# and, only with GPU_CHECK_EXPERIMENTS=1, last and outside the budget (SPEC 9's full recipes, hours):
+# and, only with GPU_CHECK_EXPERIMENTS=1, last and outside the budget (SPEC 9's experiments at 50 epochs, hours):
 #   multimnist  the MultiMNIST recipe, 50 epochs -> OUT/multimnist/ (both-digit accuracy, Figure 5)
 #   mnist40     MNIST on 40x40, 50 epochs -> OUT/mnist40/; then affnist-generated scores it on the generated
 #               affNIST-like set (not affNIST) -> OUT/mnist40/generated/
