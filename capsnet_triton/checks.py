@@ -155,7 +155,7 @@ def _requires_grad(tensor):
     return tensor.requires_grad
 
 
-def _transforms():
+def active_transforms():
     """The names of torch.func's transforms active around the call (vmap, grad, jvp, ...)."""
     stack = getattr(torch._C._functorch, "get_interpreter_stack", lambda: None)() or ()
     return {interpreter.key().name for interpreter in stack}
@@ -177,7 +177,7 @@ def runs_as_function(*tensors):
             and not torch.jit.is_tracing()
             and not torch._C._is_torch_function_mode_enabled()
             and torch._C._len_torch_dispatch_stack() == 0
-            and not _transforms()
+            and not active_transforms()
             and autocast_dtype(present[0]) is None)
 
 
@@ -189,7 +189,7 @@ def check_differentiation(op, *tensors):
     Skipped while torch.compile traces, which does not compose the ops with either."""
     if torch.compiler.is_compiling():
         return
-    transforms = _transforms()
+    transforms = active_transforms()
     forward_ad = torch.autograd.forward_ad
     dual = forward_ad._current_level >= 0 and any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)

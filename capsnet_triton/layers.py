@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import (check_backend, check_flag, check_float_tensor, check_gradient,
+from .checks import (active_transforms, check_backend, check_flag, check_float_tensor, check_gradient,
                      check_iterations, check_positive_int)
 from .ops import capsule_linear, dynamic_routing, squash
 from .ops.capsule_linear import predict
@@ -138,14 +138,19 @@ def recomputed_convolutions(images, first, second, chunk):
     training step at B = 128 then grows the peak memory by 105-132 MiB against 274-312, for one
     more pass of the first convolution and the chunks' weight gradients added up: steps about 9%
     slower (docs/PERF.md, 2026-11-30, seventh run).
-    The same function and gradients as the modules called directly, under autocast too;
-    differentiable once (no double backward). Both convolutions must zero-pad by integer amounts
-    (the network's do not pad at all).
+    The same function and gradients as the modules called directly, under autocast too. The
+    backward is made of differentiable ops, so a gradient taken with create_graph=True has its
+    own (second) derivative. Under a torch.func transform (vmap, grad, jvp, ...) or forward-mode
+    AD, which an autograd.Function without setup_context cannot join, the modules run as they
+    are and keep the activation. Both convolutions must zero-pad by integer amounts (the
+    network's do not pad at all).
     """
     for conv in (first, second):
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"recomputed_convolutions takes convolutions with integer zero padding, got "
                              f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+    if not torch.compiler.is_compiling() and (active_transforms() or torch.autograd.forward_ad._current_level >= 0):
+        return second(torch.relu(first(images)))
     return _RecomputedConvolutions.apply(images, first.weight, first.bias, second.weight, second.bias,
                                          _geometry(first), _geometry(second), chunk)
 
@@ -176,7 +181,6 @@ class _RecomputedConvolutions(torch.autograd.Function):
                           for x in images.split(chunk)])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):
         images, weight1, bias1, weight2 = ctx.saved_tensors
