@@ -35,9 +35,9 @@ def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5, valida
         T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2
 
     lengths: [B, J] capsule lengths |v_k|; labels: integer [B] in [0, J), T_k = [k == label],
-    or [B, K] of K distinct classes present in each image, T_k = [k among them] (MultiMNIST).
-    One-hot rows are refused where they repeat a class, so for J >= 3; with J = 2 a row [1, 0] is
-    the classes 1 and 0, both present: give such labels as [B] class indices.
+    or [B, K] of K < J distinct classes present in each image, T_k = [k among them] (MultiMNIST).
+    One-hot rows, [B, J], are refused by their shape alone (unvalidated and compiled too): K = J
+    would make every class present in every image.
     validate=False skips the range check of the label values, the one check that reads them
     (a wait for the device): for labels already checked, as training checks each split once.
     Returns a scalar, float32 for half-precision lengths.
@@ -129,7 +129,8 @@ def correct_predictions(lengths, labels):
 
 def check_labels(labels, batch, num_classes, values=True):
     """Raise unless labels is an integer tensor of shape [batch] with values in [0, num_classes),
-    or [batch, K] with K <= num_classes distinct such values per row.
+    or [batch, K] with K < num_classes distinct such values per row (K = num_classes would mark
+    every class present: one-hot rows have that shape, and are refused without reading them).
 
     values=False checks the type and shape only, which needs no read of the values.
     """
@@ -137,10 +138,11 @@ def check_labels(labels, batch, num_classes, values=True):
         raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    several = labels.ndim == 2 and 1 <= labels.shape[1] <= num_classes
+    several = labels.ndim == 2 and 1 <= labels.shape[1] < num_classes
     if labels.ndim not in (1, 2) or labels.shape[0] != batch or labels.ndim == 2 and not several:
-        raise ValueError(f"labels must have shape [B] = [{batch}] or [B, K] with 1 <= K <= {num_classes}, "
-                         f"got {list(labels.shape)}")
+        one_hot = " (one-hot rows? give class indices [B])" if labels.shape[1:] == (num_classes,) else ""
+        raise ValueError(f"labels must have shape [B] = [{batch}] or [B, K] with 1 <= K < {num_classes}, "
+                         f"got {list(labels.shape)}{one_hot}")
     # The value checks read the labels (a device sync); a compiled graph skips them rather than break.
     if values and labels.numel() and not torch.compiler.is_compiling():
         low, high = int(labels.min()), int(labels.max())
@@ -149,7 +151,7 @@ def check_labels(labels, batch, num_classes, values=True):
                 f"labels must lie in [0, {num_classes}) for {num_classes} classes, got values in [{low}, {high}]"
             )
         if labels.ndim == 2 and bool((labels.sort(dim=1).values.diff(dim=1) == 0).any()):
-            raise ValueError("labels [B, K] must hold K distinct classes per sample (class indices, not one-hot rows)")
+            raise ValueError("labels [B, K] must hold K distinct classes per sample")
 
 
 def one_hot_mask(labels, num_classes):

@@ -47,13 +47,14 @@ def capsule_length_backward(dlengths, cache):
 
 
 def _check_labels(labels, batch, num_classes):
-    """Integer labels [B], or [B, K] of K distinct classes per sample (MultiMNIST: K = 2)."""
+    """Integer labels [B], or [B, K] of K < J distinct classes per sample (MultiMNIST: K = 2; K = J
+    would mark every class present, the shape of one-hot rows)."""
     labels = np.asarray(labels)
     if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
     if labels.shape != (batch,) and not (labels.ndim == 2 and labels.shape[0] == batch
-                                         and 1 <= labels.shape[1] <= num_classes):
-        raise ValueError(f"labels must have shape [B] = ({batch},) or [B, K] with 1 <= K <= {num_classes}, "
+                                         and 1 <= labels.shape[1] < num_classes):
+        raise ValueError(f"labels must have shape [B] = ({batch},) or [B, K] with 1 <= K < {num_classes}, "
                          f"got {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(

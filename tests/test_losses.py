@@ -21,7 +21,8 @@ def lengths_and_labels(draw):
     """Lengths [B, J] and labels [B], or [B, K] of K distinct classes (MultiMNIST, SPEC 9)."""
     batch = draw(st.integers(1, 5))
     classes = draw(st.integers(1, 10))
-    present = draw(st.one_of(st.none(), st.integers(1, classes)))          # K, or None for [B]
+    present = draw(st.one_of(st.none(), st.integers(1, max(1, classes - 1))))   # K < J, or None for [B]
+    present = present if classes > 1 else None
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     # Lengths in [0, 1.2) cover both sides of m- = 0.1 and m+ = 0.9, so every branch of max(0, .) is hit.
@@ -169,5 +170,12 @@ def test_capsnet_loss_refuses_uint8_targets_and_a_bad_weight():
 
 
 def test_one_hot_labels_are_told_to_be_class_indices():
-    with pytest.raises(ValueError, match="class indices, not one-hot rows"):
-        margin_loss(torch.rand(2, 10), torch.nn.functional.one_hot(torch.tensor([3, 7]), 10))
+    """By their shape, [B, J], so without reading them (validate=False, compiled) and at J = 2,
+    where a row [1, 0] holds two distinct classes."""
+    for J in (10, 2):
+        one_hot = torch.nn.functional.one_hot(torch.tensor([1, 0]), J)
+        for validate in (True, False):
+            with pytest.raises(ValueError, match=r"one-hot rows\? give class indices \[B\]"):
+                margin_loss(torch.rand(2, J), one_hot, validate=validate)
+    with pytest.raises(ValueError, match="K distinct classes per sample"):
+        margin_loss(torch.rand(2, 10), torch.tensor([[3, 3], [1, 7]]))
