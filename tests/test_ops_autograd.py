@@ -31,25 +31,29 @@ def test_backward_saves_u_hat_per_iteration_s_and_the_couplings(backend, gradien
     assert torch.isfinite(u_hat.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("gradient, keep", [("full", True), ("last", True), ("full", False)])
 @pytest.mark.parametrize("r", [1, 3])
 @pytest.mark.parametrize("op", ["routing", "capsule_linear"])
-def test_the_ops_fake_implementations_give_what_the_backends_return(op, r, gradient, keep, backend):
+def test_the_ops_fake_implementations_give_what_the_backends_return(op, r, gradient, keep, backend, dtype):
     """torch.compile traces the custom ops through their fakes: each must give the shapes, dtypes
     and strides its backend really returns, the kept couplings included ([k, B, J, I] from the
-    PyTorch path, [k, B, I, J] from the kernels; none for a forward no backward follows)."""
+    PyTorch path, [k, B, I, J] from the kernels; none for a forward no backward follows), in
+    half precision too (v in u's dtype, s_all and the couplings in float32), and for u_hat laid
+    out as predict returns it (a permuted view; du_hat comes back contiguous)."""
     ops = importlib.import_module(f"capsnet_triton.ops.{op}")
     forward, backward = getattr(ops, f"_{op}_forward_op"), getattr(ops, f"_{op}_backward_op")
     if op == "routing":
-        inputs = (torch.randn(3, 7, 4, 6, device=DEVICE),)                          # u_hat
+        inputs = (torch.randn(7, 3, 4, 6, device=DEVICE, dtype=dtype).transpose(0, 1),)   # u_hat [B, I, J, D]
     else:
-        inputs = (torch.randn(3, 7, 5, device=DEVICE), torch.randn(7, 4, 6, 5, device=DEVICE))  # u, W
+        inputs = (torch.randn(3, 7, 5, device=DEVICE, dtype=dtype),
+                  torch.randn(7, 4, 6, 5, device=DEVICE, dtype=dtype))                   # u, W
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(forward, (*inputs, r, None, gradient, backend, keep), test_utils=checks)
     _, s_all, couplings = forward(*inputs, r, None, gradient, backend, keep)
     if keep:
-        dv = torch.randn(3, 4, 6, device=DEVICE)
+        dv = torch.randn(3, 4, 6, device=DEVICE, dtype=dtype)
         torch.library.opcheck(backward, (dv, *inputs, s_all, couplings, gradient, backend), test_utils=checks)
 
 
@@ -254,3 +258,37 @@ def test_the_plain_call_and_the_custom_op_give_the_same_v(op, case):
     assert plain.dtype == through_op.dtype == dtype and plain.shape == through_op.shape
     torch.testing.assert_close(through_op, plain, rtol=0, atol=0, equal_nan=True)
     assert case != "NaN" or plain.isnan().any()
+
+
+@pytest.mark.parametrize("gradient", ["full", "last"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("op", ["dynamic_routing", "capsule_linear"])
+def test_a_bias_alone_requiring_grad_gets_its_gradient(op, backend, gradient):
+    """A frozen layer below a learned bias: the op must still keep the couplings the backward
+    reads and follow the gradient policy, as when every input requires a gradient."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator).to(DEVICE)
+
+    if op == "dynamic_routing":
+        inputs, call = [draw(2, 5, 3, 4)], dynamic_routing
+    else:
+        inputs, call = [draw(2, 5, 2), draw(5, 3, 4, 2)], capsule_linear
+    bias, dv = 0.1 * draw(3, 4), draw(2, 3, 4)
+    grads = []
+    for tensors in (inputs, [x.clone().requires_grad_() for x in inputs]):
+        learned = bias.clone().requires_grad_()
+        (call(*tensors, 3, bias=learned, gradient=gradient, backend=backend) * dv).sum().backward()
+        grads.append(learned.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_squash_over_an_inner_axis_traces_with_the_strides_it_runs_with(backend):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    s = torch.randn(4, 3, 5, device=DEVICE)
+    real = squash(s, dim=1, backend=backend)
+    with FakeTensorMode() as mode:
+        fake = squash(mode.from_tensor(s), dim=1, backend=backend)
+    assert fake.shape == real.shape and fake.stride() == real.stride()
