@@ -37,8 +37,8 @@ def output(out, shape, dtype, device, name):
         return torch.empty(shape, dtype=dtype, device=device)
     if (not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != dtype
             or out.device != device or not out.is_contiguous()):
-        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
-               else type(out).__name__)
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" + ("" if out.is_contiguous() else ", not contiguous")
+               if isinstance(out, torch.Tensor) else type(out).__name__)
         raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} "
                          f"on {device}, got {got}")
     return out

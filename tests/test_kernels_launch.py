@@ -1,0 +1,63 @@
+"""The kernel launchers' contracts with their callers (capsnet_triton.kernels): the buffers they
+take, and the launch helpers at the bounds their docstrings give. The kernels run through the
+interpreter here and natively on a GPU machine (see conftest.py)."""
+
+import pytest
+import torch
+import triton.language as tl
+from kernel_checks import DEVICE
+
+from capsnet_triton.kernels import (capsule_linear_backward, capsule_linear_forward, launch, routing_backward,
+                                    routing_forward, squash_forward)
+
+
+def _draw(generator, *shape):
+    return torch.randn(*shape, generator=generator).to(DEVICE)
+
+
+def test_launchers_refuse_an_out_that_is_not_contiguous():
+    """A transposed buffer of the right shape would be filled in the kernel's order, not its own."""
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"out must be a contiguous .*, not contiguous"):
+        squash_forward(_draw(generator, 3, 4), out=torch.empty(4, 3, device=DEVICE).t())
+    u_hat = _draw(generator, 2, 5, 3, 4)
+    _, s_all, couplings = routing_forward(u_hat, 2)
+    with pytest.raises(ValueError, match=r"out\[0\] \(v\) must be a contiguous .*, not contiguous"):
+        routing_forward(u_hat, 2, out=(torch.empty(2, 4, 3, device=DEVICE).transpose(1, 2), s_all, couplings))
+    u, weight = _draw(generator, 2, 5, 2), _draw(generator, 5, 3, 4, 2)
+    _, s_all, couplings = capsule_linear_forward(u, weight, 2)
+    with pytest.raises(ValueError, match=r"out\[1\] \(s_all\) must be a contiguous .*, not contiguous"):
+        capsule_linear_forward(u, weight, 2, out=(None, s_all.transpose(2, 3).contiguous().transpose(2, 3),
+                                                  couplings))
+
+
+def test_backward_launchers_take_kept_couplings_that_are_not_contiguous():
+    """The couplings are the caller's tensor: a strided one (here the same values in another
+    layout) must give the gradients the contiguous one gives."""
+    generator = torch.Generator().manual_seed(1)
+    dv = _draw(generator, 2, 3, 4)
+    u_hat = _draw(generator, 2, 5, 3, 4)
+    u, weight = _draw(generator, 2, 5, 2), _draw(generator, 5, 3, 4, 2)
+    for forward, backward, inputs in ((routing_forward, routing_backward, (u_hat,)),
+                                      (capsule_linear_forward, capsule_linear_backward, (u, weight))):
+        _, s_all, couplings = forward(*inputs, 3)
+        strided = couplings.transpose(2, 3).contiguous().transpose(2, 3)
+        assert not strided.is_contiguous() and torch.equal(strided, couplings)
+        for got, expected in zip(backward(dv, *inputs, s_all, strided), backward(dv, *inputs, s_all, couplings)):
+            assert torch.equal(got, expected)
+
+
+def test_launch_helpers_at_their_bounds(monkeypatch):
+    """Each helper's documented limit is inclusive: a tile of exactly Triton's largest tensor, 2048
+    elements on 4 warps, a loop step of exactly the staged-bytes limit still pipelined; and on a GPU
+    a tile over the register budget for one input still gets one input per block."""
+    launch.check_tile(tl.TRITON_MAX_TENSOR_NUMEL)
+    with pytest.raises(ValueError, match="more than a Triton tensor may"):
+        launch.check_tile(tl.TRITON_MAX_TENSOR_NUMEL + 1)
+    assert launch.launch_options(2048)["num_warps"] == 4 and launch.launch_options(2049)["num_warps"] == 8
+    limit = launch._MAX_STAGED_BYTES
+    assert launch.split_stages(limit) == launch._SPLIT_STAGES > 1 and launch.split_stages(limit + 1) == 1
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    for dtype in (torch.float32, torch.float64):
+        assert launch.block_inputs(100, 2 * launch.max_tile(dtype), dtype) == 1
+        assert launch.block_inputs(100, launch.max_tile(dtype) // 4, dtype) == 4
