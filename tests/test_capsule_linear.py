@@ -317,6 +317,21 @@ def test_digit_caps_under_autocast_computes_in_one_dtype_fused_or_not():
     assert_agrees(v_unfused, routing_forward(as_float64(u_hat), 3)[0], torch.bfloat16, "unfused v")
 
 
+def test_digit_caps_fused_runs_capsule_linear_and_unfused_predict_then_routing(monkeypatch):
+    """Equal values do not show which path ran (the fused one is the one that never holds u_hat)."""
+    layers = importlib.import_module("capsnet_triton.layers")
+    calls = []
+    for name in ("capsule_linear", "predict", "dynamic_routing"):
+        original = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    u = torch.randn(2, 9, 8)
+    DigitCaps(9, 8, 10, 16)(u)
+    assert calls == ["capsule_linear"]
+    calls.clear()
+    DigitCaps(9, 8, 10, 16, fused=False)(u)
+    assert calls == ["predict", "dynamic_routing"]
+
+
 @pytest.mark.parametrize("gradient", ["full", "last"])
 def test_digit_caps_fused_by_default_equals_its_unfused_path(gradient):
     fused = DigitCaps(9, 8, 10, 16, gradient=gradient, bias=True).double()

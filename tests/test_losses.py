@@ -179,3 +179,14 @@ def test_one_hot_labels_are_told_to_be_class_indices():
                 margin_loss(torch.rand(2, J), one_hot, validate=validate)
     with pytest.raises(ValueError, match="K distinct classes per sample"):
         margin_loss(torch.rand(2, 10), torch.tensor([[3, 3], [1, 7]]))
+
+
+def test_loss_constants_of_zero_are_taken():
+    """">= 0": lambda = 0 drops the absent classes' term, m- = 0 penalises any length of them, and
+    a reconstruction weight of 0 leaves the margin loss alone."""
+    lengths, labels = torch.tensor([[0.3, 0.7, 0.2]]), torch.tensor([1])
+    assert margin_loss(lengths, labels, lambda_=0.0).item() == pytest.approx(0.2 ** 2)
+    assert margin_loss(lengths, labels, m_minus=0.0).item() == pytest.approx(0.2 ** 2 + 0.5 * (0.3 ** 2 + 0.2 ** 2))
+    terms = capsnet_loss(CapsNetOutput(None, lengths, torch.rand(1, 4)), torch.rand(1, 1, 2, 2), labels,
+                         reconstruction_weight=0.0)
+    assert terms.total.item() == terms.margin.item()

@@ -159,3 +159,13 @@ def test_poisoned_buffers_are_all_nan_so_an_unwritten_zero_fails():
         assert buffer.dtype == dtype and torch.isnan(buffer).all()
         with pytest.raises(AssertionError):
             assert_agrees(buffer, np.zeros((3, 4)), dtype, "unwritten")
+
+
+def test_bfloat16_rounding_is_torchs_ties_to_even():
+    """The helper behind rounding_error rounds as torch converts float32 to bfloat16: ties (half an
+    ulp above 1 + k ulp) to the even neighbour, the rest to nearest."""
+    from capsnet_triton.numerics import _round_to
+    values = np.concatenate([[1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, -(1 + 2.0 ** -8), 3 + 2.0 ** -7],
+                             np.random.default_rng(0).normal(size=100)])
+    expected = torch.tensor(values, dtype=torch.float32).to(torch.bfloat16).double().numpy()
+    np.testing.assert_array_equal(_round_to(values, "bfloat16"), expected)

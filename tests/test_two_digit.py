@@ -79,3 +79,10 @@ def test_model_decodes_each_label_alone():
         check_labels(torch.tensor([[1, 1]]), 1, 10)
     with pytest.raises(ValueError, match=r"\[B, K\]"):
         check_labels(torch.zeros(2, 11, dtype=torch.long), 2, 10)
+
+
+def test_two_digit_predictions_do_not_depend_on_the_labels_order():
+    lengths = torch.tensor([[0.1, 0.9, 0.2, 0.8], [0.9, 0.1, 0.8, 0.2]])
+    labels = torch.tensor([[3, 1], [0, 1]])
+    assert correct_predictions(lengths, labels).tolist() == [True, False]
+    assert correct_predictions(lengths, labels.flip(1)).tolist() == [True, False]
