@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .checks import check_backend, check_flag, check_gradient, check_iterations, check_positive_int
+from .checks import autocast_dtype, check_backend, check_flag, check_gradient, check_iterations, check_positive_int
 from .data import dataset_spec
 from .layers import Decoder, DigitCaps, PrimaryCaps, check_hidden_widths, recomputed_convolutions
 from .losses import check_labels, one_hot_mask
@@ -137,6 +137,15 @@ class CapsNet(nn.Module):
             )
         if not images.is_floating_point():
             raise TypeError(f"images must be a floating-point tensor (scale uint8 to [0, 1]), got {images.dtype}")
+        # Said here, in the model's terms: Conv1 would say "Input type (double) and bias type (float)",
+        # and a later layer would name its own tensors ("u").
+        weight = self.conv1.weight
+        if images.device != weight.device:
+            raise ValueError(f"images are on {images.device} but the model is on {weight.device}; "
+                             f"move one to the other (model.to(device) or images.to(device))")
+        if images.dtype != weight.dtype and autocast_dtype(images) is None:
+            raise TypeError(f"images are {images.dtype} but the model's parameters are {weight.dtype}; convert one "
+                            f"(model.to(dtype) or images.to(dtype)), or run under torch.autocast")
 
 
 # The training command's --digitcaps choices, as CapsNet's `fused`.

@@ -272,7 +272,14 @@ def test_model_rejects_bad_inputs_and_configs():
         model(torch.rand(2, 1, 12, 12), torch.tensor([0, 3]))
     with pytest.raises(TypeError, match="integer"):
         model(torch.rand(2, 1, 12, 12), torch.tensor([0.0, 1.0]))
+    # In the model's words, not Conv1's ("Input type (double) and bias type (float)") or a later layer's.
+    with pytest.raises(TypeError, match=r"images are torch.float64 but the model's parameters are torch.float32"):
+        model(torch.rand(2, 1, 12, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="images are on meta but the model is on cpu"):
+        model(torch.rand(2, 1, 12, 12, device="meta"))
     assert started == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):           # autocast casts Conv1's input itself
+        assert model.to(torch.bfloat16)(torch.rand(2, 1, 12, 12)).lengths.dtype == torch.float32
     with pytest.raises(ValueError, match="too small"):
         CapsNet(image_size=16)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
