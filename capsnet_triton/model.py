@@ -143,9 +143,12 @@ class CapsNet(nn.Module):
         if images.device != weight.device:
             raise ValueError(f"images are on {images.device} but the model is on {weight.device}; "
                              f"move one to the other (model.to(device) or images.to(device))")
-        if images.dtype != weight.dtype and autocast_dtype(images) is None:
+        # Autocast casts Conv1's operands to its low dtype, but never a float64 one.
+        float64 = torch.float64 in (images.dtype, weight.dtype)
+        if images.dtype != weight.dtype and (autocast_dtype(images) is None or float64):
             raise TypeError(f"images are {images.dtype} but the model's parameters are {weight.dtype}; convert one "
-                            f"(model.to(dtype) or images.to(dtype)), or run under torch.autocast")
+                            f"(model.to(dtype) or images.to(dtype))"
+                            + (" (autocast leaves float64 alone)" if float64 else ", or run under torch.autocast"))
 
 
 # The training command's --digitcaps choices, as CapsNet's `fused`.

@@ -278,7 +278,9 @@ def test_model_rejects_bad_inputs_and_configs():
     with pytest.raises(ValueError, match="images are on meta but the model is on cpu"):
         model(torch.rand(2, 1, 12, 12, device="meta"))
     assert started == []
-    with torch.autocast("cpu", dtype=torch.bfloat16):           # autocast casts Conv1's input itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):           # autocast casts Conv1's input itself,
+        with pytest.raises(TypeError, match=r"torch.float64 .* \(autocast leaves float64 alone\)"):
+            model(torch.rand(2, 1, 12, 12, dtype=torch.float64))    # but not a float64 one
         assert model.to(torch.bfloat16)(torch.rand(2, 1, 12, 12)).lengths.dtype == torch.float32
     with pytest.raises(ValueError, match="too small"):
         CapsNet(image_size=16)
