@@ -17,7 +17,7 @@ __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "kept_iterations", "inte
            "check_capsules", "check_u_hat", "check_iterations", "check_bias", "check_backend", "pick_backend",
            "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight", "check_differentiation",
            "differentiable_once", "check_positive_int", "check_flag", "autocast_dtype", "needs_backward",
-           "runs_as_function"]
+           "runs_as_function", "active_transforms"]
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

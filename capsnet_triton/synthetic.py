@@ -81,7 +81,7 @@ def class_groups(labels):
     count = torch.bincount(labels.long())                               # [K]
     if int((count > 0).sum()) < 2:
         raise ValueError("MultiMNIST needs a split with at least two classes (each pair is two different digits), "
-                         f"got {int((count > 0).sum())} among {labels.numel()} digits; a larger --validation-size "
+                         f"got {int((count > 0).sum())} among {labels.numel()} digit{'s' * (labels.numel() != 1)}; a larger --validation-size "
                          "or --limit-train gives more")
     order = torch.argsort(labels, stable=True)
     return ClassGroups(order, torch.cumsum(count, 0) - count, count)

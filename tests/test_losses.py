@@ -177,6 +177,8 @@ def test_one_hot_labels_are_told_to_be_class_indices():
         for validate in (True, False):
             with pytest.raises(ValueError, match=r"one-hot rows\? give class indices \[B\]"):
                 margin_loss(torch.rand(2, J), one_hot, validate=validate)
+    with pytest.raises(ValueError, match=r"shape \[B\] = \[2\], got \[2, 1\]"):     # one class: no [B, K]
+        margin_loss(torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="K distinct classes per sample"):
         margin_loss(torch.rand(2, 10), torch.tensor([[3, 3], [1, 7]]))
 
