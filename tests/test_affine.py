@@ -9,10 +9,12 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from capsnet_triton import evaluate, train
+from capsnet_triton import evaluate, mnist_variants, train
 from capsnet_triton.affnist import read_affnist, read_mat
-from capsnet_triton.data import DownloadError, dataset_spec, download, load_split
+from capsnet_triton.data import DownloadError, Split, dataset_spec, download, load_split
+from capsnet_triton.synthetic import affine_transform
 from idx_files import make_digits, write_dataset
 
 TINY_MODEL = ["--conv-channels", "8", "--primary-types", "2", "--decoder-hidden", "16", "32"]
@@ -179,3 +181,54 @@ def test_evaluate_scores_a_mnist40_model_on_the_generated_set_and_affnist(tmp_pa
     with pytest.raises(SystemExit) as stopped:                   # a usage error, said before any data is read
         evaluate.main([str(out / "best.pt"), "--dataset", "mnist", "--device", "cpu", "--no-verify-data"])
     assert stopped.value.code == 2 and "cannot score mnist" in capsys.readouterr().err
+
+
+def test_the_generated_set_is_the_affine_transform_rounded_to_bytes(tmp_path, monkeypatch):
+    """Pixels are rounded to the nearest byte, not truncated (which darkens every pixel)."""
+    write_dataset(tmp_path, train_count=4, test_count=16)
+    seen = []
+
+    def spy(images, *, generator):
+        out, params = affine_transform(images, generator=generator)
+        seen.append(out)
+        return out, params
+
+    monkeypatch.setattr(mnist_variants, "affine_transform", spy)
+    generated = load_split(tmp_path, "affnist-generated", train=False, verify=False)
+    (floats,) = seen
+    assert torch.equal(generated.images, torch.round(floats * 255.0).to(torch.uint8))
+
+
+def test_mnist40_evaluation_digits_take_every_position_of_the_training_range():
+    """Validation and test digits of mnist40 are moved by up to 6 pixels (its max_shift) each way."""
+    digits = F.pad(torch.full((400, 1, 28, 28), 200, dtype=torch.uint8), (6,) * 4)
+    shifted = dataset_spec("mnist40").evaluation_split(Split(digits, torch.arange(400) % 10), True)
+    tops = torch.argmax((shifted.images[:, 0].sum(dim=2) > 0).int(), dim=1) - 6
+    lefts = torch.argmax((shifted.images[:, 0].sum(dim=1) > 0).int(), dim=1) - 6
+    assert sorted(set(tops.tolist())) == list(range(-6, 7)) == sorted(set(lefts.tolist()))
+
+
+def _mat_file(path, *elements):
+    header = b"MATLAB 5.0".ljust(116, b" ") + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
+    path.write_bytes(header + b"".join(elements))
+
+
+def test_affnist_pixels_stored_as_fractional_floats_are_refused(tmp_path):
+    pixels = np.full((1600, 2), 0.5)
+    image = matrix("", 6, (1600, 2), element(9, pixels.astype("<f8").tobytes(order="F")))
+    _mat_file(tmp_path / "test.mat", struct_matrix("affNISTdata", {"image": image, "label_int": np.array([[1, 2]])}))
+    with pytest.raises(ValueError, match=r"image must hold whole numbers"):
+        read_affnist(tmp_path)
+
+
+def test_read_mat_reads_compressed_variables_one_after_another(tmp_path):
+    """miCOMPRESSED elements are not padded to 8 bytes: the next one starts right after."""
+    first, second = np.arange(6, dtype=np.uint8).reshape(2, 3), np.full((3, 2), 9, dtype=np.uint8)
+    compressed = []
+    for name, array in (("a", first), ("b", second)):
+        packed = zlib.compress(uint8_matrix(name, array))
+        compressed.append(struct.pack("<II", 15, len(packed)) + packed)
+    assert len(compressed[0]) % 8 != 0
+    _mat_file(tmp_path / "two.mat", *compressed)
+    variables = read_mat(tmp_path / "two.mat")
+    assert np.array_equal(variables["a"], first) and np.array_equal(variables["b"], second)

@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 
-from capsnet_triton import CapsNet, evaluate, figures
-from capsnet_triton.data import DATASETS, Split
+from capsnet_triton import CapsNet, evaluate, figures, train
+from capsnet_triton.data import DATASETS, Split, dataset_spec, load_split
 from capsnet_triton.losses import capsnet_loss
 from command_runs import copy_run, fake_mnist, finished_run, one_line, run  # noqa: F401 (fixtures)
+from idx_files import write_dataset
 
 
 def test_evaluate_refuses_files_of_another_dataset(finished_run, fake_mnist, capsys):
@@ -83,3 +84,53 @@ def test_evaluate_is_the_loss_and_accuracy_of_the_whole_split_at_once():
     assert got["loss"] == pytest.approx(terms.total.item(), rel=1e-5)
     assert got["reconstruction"] == pytest.approx(terms.reconstruction.item(), rel=1e-5)
     assert got["accuracy"] == (output.lengths.argmax(dim=1) == labels).double().mean().item()
+
+
+def test_figure_subfolders_are_named_checkpoint_then_dataset_then_limit():
+    assert evaluate._figure_folder("/r", "last.pt", "affnist", False, 100) == os.path.join("/r", "last-affnist-first-100")
+    assert evaluate._figure_folder("/r", "last.pt", "affnist", False, None) == os.path.join("/r", "last-affnist")
+    assert evaluate._figure_folder("/r", "best.pt", "mnist", True, None) == "/r"
+
+
+def test_naming_the_runs_own_dataset_still_writes_the_runs_own_figures(finished_run, monkeypatch):
+    got = []
+    monkeypatch.setattr(evaluate, "_evaluate_checkpoint", lambda *a: got.append(a))
+    assert evaluate.main([str(finished_run / "best.pt"), "--dataset", "mnist", "--device", "cpu"]) == 0
+    (*_, log_path, folder), = got
+    assert folder == str(finished_run) and log_path == os.path.join(str(finished_run), "log.jsonl")
+
+
+def test_a_limit_of_zero_is_refused_as_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main([str(tmp_path / "best.pt"), "--limit", "0"])
+    assert stopped.value.code == 2 and "--limit must be positive, got 0" in capsys.readouterr().err
+
+
+def test_evaluate_scores_multimnist_on_ten_pairs_per_test_digit(tmp_path, monkeypatch):
+    data_dir = str(write_dataset(tmp_path / "digits", train_count=60, test_count=20))
+    out = tmp_path / "run"
+    assert train.main(["--data", data_dir, "--dataset", "multimnist", "--out", str(out), "--epochs", "1",
+                       "--batch-size", "16", "--validation-size", "20", "--limit-train", "16", "--limit-val", "8",
+                       "--limit-test", "8", "--device", "cpu", "--no-verify-data", "--conv-channels", "8",
+                       "--primary-types", "2", "--decoder-hidden", "16", "32"]) == 0
+    scored = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda model, split, **k: scored.append(split) or dict(
+        accuracy=0.5, loss=1.0))
+    monkeypatch.setattr(evaluate, "write_figures", lambda *a, **k: [])
+    assert evaluate.main([str(out / "best.pt"), "--device", "cpu", "--no-verify-data"]) == 0
+    (split,) = scored
+    expected = dataset_spec("multimnist").evaluation_split(load_split(data_dir, "multimnist", train=False), True)
+    assert len(split) == 200 and torch.equal(split.recipe.index, expected.recipe.index)
+
+
+def test_evaluate_reads_the_data_folder_it_is_given_and_names_the_set_it_scores(finished_run, tmp_path, monkeypatch):
+    """--data replaces the run's folder; the figures name --dataset's set, not the training set's."""
+    other = write_dataset(tmp_path / "other", train_count=1, test_count=12)
+    scored, drawn_as = [], []
+    monkeypatch.setattr(evaluate, "evaluate", lambda model, split, **k: scored.append(split) or dict(
+        accuracy=0.5, loss=1.0))
+    monkeypatch.setattr(evaluate, "write_figures", lambda *a, dataset, **k: drawn_as.append(dataset) or [])
+    assert evaluate.main([str(finished_run / "best.pt"), "--data", str(other), "--dataset", "fashion-mnist",
+                          "--device", "cpu", "--no-verify-data", "--out", str(tmp_path / "f")]) == 0
+    (split,) = scored
+    assert len(split) == 12 and drawn_as == ["fashion-mnist"]

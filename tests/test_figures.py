@@ -3,10 +3,12 @@ and key. (That training and evaluate write them is tests/test_train.py's.)"""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from capsnet_triton import figures
+from capsnet_triton import CapsNet, figures
+from capsnet_triton.data import Split, dataset_spec, to_float
 
 
 @pytest.fixture
@@ -70,3 +72,80 @@ def test_the_segmentation_figure_says_what_its_colours_and_letters_mean(tmp_path
     caption = fig.axes[0].get_xlabel()
     assert caption.startswith("best.pt on the multimnist test set") and "L: labels, P: predictions" in caption
     assert "red: the first predicted digit's" in caption and "green: the second's" in caption
+
+
+def test_segmentation_draws_the_first_digit_red_the_second_green_and_labels_before_predictions(tmp_path, drawn):
+    pairs = torch.rand(2, 1, 6, 6)
+    reconstructions = torch.rand(2, 2, 36)
+    figures.segmentation_figure(pairs, reconstructions, tmp_path / "s.png", labels=torch.tensor([[1, 2], [3, 4]]),
+                                predictions=torch.tensor([[5, 6], [7, 8]]))
+    (fig,) = drawn
+    ax = fig.axes[0]
+    tiled = np.asarray(ax.get_images()[0].get_array())
+    row = 6 + 2                                                        # the reconstruction row
+    for n in range(2):
+        cell = tiled[row:row + 6, n * 8:n * 8 + 6]
+        np.testing.assert_allclose(cell[..., 0], reconstructions[n, 0].reshape(6, 6).numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(cell[..., 1], reconstructions[n, 1].reshape(6, 6).numpy(), rtol=0, atol=1e-6)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["L:(1,2)\nP:(5,6)", "L:(3,4)\nP:(7,8)"]
+
+
+def test_align_predictions_also_swaps_where_the_first_prediction_is_the_second_label():
+    labels, predictions = torch.tensor([[1, 0]]), torch.tensor([[0, 5]])
+    assert figures.align_predictions(predictions, labels).tolist() == [[5, 0]]
+
+
+def test_reconstruction_captions_give_each_columns_label_then_prediction(tmp_path, drawn):
+    figures.reconstruction_figure(torch.rand(2, 1, 5, 5), torch.rand(2, 25), tmp_path / "r.png",
+                                  labels=torch.tensor([1, 2]), predictions=torch.tensor([3, 4]))
+    (fig,) = drawn
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["label 1\npred 3", "label 2\npred 4"]
+
+
+# A small network for the figures' content: what they show of its output, not how good it is.
+TINY = dict(conv_channels=8, primary_types=2, decoder_hidden=(16, 32))
+
+
+def _capture_figures(monkeypatch):
+    got = {}
+    for name in ("reconstruction_figure", "segmentation_figure", "perturbation_figure"):
+        monkeypatch.setattr(figures, name, lambda *a, _n=name, **k: got.setdefault(_n, (a, k)) and f"{_n}.png")
+    return got
+
+
+def test_write_figures_shows_the_predictions_and_test_example_0(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = CapsNet(**TINY).eval()
+    images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    got = _capture_figures(monkeypatch)
+    figures.write_figures(model, dataset_spec("mnist").evaluation_split(Split(images, labels), True), tmp_path,
+                          dataset="mnist", model_name="best.pt")
+    with torch.no_grad():
+        lengths = model(to_float(images)).lengths
+    _, kwargs = got["reconstruction_figure"]
+    assert torch.equal(kwargs["predictions"], lengths.argmax(dim=1)) and torch.equal(kwargs["labels"], labels)
+    assert kwargs["title"] == "best.pt on the mnist test set, first 5"
+    (grid, _), kwargs = got["perturbation_figure"]
+    capsule, expected = figures.capsule_perturbations(model, to_float(images[0]))
+    assert kwargs["capsule"] == capsule and torch.equal(grid, expected)
+    assert "(label 3)" in kwargs["title"]
+
+
+def test_write_figures_decodes_each_pair_from_its_two_longest_capsules(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = CapsNet(image_size=36, **TINY).eval()
+    with torch.no_grad():           # an untrained network's capsules are ~1e-4 long: make the decoder see them
+        model.decoder.fc1.weight.mul_(1e6)
+    digits = torch.randint(0, 256, (30, 1, 28, 28), dtype=torch.uint8)
+    pairs = dataset_spec("multimnist").evaluation_split(Split(digits, torch.arange(30) % 10), True)
+    got = _capture_figures(monkeypatch)
+    figures.write_figures(model, pairs, tmp_path, dataset="multimnist", model_name="best.pt")
+    batch = pairs.batch(torch.arange(8))
+    (images, reconstructions, _), kwargs = got["segmentation_figure"]
+    with torch.no_grad():
+        longest = model(batch.images).lengths.topk(2, dim=1).indices
+        assert torch.equal(kwargs["predictions"].sort(dim=1).values, longest.sort(dim=1).values)
+        assert not torch.equal(kwargs["predictions"], batch.labels)     # else labels and predictions decode alike
+        torch.testing.assert_close(reconstructions, model(batch.images, kwargs["predictions"]).reconstruction)
+        assert not torch.allclose(reconstructions, model(batch.images, batch.labels).reconstruction, atol=1e-3)

@@ -79,3 +79,11 @@ def test_a_shift_that_would_push_a_digit_off_the_canvas_is_a_usage_error(tmp_pat
                     "--out", str(tmp_path / "r")])
     assert exit_info.value.code == 2
     assert f"--max-shift must be at most {largest} pixels for {dataset} (a 28x28 digit" in capsys.readouterr().err
+
+
+def test_a_pair_split_subset_keeps_each_pairs_digits_and_shifts_together():
+    images = (torch.arange(20 * 28 * 28) % 251).to(torch.uint8).reshape(20, 1, 28, 28)
+    pairs = dataset_spec("multimnist").evaluation_split(Split(images, torch.arange(20) % 10), True)
+    index = torch.tensor([7, 3, 150])
+    whole, part = pairs.batch(index), pairs.subset(index).batch(torch.arange(3))
+    assert all(torch.equal(a, b) for a, b in zip(whole, part))

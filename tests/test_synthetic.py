@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capsnet_triton.synthetic import AFFINE_RANGES, affine_transform, multimnist, place
+from capsnet_triton.synthetic import AFFINE_RANGES, affine_transform, compose_pairs, multimnist, place
 
 
 def noisy_digits(count, seed=0, classes=10):
@@ -165,3 +165,39 @@ def test_affine_map_is_recovered_from_the_images():
     expected = ((matrix @ (centroid(images) - centre)[:, :, None])[:, :, 0] + centre
                 + torch.stack([params["shift_x"], params["shift_y"]], dim=1))
     torch.testing.assert_close(centroid(out), expected, rtol=0.0, atol=0.25)
+
+
+def test_compose_pairs_puts_each_digit_at_its_own_dy_and_dx():
+    """shift[..., 0] moves the digit down, shift[..., 1] right: not both by one of them."""
+    digits = torch.ones(3, 2, 1, 28, 28)
+    shift = torch.tensor([[[-4, 3], [2, -1]], [[0, 4], [-3, 0]], [[4, -4], [1, 2]]])
+    _, parts = compose_pairs(digits, shift)
+    for k in range(3):
+        for j in range(2):
+            rows = torch.nonzero(parts[k, j, 0].sum(dim=1)).flatten()
+            cols = torch.nonzero(parts[k, j, 0].sum(dim=0)).flatten()
+            assert (int(rows[0]) - 4, int(cols[0]) - 4) == tuple(shift[k, j].tolist())
+
+
+def test_affine_translation_is_zero_on_an_axis_where_the_digit_cannot_fit():
+    """A digit filling the canvas fits only where the map shrinks it enough; elsewhere t = 0, as
+    documented, not a value between two impossible limits."""
+    images = torch.ones(256, 1, 40, 40, dtype=torch.float64)
+    _, params = affine_transform(images, generator=torch.Generator().manual_seed(0))
+    theta = params["rotation"] * np.pi / 180
+    cos, sin, shear = torch.cos(theta), torch.sin(theta), params["shear"]
+    matrix = torch.stack([
+        torch.stack([cos * params["scale_x"], (cos * shear - sin) * params["scale_y"]], dim=1),
+        torch.stack([sin * params["scale_x"], (sin * shear + cos) * params["scale_y"]], dim=1)], dim=1)
+    corners = torch.tensor([[-19.5, 19.5, -19.5, 19.5], [-19.5, -19.5, 19.5, 19.5]], dtype=torch.float64)
+    extent = (matrix @ corners).abs().amax(dim=2)                      # [B, 2]: half-width of the moved box
+    shift = torch.stack([params["shift_x"], params["shift_y"]], dim=1)
+    fits = extent <= 19.5
+    assert 0 < int(fits.sum()) < fits.numel()                          # both cases occur
+    assert bool((shift[~fits] == 0).all())
+    assert bool((shift[fits].abs() <= 19.5 - extent[fits] + 1e-9).all())
+
+
+def test_affine_scales_are_drawn_independently_per_axis():
+    _, params = affine_transform(torch.zeros(200, 1, 40, 40), generator=torch.Generator().manual_seed(0))
+    assert float((params["scale_x"] - params["scale_y"]).abs().max()) > 0.2
