@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from capsnet_triton import CapsNet, evaluate, figures, train
-from capsnet_triton.data import DATASETS, Split, dataset_spec, load_split
+from capsnet_triton import CapsNet, evaluate, figures
+from capsnet_triton.data import DATASETS, Split
 from capsnet_triton.losses import capsnet_loss
 from command_runs import copy_run, fake_mnist, finished_run, one_line, run  # noqa: F401 (fixtures)
 from idx_files import write_dataset
@@ -104,23 +104,6 @@ def test_a_limit_of_zero_is_refused_as_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         evaluate.main([str(tmp_path / "best.pt"), "--limit", "0"])
     assert stopped.value.code == 2 and "--limit must be positive, got 0" in capsys.readouterr().err
-
-
-def test_evaluate_scores_multimnist_on_ten_pairs_per_test_digit(tmp_path, monkeypatch):
-    data_dir = str(write_dataset(tmp_path / "digits", train_count=60, test_count=20))
-    out = tmp_path / "run"
-    assert train.main(["--data", data_dir, "--dataset", "multimnist", "--out", str(out), "--epochs", "1",
-                       "--batch-size", "16", "--validation-size", "20", "--limit-train", "16", "--limit-val", "8",
-                       "--limit-test", "8", "--device", "cpu", "--no-verify-data", "--conv-channels", "8",
-                       "--primary-types", "2", "--decoder-hidden", "16", "32"]) == 0
-    scored = []
-    monkeypatch.setattr(evaluate, "evaluate", lambda model, split, **k: scored.append(split) or dict(
-        accuracy=0.5, loss=1.0))
-    monkeypatch.setattr(evaluate, "write_figures", lambda *a, **k: [])
-    assert evaluate.main([str(out / "best.pt"), "--device", "cpu", "--no-verify-data"]) == 0
-    (split,) = scored
-    expected = dataset_spec("multimnist").evaluation_split(load_split(data_dir, "multimnist", train=False), True)
-    assert len(split) == 200 and torch.equal(split.recipe.index, expected.recipe.index)
 
 
 def test_evaluate_reads_the_data_folder_it_is_given_and_names_the_set_it_scores(finished_run, tmp_path, monkeypatch):

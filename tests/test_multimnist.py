@@ -47,7 +47,7 @@ def test_fixed_evaluation_pairs():
 
 # --- the commands -------------------------------------------------------------------------------
 
-def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
+def test_multimnist_training_and_evaluation_commands(tmp_path, capsys, monkeypatch):
     data_dir = str(write_dataset(tmp_path / "digits", train_count=120, test_count=30))
     out = tmp_path / "run"
     assert train.main(["--data", data_dir, "--dataset", "multimnist", "--out", str(out), "--epochs", "1",
@@ -68,6 +68,13 @@ def test_multimnist_training_and_evaluation_commands(tmp_path, capsys):
                           "--no-verify-data"]) == 0
     assert "multimnist test both-digit accuracy" in capsys.readouterr().out
     assert len(load_split(data_dir, "multimnist", train=False)) == 30
+    # evaluate scores the test pairs, ten per test digit, not validation's one.
+    scored = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda model, split, **k: scored.append(split) or dict(accuracy=0.5, loss=1.0))
+    monkeypatch.setattr(evaluate, "write_figures", lambda *a, **k: [])
+    assert evaluate.main([str(out / "best.pt"), "--device", "cpu", "--no-verify-data", "--out", str(tmp_path / "g")]) == 0
+    expected = dataset_spec("multimnist").evaluation_split(load_split(data_dir, "multimnist", train=False), True)
+    assert len(scored[0]) == 300 and torch.equal(scored[0].recipe.index, expected.recipe.index)
 
 
 @pytest.mark.parametrize("dataset, largest", [("multimnist", 4), ("mnist40", 6)])
