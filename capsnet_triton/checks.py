@@ -17,7 +17,7 @@ __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "kept_iterations", "inte
            "check_capsules", "check_u_hat", "check_iterations", "check_bias", "check_backend", "pick_backend",
            "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight", "check_differentiation",
            "differentiable_once", "check_positive_int", "check_flag", "autocast_dtype", "needs_backward",
-           "runs_as_function", "active_transforms"]
+           "runs_as_function", "active_transforms", "autocast_mixes"]
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -139,6 +139,12 @@ def autocast_dtype(tensor):
     return torch.get_autocast_dtype(device_type)
 
 
+def autocast_mixes(tensor, other_dtype):
+    """Whether autocast, on for tensor's device, lets tensor's dtype stand beside other_dtype as
+    operands of one matmul or convolution: it casts both to its low dtype, but never a float64."""
+    return autocast_dtype(tensor) is not None and torch.float64 not in (tensor.dtype, other_dtype)
+
+
 def needs_backward(*tensors):
     """Whether autograd may run an op's backward: grad mode is on and one of its tensors (None
     for an absent bias) requires grad. Where not (inference, torch.no_grad), a forward keeps no
@@ -229,13 +235,11 @@ def check_u_and_weight(u, weight, autocast=False):
     if min(weight.shape) < 1:
         raise ValueError("capsule_linear needs at least one input capsule, input dimension, parent and "
                          f"output dimension, got weight of shape {tuple(weight.shape)}")
-    if weight.dtype != u.dtype:
+    if weight.dtype != u.dtype and not (autocast and autocast_mixes(u, weight.dtype)):
         low = autocast_dtype(u) if autocast else None
-        if low is None:
-            raise TypeError(f"weight must have u's dtype {u.dtype}, got {weight.dtype}")
-        if torch.float64 in (u.dtype, weight.dtype):
-            raise TypeError(f"weight must have u's dtype {u.dtype}, got {weight.dtype}: under autocast only "
-                            f"float64 may stand beside float64, as in a matmul (the other dtypes are cast to {low})")
+        detail = ("" if low is None else f": under autocast only float64 may stand beside float64, as in a matmul "
+                                         f"(the other dtypes are cast to {low})")
+        raise TypeError(f"weight must have u's dtype {u.dtype}, got {weight.dtype}{detail}")
     if weight.device != u.device:
         raise ValueError(f"weight is on {weight.device} but u is on {u.device}; they must be on one device")
     return u, weight

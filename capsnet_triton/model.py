@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .checks import autocast_dtype, check_backend, check_flag, check_gradient, check_iterations, check_positive_int
+from .checks import autocast_mixes, check_backend, check_flag, check_gradient, check_iterations, check_positive_int
 from .data import dataset_spec
 from .layers import Decoder, DigitCaps, PrimaryCaps, check_hidden_widths, recomputed_convolutions
 from .losses import check_labels, one_hot_mask
@@ -143,9 +143,8 @@ class CapsNet(nn.Module):
         if images.device != weight.device:
             raise ValueError(f"images are on {images.device} but the model is on {weight.device}; "
                              f"move one to the other (model.to(device) or images.to(device))")
-        # Autocast casts Conv1's operands to its low dtype, but never a float64 one.
-        float64 = torch.float64 in (images.dtype, weight.dtype)
-        if images.dtype != weight.dtype and (autocast_dtype(images) is None or float64):
+        if images.dtype != weight.dtype and not autocast_mixes(images, weight.dtype):
+            float64 = torch.float64 in (images.dtype, weight.dtype)
             raise TypeError(f"images are {images.dtype} but the model's parameters are {weight.dtype}; convert one "
                             f"(model.to(dtype) or images.to(dtype))"
                             + (" (autocast leaves float64 alone)" if float64 else ", or run under torch.autocast"))
