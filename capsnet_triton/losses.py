@@ -141,8 +141,8 @@ def check_labels(labels, batch, num_classes, values=True):
     several = labels.ndim == 2 and 1 <= labels.shape[1] < num_classes
     if labels.ndim not in (1, 2) or labels.shape[0] != batch or labels.ndim == 2 and not several:
         one_hot = " (one-hot rows? give class indices [B])" if labels.shape[1:] == (num_classes,) else ""
-        several = f" or [B, K] with 1 <= K < {num_classes}" if num_classes > 1 else ""
-        raise ValueError(f"labels must have shape [B] = [{batch}]{several}, got {list(labels.shape)}{one_hot}")
+        or_several = f" or [B, K] with 1 <= K < {num_classes}" if num_classes > 1 else ""
+        raise ValueError(f"labels must have shape [B] = [{batch}]{or_several}, got {list(labels.shape)}{one_hot}")
     # The value checks read the labels (a device sync); a compiled graph skips them rather than break.
     if values and labels.numel() and not torch.compiler.is_compiling():
         low, high = int(labels.min()), int(labels.max())

@@ -79,9 +79,10 @@ def class_groups(labels):
     if labels.numel() and int(labels.min()) < 0:
         raise ValueError(f"labels must be non-negative class indices, got {int(labels.min())}")
     count = torch.bincount(labels.long())                               # [K]
-    if int((count > 0).sum()) < 2:
+    classes, digits = int((count > 0).sum()), labels.numel()
+    if classes < 2:
         raise ValueError("MultiMNIST needs a split with at least two classes (each pair is two different digits), "
-                         f"got {int((count > 0).sum())} among {labels.numel()} digit{'s' * (labels.numel() != 1)}; a larger --validation-size "
+                         f"got {classes} among {digits} digit{'s' * (digits != 1)}; a larger --validation-size "
                          "or --limit-train gives more")
     order = torch.argsort(labels, stable=True)
     return ClassGroups(order, torch.cumsum(count, 0) - count, count)

@@ -18,10 +18,10 @@ without ever storing b, from an identity: since b starts at 0,
     b^(t) = u_hat . V^(t),   V^(t) = v^(1) + ... + v^(t-1)        (v_sum, [J, D] per sample)
 
 so the running sum of the outputs is all the state routing needs: b and c are recomputed from
-the u_hat tile in registers, and only the couplings the backward reads are stored (SPEC section 3
-lets an implementation keep them or recompute them). routing_backward is derived with the same identity: the
-gradient reaches u_hat through s = sum_i c u_hat and through b = u_hat . V, and reaches every
-earlier output v^(t) through each later V.
+the u_hat tile in registers, and only the couplings the backward reads are stored (SPEC section
+3 lets an implementation keep them or recompute them). routing_backward is derived with the
+same identity: the gradient reaches u_hat through s = sum_i c u_hat and through b = u_hat . V,
+and reaches every earlier output v^(t) through each later V.
 
 Gradient policies (SPEC section 3), `gradient=`:
 - "full" (default, as the official code): the gradient flows through every iteration,

@@ -98,8 +98,8 @@ else
     # The files whose tests use the GPU (kernel_checks.DEVICE, or CUDA where there is one;
     # tests/test_gpu_check.py checks the list): every other test runs on the CPU alone, as in CI.
     device_tests=(tests/test_kernels_squash.py tests/test_kernels_routing.py tests/test_kernels_capsule_linear.py
-                  tests/test_kernels_launch.py tests/test_ops.py tests/test_ops_autograd.py tests/test_capsule_linear.py tests/test_model.py
-                  tests/test_bench.py)
+                  tests/test_kernels_launch.py tests/test_ops.py tests/test_ops_autograd.py tests/test_capsule_linear.py
+                  tests/test_model.py tests/test_bench.py)
     # Natively each new shape compiles its kernels (seconds of CPU): as many workers as cores allow.
     pytest_args=(-n 12 --durations=20 "${device_tests[@]}")
     tests_note="the files whose tests use the GPU (${#device_tests[@]}); the others run on the CPU alone, as in CI"
