@@ -5,39 +5,33 @@ interpreter here and natively on a GPU machine (see conftest.py)."""
 import pytest
 import torch
 import triton.language as tl
-from kernel_checks import DEVICE
+from kernel_checks import DEVICE, sample
 
 from capsnet_triton.kernels import (capsule_linear_backward, capsule_linear_forward, launch, routing_backward,
                                     routing_forward, squash_forward)
 
 
-def _draw(generator, *shape):
-    return torch.randn(*shape, generator=generator).to(DEVICE)
-
-
-def test_launchers_refuse_an_out_that_is_not_contiguous():
+def test_launchers_refuse_an_out_that_is_not_contiguous(rng):
     """A transposed buffer of the right shape would be filled in the kernel's order, not its own."""
-    generator = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match=r"out must be a contiguous .*, not contiguous"):
-        squash_forward(_draw(generator, 3, 4), out=torch.empty(4, 3, device=DEVICE).t())
-    u_hat = _draw(generator, 2, 5, 3, 4)
+        squash_forward(sample(rng, (3, 4), torch.float32), out=torch.empty(4, 3, device=DEVICE).t())
+    u_hat = sample(rng, (2, 5, 3, 4), torch.float32)
     _, s_all, couplings = routing_forward(u_hat, 2)
     with pytest.raises(ValueError, match=r"out\[0\] \(v\) must be a contiguous .*, not contiguous"):
         routing_forward(u_hat, 2, out=(torch.empty(2, 4, 3, device=DEVICE).transpose(1, 2), s_all, couplings))
-    u, weight = _draw(generator, 2, 5, 2), _draw(generator, 5, 3, 4, 2)
+    u, weight = sample(rng, (2, 5, 2), torch.float32), sample(rng, (5, 3, 4, 2), torch.float32)
     _, s_all, couplings = capsule_linear_forward(u, weight, 2)
     with pytest.raises(ValueError, match=r"out\[1\] \(s_all\) must be a contiguous .*, not contiguous"):
         capsule_linear_forward(u, weight, 2, out=(None, s_all.transpose(2, 3).contiguous().transpose(2, 3),
                                                   couplings))
 
 
-def test_backward_launchers_take_kept_couplings_that_are_not_contiguous():
+def test_backward_launchers_take_kept_couplings_that_are_not_contiguous(rng):
     """The couplings are the caller's tensor: a strided one (here the same values in another
     layout) must give the gradients the contiguous one gives."""
-    generator = torch.Generator().manual_seed(1)
-    dv = _draw(generator, 2, 3, 4)
-    u_hat = _draw(generator, 2, 5, 3, 4)
-    u, weight = _draw(generator, 2, 5, 2), _draw(generator, 5, 3, 4, 2)
+    dv = sample(rng, (2, 3, 4), torch.float32)
+    u_hat = sample(rng, (2, 5, 3, 4), torch.float32)
+    u, weight = sample(rng, (2, 5, 2), torch.float32), sample(rng, (5, 3, 4, 2), torch.float32)
     for forward, backward, inputs in ((routing_forward, routing_backward, (u_hat,)),
                                       (capsule_linear_forward, capsule_linear_backward, (u, weight))):
         _, s_all, couplings = forward(*inputs, 3)

@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 import torch
-from kernel_checks import DEVICE, saved_numel
+from kernel_checks import DEVICE, sample, saved_numel
 
 from capsnet_triton import capsule_linear, dynamic_routing, squash
 
@@ -263,13 +263,11 @@ def test_the_plain_call_and_the_custom_op_give_the_same_v(op, case):
 @pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op", ["dynamic_routing", "capsule_linear"])
-def test_a_bias_alone_requiring_grad_gets_its_gradient(op, backend, gradient):
+def test_a_bias_alone_requiring_grad_gets_its_gradient(op, backend, gradient, rng):
     """A frozen layer below a learned bias: the op must still keep the couplings the backward
     reads and follow the gradient policy, as when every input requires a gradient."""
-    generator = torch.Generator().manual_seed(0)
-
     def draw(*shape):
-        return torch.randn(*shape, dtype=torch.float64, generator=generator).to(DEVICE)
+        return sample(rng, shape, torch.float64)
 
     if op == "dynamic_routing":
         inputs, call = [draw(2, 5, 3, 4)], dynamic_routing
