@@ -52,6 +52,19 @@ def struct_matrix(name, fields):
     return matrix(name, 2, (1, 1), body + b"".join(values))
 
 
+def compressed(element_bytes):
+    """A miCOMPRESSED element holding the given element, unpadded as MATLAB writes it."""
+    packed = zlib.compress(element_bytes)
+    return struct.pack("<II", 15, len(packed)) + packed
+
+
+def write_mat(path, *elements):
+    """A MAT v5 file: the 128-byte header, then the elements."""
+    header = b"MATLAB 5.0 MAT-file, written by the tests".ljust(116, b" ") + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + b"".join(elements))
+
+
 def write_affnist_mat(path, images, labels, compress, text_kind=4):
     """affNIST's layout: struct affNISTdata, image [1600, N] (column n: image n row-major), label_int [1, N],
     and fields the reader ignores (one of them text, stored as text_kind)."""
@@ -61,12 +74,7 @@ def write_affnist_mat(path, images, labels, compress, text_kind=4):
         "label_one_of_n": np.eye(10, dtype=np.uint8)[labels].T,
         "comment": text_matrix("", "affNIST-like, 40×40", text_kind),
     })
-    if compress:
-        packed = zlib.compress(record)
-        record = struct.pack("<II", 15, len(packed)) + packed
-    header = b"MATLAB 5.0 MAT-file, written by the tests".ljust(116, b" ") + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(header + record)
+    write_mat(path, compressed(record) if compress else record)
 
 
 def affnist_like(count, seed):
@@ -116,14 +124,15 @@ def test_damaged_or_foreign_affnist_files_are_refused_naming_the_file(tmp_path):
         path.write_bytes(damaged)
         with pytest.raises(ValueError, match=f"{path}: truncated or damaged"):
             read_affnist(tmp_path)
-    # Values a uint8 cast would hide: pixels past 255 (stored as uint16 here), a label of 10.
+    # Values a uint8 cast would hide: pixels past 255 (stored as uint16 here) or between two bytes
+    # (float64 halves), a label of 10.
     wide = matrix("", 9, (1600, 4), element(4, np.full((1600, 4), 300, "<u2").tobytes(order="F")))
-    path.parent.mkdir(exist_ok=True)
+    fractional = matrix("", 6, (1600, 4), element(9, np.full((1600, 4), 0.5, "<f8").tobytes(order="F")))
     for fields, what in (({"image": wide, "label_int": labels[None, :]}, r"image must hold whole numbers in \[0, 255\]"),
+                         ({"image": fractional, "label_int": labels[None, :]}, r"image must hold whole numbers"),
                          ({"image": images.reshape(4, 1600).T, "label_int": np.array([[1, 2, 10, 3]])},
                           r"label_int must hold whole numbers in \[0, 9\]")):
-        header = b"MATLAB 5.0".ljust(116, b" ") + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
-        path.write_bytes(header + struct_matrix("affNISTdata", fields))
+        write_mat(path, struct_matrix("affNISTdata", fields))
         with pytest.raises(ValueError, match=what):
             read_affnist(tmp_path)
 
@@ -208,27 +217,11 @@ def test_mnist40_evaluation_digits_take_every_position_of_the_training_range():
     assert sorted(set(tops.tolist())) == list(range(-6, 7)) == sorted(set(lefts.tolist()))
 
 
-def _mat_file(path, *elements):
-    header = b"MATLAB 5.0".ljust(116, b" ") + b"\0" * 8 + struct.pack("<H", 0x0100) + b"IM"
-    path.write_bytes(header + b"".join(elements))
-
-
-def test_affnist_pixels_stored_as_fractional_floats_are_refused(tmp_path):
-    pixels = np.full((1600, 2), 0.5)
-    image = matrix("", 6, (1600, 2), element(9, pixels.astype("<f8").tobytes(order="F")))
-    _mat_file(tmp_path / "test.mat", struct_matrix("affNISTdata", {"image": image, "label_int": np.array([[1, 2]])}))
-    with pytest.raises(ValueError, match=r"image must hold whole numbers"):
-        read_affnist(tmp_path)
-
-
 def test_read_mat_reads_compressed_variables_one_after_another(tmp_path):
     """miCOMPRESSED elements are not padded to 8 bytes: the next one starts right after."""
     first, second = np.arange(6, dtype=np.uint8).reshape(2, 3), np.full((3, 2), 9, dtype=np.uint8)
-    compressed = []
-    for name, array in (("a", first), ("b", second)):
-        packed = zlib.compress(uint8_matrix(name, array))
-        compressed.append(struct.pack("<II", 15, len(packed)) + packed)
-    assert len(compressed[0]) % 8 != 0
-    _mat_file(tmp_path / "two.mat", *compressed)
+    variables = [compressed(uint8_matrix(name, array)) for name, array in (("a", first), ("b", second))]
+    assert len(variables[0]) % 8 != 0
+    write_mat(tmp_path / "two.mat", *variables)
     variables = read_mat(tmp_path / "two.mat")
     assert np.array_equal(variables["a"], first) and np.array_equal(variables["b"], second)
