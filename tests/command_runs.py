@@ -1,14 +1,17 @@
 """The tiny training runs and helpers shared by the tests of what the training and evaluation
-commands refuse (tests/test_train_reliability.py, tests/test_run_folder.py): fake MNIST files, a
-configuration that trains in seconds (T), a finished run to damage in copies, and readers of a
-command's exit status and one-line error."""
+commands refuse and write (tests/test_train_reliability.py, tests/test_run_folder.py,
+tests/test_train_bookkeeping.py): fake MNIST files, a configuration that trains in seconds (T),
+a finished run to damage in copies, readers of a command's exit status and one-line error, and
+a loss that turns NaN."""
 
 import json
 import shutil
 
 import pytest
+import torch
 
 from capsnet_triton import train
+from capsnet_triton.training import loop
 from idx_files import write_dataset
 
 T = ["--epochs", "1", "--batch-size", "32", "--limit-train", "64", "--limit-val", "32", "--limit-test", "32",
@@ -68,3 +71,30 @@ def finished_run(fake_mnist, tmp_path_factory):
 def copy_run(source, target):
     shutil.copytree(source, target)
     return target
+
+
+def nan_from_step(first_bad_step, where, factor=float("nan")):
+    """A stand-in for the loop's capsnet_loss whose total (where="loss") or whose gradient
+    (where="gradient", the loss staying finite) is NaN from the `first_bad_step`-th call on; or
+    whose gradient is `factor` times the true one, where a factor is given."""
+    calls = []
+    original = loop.capsnet_loss
+
+    class NanGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * factor
+
+    def capsnet_loss(*a, **k):
+        terms = original(*a, **k)
+        calls.append(None)
+        if len(calls) < first_bad_step:
+            return terms
+        total = terms.total * float("nan") if where == "loss" else NanGradient.apply(terms.total)
+        return terms._replace(total=total)
+
+    return capsnet_loss

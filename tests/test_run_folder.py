@@ -1,6 +1,7 @@
 """The run folder's checkpoints and lock: corrupt or foreign checkpoints are refused, a resumed
-run checks best.pt before training, one run writes a folder at a time, and killed saves leave
-nothing behind. Run through the commands on the tiny configuration of tests/command_runs.py."""
+run checks best.pt before training and keeps it, one run writes a folder at a time, and killed
+saves leave nothing behind. Run through the commands on the tiny configuration of
+tests/command_runs.py, and each promise of the checkpoints alone."""
 
 import os
 import subprocess
@@ -11,7 +12,10 @@ import torch
 from command_runs import args, copy_run, fake_mnist, finished_run, one_line, run  # noqa: F401 (fixtures)
 
 from capsnet_triton import evaluate, train
-from capsnet_triton.training.checkpoint import LOCK_NAME, payload_checksum, save_atomic
+from capsnet_triton.training import loop
+from capsnet_triton.training.checkpoint import LOCK_NAME, best_model_in, lock_run_folder, payload_checksum, save_atomic
+from capsnet_triton.training.config import build_parser, check_run_config
+from capsnet_triton.training.distributed import Context
 
 pytestmark = pytest.mark.xdist_group("train_reliability")
 
@@ -198,3 +202,86 @@ def test_stale_temporaries_of_killed_saves_are_removed(finished_run, fake_mnist,
         (fresh / name).write_bytes(b"half a checkpoint")
     assert train.main(args(fake_mnist, fresh)) == 0
     assert not set(stale) & set(os.listdir(fresh))
+
+
+# --- each promise alone: durable renames, an exclusive lock, checksummed keys, best.pt kept ---
+
+def test_save_atomic_makes_the_rename_durable_with_a_directory_fsync(tmp_path, monkeypatch):
+    """The temporary file is synced before its rename and the folder after it: without the
+    folder's sync, a crash can lose the rename of a checkpoint that was written whole."""
+    synced, original = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return original(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_atomic({"x": torch.ones(2)}, tmp_path / "a.pt")
+    assert os.path.basename(synced[0]).startswith(".a.pt.") and synced[-1] == str(tmp_path)
+
+
+def test_the_run_folder_lock_is_exclusive(tmp_path):
+    """Two runs of this process's kind each asking for the lock: the second is refused (a shared
+    lock would let both write the folder)."""
+    first = lock_run_folder(str(tmp_path))
+    try:
+        with pytest.raises(ValueError, match="another run is writing"):
+            lock_run_folder(str(tmp_path))
+    finally:
+        first.close()
+    lock_run_folder(str(tmp_path)).close()
+
+
+def test_the_checksum_covers_the_keys():
+    assert payload_checksum({"epoch": 3}) != payload_checksum({"step": 3})
+
+
+def test_best_model_in_needs_last_pt_at_the_end_of_the_best_epoch():
+    """last.pt holds the best model only where it was saved at the end of the best epoch."""
+    checkpoint = {"config": {}, "model": {}, "best": {"accuracy": 0.5, "epoch": 1, "validation": {"accuracy": 0.5}},
+                  "position": {"epoch": 2, "step_in_epoch": 0, "global_step": 20}}
+    assert best_model_in(checkpoint) is None
+    checkpoint["position"] = {"epoch": 1, "step_in_epoch": 0, "global_step": 10}
+    assert best_model_in(checkpoint)["epoch"] == 1
+
+
+def test_resuming_a_run_whose_best_epoch_is_not_its_last_keeps_best_pt(fake_mnist, tmp_path, capsys, monkeypatch):
+    """Validation accuracy 0.9, then 0.1: best.pt is epoch 1's, and a resumed third epoch (0.1
+    again) must neither rewrite it from last.pt (epoch 2's model) nor call it damaged."""
+    real, accuracies = loop.evaluate, iter([0.9, 0.1, 0.1])
+
+    def evaluate(model, data, **kwargs):
+        result = real(model, data, **kwargs)
+        return {**result, "accuracy": next(accuracies)} if kwargs.get("progress") == "validation" else result
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    out = tmp_path / "run"
+    assert run(train.main, args(fake_mnist, out, "--epochs", "2", "--lr", "0.01"), capsys)[0] == 0
+    before = (out / "best.pt").read_bytes()
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 1
+    status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "3"], capsys)
+    assert status == 0 and "was not the best model" not in err, err
+    assert (out / "best.pt").read_bytes() == before
+
+
+def test_resume_refuses_fewer_epochs_than_a_partly_trained_one(finished_run, tmp_path, capsys):
+    """A last.pt saved inside epoch 2, resumed with --epochs 1: the started epoch is not dropped
+    in silence."""
+    out = copy_run(finished_run, tmp_path / "run")
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    del checkpoint["checksum"]
+    checkpoint["position"].update(step_in_epoch=1, global_step=3)
+    save_atomic({**checkpoint, "checksum": payload_checksum(checkpoint)}, out / "last.pt")
+    status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "1"], capsys)
+    assert status == 2 and "--epochs 1 is fewer than the 2 epochs this run has started" in one_line(err)
+
+
+def test_a_checkpoint_config_with_a_bool_for_a_number_is_refused():
+    config = vars(build_parser().parse_args(["--data", "."]))
+    check_run_config(config, "last.pt")
+    with pytest.raises(ValueError, match="has --batch-size True"):
+        check_run_config({**config, "batch_size": True}, "last.pt")
+
+
+def test_only_global_rank_0_writes_the_run_folder():
+    """Local rank 0 of a second node is not the main process: it would write the folder too."""
+    assert Context(rank=0, local_rank=0, world_size=4).is_main
+    assert not Context(rank=2, local_rank=0, world_size=4).is_main

@@ -24,8 +24,8 @@ from capsnet_triton.training import allocator, errors, loop
 from capsnet_triton.training.checkpoint import LOCK_NAME, payload_checksum, save_atomic
 from capsnet_triton.training.config import build_parser
 from capsnet_triton.training.log import RunLog
-from command_runs import (args, copy_run, fake_mnist, finished_run, last_line, one_line,  # noqa: F401 (fixtures)
-                          read_records, run)
+from command_runs import (args, copy_run, fake_mnist, finished_run, last_line, nan_from_step,  # noqa: F401 (fixtures)
+                          one_line, read_records, run)
 from idx_files import write_idx
 
 pytestmark = pytest.mark.xdist_group("train_reliability")
@@ -52,33 +52,6 @@ def test_out_of_range_flags_are_refused_before_anything_runs(fake_mnist, tmp_pat
     status, err = run(train.main, args(fake_mnist, tmp_path / "run", flag, value), capsys)
     assert status == 2 and message in one_line(err)
     assert not (tmp_path / "run").exists()
-
-
-def nan_from_step(first_bad_step, where, factor=float("nan")):
-    """A stand-in for the loop's capsnet_loss whose total (where="loss") or whose gradient
-    (where="gradient", the loss staying finite) is NaN from the `first_bad_step`-th call on; or
-    whose gradient is `factor` times the true one, where a factor is given."""
-    calls = []
-    original = loop.capsnet_loss
-
-    class NanGradient(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * factor
-
-    def capsnet_loss(*a, **k):
-        terms = original(*a, **k)
-        calls.append(None)
-        if len(calls) < first_bad_step:
-            return terms
-        total = terms.total * float("nan") if where == "loss" else NanGradient.apply(terms.total)
-        return terms._replace(total=total)
-
-    return capsnet_loss
 
 
 def test_a_run_whose_loss_turns_nan_stops_and_keeps_its_finite_best(fake_mnist, tmp_path, capsys, monkeypatch):

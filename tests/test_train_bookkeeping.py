@@ -1,0 +1,124 @@
+"""What a training run writes and when, and the edges of what it accepts: checkpoints and log
+records every N steps, train records as means of their window and epochs started afresh, the
+ends of the documented ranges, a relative --data stored absolute, the test files checked too,
+divergence caught before a periodic save and in validation, and the torchrun and argv entry
+points' exits. Run through the commands on the tiny configuration of tests/command_runs.py."""
+
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from command_runs import args, fake_mnist, nan_from_step, one_line, read_records, run  # noqa: F401 (fixtures)
+
+from capsnet_triton import train
+from capsnet_triton.data import load_split
+from capsnet_triton.training import loop
+from capsnet_triton.training.config import build_parser, check_config
+from idx_files import write_idx
+
+pytestmark = pytest.mark.xdist_group("train_reliability")
+
+
+def test_checkpoints_and_log_records_fall_every_n_steps(fake_mnist, tmp_path, capsys, monkeypatch):
+    """7 steps an epoch: --checkpoint-every 3 saves after steps 3 and 6 (and at the epoch's end),
+    --log-every 2 writes train records after steps 2, 4 and 6."""
+    saved, real = [], loop.save_training_state
+
+    def save(path, **kwargs):
+        saved.append((kwargs["epoch"], kwargs["step_in_epoch"]))
+        return real(path, **kwargs)
+    monkeypatch.setattr(loop, "save_training_state", save)
+    out = tmp_path / "run"
+    status, err = run(train.main, args(fake_mnist, out, "--batch-size", "8", "--limit-train", "56",
+                                       "--checkpoint-every", "3", "--log-every", "2"), capsys)
+    assert status == 0, err
+    assert saved == [(0, 3), (0, 6), (1, 0)]
+    assert [r["step"] for r in read_records(out / "log.jsonl") if r["event"] == "train"] == [2, 4, 6]
+
+
+def test_train_records_are_window_means_and_epochs_start_afresh(fake_mnist, tmp_path, capsys):
+    """Each epoch's train_loss is the mean of its own steps' records (one step a record here),
+    not of every step since the run began."""
+    out = tmp_path / "run"
+    status, err = run(train.main, args(fake_mnist, out, "--epochs", "2", "--log-every", "1"), capsys)
+    assert status == 0, err
+    records = read_records(out / "log.jsonl")
+    for epoch in (1, 2):
+        steps = [r["loss"] for r in records if r["event"] == "train" and r["epoch"] == epoch]
+        (validation,) = [r for r in records if r["event"] == "validation" and r["epoch"] == epoch]
+        assert len(steps) == 2 and validation["train_loss"] == pytest.approx(sum(steps) / len(steps), rel=1e-9)
+
+
+def test_log_every_zero_is_a_usage_error(fake_mnist, tmp_path, capsys):
+    status, err = run(train.main, args(fake_mnist, tmp_path / "run", "--log-every", "0"), capsys)
+    assert status == 2 and "--log-every must be positive" in one_line(err)
+
+
+@pytest.mark.parametrize("flag, value", [("lr", 1.0), ("lr_decay", 1.0), ("reconstruction_weight", 0.0)])
+def test_the_ends_of_the_documented_ranges_are_accepted(flag, value):
+    """--lr in (0, 1], --lr-decay in (0, 1], --reconstruction-weight >= 0: their closed ends pass."""
+    config = vars(build_parser().parse_args([]))
+    config[flag] = value
+
+    def error(message):
+        raise AssertionError(message)
+    check_config(config, error)
+
+
+def test_a_relative_data_folder_is_stored_absolute(fake_mnist, tmp_path, capsys, monkeypatch):
+    """--resume from another working directory finds the data the run was started with."""
+    monkeypatch.chdir(os.path.dirname(fake_mnist))
+    assert run(train.main, args(os.path.basename(fake_mnist), tmp_path / "run"), capsys)[0] == 0
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["data"] == fake_mnist
+
+
+def test_real_mnist_with_wrong_test_labels_is_refused_before_the_first_step(mnist_dir, tmp_path, capsys):
+    """The MD5 check covers the test files too: MNIST whose t10k labels are shifted by one is
+    refused before any training, not scored at the end."""
+    shifted = tmp_path / "shifted"
+    shutil.copytree(mnist_dir, shifted)
+    labels = load_split(mnist_dir, train=False).labels.numpy().astype(np.uint8)
+    write_idx(shifted / "t10k-labels-idx1-ubyte.gz", (labels + 1) % 10)
+    status, err = run(train.main, args(shifted, tmp_path / "run", verify=True), capsys)
+    assert status == 1 and "t10k-labels-idx1-ubyte.gz" in one_line(err)
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_a_periodic_checkpoint_after_a_nan_step_is_not_written(fake_mnist, tmp_path, capsys, monkeypatch):
+    """A NaN loss from the first step with --checkpoint-every 1: the save after it finds the
+    divergence, so no last.pt of NaN parameters is written."""
+    monkeypatch.setattr(loop, "capsnet_loss", nan_from_step(1, "loss"))
+    out = tmp_path / "run"
+    status, err = run(train.main, args(fake_mnist, out, "--checkpoint-every", "1"), capsys)
+    assert status == 1 and "became NaN or infinite before step 2" in err
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+def test_a_non_finite_validation_loss_is_called_divergence(fake_mnist, tmp_path, capsys, monkeypatch):
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: {**real(*a, **k), "loss": math.nan})
+    status, err = run(train.main, args(fake_mnist, tmp_path / "run"), capsys)
+    assert status == 1 and "training diverged: the validation loss of epoch 1 is nan" in err
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_failed_torchrun_worker_does_not_exit_0(fake_mnist, tmp_path, monkeypatch):
+    """Under torchrun a worker ends by os._exit after a success only: a failure returns its status."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    exits = []
+    monkeypatch.setattr(train, "run_command", lambda *a, **k: 1)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    assert train.main(args(fake_mnist, tmp_path / "run")) == 1 and exits == []
+
+
+def test_main_with_argv_leaves_the_allocator_alone(fake_mnist, tmp_path, monkeypatch):
+    """main(argv), called from a caller's Python (a test runner), does not change the caller's
+    allocator; the command line does (tests/test_train_reliability.py)."""
+    called = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: called.append(True))
+    monkeypatch.setattr(train, "run_command", lambda *a, **k: 0)
+    assert train.main(args(fake_mnist, tmp_path / "run")) == 0 and called == []
