@@ -160,6 +160,28 @@ def test_torch_path_never_allocates_anything_of_u_hats_size(gradient):
     assert max(unfused) >= u_hat_bytes
 
 
+def test_the_last_policys_torch_backward_reads_no_u_hat(monkeypatch):
+    """Under "last" du_hat = c^(r) ds^(r): the fused layer's backward predicts no chunk of u_hat
+    (the forward predicts each once), and the routing backward of a half-precision u_hat makes no
+    float32 copy of it (94 MB at B = 128), whatever "full" does."""
+    ops_capsule_linear = importlib.import_module("capsnet_triton.ops.capsule_linear")
+    ops_routing = importlib.import_module("capsnet_triton.ops.routing")
+    calls = []
+    for module, name in ((ops_capsule_linear, "_predict"), (ops_routing, "_as_rows")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    u = torch.randn(30, 9, 8, requires_grad=True)
+    weight = torch.randn(9, 10, 16, 8, requires_grad=True)
+    u_hat = torch.randn(3, 9, 10, 16, dtype=torch.bfloat16, requires_grad=True)
+    monkeypatch.setattr(ops_capsule_linear, "_CHUNK_ELEMENTS", 9 * 10 * 16 * 4)     # chunks of 4 samples
+    for gradient, backward_calls in (("last", []), ("full", ["_predict", "_as_rows"] * 8 + ["_as_rows"])):
+        v = capsule_linear(u, weight, 3, gradient=gradient, backend="torch")
+        v_routed = dynamic_routing(u_hat, 3, gradient=gradient, backend="torch")
+        calls.clear()
+        torch.autograd.grad((v.sum(), v_routed.float().sum()), (u, weight, u_hat))
+        assert sorted(calls) == sorted(backward_calls), gradient
+
+
 @pytest.mark.parametrize("layer", ["capsule_linear", "dynamic_routing"])
 def test_backward_allocates_no_zero_gradient_for_what_the_forward_keeps(layer):
     """s_all and the couplings are outputs of the forward op for its backward alone, and no loss

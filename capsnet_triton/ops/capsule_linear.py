@@ -13,9 +13,10 @@ each iteration) and writes du_hat, and the prediction's backward reads du_hat tw
 The PyTorch path is written for CPUs. Routing treats every sample on its own, so it runs over
 chunks of samples: for each chunk it computes u_hat from u and W, routes it with the routing
 op's PyTorch path, and keeps only v, s_all ([r, B, J, D]) and the couplings that path keeps.
-The backward recomputes each chunk's u_hat, gets du_hat from the routing backward, and turns it
-at once into du = W^T du_hat and the chunk's share of dW = sum_b du_hat u^T, added chunk by
-chunk in order (deterministic). The largest temporaries are one chunk's u_hat and du_hat.
+The backward recomputes each chunk's u_hat (under "full"; "last" reads none), gets du_hat from
+the routing backward, and turns it at once into du = W^T du_hat and the chunk's share of
+dW = sum_b du_hat u^T, added chunk by chunk in order (deterministic). The largest temporaries
+are one chunk's u_hat and du_hat.
 """
 
 from typing import Optional
@@ -25,7 +26,8 @@ import torch
 from ..checks import (autocast_dtype, check_bias, check_differentiation, check_gradient,
                       check_iterations, check_u_and_weight, compute_dtype, differentiable_once, needs_backward,
                       pick_backend, runs_as_function)
-from .routing import CACHED_ELEMENTS, kept_couplings, routing_backward_torch, routing_forward_torch
+from .routing import (CACHED_ELEMENTS, kept_couplings, routing_backward_last_torch, routing_backward_torch,
+                      routing_forward_torch)
 
 __all__ = ["capsule_linear", "predict"]
 
@@ -113,13 +115,20 @@ def _capsule_linear_backward_torch(dv, u, weight, s_all, couplings, gradient):
     # dW accumulated transposed, [I, P, J*D]: each chunk's product then writes rows of J*D, where
     # rows of P ran 3x slower on a 2-core CPU; one transposed copy at the end.
     dW_t = torch.zeros((I, P, J * D), dtype=cdtype, device=u.device)
-    u_hat_space, du_hat_space = (_workspace(B, I * J * D, cdtype, u.device) for _ in range(2))
+    du_hat_space = _workspace(B, I * J * D, cdtype, u.device)
+    # "last" reads no u_hat (du_hat = c^(r) ds^(r)): its chunks predict none.
+    u_hat_space = _workspace(B, I * J * D, cdtype, u.device) if gradient == "full" else None
     for chunk in _chunks(B, I * J * D):
         u_chunk = u[chunk].to(cdtype)                                      # [b, I, P]
-        u_hat = _predict(u_chunk, weight_c, u_hat_space)          # [b, I, J, D]
-        du_hat, ds_all[:, chunk] = routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk],
-                                                          couplings[:, chunk], gradient,
-                                                          workspace=du_hat_space)
+        if gradient == "full":
+            u_hat = _predict(u_chunk, weight_c, u_hat_space)      # [b, I, J, D]
+            du_hat, ds_all[:, chunk] = routing_backward_torch(dv[chunk], u_hat, s_all[:, chunk],
+                                                              couplings[:, chunk], gradient,
+                                                              workspace=du_hat_space)
+        else:
+            du_hat, ds_all[:, chunk] = routing_backward_last_torch(dv[chunk], (len(u_chunk), I, J, D), cdtype,
+                                                                   s_all[:, chunk], couplings[:, chunk],
+                                                                   workspace=du_hat_space)
         du_hat_rows = du_hat.reshape(-1, I, J * D).transpose(0, 1)         # [I, b, J*D]
         du[chunk] = torch.bmm(du_hat_rows, weight_rows).transpose(0, 1)   # W^T du_hat  [b, I, P]
         dW_t.baddbmm_(u_chunk.permute(1, 2, 0), du_hat_rows)                # += (du_hat u^T)^T

@@ -25,6 +25,7 @@ I, several times faster on a CPU than over a last axis of J = 10, and the produc
 that layout through a transposed operand at no cost.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -170,19 +171,19 @@ def routing_forward_torch(u_hat, iterations, bias, gradient, keep=True, coupling
     return v.to(u_hat.dtype), s_all, couplings
 
 
-def _rows_out(workspace, u3):
-    """du_hat as [B, I, J*D] in the first elements of workspace (a 1-D buffer of the compute
-    dtype), or None for fresh memory."""
-    return None if workspace is None else workspace[:u3.numel()].view(u3.shape)
+def _rows_out(workspace, shape):
+    """du_hat as `shape`, [B, I, J*D], in the first elements of workspace (a 1-D buffer of the
+    compute dtype), or None for fresh memory."""
+    return None if workspace is None else workspace[:math.prod(shape)].view(shape)
 
 
 def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None):
     """(du_hat, ds_all) from routing_forward_torch's s_all and couplings; du_hat in workspace's
     first elements when given (see _rows_out)."""
+    if gradient == "last":
+        return routing_backward_last_torch(dv, u_hat.shape, u_hat.dtype, s_all, couplings, workspace)
     r, B, J, D = s_all.shape
     u3 = _as_rows(u_hat)
-    if gradient == "last":
-        return _routing_backward_last_torch(dv, u_hat, u3, s_all, couplings, workspace)
     I = u3.shape[1]
     parents = _parent_matrices(u3, J)
     v_all = squash_forward_torch(s_all)                           # [r, B, J, D]
@@ -223,24 +224,27 @@ def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None
     weights[:, 0] = (ds_all[0] * 0.0).sum(dim=(1, 2)).add_(1.0 / J).view(B, 1, 1)
     vectors = torch.cat((ds_all.transpose(0, 1), v_sums[:, 1:]), dim=1)       # [B, T, J, D]
     du3 = torch.bmm(weights.view(B, (2 * r - 1) * J, I).transpose(1, 2), _block_diagonal(vectors),
-                    out=_rows_out(workspace, u3))
+                    out=_rows_out(workspace, u3.shape))
     return du3.view(u_hat.shape).to(u_hat.dtype), ds_all
 
 
-def _routing_backward_last_torch(dv, u_hat, u3, s_all, couplings, workspace):
-    """The "last" policy: c^(r) is a constant, du_hat = c^(r) ds^(r) and ds^(t) = 0 for t < r.
+def routing_backward_last_torch(dv, shape, dtype, s_all, couplings, workspace=None):
+    """(du_hat, ds_all) under the "last" policy, for a u_hat of `shape` [B, I, J, D] and `dtype`:
+    c^(r) is a constant, du_hat = c^(r) ds^(r) and ds^(t) = 0 for t < r.
 
-    One pass over u_hat, to write du_hat; nothing of the earlier iterations but c^(r)."""
+    It reads nothing of u_hat (so the fused layer's backward predicts none) and nothing of the
+    earlier iterations but c^(r): one pass to write du_hat (into workspace, see _rows_out)."""
     r, B, J, D = s_all.shape
+    I = shape[1]
     if r == 1:
-        coupling = u3.new_full((B, J, u3.shape[1]), 1.0 / J)      # c^(1): uniform
+        coupling = s_all.new_full((B, J, I), 1.0 / J)              # c^(1): uniform
     else:
         coupling = couplings[-1]
     ds_all = torch.zeros_like(s_all)
     ds_all[-1] = squash_backward_torch(dv.to(s_all.dtype), s_all[-1])       # [B, J, D]
     du3 = torch.bmm(coupling.transpose(1, 2), _block_diagonal(ds_all[-1].unsqueeze(1)),
-                    out=_rows_out(workspace, u3))
-    return du3.view(u_hat.shape).to(u_hat.dtype), ds_all
+                    out=_rows_out(workspace, (B, I, J * D)))
+    return du3.view(shape).to(dtype), ds_all
 
 
 # ---------------------------------------------------------------------------------------------
