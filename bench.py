@@ -39,8 +39,10 @@ The last three run at one batch: B = 128 (on a CPU with --quick, 16).
 
 Before a provider is timed, its outputs and gradients are compared with float64 ground truth:
 the NumPy reference, or for batches above the NumPy limit torch-einsum's code run in float64 on
-the CPU (itself checked against the NumPy reference at startup). Relative error ||out - ref|| / ||ref||
-must be <= 1e-5 (SPEC section 8, float32). A provider that disagrees or raises is not timed: its
+the CPU (for the train step, the project's network with DigitCaps in einsum), itself checked
+against the NumPy reference at startup (the train step on more samples than one chunk of the
+network's recomputed convolutions). The largest relative error ||out - ref|| / ||ref|| over the
+outputs must be <= 1e-5 (SPEC section 8, float32). A provider that disagrees or raises is not timed: its
 row says FAILED, the error goes to stderr, and bench exits with status 1. A shape whose inputs do
 not fit in memory is skipped, as are providers this machine cannot run; a run in which every row
 was skipped exits 0 and says so. Ctrl-C prints the table of the rows finished so far and exits 130.

@@ -28,7 +28,7 @@ __all__ = ["CapsNet", "CapsNetOutput", "build_model"]
 
 # Samples per chunk of the convolutions' recomputation in a CPU backward (layers.recomputed_convolutions):
 # at B = 128 chunks of 16 kept the MNIST training step's peak growth at 105-132 MiB, chunks of 32 at 142-152.
-_RECOMPUTE_CHUNK = 16
+RECOMPUTE_CHUNK = 16
 
 
 class CapsNetOutput(NamedTuple):
@@ -110,7 +110,7 @@ class CapsNet(nn.Module):
             check_labels(labels, images.shape[0], self.num_classes, values=validate)
         if self.recompute_convolutions and images.device.type == "cpu" and torch.is_grad_enabled():
             u = self.primary_caps.capsules(recomputed_convolutions(
-                images, self.conv1, self.primary_caps.conv, _RECOMPUTE_CHUNK))  # [B, I, P]
+                images, self.conv1, self.primary_caps.conv, RECOMPUTE_CHUNK))  # [B, I, P]
         else:
             features = torch.relu(self.conv1(images))                 # [B, 256, 20, 20]
             u = self.primary_caps(features)                            # [B, I, P]
