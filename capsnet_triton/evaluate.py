@@ -123,8 +123,9 @@ def build_parser():
     parser.add_argument("--dataset", choices=sorted(DATASETS),
                         help="default: the run's dataset; a mnist40 model also scores on affnist-generated "
                              "(an affNIST-like set generated from the MNIST test digits) or affnist (its files)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: cuda when available (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images (or pairs) per batch (default: 256)")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N test images (or pairs)")
     parser.add_argument("--out", metavar="DIR", help="where to write the figures (default: the checkpoint's "
                         "folder for a best.pt on its run's whole test set, else a subfolder of it named "
