@@ -22,8 +22,10 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
   U at the MNIST shape).
 - capsule_linear_backward: kernel A (gradient="full" only) reads u and W and the couplings
   r - 1 times per sample and writes ds_all and the logit gradients it forms ((r - 1) B I J);
-  kernel B reads W once per program, u, s_all, ds_all, the couplings and the logit gradients
-  once per sample, and writes du (B I P) and dW (I J D P) once: no pass over anything of size U.
+  kernel B reads W once, u, ds_all, V (the squashed s_all summed, r - 1 of [B, J, D]), the
+  couplings and the logit gradients once per input and chunk of its columns, and writes dW
+  (I J D P) once and du (B I P) once per chunk (three chunks at the MNIST shape, summed after):
+  no pass over anything of size U.
 
 Two variants of the forward and of backward kernel A, chosen by the launchers' `variant=`:
 "sample" (in this file), one program per sample for all iterations, which reads all of W once
@@ -33,8 +35,7 @@ samples and fills a GPU at small batches. The default is the one faster on one H
 (launch.DEFAULT_VARIANT).
 """
 
-import math
-
+import torch
 import triton
 import triton.language as tl
 
@@ -50,12 +51,12 @@ from capsnet_triton.checks import (
 )
 
 from . import capsule_linear_split, routing_split
-from .launch import (DEFAULT_VARIANT, block_inputs, check_kept_couplings, check_tile, check_variant,
+from .launch import (DEFAULT_VARIANT, GRID_Y_MAX, block_inputs, check_kept_couplings, check_tile, check_variant,
                      couplings_pointer, launch_options, max_tile, on_tensor_device, output, outputs, scratch,
                      split_stages, tl_dtype)
-from .routing_tiles import (du_hat_of_kept, end_iteration, jd_layout, kept_logits_grad, kept_rows, kept_tile, load_bias,
-                            load_u, load_weight, predict_tile, s_of_tile, sample_ds, weight_layout)
-from .squash import squash_backward
+from .routing_tiles import (end_iteration, jd_layout, kept_logits_grad, kept_rows, kept_tile, load_bias, predict_tile,
+                            s_of_tile, sample_ds)
+from .squash import squash_backward, squash_forward
 
 __all__ = ["capsule_linear_forward", "capsule_linear_backward"]
 
@@ -147,53 +148,107 @@ def _capsule_linear_backward_ds_all_kernel(
 
 
 @triton.jit
-def _capsule_linear_backward_weight_kernel(
-    u_ptr, weight_ptr, s_all_ptr, ds_all_ptr, couplings_ptr, grad_logits_ptr, du_ptr, dweight_ptr,
-    B, I, J, D, P, iterations,
-    GRADIENT_FULL: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-):
-    """Kernel B of the backward: du and dW for BLOCK_I input capsules; grid (cdiv(I, BLOCK_I),).
+def _du_hat_rows(couplings_ptr, grad_logits_ptr, ds_all_ptr, v_sums_ptr, nan_rows_ptr, B, I, J, D, i, b, b_valid,
+                 jd, jd_valid, iterations, GRADIENT_FULL: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """du_hat[b, i, (j, d)] for one input i and a block of samples b [BLOCK_B] (int64), over the
+    flat columns jd = j D + d [BLOCK_JD] -> [BLOCK_B, BLOCK_JD], from kept values alone:
 
-    The program loads its W tile once and walks the batch in order. For each sample it forms,
-    in registers,
         GRADIENT_FULL:  du_hat = sum_t [ c^(t) ds^(t) + db^(t) V^(t) ]
         otherwise:      du_hat = c^(r) ds^(r)                 (the "last" policy)
-    from the couplings the forward kept (couplings_ptr: [iterations - 1, B, I, J] under "full",
-    [1, B, I, J] holding c^(r) under "last", nothing at r = 1) and the db^(t) kernel A kept
-    (grad_logits_ptr: [iterations - 1, B, I, J], "full" only; see routing_tiles.du_hat_of_kept),
-    never u_hat, and turns it at once into du[b, i] = sum_j W[i, j]^T du_hat[i, j] (stored) and
-    dW[i, j] += du_hat[i, j] u[b, i]^T (kept in registers, stored after the last sample). Each
-    program owns its rows of dW and adds the samples in a fixed order: deterministic, no atomics.
-    u_ptr: as in the forward. weight_ptr: W [I, J, D, P], contiguous, u's dtype.
-    s_all_ptr, ds_all_ptr: [iterations, B, J, D],
-    contiguous, COMPUTE_DTYPE. du_ptr: du [B, I, P], contiguous, u's dtype. dweight_ptr:
-    dW [I, J, D, P], contiguous, W's dtype.
-    Memory traffic per program: reads BLOCK_I J D P of W once, and per sample BLOCK_I P of u,
-    2 iterations J D of s_all and ds_all and 2 (iterations - 1) BLOCK_I J kept values ("last":
-    J D of ds_all, BLOCK_I J couplings); writes B BLOCK_I P of du and BLOCK_I J D P of dW.
+
+    with c^(0) = 1/J and V^(0) = 0 (routing_tiles.du_hat_of_kept's formula, laid out as rows of
+    samples for tl.dot). ds_all_ptr: [iterations, B, J, D]; v_sums_ptr: V^(1..r-1)
+    [iterations - 1, B, J, D]; couplings_ptr, grad_logits_ptr: as kernel B's. nan_rows_ptr: [B],
+    0, or NaN for a sample whose ds^(0) holds a NaN or inf: db^(0) V^(0) is 0 by V^(0) = 0, but as
+    the reference computes it NaN there (a finite sample whose first s overflowed, SPEC 7), which
+    spreads to all of the sample's du_hat. Padded samples and columns get 0."""
+    JD = J * D
+    mask = b_valid[:, None] & jd_valid[None, :]
+    rows = b[:, None] * JD + jd[None, :]                    # slot 0 of [t, B, J, D] buffers
+    kept_at = (b[:, None] * I + i) * J + (jd // D)[None, :]  # slot 0 of [t, B, I, J] buffers
+    # A slot further on: r B J D < 2**31 (the launcher checks), but the kept values, (r - 1) B I J,
+    # pass 2**31 from about 10**5 samples at the MNIST shape: their slots step in 64 bits.
+    rows_slot = B * JD
+    kept_slot = tl.cast(B, tl.int64) * I * J
+    uniform = tl.full([], 1.0, COMPUTE_DTYPE) / J
+    if GRADIENT_FULL:
+        ds = tl.load(ds_all_ptr + rows, mask=mask, other=0.0)
+        du_hat = ds * uniform + tl.load(nan_rows_ptr + b, mask=b_valid, other=0.0)[:, None]
+        for t in range(1, iterations):
+            ds = tl.load(ds_all_ptr + rows + t * rows_slot, mask=mask, other=0.0)
+            v_sum = tl.load(v_sums_ptr + rows + (t - 1) * rows_slot, mask=mask, other=0.0)
+            coupling = tl.load(couplings_ptr + kept_at + (t - 1) * kept_slot, mask=mask, other=0.0)
+            grad_logits = tl.load(grad_logits_ptr + kept_at + (t - 1) * kept_slot, mask=mask, other=0.0)
+            du_hat += coupling * ds + grad_logits * v_sum
+    else:
+        ds = tl.load(ds_all_ptr + rows + (iterations - 1) * rows_slot, mask=mask, other=0.0)
+        # c^(r), or at r = 1 the uniform c^(1), none kept (the pointer is then never read). One
+        # masked load and a select, not two branches: with a branch per case the sm_90 compile
+        # gave the tile two layouts and spilled 1.8 KB a thread inside the loop.
+        kept = (b[:, None] * 0 + iterations) > 1      # [BLOCK_B, 1]: the interpreter masks with no scalar
+        coupling = tl.load(couplings_ptr + kept_at, mask=mask & kept, other=0.0)
+        du_hat = tl.where(kept, coupling, uniform) * ds
+    return du_hat
+
+
+@triton.jit
+def _capsule_linear_backward_weight_kernel(
+    u_ptr, weight_ptr, ds_all_ptr, v_sums_ptr, nan_rows_ptr, couplings_ptr, grad_logits_ptr, du_ptr, dweight_ptr,
+    B, I, J, D, P, iterations,
+    GRADIENT_FULL: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_JD: tl.constexpr, BLOCK_P: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """Kernel B of the backward: du and dW of one input i and one chunk of BLOCK_JD of its J D
+    columns (j, d); grid (I, cdiv(J D, BLOCK_JD)).
+
+    For i, the backward of u_hat[b, i] = W[i] u[b, i] is two matrix products over the batch:
+
+        du[b, i]  = du_hat[b, i] @ W[i]          [B, J D] @ [J D, P]
+        dW[i]     = du_hat[:, i]^T @ u[:, i]     [J D, B] @ [B, P]
+
+    The program loads its chunk of W[i] once and walks the batch in blocks of BLOCK_B samples:
+    for each it forms du_hat [BLOCK_B, BLOCK_JD] from kept values alone (_du_hat_rows: the
+    couplings the forward kept, the db^(t) kernel A kept, never u_hat) and feeds it to both
+    products as tl.dot, float32 as IEEE FMAs (never TF32), float64 on the float64 tensor cores
+    (DMMA, exact). The chunk's dW stays in registers and is stored once: each program owns its
+    rows of dW and adds the blocks in a fixed order (deterministic, no atomics). du gets one
+    partial sum per chunk (du_ptr: [chunks, B, I, P], summed in order by the launcher; du itself
+    where there is one chunk).
+    u_ptr: u [B, I, P], contiguous, any float dtype. weight_ptr: W [I, J, D, P], contiguous, u's
+    dtype. ds_all_ptr: [iterations, B, J, D]; v_sums_ptr: V^(1..r-1), [iterations - 1, B, J, D]
+    ("full" only); nan_rows_ptr: [B] ("full" only; see _du_hat_rows); couplings_ptr: [iterations
+    - 1, B, I, J] under "full", [1, B, I, J] holding c^(r) under "last", nothing at r = 1;
+    grad_logits_ptr: db^(t) in slot t - 1, [iterations - 1, B, I, J] ("full" only); all
+    contiguous, COMPUTE_DTYPE. dweight_ptr: dW [I, J, D, P], contiguous, W's dtype.
+    Memory traffic per program: reads BLOCK_JD P of W once, and per sample P of u, BLOCK_JD
+    (2 iterations - 1) of ds_all and V and 2 (iterations - 1) kept values per parent ("last":
+    BLOCK_JD of ds_all and one coupling per parent); writes B P of du and BLOCK_JD P of dW.
     """
-    j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets = weight_layout(
-        J, D, P, BLOCK_J, BLOCK_D, BLOCK_P)
-    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
-    weight, weight_mask = load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE)
-    dweight = tl.zeros([BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P], COMPUTE_DTYPE)
-    u_sample = u_ptr
-    du_sample = du_ptr
-    for sample in range(B):
-        u, u_mask = load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE)
-        du_hat = du_hat_of_kept(couplings_ptr, grad_logits_ptr, s_all_ptr, ds_all_ptr, B, I, J, D, sample, i,
-                                iterations, j_valid, jd_mask, jd_offsets, GRADIENT_FULL, BLOCK_J, BLOCK_D,
-                                COMPUTE_DTYPE)                             # [BLOCK_I, BLOCK_J, BLOCK_D]
-        du = tl.sum(tl.sum(weight * du_hat[:, :, :, None], axis=2), axis=1)  # [BLOCK_I, BLOCK_P]
-        tl.store(du_sample + i[:, None] * P + p[None, :], du.to(du_ptr.dtype.element_ty), mask=u_mask)
-        dweight += du_hat[:, :, :, None] * u[:, None, None, :]
-        # Pointers advance by one sample (64-bit arithmetic, whatever B I P is).
-        u_sample += I * P
-        du_sample += I * P
-    offsets = (i * (J * D * P))[:, None, None, None] + jdp_offsets[None, :, :, :]
-    tl.store(dweight_ptr + offsets, dweight.to(dweight_ptr.dtype.element_ty), mask=weight_mask)
+    i = tl.program_id(0)
+    chunk = tl.program_id(1)
+    JD = J * D
+    jd = chunk * BLOCK_JD + tl.arange(0, BLOCK_JD)
+    jd_valid = jd < JD
+    p = tl.arange(0, BLOCK_P)
+    p_valid = p < P
+    w_mask = jd_valid[:, None] & p_valid[None, :]
+    w_offsets = i * (JD * P) + jd[:, None] * P + p[None, :]
+    weight = tl.load(weight_ptr + w_offsets, mask=w_mask, other=0.0).to(COMPUTE_DTYPE)   # [BLOCK_JD, BLOCK_P]
+    dweight = tl.zeros([BLOCK_JD, BLOCK_P], COMPUTE_DTYPE)
+    du_chunk = du_ptr + chunk.to(tl.int64) * B * I * P
+    for b_start in range(0, B, BLOCK_B):
+        b = b_start + tl.arange(0, BLOCK_B).to(tl.int64)
+        b_valid = b < B
+        du_hat = _du_hat_rows(couplings_ptr, grad_logits_ptr, ds_all_ptr, v_sums_ptr, nan_rows_ptr, B, I, J, D, i,
+                              b, b_valid, jd, jd_valid, iterations, GRADIENT_FULL, COMPUTE_DTYPE)
+        u_mask = b_valid[:, None] & p_valid[None, :]
+        u_offsets = (b * I + i)[:, None] * P + p[None, :]
+        u = tl.load(u_ptr + u_offsets, mask=u_mask, other=0.0).to(COMPUTE_DTYPE)          # [BLOCK_B, BLOCK_P]
+        du = tl.dot(du_hat, weight, input_precision="ieee", out_dtype=COMPUTE_DTYPE)
+        tl.store(du_chunk + u_offsets, du.to(du_ptr.dtype.element_ty), mask=u_mask)
+        dweight = tl.dot(tl.trans(du_hat), u, acc=dweight, input_precision="ieee", out_dtype=COMPUTE_DTYPE)
+    tl.store(dweight_ptr + w_offsets, dweight.to(dweight_ptr.dtype.element_ty), mask=w_mask)
 
 
 # Launchers.
@@ -204,18 +259,12 @@ _INT32_MAX = 2**31 - 1
 # Samples per program of the split kernels: each W tile they load serves this many samples.
 _SPLIT_BLOCK_B = 4
 
-def _blocks(J, D, P):
-    """BLOCK_J, BLOCK_D, BLOCK_P: J, D and P padded to powers of two."""
-    return tuple(triton.next_power_of_2(n) for n in (J, D, P))
-
-
-def _launch_config(I, J, D, P, dtype, block_i, samples=None, weight_tile=False):
-    """Block sizes, compute dtype and launch options of the kernels for W [I, J, D, P]. The split
-    kernels' programs predict u_hat for up to `samples` samples from each W slice (BLOCK_B; None
-    for the other kernels, one sample). A tile holds u_hat [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D]
-    (predict_tile reads W one p at a time), or for backward kernel B (weight_tile) W's
-    [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P]."""
-    block_j, block_d, block_p = _blocks(J, D, P)
+def _launch_config(I, J, D, P, dtype, block_i, samples=None):
+    """Block sizes, compute dtype and launch options of the forward and backward kernel A for
+    W [I, J, D, P]. The split kernels' programs predict u_hat for up to `samples` samples from
+    each W slice (BLOCK_B; None for the sample kernels, one sample). A tile holds u_hat
+    [BLOCK_B, BLOCK_I, BLOCK_J, BLOCK_D] (predict_tile reads W one p at a time)."""
+    block_j, block_d = (triton.next_power_of_2(n) for n in (J, D))
     if samples is not None:
         # On sm_90 the split kernels' whole tile passes through shared memory for a layout
         # conversion: 4 samples of J = 100, D = 128 in float32 took 256 KB, over the 227 KB a block
@@ -223,20 +272,66 @@ def _launch_config(I, J, D, P, dtype, block_i, samples=None, weight_tile=False):
         # register budget (never at the MNIST shape: 4 samples of 16 x 16).
         while samples > 1 and samples * block_j * block_d > max_tile(dtype):
             samples //= 2
-    per_input = (samples or 1) * block_j * block_d * (block_p if weight_tile else 1)
+    per_input = (samples or 1) * block_j * block_d
     block_i = block_inputs(I, per_input, dtype, block_i)
     options = launch_options(block_i * per_input)
     if not interpreting() and block_i * per_input > max_tile(dtype):
-        # One input's tile is over the budget (backward kernel B's W tile in float64 at the MNIST shape):
-        # spread it over twice the warps so that it stays in registers.
+        # One input's tile is over the budget (parents of many dimensions): spread it over twice
+        # the warps so that it stays in registers.
         options["num_warps"] *= 2
     config = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d, COMPUTE_DTYPE=tl_dtype(dtype), **options)
-    if weight_tile:
-        config["BLOCK_P"] = block_p
     if samples is not None:
         # A loop step of the split kernels loads P slices of W, [BLOCK_I, BLOCK_J, BLOCK_D] each.
         config.update(BLOCK_B=samples, NUM_STAGES=split_stages(block_i * block_j * block_d * P * dtype.itemsize))
     return config
+
+
+# tl.dot's smallest side: backward kernel B's blocks of samples, of columns and of P are at least this.
+_DOT_MIN = 16
+# Backward kernel B's samples per block on a GPU (tl.dot's smallest), and the most elements of its
+# [BLOCK_JD, BLOCK_P] tiles of W and dW: 64 of the MNIST shape's 160 columns a program, 4 warps.
+# Compiled for sm_90 (float32, Triton 3.9), 64 columns took 114 registers and 16.4K instructions
+# per (input, sample) over the 3 chunks under "full"; all 160 columns (padded to 256) in one
+# program took 181 registers at 8 warps and 19.3K, one CTA per SM where 64 columns fit four
+# (docs/PERF.md, seventeenth run).
+_WEIGHT_BLOCK_B = _DOT_MIN
+_WEIGHT_TILE = 1024
+
+
+def _weight_launch_config(B, J, D, P, dtype, weight_launch=None):
+    """Launch config of backward kernel B for W [I, J, D, P]: BLOCK_B samples per step, BLOCK_JD of
+    the J D columns per program, P padded to BLOCK_P, all at least _DOT_MIN. weight_launch:
+    optional (BLOCK_B, BLOCK_JD, num_warps) instead (checked). Under the interpreter, which pays
+    per program and loop step, the blocks take all of B and J D up to its tile limit. ValueError
+    where even the smallest tile, [_DOT_MIN, BLOCK_P], is more than a Triton tensor may hold."""
+    block_p = max(_DOT_MIN, triton.next_power_of_2(P))
+    check_tile(_DOT_MIN * block_p)
+    columns = max(_DOT_MIN, triton.next_power_of_2(J * D))
+    if weight_launch is not None:
+        block_b, block_jd, warps = weight_launch
+        for name, value, least in (("BLOCK_B", block_b, _DOT_MIN), ("BLOCK_JD", block_jd, _DOT_MIN),
+                                   ("num_warps", warps, 1)):
+            # A CUDA block holds at most 1024 threads, 32 warps: the interpreter would run more.
+            if (isinstance(value, bool) or not isinstance(value, int) or value < least or value & (value - 1)
+                    or (name == "num_warps" and value > 32)):
+                raise ValueError(f"weight_launch's {name} must be a power of two "
+                                 f"{'from 1 to 32' if name == 'num_warps' else f'>= {least}'}, got {value!r}")
+    elif interpreting():
+        block_b, block_jd = max(_DOT_MIN, triton.next_power_of_2(B)), columns
+        while block_jd * max(block_b, block_p) > max_tile(dtype) and max(block_b, block_jd) > _DOT_MIN:
+            if block_b >= block_jd:
+                block_b //= 2
+            else:
+                block_jd //= 2
+        warps = launch_options(block_jd * block_p)["num_warps"]
+    else:
+        block_b, block_jd, warps = _WEIGHT_BLOCK_B, columns, 4
+        while block_jd > _DOT_MIN and block_jd * max(_WEIGHT_BLOCK_B, block_p) > _WEIGHT_TILE:
+            block_jd //= 2
+    # The chunks of columns are the grid's second axis.
+    block_jd = max(block_jd, triton.next_power_of_2(triton.cdiv(J * D, GRID_Y_MAX)))
+    return dict(BLOCK_B=block_b, BLOCK_JD=block_jd, BLOCK_P=block_p, COMPUTE_DTYPE=tl_dtype(dtype),
+                num_warps=warps, enable_fp_fusion=True)
 
 
 def _split_grid(B, I, config, device, splits):
@@ -304,9 +399,9 @@ def capsule_linear_forward(u, weight, iterations, bias=None, *, gradient="full",
     if B == 0:
         return v, s_all, couplings
     if keep:
-        # Where a backward may follow, its kernel B's tile (W's [BLOCK_J, BLOCK_D, BLOCK_P] per
-        # input) is checked too: a W too large for it is refused here, not by the backward after.
-        check_tile(math.prod(_blocks(J, D, P)))
+        # Where a backward may follow, its kernel B's launch is checked too: a W too large for it
+        # is refused here, not by the backward after.
+        _weight_launch_config(B, J, D, P, u.dtype)
     # Without a bias the kernels never read bias_ptr; s_all stands in for the pointer.
     bias_arg = bias if bias is not None else s_all
     couplings_arg = couplings_pointer(couplings, s_all)
@@ -343,14 +438,15 @@ def capsule_linear_backward(dv, u, weight, s_all, couplings, *, gradient="full",
     du_hat = c^(r) ds^(r).
     "full": kernel A walks the iterations backwards to ds_all, reading the kept c^(t) and keeping
     the logit gradients db^(t) it forms, [r - 1, B, I, J] in the compute dtype ("last": the squash
-    backward kernel on [B, J, D]); then kernel B, one program per block of inputs, forms du_hat
-    from those kept values alone and turns it into du and dW, written once. Kernel A
+    backward kernel on [B, J, D]); then kernel B, one program per input and chunk of its J D
+    columns, forms du_hat from those kept values alone and turns it into du and dW by two
+    matrix products over the batch, dW written once. Kernel A
     is one launch, one program per sample, for variant="sample", and one launch per iteration
     over (block of samples, chunk of I) for variant="split" (the default; see capsule_linear_forward;
     splits forces the chunks per block). Kernel B is the same for both.
-    weight_launch: optional (BLOCK_I, num_warps) of kernel B alone, instead of the launcher's
-    (block_i's, or its tile budget's): the kernels stage times one input over two warps beside
-    the default (docs/PERF.md, 2026-11-30, fourth run).
+    weight_launch: optional (BLOCK_B, BLOCK_JD, num_warps) of kernel B (block_i sets kernel A's
+    alone): samples per step and columns per program, powers of two from 16; the kernels stage
+    times two others beside the default (docs/PERF.md, seventeenth run).
     out: optional (du, dW, ds_all) of contiguous tensors of those shapes and dtypes to write into.
     """
     check_float_tensor(s_all, "s_all")
@@ -406,18 +502,19 @@ def capsule_linear_backward(dv, u, weight, s_all, couplings, *, gradient="full",
     else:
         ds_all[:-1].zero_()
         squash_backward(dv, s_all[-1], out=ds_all[-1])
-    if weight_launch is None:
-        weight_config = _launch_config(I, J, D, P, u.dtype, block_i, weight_tile=True)
-    else:
-        weight_block_i, warps = weight_launch
-        if (isinstance(warps, bool) or not isinstance(warps, int) or warps < 1 or warps & (warps - 1)
-                or warps > 32):
-            # A CUDA block holds at most 1024 threads, 32 warps: the interpreter would run more.
-            raise ValueError(f"weight_launch's num_warps must be a power of two from 1 to 32, got {warps!r}")
-        weight_config = dict(_launch_config(I, J, D, P, u.dtype, weight_block_i, weight_tile=True), num_warps=warps)
-    _capsule_linear_backward_weight_kernel[(triton.cdiv(I, weight_config["BLOCK_I"]),)](
-        u, weight, s_all, ds_all, couplings, grad_logits, du, dweight,
+    weight_config = _weight_launch_config(B, J, D, P, u.dtype, weight_launch)
+    chunks = triton.cdiv(J * D, weight_config["BLOCK_JD"])
+    # Kernel B's du, one partial sum per chunk of columns where there are several; V^(1..r-1) and
+    # the samples whose ds^(0) is not finite (NaN in nan_rows, see _du_hat_rows) for "full"; the
+    # pointers of what a launch does not read stand in as s_all.
+    du_partials = du if chunks == 1 else scratch((chunks, B, I, P), s_all)
+    v_sums = squash_forward(s_all[:-1]).cumsum(0) if full else s_all
+    nan_rows = (ds_all[0] * 0.0).sum(dim=(1, 2)) if gradient == "full" else s_all
+    _capsule_linear_backward_weight_kernel[(I, chunks)](
+        u, weight, ds_all, v_sums, nan_rows, couplings, grad_logits, du_partials, dweight,
         B, I, J, D, P, iterations,
         GRADIENT_FULL=gradient == "full", **weight_config,
     )
+    if chunks > 1:
+        du.copy_(du_partials.sum(dim=0))
     return du, dweight, ds_all

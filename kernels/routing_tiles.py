@@ -13,7 +13,7 @@ from .squash import squash_backward_tile, squash_tile
 __all__ = ["sample_layout", "load_u_hat", "coupling_tile", "logits_grad", "v_sum_before", "sample_ds", "s_of_tile",
            "load_bias", "end_iteration", "sum_partials",
            "split_forward_start", "split_backward_ds", "store_partial", "uniform_share", "spread_nan",
-           "jd_layout", "weight_layout", "load_weight", "load_u", "predict_tile", "kept_rows", "kept_tile",
+           "jd_layout", "predict_tile", "kept_rows", "kept_tile",
            "kept_logits_grad", "du_hat_of_kept"]
 
 
@@ -322,36 +322,6 @@ def jd_layout(J, D, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     d = tl.arange(0, BLOCK_D)
     j_valid = j < J
     return j_valid, j_valid[:, None] & (d < D)[None, :], j[:, None] * D + d[None, :]
-
-
-@triton.jit
-def weight_layout(J, D, P, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
-    """jd_layout's offsets and masks and those of W[i]'s P axis, for backward kernel B.
-
-    Returns (j_valid, jd_mask, jd_offsets as in jd_layout, p [BLOCK_P], p_valid [BLOCK_P],
-    jdp_mask and jdp_offsets [BLOCK_J, BLOCK_D, BLOCK_P] into a contiguous W[i] [J, D, P]).
-    """
-    j_valid, jd_mask, jd_offsets = jd_layout(J, D, BLOCK_J, BLOCK_D)
-    p = tl.arange(0, BLOCK_P)
-    p_valid = p < P
-    jdp_mask = jd_mask[:, :, None] & p_valid[None, None, :]
-    jdp_offsets = jd_offsets[:, :, None] * P + p[None, None, :]
-    return j_valid, jd_mask, jd_offsets, p, p_valid, jdp_mask, jdp_offsets
-
-
-@triton.jit
-def load_weight(weight_ptr, i, I, J, D, P, jdp_mask, jdp_offsets, COMPUTE_DTYPE: tl.constexpr):
-    """W[i] for the inputs i [BLOCK_I]: [BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_P], padded entries 0."""
-    mask = (i < I)[:, None, None, None] & jdp_mask[None, :, :, :]
-    offsets = (i * (J * D * P))[:, None, None, None] + jdp_offsets[None, :, :, :]
-    return tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE), mask
-
-
-@triton.jit
-def load_u(u_sample, i, I, P, p, p_valid, COMPUTE_DTYPE: tl.constexpr):
-    """u[b, i] for the inputs i [BLOCK_I] of one sample: [BLOCK_I, BLOCK_P], padded entries 0."""
-    mask = (i < I)[:, None] & p_valid[None, :]
-    return tl.load(u_sample + i[:, None] * P + p[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE), mask
 
 
 @triton.jit

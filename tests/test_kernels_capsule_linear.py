@@ -147,14 +147,18 @@ def test_capsule_linear_at_the_mnist_shape(variant, rng):
 
 @pytest.mark.parametrize("gradient", ["full", "last"])
 def test_kernel_b_with_its_own_launch(gradient, rng):
-    """weight_launch sets kernel B's BLOCK_I and warps alone (the kernels stage times one input over
-    two warps): 13 inputs in blocks of 1 and of 4, kernel A at its own block."""
-    u, weight, bias, dv = layer_inputs(rng, (3, 13, 10, 16, 8), torch.float32, with_bias=True)
-    for weight_launch in ((1, 2), (4, 8)):
+    """weight_launch sets kernel B's (BLOCK_B, BLOCK_JD, num_warps) alone: 37 samples in blocks of 16
+    and of 32 (the last one partial), J D = 21 columns in chunks of 16 (two, du then summed from
+    their partials) and in one of 32, P = 5 padded to 16; kernel A at its own block."""
+    u, weight, bias, dv = layer_inputs(rng, (37, 6, 3, 7, 5), torch.float32, with_bias=True)
+    for weight_launch in ((16, 16, 2), (32, 32, 4)):
         check_capsule_linear(u, weight, 3, dv, bias=bias, gradient=gradient, weight_launch=weight_launch)
-    for warps in (3, 64):
-        with pytest.raises(ValueError, match="num_warps must be a power of two from 1 to 32"):
-            check_capsule_linear(u, weight, 3, dv, weight_launch=(1, warps))
+    for bad, message in (((16, 16, 3), "num_warps must be a power of two from 1 to 32"),
+                         ((16, 16, 64), "num_warps must be a power of two from 1 to 32"),
+                         ((8, 16, 4), "BLOCK_B must be a power of two >= 16"),
+                         ((16, 24, 4), "BLOCK_JD must be a power of two >= 16")):
+        with pytest.raises(ValueError, match=message):
+            check_capsule_linear(u, weight, 3, dv, weight_launch=bad)
 
 
 def test_the_split_kernels_tile_fits_a_gpu_blocks_shared_memory(monkeypatch):
@@ -304,9 +308,9 @@ def test_capsule_linear_refuses_w_or_s_all_past_int32_offsets(rng, monkeypatch):
         capsule_linear_forward(u[:1], weight, 1)
 
 
-def test_capsule_linear_rejects_bad_input():
+def test_capsule_linear_rejects_bad_input(monkeypatch):
     u, weight = torch.ones(2, 5, 3, device=DEVICE), torch.ones(5, 2, 4, 3, device=DEVICE)
-    too_wide_for_kernel_b = (torch.ones(1, 1, 1024, device=DEVICE), torch.full((1, 16, 128, 1024), 1e-3, device=DEVICE))
+    too_wide_for_kernel_b = (torch.ones(1, 1, 2**16 + 1, device=DEVICE), torch.full((1, 1, 1, 2**16 + 1), 1e-3, device=DEVICE))
     _, s_all, couplings = capsule_linear_forward(u, weight, 2)
     dv = torch.ones(2, 2, 4, device=DEVICE)
     cases = [
@@ -321,8 +325,9 @@ def test_capsule_linear_rejects_bad_input():
         (ValueError, r"bias must have shape \[J, D\]",
          lambda: capsule_linear_forward(u, weight, 2, torch.ones(4, 2, device=DEVICE))),
         (ValueError, "power of two", lambda: capsule_linear_forward(u, weight, 2, block_i=3)),
-        # Backward kernel B's [J, D, P] tile of W would be 2**21 elements: refused by the forward
-        # a backward may follow (keep, the default), not by the backward after it.
+        # Backward kernel B's smallest tile of W, [16, P] with P padded to 2**17, would be 2**21
+        # elements: refused by the forward a backward may follow (keep, the default), not by
+        # the backward after it.
         (ValueError, "more than a Triton tensor may", lambda: capsule_linear_forward(*too_wide_for_kernel_b, 1)),
         (ValueError, "gradient", lambda: capsule_linear_backward(dv, u, weight, s_all, couplings, gradient="none")),
         (ValueError, r"variant must be one of \('sample', 'split'\)",
@@ -357,6 +362,11 @@ def test_capsule_linear_rejects_bad_input():
     for error, message, call in cases:
         with pytest.raises(error, match=message):
             call()
-    # Inference (keep=False: no backward follows) takes that W: its own tiles fit.
-    v, _, _ = capsule_linear_forward(*too_wide_for_kernel_b, 1, keep=False)
-    assert v.shape == (1, 16, 128) and torch.isfinite(v).all()
+    # Inference (keep=False: no backward follows) never asks for kernel B's launch (a W of that
+    # P would take minutes of the interpreter's loop over p: the check is watched instead).
+    asked = []
+    monkeypatch.setattr(capsule_linear_kernels, "_weight_launch_config", lambda *args: asked.append(args))
+    capsule_linear_forward(u, weight, 2, keep=False)
+    assert asked == []
+    capsule_linear_forward(u, weight, 2)
+    assert asked == [(2, 2, 4, 3, torch.float32)]

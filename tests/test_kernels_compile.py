@@ -104,6 +104,9 @@ def test_kernels_compile_for_h100_without_spills(dtype, triton_build):
                 if r["inner_loop_local_accesses"] or r["local_bytes"] + r["stack_bytes"] >= SPILL_LIMIT_BYTES]
     assert not spilling, f"kernels that spill to local memory on sm_90: {spilling}"
     assert all(0 < r["registers"] <= 255 for r in results)
+    # Float32 inputs keep SPEC 8's float32 accuracy: no product may run in TF32 (the tl.dot of the
+    # fused backward's kernel B asks for IEEE; the interpreter ignores input_precision).
+    assert not [r for r in results if r["tf32"]], "kernels whose PTX computes in TF32"
     documented = _documented_rows(version)
     if documented is None:                     # CI takes the newest Triton: not a failure, but said
         warnings.warn(f"{RESOURCE_TABLE} has no section for Triton {version}: add one with "
@@ -316,7 +319,8 @@ def _compile_mnist_launches(dtype_name):
         results.append(dict(kernel=name, config=config, registers=registers,
                             local_bytes=local_bytes, stack_bytes=stack_bytes,
                             inner_loop_local_accesses=inner_loop_local,
-                            shared_bytes=compiled.metadata.shared))
+                            shared_bytes=compiled.metadata.shared,
+                            tf32=bool(re.search(r"\btf32\b", compiled.asm["ptx"]))))
     print(json.dumps(dict(triton=triton.__version__, launches=results)))
 
 

@@ -51,11 +51,11 @@ BACKWARD_CONFIGS = [
     ("A+B sample", dict(variant="sample")),
     ("A+B split", dict(variant="split")),
     (LAST_ONLY, dict(gradient="last")),
-    # Kernel B over fewer warps per input, (BLOCK_I, num_warps): fewer instructions per (input,
-    # sample) in its sm_90 SASS and twice the inputs in flight per SM, at the register limit
-    # (docs/PERF.md, 2026-11-30, fourth run).
-    ("A+B split, B 1x2", dict(variant="split", weight_launch=(1, 2))),
-    ("A+B split, B 2x4", dict(variant="split", weight_launch=(2, 4))),
+    # Kernel B at other (BLOCK_B, BLOCK_JD, num_warps) than its default (16, 64, 4): all 160
+    # columns in one program (no partial sums of du; 181 registers at 8 warps, one CTA per SM in
+    # the sm_90 compile), and twice the samples a step (docs/PERF.md, seventeenth run).
+    ("A+B split, B 16x256", dict(variant="split", weight_launch=(16, 256, 8))),
+    ("A+B split, B 32x64", dict(variant="split", weight_launch=(32, 64, 4))),
 ]
 # Rows that time other work than their workload's candidates (another code path, another gradient
 # policy): shown beside them, never picked as the best launch.
@@ -79,22 +79,16 @@ def _fused(x, r, kwargs, backward, shape):
     from capsnet_triton.kernels import capsule_linear, capsule_linear_backward, capsule_linear_forward
     if kwargs is None:
         return _unfused(x, r, backward)
-    backward_kwargs = kwargs
     if kwargs.get("block_i"):
         samples = capsule_linear._SPLIT_BLOCK_B if kwargs["variant"] == "split" else None
         default = capsule_linear._launch_config(shape.I, shape.J, shape.D, shape.P, torch.float32, None,
                                                 samples=samples)["BLOCK_I"]
         kwargs = dict(kwargs, block_i=max(1, int(default * kwargs["block_i"])))
-        # block_i would set backward kernel B's BLOCK_I too (a W tile of 8-32 inputs: spills on
-        # sm_90); the row varies the tiles over I alone, so kernel B keeps its default launch.
-        weight = capsule_linear._launch_config(shape.I, shape.J, shape.D, shape.P, torch.float32, None,
-                                               weight_tile=True)
-        backward_kwargs = dict(kwargs, weight_launch=(weight["BLOCK_I"], weight["num_warps"]))
 
     def run():
         _, s_all, couplings = capsule_linear_forward(x["u"], x["W"], r, **kwargs)
         if backward:
-            capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, couplings, **backward_kwargs)
+            capsule_linear_backward(x["dv"], x["u"], x["W"], s_all, couplings, **kwargs)
     return run
 
 
