@@ -267,6 +267,29 @@ def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iteratio
     assert torch.equal(du[1], clean_du[0]) and torch.equal(ds_all[:, 1], clean_ds_all[:, 0])
 
 
+# The interpreter's NumPy warns of the NaN this test asks for.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("variant", ["sample", "split"])
+def test_capsule_linear_with_one_non_finite_weight_is_nan_as_the_reference(variant, bad, rng):
+    """A NaN or inf in one W[i, j, d, p] makes u_hat non-finite at one (j, d) of every sample, and
+    the reference's first softmax spreads it to every parent: at r = 1 all of v is NaN. (A
+    non-finite u reaches every (j, d) through W u, so only a weight shows whether the split
+    forward spreads a NaN over its whole sample in the first iteration.)"""
+    B, I, J, D, P = 3, 6, 4, 5, 3
+    u, weight, _, _ = layer_inputs(rng, (B, I, J, D, P), torch.float32)
+    weight[2, 1, 3, 0] = bad
+    v, s_all, _ = capsule_linear_forward(
+        u, weight, 1, variant=variant, splits=2, block_i=2,
+        out=(poisoned((B, J, D), torch.float32, FINITE_POISON), poisoned((1, B, J, D), torch.float32, FINITE_POISON),
+             poisoned((0, B, I, J), torch.float32, FINITE_POISON)))
+    ref_v, cache = reference_forward(as_float64(u), as_float64(weight), 1)
+    assert np.isnan(ref_v).all()
+    assert_agrees(v, ref_v, torch.float32, "v")
+    assert_agrees(s_all, np.stack(cache[1]["s_all"]), torch.float32, "s_all")
+
+
 @pytest.mark.parametrize("variant", ["sample", "split"])
 def test_capsule_linear_allocates_its_outputs_when_not_given(variant, rng):
     u, weight, _, dv = layer_inputs(rng, (3, 7, 5, 6, 4), torch.float16)
