@@ -24,7 +24,7 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
   r - 1 times per sample and writes ds_all and the logit gradients it forms ((r - 1) B I J);
   kernel B reads W once, u, ds_all, V (the squashed s_all summed, r - 1 of [B, J, D]), the
   couplings and the logit gradients once per input and chunk of its columns, and writes dW
-  (I J D P) once and du (B I P) once per chunk (three chunks at the MNIST shape, summed after):
+  (I J D P) once and du (B I P) once per chunk (three on a GPU at the MNIST shape, summed after):
   no pass over anything of size U.
 
 Two variants of the forward and of backward kernel A, chosen by the launchers' `variant=`:
