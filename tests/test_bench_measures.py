@@ -216,6 +216,19 @@ def test_table_columns_say_what_the_footnotes_say():
     assert line.split()[3:9] == ["1", "0.9-1.1", "4.00x", "10.0", "50", "3"], line
 
 
+def test_a_loaded_cpu_is_said_before_the_table():
+    """Other processes on the cores make multi-threaded CPU timings far slower (about 170x in one
+    loaded run of --tiny): the table says so where the load average and torch's threads exceed
+    the cores, and not on a quiet machine or a GPU."""
+    env = report.environment(torch.device("cpu"), {"cpu": 20.0}, [], None, TINY)
+
+    def warned(load, device="cpu"):
+        text = report.format_table([], dict(env, load_average=(load, load, load), torch_threads=2, cpu_count=2,
+                                            device=device), [])
+        return "WARNING: load average" in text and "--threads 1 is steadier" in text
+    assert warned(1.0) and not warned(0.4) and not warned(1.0, device="cuda")
+
+
 def _write_bench(tmp_path, rows):
     (tmp_path / "bench.json").write_text(json.dumps({"environment": {}, "complete": True, "rows": rows}))
 

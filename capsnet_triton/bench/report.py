@@ -83,8 +83,8 @@ def format_table(rows, env, providers):
     load = env["load_average"][0]
     if load is not None and load + env["torch_threads"] > env["cpu_count"] + 0.5 and env["device"] == "cpu":
         lines += [f"WARNING: load average {load:.1f} before the run on {env['cpu_count']} cores: other processes "
-                  "compete for the CPU,", "         and multi-threaded timings can come out several times "
-                  "slower (--threads 1 is steadier)"]
+                  "compete for the CPU,", "         and multi-threaded timings can come out many times "
+                  "slower, 100x and more (--threads 1 is steadier)"]
     lines.append("")
     header = (f"{'B':>5} {'r':>2}  {'provider':<{width}}{'median ms':>10}{'p25-p75 ms':>21}{'vs eager':>10}"
               f"{'GB/s':>8}{'%copy':>7}{'peak MiB':>10}{'rel.err':>9}")
