@@ -25,7 +25,8 @@ Memory traffic, with U = B I J D elements of u_hat and r iterations:
   kernel B reads W once, u, ds_all, V (the squashed s_all summed, r - 1 of [B, J, D]), the
   couplings and the logit gradients once per input and chunk of its columns, and writes dW
   (I J D P) once and du (B I P) once per chunk (three on a GPU at the MNIST shape, summed after):
-  no pass over anything of size U.
+  no buffer of size U. (Each program reads its samples' ds_all and V again: about (2r - 1) U
+  elements in all, from the L2 cache, where they fit: (2r - 1) B J D.)
 
 Two variants of the forward and of backward kernel A, chosen by the launchers' `variant=`:
 "sample" (in this file), one program per sample for all iterations, which reads all of W once
@@ -290,10 +291,10 @@ def _launch_config(I, J, D, P, dtype, block_i, samples=None):
 _DOT_MIN = 16
 # Backward kernel B's samples per block on a GPU (tl.dot's smallest), and the most elements of its
 # [BLOCK_JD, BLOCK_P] tiles of W and dW: 64 of the MNIST shape's 160 columns a program, 4 warps.
-# Compiled for sm_90 (float32, Triton 3.9), 64 columns took 114 registers and 16.4K instructions
-# per (input, sample) over the 3 chunks under "full"; all 160 columns (padded to 256) in one
-# program took 181 registers at 8 warps and 19.3K, one CTA per SM where 64 columns fit four
-# (docs/PERF.md, seventeenth run).
+# Compiled for sm_90 (float32, "full"), 64 columns took 114 registers and 16.4K instructions per
+# (input, sample) over the 3 chunks under Triton 3.9 (128 and 22.7K under the GPU image's 3.6);
+# all 160 columns (padded to 256) in one program at 8 warps took 243-255 registers and 20-27K,
+# and spilled under 3.6 (docs/PERF.md, seventeenth run).
 _WEIGHT_BLOCK_B = _DOT_MIN
 _WEIGHT_TILE = 1024
 
@@ -308,6 +309,8 @@ def _weight_launch_config(B, J, D, P, dtype, weight_launch=None):
     check_tile(_DOT_MIN * block_p)
     columns = max(_DOT_MIN, triton.next_power_of_2(J * D))
     if weight_launch is not None:
+        if not isinstance(weight_launch, (tuple, list)) or len(weight_launch) != 3:
+            raise ValueError(f"weight_launch must be (BLOCK_B, BLOCK_JD, num_warps), got {weight_launch!r}")
         block_b, block_jd, warps = weight_launch
         for name, value, least in (("BLOCK_B", block_b, _DOT_MIN), ("BLOCK_JD", block_jd, _DOT_MIN),
                                    ("num_warps", warps, 1)):
@@ -316,6 +319,9 @@ def _weight_launch_config(B, J, D, P, dtype, weight_launch=None):
                     or (name == "num_warps" and value > 32)):
                 raise ValueError(f"weight_launch's {name} must be a power of two "
                                  f"{'from 1 to 32' if name == 'num_warps' else f'>= {least}'}, got {value!r}")
+        # Its tiles: du_hat [BLOCK_B, BLOCK_JD], W and dW [BLOCK_JD, BLOCK_P], u [BLOCK_B, BLOCK_P].
+        check_tile(max(block_b, block_p) * block_jd)
+        check_tile(block_b * block_p)
     elif interpreting():
         block_b, block_jd = max(_DOT_MIN, triton.next_power_of_2(B)), columns
         while block_jd * max(block_b, block_p) > max_tile(dtype) and max(block_b, block_jd) > _DOT_MIN:
@@ -470,6 +476,8 @@ def capsule_linear_backward(dv, u, weight, s_all, couplings, *, gradient="full",
             raise ValueError(f"{name} is on {x.device} but u is on {u.device}; they must be on one device")
     couplings = check_kept_couplings(couplings, iterations, gradient, B, I, J, dtype, u.device,
                                      "capsule_linear_forward")
+    # Kernel B's launch, checked before kernel A writes into the caller's buffers.
+    weight_config = _weight_launch_config(B, J, D, P, u.dtype, weight_launch)
     s_all = s_all.contiguous()
     couplings = couplings_pointer(couplings, s_all)
     du_out, dweight_out, ds_all_out = outputs(out, ("du", "dW", "ds_all"))
@@ -502,7 +510,6 @@ def capsule_linear_backward(dv, u, weight, s_all, couplings, *, gradient="full",
     else:
         ds_all[:-1].zero_()
         squash_backward(dv, s_all[-1], out=ds_all[-1])
-    weight_config = _weight_launch_config(B, J, D, P, u.dtype, weight_launch)
     chunks = triton.cdiv(J * D, weight_config["BLOCK_JD"])
     # Kernel B's du, one partial sum per chunk of columns where there are several; V^(1..r-1) and
     # the samples whose ds^(0) is not finite (NaN in nan_rows, see _du_hat_rows) for "full"; the

@@ -145,20 +145,51 @@ def test_capsule_linear_at_the_mnist_shape(variant, rng):
     check_capsule_linear(u, weight, 3, dv, bias=bias, variant=variant)
 
 
+class _LaunchSpy:
+    """Stands in for backward kernel B: records each launch's grid and blocks, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs["BLOCK_B"], kwargs["BLOCK_JD"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("gradient", ["full", "last"])
-def test_kernel_b_with_its_own_launch(gradient, rng):
+def test_kernel_b_with_its_own_launch(gradient, dtype, rng, monkeypatch):
     """weight_launch sets kernel B's (BLOCK_B, BLOCK_JD, num_warps) alone: 37 samples in blocks of 16
     and of 32 (the last one partial), J D = 21 columns in chunks of 16 (two, du then summed from
-    their partials) and in one of 32, P = 5 padded to 16; kernel A at its own block."""
-    u, weight, bias, dv = layer_inputs(rng, (37, 6, 3, 7, 5), torch.float32, with_bias=True)
+    their partials) and in one of 32, P = 5 padded to 16; kernel A at its own block. (Under the
+    interpreter kernel B's own launch takes all of B and J D at once.)"""
+    spy = _LaunchSpy(capsule_linear_kernels._capsule_linear_backward_weight_kernel)
+    monkeypatch.setattr(capsule_linear_kernels, "_capsule_linear_backward_weight_kernel", spy)
+    u, weight, bias, dv = layer_inputs(rng, (37, 6, 3, 7, 5), dtype, with_bias=True)
     for weight_launch in ((16, 16, 2), (32, 32, 4)):
         check_capsule_linear(u, weight, 3, dv, bias=bias, gradient=gradient, weight_launch=weight_launch)
+    assert spy.launches == [((6, 2), 16, 16), ((6, 1), 32, 32)]
     for bad, message in (((16, 16, 3), "num_warps must be a power of two from 1 to 32"),
                          ((16, 16, 64), "num_warps must be a power of two from 1 to 32"),
                          ((8, 16, 4), "BLOCK_B must be a power of two >= 16"),
-                         ((16, 24, 4), "BLOCK_JD must be a power of two >= 16")):
+                         ((16, 24, 4), "BLOCK_JD must be a power of two >= 16"),
+                         ((16, 2**17, 4), "more than a Triton tensor may"),
+                         ((1, 2), r"weight_launch must be \(BLOCK_B, BLOCK_JD, num_warps\)")):
         with pytest.raises(ValueError, match=message):
             check_capsule_linear(u, weight, 3, dv, weight_launch=bad)
+
+
+def test_kernel_b_takes_wider_chunks_where_the_grid_axis_would_overflow(rng, monkeypatch):
+    """Kernel B's chunks of columns are the grid's second axis (at most GRID_Y_MAX on a GPU): where
+    BLOCK_JD would give more, the launcher takes wider chunks, and the result stays right."""
+    spy = _LaunchSpy(capsule_linear_kernels._capsule_linear_backward_weight_kernel)
+    monkeypatch.setattr(capsule_linear_kernels, "_capsule_linear_backward_weight_kernel", spy)
+    u, weight, _, dv = layer_inputs(rng, (3, 4, 13, 5, 3), torch.float64)        # J D = 65
+    monkeypatch.setattr(capsule_linear_kernels, "GRID_Y_MAX", 2)
+    check_capsule_linear(u, weight, 2, dv, weight_launch=(16, 16, 1))
+    assert spy.launches == [((4, 2), 16, 64)]
 
 
 def test_the_split_kernels_tile_fits_a_gpu_blocks_shared_memory(monkeypatch):
@@ -251,13 +282,14 @@ def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iteratio
         out=(poisoned((3, 4, 5), torch.float32, FINITE_POISON),
              poisoned((iterations, 3, 4, 5), torch.float32, FINITE_POISON),
              poisoned((iterations - 1, 3, 6, 4), torch.float32, FINITE_POISON)))
+    # Kernel B over two chunks of the J D = 20 columns: du summed from partials keeps the NaN.
     du, dW, ds_all = capsule_linear_backward(
-        dv, u, weight, s_all, couplings, **launch,
+        dv, u, weight, s_all, couplings, **launch, weight_launch=(16, 16, 1),
         out=(poisoned(u.shape, torch.float32, FINITE_POISON), poisoned(weight.shape, torch.float32, FINITE_POISON),
              poisoned((iterations, 3, 4, 5), torch.float32, FINITE_POISON)))
     clean, clean_s_all, clean_couplings = capsule_linear_forward(u[1:2], weight, iterations, **launch)
     clean_du, _, clean_ds_all = capsule_linear_backward(dv[1:2], u[1:2], weight, clean_s_all, clean_couplings,
-                                                        **launch)
+                                                        **launch, weight_launch=(16, 16, 1))
     for bad in (0, 2):
         for output in (v[bad], s_all[:, bad], couplings[:, bad], du[bad], ds_all[:, bad]):
             assert torch.isnan(output).all()
