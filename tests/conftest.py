@@ -89,17 +89,17 @@ def mnist_dir():
 
 @pytest.fixture
 def poisoned_scratch(monkeypatch):
-    """The split launches' partial sums and the fused backward's logit gradients, which kernel A
-    keeps for kernel B (kernels.launch.scratch), start as NaN, as outputs do: a kernel that read an
-    element no program wrote would fail the test."""
+    """The split launches' partial sums, the fused backward's logit gradients, which kernel A
+    keeps for kernel B, and kernel B's partial sums of du (kernels.launch.scratch) start as NaN,
+    as outputs do: a kernel that read an element no program wrote would fail the test."""
     from kernel_checks import poisoned
 
-    from capsnet_triton.kernels import capsule_linear, routing
+    from capsnet_triton.kernels import capsule_linear, capsule_linear_weight, routing
 
     def nan_filled(shape, like):
         return poisoned(shape, like.dtype)
 
-    for module in (routing, capsule_linear):
+    for module in (routing, capsule_linear, capsule_linear_weight):
         monkeypatch.setattr(module, "scratch", nan_filled)
 
 

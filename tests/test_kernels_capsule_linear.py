@@ -20,6 +20,7 @@ from kernel_checks import (DEVICE, DTYPES, FINITE_POISON, as_float64, assert_agr
 
 from capsnet_triton.checks import compute_dtype, kept_iterations
 from capsnet_triton.kernels import capsule_linear as capsule_linear_kernels
+from capsnet_triton.kernels import capsule_linear_weight
 from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
 from capsnet_triton.kernels.launch import DEFAULT_VARIANT
 from capsnet_triton.reference import capsule_linear_backward as reference_backward
@@ -165,8 +166,8 @@ def test_kernel_b_with_its_own_launch(gradient, dtype, rng, monkeypatch):
     and of 32 (the last one partial), J D = 21 columns in chunks of 16 (two, du then summed from
     their partials) and in one of 32, P = 5 padded to 16; kernel A at its own block. (Under the
     interpreter kernel B's own launch takes all of B and J D at once.)"""
-    spy = _LaunchSpy(capsule_linear_kernels._capsule_linear_backward_weight_kernel)
-    monkeypatch.setattr(capsule_linear_kernels, "_capsule_linear_backward_weight_kernel", spy)
+    spy = _LaunchSpy(capsule_linear_weight.backward_weight_kernel)
+    monkeypatch.setattr(capsule_linear_weight, "backward_weight_kernel", spy)
     u, weight, bias, dv = layer_inputs(rng, (37, 6, 3, 7, 5), dtype, with_bias=True)
     for weight_launch in ((16, 16, 2), (32, 32, 4)):
         check_capsule_linear(u, weight, 3, dv, bias=bias, gradient=gradient, weight_launch=weight_launch)
@@ -184,10 +185,10 @@ def test_kernel_b_with_its_own_launch(gradient, dtype, rng, monkeypatch):
 def test_kernel_b_takes_wider_chunks_where_the_grid_axis_would_overflow(rng, monkeypatch):
     """Kernel B's chunks of columns are the grid's second axis (at most GRID_Y_MAX on a GPU): where
     BLOCK_JD would give more, the launcher takes wider chunks, and the result stays right."""
-    spy = _LaunchSpy(capsule_linear_kernels._capsule_linear_backward_weight_kernel)
-    monkeypatch.setattr(capsule_linear_kernels, "_capsule_linear_backward_weight_kernel", spy)
+    spy = _LaunchSpy(capsule_linear_weight.backward_weight_kernel)
+    monkeypatch.setattr(capsule_linear_weight, "backward_weight_kernel", spy)
     u, weight, _, dv = layer_inputs(rng, (3, 4, 13, 5, 3), torch.float64)        # J D = 65
-    monkeypatch.setattr(capsule_linear_kernels, "GRID_Y_MAX", 2)
+    monkeypatch.setattr(capsule_linear_weight, "GRID_Y_MAX", 2)
     check_capsule_linear(u, weight, 2, dv, weight_launch=(16, 16, 1))
     assert spy.launches == [((4, 2), 16, 64)]
 
@@ -420,7 +421,7 @@ def test_capsule_linear_rejects_bad_input(monkeypatch):
     # Inference (keep=False: no backward follows) never asks for kernel B's launch (a W of that
     # P would take minutes of the interpreter's loop over p: the check is watched instead).
     asked = []
-    monkeypatch.setattr(capsule_linear_kernels, "_weight_launch_config", lambda *args: asked.append(args))
+    monkeypatch.setattr(capsule_linear_weight, "weight_launch_config", lambda *args: asked.append(args))
     capsule_linear_forward(u, weight, 2, keep=False)
     assert asked == []
     capsule_linear_forward(u, weight, 2)

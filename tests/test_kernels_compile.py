@@ -93,7 +93,7 @@ def test_kernels_compile_for_h100_without_spills(dtype, triton_build):
                        "routing_split.split_forward_kernel", "routing_split.split_backward_ds_all_kernel",
                        "capsule_linear._capsule_linear_forward_kernel",
                        "capsule_linear._capsule_linear_backward_ds_all_kernel",
-                       "capsule_linear._capsule_linear_backward_weight_kernel",
+                       "capsule_linear_weight.backward_weight_kernel",
                        "capsule_linear_split.split_forward_kernel",
                        "capsule_linear_split.split_backward_ds_all_kernel"}
     for r in results:
@@ -257,7 +257,8 @@ def _compile_mnist_launches(dtype_name):
     from triton.backends.compiler import GPUTarget
 
     from capsnet_triton.bench.kernels import BACKWARD_CONFIGS
-    from capsnet_triton.kernels import capsule_linear, capsule_linear_split, routing, routing_split, squash
+    from capsnet_triton.kernels import (capsule_linear, capsule_linear_split, capsule_linear_weight, routing,
+                                        routing_split, squash)
 
     dtype = getattr(torch, dtype_name)
     launches = []
@@ -266,8 +267,8 @@ def _compile_mnist_launches(dtype_name):
                                      "_routing_backward_u_hat_kernel")),
                           (routing_split, ("split_forward_kernel", "split_backward_ds_all_kernel")),
                           (capsule_linear, ("_capsule_linear_forward_kernel",
-                                            "_capsule_linear_backward_ds_all_kernel",
-                                            "_capsule_linear_backward_weight_kernel")),
+                                            "_capsule_linear_backward_ds_all_kernel")),
+                          (capsule_linear_weight, ("backward_weight_kernel",)),
                           (capsule_linear_split, ("split_forward_kernel", "split_backward_ds_all_kernel"))):
         for name in names:
             setattr(module, name, _Recorder(getattr(module, name), launches))
