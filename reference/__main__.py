@@ -55,6 +55,10 @@ def main(argv=None):
         test_images, test_labels = load_mnist(args.data, train=False)
     except (OSError, ValueError) as e:
         parser.error(str(e))
+    if test_images.shape[1:] != train_images.shape[1:]:
+        # The network is sized for the training images: found now, not at the final scoring.
+        parser.error(f"the test images in {args.data} are {test_images.shape[1]} x {test_images.shape[2]}, "
+                     f"the training images {train_images.shape[1]} x {train_images.shape[2]}: they must match")
     if args.eval >= len(train_images):
         parser.error(f"--eval {args.eval} leaves no training images of the {len(train_images)} in {args.data}")
     train_images, val_images = train_images[:-args.eval], train_images[-args.eval:]

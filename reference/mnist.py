@@ -91,12 +91,13 @@ def _find(directory, stem):
 def load_mnist(directory, train=True):
     """Load the MNIST training (60,000) or test (10,000) split from `directory`.
 
-    Returns (images uint8 [N, 28, 28], labels uint8 [N]) with labels in 0..9.
+    Returns (images uint8 [N, H, W], 28 x 28 for MNIST itself, and labels uint8 [N]) with labels
+    in 0..9.
     """
     directory = os.fspath(directory)
     image_stem, label_stem = SPLIT_FILES[bool(train)]
     image_path, label_path = _find(directory, image_stem), _find(directory, label_stem)
-    images = read_idx(image_path)                                  # [N, 28, 28]
+    images = read_idx(image_path)                                  # [N, H, W]
     labels = read_idx(label_path)                                  # [N]
     if images.ndim != 3:
         raise ValueError(f"{image_path}: images must have 3 dimensions [N, H, W], got shape {images.shape}")

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from capsnet_triton.reference import load_mnist
 from idx_files import write_mnist
 
 
@@ -43,3 +44,41 @@ def test_demo_with_missing_data_says_which_file(tmp_path):
     result = run_demo("--data", str(tmp_path))
     assert result.returncode == 2
     assert "train-images-idx3-ubyte" in result.stderr
+
+
+def test_demo_scales_pixels_and_validates_on_held_out_training_images(tmp_path, monkeypatch, capsys):
+    """The demo validates on the last --eval training images and scores the first --eval test
+    images once, at the end (SPEC 6). Its loss is bounded by the paper's constants when pixels
+    lie in [0, 1]: margin <= 0.9^2 + 9 * 0.5 * 0.9^2, reconstruction <= 0.0005 * 784 (it is
+    thousands with pixels left in 0..255)."""
+    from capsnet_triton.reference import __main__ as demo
+
+    write_mnist(tmp_path, 9, 5, np.random.default_rng(0))
+    seen = []
+    real_accuracy = demo._accuracy
+
+    def recording_accuracy(params, images, labels, config, batch=100):
+        seen.append(images.copy())
+        return real_accuracy(params, images, labels, config, batch)
+
+    monkeypatch.setattr(demo, "_accuracy", recording_accuracy)
+    assert demo.main(["--data", str(tmp_path), "--steps", "2", "--batch", "2", "--eval", "3"]) == 0
+    train, _ = load_mnist(tmp_path, train=True)
+    test, _ = load_mnist(tmp_path, train=False)
+    assert len(seen) == 3
+    for images in seen[:-1]:
+        np.testing.assert_array_equal(images, train[-3:])
+    np.testing.assert_array_equal(seen[-1], test[:3])
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", capsys.readouterr().out)]
+    assert losses and all(loss <= 0.81 + 9 * 0.405 + 0.0005 * 784 for loss in losses), losses
+
+
+def test_demo_refuses_test_images_of_another_size(tmp_path):
+    """Found before training, not as a traceback at the final scoring."""
+    write_mnist(tmp_path, 9, 5, np.random.default_rng(0))
+    other = tmp_path / "other"
+    other.mkdir()
+    write_mnist(other, 9, 5, np.random.default_rng(0), size=32)
+    (other / "t10k-images-idx3-ubyte.gz").replace(tmp_path / "t10k-images-idx3-ubyte.gz")
+    result = run_demo("--data", str(tmp_path), "--steps", "1", "--eval", "3")
+    assert result.returncode == 2 and "32 x 32" in result.stderr and "must match" in result.stderr, result.stderr
