@@ -189,3 +189,10 @@ def test_capsule_length_rejects_bad_input():
     _, cache = capsule_length_forward(np.ones((2, 3, 4)))
     with pytest.raises(ValueError, match="dlengths"):
         capsule_length_backward(np.ones((2, 4)), cache)
+
+
+@pytest.mark.parametrize("name", ["m_plus", "m_minus", "lambda_"])
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_margin_loss_refuses_infinite_constants(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+        margin_loss_forward(np.full((2, 3), 0.5), np.array([0, 1]), **{name: value})

@@ -88,3 +88,11 @@ def test_load_real_mnist(mnist_dir):
         assert images.shape == (count, 28, 28) and images.dtype == np.uint8
         assert labels.shape == (count,) and set(np.unique(labels)) == set(range(10))
         assert images.max() == 255 and images.min() == 0
+
+
+def test_load_mnist_accepts_every_digit(tmp_path, rng):
+    """Labels 0..9 all load (the real files, whose test is skipped without them, hold every digit)."""
+    write_mnist(tmp_path, 10, 2, rng)
+    write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(np.arange(10, dtype=np.uint8)))
+    _, labels = load_mnist(tmp_path, train=True)
+    assert labels.tolist() == list(range(10))

@@ -187,3 +187,18 @@ def test_an_empty_batch_gives_empty_results(gradient):
     du_hat, dbias = routing_backward(np.ones((0, 3, 4)), cache)
     assert v.shape == (0, 3, 4) and du_hat.shape == (0, 5, 3, 4)
     assert np.array_equal(dbias, np.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("dtype, scale", [(np.float64, 1000.0), (np.float32, 100.0)])
+def test_softmax_survives_agreement_logits_beyond_exp_overflow(dtype, scale):
+    """Every input predicts (scale, 0, 0) for parent 0 and 0 for parent 1. Iteration 1 (c = 1/2)
+    gives v_0 ~ e_0, so b_i0 = scale, past where exp overflows (709 in float64, 88 in float32):
+    only a softmax taken after subtracting the largest logit stays finite. Then c_i0 = 1 /
+    (1 + e^-scale) = 1, s_0 = 4 scale e_0, and parent 1 gets nothing."""
+    u_hat = np.zeros((1, 4, 2, 3), dtype=dtype)
+    u_hat[0, :, 0, 0] = scale
+    v, cache = routing_forward(u_hat, 3)
+    n = 4 * scale
+    np.testing.assert_allclose(v[0, 0], [n * n / (1 + n * n), 0, 0], rtol=1e-6)
+    np.testing.assert_array_equal(v[0, 1], np.zeros(3, dtype))
+    np.testing.assert_allclose(cache["couplings"][-1][0, :, 0], 1.0, rtol=0, atol=1e-6)

@@ -127,3 +127,26 @@ def test_length_that_overflows_the_dtype_still_gives_a_unit_vector_along_s(dtype
         ds = squash_backward(np.ones_like(s), s)
     assert np.isfinite(v).all() and np.isfinite(ds).all()
     np.testing.assert_allclose(v, np.array([0.5, -0.5, 0.5, 0.5], dtype=dtype), rtol=4 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("x", [1e-300, 1e-305, np.finfo(np.float64).tiny, 1e-320])
+def test_gradient_of_a_tiny_capsule_is_its_first_order_term(x):
+    """For |s| -> 0, v = s |s| / (1 + |s|^2) = s |s| + O(|s|^3), so dv/ds = |s| I + s s^T / |s|
+    and ds = |s| dv + ((s . dv) / |s|) s: for s = (3x, 4x), dv = (1, 0), ds = (6.8x, 2.4x). Down
+    to lengths whose square underflows (SPEC 2: the exact formula, rounded, for every finite
+    non-zero s), where a gradient of 0 would freeze the capsule; 1e-320 is subnormal, so only
+    its leading digits are exact."""
+    s = np.array([3 * x, 4 * x])
+    ds = squash_backward(np.array([1.0, 0.0]), s)
+    np.testing.assert_allclose(ds, [6.8 * x, 2.4 * x], rtol=1e-12 if x > 1e-308 else 1e-3)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_capsule_holding_nan_or_inf_is_all_nan():
+    """SPEC 7 on the reference itself (test_ops checks the torch paths, where torch is installed):
+    every output of such a capsule is NaN, forward and backward; the other capsules are exact."""
+    inf, nan = np.inf, np.nan
+    s = np.array([[nan, 1.0, 2.0], [inf, 1.0, 2.0], [-inf, 0.0, 0.0], [inf, -inf, 1.0], [3.0, 4.0, 0.0]])
+    v, ds = squash_forward(s), squash_backward(np.ones_like(s), s)
+    assert np.isnan(v[:4]).all() and np.isnan(ds[:4]).all()
+    np.testing.assert_allclose(v[4], np.array([3.0, 4.0, 0.0]) * 5 / 26, rtol=1e-15)   # |s| = 5
