@@ -152,13 +152,19 @@ def needs_backward(*tensors):
     return torch.is_grad_enabled() and any(t is not None and _requires_grad(t) for t in tensors)
 
 
-def _requires_grad(tensor):
-    """tensor.requires_grad, seen through torch.func.vmap's batched wrappers, which report False
-    for a tensor whose unbatched value requires grad: the backward that follows vmap reads the
-    couplings the forward keeps."""
+def _unbatched(tensor):
+    """tensor without torch.func.vmap's batched wrappers, which hide what the tensor under them
+    is: whether it requires grad (they report False) and whether it is dual (torch has no batching
+    rule for unpacking a dual tensor)."""
     while torch._C._functorch.is_batchedtensor(tensor):
         tensor = torch._C._functorch.get_unwrapped(tensor)
-    return tensor.requires_grad
+    return tensor
+
+
+def _requires_grad(tensor):
+    """tensor.requires_grad, seen through vmap's wrappers: the backward that follows vmap reads
+    the couplings the forward keeps."""
+    return _unbatched(tensor).requires_grad
 
 
 def active_transforms():
@@ -198,7 +204,7 @@ def check_differentiation(op, *tensors):
     transforms = active_transforms()
     forward_ad = torch.autograd.forward_ad
     dual = forward_ad._current_level >= 0 and any(
-        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+        t is not None and forward_ad.unpack_dual(_unbatched(t)).tangent is not None for t in tensors)
     if dual or "Jvp" in transforms:
         raise NotImplementedError(f"{op} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
                                   f"torch.autograd.forward_ad); use reverse mode: .backward() or "

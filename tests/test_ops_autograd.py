@@ -122,19 +122,24 @@ def _three_ops(backend, dtype=torch.float64):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_forward_mode_and_func_grad_are_refused_not_zero(backend):
     """torch drops forward tangents of a custom op whose autograd rule is reverse mode: jvp would
-    give a derivative of 0. The ops refuse it, and torch.func's grad transforms, in one line."""
+    give a derivative of 0. The ops refuse it, and torch.func's grad transforms, in one line, also
+    through vmap's batched tensors (torch cannot unpack a dual tensor under them)."""
     import torch.autograd.forward_ad as fwAD
     ops, shapes = _three_ops(backend)
     for name, op in ops.items():
         x = torch.randn(shapes[name], dtype=torch.float64, device=DEVICE)
+        rows = torch.stack([x, x + 1])
+        mapped = torch.func.vmap(op)
         for transform in (lambda: torch.func.jvp(op, (x,), (torch.ones_like(x),)),
-                          lambda: torch.func.jacfwd(op)(x)):
+                          lambda: torch.func.jacfwd(op)(x),
+                          lambda: torch.func.jvp(mapped, (rows,), (torch.ones_like(rows),))):
             with pytest.raises(NotImplementedError, match=f"{name} has no forward-mode derivative"):
                 transform()
         with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode derivative"):
             op(fwAD.make_dual(x, torch.ones_like(x)))
-        with fwAD.dual_level():                       # inside a level, a plain input is fine
+        with fwAD.dual_level():                       # inside a level, a plain input is fine, batched too
             assert torch.equal(op(x), ops[name](x))
+            assert torch.allclose(mapped(rows), torch.stack([op(x), op(x + 1)]), rtol=1e-12, atol=1e-15)
         for transform in (torch.func.grad, torch.func.jacrev):
             with pytest.raises(NotImplementedError, match="does not support torch.func.grad"):
                 transform(lambda t: op(t).sum())(x)
