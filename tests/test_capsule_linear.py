@@ -281,6 +281,8 @@ def test_compile_fullgraph_traces_through_the_op():
      "gradient"),
     (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2), bias=torch.randn(5, 4)),
      ValueError, "bias"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2), bias=torch.ones(4, 5, dtype=torch.int64)),
+     TypeError, "bias must have a floating-point dtype"),
     (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2), backend="cuda"), ValueError,
      "backend"),
     (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2, device="meta")), ValueError,

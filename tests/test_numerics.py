@@ -4,14 +4,27 @@ import numpy as np
 import pytest
 import torch
 
-from capsnet_triton.numerics import (TOLERANCE, agreement_error, assert_agrees, input_sensitivity, numerical_gradient,
-                                     poisoned, relative_error, rounding_error)
+from capsnet_triton.numerics import (ROUNDING_FACTOR, SPREAD_FACTOR, TOLERANCE, agreement_error, assert_agrees,
+                                     input_sensitivity, numerical_gradient, poisoned, relative_error, rounding_error)
 
 LOW = (torch.float16, torch.bfloat16)
 
 
 def reference(rng, n=4096):
     return rng.standard_normal(n) * np.exp(rng.uniform(-3, 3, n))
+
+
+def test_the_ceilings_and_the_rounding_factor_are_spec_8s():
+    assert TOLERANCE == {"float64": 1e-12, "float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
+    assert ROUNDING_FACTOR == 3.0
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_full_precision_error_passes_under_its_ceiling_and_fails_over_it(dtype):
+    ceiling = TOLERANCE[dtype]
+    ref = np.linspace(1.0, 2.0, 64)
+    assert agreement_error(ref * (1 + 0.5 * ceiling), ref, dtype) is None
+    assert "ceiling" in agreement_error(ref * (1 + 1.5 * ceiling), ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -131,7 +144,9 @@ def test_spread_measures_ill_conditioning_and_widens_only_by_it():
     off = exact + 3 * spread
     assert agreement_error(off, exact, "float32") is not None
     assert agreement_error(off, exact, "float32", spread=spread) is None
-    assert agreement_error(exact + 10 * spread, exact, "float32", spread=spread) is not None
+    assert SPREAD_FACTOR == 4.0
+    assert agreement_error(exact + 3.9 * spread, exact, "float32", spread=spread) is None
+    assert agreement_error(exact + 5 * spread, exact, "float32", spread=spread) is not None
     (calm,) = input_sensitivity(total, (np.array([1.0, 2.0]),), "float32")
     assert calm / 3.0 < 0.01 * TOLERANCE["float32"]       # relative to the sum 3: changes nothing
 

@@ -1,0 +1,58 @@
+"""The public ops' input checks (capsnet_triton.checks): what they refuse, with which error and
+words, and what they take as the reference takes it."""
+
+import numpy as np
+import pytest
+import torch
+
+from capsnet_triton import dynamic_routing, squash
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: dynamic_routing(torch.randn(2, 3, 4)), ValueError, "4 axes"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5, 6)), ValueError, "4 axes"),
+    (lambda: dynamic_routing(torch.ones(2, 3, 4, 5, dtype=torch.int64)), TypeError, "floating"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), 0), ValueError, "iterations"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), True), ValueError, "iterations"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), backend="cuda"), ValueError, "backend"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), bias=torch.randn(4, 4)), ValueError, "bias"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), bias=torch.ones(4, 5, dtype=torch.int64)), TypeError,
+     "bias must have a floating-point dtype"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), bias=torch.randn(4, 5, device="meta")),
+     ValueError, "device"),
+    (lambda: dynamic_routing(np.zeros((2, 3, 4, 5))), TypeError, "torch.Tensor"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), gradient=True), ValueError,
+     r"gradient must be one of \('full', 'last'\)"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 5), gradient="agreement"), ValueError, "gradient"),
+    (lambda: dynamic_routing(torch.randn(2, 0, 4, 5)), ValueError, "at least one input capsule"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 0, 5)), ValueError, "at least one input capsule"),
+    (lambda: dynamic_routing(torch.randn(2, 3, 4, 0)), ValueError, "at least one input capsule"),
+    (lambda: squash(torch.randn(3, 0)), ValueError, "0 dimensions"),
+    (lambda: squash(torch.randn(0, 3), dim=0), ValueError, "0 dimensions"),
+    (lambda: squash(torch.tensor(1.0)), ValueError, "scalar"),
+    (lambda: squash(torch.ones(3, dtype=torch.int32)), TypeError, "floating"),
+    (lambda: squash(torch.randn(3), backend="numpy"), ValueError, "backend"),
+    (lambda: squash(torch.randn(3).to(torch.float8_e4m3fn)), TypeError, "float16, bfloat16"),
+    (lambda: squash(torch.randn(2, 3, 4), dim=3), ValueError, r"dim must be an integer in \[-3, 2\]"),
+    (lambda: squash(torch.randn(2, 3, 4), dim=-4), ValueError, r"dim must be an integer in \[-3, 2\]"),
+    (lambda: squash(torch.randn(2, 3, 4), dim=True), ValueError, "dim must be an integer"),
+])
+def test_bad_input_is_refused_with_a_clear_message(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+def test_numpy_integers_are_iterations_and_dims_as_in_the_reference():
+    u_hat = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    assert torch.equal(dynamic_routing(u_hat, np.int64(2)), dynamic_routing(u_hat, 2))
+    s = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.equal(squash(s, dim=np.int64(0)), squash(s, dim=0))
+
+
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_says_so(monkeypatch):
+    # Where CUDA exists, Triton would otherwise fail on the CPU pointer with an obscure message.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for call in (lambda: squash(torch.randn(3), backend="triton"),
+                 lambda: dynamic_routing(torch.randn(2, 3, 4, 5), backend="triton")):
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            call()
