@@ -399,3 +399,12 @@ def test_random_shift_is_reproducible_and_checks_arguments():
 def test_to_float_scales_to_unit_interval():
     pixels = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)
     assert torch.equal(data.to_float(pixels), torch.tensor([[[[0.0, 128 / 255, 1.0]]]]))
+
+
+def test_training_batches_reconstruct_what_they_show_and_depend_on_the_run_seed():
+    """The decoder's target is the shifted image the model sees, and the run's --seed moves the shifts."""
+    images = torch.randint(1, 256, (40, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    split, index = data.Split(images, torch.arange(40) % 10), torch.arange(40)
+    batch = split.augmented(index, 1, 5, 2)
+    assert torch.equal(batch.targets, batch.images) and not torch.equal(batch.images, data.to_float(images))
+    assert not torch.equal(batch.images, split.augmented(index, 2, 5, 2).images)

@@ -149,3 +149,43 @@ def test_write_figures_decodes_each_pair_from_its_two_longest_capsules(tmp_path,
         assert not torch.equal(kwargs["predictions"], batch.labels)     # else labels and predictions decode alike
         torch.testing.assert_close(reconstructions, model(batch.images, kwargs["predictions"]).reconstruction)
         assert not torch.allclose(reconstructions, model(batch.images, batch.labels).reconstruction, atol=1e-3)
+
+
+def _seeing_model(**options):
+    torch.manual_seed(0)
+    model = CapsNet(conv_channels=8, primary_types=2, decoder_hidden=(16, 32), **options).eval()
+    with torch.no_grad():           # an untrained network's capsules are ~1e-4 long: make the decoder see them
+        model.decoder.fc1.weight.mul_(1e6)
+    return model
+
+
+def test_the_reconstruction_figure_decodes_the_predicted_capsule(tmp_path, monkeypatch):
+    """reconstructions.png shows the decoder masked by the prediction (SPEC 4), not by the label."""
+    model = _seeing_model()
+    images = torch.randint(0, 256, (5, 1, 28, 28), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    got = {}
+    monkeypatch.setattr(figures, "reconstruction_figure", lambda *a, **k: got.setdefault("r", (a, k)) and "r.png")
+    monkeypatch.setattr(figures, "perturbation_figure", lambda *a, **k: "p.png")
+    with torch.no_grad():
+        output = model(to_float(images))
+    labels = (output.lengths.argmax(dim=1) + 1) % 10                 # never the prediction
+    figures.write_figures(model, Split(images, labels), tmp_path, dataset="mnist", model_name="best.pt")
+    (_, reconstructions, _), _ = got["r"]
+    torch.testing.assert_close(reconstructions, output.reconstruction)
+
+
+def test_perturbations_decode_the_chosen_capsule_alone_moved_by_the_papers_steps():
+    """Figure 4: each of the chosen capsule's dimensions moved by -0.25 .. 0.25 in steps of 0.05,
+    the other capsules masked out."""
+    assert figures.PERTURBATIONS == pytest.approx([0.05 * k for k in range(-5, 6)])
+    model = _seeing_model().double()             # float64: the scaled decoder amplifies float32 rounding
+    image = torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    j, grid = figures.capsule_perturbations(model, image)
+    with torch.no_grad():
+        v = model(image[None]).v[0]
+        for d in (0, 7, 15):
+            for k, delta in enumerate(figures.PERTURBATIONS):
+                masked = torch.zeros_like(v)
+                masked[j] = v[j]
+                masked[j, d] += delta
+                torch.testing.assert_close(grid[d, k], model.decoder(masked.reshape(1, -1)).reshape(image.shape))

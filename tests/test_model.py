@@ -458,3 +458,29 @@ def test_a_model_under_vmap_runs_its_convolutions_as_modules():
         assert torch.allclose(got, torch.cat([out.lengths, out.reconstruction], dim=1), rtol=1e-5, atol=1e-6)
     stacked.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in parameters.values())
+
+
+def test_every_forward_path_is_the_reference_network(rng):
+    """The reference tie above runs the path that recomputes the convolutions (a CPU step with
+    gradients); evaluation under no_grad, and training with the activation kept (GPUs,
+    recompute_convolutions=False), must be the same network."""
+    config, params, model = _tied_pair("full", False, "torch", rng)
+    images, labels = rng.uniform(size=(4, 1, 12, 12)), np.array([0, 2, 1, 2])
+    _, cache = network_forward(params, images, labels, config, routing_iterations=3, routing_gradient="full")
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    with torch.no_grad():
+        assert relative_error(model(x, y).v.numpy(), cache["v"]) <= 1e-10
+    model.recompute_convolutions = False
+    assert relative_error(model(x, y).v.detach().numpy(), cache["v"]) <= 1e-10
+
+
+def test_build_model_builds_what_every_config_entry_says():
+    """A checkpoint's config rebuilds its model: no entry may fall back to its default."""
+    config = dict(dataset="mnist", conv_channels=4, primary_types=2, routing_iterations=1, routing_gradient="last",
+                  routing_bias=True, decoder=True, decoder_hidden=[6, 8], digitcaps="unfused")
+    model = build_model(config)
+    caps = model.digit_caps
+    assert (caps.routing_iterations, caps.gradient, caps.bias is not None, caps.fused) == (1, "last", True, False)
+    assert (model.conv1.out_channels, model.primary_caps.types) == (4, 2)
+    assert (model.decoder.fc1.out_features, model.decoder.fc2.out_features) == (6, 8)
+    assert build_model({**config, "decoder": False}).decoder is None

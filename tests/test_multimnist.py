@@ -94,3 +94,9 @@ def test_a_pair_split_subset_keeps_each_pairs_digits_and_shifts_together():
     index = torch.tensor([7, 3, 150])
     whole, part = pairs.batch(index), pairs.subset(index).batch(torch.arange(3))
     assert all(torch.equal(a, b) for a, b in zip(whole, part))
+
+
+def test_training_pairs_depend_on_the_run_seed():
+    images = torch.randint(1, 256, (40, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    pairs, index = dataset_spec("multimnist").training_split(Split(images, torch.arange(40) % 10)), torch.arange(40)
+    assert not torch.equal(pairs.augmented(index, 1, 5, 4).images, pairs.augmented(index, 2, 5, 4).images)

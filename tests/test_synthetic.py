@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capsnet_triton.synthetic import AFFINE_RANGES, affine_transform, compose_pairs, multimnist, place
+from capsnet_triton.synthetic import (AFFINE_RANGES, affine_transform, class_groups, compose_pairs, draw_pairs,
+                                      multimnist, place)
 
 
 def noisy_digits(count, seed=0, classes=10):
@@ -201,3 +202,33 @@ def test_affine_translation_is_zero_on_an_axis_where_the_digit_cannot_fit():
 def test_affine_scales_are_drawn_independently_per_axis():
     _, params = affine_transform(torch.zeros(200, 1, 40, 40), generator=torch.Generator().manual_seed(0))
     assert float((params["scale_x"] - params["scale_y"]).abs().max()) > 0.2
+
+
+def test_pair_draws_are_independent_and_use_every_partner():
+    """SPEC 9: each digit of a pair shifted on its own, in each axis on its own; a partner drawn
+    among all the digits of its class, not always the same one."""
+    labels = torch.arange(100) % 10
+    recipe = draw_pairs(labels, class_groups(labels), torch.arange(5000) % 100, torch.Generator().manual_seed(0))
+    shifts = recipe.shift.reshape(-1, 4).double()                   # dy1, dx1, dy2, dx2
+    correlation = torch.corrcoef(shifts.T) - torch.eye(4, dtype=torch.float64)
+    assert float(correlation.abs().max()) < 0.1
+    assert len(recipe.index[:, 1].unique()) == 100
+
+
+def test_affine_translations_span_the_whole_room():
+    """A translation is uniform over all the room that keeps the transformed digit in the canvas."""
+    images = torch.zeros(400, 1, 40, 40, dtype=torch.float64)
+    images[:, :, 10:30, 10:30] = 1.0                               # box 10..29: corners at +-9.5 from the centre
+    _, params = affine_transform(images, generator=torch.Generator().manual_seed(0))
+    theta = params["rotation"] * np.pi / 180
+    cos, sin, shear = torch.cos(theta), torch.sin(theta), params["shear"]
+    matrix = torch.stack([
+        torch.stack([cos * params["scale_x"], (cos * shear - sin) * params["scale_y"]], dim=1),
+        torch.stack([sin * params["scale_x"], (sin * shear + cos) * params["scale_y"]], dim=1)], dim=1)
+    corners = torch.tensor([[-9.5, 9.5, -9.5, 9.5], [-9.5, -9.5, 9.5, 9.5]], dtype=torch.float64)
+    moved = matrix @ corners
+    low, high = -19.5 - moved.amin(dim=2), 19.5 - moved.amax(dim=2)
+    assert bool((low < high).all())                                # every digit fits here
+    where = (torch.stack([params["shift_x"], params["shift_y"]], dim=1) - low) / (high - low)
+    assert float(where.min()) >= -1e-9 and float(where.max()) <= 1 + 1e-9
+    assert float(where.min()) < 0.05 and float(where.max()) > 0.95

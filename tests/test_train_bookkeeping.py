@@ -14,10 +14,10 @@ import torch
 from command_runs import args, fake_mnist, nan_from_step, one_line, read_records, run  # noqa: F401 (fixtures)
 
 from capsnet_triton import train
-from capsnet_triton.data import load_split
+from capsnet_triton.data import DATASETS, load_split
 from capsnet_triton.training import loop
 from capsnet_triton.training.config import build_parser, check_config
-from idx_files import write_idx
+from idx_files import write_dataset, write_idx
 
 pytestmark = pytest.mark.xdist_group("train_reliability")
 
@@ -122,3 +122,23 @@ def test_main_with_argv_leaves_the_allocator_alone(fake_mnist, tmp_path, monkeyp
     monkeypatch.setattr(train, "keep_freed_memory", lambda: called.append(True))
     monkeypatch.setattr(train, "run_command", lambda *a, **k: 0)
     assert train.main(args(fake_mnist, tmp_path / "run")) == 0 and called == []
+
+
+def test_mnist_trains_with_shifts_of_up_to_two_pixels_by_default():
+    """SPEC 6's augmentation: the training command's default for MNIST and Fashion-MNIST."""
+    assert build_parser().parse_args(["--data", "d"]).max_shift == 2
+    assert "max_shift" not in DATASETS["mnist"].defaults and "max_shift" not in DATASETS["fashion-mnist"].defaults
+
+
+def test_the_validation_split_is_drawn_from_the_split_seed(tmp_path, monkeypatch):
+    data_dir = write_dataset(tmp_path / "digits", train_count=40, test_count=10)
+    seen = []
+
+    def spy(count, size, seed=0):
+        seen.append(seed)
+        raise RuntimeError("stop before any training")
+    monkeypatch.setattr(loop, "validation_split", spy)
+    with pytest.raises(RuntimeError, match="stop before any training"):
+        train.main(["--data", str(data_dir), "--out", str(tmp_path / "run"), "--validation-size", "10",
+                    "--seed", "3", "--split-seed", "7", "--device", "cpu", "--no-verify-data"])
+    assert seen == [7]

@@ -71,6 +71,9 @@ def test_model_decodes_each_label_alone():
     images = torch.rand(4, 1, 36, 36)
     labels = torch.tensor([[1, 2], [3, 0], [9, 4], [5, 6]])
     with torch.no_grad():
+        # An untrained network's capsules are about 1e-4 long, too short for the decoder to show
+        # which it was given: decoding both labels' capsules together would pass unscaled.
+        model.decoder.fc1.weight.mul_(1e6)
         both = model(images, labels).reconstruction
         assert both.shape == (4, 2, 36 * 36)
         for k in range(2):
