@@ -163,7 +163,10 @@ def weight_launch_config(B, J, D, P, dtype, weight_launch=None):
         check_tile(block_b * block_p)
     elif interpreting():
         block_b, block_jd = max(_DOT_MIN, triton.next_power_of_2(B)), columns
-        while block_jd * max(block_b, block_p) > max_tile(dtype) and max(block_b, block_jd) > _DOT_MIN:
+        # Every tile within the interpreter's limit: du_hat [BLOCK_B, BLOCK_JD], W and dW
+        # [BLOCK_JD, BLOCK_P], and u [BLOCK_B, BLOCK_P] (at P = 1024, B = 2048 it held 2**21).
+        while (max(block_jd * max(block_b, block_p), block_b * block_p) > max_tile(dtype)
+               and max(block_b, block_jd) > _DOT_MIN):
             if block_b >= block_jd:
                 block_b //= 2
             else:
