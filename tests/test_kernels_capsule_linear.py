@@ -22,7 +22,7 @@ from capsnet_triton.checks import compute_dtype, kept_iterations
 from capsnet_triton.kernels import capsule_linear as capsule_linear_kernels
 from capsnet_triton.kernels import capsule_linear_weight
 from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
-from capsnet_triton.kernels.launch import DEFAULT_VARIANT
+from capsnet_triton.kernels.launch import DEFAULT_VARIANT, max_tile
 from capsnet_triton.reference import capsule_linear_backward as reference_backward
 from capsnet_triton.reference import capsule_linear_forward as reference_forward
 
@@ -140,10 +140,17 @@ def test_capsule_linear_with_inputs_not_a_multiple_of_the_block(gradient, varian
 @pytest.mark.parametrize("variant", ["sample", "split"])
 def test_capsule_linear_at_the_mnist_shape(variant, rng):
     """DigitCaps of the MNIST network (SPEC 5): I = 1152, J = 10, D = 16, P = 8, 3 iterations, with
-    the launchers' own block sizes. Under the interpreter a tile of backward kernel B over all of I
-    would hold 2**21 elements, over its limit of 2**20: the launchers size tiles by that limit."""
+    the launchers' own block sizes (kernel B: all 160 of J D's columns, padded to 256, a program)."""
     u, weight, bias, dv = layer_inputs(rng, (2, 1152, 10, 16, 8), torch.float32, with_bias=True)
     check_capsule_linear(u, weight, 3, dv, bias=bias, variant=variant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_kernel_b_under_last_reads_c_r_at_two_iterations(dtype, rng):
+    """Under "last", kernel B's du_hat is c^(r) ds^(r); at r = 2 the kept c^(2) is read (r = 1
+    alone takes the uniform 1/J). J = 3 parents, so that c^(2) differs from 1/J."""
+    u, weight, bias, dv = layer_inputs(rng, (3, 5, 3, 4, 3), dtype, with_bias=True)
+    check_capsule_linear(u, weight, 2, dv, bias=bias, gradient="last")
 
 
 class _LaunchSpy:
@@ -426,3 +433,43 @@ def test_capsule_linear_rejects_bad_input(monkeypatch):
     assert asked == []
     capsule_linear_forward(u, weight, 2)
     assert asked == [(2, 2, 4, 3, torch.float32)]
+
+
+def test_kernel_b_own_launch_checks_each_of_its_tiles():
+    """weight_launch's tiles, W and dW [BLOCK_JD, BLOCK_P] and u [BLOCK_B, BLOCK_P], are each held
+    to Triton's tensor limit (2**20), also where BLOCK_P is the larger side."""
+    config = capsule_linear_weight.weight_launch_config
+    config(1, 1, 1, 1024, torch.float32, (16, 1024, 4))                   # [1024, 1024]: the limit itself
+    with pytest.raises(ValueError, match="more than a Triton tensor may"):
+        config(1, 1, 1, 2048, torch.float32, (16, 1024, 4))               # W [1024, 2048]
+    with pytest.raises(ValueError, match="more than a Triton tensor may"):
+        config(1, 1, 1, 1024, torch.float32, (2048, 16, 4))               # u [2048, 1024]
+
+
+def test_kernel_b_gpu_launch_stays_within_its_tile(monkeypatch):
+    """On a GPU kernel B's [BLOCK_JD, BLOCK_P] tiles (and du_hat [BLOCK_B, BLOCK_JD]) hold at most
+    _WEIGHT_TILE elements, also where P pads past BLOCK_B = 16 (the compile test sees P = 8 alone)."""
+    monkeypatch.setattr(capsule_linear_weight, "interpreting", lambda: False)
+    for P, block_jd in ((8, 64), (32, 32), (64, 16)):
+        config = capsule_linear_weight.weight_launch_config(128, 10, 16, P, torch.float32)
+        assert (config["BLOCK_B"], config["BLOCK_JD"]) == (16, block_jd), P
+        assert config["BLOCK_JD"] * max(config["BLOCK_B"], config["BLOCK_P"]) <= capsule_linear_weight._WEIGHT_TILE
+
+
+def test_kernel_b_grid_stays_within_cudas_second_axis():
+    """CUDA's grid allows at most 65535 blocks on its second axis, kernel B's chunks of columns:
+    at J D = 16 * 65536 columns in chunks of 16 asked for, the launch takes chunks of 32."""
+    J, D = 65536, 16
+    config = capsule_linear_weight.weight_launch_config(1, J, D, 1, torch.float32, (16, 16, 1))
+    assert config["BLOCK_JD"] == 32 and -(-J * D // config["BLOCK_JD"]) <= 65535
+
+
+def test_kernel_b_interpreter_launch_keeps_every_tile_within_its_limit():
+    """Under the interpreter the blocks take all of B and of J D, as far as its tile limit lets
+    them: the u tile [BLOCK_B, BLOCK_P] too (B = 2048, P = 1024 gave 2**21 elements, past even
+    Triton's tensor limit, and the launch failed)."""
+    limit = max_tile(torch.float32)
+    for B, P in ((2048, 1024), (512, 4096), (4096, 16)):
+        c = capsule_linear_weight.weight_launch_config(B, 1, 16, P, torch.float32)
+        assert max(c["BLOCK_B"] * c["BLOCK_P"], c["BLOCK_JD"] * max(c["BLOCK_B"], c["BLOCK_P"])) <= limit, (B, P, c)
+    assert capsule_linear_weight.weight_launch_config(4, 10, 16, 8, torch.float32)["BLOCK_B"] == 16
