@@ -147,6 +147,15 @@ def test_affine_parameters_lie_in_affnists_ranges_and_are_seeded():
     assert float(params["shift_x"].abs().max()) > 3.0                       # translations are drawn too
 
 
+def _linear_part(params):
+    """[B, 2, 2]: the linear part of affine_transform's maps, from the parameters it returns."""
+    theta = params["rotation"] * np.pi / 180
+    cos, sin, shear = torch.cos(theta), torch.sin(theta), params["shear"]
+    return torch.stack([
+        torch.stack([cos * params["scale_x"], (cos * shear - sin) * params["scale_y"]], dim=1),
+        torch.stack([sin * params["scale_x"], (sin * shear + cos) * params["scale_y"]], dim=1)], dim=1)
+
+
 def test_affine_map_is_recovered_from_the_images():
     """Mass scales by det M = sx sy (so no part of a digit left the canvas, though the
     translations use all the room there is) and the centroid moves to M (p - c) + c + t: the
@@ -157,11 +166,7 @@ def test_affine_map_is_recovered_from_the_images():
     torch.testing.assert_close(mass_ratio, params["scale_x"] * params["scale_y"], rtol=0.02, atol=0.0)
     assert float((out[..., 0, :].sum(-1) + out[..., -1, :].sum(-1) + out[..., 0].sum(-1) + out[..., -1].sum(-1)
                   > 0).double().mean()) > 0.05                     # some digits do reach an edge
-    theta = params["rotation"] * np.pi / 180
-    cos, sin, shear = torch.cos(theta), torch.sin(theta), params["shear"]
-    matrix = torch.stack([
-        torch.stack([cos * params["scale_x"], (cos * shear - sin) * params["scale_y"]], dim=1),
-        torch.stack([sin * params["scale_x"], (sin * shear + cos) * params["scale_y"]], dim=1)], dim=1)
+    matrix = _linear_part(params)
     centre = 19.5
     expected = ((matrix @ (centroid(images) - centre)[:, :, None])[:, :, 0] + centre
                 + torch.stack([params["shift_x"], params["shift_y"]], dim=1))
@@ -185,11 +190,7 @@ def test_affine_translation_is_zero_on_an_axis_where_the_digit_cannot_fit():
     documented, not a value between two impossible limits."""
     images = torch.ones(256, 1, 40, 40, dtype=torch.float64)
     _, params = affine_transform(images, generator=torch.Generator().manual_seed(0))
-    theta = params["rotation"] * np.pi / 180
-    cos, sin, shear = torch.cos(theta), torch.sin(theta), params["shear"]
-    matrix = torch.stack([
-        torch.stack([cos * params["scale_x"], (cos * shear - sin) * params["scale_y"]], dim=1),
-        torch.stack([sin * params["scale_x"], (sin * shear + cos) * params["scale_y"]], dim=1)], dim=1)
+    matrix = _linear_part(params)
     corners = torch.tensor([[-19.5, 19.5, -19.5, 19.5], [-19.5, -19.5, 19.5, 19.5]], dtype=torch.float64)
     extent = (matrix @ corners).abs().amax(dim=2)                      # [B, 2]: half-width of the moved box
     shift = torch.stack([params["shift_x"], params["shift_y"]], dim=1)
@@ -220,11 +221,7 @@ def test_affine_translations_span_the_whole_room():
     images = torch.zeros(400, 1, 40, 40, dtype=torch.float64)
     images[:, :, 10:30, 10:30] = 1.0                               # box 10..29: corners at +-9.5 from the centre
     _, params = affine_transform(images, generator=torch.Generator().manual_seed(0))
-    theta = params["rotation"] * np.pi / 180
-    cos, sin, shear = torch.cos(theta), torch.sin(theta), params["shear"]
-    matrix = torch.stack([
-        torch.stack([cos * params["scale_x"], (cos * shear - sin) * params["scale_y"]], dim=1),
-        torch.stack([sin * params["scale_x"], (sin * shear + cos) * params["scale_y"]], dim=1)], dim=1)
+    matrix = _linear_part(params)
     corners = torch.tensor([[-9.5, 9.5, -9.5, 9.5], [-9.5, -9.5, 9.5, 9.5]], dtype=torch.float64)
     moved = matrix @ corners
     low, high = -19.5 - moved.amin(dim=2), 19.5 - moved.amax(dim=2)
