@@ -11,9 +11,11 @@ import subprocess
 
 
 def _has_cuda_gpu():
-    # Asked without importing torch or triton, so that the interpreter flag is set first.
+    # Asked without importing torch or triton, so that the interpreter flag is set first; where an
+    # image has the driver but not nvidia-smi, by the driver's list of GPUs.
     if shutil.which("nvidia-smi") is None:
-        return False
+        gpus = "/proc/driver/nvidia/gpus"
+        return os.path.isdir(gpus) and bool(os.listdir(gpus))
     try:
         return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -41,7 +43,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def interpreted():
     """True when Triton kernels run through the CPU interpreter in this session."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    from capsnet_triton.checks import interpreting
+    return interpreting()
 
 
 def pytest_report_header(config):

@@ -56,3 +56,14 @@ def test_triton_backend_on_cpu_tensors_without_the_interpreter_says_so(monkeypat
                  lambda: dynamic_routing(torch.randn(2, 3, 4, 5), backend="triton")):
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             call()
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", " on", "yes", "0", "false", "off", "no", "", "2"])
+def test_the_interpreter_flag_is_read_as_triton_reads_it(value, monkeypatch):
+    """checks.interpreting() (the launchers', bench's and the tests' one reading of it) against
+    Triton's own: TRITON_INTERPRET=true runs the interpreter, and must not be taken for compiled."""
+    from triton._C.libtriton import getenv_bool
+
+    from capsnet_triton.checks import interpreting
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() == getenv_bool("TRITON_INTERPRET", False)

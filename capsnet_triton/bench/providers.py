@@ -3,17 +3,17 @@ of `capsnet_triton.baselines`, torch.compile of the public-repo style, and the p
 unfused (predict, then dynamic_routing) and fused (capsule_linear)."""
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from capsnet_triton import baselines
+from capsnet_triton.checks import interpreting
 
 # Under Triton's interpreter a "triton" timing would measure NumPy emulating a GPU: the triton
 # provider refuses to run, and on a GPU bench refuses to start.
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+TRITON_INTERPRET = interpreting()
 
 
 @dataclass(frozen=True)
