@@ -64,7 +64,7 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
                    for B, c, ms in ((128, "sample", 0.4), (512, "sample", 1.0), (512, "split S=4", 0.5))]
     kernel_rows.append(dict(B=512, workload="routing fwd", config="split S=8", error="CompilationError: x"))
     kernel_rows += [dict(B=512, workload="digitcaps bwd", config=c, graph_ms=ms, call_ms=ms + 0.3, copy_pct=None)
-                    for c, ms in (("A+B split", 5.0), ("B (last)", 1.0))]
+                    for c, ms in (("split", 5.0), ("B (last)", 1.0))]
     (tmp_path / "kernels.json").write_text(json.dumps({"default": "sample", "baselines": ["unfused", "B (last)"],
                                                        "complete": False, "rows": kernel_rows}))
     (tmp_path / "evaluate.log").write_text("mnist test accuracy 99.10% (error 0.90%) on 10000 images, loss 0.01\n"
@@ -84,7 +84,7 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     assert ("routing fwd B=512: best split S=4 0.5 ms, 200% copy (default sample 1 ms, as a call 1.3 ms)"
             in rows["kernels"])
     # "B (last)" runs another gradient policy: beside the candidates, never the best of them.
-    assert "digitcaps bwd B=512: best A+B split 5 ms; B (last) 1 ms" in rows["kernels"]
+    assert "digitcaps bwd B=512: best split 5 ms; B (last) 1 ms" in rows["kernels"]
     assert "5 rows timed, 1 FAILED; the stage was cut off" in rows["kernels"]
     assert "3/50 epochs, median 5.0 s" in rows["train"] and "99.00% (epoch 2)" in rows["train"]
     assert "not tested" in rows["train"]
@@ -94,6 +94,32 @@ def test_summary_of_stages_that_failed_or_ran_out_of_time(tmp_path):
     # SPEC 9: the generated set is never named affNIST, its stage neither.
     assert rows["affnist-generated"].startswith("| affnist-generated | pass |")
     assert "**affnist-generated test accuracy 79.50%" in rows["affnist-generated"]
+
+
+def test_summary_of_a_test_stage_stopped_before_pytests_summary(tmp_path):
+    """Cut by its limit, pytest prints no summary line: the tests that ended, as -v named them,
+    are counted instead, and the failed ones named."""
+    (tmp_path / "stages.tsv").write_text("tests\ttimeout\t200\t200\t\n")
+    (tmp_path / "tests.log").write_text(
+        "12 workers [484 items]\n[gw0] [  1%] PASSED tests/test_a.py::test_one\n"
+        "[gw3] [  2%] FAILED tests/test_b.py::test_two[float32]\n[gw1] [  3%] PASSED tests/test_a.py::test_three\n"
+        "[gw2] [ 4%] SKIPPED tests/test_c.py::test_four\n")
+    table = summary.write_summary(str(tmp_path), epochs=50)
+    row = next(line for line in table.splitlines() if line.startswith("| tests |"))
+    assert "| TIMEOUT |" in row
+    assert "stopped before pytest's summary: 2 passed, 1 failed, 1 skipped of 484 collected" in row
+    assert "FAILED tests/test_b.py::test_two[float32]" in row
+
+
+def test_summary_shows_the_default_models_train_step(tmp_path):
+    """The train step's figure is the default model's, DigitCaps fused (triton-fused on a GPU),
+    not the unfused one's; routing has no fused row, and shows the Triton kernels'."""
+    rows = [dict(workload=w, B=128, r=3, provider=p, status="ok", median_ms=ms, vs_eager=None, copy_share=None)
+            for w, p, ms in (("train step", "triton", 30.0), ("train step", "triton-fused", 20.0),
+                             ("routing fwd+bwd", "triton", 1.0), ("routing fwd+bwd", "project-torch", 9.0))]
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": rows, "complete": True}))
+    figures = summary.bench_figures(str(tmp_path))
+    assert "train step B=128: triton-fused 20 ms" in figures and "routing fwd+bwd B=128: triton 1 ms" in figures
 
 
 def test_on_a_gpu_the_tests_stage_runs_every_file_whose_tests_use_the_device():

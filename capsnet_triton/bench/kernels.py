@@ -43,20 +43,21 @@ CONFIGS = [
 # The fused layer's rows start with the unfused layer (predict, then the routing kernels) through
 # the public ops, autograd included: the baseline capsule_linear must beat.
 UNFUSED = ("unfused", None)
-# The fused backward alone, split into its kernels: A and B under "full" per variant, and B alone
+# The fused backward alone, split into its kernels: A and B under "full" per variant (labelled as
+# the variant, like the forward's rows, so that the default is found by the same name), and B alone
 # ("last" runs no kernel A, only a squash backward of [B, J, D] before kernel B).
 BACKWARD = "digitcaps bwd"
 LAST_ONLY = "B (last)"
 BACKWARD_CONFIGS = [
-    ("A+B sample", dict(variant="sample")),
-    ("A+B split", dict(variant="split")),
+    ("sample", dict(variant="sample")),
+    ("split", dict(variant="split")),
     (LAST_ONLY, dict(gradient="last")),
     # Kernel B at other (BLOCK_B, BLOCK_JD, num_warps) than its default (16, 64, 4), both without
     # spills in the sm_90 compile (tests/test_kernels_compile.py compiles them): twice the columns
     # a program (two chunks, not three), and twice the samples a step, each at 8 warps (docs/PERF.md,
     # seventeenth run).
-    ("A+B split, B 16x128", dict(variant="split", weight_launch=(16, 128, 8))),
-    ("A+B split, B 32x64", dict(variant="split", weight_launch=(32, 64, 8))),
+    ("split, B 16x128", dict(variant="split", weight_launch=(16, 128, 8))),
+    ("split, B 32x64", dict(variant="split", weight_launch=(32, 64, 8))),
 ]
 # Rows that time other work than their workload's candidates (another code path, another gradient
 # policy): shown beside them, never picked as the best launch.
