@@ -332,8 +332,9 @@ def _compile_mnist_launches(dtype_name):
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("compiling for a GPU needs a process without TRITON_INTERPRET=1")
+    from capsnet_triton.checks import interpreting
+    if interpreting():
+        sys.exit(f"compiling for a GPU needs a process without TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}")
     if sys.argv[1] == "--table":
         _print_table()
     else:
