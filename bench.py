@@ -45,7 +45,8 @@ network's recomputed convolutions). The largest relative error ||out - ref|| / |
 outputs must be <= 1e-5 (SPEC section 8, float32). A provider that disagrees or raises is not timed: its
 row says FAILED, the error goes to stderr, and bench exits with status 1. A shape whose inputs do
 not fit in memory is skipped, as are providers this machine cannot run; a run in which every row
-was skipped exits 0 and says so. Ctrl-C prints the table of the rows finished so far and exits 130.
+was skipped exits 0 and says so. Ctrl-C prints the table of the rows finished so far and exits 130;
+SIGTERM (a time limit's) does the same and exits 143.
 
 The table's header names the network shape every row runs (the plan's: --tiny's is not MNIST's)
 and the exact command; bench.json's environment records both, and the plan.

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -322,6 +323,27 @@ def test_ctrl_c_prints_the_rows_so_far_and_exits_130(tmp_path, monkeypatch, caps
     assert "interrupted (Ctrl-C): the table holds the 3 row(s)" in err
     report_ = json.loads(path.read_text())
     assert report_["complete"] is False and len(report_["rows"]) == 3
+
+
+def test_sigterm_prints_the_rows_so_far_and_exits_143(tmp_path, monkeypatch, capsys):
+    """A time limit's SIGTERM (the GPU check's stages) stops bench as Ctrl-C does; its handler is
+    bench's only while bench runs."""
+    def routing(u_hat, iterations):
+        if u_hat.shape[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return baselines.routing(u_hat, iterations)
+
+    real = providers.make_providers
+    monkeypatch.setattr(cli, "make_providers", lambda: real() + [_provider("stopper", routing)])
+    path = tmp_path / "rows.json"
+    before = signal.getsignal(signal.SIGTERM)
+    status = cli.main(["--tiny", "--device", "cpu", "--batches", "2,3", "--providers", "torch-eager,stopper",
+                       "--workloads", "routing fwd", "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert status == 143 and signal.getsignal(signal.SIGTERM) == before
+    assert re.search(r"\n +2 +3  stopper +[0-9.]+ ", out) and re.search(r"\n +3 +3  torch-eager +[0-9.]+ ", out)
+    assert "interrupted (SIGTERM): the table holds the 3 row(s)" in err
+    assert json.loads(path.read_text())["complete"] is False
 
 
 def test_ctrl_c_before_any_row_or_a_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):

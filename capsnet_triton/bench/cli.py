@@ -5,7 +5,9 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from dataclasses import asdict, replace
 
 import torch
@@ -14,7 +16,7 @@ from . import providers as _providers
 from .check import check_ground_truth
 from .providers import make_providers
 from .report import environment, format_table, load_average, plot, plot_formats
-from .runner import PLANS, Interrupted, run, shapes_for
+from .runner import PLANS, Interrupted, Terminated, run, shapes_for, stop_cause
 from .timing import copy_bandwidth_gbs
 from .workloads import WORKLOADS
 
@@ -114,14 +116,25 @@ def _write_json(path, env, rows, complete):
     write_json_atomic(path, {"environment": env, "complete": complete, "rows": records})
 
 
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None, description=None):
     """bench.py's command; Ctrl-C anywhere ends it with one line and status 130 (while rows are
-    measured, after printing the rows finished before it)."""
+    measured, after printing the rows finished before it), SIGTERM (a time limit's) alike with
+    status 143, where bench runs in the main thread (Python's signal handlers live there)."""
+    handles_sigterm = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
     try:
         return _main(argv, description)
-    except KeyboardInterrupt:
-        print("bench: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        name, status = stop_cause(stop)
+        print(f"bench: interrupted ({name})", file=sys.stderr)
+        return status
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _main(argv, description):
@@ -164,9 +177,10 @@ def _main(argv, description):
         check_ground_truth(workloads)
         bandwidth = {d.type: copy_bandwidth_gbs(d, plan.copy_mib)
                      for d in bandwidth_devices(device, providers, workloads, plan)}
-    except KeyboardInterrupt:
-        print("bench: interrupted (Ctrl-C) before any row was measured", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        name, status = stop_cause(stop)
+        print(f"bench: interrupted ({name}) before any row was measured", file=sys.stderr)
+        return status
     command = sys.argv[1:] if argv is None else argv
     json_error = []
 
@@ -185,20 +199,22 @@ def _main(argv, description):
         else:
             json_error.clear()
 
-    interrupted = False
+    interrupted = None
     try:
         rows = run(providers, workloads, plan, device, bandwidth, on_row=lambda rows: write_json(rows, False))
     except Interrupted as stop:
-        rows, interrupted = stop.rows, True
+        rows, interrupted = stop.rows, stop.cause
     env = environment(device, bandwidth, command, load_before, plan)
     print(format_table(rows, env, providers))
-    write_json(rows, not interrupted)
-    if interrupted:
-        # 130: the shell's status for a command ended by SIGINT, so scripts see the run as cut short.
-        print(f"bench: interrupted (Ctrl-C): the table holds the {len(rows)} row(s) finished before it"
+    write_json(rows, interrupted is None)
+    if interrupted is not None:
+        # 130 or 143: the shell's status for a command ended by SIGINT or SIGTERM, so that scripts
+        # see the run as cut short.
+        name, status = stop_cause(interrupted)
+        print(f"bench: interrupted ({name}): the table holds the {len(rows)} row(s) finished before it"
               + (", and so does the JSON (complete: false)" if args.json else "")
               + ("; the plot was not drawn" if args.plot else ""), file=sys.stderr)
-        return 130
+        return status
     if args.plot:
         plot(rows, args.plot, env)
     failed = [r for r in rows if r.status == "FAILED"]

@@ -53,12 +53,23 @@ def network_shape(plan):
 MNIST = network_shape(PLANS[("cpu", "default")])
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during run(): `rows` holds the rows finished before it."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a time limit's, as the GPU check's stages send), raised by bench's command where
+    Ctrl-C raises KeyboardInterrupt, so that both stop a run alike."""
 
-    def __init__(self, rows):
+
+def stop_cause(stop):
+    """(what stopped the run, the status a shell reports for it): Ctrl-C 130, SIGTERM 143."""
+    return ("SIGTERM", 143) if isinstance(stop, Terminated) else ("Ctrl-C", 130)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during run(): `rows` holds the rows finished before it, `cause` the
+    interrupt."""
+
+    def __init__(self, rows, cause):
         super().__init__()
-        self.rows = rows
+        self.rows, self.cause = rows, cause
 
 
 @dataclass
@@ -151,8 +162,8 @@ def run(providers, workloads, plan, device, bandwidth, progress=True, on_row=Non
     """Check and time every (workload, shape, provider); returns the rows in that order.
 
     on_row(rows): called with the rows so far after each one, so that a run stopped early
-    (a time limit) still leaves what it measured. Ctrl-C raises Interrupted with the rows
-    finished before it."""
+    (a time limit) still leaves what it measured. Ctrl-C (or SIGTERM, Terminated) raises
+    Interrupted with the rows finished before it."""
     tasks = [(w, s, p) for w in workloads for s in shapes_for(w, plan) for p in providers]
     rows, cache = [], {}
     bar = tqdm(tasks, file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -163,9 +174,9 @@ def run(providers, workloads, plan, device, bandwidth, progress=True, on_row=Non
             rows.append(_row(workload, shape, provider, cache, device, plan, bandwidth))
             if on_row is not None:
                 on_row(_compare_with_eager(rows))       # vs_eager too, for a run stopped early
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         bar.close()
-        raise Interrupted(_compare_with_eager(rows)) from None
+        raise Interrupted(_compare_with_eager(rows), stop) from None
     return _compare_with_eager(rows)
 
 
