@@ -40,8 +40,9 @@ def kept_iterations(iterations, gradient, keep=True):
 
 def interpreting():
     """True when Triton kernels run through the CPU interpreter: TRITON_INTERPRET read as Triton
-    reads it (1, true, on or yes, in any case; 0, false, off, no or unset mean compiled)."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+    3.6 and 3.9 read it (1, true, on, yes or y, in any case; anything else, or unset, means
+    compiled)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def check_float_tensor(x, name):

@@ -239,6 +239,15 @@ def test_the_fused_layers_chunks_use_their_per_parent_products(monkeypatch):
     assert len(built) == 1
 
 
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_says_so(monkeypatch):
+    # Where CUDA exists, Triton would otherwise fail on the CPU pointer with an obscure message.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for call in (lambda: squash(torch.randn(3), backend="triton"),
+                 lambda: dynamic_routing(torch.randn(2, 3, 4, 5), backend="triton")):
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            call()
+
+
 def test_non_contiguous_u_hat():
     base = torch.randn(5, 2, 3, 4, dtype=torch.float64)       # [I, B, J, D] in memory
     u_hat = base.permute(1, 0, 2, 3)
