@@ -4,7 +4,8 @@
 # fail, timeout, skipped) is recorded and a failed stage does not stop the next:
 #   ceilings  device, versions, copy bandwidth, fp32/TF32/bf16 GEMM rates -> OUT/ceilings.json
 #   tests     the test files whose tests use the GPU, Hypothesis profile "gpu" (fewer examples: each
-#             shape compiles); the rest of the suite runs on the CPU alone, as in CI
+#             shape compiles), but bench's tiny run (the bench stage runs bench); the rest of the
+#             suite runs on the CPU alone, as in CI
 #   memcheck  a small routing forward + backward under compute-sanitizer --tool memcheck
 #   bench     bench.py at B = 32, 128, 512, every provider -> OUT/bench.json, OUT/bench.png
 #   kernels   the routing and fused-layer kernels alone (CUDA graph replay), per variant and launch
@@ -112,7 +113,7 @@ else
     # to the bench stage, which runs bench itself on the GPU.
     pytest_args=(-n 12 -v --durations=20 "${device_tests[@]}"
                  --deselect tests/test_bench.py::test_tiny_run_has_every_provider_and_workload)
-    tests_note="the files whose tests use the GPU (${#device_tests[@]}); the others run on the CPU alone, as in CI"
+    tests_note="the files whose tests use the GPU (${#device_tests[@]}), less bench's tiny run (the bench stage's); the others run on the CPU alone, as in CI"
     bench_args=(--quick --batches 32,128,512 --device cuda)
     epochs=50
     train_args=()

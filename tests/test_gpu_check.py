@@ -4,6 +4,7 @@ commands (summary, ceilings, kernels) refusing bad arguments before they measure
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,13 +103,14 @@ def test_summary_of_a_test_stage_stopped_before_pytests_summary(tmp_path):
     (tmp_path / "stages.tsv").write_text("tests\ttimeout\t200\t200\t\n")
     (tmp_path / "tests.log").write_text(
         "12 workers [484 items]\n[gw0] [  1%] PASSED tests/test_a.py::test_one\n"
-        "[gw3] [  2%] FAILED tests/test_b.py::test_two[float32]\n[gw1] [  3%] PASSED tests/test_a.py::test_three\n"
-        "[gw2] [ 4%] SKIPPED tests/test_c.py::test_four\n")
+        "[gw3] [  2%] FAILED tests/test_b.py::test_two[I and P must agree]\n"
+        "[gw1] [  3%] PASSED tests/test_a.py::test_three\n[gw2] [ 4%] SKIPPED tests/test_c.py::test_four\n"
+        "[gw0] [  5%] ERROR tests/test_c.py::test_five \n")
     table = summary.write_summary(str(tmp_path), epochs=50)
     row = next(line for line in table.splitlines() if line.startswith("| tests |"))
     assert "| TIMEOUT |" in row
-    assert "stopped before pytest's summary: 2 passed, 1 failed, 1 skipped of 484 collected" in row
-    assert "FAILED tests/test_b.py::test_two[float32]" in row
+    assert "stopped before pytest's summary: 1 failed, 2 passed, 1 skipped, 1 errors of 484 collected" in row
+    assert "FAILED tests/test_b.py::test_two[I and P must agree], ERROR tests/test_c.py::test_five" in row
 
 
 def test_summary_shows_the_default_models_train_step(tmp_path):
@@ -131,6 +133,15 @@ def test_on_a_gpu_the_tests_stage_runs_every_file_whose_tests_use_the_device():
                    if path.name != "test_gpu_check.py"
                    and ("DEVICE" in path.read_text() or "torch.cuda.is_available()" in path.read_text())}
     assert listed == uses_device and all((ROOT / name).exists() for name in listed)
+
+
+def test_the_tests_stage_deselects_tests_that_exist():
+    """pytest ignores a --deselect that names no test: a renamed test would run again unseen."""
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    deselected = re.findall(r"--deselect (\S+)::(\w+)", script)
+    assert deselected
+    for path, name in deselected:
+        assert f"def {name}(" in (ROOT / path).read_text(), (path, name)
 
 
 def test_a_stage_that_fails_or_runs_out_of_time_does_not_stop_the_next(tmp_path):

@@ -17,8 +17,11 @@ import re
 import sys
 
 COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)")
-# What pytest -v says as each test ends, under pytest-xdist: "[gw3] [ 45%] PASSED tests/a.py::t".
-ENDED = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)", re.MULTILINE)
+# What pytest -v says as each test ends, under pytest-xdist: "[gw3] [ 45%] PASSED tests/a.py::t[a b]"
+# (a test's id may hold spaces), and the words its summary line uses for each outcome, in its order.
+ENDED = re.compile(r"^\[gw\d+\] \[\s*\d+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (.+?)\s*$", re.MULTILINE)
+OUTCOMES = {"FAILED": "failed", "PASSED": "passed", "SKIPPED": "skipped", "XFAIL": "xfailed", "XPASS": "xpassed",
+            "ERROR": "errors"}
 
 
 def _read(out, name):
@@ -83,7 +86,7 @@ def tests_figures(out):
         # Stopped by its limit before pytest's summary: the tests that ended, as -v named them.
         outcomes = [outcome for outcome, _ in ended]
         counts = "stopped before pytest's summary: " + ", ".join(
-            f"{outcomes.count(word)} {word.lower()}" for word in dict.fromkeys(outcomes))
+            f"{outcomes.count(outcome)} {word}" for outcome, word in OUTCOMES.items() if outcome in outcomes)
         failed = [f"{outcome} {test}" for outcome, test in ended if outcome in ("FAILED", "ERROR")]
     else:
         return "no pytest summary line in tests.log"
