@@ -55,10 +55,12 @@ def main(argv=None):
         test_images, test_labels = load_mnist(args.data, train=False)
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    if test_images.shape[1:] != train_images.shape[1:]:
-        # The network is sized for the training images: found now, not at the final scoring.
-        parser.error(f"the test images in {args.data} are {test_images.shape[1]} x {test_images.shape[2]}, "
-                     f"the training images {train_images.shape[1]} x {train_images.shape[2]}: they must match")
+    (height, width), test_size = train_images.shape[1:], test_images.shape[1:]
+    if height != width or test_size != (height, width):
+        # The network is sized for square training images (_small_config): found now, not at the
+        # first step or at the final scoring.
+        parser.error(f"the training images in {args.data} are {height} x {width}, the test images "
+                     f"{test_size[0]} x {test_size[1]}: the demo takes square images, all of one size")
     if args.eval >= len(train_images):
         parser.error(f"--eval {args.eval} leaves no training images of the {len(train_images)} in {args.data}")
     train_images, val_images = train_images[:-args.eval], train_images[-args.eval:]

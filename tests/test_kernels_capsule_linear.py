@@ -140,7 +140,8 @@ def test_capsule_linear_with_inputs_not_a_multiple_of_the_block(gradient, varian
 @pytest.mark.parametrize("variant", ["sample", "split"])
 def test_capsule_linear_at_the_mnist_shape(variant, rng):
     """DigitCaps of the MNIST network (SPEC 5): I = 1152, J = 10, D = 16, P = 8, 3 iterations, with
-    the launchers' own block sizes (kernel B: all 160 of J D's columns, padded to 256, a program)."""
+    the launchers' own block sizes (kernel B under the interpreter: all 160 of J D's columns,
+    padded to 256, a program; on a GPU three chunks of 64)."""
     u, weight, bias, dv = layer_inputs(rng, (2, 1152, 10, 16, 8), torch.float32, with_bias=True)
     check_capsule_linear(u, weight, 3, dv, bias=bias, variant=variant)
 

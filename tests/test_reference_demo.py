@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from capsnet_triton.reference import load_mnist
-from idx_files import write_mnist
+from idx_files import write_idx, write_mnist
 
 
 def run_demo(*args):
@@ -73,12 +73,17 @@ def test_demo_scales_pixels_and_validates_on_held_out_training_images(tmp_path, 
     assert losses and all(loss <= 0.81 + 9 * 0.405 + 0.0005 * 784 for loss in losses), losses
 
 
-def test_demo_refuses_test_images_of_another_size(tmp_path):
-    """Found before training, not as a traceback at the final scoring."""
+def test_demo_refuses_test_images_of_another_size_and_images_not_square(tmp_path):
+    """Found before training, not as a traceback at the first step or the final scoring."""
     write_mnist(tmp_path, 9, 5, np.random.default_rng(0))
     other = tmp_path / "other"
     other.mkdir()
     write_mnist(other, 9, 5, np.random.default_rng(0), size=32)
     (other / "t10k-images-idx3-ubyte.gz").replace(tmp_path / "t10k-images-idx3-ubyte.gz")
     result = run_demo("--data", str(tmp_path), "--steps", "1", "--eval", "3")
-    assert result.returncode == 2 and "32 x 32" in result.stderr and "must match" in result.stderr, result.stderr
+    assert result.returncode == 2 and "the test images 32 x 32" in result.stderr, result.stderr
+    rng = np.random.default_rng(1)
+    for prefix, count in (("train", 9), ("t10k", 5)):
+        write_idx(str(tmp_path / f"{prefix}-images-idx3-ubyte.gz"), rng.integers(0, 256, (count, 28, 32), dtype=np.uint8))
+    result = run_demo("--data", str(tmp_path), "--steps", "1", "--eval", "3")
+    assert result.returncode == 2 and "are 28 x 32" in result.stderr and "square" in result.stderr, result.stderr
