@@ -142,3 +142,11 @@ def test_the_validation_split_is_drawn_from_the_split_seed(tmp_path, monkeypatch
         train.main(["--data", str(data_dir), "--out", str(tmp_path / "run"), "--validation-size", "10",
                     "--seed", "3", "--split-seed", "7", "--device", "cpu", "--no-verify-data"])
     assert seen == [7]
+
+
+def test_the_usage_names_the_command_as_it_was_started(monkeypatch):
+    """The console script's usage and error lines say capsnet-train, not python -m ..."""
+    monkeypatch.setattr("sys.argv", ["/somewhere/bin/capsnet-train", "--help"])
+    assert build_parser().prog == "capsnet-train"
+    monkeypatch.setattr("sys.argv", ["/somewhere/capsnet_triton/train.py"])
+    assert build_parser().prog == "python -m capsnet_triton.train"
