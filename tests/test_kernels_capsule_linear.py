@@ -23,6 +23,7 @@ from capsnet_triton.kernels import capsule_linear as capsule_linear_kernels
 from capsnet_triton.kernels import capsule_linear_weight
 from capsnet_triton.kernels import capsule_linear_backward, capsule_linear_forward
 from capsnet_triton.kernels.launch import DEFAULT_VARIANT, max_tile
+from capsnet_triton.numerics import input_sensitivity
 from capsnet_triton.reference import capsule_linear_backward as reference_backward
 from capsnet_triton.reference import capsule_linear_forward as reference_forward
 
@@ -50,9 +51,17 @@ def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full
 
     # A zero bias changes nothing in the reference and makes it return dL/dbias.
     bias64 = np.zeros((J, D)) if bias is None else as_float64(bias)
+
+    def reference_dbias(u64, weight64, bias64):
+        _, cache = reference_forward(u64, weight64, iterations, bias=bias64, gradient=gradient)
+        return (reference_backward(as_float64(dv), cache)[2],)
+
     ref_v, cache = reference_forward(as_float64(u), as_float64(weight), iterations, bias=bias64,
                                      gradient=gradient)
     ref_du, ref_dW, ref_dbias = reference_backward(as_float64(dv), cache)
+    # dbias sums ds over samples and iterations, and the sum may cancel (four samples of J = D = 1
+    # summed to 1/40 of their terms): the comparison allows for what it amplifies (SPEC 8).
+    (dbias_spread,) = input_sensitivity(reference_dbias, (as_float64(u), as_float64(weight), bias64), dtype)
     assert_agrees(v, ref_v, dtype, "v")
     # s_all and ds_all are computed and kept in the compute dtype, from inputs already rounded to
     # theirs: they are held to its tolerance, not to the half-precision input's.
@@ -62,7 +71,8 @@ def check_capsule_linear(u, weight, iterations, dv, *, bias=None, gradient="full
                   compute_dtype(dtype), "kept couplings")
     assert_agrees(du, ref_du, dtype, "du")
     assert_agrees(dW, ref_dW, dtype, "dW")
-    assert_agrees(ds_all.sum((0, 1)), ref_dbias, compute_dtype(dtype), "dbias = ds_all.sum((0, 1))")
+    assert_agrees(ds_all.sum((0, 1)), ref_dbias, compute_dtype(dtype), "dbias = ds_all.sum((0, 1))",
+                  spread=dbias_spread)
     return v, s_all, du, dW, ds_all
 
 
