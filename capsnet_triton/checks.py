@@ -17,7 +17,7 @@ __all__ = ["BACKENDS", "FLOAT_DTYPES", "compute_dtype", "kept_iterations", "inte
            "check_capsules", "check_u_hat", "check_iterations", "check_bias", "check_backend", "pick_backend",
            "GRADIENT_POLICIES", "check_gradient", "check_u_and_weight", "check_differentiation",
            "differentiable_once", "check_positive_int", "check_flag", "autocast_dtype", "needs_backward",
-           "runs_as_function", "active_transforms", "autocast_mixes"]
+           "runs_as_function", "active_transforms", "autocast_mixes", "nan_rows"]
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -36,6 +36,15 @@ def kept_iterations(iterations, gradient, keep=True):
     if not keep:
         return 0
     return iterations - 1 if gradient == "full" else min(1, iterations - 1)
+
+
+def nan_rows(ds_first):
+    """[B]: 0 for each sample, NaN where its ds^(1) [B, J, D] holds a NaN or inf. The full
+    gradient's du_hat gains the term db^(1) V^(1), left out as 0 by V^(1) = 0, but NaN as the
+    reference computes it where db^(1) is not finite: for finite u_hat, exactly such a sample (one
+    whose first s overflowed, SPEC 7), whose du_hat is then NaN throughout. Both backward paths
+    add this to c^(1)'s uniform weight."""
+    return (ds_first * 0.0).sum(dim=(1, 2))
 
 
 def interpreting():

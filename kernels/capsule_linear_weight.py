@@ -14,7 +14,7 @@ backward launcher calls `weight_launch_config` (before kernel A runs) and `backw
 import triton
 import triton.language as tl
 
-from capsnet_triton.checks import interpreting
+from capsnet_triton.checks import interpreting, nan_rows
 
 from .launch import GRID_Y_MAX, check_tile, launch_options, max_tile, scratch, tl_dtype
 from .squash import squash_forward
@@ -192,13 +192,13 @@ def backward_weight(u, weight, ds_all, s_all, couplings, grad_logits, du, dweigh
     iterations = s_all.shape[0]
     chunks = triton.cdiv(J * D, config["BLOCK_JD"])
     # du, one partial sum per chunk of columns where there are several; V^(1..r-1) and the samples
-    # whose ds^(0) is not finite (NaN in nan_rows, see _du_hat_rows) for "full"; the pointers of
-    # what a launch does not read stand in as s_all.
+    # whose ds^(0) is not finite (NaN in checks.nan_rows, see _du_hat_rows) for "full"; the
+    # pointers of what a launch does not read stand in as s_all.
     du_partials = du if chunks == 1 else scratch((chunks, B, I, P), s_all)
     v_sums = squash_forward(s_all[:-1]).cumsum(0) if gradient == "full" and iterations > 1 else s_all
-    nan_rows = (ds_all[0] * 0.0).sum(dim=(1, 2)) if gradient == "full" else s_all
+    first_nan = nan_rows(ds_all[0]) if gradient == "full" else s_all
     backward_weight_kernel[(I, chunks)](
-        u, weight, ds_all, v_sums, nan_rows, couplings, grad_logits, du_partials, dweight,
+        u, weight, ds_all, v_sums, first_nan, couplings, grad_logits, du_partials, dweight,
         B, I, J, D, P, iterations,
         GRADIENT_FULL=gradient == "full", **config,
     )

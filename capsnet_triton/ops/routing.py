@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 
 from ..checks import (check_bias, check_differentiation, check_gradient, check_iterations, check_u_hat, compute_dtype,
-                      differentiable_once, kept_iterations, needs_backward, pick_backend, runs_as_function)
+                      differentiable_once, kept_iterations, nan_rows, needs_backward, pick_backend,
+                      runs_as_function)
 from .squash import squash_backward_torch, squash_forward_torch
 
 __all__ = ["dynamic_routing"]
@@ -216,12 +217,9 @@ def routing_backward_torch(dv, u_hat, s_all, couplings, gradient, workspace=None
         db = c_e.addcmul_(c, c_e.sum(dim=1, keepdim=True), value=-1)   # softmax over j
         grad_v_sum = grad_v_sum + _weighted_sum(db, u3, parents)
         grad_v = grad_v_sum
-    # c^(1) = 1/J, written in one pass with this: db^(1) V^(1) is 0 by V^(1) = 0 and left out, but
-    # as the reference computes it, NaN where db^(1) is not finite: for finite u_hat, exactly where
-    # ds^(1) holds a NaN or inf (a sample whose first s overflowed, SPEC 7), which spreads to all
-    # of the sample's du_hat. A NaN in c^(1)'s weights does that in the product below (NaN times
-    # its zeros).
-    weights[:, 0] = (ds_all[0] * 0.0).sum(dim=(1, 2)).add_(1.0 / J).view(B, 1, 1)
+    # c^(1) = 1/J, with checks.nan_rows: a NaN in c^(1)'s weights spreads to all of the sample's
+    # du_hat in the product below (NaN times its zeros).
+    weights[:, 0] = nan_rows(ds_all[0]).add_(1.0 / J).view(B, 1, 1)
     vectors = torch.cat((ds_all.transpose(0, 1), v_sums[:, 1:]), dim=1)       # [B, T, J, D]
     du3 = torch.bmm(weights.view(B, (2 * r - 1) * J, I).transpose(1, 2), _block_diagonal(vectors),
                     out=_rows_out(workspace, u3.shape))
