@@ -31,7 +31,7 @@ from .model import build_model
 from .training.checkpoint import load_checkpoint
 from .training.config import check_run_config, unwritable_folder
 from .training.distributed import resolve_device
-from .training.errors import ArgumentParser, run_command
+from .training.errors import ArgumentParser, command_name, run_command
 
 __all__ = ["evaluate", "example_count", "load_model", "main"]
 
@@ -115,7 +115,7 @@ def load_model(path, device="cpu"):
 
 def build_parser():
     parser = ArgumentParser(
-        prog="python -m capsnet_triton.evaluate",
+        prog=command_name("capsnet-evaluate", "capsnet_triton.evaluate"),
         description="Test-set accuracy and figures of a trained CapsNet checkpoint.",
     )
     parser.add_argument("checkpoint", help="a checkpoint written by training (RUN_DIR/best.pt or last.pt)")

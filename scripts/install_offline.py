@@ -8,7 +8,8 @@ interpreter's own setuptools (any version >= 61; before 70.1 setuptools also nee
 package). Where pip is missing or that build fails, it writes what an editable install amounts
 to: a finder in site-packages that maps the packages of pyproject.toml's [tool.setuptools]
 package-dir to this checkout's folders (`_capsnet_triton_checkout.py`, loaded at start-up by
-`capsnet_triton_checkout.pth`; delete both to uninstall). Either way it then checks, from
+`capsnet_triton_checkout.pth`; delete both to uninstall) and the commands of [project.scripts]
+(capsnet-train, capsnet-evaluate) beside the interpreter. Either way it then checks, from
 another folder, that every package is found, and exits non-zero if not.
 """
 
@@ -46,11 +47,15 @@ if _CheckoutFinder not in sys.meta_path:
 '''
 
 
-def package_dirs():
-    """{package name: absolute folder} from pyproject.toml, the one place the layout is written."""
+def _pyproject():
     import tomllib              # Python >= 3.11; on 3.10 only the pip route is open
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        mapping = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+        return tomllib.load(f)
+
+
+def package_dirs():
+    """{package name: absolute folder} from pyproject.toml, the one place the layout is written."""
+    mapping = _pyproject()["tool"]["setuptools"]["package-dir"]
     return {name: os.path.join(ROOT, folder) for name, folder in mapping.items()}
 
 
@@ -86,6 +91,14 @@ def write_finder():
     with open(os.path.join(site, "capsnet_triton_checkout.pth"), "w") as f:
         f.write(f"import {FINDER}\n")
     print(f"install_offline: pip could not install the checkout; wrote {FINDER}.py and its .pth to {site}")
+    scripts = sysconfig.get_path("scripts")
+    for name, target in _pyproject()["project"]["scripts"].items():
+        module, function = target.split(":")
+        path = os.path.join(scripts, name)
+        with open(path, "w") as f:
+            f.write(f"#!{sys.executable}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n")
+        os.chmod(path, 0o755)
+        print(f"install_offline: wrote the command {path}")
 
 
 def main():

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = ["capsnet-train", "capsnet-evaluate"]
 PACKAGES = ["capsnet_triton", "capsnet_triton.bench", "capsnet_triton.kernels", "capsnet_triton.reference"]
 FIND = ("import importlib.util, sys; "
         f"print('\\n'.join(importlib.util.find_spec(n).origin for n in {PACKAGES!r}))")
@@ -73,6 +74,7 @@ def test_pip_builds_and_installs_with_no_index_and_no_build_isolation(tmp_path):
     assert origins[2].endswith(os.path.join("capsnet_triton", "kernels", "__init__.py"))
     metadata = next(target.glob("capsnet_triton-*.dist-info/METADATA")).read_text()
     assert "License-File: LICENSE" in metadata
+    assert sorted(os.listdir(target / "bin")) == sorted(COMMANDS)
 
 
 def test_install_offline_script_in_a_fresh_venv(tmp_path):
@@ -92,6 +94,15 @@ def test_install_offline_script_in_a_fresh_venv(tmp_path):
     origins = _origins(venv_python, tmp_path)
     assert origins == [str(copy / folder / "__init__.py")
                        for folder in ("capsnet_triton", "capsnet_triton/bench", "kernels", "reference")]
+    # Whichever route it took (pip's, or its finder where this Python's setuptools cannot build),
+    # the commands are there, run by the venv's interpreter, each calling its module's main (run
+    # here they would need the venv's Python to have numpy and torch, which this one may lack).
+    for command, module in zip(COMMANDS, ("train", "evaluate")):
+        path = venv / "bin" / command
+        assert os.access(path, os.X_OK), path
+        shebang, *body = path.read_text().splitlines()
+        assert os.path.realpath(shebang[2:]) == os.path.realpath(venv_python), shebang
+        assert any(f"from capsnet_triton.{module} import main" in line for line in body), body
 
 
 def test_setup_script_parses():

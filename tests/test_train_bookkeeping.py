@@ -4,16 +4,19 @@ ends of the documented ranges, a relative --data stored absolute, the test files
 divergence caught before a periodic save and in validation, and the torchrun and argv entry
 points' exits. Run through the commands on the tiny configuration of tests/command_runs.py."""
 
+import importlib
 import math
 import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from command_runs import args, fake_mnist, nan_from_step, one_line, read_records, run  # noqa: F401 (fixtures)
 
-from capsnet_triton import train
+from capsnet_triton import evaluate, train
 from capsnet_triton.data import DATASETS, load_split
 from capsnet_triton.training import loop
 from capsnet_triton.training.config import build_parser, check_config
@@ -144,9 +147,21 @@ def test_the_validation_split_is_drawn_from_the_split_seed(tmp_path, monkeypatch
     assert seen == [7]
 
 
-def test_the_usage_names_the_command_as_it_was_started(monkeypatch):
-    """The console script's usage and error lines say capsnet-train, not python -m ..."""
-    monkeypatch.setattr("sys.argv", ["/somewhere/bin/capsnet-train", "--help"])
-    assert build_parser().prog == "capsnet-train"
-    monkeypatch.setattr("sys.argv", ["/somewhere/capsnet_triton/train.py"])
-    assert build_parser().prog == "python -m capsnet_triton.train"
+@pytest.mark.parametrize("script, module, parser", [("capsnet-train", "train", build_parser),
+                                                    ("capsnet-evaluate", "evaluate", evaluate.build_parser)])
+def test_the_usage_names_the_command_as_it_was_started(monkeypatch, script, module, parser):
+    """A console script's usage and error lines say its name, not python -m ..."""
+    monkeypatch.setattr("sys.argv", [f"/somewhere/bin/{script}", "--help"])
+    assert parser().prog == script
+    monkeypatch.setattr("sys.argv", [f"/somewhere/capsnet_triton/{module}.py"])
+    assert parser().prog == f"python -m capsnet_triton.{module}"
+
+
+def test_every_command_has_its_console_script():
+    """pyproject.toml installs capsnet-train and capsnet-evaluate, each calling its module's main."""
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    scripts = dict(re.findall(r'^(capsnet-[a-z]+) = "([a-z_.]+:main)"$', text, flags=re.M))
+    assert scripts == {"capsnet-train": "capsnet_triton.train:main", "capsnet-evaluate": "capsnet_triton.evaluate:main"}
+    for target in scripts.values():
+        module, _ = target.split(":")
+        assert callable(importlib.import_module(module).main)

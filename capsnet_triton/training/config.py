@@ -8,12 +8,11 @@ import argparse
 import contextlib
 import math
 import os
-import sys
 
 from ..data import DATASETS, dataset_spec
 from .checkpoint import CHECKPOINT_FILES, best_model_in, load_checkpoint, load_training_state, lock_run_folder
 from .distributed import launched_rank, launched_world_size, resolve_device
-from .errors import ArgumentParser
+from .errors import ArgumentParser, command_name
 from .log import logged_prefix
 
 __all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "check_config", "check_run_config",
@@ -40,17 +39,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.nargs == 0 else super()._get_help_string(action)
 
 
-def _prog():
-    """The command as the user started it, for its usage and error lines: the console script
-    capsnet-train, or python -m capsnet_triton.train (also what torchrun runs)."""
-    return "capsnet-train" if os.path.basename(sys.argv[0]) == "capsnet-train" else "python -m capsnet_triton.train"
-
-
 def build_parser(suppress_defaults=False):
     """The command-line parser. With suppress_defaults, options not given are absent from the
     result, which is how a resumed run tells what the user changed from what they left out."""
     parser = ArgumentParser(
-        prog=_prog(),
+        prog=command_name("capsnet-train", "capsnet_triton.train"),
         description="Train CapsNet with dynamic routing (Sabour et al. 2017) on MNIST, Fashion-MNIST, "
                     "MultiMNIST or MNIST on 40x40.",
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
