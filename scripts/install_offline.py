@@ -48,7 +48,14 @@ if _CheckoutFinder not in sys.meta_path:
 
 
 def _pyproject():
-    import tomllib              # Python >= 3.11; on 3.10 only the pip route is open
+    try:
+        import tomllib
+    except ModuleNotFoundError:       # Python 3.10: the same parser, as pip (>= 21.2) vendors it
+        try:
+            from pip._vendor import tomli as tomllib
+        except ModuleNotFoundError:
+            sys.exit("install_offline: this Python 3.10 has no pip, which its TOML parser comes with: "
+                     "install pip (python3 -m ensurepip) or use Python >= 3.11")
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         return tomllib.load(f)
 

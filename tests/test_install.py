@@ -5,7 +5,9 @@ One test builds and installs with pip exactly as on such a machine (--no-index -
 in a fresh venv of Python 3.12 where one is found (else this Python) that sees the base
 interpreter's packages, with the setuptools wheel CPython ships for its own tests (67.6.1 in
 3.12: older than 70.1 and without the `wheel` package, the build fails there, so the script
-falls back to its finder). Set CAPSNET_TEST_PYTHON to try another interpreter.
+falls back to its finder). Set CAPSNET_TEST_PYTHON to try another interpreter. It runs again
+under Python 3.10 where there is one: the oldest Python supported, whose standard library has no
+TOML parser for the script to read pyproject.toml with.
 """
 
 import glob
@@ -14,6 +16,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["capsnet-train", "capsnet-evaluate"]
@@ -46,21 +50,22 @@ def _origins(python, tmp_path, env=None):
     return _run([str(python), "-c", FIND], cwd=elsewhere, env=env).split()
 
 
-def _python_312():
-    """Python 3.12 (the GPU machine's) if this machine has one, else this Python."""
-    candidates = [os.environ.get("CAPSNET_TEST_PYTHON"), shutil.which("python3.12")]
+def _python(version):
+    """Python `version` ("3.12": the GPU machine's; "3.10": the oldest supported, without
+    tomllib) if this machine has one, else None. CAPSNET_TEST_PYTHON stands in for 3.12."""
+    candidates = [os.environ.get("CAPSNET_TEST_PYTHON") if version == "3.12" else None, shutil.which(f"python{version}")]
     if shutil.which("pyenv"):
         versions = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True).stdout.split()
-        for version in (v for v in versions if v.startswith("3.12")):
-            prefix = subprocess.run(["pyenv", "prefix", version], capture_output=True, text=True).stdout.strip()
-            candidates.append(os.path.join(prefix, "bin", "python3.12"))
+        for found in (v for v in versions if v.startswith(version + ".")):
+            prefix = subprocess.run(["pyenv", "prefix", found], capture_output=True, text=True).stdout.strip()
+            candidates.append(os.path.join(prefix, "bin", f"python{version}"))
     for python in filter(None, candidates):
         try:
             if subprocess.run([python, "-c", "pass"], capture_output=True).returncode == 0:
                 return python
         except OSError:
             continue
-    return sys.executable
+    return None
 
 
 def test_pip_builds_and_installs_with_no_index_and_no_build_isolation(tmp_path):
@@ -77,8 +82,13 @@ def test_pip_builds_and_installs_with_no_index_and_no_build_isolation(tmp_path):
     assert sorted(os.listdir(target / "bin")) == sorted(COMMANDS)
 
 
-def test_install_offline_script_in_a_fresh_venv(tmp_path):
-    python = _python_312()
+@pytest.mark.parametrize("version", ["3.12", "3.10"])
+def test_install_offline_script_in_a_fresh_venv(tmp_path, version):
+    python = _python(version)
+    if python is None:
+        if version == "3.10":
+            pytest.skip("no Python 3.10 on this machine")
+        python = sys.executable
     copy = _checkout_copy(tmp_path)
     venv = tmp_path / "venv"
     _run([python, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)])
