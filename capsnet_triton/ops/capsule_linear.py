@@ -222,8 +222,10 @@ def capsule_linear(u, weight, iterations=3, *, bias=None, gradient="full", backe
     dtype and on u's device. iterations, bias ([J, D]) and gradient ("full" or "last") are
     dynamic_routing's, and so is backend (None: the Triton kernels for CUDA tensors, the PyTorch
     path otherwise). Differentiable in u, weight and bias; u_hat [B, I, J, D] and its gradient
-    are never held in memory: every part of the computation recomputes the u_hat it needs from u
-    and W. Returns v [B, J, D] in u's dtype (half precision is accumulated in float32). Under
+    are never held whole: the Triton kernels recompute each tile of u_hat they need from u and W,
+    and the PyTorch path works through chunks of samples whose u_hat fits a CPU's cache (at most
+    2**21 elements: 11 samples at the MNIST shape, so a batch of up to 11 is one chunk). Returns
+    v [B, J, D] in u's dtype (half precision is accumulated in float32). Under
     autocast, u and W are first cast as autocast casts predict's matmul (to its low dtype, float64
     left alone), so that the result is dynamic_routing(predict(u, W))'s in dtype too.
     """
