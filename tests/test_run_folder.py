@@ -142,19 +142,34 @@ def test_resume_refuses_a_best_model_copied_over_last_pt(finished_run, tmp_path,
     assert status == 2 and str(out / "last.pt") in line and "not a last.pt" in line and "position" in line
 
 
-@pytest.mark.parametrize("kept", [("best.pt", "log.jsonl"), ("last.pt",)])
-def test_a_new_run_refuses_a_folder_with_a_runs_checkpoints(finished_run, fake_mnist, tmp_path, capsys, kept):
-    """A finished run's best.pt is its result even after its last.pt was deleted to save space:
-    a new run there would replace it and cut the log."""
+@pytest.mark.parametrize("kept, held", [(("best.pt", "log.jsonl"), "best.pt, log.jsonl with validation and test results"),
+                                        (("last.pt",), "last.pt"),
+                                        (("log.jsonl",), "log.jsonl with validation and test results")])
+def test_a_new_run_refuses_a_folder_with_a_runs_results(finished_run, fake_mnist, tmp_path, capsys, kept, held):
+    """A finished run's best.pt is its result even after its last.pt was deleted to save space,
+    and so is its log (with the figures drawn from it) after both were: a new run there would
+    replace them."""
     out = copy_run(finished_run, tmp_path / "run")
     for name in {"last.pt", "best.pt", "log.jsonl"} - set(kept):
         os.remove(out / name)
     before = {name: (out / name).read_bytes() for name in kept}
     status, err = run(train.main, args(fake_mnist, out), capsys)
     line = one_line(err)
-    assert status == 2 and f"already holds a run ({', '.join(n for n in kept if n.endswith('.pt'))})" in line
+    assert status == 2 and f"already holds a run ({held})" in line
     assert ("--resume" in line) == ("last.pt" in kept) and "another --out" in line
     assert {name: (out / name).read_bytes() for name in kept} == before
+
+
+def test_a_new_run_replaces_a_log_of_training_records_alone(finished_run, fake_mnist, tmp_path, capsys):
+    """A run stopped before its first epoch ended has no result: a new run takes its folder."""
+    out = copy_run(finished_run, tmp_path / "run")
+    for name in ("last.pt", "best.pt"):
+        os.remove(out / name)
+    log = out / "log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if '"event": "train"' in line)
+                   + "not a record\n")
+    assert train.main(args(fake_mnist, out)) == 0
+    assert any('"event": "test"' in line for line in log.read_text().splitlines())
 
 
 # --- one run per folder, stale temporaries -----------------------------------------------

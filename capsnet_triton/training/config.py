@@ -13,7 +13,7 @@ from ..data import DATASETS, dataset_spec
 from .checkpoint import CHECKPOINT_FILES, best_model_in, load_checkpoint, load_training_state, lock_run_folder
 from .distributed import launched_rank, launched_world_size, resolve_device
 from .errors import ArgumentParser, command_name
-from .log import logged_prefix
+from .log import logged_prefix, logged_results
 
 __all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "check_config", "check_run_config",
            "resolve_config", "unwritable_folder"]
@@ -337,10 +337,14 @@ def resolve_config(argv, parser):
         if not args.resume:
             _claim_out(config["out"], parser.error, lock)
             # Under the lock: a run that wrote these here has ended, or is still holding them. A
-            # new run would write over them, and over the log beside them: best.pt is a run's
-            # result even where its last.pt was deleted (three times best.pt's size). A lone log,
-            # of a run that stopped before its first checkpoint, is replaced.
+            # new run would write over them, and over the log and figures beside them: best.pt
+            # is a run's result even where its last.pt was deleted (three times best.pt's size),
+            # and so is a log with validation or test records where both were. A log of "train"
+            # records alone, of a run that stopped before its first epoch ended, is replaced.
             held = [name for name in CHECKPOINT_FILES if os.path.exists(os.path.join(config["out"], name))]
+            results = logged_results(os.path.join(config["out"], "log.jsonl"))
+            if results:
+                held.append(f"log.jsonl with {' and '.join(results)} results")
             if held:
                 resume = "pass --resume to continue it, or " if "last.pt" in held else ""
                 parser.error(f"{args.out} already holds a run ({', '.join(held)}): {resume}choose another --out")

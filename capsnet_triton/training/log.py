@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 
-__all__ = ["RunLog", "logged_prefix"]
+__all__ = ["RunLog", "logged_prefix", "logged_results"]
 
 
 class RunLog:
@@ -89,3 +89,23 @@ def _is_json_lines(data):
             isinstance(json.loads(line), dict) for line in data.decode().splitlines()))
     except (UnicodeDecodeError, ValueError):
         return False
+
+
+def logged_results(path):
+    """The kinds of result records ("validation", "test") in the log at `path`, in the order first
+    met: a run's results, which a new run in its folder would replace (its log and figures). []
+    where there is no log or it holds only "train" records, of a run stopped before its first
+    epoch ended. Lines that are not JSON records are passed over: any result still counts."""
+    if not os.path.isfile(path):
+        return []
+    kinds = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, ValueError):
+                continue
+            kind = record.get("event") if isinstance(record, dict) else None
+            if kind in ("validation", "test") and kind not in kinds:
+                kinds.append(kind)
+    return kinds
