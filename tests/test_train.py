@@ -254,7 +254,7 @@ def test_ctrl_c_saves_where_it_stops_and_resume_is_bit_identical(straight_run, d
     # No periodic checkpoints: a last.pt inside the first epoch can only be the one the signal saved.
     result = run_with_ctrl_c("_train_step", 3, 1, tiny_args(data_dir, out, "--epochs", "2", "--checkpoint-every", "0"),
                              sent)
-    assert result.returncode == status, result.stderr[-2000:]
+    assert result.returncode == status and "stopping after this step to save" in result.stderr, result.stderr[-2000:]
     assert load(out)["position"]["global_step"] == 3                   # the step it came in ends first
     assert result.stderr.rstrip("\n").split("\n")[-1] == (
         f"python -m capsnet_triton.train: interrupted{by} after step 3, saved in {out / 'last.pt'}; continue with "

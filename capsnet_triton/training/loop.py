@@ -156,6 +156,12 @@ class _StopRequest:
     def _request(self, signum, frame):
         self.requested = self.requested or signum
         signal.signal(signum, self.previous[signum])
+        # Said at once (a step, then the save, can take seconds), so that a second press is a
+        # choice: to the file descriptor, as a write to sys.stderr may be what was interrupted.
+        name, again = (("Ctrl-C", "press Ctrl-C again") if signum == signal.SIGINT
+                       else (signal.Signals(signum).name, f"a second {signal.Signals(signum).name}"))
+        os.write(2, f"\n{name}: stopping after this step to save last.pt; {again} to quit without "
+                    f"saving\n".encode())
 
     def __exit__(self, *exc_info):
         for signum, handler in self.previous.items():
