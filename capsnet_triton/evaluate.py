@@ -3,7 +3,8 @@
     python -m capsnet_triton.evaluate RUN_DIR/best.pt --data DIR
     python -m capsnet_triton.evaluate RUN_DIR/best.pt --dataset affnist-generated   (a mnist40 model)
 
-prints the test accuracy (both-digit accuracy for MultiMNIST) and writes reconstructions.png and
+prints the test accuracy (both-digit accuracy for MultiMNIST), keeps it with the loss terms and the
+number of examples in evaluation.json (with the checkpoint and the dataset), and writes reconstructions.png and
 perturbations.png (paper Figures 3 and 4; segmentation.png, the paper's Figure 5, instead of
 reconstructions.png for MultiMNIST), each naming the checkpoint and the set it shows, and, when
 the run's log.jsonl sits beside the checkpoint, training_curves.png. They go into the
@@ -18,6 +19,8 @@ Also home of `evaluate`, the accuracy and loss of a model over a whole split, wh
 uses for its validation and test passes.
 """
 
+import json
+import math
 import os
 
 import torch
@@ -28,12 +31,15 @@ from .data import DATASETS, dataset_spec, load_split
 from .figures import write_figures
 from .losses import capsnet_loss, check_labels, correct_predictions
 from .model import build_model
-from .training.checkpoint import load_checkpoint
+from .training.checkpoint import load_checkpoint, write_atomic
 from .training.config import check_run_config, unwritable_folder
 from .training.distributed import resolve_device
 from .training.errors import ArgumentParser, command_name, run_command
 
-__all__ = ["evaluate", "example_count", "load_model", "main"]
+__all__ = ["evaluate", "example_count", "load_model", "main", "SCORES_NAME"]
+
+# What the command writes beside the figures: the checkpoint, the set, and its scores on it.
+SCORES_NAME = "evaluation.json"
 
 
 @torch.no_grad()
@@ -196,6 +202,14 @@ def _evaluate_checkpoint(args, model, checkpoint, device, spec, log_path, folder
                        reconstruction_weight=config["reconstruction_weight"], amp=config["amp"])
     print(f"{spec.name} test {spec.metric} {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
           f"{example_count(test)}, loss {metrics['loss']:.5f}")
+    # The score kept beside the figures (stdout alone loses it): strict JSON, as the run's log.
+    scores = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": spec.name, "metric": spec.metric,
+              "limit": args.limit,
+              **{key: value if math.isfinite(value) else None for key, value in metrics.items()}}
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, SCORES_NAME)
+    write_atomic(path, (json.dumps(scores, indent=1, allow_nan=False) + "\n").encode())
+    print(f"wrote {path}")
     for path in write_figures(model, test, folder, dataset=spec.name, metric=spec.metric, log_path=log_path,
                               model_name=os.path.basename(args.checkpoint)):
         print(f"wrote {path}")

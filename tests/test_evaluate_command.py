@@ -3,6 +3,7 @@ figures go, and the mistakes it refuses (exit 2 for options and folders, before 
 1 for data that fails its checks).
 """
 
+import json
 import os
 
 import pytest
@@ -49,6 +50,20 @@ def test_evaluate_writes_another_models_figures_beside_the_runs(finished_run, fa
     assert {name: (out / name).read_bytes() for name in figures} == before
     assert evaluate.main([str(out / "best.pt"), *common]) == 0
     assert f"wrote {out / 'reconstructions.png'}" in capsys.readouterr().out
+
+
+def test_evaluate_keeps_its_scores_beside_its_figures(finished_run, fake_mnist, tmp_path, capsys):
+    """stdout alone lost the score (an affNIST run's whole point): evaluation.json keeps it."""
+    out = copy_run(finished_run, tmp_path / "run")
+    status = evaluate.main([str(out / "last.pt"), "--data", fake_mnist, "--device", "cpu", "--no-verify-data",
+                            "--limit", "5"])
+    printed = capsys.readouterr().out
+    scores = json.loads((out / "last-first-5" / evaluate.SCORES_NAME).read_text())
+    assert status == 0 and f"wrote {out / 'last-first-5' / evaluate.SCORES_NAME}" in printed
+    assert {k: scores[k] for k in ("checkpoint", "dataset", "metric", "limit", "count")} == {
+        "checkpoint": str(out / "last.pt"), "dataset": "mnist", "metric": "accuracy", "limit": 5, "count": 5}
+    assert f"mnist test accuracy {scores['accuracy']:.2%}" in printed and f"loss {scores['loss']:.5f}" in printed
+    assert scores["loss"] == pytest.approx(scores["margin"] + 0.0005 * scores["reconstruction"])
 
 
 def test_figures_name_the_model_they_show(finished_run, fake_mnist, tmp_path, monkeypatch):

@@ -31,8 +31,8 @@ import torch
 
 from ..data import default_permissions
 
-__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "save_atomic", "payload_checksum",
-           "load_checkpoint", "load_training_state", "lock_run_folder", "remove_stale_temporaries",
+__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "save_atomic", "write_atomic",
+           "payload_checksum", "load_checkpoint", "load_training_state", "lock_run_folder", "remove_stale_temporaries",
            "save_training_state", "save_best_model", "best_model_in", "restore_best_model", "restore_training_state",
            "seed_everything", "rng_state", "set_rng_state"]
 
@@ -50,20 +50,23 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a reader (or a resumed run
-    after a kill) sees either the old file or the complete new one, never a partial write.
-
-    The bytes are made in memory first, so a full disk is an OSError naming `path`, not an
-    error of torch's serializer; the temporary file is removed on any failure.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
+    """torch.save to `path` through write_atomic. The bytes are made in memory first, so a full
+    disk is an OSError naming `path`, not an error of torch's serializer."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    write_atomic(path, buffer.getbuffer())
+
+
+def write_atomic(path, data):
+    """Write the bytes `data` to a temporary file beside `path`, then rename: a reader (or a
+    resumed run after a kill) sees either the old file or the complete new one, never a partial
+    write. An OSError names `path`; the temporary file is removed on any failure."""
+    directory = os.path.dirname(os.path.abspath(path))
     fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     default_permissions(fd)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
