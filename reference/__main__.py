@@ -49,6 +49,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.eval < 1:
         parser.error("--steps, --batch and --eval must be positive")
+    if args.seed < 0:
+        # NumPy's generators take only non-negative seeds; said here, not as its traceback.
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
 
     try:
         train_images, train_labels = load_mnist(args.data, train=True)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from capsnet_triton.reference import load_mnist
 from idx_files import write_idx, write_mnist
@@ -32,6 +33,15 @@ def test_demo_refuses_a_validation_set_that_leaves_nothing_to_train(tmp_path):
     write_mnist(tmp_path, 16, 6, np.random.default_rng(0))
     result = run_demo("--data", str(tmp_path), "--eval", "16")
     assert result.returncode == 2 and "leaves no training images" in result.stderr
+
+
+def test_demo_refuses_a_negative_seed_as_a_usage_error(capsys):
+    """NumPy's generators take only non-negative seeds: a usage error, not NumPy's traceback."""
+    from capsnet_triton.reference import __main__ as demo
+
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--data", "unused", "--seed", "-1"])
+    assert stop.value.code == 2 and "--seed must be 0 or more, got -1" in capsys.readouterr().err
 
 
 def test_demo_without_data_prints_usage_error():
