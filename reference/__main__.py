@@ -6,7 +6,9 @@ DIR holds MNIST's IDX files (train-images-idx3-ubyte.gz etc., gzipped or not). T
 the paper's (Section 4) with fewer channels so that a few hundred Adam steps take minutes on a
 laptop CPU. It holds the last --eval training images out for validation and prints the loss
 falling and the validation accuracy rising; the first --eval test images are scored once, at the
-end (as SPEC section 6 asks: choose on validation, report test once).
+end (as SPEC section 6 asks: choose on validation, report test once). So --eval must leave training
+images and find that many test images, and --batch may not exceed the training images left; what
+does not fit the data is refused as a usage error (exit 2) before any training.
 """
 
 import argparse
@@ -38,6 +40,36 @@ def _accuracy(params, images, labels, config, batch=100):
     return correct / len(images)
 
 
+def _load_splits(parser, args):
+    """(training, validation, test) splits of --data, each (images, labels), after refusing
+    through `parser` the data and the --eval and --batch that do not fit it, before any training."""
+    try:
+        train_images, train_labels = load_mnist(args.data, train=True)
+        test_images, test_labels = load_mnist(args.data, train=False)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    (height, width), test_size = train_images.shape[1:], test_images.shape[1:]
+    if height != width or test_size != (height, width):
+        # The network is sized for square training images (_small_config): found now, not at the
+        # first step or at the final scoring.
+        parser.error(f"the training images in {args.data} are {height} x {width}, the test images "
+                     f"{test_size[0]} x {test_size[1]}: the demo takes square images, all of one size")
+    if args.eval >= len(train_images):
+        parser.error(f"--eval {args.eval} leaves no training images of the {len(train_images)} in {args.data}")
+    if args.eval > len(test_images):
+        # Else the final line would score fewer test images than --eval says, without a word.
+        parser.error(f"--eval {args.eval} asks for more test images than the {len(test_images)} in {args.data}")
+    kept = len(train_images) - args.eval        # the training images left after holding out --eval
+    if args.batch > kept:
+        # A batch is drawn from the images left for training: a larger one only repeats them, and
+        # a huge one (--batch 100000) would fail to allocate its activations at the first step.
+        parser.error(f"--batch {args.batch} is larger than the {kept} training images left after "
+                     f"holding out --eval {args.eval}")
+    return ((train_images[:kept], train_labels[:kept]),
+            (train_images[kept:], train_labels[kept:]),
+            (test_images[:args.eval], test_labels[:args.eval]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m capsnet_triton.reference", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, metavar="DIR", help="folder with MNIST's IDX files")
@@ -53,22 +85,7 @@ def main(argv=None):
         # NumPy's generators take only non-negative seeds; said here, not as its traceback.
         parser.error(f"--seed must be 0 or more, got {args.seed}")
 
-    try:
-        train_images, train_labels = load_mnist(args.data, train=True)
-        test_images, test_labels = load_mnist(args.data, train=False)
-    except (OSError, ValueError) as e:
-        parser.error(str(e))
-    (height, width), test_size = train_images.shape[1:], test_images.shape[1:]
-    if height != width or test_size != (height, width):
-        # The network is sized for square training images (_small_config): found now, not at the
-        # first step or at the final scoring.
-        parser.error(f"the training images in {args.data} are {height} x {width}, the test images "
-                     f"{test_size[0]} x {test_size[1]}: the demo takes square images, all of one size")
-    if args.eval >= len(train_images):
-        parser.error(f"--eval {args.eval} leaves no training images of the {len(train_images)} in {args.data}")
-    train_images, val_images = train_images[:-args.eval], train_images[-args.eval:]
-    train_labels, val_labels = train_labels[:-args.eval], train_labels[-args.eval:]
-    test_images, test_labels = test_images[:args.eval], test_labels[:args.eval]
+    (train_images, train_labels), (val_images, val_labels), (test_images, test_labels) = _load_splits(parser, args)
     config = _small_config(train_images.shape[1])
     rng = np.random.default_rng(args.seed)
     params = init_params(config, rng, dtype=np.float32)
