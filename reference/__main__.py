@@ -85,29 +85,37 @@ def main(argv=None):
         # NumPy's generators take only non-negative seeds; said here, not as its traceback.
         parser.error(f"--seed must be 0 or more, got {args.seed}")
 
-    (train_images, train_labels), (val_images, val_labels), (test_images, test_labels) = _load_splits(parser, args)
-    config = _small_config(train_images.shape[1])
-    rng = np.random.default_rng(args.seed)
-    params = init_params(config, rng, dtype=np.float32)
-    optimizer = Adam(params)
-    print(f"NumPy CapsNet: conv {config.conv_channels} ch, {config.primary_types} primary types, "
-          f"{parameter_count(config):,} parameters; {len(train_images):,} training images, "
-          f"{len(val_images):,} held out for validation")
+    steps_done = 0      # for the line Ctrl-C ends with
+    try:
+        (train_images, train_labels), (val_images, val_labels), (test_images, test_labels) = _load_splits(parser, args)
+        config = _small_config(train_images.shape[1])
+        rng = np.random.default_rng(args.seed)
+        params = init_params(config, rng, dtype=np.float32)
+        optimizer = Adam(params)
+        print(f"NumPy CapsNet: conv {config.conv_channels} ch, {config.primary_types} primary types, "
+              f"{parameter_count(config):,} parameters; {len(train_images):,} training images, "
+              f"{len(val_images):,} held out for validation")
 
-    report_every = max(1, args.steps // 6)
-    losses, started = [], time.perf_counter()
-    for step in range(1, args.steps + 1):
-        chosen = rng.integers(0, len(train_images), size=args.batch)
-        loss, cache = network_forward(params, _as_input(train_images[chosen]), train_labels[chosen], config)
-        optimizer.step(params, network_backward(cache))
-        losses.append(float(loss))
-        if step % report_every == 0 or step == args.steps:
-            accuracy = _accuracy(params, val_images, val_labels, config)
-            print(f"step {step:5d}  loss {np.mean(losses):.4f}  validation accuracy {100 * accuracy:5.1f}%  "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
-            losses = []
-    accuracy = _accuracy(params, test_images, test_labels, config)
-    print(f"test accuracy {100 * accuracy:.1f}% on {len(test_images):,} test images")
+        report_every = max(1, args.steps // 6)
+        losses, started = [], time.perf_counter()
+        for step in range(1, args.steps + 1):
+            chosen = rng.integers(0, len(train_images), size=args.batch)
+            loss, cache = network_forward(params, _as_input(train_images[chosen]), train_labels[chosen], config)
+            optimizer.step(params, network_backward(cache))
+            steps_done = step
+            losses.append(float(loss))
+            if step % report_every == 0 or step == args.steps:
+                accuracy = _accuracy(params, val_images, val_labels, config)
+                print(f"step {step:5d}  loss {np.mean(losses):.4f}  validation accuracy {100 * accuracy:5.1f}%  "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+                losses = []
+        accuracy = _accuracy(params, test_images, test_labels, config)
+        print(f"test accuracy {100 * accuracy:.1f}% on {len(test_images):,} test images")
+    except KeyboardInterrupt:
+        # Ctrl-C is how a run is cut short: one line, not a traceback, with the status a shell
+        # reports for a process that SIGINT ended (128 + 2).
+        print(f"{parser.prog}: interrupted (Ctrl-C) after {steps_done} of {args.steps} steps", file=sys.stderr)
+        return 130
     return 0
 
 

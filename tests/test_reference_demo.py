@@ -99,6 +99,29 @@ def test_demo_scales_pixels_and_validates_on_held_out_training_images(tmp_path, 
     assert losses and all(loss <= 0.81 + 9 * 0.405 + 0.0005 * 784 for loss in losses), losses
 
 
+def test_demo_stopped_by_ctrl_c_says_the_steps_done_in_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (here in the second step's forward pass) ends the run with one line and status 130,
+    not with a KeyboardInterrupt traceback."""
+    from capsnet_triton.reference import __main__ as demo
+
+    write_mnist(tmp_path, 9, 5, np.random.default_rng(0))
+    real_forward, calls = demo.network_forward, []
+
+    def forward_until_ctrl_c(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "network_forward", forward_until_ctrl_c)
+    try:
+        status = demo.main(["--data", str(tmp_path), "--steps", "3", "--batch", "2", "--eval", "3"])
+    except KeyboardInterrupt:      # escaping, it would stop the whole pytest session
+        pytest.fail("Ctrl-C escaped main() as a KeyboardInterrupt traceback")
+    assert status == 130
+    assert capsys.readouterr().err == "python -m capsnet_triton.reference: interrupted (Ctrl-C) after 1 of 3 steps\n"
+
+
 def test_demo_refuses_test_images_of_another_size_and_images_not_square(tmp_path):
     """Found before training, not as a traceback at the first step or the final scoring."""
     write_mnist(tmp_path, 9, 5, np.random.default_rng(0))
