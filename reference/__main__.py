@@ -33,10 +33,24 @@ def _as_input(images):
 
 
 def _accuracy(params, images, labels, config, batch=100):
+    """The fraction of `images` classified as their label, scored `batch` at a time.
+
+    Scoring takes a second or two per thousand images on a CPU, so on a terminal a counter on
+    stderr shows a long one moving; pipes and logs, where it would be clutter, never get it.
+    """
+    on_terminal = sys.stderr.isatty()
+    counter = f"scoring {len(images):,} images:"
     correct = 0
-    for start in range(0, len(images), batch):
-        classes, _ = classify(params, _as_input(images[start:start + batch]), config, reconstruct=False)
-        correct += int(np.sum(classes == labels[start:start + batch]))
+    try:
+        for start in range(0, len(images), batch):
+            if on_terminal:
+                print(f"{counter} {start / len(images):4.0%}", end="\r", file=sys.stderr, flush=True)
+            classes, _ = classify(params, _as_input(images[start:start + batch]), config, reconstruct=False)
+            correct += int(np.sum(classes == labels[start:start + batch]))
+    finally:
+        if on_terminal:
+            # Erased, also when Ctrl-C stops the scoring, so that the next line is not written over it.
+            print(" " * len(f"{counter} 100%"), end="\r", file=sys.stderr, flush=True)
     return correct / len(images)
 
 

@@ -1,5 +1,6 @@
 """`python -m capsnet_triton.reference`: the NumPy training demo runs end to end on tiny data."""
 
+import io
 import re
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from capsnet_triton.reference import load_mnist
+from capsnet_triton.reference import init_params, load_mnist
 from idx_files import write_idx, write_mnist
 
 
@@ -27,6 +28,7 @@ def test_demo_trains_on_tiny_generated_data(tmp_path):
     assert len(validation) == 3 and all(0 <= a <= 100 for a in validation), result.stdout
     assert len(test) == 1 and 0 <= test[0] <= 100, result.stdout
     assert "10 training images" in result.stdout and "6 held out for validation" in result.stdout
+    assert result.stderr == ""
 
 
 def test_demo_refuses_a_validation_set_that_leaves_nothing_to_train(tmp_path):
@@ -120,6 +122,28 @@ def test_demo_stopped_by_ctrl_c_says_the_steps_done_in_one_line(tmp_path, monkey
         pytest.fail("Ctrl-C escaped main() as a KeyboardInterrupt traceback")
     assert status == 130
     assert capsys.readouterr().err == "python -m capsnet_triton.reference: interrupted (Ctrl-C) after 1 of 3 steps\n"
+
+
+def test_demo_shows_a_counter_while_scoring_on_a_terminal_only(monkeypatch, capsys):
+    """A long validation (--eval 10000 takes 10 s or more) shows a counter on a terminal's stderr,
+    erased when done so that the report lines stay clean; off a terminal stderr gets nothing."""
+    from capsnet_triton.reference import __main__ as demo
+
+    config = demo._small_config(28)
+    params = init_params(config, np.random.default_rng(0), dtype=np.float32)
+    images, labels = np.zeros((5, 28, 28), np.uint8), np.zeros(5, np.uint8)
+    demo._accuracy(params, images, labels, config, batch=2)
+    assert capsys.readouterr().err == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    demo._accuracy(params, images, labels, config, batch=2)
+    assert terminal.getvalue() == ("scoring 5 images:   0%\rscoring 5 images:  40%\rscoring 5 images:  80%\r"
+                                   + " " * len("scoring 5 images: 100%") + "\r")
 
 
 def test_demo_refuses_test_images_of_another_size_and_images_not_square(tmp_path):
