@@ -32,7 +32,7 @@ from .figures import write_figures
 from .losses import capsnet_loss, check_labels, correct_predictions
 from .model import build_model
 from .training.checkpoint import load_checkpoint, write_atomic
-from .training.config import check_run_config, unwritable_folder
+from .training.config import check_run_config, missing_data_folder, unwritable_folder
 from .training.distributed import resolve_device
 from .training.errors import ArgumentParser, command_name, run_command
 
@@ -163,6 +163,10 @@ def main(argv=None):
     problem = unwritable_folder(folder, "the figures' folder", create=False)
     if problem:
         parser.error(f"--out {folder}: {problem}" if args.out else f"{folder}: {problem} (choose another with --out)")
+    problem = missing_data_folder({"data": os.path.abspath(args.data or checkpoint["config"]["data"])},
+                                  None if args.data else "the checkpoint")
+    if problem:
+        parser.error(problem)
     return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device, spec,
                        os.path.join(run_dir, "log.jsonl") if own else None, folder, owns_ctrl_c=argv is None)
 

@@ -9,9 +9,10 @@ import os
 import pytest
 import torch
 
-from capsnet_triton import CapsNet, evaluate, figures
+from capsnet_triton import CapsNet, evaluate, figures, train
 from capsnet_triton.data import DATASETS, Split
 from capsnet_triton.losses import capsnet_loss
+from capsnet_triton.training.checkpoint import payload_checksum, save_atomic
 from command_runs import copy_run, fake_mnist, finished_run, one_line, run  # noqa: F401 (fixtures)
 from idx_files import write_dataset
 
@@ -31,9 +32,33 @@ def test_evaluate_refuses_a_figures_folder_it_cannot_write_before_reading_the_da
                                       "--out", str(tmp_path / "a-file")], capsys)
     assert status == 2 and f"--out {tmp_path / 'a-file'}: cannot create the figures' folder" in one_line(err)
     # A folder it could make is made when the figures are written: a failure before leaves none behind.
-    status, _ = run(evaluate.main, [str(finished_run / "best.pt"), "--data", missing, "--device", "cpu",
-                                    "--out", str(tmp_path / "figures" / "here")], capsys)
-    assert status == 1 and not (tmp_path / "figures").exists()
+    status, err = run(evaluate.main, [str(finished_run / "best.pt"), "--data", missing, "--device", "cpu",
+                                      "--out", str(tmp_path / "figures" / "here")], capsys)
+    assert status == 2 and f"--data {missing} does not exist" in one_line(err) and not (tmp_path / "figures").exists()
+
+
+def test_a_run_folder_given_for_a_checkpoint_points_at_the_checkpoint_in_it(finished_run, capsys):
+    status, err = run(evaluate.main, [str(finished_run), "--device", "cpu"], capsys)
+    assert status == 2 and (f"{finished_run} is a folder, not a checkpoint file: pass the checkpoint in it, "
+                            f"{finished_run / 'best.pt'}") in one_line(err)
+
+
+def test_a_data_folder_the_checkpoint_records_but_that_moved_is_named_as_such(finished_run, tmp_path, capsys):
+    """evaluate and --resume read the run's data folder from its checkpoint: where it is gone,
+    the user did not type that path, so the message says where it came from and what to pass."""
+    out = copy_run(finished_run, tmp_path / "run")
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    gone = checkpoint["config"]["data"] + "-moved"
+    for name in ("last.pt", "best.pt"):
+        payload = torch.load(out / name, weights_only=True)
+        payload["config"]["data"] = gone
+        del payload["checksum"]
+        save_atomic({**payload, "checksum": payload_checksum(payload)}, out / name)
+    for command, argv, recorded_in in ((evaluate.main, [str(out / "best.pt"), "--device", "cpu"], "the checkpoint"),
+                                       (train.main, ["--out", str(out), "--resume", "--epochs", "2"], "last.pt")):
+        status, err = run(command, argv, capsys)
+        assert status == 2 and f"the run's data folder {gone}, as {recorded_in} records it, does not exist" \
+            in one_line(err) and "pass --data DIR" in one_line(err), command
 
 
 def test_evaluate_writes_another_models_figures_beside_the_runs(finished_run, fake_mnist, tmp_path, capsys):

@@ -250,12 +250,23 @@ def test_user_errors_are_one_line_with_usage_and_failure_statuses(finished_run, 
     blocker.write_text("")
     status, err = run(train.main, args(fake_mnist, blocker / "run"), capsys)
     assert status == 2 and "cannot create the run folder" in one_line(err)
-    status, err = run(train.main, args(tmp_path / "no_data", tmp_path / "run"), capsys)
-    assert status == 1 and "data directory not found" in one_line(err)
-    status, err = run(train.main, args(tmp_path / "no_data", tmp_path / "run", "--verbose"), capsys)
-    assert status == 1 and "Traceback" in err and "data directory not found" in err.strip().splitlines()[-1]
+    status, err = run(train.main, args(fake_mnist, blocker), capsys)
+    assert status == 2 and f"cannot create the run folder: {blocker} is a file" in one_line(err)
+    # A data folder that is not there is an option's mistake, said before the run folder is made.
+    for missing, state in ((tmp_path / "no_data", "does not exist"), (blocker, "is a file, not a folder")):
+        status, err = run(train.main, args(missing, tmp_path / "run"), capsys)
+        assert status == 2 and f"--data {missing} {state}" in one_line(err) and not (tmp_path / "run").exists()
+    empty = tmp_path / "empty_data"
+    empty.mkdir()
+    status, err = run(train.main, args(empty, tmp_path / "run"), capsys)
+    assert status == 1 and "train-images-idx3-ubyte" in one_line(err)
+    status, err = run(train.main, args(empty, tmp_path / "run", "--verbose"), capsys)
+    assert status == 1 and "Traceback" in err and "train-images-idx3-ubyte" in err.strip().splitlines()[-1]
     status, err = run(train.main, args(fake_mnist, tmp_path / "run", "--validation-size", "6000"), capsys)
     assert status == 1 and "--validation-size must be in [1, 5099]" in one_line(err)
+    status, err = run(train.main, args(fake_mnist, tmp_path / "run", "--validation-size", "5090"), capsys)
+    assert status == 1 and "10 training images do not fill one batch of 32; lower --batch-size or hold out fewer " \
+        "than --validation-size 5090" in one_line(err)
 
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
@@ -303,7 +314,8 @@ def test_the_command_line_process_ends_with_one_line_and_its_status(fake_mnist, 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for extra, status, message in ((["--lr", "nan"], 2, "--lr must be a number"),
-                                   (["--data", str(tmp_path / "no_data")], 1, "data directory not found")):
+                                   (["--data", str(tmp_path / "no_data")], 2, "no_data does not exist"),
+                                   (["--validation-size", "9999"], 1, "--validation-size must be in")):
         command = [sys.executable, "-m", "capsnet_triton.train", *args(fake_mnist, tmp_path / "run"), *extra]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == status and message in one_line(result.stderr)

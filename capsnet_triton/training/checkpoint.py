@@ -162,6 +162,11 @@ def load_checkpoint(path):
     a boolean "agreement_grad": True is read as routing_gradient "full"; False was a variant that
     no longer exists, so such a checkpoint is refused.
     """
+    if os.path.isdir(path):
+        # best.pt first: the model a user scores (evaluate) rather than continues (--resume).
+        inside = [name for name in reversed(CHECKPOINT_FILES) if os.path.isfile(os.path.join(path, name))]
+        raise ValueError(f"{path} is a folder, not a checkpoint file"
+                         + (f": pass the checkpoint in it, {os.path.join(path, inside[0])}" if inside else ""))
     if not os.path.isfile(path):
         raise ValueError(f"there is no checkpoint file {path}")
     try:

@@ -16,7 +16,7 @@ from .errors import ArgumentParser, command_name
 from .log import logged_prefix, logged_results
 
 __all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "check_config", "check_run_config",
-           "resolve_config", "unwritable_folder"]
+           "resolve_config", "missing_data_folder", "unwritable_folder"]
 
 # Options a resumed run may change: they do not alter the trajectory of the parameters, except
 # --device and --digitcaps (the same function, rounded differently, so a run resumed with another
@@ -202,11 +202,28 @@ def check_run_config(config, path):
                              f"that option cannot take (written by another version of capsnet_triton, or edited?)")
 
 
+def missing_data_folder(config, recorded_in=None):
+    """None where the run's data folder, config["data"], is there (or a run that downloads will
+    make it), else a usage error's message: said before any work (and before a run folder is
+    made for nothing). recorded_in: the checkpoint that gave the folder, where the user did not
+    (--resume, evaluate), whose folder may have moved since."""
+    folder = config["data"]
+    if config.get("download") or os.path.isdir(folder):
+        return None
+    state = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+    if recorded_in is None:
+        return f"--data {folder} {state}"
+    return (f"the run's data folder {folder}, as {recorded_in} records it, {state} (moved or deleted?): "
+            f"pass --data DIR where its files are now")
+
+
 def unwritable_folder(path, what, create=True):
     """None where `path` is a folder this process can write, or has now been made one (create),
     or could be made one (not create: nothing is made, so a command that fails later leaves no
     empty folder); else why not, calling it `what`."""
     if create:
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"cannot create {what}: {path} is a file"
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
@@ -329,6 +346,9 @@ def resolve_config(argv, parser):
         if config["data"] is None:
             parser.error("--data DIR is required (the folder with the MNIST IDX files)")
         config["data"] = os.path.abspath(config["data"])
+        problem = missing_data_folder(config, None if "data" in explicit else "last.pt")
+        if problem:
+            parser.error(problem)
         check_config(config, parser.error)
         try:
             resolve_device(config["device"])

@@ -198,8 +198,11 @@ def _train(config, checkpoint, context, device, signals_stop):
     train_set, val_set, test_set = _load_data(config, context, device)
     steps_per_epoch = len(train_set) // batch_size                    # the last partial batch is dropped
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images do not fill one batch of {batch_size}; "
-                         f"lower --batch-size or raise --limit-train")
+        # What cut the training images short: --limit-train where it did, else --validation-size.
+        limited = config["limit_train"] == len(train_set)
+        raise ValueError(f"{len(train_set)} training images do not fill one batch of {batch_size}; lower "
+                         + ("--batch-size or raise --limit-train" if limited else
+                            f"--batch-size or hold out fewer than --validation-size {config['validation_size']}"))
 
     model = build_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
