@@ -21,6 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
+from .files import atomic_write
+
 __all__ = [
     "PERTURBATIONS", "capsule_perturbations", "reconstruction_figure", "perturbation_figure",
     "segmentation_figure", "align_predictions", "training_curves_figure", "read_log", "write_figures",
@@ -55,9 +57,12 @@ def _show(ax, tiled):
 
 
 def _save(fig, path):
+    """Write `fig` as a PNG to `path` atomically: a full disk leaves the previous figure whole and
+    says which figure it could not write."""
     FigureCanvasAgg(fig)
-    # "tight": the image holds exactly the axes and their labels, no empty band around them.
-    fig.savefig(os.fspath(path), dpi=100, bbox_inches="tight")
+    with atomic_write(path) as f:
+        # "tight": the image holds exactly the axes and their labels, no empty band around them.
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     return os.fspath(path)
 
 

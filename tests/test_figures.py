@@ -1,7 +1,10 @@
 """What the figures say: the training curves' axes and marks, the segmentation figure's order
 and key. (That training and evaluate write them is tests/test_train.py's.)"""
 
+import contextlib
+import errno
 import json
+import os
 
 import numpy as np
 import pytest
@@ -55,6 +58,29 @@ def test_training_curves_plot_the_error_on_log_axes_with_the_test_of_the_best_mo
     # Log axes labelled in plain numbers, not 6x10^-1.
     labels = [t.get_text() for ax in (loss_ax, error_ax) for t in ax.get_yticklabels(which="both") if t.get_text()]
     assert labels and not any("10^" in text or "e-" in text or "times" in text for text in labels), labels
+
+
+def test_a_figure_that_cannot_be_written_leaves_the_previous_one_whole_and_names_its_file(tmp_path, monkeypatch):
+    log = _log(tmp_path, [{"event": "train", "step": 10, "loss": 0.6, "accuracy": 0.5}])
+    path = tmp_path / "training_curves.png"
+    figures.training_curves_figure(log, path)
+    previous = path.read_bytes()
+    assert previous.startswith(b"\x89PNG")
+
+    def disk_full_midway(fig, target, **options):
+        with contextlib.ExitStack() as stack:
+            out = target if hasattr(target, "write") else stack.enter_context(open(target, "wb"))
+            out.write(previous[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(figures.Figure, "savefig", disk_full_midway)
+    with pytest.raises(OSError) as raised:
+        figures.training_curves_figure(log, path)
+    # The commands print str(error) as their one line: it says which figure, and errno still says why.
+    assert str(raised.value) == f"[Errno {errno.ENOSPC}] could not write {path}: No space left on device"
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == previous
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "training_curves.png"]    # no temporary file left
 
 
 def test_predictions_are_ordered_as_the_labels_they_share():
