@@ -240,7 +240,9 @@ def training_curves_figure(log_path, path, *, metric="accuracy"):
     """Training and validation loss (left) and error, 100% minus the metric (right), against the
     step, both on log axes, where the last tenths of a percent are visible; the test of the best
     model, when the log has it, as a star at the step where it was chosen (its epoch's validation;
-    the last step where the log lacks that epoch). Writes `path`.
+    the last step where the log lacks that epoch). An error of 0, which a log axis cannot show, is
+    drawn at 0.01% (one example in 10,000, or in the largest set the log counts where it counts a
+    larger one), on a dotted line that the legend names. Writes `path`.
 
     Reads the JSON-lines log of `capsnet_triton.train`: "train" records (every few steps) and
     "validation" records (every epoch), both with "step", "loss" and "accuracy", and the final
@@ -249,15 +251,27 @@ def training_curves_figure(log_path, path, *, metric="accuracy"):
     records = read_log(log_path)
     fig = Figure(figsize=(10, 4))
     loss_ax, error_ax = fig.subplots(1, 2)
+    # Log scales before anything is drawn: a lone point on its dotted line at the floor, autoscaled
+    # on a linear axis first, is a range of zero height, which the switch to log warns about.
+    loss_ax.set(xlabel="step", ylabel="total loss (margin + weighted reconstruction)", title="loss", yscale="log")
+    error_ax.set(xlabel="step", ylabel=f"error (%), 100 - {metric}", title=f"error (100% - {metric})", yscale="log")
     # A perfect score would be log(0): it is drawn at 0.01%, or one example of a larger set.
     floor = 100.0 / max([r.get("count", 0) for r in records] + [10_000])
+    below = []                                                        # the errors drawn at the floor
+
+    def shown(accuracy):
+        error = 100.0 * (1.0 - accuracy)
+        if error < floor:
+            below.append(error)
+        return max(floor, error)
+
     for event, style, label in _CURVES:
         points = [r for r in records if r.get("event") == event]
         if not points:
             continue
         steps = [r["step"] for r in points]
         loss_ax.plot(steps, [r["loss"] for r in points], style, label=label)
-        error_ax.plot(steps, [max(floor, 100.0 * (1.0 - r["accuracy"])) for r in points], style, label=label)
+        error_ax.plot(steps, [shown(r["accuracy"]) for r in points], style, label=label)
     test = [r for r in records if r.get("event") == "test"]
     steps = [r["step"] for r in records if "step" in r]
     if test and steps:
@@ -269,9 +283,12 @@ def training_curves_figure(log_path, path, *, metric="accuracy"):
         count = test[-1].get("count")
         label = f"test of best.pt (epoch {best_epoch}{'' if count is None else f', {count} examples'})"
         loss_ax.plot([step], [test[-1]["loss"]], "*", markersize=12, label=label)
-        error_ax.plot([step], [max(floor, 100.0 * (1.0 - test[-1]["accuracy"]))], "*", markersize=12, label=label)
-    loss_ax.set(xlabel="step", ylabel="total loss (margin + weighted reconstruction)", title="loss", yscale="log")
-    error_ax.set(xlabel="step", ylabel=f"error (%), 100 - {metric}", title=f"error (100% - {metric})", yscale="log")
+        error_ax.plot([step], [shown(test[-1]["accuracy"])], "*", markersize=12, label=label)
+    if below:
+        # Else a point at the floor reads as a measured error of that size.
+        note = (f"error 0 drawn at {floor:.2g}% (a log axis has no 0)" if not any(below)
+                else f"errors under {floor:.2g}% drawn at {floor:.2g}%")
+        error_ax.axhline(floor, color="gray", linestyle=":", linewidth=1, label=note)
     for ax in (loss_ax, error_ax):
         _plain_log_ticks(ax.yaxis)
         ax.grid(alpha=0.3, which="both")

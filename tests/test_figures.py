@@ -60,6 +60,31 @@ def test_training_curves_plot_the_error_on_log_axes_with_the_test_of_the_best_mo
     assert labels and not any("10^" in text or "e-" in text or "times" in text for text in labels), labels
 
 
+def _legend(ax):
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+@pytest.mark.filterwarnings("error")     # a lone point on the floor's line made matplotlib warn of a singular range
+def test_an_error_of_0_is_drawn_at_one_example_and_the_figure_says_so(tmp_path, drawn):
+    validations = [{"event": "validation", "epoch": 1, "step": 20, "loss": 0.2, "accuracy": 0.99, "count": 500},
+                   {"event": "validation", "epoch": 2, "step": 40, "loss": 0.1, "accuracy": 1.0, "count": 500}]
+    figures.training_curves_figure(_log(tmp_path, validations), tmp_path / "c.png")
+    figures.training_curves_figure(_log(tmp_path, [*validations, {"event": "test", "best_epoch": 2, "loss": 0.1,
+                                                                  "accuracy": 1.0, "count": 60_000}]), tmp_path / "c.png")
+    figures.training_curves_figure(_log(tmp_path, validations[:1]), tmp_path / "c.png")
+    figures.training_curves_figure(_log(tmp_path, [{"event": "train", "step": 10, "loss": 0.1, "accuracy": 0.99995}]),
+                                   tmp_path / "c.png")
+    perfect, perfect_of_more, imperfect, under = (fig.axes[1] for fig in drawn)
+    note = "error 0 drawn at 0.01% (a log axis has no 0)"
+    assert note in _legend(perfect)
+    (floor,) = [line for line in perfect.get_lines() if line.get_label() == note]
+    assert list(floor.get_ydata()) == pytest.approx([0.01, 0.01])    # the dotted line at 0.01%
+    # A set of 60,000 counted: the floor is one example of it, and the note says where that is.
+    assert "error 0 drawn at 0.0017% (a log axis has no 0)" in _legend(perfect_of_more)
+    assert not any("drawn at" in text for text in _legend(imperfect))
+    assert "errors under 0.01% drawn at 0.01%" in _legend(under)     # 0.005%, of a window of training steps
+
+
 def test_a_figure_that_cannot_be_written_leaves_the_previous_one_whole_and_names_its_file(tmp_path, monkeypatch):
     log = _log(tmp_path, [{"event": "train", "step": 10, "loss": 0.6, "accuracy": 0.5}])
     path = tmp_path / "training_curves.png"
