@@ -270,6 +270,8 @@ def training_curves_figure(log_path, path, *, metric="accuracy"):
         if not points:
             continue
         steps = [r["step"] for r in points]
+        # A line through one point draws nothing: a lone record (one logging window) is a dot.
+        style = style if len(points) > 1 else "o"
         loss_ax.plot(steps, [r["loss"] for r in points], style, label=label)
         error_ax.plot(steps, [shown(r["accuracy"]) for r in points], style, label=label)
     test = [r for r in records if r.get("event") == "test"]

@@ -85,6 +85,16 @@ def test_an_error_of_0_is_drawn_at_one_example_and_the_figure_says_so(tmp_path, 
     assert "errors under 0.01% drawn at 0.01%" in _legend(under)     # 0.005%, of a window of training steps
 
 
+def test_a_curve_of_one_record_is_drawn_as_a_dot(tmp_path, drawn):
+    """One line through a single point draws nothing: the curve would be in the legend only."""
+    figures.training_curves_figure(_log(tmp_path, [{"event": "train", "step": 10, "loss": 0.6, "accuracy": 0.5}]),
+                                   tmp_path / "c.png")
+    (fig,) = drawn
+    for ax in fig.axes:
+        (line,) = ax.get_lines()
+        assert line.get_marker() == "o" and len(line.get_xdata()) == 1
+
+
 def test_a_figure_that_cannot_be_written_leaves_the_previous_one_whole_and_names_its_file(tmp_path, monkeypatch):
     log = _log(tmp_path, [{"event": "train", "step": 10, "loss": 0.6, "accuracy": 0.5}])
     path = tmp_path / "training_curves.png"
