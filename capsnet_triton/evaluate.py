@@ -28,10 +28,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .data import DATASETS, dataset_spec, load_split
+from .files import atomic_write
 from .figures import write_figures
 from .losses import capsnet_loss, check_labels, correct_predictions
 from .model import build_model
-from .training.checkpoint import load_checkpoint, write_atomic
+from .training.checkpoint import load_checkpoint
 from .training.config import check_run_config, missing_data_folder, unwritable_folder
 from .training.distributed import resolve_device
 from .training.errors import ArgumentParser, command_name, run_command
@@ -212,7 +213,8 @@ def _evaluate_checkpoint(args, model, checkpoint, device, spec, log_path, folder
               **{key: value if math.isfinite(value) else None for key, value in metrics.items()}}
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, SCORES_NAME)
-    write_atomic(path, (json.dumps(scores, indent=1, allow_nan=False) + "\n").encode())
+    with atomic_write(path) as f:
+        f.write((json.dumps(scores, indent=1, allow_nan=False) + "\n").encode())
     print(f"wrote {path}")
     for path in write_figures(model, test, folder, dataset=spec.name, metric=spec.metric, log_path=log_path,
                               model_name=os.path.basename(args.checkpoint)):

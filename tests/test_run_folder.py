@@ -204,7 +204,7 @@ def test_a_run_folder_that_another_run_holds_is_refused(finished_run, fake_mnist
 
 
 def test_stale_temporaries_of_killed_saves_are_removed(finished_run, fake_mnist, tmp_path):
-    stale = [".last.pt.k1l2l3.tmp", ".best.pt.x9y8z7.tmp"]
+    stale = [".last.pt.k1l2l3.tmp", ".best.pt.x9y8z7.tmp", ".training_curves.png.a1b2c3.tmp"]
     out = copy_run(finished_run, tmp_path / "run")
     for name in stale:
         (out / name).write_bytes(b"half a checkpoint")

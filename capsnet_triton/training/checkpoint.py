@@ -24,15 +24,14 @@ import hashlib
 import io
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
 
-from ..data import default_permissions
+from ..files import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "save_atomic", "write_atomic",
-           "payload_checksum", "load_checkpoint", "load_training_state", "lock_run_folder", "remove_stale_temporaries",
+__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "save_atomic", "payload_checksum",
+           "load_checkpoint", "load_training_state", "lock_run_folder", "remove_stale_temporaries",
            "save_training_state", "save_best_model", "best_model_in", "restore_best_model", "restore_training_state",
            "seed_everything", "rng_state", "set_rng_state"]
 
@@ -50,41 +49,12 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 
 def save_atomic(obj, path):
-    """torch.save to `path` through write_atomic. The bytes are made in memory first, so a full
-    disk is an OSError naming `path`, not an error of torch's serializer."""
+    """torch.save to `path` through files.atomic_write. The bytes are made in memory first, so a
+    full disk is an OSError naming `path`, not an error of torch's serializer."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    write_atomic(path, buffer.getbuffer())
-
-
-def write_atomic(path, data):
-    """Write the bytes `data` to a temporary file beside `path`, then rename: a reader (or a
-    resumed run after a kill) sees either the old file or the complete new one, never a partial
-    write. An OSError names `path`; the temporary file is removed on any failure."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, partial = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    default_permissions(fd)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-        fsync_directory(directory)
-    except OSError as e:
-        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
-def fsync_directory(directory):
-    """Make a rename in `directory` durable (a crash after it cannot bring back the old entry)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_write(path) as f:
+        f.write(buffer.getbuffer())
 
 
 def lock_run_folder(run_dir):
@@ -107,14 +77,14 @@ def lock_run_folder(run_dir):
 
 
 def remove_stale_temporaries(run_dir):
-    """Remove the temporary files of checkpoint saves that a killed run left in `run_dir`.
+    """Remove the temporary files that a killed run's writes left in `run_dir`: files.atomic_write's
+    `.NAME.XXXXXXXX.tmp`, of a checkpoint, a figure or evaluate's scores.
 
     Only one run writes a run folder at a time (it holds `lock_run_folder`), so at its start
     every such file is stale.
     """
-    for name in CHECKPOINT_FILES:
-        for partial in glob.glob(os.path.join(glob.escape(run_dir), f".{name}.*.tmp")):
-            os.remove(partial)
+    for partial in glob.glob(os.path.join(glob.escape(run_dir), ".?*.*.tmp")):
+        os.remove(partial)
 
 
 def payload_checksum(payload):
