@@ -57,12 +57,13 @@ def _show(ax, tiled):
 
 
 def _save(fig, path):
-    """Write `fig` as a PNG to `path` atomically: a full disk leaves the previous figure whole and
-    says which figure it could not write."""
+    """Write `fig` to `path` atomically, in the format its extension names (PNG without one): a
+    full disk leaves the previous figure whole and says which figure it could not write."""
     FigureCanvasAgg(fig)
     with atomic_write(path) as f:
         # "tight": the image holds exactly the axes and their labels, no empty band around them.
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(f, format=os.path.splitext(os.fspath(path))[1][1:].lower() or "png", dpi=100,
+                    bbox_inches="tight")
     return os.fspath(path)
 
 

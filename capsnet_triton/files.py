@@ -30,12 +30,14 @@ def atomic_write(path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
-        fsync_directory(directory)
     except OSError as e:
+        if e.errno is None:            # not the file system's (say, a figure's own): as it is
+            raise
         raise OSError(e.errno, f"could not write {os.fspath(path)}: {e.strerror or e}") from e
     finally:
         if partial is not None and os.path.exists(partial):
             os.remove(partial)
+    fsync_directory(directory)          # the file is written: a failure here is the folder's
 
 
 def fsync_directory(directory):

@@ -101,6 +101,9 @@ def test_a_figure_that_cannot_be_written_leaves_the_previous_one_whole_and_names
     figures.training_curves_figure(log, path)
     previous = path.read_bytes()
     assert previous.startswith(b"\x89PNG")
+    figures.training_curves_figure(log, tmp_path / "curves.pdf")         # the format its name says
+    assert (tmp_path / "curves.pdf").read_bytes().startswith(b"%PDF")
+    os.remove(tmp_path / "curves.pdf")
 
     def disk_full_midway(fig, target, **options):
         with contextlib.ExitStack() as stack:

@@ -157,6 +157,7 @@ def test_a_new_run_refuses_a_folder_with_a_runs_results(finished_run, fake_mnist
     line = one_line(err)
     assert status == 2 and f"already holds a run ({held})" in line
     assert ("--resume" in line) == ("last.pt" in kept) and "another --out" in line
+    assert ("delete its log.jsonl to start over" in line) == (kept == ("log.jsonl",))
     assert {name: (out / name).read_bytes() for name in kept} == before
 
 
@@ -204,13 +205,16 @@ def test_a_run_folder_that_another_run_holds_is_refused(finished_run, fake_mnist
 
 
 def test_stale_temporaries_of_killed_saves_are_removed(finished_run, fake_mnist, tmp_path):
-    stale = [".last.pt.k1l2l3.tmp", ".best.pt.x9y8z7.tmp", ".training_curves.png.a1b2c3.tmp"]
+    stale = [".last.pt.k1l2l3.tmp", ".best.pt.x9y8z7.tmp"]
     out = copy_run(finished_run, tmp_path / "run")
     for name in stale:
         (out / name).write_bytes(b"half a checkpoint")
-    (out / "notes.tmp").write_text("not ours")
+    # Not ours, or perhaps being written right now by an evaluate of this run's best.pt.
+    others = ["notes.tmp", ".notes.v2.tmp", ".perturbations.png.a1b2c3d4.tmp"]
+    for name in others:
+        (out / name).write_text("not the run's to remove")
     assert train.main(["--out", str(out), "--resume", "--epochs", "2"]) == 0
-    assert not set(stale) & set(os.listdir(out)) and (out / "notes.tmp").exists()
+    assert not set(stale) & set(os.listdir(out)) and set(others) <= set(os.listdir(out))
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     for name in stale:

@@ -77,14 +77,16 @@ def lock_run_folder(run_dir):
 
 
 def remove_stale_temporaries(run_dir):
-    """Remove the temporary files that a killed run's writes left in `run_dir`: files.atomic_write's
-    `.NAME.XXXXXXXX.tmp`, of a checkpoint, a figure or evaluate's scores.
+    """Remove the temporary files of checkpoint saves (files.atomic_write's) that a killed run
+    left in `run_dir`.
 
-    Only one run writes a run folder at a time (it holds `lock_run_folder`), so at its start
-    every such file is stale.
+    Only one run writes checkpoints to a run folder at a time (it holds `lock_run_folder`), so at
+    its start every such file is stale. Those of figures and scores are left: `evaluate` writes
+    them into a run folder without its lock, and may be writing one now.
     """
-    for partial in glob.glob(os.path.join(glob.escape(run_dir), ".?*.*.tmp")):
-        os.remove(partial)
+    for name in CHECKPOINT_FILES:
+        for partial in glob.glob(os.path.join(glob.escape(run_dir), f".{name}.*.tmp")):
+            os.remove(partial)
 
 
 def payload_checksum(payload):
