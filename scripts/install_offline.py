@@ -8,13 +8,14 @@ interpreter's own setuptools (any version >= 61; before 70.1 setuptools also nee
 package). Where pip is missing or that build fails, it writes what an editable install amounts
 to: a finder in site-packages that maps the packages of pyproject.toml's [tool.setuptools]
 package-dir to this checkout's folders (`_capsnet_triton_checkout.py`, loaded at start-up by
-`capsnet_triton_checkout.pth`; delete both to uninstall) and the commands of [project.scripts]
-(capsnet-train, capsnet-evaluate) beside the interpreter. Either way it then checks, from
+`capsnet_triton_checkout.pth`) and the commands of [project.scripts] (capsnet-train,
+capsnet-evaluate) beside the interpreter; delete those four files to uninstall. Either way it then checks, from
 another folder, that every package is found, and exits non-zero if not.
 """
 
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -53,9 +54,9 @@ def _pyproject():
     except ModuleNotFoundError:       # Python 3.10: the same parser, as pip (>= 21.2) vendors it
         try:
             from pip._vendor import tomli as tomllib
-        except ModuleNotFoundError:
-            sys.exit("install_offline: this Python 3.10 has no pip, which its TOML parser comes with: "
-                     "install pip (python3 -m ensurepip) or use Python >= 3.11")
+        except ImportError:           # no pip, or one older than 21.2, without tomli
+            sys.exit("install_offline: this Python 3.10 has no pip >= 21.2, which its TOML parser comes with: "
+                     "install one (python3 -m ensurepip --upgrade) or use Python >= 3.11")
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         return tomllib.load(f)
 
@@ -103,7 +104,11 @@ def write_finder():
         module, function = target.split(":")
         path = os.path.join(scripts, name)
         with open(path, "w") as f:
-            f.write(f"#!{sys.executable}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n")
+            # Through /bin/sh, as pip writes it where a "#!" line cannot hold the interpreter's path
+            # (a space, or over the kernel's 127 bytes): sh runs the Python, which reads the
+            # quoted lines as a string and goes on.
+            f.write(f"#!/bin/sh\n'''exec' {shlex.quote(sys.executable)} \"$0\" \"$@\"\n' '''\n"
+                    f"import sys\nfrom {module} import {function}\nsys.exit({function}())\n")
         os.chmod(path, 0o755)
         print(f"install_offline: wrote the command {path}")
 
