@@ -7,8 +7,9 @@ the paper's (Section 4) with fewer channels so that a few hundred Adam steps tak
 laptop CPU. It holds the last --eval training images out for validation and prints the loss
 falling and the validation accuracy rising; the first --eval test images are scored once, at the
 end (as SPEC section 6 asks: choose on validation, report test once). So --eval must leave training
-images and find that many test images, and --batch may not exceed the training images left; what
-does not fit the data is refused as a usage error (exit 2) before any training.
+images and find that many test images; what does not fit the data is refused as a usage error
+(exit 2) before any training. A batch is drawn with replacement, so it may be larger than the
+training images; one too large for the machine's memory ends the run with one line (exit 1).
 """
 
 import argparse
@@ -38,7 +39,7 @@ def _accuracy(params, images, labels, config, batch=100):
     Scoring takes a second or two per thousand images on a CPU, so on a terminal a counter on
     stderr shows a long one moving; pipes and logs, where it would be clutter, never get it.
     """
-    on_terminal = sys.stderr.isatty()
+    on_terminal = sys.stderr is not None and sys.stderr.isatty()
     counter = f"scoring {len(images):,} images:"
     correct = 0
     try:
@@ -56,7 +57,7 @@ def _accuracy(params, images, labels, config, batch=100):
 
 def _load_splits(parser, args):
     """(training, validation, test) splits of --data, each (images, labels), after refusing
-    through `parser` the data and the --eval and --batch that do not fit it, before any training."""
+    through `parser` the data and the --eval that do not fit it, before any training."""
     try:
         train_images, train_labels = load_mnist(args.data, train=True)
         test_images, test_labels = load_mnist(args.data, train=False)
@@ -74,11 +75,6 @@ def _load_splits(parser, args):
         # Else the final line would score fewer test images than --eval says, without a word.
         parser.error(f"--eval {args.eval} asks for more test images than the {len(test_images)} in {args.data}")
     kept = len(train_images) - args.eval        # the training images left after holding out --eval
-    if args.batch > kept:
-        # A batch is drawn from the images left for training: a larger one only repeats them, and
-        # a huge one (--batch 100000) would fail to allocate its activations at the first step.
-        parser.error(f"--batch {args.batch} is larger than the {kept} training images left after "
-                     f"holding out --eval {args.eval}")
     return ((train_images[:kept], train_labels[:kept]),
             (train_images[kept:], train_labels[kept:]),
             (test_images[:args.eval], test_labels[:args.eval]))
@@ -130,6 +126,11 @@ def main(argv=None):
         # reports for a process that SIGINT ended (128 + 2).
         print(f"{parser.prog}: interrupted (Ctrl-C) after {steps_done} of {args.steps} steps", file=sys.stderr)
         return 130
+    except MemoryError:
+        # A batch's activations (about 0.7 MB an image here) that the machine cannot hold.
+        print(f"{parser.prog}: out of memory at step {steps_done + 1} with --batch {args.batch}: "
+              f"pass a smaller one", file=sys.stderr)
+        return 1
     return 0
 
 
