@@ -4,7 +4,7 @@
     python -m capsnet_triton.evaluate RUN_DIR/best.pt --dataset affnist-generated   (a mnist40 model)
 
 prints the test accuracy (both-digit accuracy for MultiMNIST), keeps it with the loss terms and the
-number of examples in evaluation.json (with the checkpoint and the dataset), and writes reconstructions.png and
+number of examples in evaluation.json (with the checkpoint, its SHA-256 and the data scored), and writes reconstructions.png and
 perturbations.png (paper Figures 3 and 4; segmentation.png, the paper's Figure 5, instead of
 reconstructions.png for MultiMNIST), each naming the checkpoint and the set it shows, and, when
 the run's log.jsonl sits beside the checkpoint, training_curves.png. They go into the
@@ -19,6 +19,7 @@ Also home of `evaluate`, the accuracy and loss of a model over a whole split, wh
 uses for its validation and test passes.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -208,7 +209,12 @@ def _evaluate_checkpoint(args, model, checkpoint, device, spec, log_path, folder
     print(f"{spec.name} test {spec.metric} {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
           f"{example_count(test)}, loss {metrics['loss']:.5f}")
     # The score kept beside the figures (stdout alone loses it): strict JSON, as the run's log.
-    scores = {"checkpoint": os.path.abspath(args.checkpoint), "dataset": spec.name, "metric": spec.metric,
+    # The file's SHA-256 (as sha256sum gives it) names the model scored: a resumed run may
+    # replace best.pt since.
+    with open(args.checkpoint, "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    scores = {"checkpoint": os.path.abspath(args.checkpoint), "sha256": sha256,
+              "data": os.path.abspath(args.data or config["data"]), "dataset": spec.name, "metric": spec.metric,
               "limit": args.limit,
               **{key: value if math.isfinite(value) else None for key, value in metrics.items()}}
     os.makedirs(folder, exist_ok=True)

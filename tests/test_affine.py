@@ -181,7 +181,7 @@ def test_evaluate_scores_a_mnist40_model_on_the_generated_set_and_affnist(tmp_pa
                           "--no-verify-data"]) == 0
     assert "affnist-generated test accuracy" in capsys.readouterr().out
     # Figures of another dataset go to a subfolder named after it; the run's own stay, training curves, which are not about that dataset, are not copied there.
-    assert set(os.listdir(out / "affnist-generated")) == {"reconstructions.png", "perturbations.png"}
+    assert set(os.listdir(out / "affnist-generated")) == {"reconstructions.png", "perturbations.png", "evaluation.json"}
     assert (out / "reconstructions.png").read_bytes() == own_figure
     assert evaluate.main([str(out / "best.pt"), "--dataset", "affnist", "--device", "cpu",
                           "--out", str(tmp_path / "figures")]) == 0

@@ -3,6 +3,7 @@ figures go, and the mistakes it refuses (exit 2 for options and folders, before 
 1 for data that fails its checks).
 """
 
+import hashlib
 import json
 import os
 
@@ -85,8 +86,9 @@ def test_evaluate_keeps_its_scores_beside_its_figures(finished_run, fake_mnist, 
     printed = capsys.readouterr().out
     scores = json.loads((out / "last-first-5" / evaluate.SCORES_NAME).read_text())
     assert status == 0 and f"wrote {out / 'last-first-5' / evaluate.SCORES_NAME}" in printed
-    assert {k: scores[k] for k in ("checkpoint", "dataset", "metric", "limit", "count")} == {
-        "checkpoint": str(out / "last.pt"), "dataset": "mnist", "metric": "accuracy", "limit": 5, "count": 5}
+    assert {k: scores[k] for k in ("checkpoint", "sha256", "data", "dataset", "metric", "limit", "count")} == {
+        "checkpoint": str(out / "last.pt"), "sha256": hashlib.sha256((out / "last.pt").read_bytes()).hexdigest(),
+        "data": fake_mnist, "dataset": "mnist", "metric": "accuracy", "limit": 5, "count": 5}
     assert f"mnist test accuracy {scores['accuracy']:.2%}" in printed and f"loss {scores['loss']:.5f}" in printed
     assert scores["loss"] == pytest.approx(scores["margin"] + 0.0005 * scores["reconstruction"])
 

@@ -4,11 +4,13 @@ ends of the documented ranges, a relative --data stored absolute, the test files
 divergence caught before a periodic save and in validation, and the torchrun and argv entry
 points' exits. Run through the commands on the tiny configuration of tests/command_runs.py."""
 
+import errno
 import importlib
 import math
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +167,17 @@ def test_every_command_has_its_console_script():
     for target in scripts.values():
         module, _ = target.split(":")
         assert callable(importlib.import_module(module).main)
+
+
+def test_a_stop_request_is_taken_where_stderr_cannot_say_so(monkeypatch):
+    """Ctrl-C's answer goes to stderr from the signal handler: a closed stderr or a broken pipe
+    must not turn the request to stop into an error inside whatever step it came in."""
+    stop = loop._StopRequest(False)
+    stop.previous = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
+
+    def closed(fd, data):
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    monkeypatch.setattr(loop.os, "write", closed)
+    stop._request(signal.SIGINT, None)
+    assert stop.requested == signal.SIGINT

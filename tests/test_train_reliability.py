@@ -253,8 +253,10 @@ def test_user_errors_are_one_line_with_usage_and_failure_statuses(finished_run, 
     status, err = run(train.main, args(fake_mnist, blocker), capsys)
     assert status == 2 and f"cannot create the run folder: {blocker} is a file" in one_line(err)
     # A data folder that is not there is an option's mistake, said before the run folder is made.
-    for missing, state in ((tmp_path / "no_data", "does not exist"), (blocker, "is a file, not a folder")):
-        status, err = run(train.main, args(missing, tmp_path / "run"), capsys)
+    for missing, state, extra in ((tmp_path / "no_data", "does not exist", []),
+                                  (blocker, "is a file, not a folder", []),
+                                  (blocker, "is a file, not a folder", ["--download"])):   # which cannot make it
+        status, err = run(train.main, args(missing, tmp_path / "run", *extra), capsys)
         assert status == 2 and f"--data {missing} {state}" in one_line(err) and not (tmp_path / "run").exists()
     empty = tmp_path / "empty_data"
     empty.mkdir()

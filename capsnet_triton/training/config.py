@@ -208,7 +208,7 @@ def missing_data_folder(config, recorded_in=None):
     made for nothing). recorded_in: the checkpoint that gave the folder, where the user did not
     (--resume, evaluate), whose folder may have moved since."""
     folder = config["data"]
-    if config.get("download") or os.path.isdir(folder):
+    if os.path.isdir(folder) or (config.get("download") and not os.path.exists(folder)):
         return None
     state = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
     if recorded_in is None:
@@ -362,10 +362,15 @@ def resolve_config(argv, parser):
             # and so is a log with validation or test records where both were. A log of "train"
             # records alone, of a run that stopped before its first epoch ended, is replaced.
             held = [name for name in CHECKPOINT_FILES if os.path.exists(os.path.join(config["out"], name))]
-            results = logged_results(os.path.join(config["out"], "log.jsonl"))
+            try:
+                results = logged_results(os.path.join(config["out"], "log.jsonl"))
+            except OSError as e:
+                parser.error(f"{args.out}: cannot read its log.jsonl ({e.strerror or e})")
             if results:
                 held.append(f"log.jsonl with {' and '.join(results)} results")
             if held:
                 resume = "pass --resume to continue it, or " if "last.pt" in held else ""
-                parser.error(f"{args.out} already holds a run ({', '.join(held)}): {resume}choose another --out")
+                start_over = "" if len(held) > 1 or not results else " (or delete its log.jsonl to start over there)"
+                parser.error(f"{args.out} already holds a run ({', '.join(held)}): {resume}choose another --out"
+                             f"{start_over}")
         return config, checkpoint, lock.pop_all()

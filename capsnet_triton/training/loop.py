@@ -160,8 +160,11 @@ class _StopRequest:
         # choice: to the file descriptor, as a write to sys.stderr may be what was interrupted.
         name, again = (("Ctrl-C", "press Ctrl-C again") if signum == signal.SIGINT
                        else (signal.Signals(signum).name, f"a second {signal.Signals(signum).name}"))
-        os.write(2, f"\n{name}: stopping after this step to save last.pt; {again} to quit without "
-                    f"saving\n".encode())
+        try:
+            os.write(2, f"\n{name}: stopping after this step to save last.pt; {again} to quit without "
+                        f"saving\n".encode())
+        except OSError:             # stderr closed or a broken pipe: the stop itself still happens
+            pass
 
     def __exit__(self, *exc_info):
         for signum, handler in self.previous.items():
