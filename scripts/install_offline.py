@@ -104,9 +104,9 @@ def write_finder():
         module, function = target.split(":")
         path = os.path.join(scripts, name)
         with open(path, "w") as f:
-            # Through /bin/sh, as pip writes it where a "#!" line cannot hold the interpreter's path
-            # (a space, or over the kernel's 127 bytes): sh runs the Python, which reads the
-            # quoted lines as a string and goes on.
+            # Through /bin/sh, the form pip uses where a "#!" line cannot hold the interpreter's
+            # path (a space, or over the kernel's 127 bytes), here for every path: sh runs the
+            # Python, which reads the quoted lines as a string and goes on.
             f.write(f"#!/bin/sh\n'''exec' {shlex.quote(sys.executable)} \"$0\" \"$@\"\n' '''\n"
                     f"import sys\nfrom {module} import {function}\nsys.exit({function}())\n")
         os.chmod(path, 0o755)
