@@ -12,6 +12,7 @@ from dataclasses import asdict, replace
 
 import torch
 
+from ..files import atomic_write
 from . import providers as _providers
 from .check import check_ground_truth
 from .providers import make_providers
@@ -48,9 +49,9 @@ def build_parser(description=None):
 def check_writable(parser, flag, path, renamed=False):
     """Refuse an output path that cannot be written before the measuring, not after it. The path
     is really opened: permission bits say nothing of /proc or a read-only mount, least of all to root.
-    renamed: the file is written as PATH.tmp and renamed onto PATH (write_json_atomic), so that
-    must be possible too, and PATH, where it exists, must be a regular file (a rename would
-    replace a device or a pipe with a file)."""
+    renamed: the file is written beside PATH and renamed onto it (write_json_atomic), so a file
+    in PATH's folder must be possible too (tried as PATH.tmp), and PATH, where it exists, must be
+    a regular file (a rename would replace a device or a pipe with a file)."""
     if path is None:
         return
     if renamed and os.path.lexists(path) and not os.path.isfile(path):
@@ -101,11 +102,10 @@ def bandwidth_devices(device, providers, workloads, plan):
 
 
 def write_json_atomic(path, obj):
-    """json.dump to a temporary name, then rename: a reader (the GPU check's summary, after a
-    stage was stopped mid-run) never sees half a file."""
-    with open(path + ".tmp", "w") as out:
-        json.dump(obj, out, indent=1)
-    os.replace(path + ".tmp", path)
+    """json.dump through files.atomic_write: a reader (the GPU check's summary, after a stage was
+    stopped mid-run) never sees half a file."""
+    with atomic_write(path) as out:
+        out.write(json.dumps(obj, indent=1).encode())
 
 
 def _write_json(path, env, rows, complete):
