@@ -165,11 +165,11 @@ def main(argv=None):
     problem = unwritable_folder(folder, "the figures' folder", create=False)
     if problem:
         parser.error(f"--out {folder}: {problem}" if args.out else f"{folder}: {problem} (choose another with --out)")
-    problem = missing_data_folder({"data": os.path.abspath(args.data or checkpoint["config"]["data"])},
-                                  None if args.data else "the checkpoint")
+    data = os.path.abspath(args.data or checkpoint["config"]["data"])
+    problem = missing_data_folder(data, None if args.data else "the checkpoint")
     if problem:
         parser.error(problem)
-    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device, spec,
+    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device, spec, data,
                        os.path.join(run_dir, "log.jsonl") if own else None, folder, owns_ctrl_c=argv is None)
 
 
@@ -196,10 +196,10 @@ def _datasets(args, checkpoint):
     return spec, trained_on
 
 
-def _evaluate_checkpoint(args, model, checkpoint, device, spec, log_path, folder):
+def _evaluate_checkpoint(args, model, checkpoint, device, spec, data, log_path, folder):
     config = checkpoint["config"]
     # The MD5s tell the datasets apart: a folder of MNIST is refused as Fashion-MNIST's.
-    test = load_split(args.data or config["data"], spec.name, train=False, verify=args.verify_data)
+    test = load_split(data, spec.name, train=False, verify=args.verify_data)
     test = spec.evaluation_split(test, True)
     if args.limit is not None:
         test = test.subset(slice(0, args.limit))
@@ -214,7 +214,7 @@ def _evaluate_checkpoint(args, model, checkpoint, device, spec, log_path, folder
     with open(args.checkpoint, "rb") as f:
         sha256 = hashlib.sha256(f.read()).hexdigest()
     scores = {"checkpoint": os.path.abspath(args.checkpoint), "sha256": sha256,
-              "data": os.path.abspath(args.data or config["data"]), "dataset": spec.name, "metric": spec.metric,
+              "data": data, "dataset": spec.name, "metric": spec.metric,
               "limit": args.limit,
               **{key: value if math.isfinite(value) else None for key, value in metrics.items()}}
     os.makedirs(folder, exist_ok=True)

@@ -1,5 +1,6 @@
-"""Writing the files a run keeps (its checkpoints and figures) so that a failure (a full disk, an
-error while making the contents, a kill) never leaves one half written."""
+"""Writing the files the project keeps (checkpoints, figures, evaluate's scores, bench's JSON) so
+that a failure (a full disk, an error while making the contents, a kill) never leaves one half
+written."""
 
 import contextlib
 import os

@@ -9,8 +9,8 @@ package). Where pip is missing or that build fails, it writes what an editable i
 to: a finder in site-packages that maps the packages of pyproject.toml's [tool.setuptools]
 package-dir to this checkout's folders (`_capsnet_triton_checkout.py`, loaded at start-up by
 `capsnet_triton_checkout.pth`) and the commands of [project.scripts] (capsnet-train,
-capsnet-evaluate) beside the interpreter; delete those four files to uninstall. Either way it then checks, from
-another folder, that every package is found, and exits non-zero if not.
+capsnet-evaluate) beside the interpreter; delete those four files to uninstall. Either way it
+then checks, from another folder, that every package is found, and exits non-zero if not.
 """
 
 import importlib.util

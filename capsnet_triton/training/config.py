@@ -202,13 +202,12 @@ def check_run_config(config, path):
                              f"that option cannot take (written by another version of capsnet_triton, or edited?)")
 
 
-def missing_data_folder(config, recorded_in=None):
-    """None where the run's data folder, config["data"], is there (or a run that downloads will
-    make it), else a usage error's message: said before any work (and before a run folder is
-    made for nothing). recorded_in: the checkpoint that gave the folder, where the user did not
-    (--resume, evaluate), whose folder may have moved since."""
-    folder = config["data"]
-    if os.path.isdir(folder) or (config.get("download") and not os.path.exists(folder)):
+def missing_data_folder(folder, recorded_in=None, download=False):
+    """None where the data folder `folder` is there (or, with download, will be made), else a
+    usage error's message: said before any work (and before a run folder is made for nothing).
+    recorded_in: the checkpoint that gave the folder, where the user did not (--resume,
+    evaluate), whose folder may have moved since."""
+    if os.path.isdir(folder) or (download and not os.path.exists(folder)):
         return None
     state = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
     if recorded_in is None:
@@ -346,7 +345,7 @@ def resolve_config(argv, parser):
         if config["data"] is None:
             parser.error("--data DIR is required (the folder with the MNIST IDX files)")
         config["data"] = os.path.abspath(config["data"])
-        problem = missing_data_folder(config, None if "data" in explicit else "last.pt")
+        problem = missing_data_folder(config["data"], None if "data" in explicit else "last.pt", config["download"])
         if problem:
             parser.error(problem)
         check_config(config, parser.error)
