@@ -101,15 +101,16 @@ def example_count(split):
     return f"{len(split)} {noun}{'' if len(split) == 1 else 's'}"
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", *, digest=None):
     """Rebuild the model saved in a training checkpoint (best.pt or last.pt).
 
-    Returns (model in eval mode on `device`, the checkpoint dict). ValueError, in one line, for
+    Returns (model in eval mode on `device`, the checkpoint dict). digest: optional hashlib object
+    fed the file's bytes as read (see `load_checkpoint`). ValueError, in one line, for
     a checkpoint that cannot be loaded (see `load_checkpoint`), whose config no option of the
     training command could have given (training.config.check_run_config) or whose weights do not
     fit the model its config describes.
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, digest=digest)
     check_run_config(checkpoint["config"], path)
     try:
         model = build_model(checkpoint["config"])
@@ -153,7 +154,10 @@ def main(argv=None):
         parser.error(f"--limit must be positive, got {args.limit}")
     try:
         device = resolve_device(args.device)
-        model, checkpoint = load_model(args.checkpoint, device)
+        # The file's SHA-256 (as sha256sum gives it), of the bytes loaded, names the model scored
+        # in evaluation.json: a running training may replace best.pt while this one is scored.
+        sha256 = hashlib.sha256()
+        model, checkpoint = load_model(args.checkpoint, device, digest=sha256)
         datasets = _datasets(args, checkpoint)
     except ValueError as e:
         parser.error(str(e))
@@ -169,7 +173,8 @@ def main(argv=None):
     problem = missing_data_folder(data, None if args.data else "the checkpoint")
     if problem:
         parser.error(problem)
-    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, device, spec, data,
+    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, sha256.hexdigest(),
+                       device, spec, data,
                        os.path.join(run_dir, "log.jsonl") if own else None, folder, owns_ctrl_c=argv is None)
 
 
@@ -196,7 +201,7 @@ def _datasets(args, checkpoint):
     return spec, trained_on
 
 
-def _evaluate_checkpoint(args, model, checkpoint, device, spec, data, log_path, folder):
+def _evaluate_checkpoint(args, model, checkpoint, sha256, device, spec, data, log_path, folder):
     config = checkpoint["config"]
     # The MD5s tell the datasets apart: a folder of MNIST is refused as Fashion-MNIST's.
     test = load_split(data, spec.name, train=False, verify=args.verify_data)
@@ -209,10 +214,6 @@ def _evaluate_checkpoint(args, model, checkpoint, device, spec, data, log_path, 
     print(f"{spec.name} test {spec.metric} {metrics['accuracy']:.2%} (error {1 - metrics['accuracy']:.2%}) on "
           f"{example_count(test)}, loss {metrics['loss']:.5f}")
     # The score kept beside the figures (stdout alone loses it): strict JSON, as the run's log.
-    # The file's SHA-256 (as sha256sum gives it) names the model scored: a resumed run may
-    # replace best.pt since.
-    with open(args.checkpoint, "rb") as f:
-        sha256 = hashlib.sha256(f.read()).hexdigest()
     scores = {"checkpoint": os.path.abspath(args.checkpoint), "sha256": sha256,
               "data": data, "dataset": spec.name, "metric": spec.metric,
               "limit": args.limit,

@@ -78,16 +78,27 @@ def test_evaluate_writes_another_models_figures_beside_the_runs(finished_run, fa
     assert f"wrote {out / 'reconstructions.png'}" in capsys.readouterr().out
 
 
-def test_evaluate_keeps_its_scores_beside_its_figures(finished_run, fake_mnist, tmp_path, capsys):
-    """stdout alone lost the score (an affNIST run's whole point): evaluation.json keeps it."""
+def test_evaluate_keeps_its_scores_beside_its_figures(finished_run, fake_mnist, tmp_path, capsys, monkeypatch):
+    """stdout alone lost the score (an affNIST run's whole point): evaluation.json keeps it, with
+    the SHA-256 of the checkpoint scored, even where a running training replaces the file while
+    it is scored (the hash was of the file read again after scoring)."""
     out = copy_run(finished_run, tmp_path / "run")
+    scored = hashlib.sha256((out / "last.pt").read_bytes()).hexdigest()
+    score = evaluate.evaluate
+
+    def score_then_replace(*args, **kwargs):
+        metrics = score(*args, **kwargs)
+        (out / "last.pt").write_bytes((out / "best.pt").read_bytes())
+        return metrics
+
+    monkeypatch.setattr(evaluate, "evaluate", score_then_replace)
     status = evaluate.main([str(out / "last.pt"), "--data", fake_mnist, "--device", "cpu", "--no-verify-data",
                             "--limit", "5"])
     printed = capsys.readouterr().out
     scores = json.loads((out / "last-first-5" / evaluate.SCORES_NAME).read_text())
     assert status == 0 and f"wrote {out / 'last-first-5' / evaluate.SCORES_NAME}" in printed
     assert {k: scores[k] for k in ("checkpoint", "sha256", "data", "dataset", "metric", "limit", "count")} == {
-        "checkpoint": str(out / "last.pt"), "sha256": hashlib.sha256((out / "last.pt").read_bytes()).hexdigest(),
+        "checkpoint": str(out / "last.pt"), "sha256": scored,
         "data": fake_mnist, "dataset": "mnist", "metric": "accuracy", "limit": 5, "count": 5}
     assert f"mnist test accuracy {scores['accuracy']:.2%}" in printed and f"loss {scores['loss']:.5f}" in printed
     assert scores["loss"] == pytest.approx(scores["margin"] + 0.0005 * scores["reconstruction"])

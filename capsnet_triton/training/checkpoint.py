@@ -123,8 +123,12 @@ def _save_checkpoint(payload, path):
     save_atomic({**payload, "checksum": payload_checksum(payload)}, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, *, digest=None):
     """The contents of a checkpoint (last.pt or best.pt) on the CPU, its checksum verified.
+
+    The file is read once, whole, and loaded from those bytes; digest (a hashlib object), when
+    given, is fed the same bytes, so that a hash of the file names exactly the checkpoint loaded
+    even if a running training replaces the file meanwhile.
 
     Raises ValueError, in one line naming `path`, for a missing, empty, truncated or corrupt
     file, one whose checksum does not match its contents, and any file that is not one of ours.
@@ -143,15 +147,17 @@ def load_checkpoint(path):
         raise ValueError(f"there is no checkpoint file {path}")
     try:
         with open(path, "rb") as f:
-            zipped = f.read(4) == _ZIP_MAGIC
+            contents = f.read()
     except OSError as e:
         raise ValueError(f"{path} cannot be read as a checkpoint ({e.strerror or e})") from e
-    if not zipped:
+    if digest is not None:
+        digest.update(contents)
+    if not contents.startswith(_ZIP_MAGIC):
         # torch.load would take it for a legacy pickle and fail with advice of its own.
         raise ValueError(f"{path} cannot be read as a checkpoint: it is empty, truncated or corrupt, or another "
                          f"kind of file (not the zip archive torch.save writes)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(contents), map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails in pickle, zip or torch code, each with its own type
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if reason.startswith("Weights only load failed"):
