@@ -80,7 +80,9 @@ def build_parser(suppress_defaults=False):
     add(data, "--limit-test", type=int, metavar="N", help="test on N images (multimnist: pairs) only")
 
     optim = parser.add_argument_group("optimisation")
-    add(optim, "--epochs", default=50, type=int, help="passes over the training split")
+    add(optim, "--epochs", default=50, type=int,
+        help="passes over the training split (the paper gives no length; the official code's README "
+             "trains 300,000 steps of 128, about 700 epochs)")
     add(optim, "--batch-size", default=128, type=int, help="global batch, split over the ranks")
     add(optim, "--lr", default=1e-3, type=float, help="Adam learning rate; its decay stops at 1e-6 (or at "
         "--lr, where that is smaller)")
