@@ -217,8 +217,10 @@ def test_backward_saves_u_weight_per_iteration_s_and_the_couplings(backend, grad
 
 # NaN and inf in, on purpose: the interpreter's NumPy says so for every op they reach.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_non_finite_input_gives_nan_in_all_of_its_samples_v_only(backend):
+def test_non_finite_input_gives_nan_in_its_own_samples_as_the_reference(backend, gradient):
     # float64, so that the rounding of products summed in another order for another batch (a few
     # float32 ulps, which failed 3 draws in 20 at the float32 tolerance this test had) is 1e-16.
     generator = torch.Generator().manual_seed(3)
@@ -226,29 +228,41 @@ def test_non_finite_input_gives_nan_in_all_of_its_samples_v_only(backend):
     weight = torch.randn(6, 5, 3, 4, generator=generator, dtype=torch.float64).to(DEVICE)
     u[0, 1, 2] = float("nan")
     u[2, 4, 0] = float("-inf")
-    v = capsule_linear(u, weight, 3, backend=backend)
+    v = capsule_linear(u, weight, 3, gradient=gradient, backend=backend)
     assert torch.isnan(v[0]).all() and torch.isnan(v[2]).all()
     # The other sample is unaffected.
-    assert torch.allclose(v[1], capsule_linear(u[1:2], weight, 3, backend=backend)[0], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(v[1], capsule_linear(u[1:2], weight, 3, gradient=gradient, backend=backend)[0],
+                          rtol=1e-12, atol=1e-15)
+    # The gradients are the reference's, NaN exactly where it has NaN: all of those samples' du,
+    # all of dW (a sum over the batch).
+    dv = torch.randn(3, 5, 3, generator=generator, dtype=torch.float64).to(DEVICE)
+    _, du, dW, _ = run(u, weight, 3, dv, gradient=gradient, backend=backend)
+    _, ref_du, ref_dW, _ = reference(u, weight, 3, dv, None, gradient)
+    assert np.isnan(ref_du[[0, 2]]).all() and np.isnan(ref_dW).all()
+    assert_agrees(du, ref_du, torch.float64, "du")
+    assert_agrees(dW, ref_dW, torch.float64, "dW")
     # To the bit, in float32, against the same batch without the NaN and inf (SPEC 7), v and du.
     clean = torch.randn(3, 6, 4, generator=generator).to(DEVICE)
     outputs = []
     for u in (clean, torch.where(torch.isfinite(u), clean, u)):
         u = u.float().requires_grad_()
-        v = capsule_linear(u, weight.float(), 3, backend=backend)
+        v = capsule_linear(u, weight.float(), 3, gradient=gradient, backend=backend)
         v.backward(torch.ones_like(v))
         outputs.append((v[1], u.grad[1]))
     assert all(torch.equal(bad, good) for bad, good in zip(outputs[1], outputs[0]))
 
 
+@pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_empty_batch_gives_empty_results_and_zero_weight_gradient(backend):
+def test_empty_batch_gives_empty_results_and_zero_weight_gradient(backend, gradient):
     u = torch.empty(0, 6, 4, device=DEVICE, requires_grad=True)
     weight = torch.randn(6, 5, 3, 4, device=DEVICE, requires_grad=True)
-    v = capsule_linear(u, weight, 3, backend=backend)
+    bias = torch.randn(5, 3, device=DEVICE, requires_grad=True)
+    v = capsule_linear(u, weight, 3, bias=bias, gradient=gradient, backend=backend)
     assert v.shape == (0, 5, 3)
     v.sum().backward()
     assert u.grad.shape == (0, 6, 4) and torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
 
 
 def test_compile_fullgraph_traces_through_the_op():
@@ -272,6 +286,7 @@ def test_compile_fullgraph_traces_through_the_op():
     (lambda: capsule_linear(torch.randn(2, 0, 2), torch.randn(0, 4, 5, 2)), ValueError, "at least one"),
     (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 0, 5, 2)), ValueError, "at least one"),
     (lambda: capsule_linear(torch.randn(2, 3, 0), torch.randn(3, 4, 5, 0)), ValueError, "at least one"),
+    (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 0, 2)), ValueError, "at least one"),
     (lambda: capsule_linear(torch.randn(2, 3, 2), torch.randn(3, 4, 5, 2).double()), TypeError, "dtype"),
     (lambda: capsule_linear(torch.ones(2, 3, 2, dtype=torch.int64), torch.ones(3, 4, 5, 2)), TypeError,
      "floating"),

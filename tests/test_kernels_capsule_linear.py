@@ -284,23 +284,25 @@ def test_capsule_linear_of_one_parent(P, variant, rng):
 # The interpreter's NumPy warns of the NaN this test asks for.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("gradient", ["full", "last"])
 @pytest.mark.parametrize("iterations", [1, 3])
 @pytest.mark.parametrize("variant", ["sample", "split"])
-def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iterations, rng):
+def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iterations, gradient, rng):
     """SPEC 7: a sample whose u holds a NaN or inf gets NaN in all of its v; the others, in the
-    split kernels in the same block of samples, are unaffected. So in the backward: the kept
-    couplings, s_all, ds_all and du of those samples are NaN, the clean sample's are those of the
-    clean sample alone (dW, a sum over the batch, is NaN). Every output is poisoned with a finite
-    value, so that one left unwritten shows."""
+    split kernels in the same block of samples, are unaffected. So in the backward, under either
+    gradient policy: du, dW and ds_all are the reference's, NaN exactly where it has NaN (all of
+    those samples' du; all of dW, a sum over the batch), and the clean sample's are those of the
+    clean sample alone; the kept couplings and s_all of those samples are NaN. Every output is
+    poisoned with a finite value, so that one left unwritten shows."""
     u, weight, _, dv = layer_inputs(rng, (3, 6, 4, 5, 3), torch.float32)
     u[0, 2, 1] = float("nan")
     u[2, 5, 0] = float("inf")
-    launch = dict(variant=variant, splits=2, block_i=2)
+    launch = dict(variant=variant, splits=2, block_i=2, gradient=gradient)
     v, s_all, couplings = capsule_linear_forward(
         u, weight, iterations, **launch,
         out=(poisoned((3, 4, 5), torch.float32, FINITE_POISON),
              poisoned((iterations, 3, 4, 5), torch.float32, FINITE_POISON),
-             poisoned((iterations - 1, 3, 6, 4), torch.float32, FINITE_POISON)))
+             poisoned((kept_iterations(iterations, gradient), 3, 6, 4), torch.float32, FINITE_POISON)))
     # Kernel B over two chunks of the J D = 20 columns: du summed from partials keeps the NaN.
     du, dW, ds_all = capsule_linear_backward(
         dv, u, weight, s_all, couplings, **launch, weight_launch=(16, 16, 1),
@@ -310,9 +312,15 @@ def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iteratio
     clean_du, _, clean_ds_all = capsule_linear_backward(dv[1:2], u[1:2], weight, clean_s_all, clean_couplings,
                                                         **launch, weight_launch=(16, 16, 1))
     for bad in (0, 2):
-        for output in (v[bad], s_all[:, bad], couplings[:, bad], du[bad], ds_all[:, bad]):
+        for output in (v[bad], s_all[:, bad], couplings[:, bad], du[bad], ds_all[-1, bad]):
             assert torch.isnan(output).all()
-    assert torch.isnan(dW).all()
+    # A zero bias changes nothing in the reference and makes it return dL/dbias, ds_all's sum.
+    _, cache = reference_forward(as_float64(u), as_float64(weight), iterations, bias=np.zeros((4, 5)),
+                                 gradient=gradient)
+    ref_du, ref_dW, ref_dbias = reference_backward(as_float64(dv), cache)
+    assert np.isnan(ref_dW).all()
+    for out, ref, name in ((du, ref_du, "du"), (dW, ref_dW, "dW"), (ds_all.sum((0, 1)), ref_dbias, "dbias")):
+        assert_agrees(out, ref, torch.float32, name)
     assert torch.equal(v[1], clean[0]) and torch.equal(couplings[:, 1], clean_couplings[:, 0])
     assert torch.equal(s_all[:, 1], clean_s_all[:, 0])
     assert torch.equal(du[1], clean_du[0]) and torch.equal(ds_all[:, 1], clean_ds_all[:, 0])
