@@ -12,7 +12,7 @@ from capsnet_triton.layers import Decoder, DigitCaps, PrimaryCaps, predict, reco
 from capsnet_triton.losses import capsnet_loss
 from capsnet_triton.data import DATASETS
 from capsnet_triton.model import CapsNetOutput, build_model
-from capsnet_triton.numerics import TOLERANCE, assert_agrees, relative_error
+from capsnet_triton.numerics import TOLERANCE, as_float64, assert_agrees, relative_error
 from capsnet_triton.reference import (CapsNetConfig, init_params, network_backward, network_forward,
                                       parameter_shapes, prediction_forward, squash_forward)
 
@@ -371,19 +371,27 @@ def test_recomputed_convolutions_refuse_padding_they_would_get_wrong():
 
 
 def test_recomputed_convolutions_under_autocast_compute_in_bfloat16_and_give_float32_gradients():
+    """Under autocast both the plain convolutions and the recomputed ones hold SPEC 8's bfloat16
+    rule against the float64 convolutions of the values autocast rounds to bfloat16: the output,
+    and the gradients taken together (a few biases alone round by chance too little to measure
+    against). The 3e-2 ceiling alone passed a recomputed gradient 1% off."""
     first, second = torch.nn.Conv2d(1, 6, 3), torch.nn.Conv2d(6, 4, 3, stride=2)
     images = torch.rand(9, 1, 11, 11)
-    results = []
-    for call in (lambda: second(torch.relu(first(images))),
-                 lambda: recomputed_convolutions(images, first, second, 4)):
+    parameters = [*first.parameters(), *second.parameters()]
+    exact = [p.detach().to(torch.bfloat16).double().requires_grad_() for p in parameters]
+    features = torch.relu(torch.nn.functional.conv2d(images.to(torch.bfloat16).double(), exact[0], exact[1]))
+    expected = torch.nn.functional.conv2d(features, exact[2], exact[3], stride=2)
+    expected_grads = torch.autograd.grad(expected.square().sum(), exact)
+    for name, call in (("autocast", lambda: second(torch.relu(first(images)))),
+                       ("recomputed", lambda: recomputed_convolutions(images, first, second, 4))):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = call()
-        grads = torch.autograd.grad(out.float().square().sum(), [*first.parameters(), *second.parameters()])
-        results.append([out, *grads])
-    for expected, got in zip(*results):
-        assert got.dtype == expected.dtype
-        assert relative_error(got.detach().double().numpy(), expected.detach().double().numpy()) <= TOLERANCE["bfloat16"]
-    assert results[1][0].dtype == torch.bfloat16 and results[1][1].dtype == torch.float32
+        grads = torch.autograd.grad(out.float().square().sum(), parameters)
+        assert out.dtype == torch.bfloat16 and all(grad.dtype == torch.float32 for grad in grads), name
+        assert_agrees(out, as_float64(expected), torch.bfloat16, f"{name} output")
+        assert_agrees(torch.cat([grad.flatten() for grad in grads]),
+                      np.concatenate([as_float64(grad).ravel() for grad in expected_grads]), torch.bfloat16,
+                      f"{name} gradients", output_dtype=torch.bfloat16)
 
 
 def _saved_shapes(model, images, labels):
