@@ -172,9 +172,14 @@ def agreement_error(actual, expected, input_dtype, output_dtype=None, spread=0.0
     if not np.array_equal(np.isnan(actual), expected_nan):
         return (f"NaN at {np.count_nonzero(np.isnan(actual))} places, the reference at "
                 f"{np.count_nonzero(expected_nan)} (or at other places)")
-    actual, expected = actual[~expected_nan], expected[~expected_nan]
-    if not np.all(np.isfinite(actual)):
-        return f"{np.count_nonzero(~np.isfinite(actual))} infinite values"
+    # An infinite reference value is matched exactly, sign included; an error measured over it
+    # would be inf or NaN, which no comparison below fails, so any output would pass.
+    expected_inf = np.isinf(expected)
+    if not np.array_equal(np.isinf(actual), expected_inf) or np.any(actual[expected_inf] != expected[expected_inf]):
+        return (f"infinite at {np.count_nonzero(np.isinf(actual))} places, the reference at "
+                f"{np.count_nonzero(expected_inf)} (or at other places, or of the other sign)")
+    finite = ~(expected_nan | expected_inf)
+    actual, expected = actual[finite], expected[finite]
     if not np.any(expected):
         return None if not np.any(actual) else f"the reference is all zero, max |out| is {np.abs(actual).max():.3e}"
     error = np.linalg.norm(actual - expected)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from capsnet_triton.numerics import (ROUNDING_FACTOR, SPREAD_FACTOR, TOLERANCE, agreement_error, assert_agrees,
-                                     input_sensitivity, numerical_gradient, poisoned, relative_error, rounding_error)
+from capsnet_triton.numerics import (FD_STEP, FD_TOLERANCE, ROUNDING_FACTOR, SPREAD_FACTOR, TOLERANCE, agreement_error,
+                                     assert_agrees, input_sensitivity, numerical_gradient, poisoned, relative_error,
+                                     rounding_error, sample_indices)
 
 LOW = (torch.float16, torch.bfloat16)
 
@@ -17,6 +18,48 @@ def reference(rng, n=4096):
 def test_the_ceilings_and_the_rounding_factor_are_spec_8s():
     assert TOLERANCE == {"float64": 1e-12, "float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}
     assert ROUNDING_FACTOR == 3.0
+    assert FD_STEP == 1e-6 and FD_TOLERANCE == 1e-6        # "step about 1e-6", "<= 1e-6"
+
+
+def test_relative_error_is_the_norm_of_the_difference():
+    """What every reference test compares with: not a difference of norms, which a permuted or
+    negated result keeps; inf for another shape or a NaN; the absolute norm against zero."""
+    assert relative_error([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(np.sqrt(8 / 14))
+    assert relative_error(-np.ones(4), np.ones(4)) == 2.0
+    assert relative_error(np.ones(1), np.ones(5)) == np.inf
+    assert relative_error([np.nan, 1.0], [1.0, 1.0]) == np.inf
+    assert relative_error([3.0, 4.0], [0.0, 0.0]) == 5.0
+
+
+def test_sample_indices_are_distinct_and_spread_over_the_array(rng):
+    """The entries a finite-difference check samples: not the first ones, which are sample 0's alone."""
+    indices = sample_indices((10, 100), rng, 10)
+    assert len(set(indices.tolist())) == 10 and 0 <= indices.min() and indices.max() < 1000
+    assert indices.max() >= 100
+    assert np.array_equal(sample_indices((2, 3), rng, 10), np.arange(6))
+
+
+def test_half_precision_is_moved_by_float32s_roundoff_as_it_accumulates_in_float32():
+    """input_sensitivity for float16 and bfloat16 is float32's: they accumulate in float32 (the
+    bfloat16 unit roundoff there made the spread 65,000 times wider)."""
+    terms = (np.array([1.0, -1.0 + 1e-6, 0.5]),)
+
+    def total(x):
+        return (np.array([x.sum()]),)
+
+    spreads = [input_sensitivity(total, terms, dtype) for dtype in ("float32", "float16", "bfloat16")]
+    assert spreads[0] == spreads[1] == spreads[2] and spreads[0][0] < 1e-6
+
+
+def test_the_rules_follow_the_output_dtype_where_it_differs_from_the_input():
+    """An output kept in float32 from bfloat16 inputs (the kernels' s and couplings) is held to the
+    bfloat16 ceiling but not to bfloat16's rounding rule; one in bfloat16 is."""
+    ref = np.linspace(1.0, 2.0, 64)
+    assert agreement_error(ref * (1 + 1e-3), ref, "bfloat16", output_dtype="float32") is None
+    assert agreement_error(ref * (1 + 1e-3), ref, "float32", output_dtype="float32") is not None
+    assert_agrees(torch.tensor(ref * (1 + 1e-2), dtype=torch.float32), ref, torch.bfloat16, "float32 output")
+    with pytest.raises(AssertionError, match="rounding"):
+        assert_agrees(torch.tensor(ref * (1 + 1e-2), dtype=torch.bfloat16), ref, torch.bfloat16, "bfloat16 output")
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -108,6 +151,15 @@ def test_nan_passes_only_where_the_reference_has_nan():
     assert agreement_error(np.array([1.0, 5.0, 2.0]), ref, "float32") is not None
     assert agreement_error(np.array([np.nan, np.nan, 2.0]), ref, "float32") is not None
     assert agreement_error(np.array([np.inf, 1.0]), np.array([1.0, 1.0]), "float32") is not None
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_inf_passes_only_where_the_reference_has_inf_of_that_sign(dtype):
+    """An error measured over an infinite reference value is inf or NaN, which passed any output."""
+    ref = np.array([-np.inf, 1.0, 2.0])
+    assert agreement_error(ref.copy(), ref, dtype) is None
+    for wrong in ([7.0, -3.0, 9.0], [-np.inf, -3.0, 9.0], [np.inf, 1.0, 2.0], [1.0, 1.0, 2.0], [-np.inf, np.inf, 2.0]):
+        assert agreement_error(np.array(wrong), ref, dtype) is not None, wrong
 
 
 def test_zero_reference_needs_exact_zero_and_underflow_has_a_floor():
