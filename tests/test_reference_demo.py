@@ -31,6 +31,25 @@ def test_demo_trains_on_tiny_generated_data(tmp_path):
     assert result.stderr == ""
 
 
+def test_demo_takes_an_adam_step_on_every_parameter_each_step(tmp_path, monkeypatch, capsys):
+    """Finite losses and accuracies in range, all the run above checks, held with no update at all."""
+    from capsnet_triton.reference import __main__ as demo
+
+    write_mnist(tmp_path, 16, 6, np.random.default_rng(0))
+    moved = []                                     # per step: whether every parameter moved
+
+    class Recording(demo.Adam):
+        def step(self, params, grads):
+            before = {name: value.copy() for name, value in params.items()}
+            super().step(params, grads)
+            moved.append(all(not np.array_equal(before[name], value) for name, value in params.items()))
+
+    monkeypatch.setattr(demo, "Adam", Recording)
+    assert demo.main(["--data", str(tmp_path), "--steps", "3", "--batch", "4", "--eval", "6"]) == 0
+    capsys.readouterr()
+    assert moved == [True, True, True]
+
+
 def test_demo_refuses_a_validation_set_that_leaves_nothing_to_train(tmp_path):
     write_mnist(tmp_path, 16, 6, np.random.default_rng(0))
     result = run_demo("--data", str(tmp_path), "--eval", "16")

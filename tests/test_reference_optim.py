@@ -25,14 +25,20 @@ def test_first_two_steps_by_hand():
 
 
 def test_matches_torch_over_steps_of_gradients_of_every_scale():
+    """Two parameters, so that the step count is the optimizer's, not a parameter's; the defaults
+    (lr 1e-3, SPEC 6) are torch's."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
-    w0 = rng.normal(size=(3, 4))
-    params, w_t = {"w": w0.copy()}, torch.tensor(w0, requires_grad=True)
-    adam, adam_t = Adam(params, lr=3e-3), torch.optim.Adam([w_t], lr=3e-3)
+    start = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=5)}
+    params = {name: value.copy() for name, value in start.items()}
+    tensors = {name: torch.tensor(value, requires_grad=True) for name, value in start.items()}
+    adam, adam_t = Adam(params), torch.optim.Adam(tensors.values())
     for _ in range(5):
-        g = rng.normal(size=(3, 4)) * rng.uniform(1e-6, 10)
-        adam.step(params, {"w": g})
-        w_t.grad = torch.tensor(g)
+        grads = {name: rng.normal(size=value.shape) * rng.uniform(1e-6, 10) for name, value in start.items()}
+        adam.step(params, grads)
+        for name, tensor in tensors.items():
+            tensor.grad = torch.tensor(grads[name])
         adam_t.step()
-    np.testing.assert_allclose(params["w"], w_t.detach().numpy(), rtol=1e-12, atol=1e-15)
+    assert adam.step_count == 5
+    for name, tensor in tensors.items():
+        np.testing.assert_allclose(params[name], tensor.detach().numpy(), rtol=1e-12, atol=1e-15)
