@@ -67,6 +67,9 @@ def test_init_params_follows_torch_defaults(rng):
     assert big["digit_caps.weight"].dtype == np.float32
     assert big["digit_caps.weight"].std() == pytest.approx(0.01, rel=0.01)
     assert np.array_equal(big["digit_caps.bias"], np.zeros((10, 16), dtype=np.float32))
+    # Biases of hundreds of entries reach their bound too (TINY's are too few to say).
+    for name, fan_in in (("conv1.bias", 81), ("decoder.fc2.bias", 512)):
+        assert 0.7 / np.sqrt(fan_in) <= np.abs(big[name]).max() <= 1 / np.sqrt(fan_in), name
 
 
 def test_capsule_i_is_the_P_channels_of_type_t_at_one_position():
