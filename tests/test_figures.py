@@ -74,7 +74,14 @@ def test_an_error_of_0_is_drawn_at_one_example_and_the_figure_says_so(tmp_path, 
     figures.training_curves_figure(_log(tmp_path, validations[:1]), tmp_path / "c.png")
     figures.training_curves_figure(_log(tmp_path, [{"event": "train", "step": 10, "loss": 0.1, "accuracy": 0.99995}]),
                                    tmp_path / "c.png")
-    perfect, perfect_of_more, imperfect, under = (fig.axes[1] for fig in drawn)
+    for one_error in ({"event": "validation", "epoch": 1, "step": 20, "loss": 0.2, "accuracy": 0.9999, "count": 10_000},
+                      {"event": "validation", "epoch": 1, "step": 20, "loss": 0.1, "accuracy": 59_999 / 60_000,
+                       "count": 60_000}):
+        figures.training_curves_figure(_log(tmp_path, [one_error]), tmp_path / "c.png")
+    figures.training_curves_figure(_log(tmp_path, [{"event": "train", "step": 10, "loss": 0.1, "accuracy": 0.99995},
+                                                   {"event": "train", "step": 20, "loss": 0.1, "accuracy": 1.0}]),
+                                   tmp_path / "c.png")
+    perfect, perfect_of_more, imperfect, under, *measured, mixed = (fig.axes[1] for fig in drawn)
     note = "error 0 drawn at 0.01% (a log axis has no 0)"
     assert note in _legend(perfect)
     (floor,) = [line for line in perfect.get_lines() if line.get_label() == note]
@@ -83,6 +90,9 @@ def test_an_error_of_0_is_drawn_at_one_example_and_the_figure_says_so(tmp_path, 
     assert "error 0 drawn at 0.0017% (a log axis has no 0)" in _legend(perfect_of_more)
     assert not any("drawn at" in text for text in _legend(imperfect))
     assert "errors under 0.01% drawn at 0.01%" in _legend(under)     # 0.005%, of a window of training steps
+    # One error in 10,000 (or in the 60,000 the floor is set by) is a measurement, at the floor.
+    assert not any("drawn at" in text for ax in measured for text in _legend(ax))
+    assert "errors under 0.01% drawn at 0.01%" in _legend(mixed)     # 0.005% and 0: not all of them 0
 
 
 def test_a_curve_of_one_record_is_drawn_as_a_dot(tmp_path, drawn):
