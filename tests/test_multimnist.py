@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from capsnet_triton import evaluate, train
-from capsnet_triton.data import Split, dataset_spec, load_split
+from capsnet_triton.data import Split, dataset_spec, load_split, to_float
 from idx_files import write_dataset
 from test_synthetic import noisy_digits
 
@@ -28,10 +28,24 @@ def test_training_pairs_are_a_function_of_seed_and_step():
     index = torch.tensor([5, 0, 17, 17, 42])
     batch = source.augmented(index, 7, 12, 4)
     assert batch.images.shape == (5, 1, 36, 36) and batch.targets.shape == (5, 2, 1, 36, 36)
+    # The partners are drawn inside augmented: found again by their ink.
+    ink = to_float(source.digits.images).sum(dim=(1, 2, 3))
+    partners = (batch.targets[:, 1].sum(dim=(1, 2, 3))[:, None] - ink).abs().argmin(dim=1)
+    assert_each_target_is_its_labels_digit(batch, source.digits, torch.stack([index, partners], dim=1))
     assert torch.equal(batch.labels[:, 0], source.digits.labels[index])
     assert bool((batch.labels[:, 0] != batch.labels[:, 1]).all())
     assert all(torch.equal(a, b) for a, b in zip(batch, source.augmented(index, 7, 12, 4)))   # resumable
     assert not torch.equal(batch.images, source.augmented(index, 7, 13, 4).images)           # fresh each step
+
+
+def assert_each_target_is_its_labels_digit(batch, digits, index):
+    """targets[:, k] is the canvas of digit index[:, k] (of class labels[:, k]): all of its ink,
+    shifted (the shifts keep a digit whole); the pair is their sum clipped at 1."""
+    for k in range(2):
+        assert torch.equal(batch.labels[:, k], digits.labels[index[:, k]])
+        ink = to_float(digits.images[index[:, k]]).sum(dim=(1, 2, 3))
+        assert torch.allclose(batch.targets[:, k].sum(dim=(1, 2, 3)), ink, rtol=1e-6), k
+    assert torch.equal(batch.images, batch.targets.sum(dim=1).clamp(max=1))
 
 
 def test_fixed_evaluation_pairs():
@@ -39,6 +53,7 @@ def test_fixed_evaluation_pairs():
     split = digits_split(30)
     test, validation = spec.evaluation_split(split, True), spec.evaluation_split(split, False)
     assert len(test) == 300 and len(validation) == 30
+    assert_each_target_is_its_labels_digit(test.batch(torch.arange(300)), split, test.recipe.index)
     assert torch.equal(test.recipe.index[:, 0], torch.arange(300) % 30)
     again = spec.evaluation_split(split, True).subset(slice(0, 12)).batch(torch.arange(12))
     assert all(torch.equal(a, b) for a, b in zip(test.subset(slice(0, 12)).batch(torch.arange(12)), again))
