@@ -14,7 +14,7 @@ from capsnet_triton import CapsNet, evaluate, figures, train
 from capsnet_triton.data import DATASETS, Split
 from capsnet_triton.losses import capsnet_loss
 from capsnet_triton.training.checkpoint import payload_checksum, save_atomic
-from command_runs import copy_run, fake_mnist, finished_run, one_line, run  # noqa: F401 (fixtures)
+from command_runs import args, copy_run, fake_mnist, finished_run, one_line, read_records, run  # noqa: F401 (fixtures)
 from idx_files import write_dataset
 
 
@@ -170,3 +170,19 @@ def test_evaluate_reads_the_data_folder_it_is_given_and_names_the_set_it_scores(
                           "--device", "cpu", "--no-verify-data", "--out", str(tmp_path / "f")]) == 0
     (split,) = scored
     assert len(split) == 12 and drawn_as == ["fashion-mnist"]
+
+
+def test_the_runs_reconstruction_weight_weighs_every_loss_it_logs_and_evaluate_scores(fake_mnist, tmp_path, capsys):
+    """--reconstruction-weight reaches the training steps, the validation, the final test and
+    evaluate: each loss is margin + 0.01 reconstruction here, not the default 0.0005's sum."""
+    out = tmp_path / "run"
+    status, _ = run(train.main, args(fake_mnist, out, "--reconstruction-weight", "0.01", "--log-every", "1"), capsys)
+    records = [r for r in read_records(out / "log.jsonl") if "margin" in r]
+    assert status == 0 and {r["event"] for r in records} >= {"train", "validation", "test"}
+    status, _ = run(evaluate.main, [str(out / "best.pt"), "--data", fake_mnist, "--device", "cpu",
+                                    "--no-verify-data", "--limit", "8"], capsys)
+    scores = json.loads((out / "first-8" / evaluate.SCORES_NAME).read_text())
+    assert status == 0
+    for record in (*records, scores):
+        assert record["loss"] == pytest.approx(record["margin"] + 0.01 * record["reconstruction"], rel=1e-5), record
+        assert record["loss"] != pytest.approx(record["margin"] + 0.0005 * record["reconstruction"], rel=1e-3)
