@@ -15,7 +15,7 @@ from capsnet_triton import evaluate, train
 from capsnet_triton.training import loop
 from capsnet_triton.training.checkpoint import LOCK_NAME, best_model_in, lock_run_folder, payload_checksum, save_atomic
 from capsnet_triton.training.config import build_parser, check_run_config
-from capsnet_triton.training.distributed import Context
+from capsnet_triton.training.distributed import Context, init_distributed
 
 pytestmark = pytest.mark.xdist_group("train_reliability")
 
@@ -304,3 +304,14 @@ def test_only_global_rank_0_writes_the_run_folder():
     """Local rank 0 of a second node is not the main process: it would write the folder too."""
     assert Context(rank=0, local_rank=0, world_size=4).is_main
     assert not Context(rank=2, local_rank=0, world_size=4).is_main
+
+
+@pytest.mark.parametrize("rank, local_rank", [(3, 1), (0, 0)])
+def test_init_distributed_takes_the_global_rank_from_RANK(monkeypatch, rank, local_rank):
+    """The rank is torchrun's RANK, not LOCAL_RANK: a second node's local rank 0 is no main process."""
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", 4)):
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: None)
+    context, device = init_distributed("cpu")
+    assert (context.rank, context.local_rank, context.world_size, device.type) == (rank, local_rank, 4, "cpu")
+    assert context.is_main == (rank == 0)
