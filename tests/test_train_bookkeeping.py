@@ -181,3 +181,13 @@ def test_a_stop_request_is_taken_where_stderr_cannot_say_so(monkeypatch):
     monkeypatch.setattr(loop.os, "write", closed)
     stop._request(signal.SIGINT, None)
     assert stop.requested == signal.SIGINT
+
+
+def test_the_same_place_of_two_epochs_is_shifted_afresh(fake_mnist, tmp_path, monkeypatch):
+    """The run draws each step's shifts by its global step (by its step in the epoch, they repeated each epoch)."""
+    monkeypatch.setattr(loop, "epoch_order", lambda count, seed, epoch: torch.arange(count))    # the same order
+    batches, shard = [], loop._shard
+    monkeypatch.setattr(loop, "_shard", lambda *a: batches.append(shard(*a)) or batches[-1])
+    assert train.main(args(fake_mnist, tmp_path / "run", "--epochs", "2")) == 0
+    assert len(batches) == 4 and torch.equal(batches[0].labels, batches[2].labels)        # 2 steps an epoch
+    assert not torch.equal(batches[0].images, batches[2].images)
