@@ -96,6 +96,17 @@ def test_resume_checks_best_pt_before_training(finished_run, tmp_path, capsys, h
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def test_resume_refuses_a_best_pt_of_the_recorded_epoch_with_another_validation_accuracy(finished_run, tmp_path,
+                                                                                         capsys):
+    """best.pt must match last.pt's record in validation accuracy too (an epoch-only comparison passed it)."""
+    out = copy_run(finished_run, tmp_path / "run")
+    with_checkpoint_changed(out / "last.pt", lambda checkpoint: checkpoint["best"].pop("validation"))
+    with_checkpoint_changed(out / "best.pt", lambda checkpoint: checkpoint["validation"].update(
+        accuracy=checkpoint["validation"]["accuracy"] + 0.5))
+    status, err = run(train.main, ["--out", str(out), "--resume", "--epochs", "2"], capsys)
+    assert status == 2 and "is not the best model that last.pt records" in one_line(err)
+
+
 @pytest.mark.parametrize("how", [*DAMAGES, "intact"])
 def test_resume_writes_best_pt_again_where_last_pt_holds_the_best_model(finished_run, tmp_path, capsys, how):
     """last.pt saved at the end of the best epoch holds the best model and its validation: that is
