@@ -65,11 +65,15 @@ def test_tiny_run_has_every_provider_and_workload(tmp_path):
     assert (tmp_path / "rows.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("wrong", ["scaled", "nan", "raises"])
+@pytest.mark.parametrize("wrong", ["scaled", "nan", "raises", "iterations"])
 def test_a_wrong_provider_is_refused_not_timed(wrong):
+    """Including one that routes once instead of r times: the inputs must be large enough for the
+    couplings to move (at a thousandth of their scale, one iteration passed the gate)."""
     def routing(u_hat, iterations):
         if wrong == "raises":
             raise RuntimeError("kernel exploded")
+        if wrong == "iterations":
+            return baselines.routing(u_hat, 1)
         v = baselines.routing(u_hat, iterations)
         return v * 1.0001 if wrong == "scaled" else v * float("nan")   # 1e-4: ten times the tolerance
 
