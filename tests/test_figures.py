@@ -263,3 +263,12 @@ def test_perturbations_decode_the_chosen_capsule_alone_moved_by_the_papers_steps
                 masked[j] = v[j]
                 masked[j, d] += delta
                 torch.testing.assert_close(grid[d, k], model.decoder(masked.reshape(1, -1)).reshape(image.shape))
+
+
+def test_read_log_skips_blank_lines_and_names_a_line_that_is_not_json(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"event": "train", "step": 1}\n\n  \n{"event": "train", "step": 2}\n')
+    assert [record["step"] for record in figures.read_log(path)] == [1, 2]
+    path.write_text('{"event": "train", "step": 1}\n{"event": "tr\n')
+    with pytest.raises(ValueError, match="line 2, is not a JSON record"):
+        figures.read_log(path)
