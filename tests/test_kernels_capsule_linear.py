@@ -290,10 +290,10 @@ def test_capsule_linear_of_one_parent(P, variant, rng):
 def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iterations, gradient, rng):
     """SPEC 7: a sample whose u holds a NaN or inf gets NaN in all of its v; the others, in the
     split kernels in the same block of samples, are unaffected. So in the backward, under either
-    gradient policy: du, dW and ds_all are the reference's, NaN exactly where it has NaN (all of
-    those samples' du; all of dW, a sum over the batch), and the clean sample's are those of the
-    clean sample alone; the kept couplings and s_all of those samples are NaN. Every output is
-    poisoned with a finite value, so that one left unwritten shows."""
+    gradient policy: du, dW and the bias gradient (ds_all's sum) are the reference's, NaN exactly
+    where it has NaN (all of those samples' du; all of dW, a sum over the batch), and the clean
+    sample's are those of the clean sample alone; the kept couplings, s_all and ds_all of those
+    samples are NaN. Every output is poisoned with a finite value, so that one left unwritten shows."""
     u, weight, _, dv = layer_inputs(rng, (3, 6, 4, 5, 3), torch.float32)
     u[0, 2, 1] = float("nan")
     u[2, 5, 0] = float("inf")
@@ -312,8 +312,11 @@ def test_capsule_linear_propagates_non_finite_input_per_sample(variant, iteratio
     clean_du, _, clean_ds_all = capsule_linear_backward(dv[1:2], u[1:2], weight, clean_s_all, clean_couplings,
                                                         **launch, weight_launch=(16, 16, 1))
     for bad in (0, 2):
-        for output in (v[bad], s_all[:, bad], couplings[:, bad], du[bad], ds_all[-1, bad]):
+        # ds^(t) of the sample: NaN, but for the zeros "last" gives the iterations before the last.
+        ds_nan = ds_all[:, bad] if gradient == "full" else ds_all[-1, bad]
+        for output in (v[bad], s_all[:, bad], couplings[:, bad], du[bad], ds_nan):
             assert torch.isnan(output).all()
+        assert gradient == "full" or (ds_all[:-1, bad] == 0).all()
     # A zero bias changes nothing in the reference and makes it return dL/dbias, ds_all's sum.
     _, cache = reference_forward(as_float64(u), as_float64(weight), iterations, bias=np.zeros((4, 5)),
                                  gradient=gradient)
