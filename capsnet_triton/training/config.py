@@ -82,7 +82,7 @@ def build_parser(suppress_defaults=False):
     optim = parser.add_argument_group("optimisation")
     add(optim, "--epochs", default=50, type=int,
         help="passes over the training split (the paper gives no length; the official code's README "
-             "trains 300,000 steps of 128, about 700 epochs)")
+             "trains 300,000 steps of 128, --epochs 700 here)")
     add(optim, "--batch-size", default=128, type=int, help="global batch, split over the ranks")
     add(optim, "--lr", default=1e-3, type=float, help="Adam learning rate; its decay stops at 1e-6 (or at "
         "--lr, where that is smaller)")
