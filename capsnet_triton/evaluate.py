@@ -174,8 +174,8 @@ def main(argv=None):
     if problem:
         parser.error(problem)
     return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, sha256.hexdigest(),
-                       device, spec, data,
-                       os.path.join(run_dir, "log.jsonl") if own else None, folder, owns_ctrl_c=argv is None)
+                       device, spec, data, os.path.join(run_dir, "log.jsonl") if own else None, folder,
+                       owns_ctrl_c=argv is None)
 
 
 def _figure_folder(run_dir, checkpoint_name, dataset, own, limit):

@@ -25,7 +25,8 @@ goes through this module:
   values below it come back flushed to zero or as subnormals, which no format holds to any
   relative tolerance;
 - NaN never passes, except at exactly the places where the reference has NaN (SPEC 7's NaN
-  policy: non-finite input propagates);
+  policy: non-finite input propagates); an infinite value passes only where the reference has
+  the same infinity;
 - a float64 backward agrees with central finite differences (step 1e-6) to 1e-6;
 - where the function itself is ill-conditioned at the drawn input (a sum over i that cancels,
   a saturated softmax), no evaluation in the compute precision can meet a ceiling: a test may
