@@ -1,5 +1,6 @@
-"""The reference needs only NumPy (SPEC section 7): it must import and run where torch and
-triton are absent, and importing the package's top level must not pull torch in."""
+"""The reference needs only NumPy and the standard library (SPEC section 7): it must import and
+run where torch and triton are absent, import nothing else, and importing the package's top
+level must not pull torch in."""
 
 import subprocess
 import sys
@@ -28,9 +29,16 @@ def test_reference_works_with_torch_and_triton_blocked():
         else:
             raise SystemExit("the import blocker does not work")
 
+        import importlib
+        import pkgutil
+
         import numpy as np
+        before = {m.split(".")[0] for m in sys.modules}       # NumPy's own and the interpreter's
         import capsnet_triton
         import capsnet_triton.reference as ref
+
+        for module in pkgutil.iter_modules(ref.__path__):
+            importlib.import_module(f"{ref.__name__}.{module.name}")
 
         rng = np.random.default_rng(0)
         v = ref.squash_forward(rng.normal(size=(4, 8)))
@@ -39,6 +47,11 @@ def test_reference_works_with_torch_and_triton_blocked():
         loss, _ = ref.margin_loss_forward(np.linalg.norm(v, axis=-1), np.array([0, 2]))
         assert np.isfinite(du_hat).all() and np.isfinite(loss)
         assert not any(m.split(".")[0] in ("torch", "triton") for m in sys.modules), "torch leaked in"
+        # Not tqdm, matplotlib or any other package either: NumPy is the reference's one dependency.
+        # (NumPy's random loads compiled helpers of no file of their own when first used.)
+        others = sorted({name.split(".")[0] for name, module in sys.modules.items() if getattr(module, "__file__", None)}
+                        - before - sys.stdlib_module_names - {"capsnet_triton"})
+        assert not others, f"the reference imported {others}"
         print("ok")
     """)
     assert result.returncode == 0, result.stderr
