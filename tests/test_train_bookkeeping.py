@@ -21,6 +21,7 @@ from command_runs import args, fake_mnist, nan_from_step, one_line, read_records
 
 from capsnet_triton import evaluate, train
 from capsnet_triton.data import DATASETS, load_split
+from capsnet_triton.model import build_model
 from capsnet_triton.training import loop
 from capsnet_triton.training.checkpoint import restore_training_state, rng_state
 from capsnet_triton.training.config import build_parser, check_config
@@ -73,6 +74,19 @@ def test_the_ends_of_the_documented_ranges_are_accepted(flag, value):
     def error(message):
         raise AssertionError(message)
     check_config(config, error)
+
+
+def test_the_optimizer_is_adam_at_the_papers_settings(fake_mnist, tmp_path, capsys):
+    """SPEC 6: Adam at lr 1e-3 with its usual constants (no weight decay, not AdamW's decoupled
+    one, not AMSGrad), each parameter with its two moments, as last.pt keeps the optimizer."""
+    assert run(train.main, args(fake_mnist, tmp_path / "run"), capsys)[0] == 0
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    optimizer = checkpoint["optimizer"]
+    (group,) = optimizer["param_groups"]
+    assert group["initial_lr"] == 1e-3 and group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
+    assert group["weight_decay"] == 0 and not group["amsgrad"] and not group.get("decoupled_weight_decay", False)
+    assert len(optimizer["state"]) == len(group["params"]) == len(list(build_model(checkpoint["config"]).parameters()))
+    assert all(set(state) == {"step", "exp_avg", "exp_avg_sq"} for state in optimizer["state"].values())
 
 
 def test_a_relative_data_folder_is_stored_absolute(fake_mnist, tmp_path, capsys, monkeypatch):
