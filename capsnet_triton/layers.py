@@ -23,9 +23,10 @@ class PrimaryCaps(nn.Module):
     """Convolutional capsules: one conv gives `types * dims` channels, grouped into capsules.
 
     Input [B, C, H, W] -> u [B, I, P] with I = types * h * w and P = dims, squashed (Eq. 1).
-    Capsule (type t, row y, col x) is channels t*dims .. t*dims + dims - 1 at (y, x), and its
-    index is i = t*h*w + y*w + x (SPEC section 5). Reshaping the NCHW output straight to
-    [B, I, P] would mix positions into one capsule, hence the permute.
+    Capsule (type t, row y, col x) is channels t*dims .. t*dims + dims - 1 at (y, x) (SPEC
+    section 5), and its index is i = t*h*w + y*w + x, the reference network's order (which W's
+    rows follow). Reshaping the NCHW output straight to [B, I, P] would mix positions into one
+    capsule, hence the permute.
     """
 
     def __init__(self, in_channels, types=32, dims=8, kernel_size=9, stride=2):

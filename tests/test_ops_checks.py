@@ -59,3 +59,16 @@ def test_the_interpreter_flag_is_read_as_triton_reads_it(value, monkeypatch):
     from capsnet_triton.checks import interpreting
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert interpreting() == getenv_bool("TRITON_INTERPRET", False)
+
+
+def test_no_backend_picks_triton_for_cuda_tensors_and_the_torch_path_for_others():
+    """SPEC 7's default, which a suite run without a GPU never meets through the ops: were it to
+    pick the PyTorch path everywhere, every test would still pass, and on a GPU the kernels would
+    never run. A stand-in answers is_cuda as a CUDA tensor does."""
+    from types import SimpleNamespace
+
+    from capsnet_triton.checks import pick_backend
+    assert pick_backend(None, SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))) == "triton"
+    assert pick_backend(None, torch.ones(1)) == "torch"
+    assert pick_backend(None, torch.ones(1, device="meta")) == "torch"
+    assert pick_backend("torch", SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))) == "torch"
