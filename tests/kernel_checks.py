@@ -15,6 +15,13 @@ from capsnet_triton.numerics import as_float64  # noqa: F401  (re-exported for t
 DEVICE = "cpu" if interpreted() else "cuda"
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 MAGNITUDES = {"zeros": 0.0, "tiny": 1e-20, "normal": 1.0, "large": 1e15}
+# The NaN-policy tests' launches (variant, iterations, gradient, dtype): every one in float32; in
+# half precision (loaded into float32, stored back) one per variant and gradient policy, at both
+# ends of the iterations.
+NAN_CASES = ([(variant, iterations, gradient, torch.float32) for variant in ("sample", "split")
+              for iterations in (1, 3) for gradient in ("full", "last")]
+             + [("split", 3, "full", torch.bfloat16), ("sample", 1, "last", torch.bfloat16),
+                ("sample", 3, "full", torch.float16), ("split", 1, "last", torch.float16)])
 
 
 # How the kernels convert float32 to bfloat16: Triton's interpreter truncates (toward zero),

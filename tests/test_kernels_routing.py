@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from conftest import interpreted
-from kernel_checks import DEVICE, DTYPES, FINITE_POISON, assert_agrees, dtype_id, magnitudes, poisoned, sample
+from kernel_checks import (DEVICE, DTYPES, FINITE_POISON, NAN_CASES, assert_agrees, dtype_id, magnitudes, poisoned,
+                           sample)
 
 from capsnet_triton.checks import compute_dtype, kept_iterations
 from capsnet_triton.kernels import routing_backward, routing_forward
@@ -386,34 +387,33 @@ def test_routing_kernels_match_autograd_of_the_literal_loop(gradient, use_bias, 
 # The interpreter's NumPy warns of the NaN this test asks for.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
-@pytest.mark.parametrize("gradient", ["full", "last"])
-@pytest.mark.parametrize("iterations", [1, 3])
-@pytest.mark.parametrize("variant", ["sample", "split"])
-def test_a_sample_holding_nan_or_inf_is_all_nan(variant, iterations, gradient, rng):
+@pytest.mark.parametrize("variant, iterations, gradient, dtype", NAN_CASES, ids=str)
+def test_a_sample_holding_nan_or_inf_is_all_nan(variant, iterations, gradient, dtype, rng):
     """SPEC 7: NaN in all of v, s_all, the kept couplings and du_hat of that sample, in every block
     of I; the other samples bit for bit as when routed without it."""
+    cdtype = compute_dtype(dtype)
     for bad in (float("nan"), float("inf"), float("-inf")):
-        u_hat = sample(rng, (3, 37, 10, 16), torch.float32)
-        dv = sample(rng, (3, 10, 16), torch.float32)
+        u_hat = sample(rng, (3, 37, 10, 16), dtype)
+        dv = sample(rng, (3, 10, 16), dtype)
         u_hat[1, 30, 9, 15] = bad
         kept = kept_iterations(iterations, gradient)
         v, s_all, couplings = routing_forward(
             u_hat, iterations, gradient=gradient, block_i=16, variant=variant, splits=2,
-            out=(poisoned((3, 10, 16), torch.float32, FINITE_POISON),
-                 poisoned((iterations, 3, 10, 16), torch.float32, FINITE_POISON),
-                 poisoned((kept, 3, 37, 10), torch.float32, FINITE_POISON)))
+            out=(poisoned((3, 10, 16), dtype, FINITE_POISON),
+                 poisoned((iterations, 3, 10, 16), cdtype, FINITE_POISON),
+                 poisoned((kept, 3, 37, 10), cdtype, FINITE_POISON)))
         du_hat, ds_all = routing_backward(dv, u_hat, s_all, couplings, gradient=gradient, block_i=16,
                                           variant=variant, splits=2,
-                                          out=(poisoned(u_hat.shape, torch.float32, FINITE_POISON),
-                                               poisoned(s_all.shape, torch.float32, FINITE_POISON)))
+                                          out=(poisoned(u_hat.shape, dtype, FINITE_POISON),
+                                               poisoned(s_all.shape, cdtype, FINITE_POISON)))
         assert torch.isnan(couplings[:, 1]).all()
         ref_v, cache = reference_routing_forward(as_float64(u_hat), iterations, gradient=gradient)
         ref_du_hat = reference_routing_backward(as_float64(dv), cache)
         assert np.isnan(ref_v[1]).all() and np.isnan(np.stack(cache["s_all"])[:, 1]).all()
         assert np.isnan(ref_du_hat[1]).all()
-        assert_agrees(v, ref_v, torch.float32, "v")            # NaN exactly where the reference has it
-        assert_agrees(s_all, np.stack(cache["s_all"]), torch.float32, "s_all")
-        assert_agrees(du_hat, ref_du_hat, torch.float32, "du_hat")
+        assert_agrees(v, ref_v, dtype, "v")            # NaN exactly where the reference has it
+        assert_agrees(s_all, np.stack(cache["s_all"]), dtype, "s_all")
+        assert_agrees(du_hat, ref_du_hat, dtype, "du_hat")
         clean = [0, 2]
         v_c, s_all_c, couplings_c = routing_forward(u_hat[clean], iterations, gradient=gradient, block_i=16,
                                                     variant=variant, splits=2)
