@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .losses import check_labels
-from .reference.mnist import SPLIT_FILES, find_idx, load_mnist, read_idx
+from .reference.mnist import SPLIT_FILES, find_idx, idx_folders, load_mnist, read_idx
 from .synthetic import multimnist
 
 __all__ = [
@@ -203,11 +203,6 @@ def dataset_spec(dataset):
     return DATASETS[dataset]
 
 
-def _candidate_dirs(directory, spec):
-    # torchvision's layout first: it is the only one that tells MNIST and Fashion-MNIST apart.
-    return [os.path.join(directory, spec.folder, "raw"), os.path.join(directory, "raw"), directory]
-
-
 def find_split_dir(directory, dataset="mnist", train=True):
     """The folder under `directory` that holds both IDX files of a split.
 
@@ -220,7 +215,7 @@ def find_split_dir(directory, dataset="mnist", train=True):
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"data directory not found: {directory}")
     stems = [f.stem for f in spec.split_files(train)]
-    candidates = _candidate_dirs(directory, spec)
+    candidates = idx_folders(directory, spec.folder)
     found = {candidate: [find_idx(candidate, stem) is not None for stem in stems] for candidate in candidates}
     for candidate in candidates:
         if all(found[candidate]):

@@ -2,7 +2,8 @@
 
     python -m capsnet_triton.reference --data DIR [--steps 300] [--batch 32] [--eval 1000] [--seed 0]
 
-DIR holds MNIST's IDX files (train-images-idx3-ubyte.gz etc., gzipped or not). The network is
+DIR holds MNIST's IDX files (train-images-idx3-ubyte.gz etc., gzipped or not), flat or in
+torchvision's MNIST/raw layout below it, as the training command's --download writes. The network is
 the paper's (Section 4) with fewer channels so that a few hundred Adam steps take minutes on a
 laptop CPU. It holds the last --eval training images out for validation and prints the loss
 falling and the validation accuracy rising; the first --eval test images are scored once, at the

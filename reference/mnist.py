@@ -19,7 +19,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["SPLIT_FILES", "read_idx", "find_idx", "load_mnist"]
+__all__ = ["SPLIT_FILES", "read_idx", "find_idx", "idx_folders", "load_mnist"]
 
 _UBYTE = 0x08
 
@@ -81,22 +81,33 @@ def find_idx(directory, stem):
     return None
 
 
-def _find(directory, stem):
-    path = find_idx(directory, stem)
-    if path is None:
-        raise FileNotFoundError(f"neither {stem}.gz nor {stem} found in {directory}")
-    return path
+def idx_folders(directory, folder="MNIST"):
+    """Where the IDX files may lie under `directory`: torchvision's layout (`folder`/raw, then
+    raw) first, as it is the only one that tells MNIST and Fashion-MNIST apart, then `directory`."""
+    return [os.path.join(directory, folder, "raw"), os.path.join(directory, "raw"), directory]
 
 
 def load_mnist(directory, train=True):
-    """Load the MNIST training (60,000) or test (10,000) split from `directory`.
+    """Load the MNIST training (60,000) or test (10,000) split from `directory`, where its two
+    files lie flat or in torchvision's layout below it (idx_folders).
 
     Returns (images uint8 [N, H, W], 28 x 28 for MNIST itself, and labels uint8 [N]) with labels
     in 0..9.
     """
     directory = os.fspath(directory)
-    image_stem, label_stem = SPLIT_FILES[bool(train)]
-    image_path, label_path = _find(directory, image_stem), _find(directory, label_stem)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"data directory not found: {directory}")
+    stems = SPLIT_FILES[bool(train)]
+    paths = {folder: [find_idx(folder, stem) for stem in stems] for folder in idx_folders(directory)}
+    found = [folder for folder, pair in paths.items() if all(pair)]
+    if not found:
+        # A folder holding half of the pair is most likely the one meant: name the other file.
+        for folder, pair in paths.items():
+            if any(pair):
+                missing = stems[pair.index(None)]
+                raise FileNotFoundError(f"neither {missing}.gz nor {missing} found in {folder} (its companion is there)")
+        raise FileNotFoundError(f"MNIST's {' and '.join(stems)} (.gz or not) not found in any of: {', '.join(paths)}")
+    image_path, label_path = paths[found[0]]
     images = read_idx(image_path)                                  # [N, H, W]
     labels = read_idx(label_path)                                  # [N]
     if images.ndim != 3:

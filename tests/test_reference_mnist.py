@@ -96,3 +96,22 @@ def test_load_mnist_accepts_every_digit(tmp_path, rng):
     write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(np.arange(10, dtype=np.uint8)))
     _, labels = load_mnist(tmp_path, train=True)
     assert labels.tolist() == list(range(10))
+
+
+def test_load_mnist_finds_torchvisions_layout_and_says_what_is_missing(tmp_path, rng):
+    """As the training command does (its --download writes DIR/MNIST/raw): DIR/MNIST/raw before
+    DIR/raw before DIR; a folder with half of a pair names the other file; none, every folder looked in."""
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    write_mnist(tmp_path / "MNIST" / "raw", 3, 2, rng)
+    write_mnist(tmp_path, 5, 4, rng)
+    assert len(load_mnist(tmp_path)[0]) == 3 and len(load_mnist(tmp_path, train=False)[0]) == 2
+    os.remove(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
+    assert len(load_mnist(tmp_path, train=False)[0]) == 4          # only the flat folder has both
+    os.remove(tmp_path / "t10k-labels-idx1-ubyte")
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte found in .*MNIST/raw .its companion"):
+        load_mnist(tmp_path, train=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not found in any of: .*empty/MNIST/raw, .*empty/raw, .*empty$"):
+        load_mnist(tmp_path / "empty", train=False)
+    with pytest.raises(FileNotFoundError, match="data directory not found"):
+        load_mnist(tmp_path / "absent")
