@@ -11,7 +11,8 @@ the run's log.jsonl sits beside the checkpoint, training_curves.png. They go int
 checkpoint's folder only for what the run's own figures show, its best.pt on its whole test set;
 any other checkpoint, dataset or --limit gets a subfolder named after them (last/, affnist/,
 last-affnist/, first-100/), so that the run's figures stay (for another dataset without the
-training curves, which are not about it). The checkpoint's checksum and
+training curves, which are not about it). It writes a run folder only under the run's lock, so
+not while that run is still training there (see --out). The checkpoint's checksum and
 the test files' MD5s (unless --no-verify-data) are checked first, so a corrupt checkpoint or
 another dataset's files are refused, not scored.
 
@@ -19,6 +20,7 @@ Also home of `evaluate`, the accuracy and loss of a model over a whole split, wh
 uses for its validation and test passes.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,15 +35,12 @@ from .files import atomic_write
 from .figures import write_figures
 from .losses import capsnet_loss, check_labels, correct_predictions
 from .model import build_model
-from .training.checkpoint import load_checkpoint
+from .training.checkpoint import LOCK_NAME, SCORES_NAME, load_checkpoint, lock_run_folder
 from .training.config import check_run_config, missing_data_folder, unwritable_folder
 from .training.distributed import resolve_device
 from .training.errors import ArgumentParser, command_name, run_command
 
 __all__ = ["evaluate", "example_count", "load_model", "main", "SCORES_NAME"]
-
-# What the command writes beside the figures: the checkpoint, the set, and its scores on it.
-SCORES_NAME = "evaluation.json"
 
 
 @torch.no_grad()
@@ -173,9 +172,17 @@ def main(argv=None):
     problem = missing_data_folder(data, None if args.data else "the checkpoint")
     if problem:
         parser.error(problem)
-    return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint, sha256.hexdigest(),
-                       device, spec, data, os.path.join(run_dir, "log.jsonl") if own else None, folder,
-                       owns_ctrl_c=argv is None)
+    with contextlib.ExitStack() as lock:
+        # A run folder is written under its lock: a training run still writing it would replace
+        # best.pt and these figures under the scores of the model it had (checkpoint.lock_run_folder).
+        if os.path.abspath(folder) == run_dir or os.path.exists(os.path.join(folder, LOCK_NAME)):
+            try:
+                lock.enter_context(lock_run_folder(folder))
+            except ValueError as e:
+                parser.error(str(e))
+        return run_command(parser.prog, args.verbose, _evaluate_checkpoint, args, model, checkpoint,
+                           sha256.hexdigest(), device, spec, data, os.path.join(run_dir, "log.jsonl") if own else None,
+                           folder, owns_ctrl_c=argv is None)
 
 
 def _figure_folder(run_dir, checkpoint_name, dataset, own, limit):

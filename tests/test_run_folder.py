@@ -13,7 +13,8 @@ from command_runs import args, copy_run, fake_mnist, finished_run, one_line, run
 
 from capsnet_triton import evaluate, train
 from capsnet_triton.training import loop
-from capsnet_triton.training.checkpoint import LOCK_NAME, best_model_in, lock_run_folder, payload_checksum, save_atomic
+from capsnet_triton.training.checkpoint import (LOCK_NAME, SCORES_NAME, best_model_in, load_checkpoint, lock_run_folder,
+                                               payload_checksum, restore_best_model, save_atomic, save_best_model)
 from capsnet_triton.training.config import build_parser, check_run_config
 from capsnet_triton.training.distributed import Context, init_distributed
 
@@ -199,12 +200,13 @@ def test_a_run_folder_that_another_run_holds_is_refused(finished_run, fake_mnist
     fresh, resumed = tmp_path / "fresh", copy_run(finished_run, tmp_path / "resumed")
     fresh.mkdir()
     log_before = (resumed / "log.jsonl").read_bytes()
-    for out in (fresh, resumed):
+    # --resume of a run still starting, before its first last.pt, is told the same, not "no checkpoint".
+    for out, argv in ((fresh, args(fake_mnist, fresh)), (fresh, ["--out", str(fresh), "--resume"]),
+                      (resumed, ["--out", str(resumed), "--resume"])):
         holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / LOCK_NAME)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline() == "locked\n"
-            argv = args(fake_mnist, out) if out == fresh else ["--out", str(out), "--resume"]
             status, err = run(train.main, argv, capsys)
             line = one_line(err)
             assert status == 2 and f"another run is writing {out}" in line and "another --out" in line
@@ -215,17 +217,65 @@ def test_a_run_folder_that_another_run_holds_is_refused(finished_run, fake_mnist
     assert train.main(["--out", str(resumed), "--resume"]) == 0
 
 
+def test_evaluate_writes_a_run_folder_only_under_its_lock(finished_run, fake_mnist, tmp_path, capsys):
+    """A run still training in the folder would replace best.pt and its figures under evaluate's
+    scores: evaluate is refused there (its scores and figures go elsewhere with --out), as a
+    second run is; without a holder it takes the lock itself, so none starts meanwhile."""
+    out = copy_run(finished_run, tmp_path / "run")
+    evaluate_argv = [str(out / "best.pt"), "--data", fake_mnist, "--device", "cpu", "--no-verify-data"]
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / LOCK_NAME)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        status, err = run(evaluate.main, evaluate_argv, capsys)
+        assert status == 2 and f"another run is writing {out}" in one_line(err) and "another --out" in err
+        assert not (out / SCORES_NAME).exists()
+        assert run(evaluate.main, evaluate_argv + ["--out", str(tmp_path / "elsewhere")], capsys)[0] == 0
+        assert (tmp_path / "elsewhere" / SCORES_NAME).exists()
+    finally:
+        holder.communicate("", timeout=60)
+    taken = []
+
+    def training_meanwhile(*arguments, **kwargs):
+        with pytest.raises(ValueError, match="another run is writing"):
+            lock_run_folder(str(out))
+        taken.append(True)
+        return []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "write_figures", training_meanwhile)
+        assert run(evaluate.main, evaluate_argv, capsys)[0] == 0
+    assert taken and (out / SCORES_NAME).exists()
+
+
+def test_a_new_best_pt_takes_evaluates_scores_of_the_old_one_along(finished_run, tmp_path):
+    """evaluation.json names the best.pt it scored by checksum; once a resumed run replaces that
+    best.pt (or writes it again from last.pt), the scores beside it are of a model gone."""
+    out = copy_run(finished_run, tmp_path / "run")
+    best, last = (load_checkpoint(out / name) for name in ("best.pt", "last.pt"))
+    scores = out / SCORES_NAME
+    scores.write_text("{}")
+    assert not restore_best_model(str(out / "best.pt"), best) and scores.exists()    # the same model: kept
+    save_best_model(str(out / "best.pt"), config=last["config"], model=last["model"], epoch=2, global_step=4,
+                    validation={"accuracy": 0.5})
+    assert not scores.exists()
+    scores.write_text("{}")
+    assert restore_best_model(str(out / "best.pt"), best) and not scores.exists()
+
+
 def test_stale_temporaries_of_killed_saves_are_removed(finished_run, fake_mnist, tmp_path):
-    stale = [".last.pt.k1l2l3.tmp", ".best.pt.x9y8z7.tmp"]
+    """Of checkpoints, and of the scores and figures that evaluate too writes there only under the
+    folder's lock; not those of its subfolders (an evaluate may be writing one now), nor others'."""
+    stale = [".last.pt.k1l2l3.tmp", ".best.pt.x9y8z7.tmp", f".{SCORES_NAME}.q1w2e3r4.tmp",
+             ".perturbations.png.a1b2c3d4.tmp"]
     out = copy_run(finished_run, tmp_path / "run")
     for name in stale:
         (out / name).write_bytes(b"half a checkpoint")
-    # Not ours, or perhaps being written right now by an evaluate of this run's best.pt.
-    others = ["notes.tmp", ".notes.v2.tmp", ".perturbations.png.a1b2c3d4.tmp"]
+    (out / "last").mkdir()
+    others = ["notes.tmp", ".notes.v2.tmp", "last/.perturbations.png.a1b2c3d4.tmp"]
     for name in others:
         (out / name).write_text("not the run's to remove")
     assert train.main(["--out", str(out), "--resume", "--epochs", "2"]) == 0
-    assert not set(stale) & set(os.listdir(out)) and set(others) <= set(os.listdir(out))
+    assert not set(stale) & set(os.listdir(out)) and all((out / name).exists() for name in others)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     for name in stale:

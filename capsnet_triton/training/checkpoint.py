@@ -30,8 +30,8 @@ import torch
 
 from ..files import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "save_atomic", "payload_checksum",
-           "load_checkpoint", "load_training_state", "lock_run_folder", "remove_stale_temporaries",
+__all__ = ["CHECKPOINT_FORMAT", "LOCK_NAME", "CHECKPOINT_FILES", "RUN_FILES", "SCORES_NAME", "save_atomic",
+           "payload_checksum", "load_checkpoint", "load_training_state", "lock_run_folder", "remove_stale_temporaries",
            "save_training_state", "save_best_model", "best_model_in", "restore_best_model", "restore_training_state",
            "seed_everything", "rng_state", "set_rng_state"]
 
@@ -43,6 +43,8 @@ LOCK_NAME = ".lock"
 CHECKPOINT_FILES = ("last.pt", "best.pt")
 # And the log of every step and evaluation beside them.
 RUN_FILES = (*CHECKPOINT_FILES, "log.jsonl")
+# The scores `evaluate` keeps beside the figures it draws of a checkpoint (of best.pt, in the run folder).
+SCORES_NAME = "evaluation.json"
 
 # The first bytes of the zip archive torch.save writes (a local file header).
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -77,14 +79,14 @@ def lock_run_folder(run_dir):
 
 
 def remove_stale_temporaries(run_dir):
-    """Remove the temporary files of checkpoint saves (files.atomic_write's) that a killed run
-    left in `run_dir`.
+    """Remove the temporary files (files.atomic_write's) of the checkpoints, scores and figures
+    that a killed run or evaluate left in `run_dir`.
 
-    Only one run writes checkpoints to a run folder at a time (it holds `lock_run_folder`), so at
-    its start every such file is stale. Those of figures and scores are left: `evaluate` writes
-    them into a run folder without its lock, and may be writing one now.
+    Both write a run folder only while they hold its lock (`lock_run_folder`), so at a run's
+    start every such file is stale. Those in evaluate's subfolders (last/, affnist/, ...) are not
+    the run's: an evaluate may be writing one now.
     """
-    for name in CHECKPOINT_FILES:
+    for name in (*CHECKPOINT_FILES, SCORES_NAME, "*.png"):
         for partial in glob.glob(os.path.join(glob.escape(run_dir), f".{name}.*.tmp")):
             os.remove(partial)
 
@@ -224,7 +226,16 @@ def _best_model(config, model, epoch, global_step, validation):
 
 def save_best_model(path, *, config, model, epoch, global_step, validation):
     """Write best.pt (see _best_model)."""
-    _save_checkpoint(_best_model(config, model, epoch, global_step, validation), path)
+    _save_best_model(_best_model(config, model, epoch, global_step, validation), path)
+
+
+def _save_best_model(payload, path):
+    """Write best.pt, and remove evaluate's scores beside it: they are of the model it replaced
+    (a resumed run's), which their checksum would still seem to vouch for."""
+    _save_checkpoint(payload, path)
+    scores = os.path.join(os.path.dirname(path), SCORES_NAME)
+    if os.path.exists(scores):
+        os.remove(scores)
 
 
 def best_model_in(checkpoint):
@@ -249,7 +260,7 @@ def restore_best_model(path, payload):
             return False
     except ValueError:                  # missing or corrupt: written again too
         pass
-    _save_checkpoint(payload, path)
+    _save_best_model(payload, path)
     return True
 
 

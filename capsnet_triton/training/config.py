@@ -10,7 +10,8 @@ import math
 import os
 
 from ..data import DATASETS, dataset_spec
-from .checkpoint import CHECKPOINT_FILES, best_model_in, load_checkpoint, load_training_state, lock_run_folder
+from .checkpoint import (CHECKPOINT_FILES, LOCK_NAME, best_model_in, load_checkpoint, load_training_state,
+                         lock_run_folder)
 from .distributed import launched_rank, launched_world_size, resolve_device
 from .errors import ArgumentParser, command_name
 from .log import logged_prefix, logged_results
@@ -335,6 +336,9 @@ def resolve_config(argv, parser):
     with contextlib.ExitStack() as lock:    # released here on an error, else handed to the caller
         if args.resume:
             if not os.path.isfile(last):
+                if os.path.exists(os.path.join(args.out, LOCK_NAME)):
+                    # A run that is still starting there holds the lock before it saves last.pt.
+                    _claim_out(args.out, parser.error, lock)
                 parser.error(f"--resume: there is no checkpoint {last} to continue")
             _claim_out(args.out, parser.error, lock)
             config, checkpoint = _resumed_config(last, args, explicit, parser)
