@@ -51,7 +51,7 @@ def margin_loss(lengths, labels, *, m_plus=0.9, m_minus=0.1, lambda_=0.5, valida
         _check_constant(name, value)
     if lengths.shape[0] == 0:
         raise ValueError("lengths has an empty batch; the batch mean is undefined")
-    check_labels(labels, lengths.shape[0], lengths.shape[1], values=validate)
+    check_labels(labels, lengths.shape[0], lengths.shape[1], values=validate, beside=("lengths", lengths))
     lengths = _at_least_float32(lengths)
     present = one_hot_mask(labels, lengths.shape[1])                         # [B, (K,) J]
     present = (present.any(dim=1) if labels.ndim == 2 else present).to(lengths.dtype)  # [B, J]  T_k
@@ -127,17 +127,22 @@ def correct_predictions(lengths, labels):
     return (longest.sort(dim=1).values == labels.sort(dim=1).values).all(dim=1)
 
 
-def check_labels(labels, batch, num_classes, values=True):
+def check_labels(labels, batch, num_classes, values=True, beside=None):
     """Raise unless labels is an integer tensor of shape [batch] with values in [0, num_classes),
     or [batch, K] with K < num_classes distinct such values per row (K = num_classes would mark
     every class present: one-hot rows have that shape, and are refused without reading them).
 
-    values=False checks the type and shape only, which needs no read of the values.
+    values=False checks the type and shape only, which needs no read of the values. beside:
+    optional (name, tensor) that labels must share a device with, said in those terms (torch
+    would name neither).
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if beside is not None and labels.device != beside[1].device:
+        raise ValueError(f"labels are on {labels.device} but the {beside[0]} are on {beside[1].device}; "
+                         f"move them to one device (labels.to({beside[0]}.device))")
     several = labels.ndim == 2 and 1 <= labels.shape[1] < num_classes
     if labels.ndim not in (1, 2) or labels.shape[0] != batch or labels.ndim == 2 and not several:
         one_hot = " (one-hot rows? give class indices [B])" if labels.shape[1:] == (num_classes,) else ""

@@ -107,7 +107,7 @@ class CapsNet(nn.Module):
         """
         self._check_images(images)
         if labels is not None:            # before the forward's work, and even where unused
-            check_labels(labels, images.shape[0], self.num_classes, values=validate)
+            check_labels(labels, images.shape[0], self.num_classes, values=validate, beside=("images", images))
         if self.recompute_convolutions and images.device.type == "cpu" and torch.is_grad_enabled():
             u = self.primary_caps.capsules(recomputed_convolutions(
                 images, self.conv1, self.primary_caps.conv, RECOMPUTE_CHUNK))  # [B, I, P]

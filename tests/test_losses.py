@@ -116,6 +116,8 @@ def test_capsnet_loss_combines_terms():
     (torch.tensor([-1, 0]), ValueError, r"\[0, 3\)"),
     (torch.tensor([0, 1, 2]), ValueError, r"shape \[B\] = \[2\]"),
     (torch.tensor([[0, 1]]), ValueError, r"shape \[B\] = \[2\]"),
+    # In these terms: torch would say "Tensor on device meta is not on the expected device cpu!".
+    (torch.tensor([0, 1], device="meta"), ValueError, r"labels are on meta but the lengths are on cpu"),
 ])
 def test_margin_loss_rejects_bad_labels(labels, error, match):
     with pytest.raises(error, match=match):

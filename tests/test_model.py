@@ -277,6 +277,8 @@ def test_model_rejects_bad_inputs_and_configs():
         model(torch.rand(2, 1, 12, 12, dtype=torch.float64))
     with pytest.raises(ValueError, match="images are on meta but the model is on cpu"):
         model(torch.rand(2, 1, 12, 12, device="meta"))
+    with pytest.raises(ValueError, match=r"labels are on meta but the images are on cpu; .*labels.to\(images.device\)"):
+        model(torch.rand(2, 1, 12, 12), torch.tensor([0, 1], device="meta"))
     assert started == []
     with torch.autocast("cpu", dtype=torch.bfloat16):           # autocast casts Conv1's input itself,
         with pytest.raises(TypeError, match=r"torch.float64 .* \(autocast leaves float64 alone\)"):
