@@ -2,6 +2,8 @@
 take, and the launch helpers at the bounds their docstrings give. The kernels run through the
 interpreter here and natively on a GPU machine (see conftest.py)."""
 
+import importlib
+
 import pytest
 import torch
 import triton.language as tl
@@ -72,3 +74,60 @@ def test_launch_helpers_at_their_bounds(monkeypatch):
     for dtype in (torch.float32, torch.float64):
         assert launch.block_inputs(100, 2 * launch.max_tile(dtype), dtype) == 1
         assert launch.block_inputs(100, launch.max_tile(dtype) // 4, dtype) == 4
+
+
+# The launches of each variant, by the kernel modules' attribute names: the variants agree to
+# rounding, so only the launches tell them apart (a launcher that ran the other one would pass).
+_VARIANT_KERNELS = {
+    "routing": {"sample": ("routing._routing_forward_kernel", "routing._routing_backward_ds_all_kernel"),
+                "split": ("routing_split.split_forward_kernel", "routing_split.split_backward_ds_all_kernel")},
+    "capsule_linear": {
+        "sample": ("capsule_linear._capsule_linear_forward_kernel",
+                   "capsule_linear._capsule_linear_backward_ds_all_kernel"),
+        "split": ("capsule_linear_split.split_forward_kernel", "capsule_linear_split.split_backward_ds_all_kernel")},
+}
+
+
+@pytest.mark.parametrize("variant", [None, "sample", "split"])
+@pytest.mark.parametrize("layer", ["routing", "capsule_linear"])
+def test_each_variant_launches_its_own_kernels_and_the_default_the_split_ones(layer, variant, rng, monkeypatch):
+    """variant="sample": one forward launch and one kernel-A launch, a program per sample;
+    "split" (the default, which the ops run): one launch per iteration and one more for the last
+    squash, and one kernel-A launch per iteration; neither runs the other's kernels."""
+
+    from capsnet_triton import capsule_linear, dynamic_routing
+    launched = []
+
+    def spy(name):
+        module_name, attribute = name.split(".")
+        module = importlib.import_module(f"capsnet_triton.kernels.{module_name}")
+        kernel = getattr(module, attribute)
+
+        class Spy:
+            def __getitem__(self, grid):
+                launched.append(name)
+                return kernel[grid]
+        monkeypatch.setattr(module, attribute, Spy())
+    for names in _VARIANT_KERNELS[layer].values():
+        for name in names:
+            spy(name)
+    iterations, launch = 3, {} if variant is None else {"variant": variant}
+    if layer == "routing":
+        u_hat = sample(rng, (2, 5, 3, 4), torch.float32)
+        _, s_all, couplings = routing_forward(u_hat, iterations, **launch)
+        routing_backward(sample(rng, (2, 3, 4), torch.float32), u_hat, s_all, couplings, **launch)
+    else:
+        u, weight = sample(rng, (2, 5, 2), torch.float32), sample(rng, (5, 3, 4, 2), torch.float32)
+        _, s_all, couplings = capsule_linear_forward(u, weight, iterations, **launch)
+        capsule_linear_backward(sample(rng, (2, 3, 4), torch.float32), u, weight, s_all, couplings, **launch)
+    # The default is "split", as README says: the variant the first GPU run measured faster.
+    forward, kernel_a = _VARIANT_KERNELS[layer][variant or "split"]
+    counts = (1, 1) if variant == "sample" else (iterations + 1, iterations)
+    assert launched == [forward] * counts[0] + [kernel_a] * counts[1]
+    if variant is None:                       # the public op, on the kernels' backend, launches the same
+        launched.clear()
+        x = (u_hat if layer == "routing" else u).requires_grad_(True)
+        out = (dynamic_routing(x, iterations, backend="triton") if layer == "routing"
+               else capsule_linear(x, weight.requires_grad_(True), iterations, backend="triton"))
+        out.sum().backward()
+        assert launched == [forward] * counts[0] + [kernel_a] * counts[1]
