@@ -11,10 +11,11 @@ __all__ = ["check_floating", "check_capsules", "check_constant"]
 
 
 def check_floating(**arrays):
-    """ValueError naming the first of the keyword arrays that is not floating point."""
+    """TypeError naming the first of the keyword arrays that is not floating point (as the torch
+    ops raise for a tensor of another dtype)."""
     for name, array in arrays.items():
         if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"{name} must be a floating-point array, got dtype {array.dtype}")
+            raise TypeError(f"{name} must be a floating-point array, got dtype {array.dtype}")
 
 
 def check_constant(name, value):

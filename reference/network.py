@@ -172,7 +172,7 @@ def _check_images(images, config):
     if images.ndim != 4 or images.shape[1:] != expected:
         raise ValueError(f"images must have shape [B, C, H, W] = [B, *{expected}], got {images.shape}")
     if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
+        raise TypeError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
     return images
 
 

@@ -82,7 +82,7 @@ def test_conv2d_bad_input_raises(rng):
         conv2d_forward(x, weight, bias, stride=0)
     with pytest.raises(ValueError, match="smaller than"):
         conv2d_forward(x[:, :, :2], weight, bias)
-    with pytest.raises(ValueError, match="x must be a floating-point array"):
+    with pytest.raises(TypeError, match="x must be a floating-point array"):
         conv2d_forward(np.ones((1, 2, 5, 5), dtype=np.int64), weight, bias)    # would give integers
     _, cache = conv2d_forward(x, weight, bias)
     with pytest.raises(ValueError, match="dout"):
@@ -112,7 +112,7 @@ def test_linear_bad_input_raises(rng):
         linear_forward(rng.normal(size=(2, 7)), rng.normal(size=(5, 6)), rng.normal(size=5))
     with pytest.raises(ValueError, match="bias"):
         linear_forward(rng.normal(size=(2, 7)), rng.normal(size=(5, 7)), rng.normal(size=4))
-    with pytest.raises(ValueError, match="weight must be a floating-point array"):
+    with pytest.raises(TypeError, match="weight must be a floating-point array"):
         linear_forward(rng.normal(size=(2, 7)), np.ones((5, 7), dtype=np.int32), rng.normal(size=5))
     _, cache = linear_forward(rng.normal(size=(2, 7)), rng.normal(size=(5, 7)), rng.normal(size=5))
     with pytest.raises(ValueError, match="dout"):

@@ -147,7 +147,7 @@ def test_reconstruction_loss_rejects_bad_shapes():
         reconstruction_loss_forward(np.zeros((2, 3, 4, 5)), np.zeros((2, 3, 4, 5)))
     with pytest.raises(ValueError, match="target has shape"):
         reconstruction_loss_forward(np.zeros((2, 3)), np.zeros((2, 4)))
-    with pytest.raises(ValueError, match=r"target must be a floating-point array, got dtype uint8"):
+    with pytest.raises(TypeError, match=r"target must be a floating-point array, got dtype uint8"):
         reconstruction_loss_forward(np.full((1, 3), 0.5), np.array([[0, 128, 255]], np.uint8))
 
 

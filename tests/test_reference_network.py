@@ -176,7 +176,7 @@ def test_bad_input_raises():
         network_forward(params, images[:, :, :10], labels, TINY)
     with pytest.raises(ValueError, match=r"images must have shape \[B, C, H, W\]"):
         classify(params, images[0], TINY)
-    with pytest.raises(ValueError, match="floating point"):
+    with pytest.raises(TypeError, match="floating point"):
         network_forward(params, (images * 255).astype(np.uint8), labels, TINY)
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.2"):
         network_forward(params, images, labels + 3, TINY)

@@ -56,9 +56,9 @@ def test_bad_shapes_raise(rng):
         prediction_forward(rng.normal(size=(1, 3, 8)), rng.normal(size=(3, 2, 4, 7)))
     with pytest.raises(ValueError, match="I and P must agree"):
         prediction_forward(rng.normal(size=(1, 5, 8)), rng.normal(size=(3, 2, 4, 8)))
-    with pytest.raises(ValueError, match="u must be a floating-point"):
+    with pytest.raises(TypeError, match="u must be a floating-point"):
         prediction_forward(np.ones((1, 3, 8), dtype=np.int32), rng.normal(size=(3, 2, 4, 8)))
-    with pytest.raises(ValueError, match="W must be a floating-point"):
+    with pytest.raises(TypeError, match="W must be a floating-point"):
         prediction_forward(rng.normal(size=(1, 3, 8)), np.ones((3, 2, 4, 8), dtype=np.int64))
     _, cache = prediction_forward(rng.normal(size=(1, 3, 8)), rng.normal(size=(3, 2, 4, 8)))
     with pytest.raises(ValueError, match="du_hat"):

@@ -140,14 +140,14 @@ def test_agreement_moves_coupling_towards_the_agreeing_parent():
 def test_bad_input_raises(rng):
     with pytest.raises(ValueError, match="4 axes"):
         routing_forward(rng.normal(size=(2, 3, 4)))
-    with pytest.raises(ValueError, match="floating-point"):
+    with pytest.raises(TypeError, match="floating-point"):
         routing_forward(np.ones((1, 2, 3, 4), dtype=np.int32))
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="iterations"):
             routing_forward(rng.normal(size=(1, 2, 3, 4)), bad)
     with pytest.raises(ValueError, match="bias"):
         routing_forward(rng.normal(size=(1, 2, 3, 4)), bias=np.zeros((4, 3)))
-    with pytest.raises(ValueError, match="bias must be a floating-point"):
+    with pytest.raises(TypeError, match="bias must be a floating-point"):
         routing_forward(rng.normal(size=(1, 2, 3, 4)), bias=np.zeros((3, 4), dtype=np.int64))
     # A bias of another float dtype is added in u_hat's: v keeps u_hat's dtype.
     assert routing_forward(np.ones((1, 2, 3, 4), np.float32), bias=np.ones((3, 4)))[0].dtype == np.float32
