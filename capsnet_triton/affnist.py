@@ -124,7 +124,8 @@ def find_affnist_files(directory):
                                  f"{_BATCHES}.mat: missing {missing or 'none'}, unexpected {extra or 'none'}")
             return [os.path.join(folder, "test_batches", f"{n}.mat") for n in range(1, _BATCHES + 1)]
     raise FileNotFoundError(f"no affNIST test files (test.mat or test_batches/*.mat) in {directory} "
-                            f"or {os.path.join(directory, 'affNIST')}; affNIST is not downloaded by this package")
+                            f"or {os.path.join(directory, 'affNIST')}; affNIST is not downloaded by this package: pass "
+                            f"its folder with --data, or score --dataset affnist-generated")
 
 
 def read_affnist(directory):
