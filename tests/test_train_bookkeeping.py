@@ -65,6 +65,14 @@ def test_log_every_zero_is_a_usage_error(fake_mnist, tmp_path, capsys):
     assert status == 2 and "--log-every must be positive" in one_line(err)
 
 
+def test_a_reconstruction_weight_without_a_decoder_is_a_usage_error(fake_mnist, tmp_path, capsys):
+    """It would change nothing: said, not ignored."""
+    status, err = run(train.main, args(fake_mnist, tmp_path / "run", "--no-decoder", "--reconstruction-weight", "0.1"),
+                      capsys)
+    assert status == 2 and "--reconstruction-weight weighs the decoder's loss" in one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flag, value", [("lr", 1.0), ("lr_decay", 1.0), ("reconstruction_weight", 0.0)])
 def test_the_ends_of_the_documented_ranges_are_accepted(flag, value):
     """--lr in (0, 1], --lr-decay in (0, 1], --reconstruction-weight >= 0: their closed ends pass."""

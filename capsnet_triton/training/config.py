@@ -344,6 +344,8 @@ def resolve_config(argv, parser):
             config, checkpoint = _resumed_config(last, args, explicit, parser)
         else:
             config = {key: value for key, value in vars(args).items() if key != "resume"}
+            if not config["decoder"] and "reconstruction_weight" in explicit:
+                parser.error("--reconstruction-weight weighs the decoder's loss, which --no-decoder leaves out")
             # The dataset's own defaults (data.DatasetSpec.defaults) for the options left out.
             for key, value in dataset_spec(config["dataset"]).defaults.items():
                 if key not in explicit:
