@@ -26,19 +26,23 @@ import json
 import math
 import os
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+from .training.starting import command_name, is_command, until_running
 
-from .data import DATASETS, dataset_spec, load_split
-from .files import atomic_write
-from .figures import write_figures
-from .losses import capsnet_loss, check_labels, correct_predictions
-from .model import build_model
-from .training.checkpoint import LOCK_NAME, SCORES_NAME, load_checkpoint, lock_run_folder
-from .training.config import check_run_config, missing_data_folder, unwritable_folder
-from .training.distributed import resolve_device
-from .training.errors import ArgumentParser, command_name, run_command
+# A Ctrl-C while torch loads ends the command with one line (training.starting).
+with until_running(command_name("capsnet-evaluate", "capsnet_triton.evaluate"), is_command(__name__, "capsnet-evaluate")):
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from .data import DATASETS, dataset_spec, load_split
+    from .files import atomic_write
+    from .figures import write_figures
+    from .losses import capsnet_loss, check_labels, correct_predictions
+    from .model import build_model
+    from .training.checkpoint import LOCK_NAME, SCORES_NAME, load_checkpoint, lock_run_folder
+    from .training.config import check_run_config, missing_data_folder, unwritable_folder
+    from .training.distributed import resolve_device
+    from .training.errors import ArgumentParser, run_command
 
 __all__ = ["evaluate", "example_count", "load_model", "main", "SCORES_NAME"]
 
@@ -152,12 +156,13 @@ def main(argv=None):
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be positive, got {args.limit}")
     try:
-        device = resolve_device(args.device)
-        # The file's SHA-256 (as sha256sum gives it), of the bytes loaded, names the model scored
-        # in evaluation.json: a running training may replace best.pt while this one is scored.
-        sha256 = hashlib.sha256()
-        model, checkpoint = load_model(args.checkpoint, device, digest=sha256)
-        datasets = _datasets(args, checkpoint)
+        with until_running(parser.prog, argv is None):
+            device = resolve_device(args.device)
+            # The file's SHA-256 (as sha256sum gives it), of the bytes loaded, names the model scored
+            # in evaluation.json: a running training may replace best.pt while this one is scored.
+            sha256 = hashlib.sha256()
+            model, checkpoint = load_model(args.checkpoint, device, digest=sha256)
+            datasets = _datasets(args, checkpoint)
     except ValueError as e:
         parser.error(str(e))
     spec, trained_on = datasets

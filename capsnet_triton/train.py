@@ -49,10 +49,14 @@ import functools
 import os
 import sys
 
-from .training.allocator import keep_freed_memory
-from .training.config import build_parser, resolve_config
-from .training.errors import run_command
-from .training.loop import train
+from .training.starting import command_name, is_command, until_running
+
+# A Ctrl-C while torch loads ends the command with one line (training.starting).
+with until_running(command_name("capsnet-train", "capsnet_triton.train"), is_command(__name__, "capsnet-train")):
+    from .training.allocator import keep_freed_memory
+    from .training.config import build_parser, resolve_config
+    from .training.errors import run_command
+    from .training.loop import train
 
 __all__ = ["build_parser", "main", "train"]
 
@@ -69,10 +73,11 @@ def _after_ctrl_c(run_dir):
 def main(argv=None):
     """Console entry point (`capsnet-train`, `python -m capsnet_triton.train`)."""
     parser = build_parser()
-    config, checkpoint, lock = resolve_config(argv, parser)
     # Only as the process's own command: a program that passes argv (the tests) keeps its
     # allocator and its Ctrl-C.
     command = argv is None
+    with until_running(parser.prog, command):
+        config, checkpoint, lock = resolve_config(argv, parser)
     with lock:
         if command:
             keep_freed_memory()

@@ -12,6 +12,8 @@ import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +232,47 @@ def test_resume_restores_every_global_rng_where_last_pt_left_it():
     restore_training_state(checkpoint, model, optimizer, scheduler, torch.device("cpu"))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+_INTERRUPT_AT_TORCH = """
+import sys
+class Interrupt:                      # Ctrl-C pressed while Python loads torch
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+"""
+
+
+@pytest.mark.parametrize("start, stderr", [
+    ("import runpy; runpy.run_module('capsnet_triton.train', run_name='__main__', alter_sys=True)",
+     "python -m capsnet_triton.train: interrupted (Ctrl-C) before it began; nothing was done\n"),
+    ("sys.argv[0] = '/venv/bin/capsnet-evaluate'; from capsnet_triton.evaluate import main",
+     "capsnet-evaluate: interrupted (Ctrl-C) before it began; nothing was done\n"),
+    ("import capsnet_triton.train", None),                # imported by other code: its KeyboardInterrupt
+])
+def test_a_ctrl_c_while_a_command_loads_is_one_line(start, stderr):
+    """README: a Ctrl-C outside the training steps stops at once with one line and status 130;
+    in the second or two before torch has loaded too, not with a traceback through the imports."""
+    result = subprocess.run([sys.executable, "-c", _INTERRUPT_AT_TORCH + start], capture_output=True, text=True,
+                            timeout=120)
+    if stderr is None:
+        assert result.returncode != 130 and result.stderr.rstrip().endswith("KeyboardInterrupt")
+    else:
+        assert (result.returncode, result.stderr) == (130, stderr)
+
+
+def test_a_ctrl_c_while_the_command_reads_its_options_is_one_line(monkeypatch, capsys):
+    """The same while it reads its options and checkpoints (resolve_config), but for main(argv)."""
+    def interrupted(argv, parser):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "resolve_config", interrupted)
+    try:
+        train.main()
+    except (SystemExit, KeyboardInterrupt) as e:      # caught here: one escaping would stop pytest itself
+        stopped = e
+    err = capsys.readouterr().err
+    assert isinstance(stopped, SystemExit) and stopped.code == 130
+    assert err.count("\n") == 1 and "interrupted (Ctrl-C) before it began" in err
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--out", "anywhere"])

@@ -13,7 +13,8 @@ from ..data import DATASETS, dataset_spec
 from .checkpoint import (CHECKPOINT_FILES, LOCK_NAME, best_model_in, load_checkpoint, load_training_state,
                          lock_run_folder)
 from .distributed import launched_rank, launched_world_size, resolve_device
-from .errors import ArgumentParser, command_name
+from .errors import ArgumentParser
+from .starting import command_name
 from .log import logged_prefix, logged_results
 
 __all__ = ["RESUMABLE", "MAX_LR", "MAX_SEED", "HelpFormatter", "build_parser", "check_config", "check_run_config",

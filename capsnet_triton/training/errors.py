@@ -17,7 +17,6 @@ torchrun passes to every rank, ends them with one line from rank 0.
 """
 
 import argparse
-import os
 import sys
 import traceback
 
@@ -25,11 +24,9 @@ import torch
 import torch.distributed as dist
 
 from .distributed import launched_rank, launched_world_size
+from .starting import INTERRUPTED_STATUS
 
-__all__ = ["TrainingDiverged", "TrainingInterrupted", "INTERRUPTED_STATUS", "USER_ERRORS", "ArgumentParser",
-           "command_name", "run_command"]
-
-INTERRUPTED_STATUS = 130
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "USER_ERRORS", "ArgumentParser", "run_command"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -62,12 +59,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         # Under torchrun every rank parses the same command line: rank 0 alone says what is wrong.
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if launched_rank() == 0 else None)
-
-
-def command_name(script, module):
-    """The command as the user started it, for its usage and error lines: the console script
-    (capsnet-train, capsnet-evaluate), or python -m MODULE (also what torchrun runs)."""
-    return script if os.path.basename(sys.argv[0]) == script else f"python -m {module}"
 
 
 # OSError covers missing files, permissions, a full disk and download failures (DownloadError).
