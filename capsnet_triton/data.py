@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .losses import check_labels
-from .reference.mnist import SPLIT_FILES, find_idx, idx_folders, load_mnist, read_idx
+from .reference.mnist import SPLIT_FILES, find_idx, find_split, read_idx, read_split
 from .synthetic import multimnist
 
 __all__ = [
@@ -115,7 +115,7 @@ class DatasetSpec:
 
 def load_idx_split(spec, directory, train):
     """The loader of MNIST-format datasets: a split's IDX pair from `find_split_dir`."""
-    images, labels = load_mnist(find_split_dir(directory, spec.name, train), train=train)
+    images, labels = read_split(find_split_dir(directory, spec.name, train), train=train)
     return Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long())
 
 
@@ -204,34 +204,17 @@ def dataset_spec(dataset):
 
 
 def find_split_dir(directory, dataset="mnist", train=True):
-    """The folder under `directory` that holds both IDX files of a split.
-
-    Looks in `directory/<MNIST|FashionMNIST>/raw`, `directory/raw` and `directory` itself, in
-    that order, and returns the first that holds both; each file may be gzipped or not. Raises
-    FileNotFoundError naming what is missing.
-    """
+    """The folder under `directory` that holds both IDX files of a split (reference.mnist.find_split:
+    `directory/<MNIST|FashionMNIST>/raw`, `directory/raw`, then `directory` itself; each file
+    gzipped or not). Raises FileNotFoundError naming what is missing."""
     spec = dataset_spec(dataset)
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"data directory not found: {directory}")
-    stems = [f.stem for f in spec.split_files(train)]
-    candidates = idx_folders(directory, spec.folder)
-    found = {candidate: [find_idx(candidate, stem) is not None for stem in stems] for candidate in candidates}
-    for candidate in candidates:
-        if all(found[candidate]):
-            return candidate
-    # No folder has both; one that has half of the pair is most likely what the user meant.
-    for candidate in candidates:
-        if any(found[candidate]):
-            missing = stems[found[candidate].index(False)]
-            raise FileNotFoundError(f"{missing}(.gz) is missing from {candidate} (its companion file is there)")
+    stems = SPLIT_FILES[bool(train)]
     # Said the same way by train and evaluate, which has no --download; a set built from MNIST's
     # files (MultiMNIST, mnist40, the generated affNIST-like set) names them as MNIST's.
-    raise FileNotFoundError(
-        f"{spec.name} {'training' if train else 'test'} files ({spec.folder}'s "
-        f"{' and '.join(s + '(.gz)' for s in stems)}) not found in any of: {', '.join(candidates)}; "
-        f"the training command's --download fetches {spec.folder}'s files"
-    )
+    what = (f"{spec.name} {'training' if train else 'test'} files ({spec.folder}'s "
+            f"{' and '.join(stem + '(.gz)' for stem in stems)})")
+    return find_split(directory, train, spec.folder, what, f"the training command's --download fetches "
+                                                           f"{spec.folder}'s files")
 
 
 def load_split(directory, dataset="mnist", train=True, *, verify=False):

@@ -19,7 +19,7 @@ import zlib
 
 import numpy as np
 
-__all__ = ["SPLIT_FILES", "read_idx", "find_idx", "idx_folders", "load_mnist"]
+__all__ = ["SPLIT_FILES", "read_idx", "find_idx", "idx_folders", "find_split", "load_mnist", "read_split"]
 
 _UBYTE = 0x08
 
@@ -87,27 +87,43 @@ def idx_folders(directory, folder="MNIST"):
     return [os.path.join(directory, folder, "raw"), os.path.join(directory, "raw"), directory]
 
 
-def load_mnist(directory, train=True):
-    """Load the MNIST training (60,000) or test (10,000) split from `directory`, where its two
-    files lie flat or in torchvision's layout below it (idx_folders).
-
-    Returns (images uint8 [N, H, W], 28 x 28 for MNIST itself, and labels uint8 [N]) with labels
-    in 0..9.
-    """
+def find_split(directory, train=True, folder="MNIST", what=None, advice=None):
+    """The first of idx_folders(directory, folder) that holds both files of the training or test
+    split (SPLIT_FILES), each gzipped or not. FileNotFoundError otherwise, naming the missing file
+    of a folder that holds half of the pair (most likely the one meant), else every folder looked
+    in; `what` names the files in that message and `advice` ends it."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"data directory not found: {directory}")
     stems = SPLIT_FILES[bool(train)]
-    paths = {folder: [find_idx(folder, stem) for stem in stems] for folder in idx_folders(directory)}
-    found = [folder for folder, pair in paths.items() if all(pair)]
-    if not found:
-        # A folder holding half of the pair is most likely the one meant: name the other file.
-        for folder, pair in paths.items():
-            if any(pair):
-                missing = stems[pair.index(None)]
-                raise FileNotFoundError(f"neither {missing}.gz nor {missing} found in {folder} (its companion is there)")
-        raise FileNotFoundError(f"MNIST's {' and '.join(stems)} (.gz or not) not found in any of: {', '.join(paths)}")
-    image_path, label_path = paths[found[0]]
+    folders = idx_folders(directory, folder)
+    found = {candidate: [find_idx(candidate, stem) is not None for stem in stems] for candidate in folders}
+    for candidate in folders:
+        if all(found[candidate]):
+            return candidate
+    for candidate in folders:
+        if any(found[candidate]):
+            missing = stems[found[candidate].index(False)]
+            raise FileNotFoundError(f"{missing}(.gz) is missing from {candidate} (its companion file is there)")
+    what = what or f"{folder}'s {' and '.join(stem + '(.gz)' for stem in stems)}"
+    raise FileNotFoundError(f"{what} not found in any of: {', '.join(folders)}" + (f"; {advice}" if advice else ""))
+
+
+def load_mnist(directory, train=True):
+    """Load the MNIST training (60,000) or test (10,000) split from `directory`, where its two
+    files lie flat or in torchvision's layout below it (find_split).
+
+    Returns (images uint8 [N, H, W], 28 x 28 for MNIST itself, and labels uint8 [N]) with labels
+    in 0..9.
+    """
+    return read_split(find_split(directory, train), train)
+
+
+def read_split(folder, train=True):
+    """load_mnist's arrays from the split's two files in `folder` itself (no search), checked."""
+    image_path, label_path = (find_idx(folder, stem) for stem in SPLIT_FILES[bool(train)])
+    if image_path is None or label_path is None:
+        raise FileNotFoundError(f"the {'training' if train else 'test'} split's files are not both in {folder}")
     images = read_idx(image_path)                                  # [N, H, W]
     labels = read_idx(label_path)                                  # [N]
     if images.ndim != 3:

@@ -411,3 +411,14 @@ def test_training_batches_reconstruct_what_they_show_and_depend_on_the_run_seed(
     # Each global step draws its own shifts (one draw for all steps passed), the same again for a step.
     assert torch.equal(batch.images, split.augmented(index, 1, 5, 2).images)
     assert not torch.equal(batch.images, split.augmented(index, 1, 6, 2).images)
+
+
+def test_a_flat_set_beside_mnist_in_its_torchvision_folder_loads_as_itself(tmp_path, rng):
+    """Fashion-MNIST's files flat in DIR, MNIST's in DIR/MNIST/raw (where --download puts them):
+    the folder found is the one read (and the one whose MD5s are checked), not MNIST's."""
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    write_mnist(tmp_path / "MNIST" / "raw", 3, 2, rng)
+    write_mnist(tmp_path, 5, 4, rng)
+    assert data.find_split_dir(tmp_path, "fashion-mnist", train=False) == str(tmp_path)
+    assert len(data.load_split(tmp_path, "fashion-mnist", train=False)) == 4
+    assert len(data.load_split(tmp_path, "mnist", train=False)) == 2

@@ -108,7 +108,7 @@ def test_load_mnist_finds_torchvisions_layout_and_says_what_is_missing(tmp_path,
     os.remove(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
     assert len(load_mnist(tmp_path, train=False)[0]) == 4          # only the flat folder has both
     os.remove(tmp_path / "t10k-labels-idx1-ubyte")
-    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte found in .*MNIST/raw .its companion"):
+    with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte\(.gz\) is missing from .*MNIST/raw \(its"):
         load_mnist(tmp_path, train=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not found in any of: .*empty/MNIST/raw, .*empty/raw, .*empty$"):
