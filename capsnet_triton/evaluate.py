@@ -180,7 +180,7 @@ def main(argv=None):
     with contextlib.ExitStack() as lock:
         # A run folder is written under its lock: a training run still writing it would replace
         # best.pt and these figures under the scores of the model it had (checkpoint.lock_run_folder).
-        if os.path.abspath(folder) == run_dir or os.path.exists(os.path.join(folder, LOCK_NAME)):
+        if os.path.realpath(folder) == os.path.realpath(run_dir) or os.path.exists(os.path.join(folder, LOCK_NAME)):
             try:
                 lock.enter_context(lock_run_folder(folder))
             except ValueError as e:

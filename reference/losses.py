@@ -51,7 +51,7 @@ def _check_labels(labels, batch, num_classes):
     would mark every class present, the shape of one-hot rows)."""
     labels = np.asarray(labels)
     if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
     if labels.shape != (batch,) and not (labels.ndim == 2 and labels.shape[0] == batch
                                          and 1 <= labels.shape[1] < num_classes):
         raise ValueError(f"labels must have shape [B] = ({batch},) or [B, K] with 1 <= K < {num_classes}, "

@@ -104,7 +104,7 @@ def test_read_affnist_batches_in_numeric_order(tmp_path):
 
 
 def test_affnist_reader_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not downloaded by this package"):
+    with pytest.raises(FileNotFoundError, match="not downloaded by this package: pass its folder with --data"):
         read_affnist(tmp_path)
     (tmp_path / "test.mat").write_bytes(b"\x89HDF\r\n" + b"\0" * 200)
     with pytest.raises(ValueError, match="not a MATLAB v5"):

@@ -12,6 +12,7 @@ import torch
 from command_runs import args, copy_run, fake_mnist, finished_run, one_line, run  # noqa: F401 (fixtures)
 
 from capsnet_triton import evaluate, train
+from capsnet_triton.training import checkpoint as checkpoint_module
 from capsnet_triton.training import loop
 from capsnet_triton.training.checkpoint import (LOCK_NAME, SCORES_NAME, best_model_in, load_checkpoint, lock_run_folder,
                                                payload_checksum, restore_best_model, save_atomic, save_best_model)
@@ -234,6 +235,8 @@ def test_evaluate_writes_a_run_folder_only_under_its_lock(finished_run, fake_mni
         assert (tmp_path / "elsewhere" / SCORES_NAME).exists()
     finally:
         holder.communicate("", timeout=60)
+    # A run folder without a .lock yet (copied, say) is locked too: it is the checkpoint's own.
+    (out / LOCK_NAME).unlink()
     taken = []
 
     def training_meanwhile(*arguments, **kwargs):
@@ -309,6 +312,15 @@ def test_the_run_folder_lock_is_exclusive(tmp_path):
     finally:
         first.close()
     lock_run_folder(str(tmp_path)).close()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_said_in_one_line(tmp_path, monkeypatch):
+    """Another user's .lock in a folder shared with them: a usage error naming it, not a traceback."""
+    def refuse(path, mode):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(checkpoint_module, "open", refuse, raising=False)
+    with pytest.raises(ValueError, match=r"cannot open .*\.lock to take the run folder's lock \(Permission denied\)"):
+        lock_run_folder(str(tmp_path))
 
 
 def test_the_checksum_covers_the_keys():

@@ -68,13 +68,17 @@ def lock_run_folder(run_dir):
     ValueError, in one line, when another process holds it.
     """
     path = os.path.join(run_dir, LOCK_NAME)
-    lock = open(path, "a")
+    try:
+        lock = open(path, "a")
+    except OSError as e:                 # another user's .lock in a folder shared with them, say
+        raise ValueError(f"cannot open {path} to take the run folder's lock ({e.strerror or e}); "
+                         f"choose another --out") from e
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise ValueError(f"another run is writing {run_dir} (it holds {path}); wait for it to end, "
-                         f"or choose another --out") from None
+        raise ValueError(f"another run is writing {run_dir} (or an evaluate into it; it holds {path}); wait for "
+                         f"it to end, or choose another --out") from None
     return lock
 
 
@@ -230,8 +234,8 @@ def save_best_model(path, *, config, model, epoch, global_step, validation):
 
 
 def _save_best_model(payload, path):
-    """Write best.pt, and remove evaluate's scores beside it: they are of the model it replaced
-    (a resumed run's), which their checksum would still seem to vouch for."""
+    """Write best.pt, and remove evaluate's scores beside it (the run folder's evaluation.json):
+    they were computed on the model it replaced, and would read as the new one's."""
     _save_checkpoint(payload, path)
     scores = os.path.join(os.path.dirname(path), SCORES_NAME)
     if os.path.exists(scores):
