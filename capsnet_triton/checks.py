@@ -208,8 +208,8 @@ def check_differentiation(op, *tensors):
     """Refuse what the ops' autograd rules (reverse mode, registered with torch.library) cannot
     give: forward-mode derivatives, for which torch drops the tangents without a word (jvp,
     jacfwd and dual tensors would get derivatives of 0), and torch.func's reverse-mode transforms,
-    which fail deep inside torch (grad, vjp, jacrev). vmap runs, through torch's fallback.
-    Skipped while torch.compile traces, which does not compose the ops with either."""
+    which fail deep inside torch (grad, vjp, jacrev). vmap runs, through the ops' folding rules
+    (ops/batching.py). Skipped while torch.compile traces, which does not compose the ops with either."""
     if torch.compiler.is_compiling():
         return
     transforms = active_transforms()

@@ -159,12 +159,39 @@ def test_a_second_derivative_is_refused_by_name(backend):
             torch.autograd.grad(grad.sum(), x)
 
 
-def test_vmap_still_runs_and_matches_the_batched_call():
+def test_vmap_folds_its_slices_into_one_call_and_matches_a_loop(monkeypatch):
+    """The ops' vmap rules (ops/batching.py): 3 slices are one call of the PyTorch path, where
+    torch's fallback would call it 3 times (and warn); so is the backward that follows, recorded
+    on the folded call."""
     ops, shapes = _three_ops("torch")
+    modules = {name: importlib.import_module(f"capsnet_triton.ops.{name}")
+               for name in ("squash", "routing", "capsule_linear")}
+    paths = {"squash": (modules["squash"], "squash_forward_torch", "squash_backward_torch"),
+             "dynamic_routing": (modules["routing"], "routing_forward_torch", "routing_backward_torch"),
+             "capsule_linear": (modules["capsule_linear"], "_capsule_linear_forward_torch",
+                                "_capsule_linear_backward_torch")}
     for name, op in ops.items():
         x = torch.randn((3, *shapes[name]), dtype=torch.float64)
         expected = torch.stack([op(row) for row in x])
-        assert torch.allclose(torch.func.vmap(op)(x), expected, rtol=1e-12, atol=1e-15), name
+        calls = []
+        module, *functions = paths[name]
+        for function in functions:
+            real = getattr(module, function)
+            monkeypatch.setattr(module, function, lambda *a, _real=real, _name=function, **k: calls.append(_name)
+                                or _real(*a, **k))
+        mapped = x.clone().requires_grad_()
+        got = torch.func.vmap(op)(mapped)
+        got.sum().backward()
+        assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15), name
+        assert calls == functions, (name, calls)
+        # Another vmapped axis, and out_dims.
+        got = torch.func.vmap(op, in_dims=1, out_dims=1)(x.movedim(0, 1))
+        assert torch.allclose(got, expected.movedim(0, 1), rtol=1e-12, atol=1e-15), name
+    # A vmapped argument that the samples share (the bias) runs once per slice.
+    u_hat, bias = torch.randn(3, 2, 5, 3, 4, dtype=torch.float64), torch.randn(3, 3, 4, dtype=torch.float64)
+    got = torch.func.vmap(lambda u, b: dynamic_routing(u, 2, bias=b))(u_hat, bias)
+    expected = torch.stack([dynamic_routing(u, 2, bias=b) for u, b in zip(u_hat, bias)])
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -26,6 +26,7 @@ import torch
 from ..checks import (autocast_dtype, check_bias, check_differentiation, check_gradient,
                       check_iterations, check_u_and_weight, compute_dtype, differentiable_once, needs_backward,
                       pick_backend, runs_as_function)
+from .batching import register_folding_rule
 from .routing import (CACHED_ELEMENTS, kept_couplings, routing_backward_last_torch, routing_backward_torch,
                       routing_forward_torch)
 
@@ -199,6 +200,9 @@ def _backward(ctx, dv, _ds_all_unused, _couplings_unused):
 
 _capsule_linear_forward_op.register_autograd(_backward, setup_context=_setup_context)
 differentiable_once(_capsule_linear_backward_op, "capsule_linear")
+# As routing's; W is shared by the samples, and dW sums over them: the backward runs per slice.
+register_folding_rule(_capsule_linear_forward_op, (0, None, None, None, None, None, None), (0, 1, 1))
+register_folding_rule(_capsule_linear_backward_op, (0, 0, None, 1, 1, None, None), (0, None, 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch
 from ..checks import (check_bias, check_differentiation, check_gradient, check_iterations, check_u_hat, compute_dtype,
                       differentiable_once, kept_iterations, nan_rows, needs_backward, pick_backend,
                       runs_as_function)
+from .batching import register_folding_rule
 from .squash import squash_backward_torch, squash_forward_torch
 
 __all__ = ["dynamic_routing"]
@@ -309,6 +310,9 @@ def _backward(ctx, dv, _ds_all_unused, _couplings_unused):
 
 _routing_forward_op.register_autograd(_backward, setup_context=_setup_context)
 differentiable_once(_routing_backward_op, "dynamic_routing")
+# The samples' axis: u_hat's, dv's and du_hat's first, s_all's, ds_all's and the couplings' second.
+register_folding_rule(_routing_forward_op, (0, None, None, None, None, None), (0, 1, 1))
+register_folding_rule(_routing_backward_op, (0, 0, 1, 1, None, None), (0, 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 from ..checks import (check_capsules, check_differentiation, compute_dtype, differentiable_once, pick_backend,
                       runs_as_function)
+from .batching import register_folding_rule
 
 __all__ = ["squash", "squash_forward_torch", "squash_backward_torch"]
 
@@ -171,6 +172,9 @@ def _backward(ctx, dv):
 
 _squash_forward_op.register_autograd(_backward, setup_context=_setup_context)
 differentiable_once(_squash_backward_op, "squash")
+# Each capsule on its own: the vmapped axis is one more leading axis of capsules.
+register_folding_rule(_squash_forward_op, (0, None), 0, new_axis=True)
+register_folding_rule(_squash_backward_op, (0, 0, None), 0, new_axis=True)
 
 
 # ---------------------------------------------------------------------------------------------
