@@ -107,11 +107,45 @@ def poisoned_scratch(monkeypatch):
 
 
 @pytest.fixture
-def guarded_outputs():
-    """After the test, no kernel wrote past either end of a poisoned buffer (kernel_checks.poisoned)."""
+def guarded_outputs(monkeypatch):
+    """After the test, no kernel wrote past either end of a poisoned buffer (kernel_checks.poisoned);
+    under the interpreter, no kernel read an element outside every tensor of its launch (a masked-in
+    address off them, which on a GPU reads garbage or faults, and which the interpreter reads quietly)."""
     from kernel_checks import written_past_the_ends
 
+    if interpreted():
+        _guard_reads(monkeypatch)
     written_past_the_ends()                                     # forget an earlier test's buffers
     yield
     spoiled = written_past_the_ends()
     assert not spoiled, f"a kernel wrote past the ends of its output buffers: {spoiled}"
+
+
+def _guard_reads(monkeypatch):
+    """Make the interpreter refuse a load whose unmasked addresses lie outside the storages of the
+    running launch's tensor arguments."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    storages = []                        # [start, end) bytes of the running launch's tensors
+    init_args = interpreter.GridExecutor._init_args_hst
+
+    def init_args_hst(self, args_dev, kwargs):
+        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
+        storages[:] = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
+                       for t in (*args_hst, *kwargs_hst.values()) if hasattr(t, "untyped_storage")]
+        return args_hst, kwargs_hst
+
+    masked_load = interpreter.InterpreterBuilder.create_masked_load
+
+    def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        addresses = ptrs.data[mask.data].astype(np.uint64)
+        size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+        inside = np.zeros(addresses.shape, dtype=bool)
+        for start, end in storages:
+            inside |= (addresses >= start) & (addresses + size <= end)
+        assert inside.all(), f"a kernel read {np.count_nonzero(~inside)} elements outside its launch's tensors"
+        return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "_init_args_hst", init_args_hst)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", create_masked_load)
