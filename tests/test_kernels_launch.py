@@ -96,7 +96,7 @@ def test_each_variant_launches_its_own_kernels_and_the_default_the_split_ones(la
     squash, and one kernel-A launch per iteration; neither runs the other's kernels."""
 
     from capsnet_triton import capsule_linear, dynamic_routing
-    launched = []
+    launched, grids = [], []
 
     def spy(name):
         module_name, attribute = name.split(".")
@@ -106,12 +106,15 @@ def test_each_variant_launches_its_own_kernels_and_the_default_the_split_ones(la
         class Spy:
             def __getitem__(self, grid):
                 launched.append(name)
+                grids.append(grid)
                 return kernel[grid]
         monkeypatch.setattr(module, attribute, Spy())
     for names in _VARIANT_KERNELS[layer].values():
         for name in names:
             spy(name)
-    iterations, launch = 3, {} if variant is None else {"variant": variant}
+    # Two chunks of I for "split" (none of the sample kernels' launches has any).
+    iterations = 3
+    launch = {} if variant is None else {"variant": variant, **({"splits": 2, "block_i": 2} if variant == "split" else {})}
     if layer == "routing":
         u_hat = sample(rng, (2, 5, 3, 4), torch.float32)
         _, s_all, couplings = routing_forward(u_hat, iterations, **launch)
@@ -124,6 +127,8 @@ def test_each_variant_launches_its_own_kernels_and_the_default_the_split_ones(la
     forward, kernel_a = _VARIANT_KERNELS[layer][variant or "split"]
     counts = (1, 1) if variant == "sample" else (iterations + 1, iterations)
     assert launched == [forward] * counts[0] + [kernel_a] * counts[1]
+    if variant == "split":                    # the last squash (and kernel A's first iteration) once a block
+        assert [grid[1] for grid in grids] == [2] * iterations + [1] + [2] * (iterations - 1) + [1]
     if variant is None:                       # the public op, on the kernels' backend, launches the same
         launched.clear()
         x = (u_hat if layer == "routing" else u).requires_grad_(True)
