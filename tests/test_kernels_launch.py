@@ -114,7 +114,9 @@ def test_each_variant_launches_its_own_kernels_and_the_default_the_split_ones(la
             spy(name)
     # Two chunks of I for "split" (none of the sample kernels' launches has any).
     iterations = 3
-    launch = {} if variant is None else {"variant": variant, **({"splits": 2, "block_i": 2} if variant == "split" else {})}
+    launch = {} if variant is None else {"variant": variant}
+    if variant == "split":
+        launch.update(splits=2, block_i=2)
     if layer == "routing":
         u_hat = sample(rng, (2, 5, 3, 4), torch.float32)
         _, s_all, couplings = routing_forward(u_hat, iterations, **launch)
