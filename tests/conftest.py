@@ -122,8 +122,8 @@ def guarded_outputs(monkeypatch):
 
 
 def _guard_reads(monkeypatch):
-    """Make the interpreter refuse a load whose unmasked addresses lie outside the storages of the
-    running launch's tensor arguments."""
+    """Make the interpreter refuse a load whose unmasked addresses lie outside every tensor argument
+    of the running launch (each from its first element to its last)."""
     import numpy as np
     from triton.runtime import interpreter
 
@@ -132,8 +132,10 @@ def _guard_reads(monkeypatch):
 
     def init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
-        storages[:] = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes())
-                       for t in (*args_hst, *kwargs_hst.values()) if hasattr(t, "untyped_storage")]
+        # Each tensor's own extent, not its storage's: a view's kernel must not read its neighbours.
+        storages[:] = [(t.data_ptr(), t.data_ptr() + t.element_size() * (
+                           1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))))
+                       for t in (*args_hst, *kwargs_hst.values()) if hasattr(t, "data_ptr") and t.numel()]
         return args_hst, kwargs_hst
 
     masked_load = interpreter.InterpreterBuilder.create_masked_load

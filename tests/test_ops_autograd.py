@@ -184,9 +184,10 @@ def test_vmap_folds_its_slices_into_one_call_and_matches_a_loop(monkeypatch):
         got.sum().backward()
         assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15), name
         assert calls == functions, (name, calls)
-        # Another vmapped axis, and out_dims.
+        # Another vmapped axis, and out_dims; and 0 slices.
         got = torch.func.vmap(op, in_dims=1, out_dims=1)(x.movedim(0, 1))
         assert torch.allclose(got, expected.movedim(0, 1), rtol=1e-12, atol=1e-15), name
+        assert torch.func.vmap(op)(x[:0]).shape == (0, *expected.shape[1:]), name
     # A vmapped argument that the samples share (the bias) runs once per slice.
     u_hat, bias = torch.randn(3, 2, 5, 3, 4, dtype=torch.float64), torch.randn(3, 3, 4, dtype=torch.float64)
     got = torch.func.vmap(lambda u, b: dynamic_routing(u, 2, bias=b))(u_hat, bias)

@@ -246,9 +246,9 @@ sys.meta_path.insert(0, Interrupt())
 
 @pytest.mark.parametrize("start, stderr", [
     ("import runpy; runpy.run_module('capsnet_triton.train', run_name='__main__', alter_sys=True)",
-     "python -m capsnet_triton.train: interrupted (Ctrl-C) before it began; nothing was done\n"),
+     "python -m capsnet_triton.train: interrupted (Ctrl-C) before its work began\n"),
     ("sys.argv[0] = '/venv/bin/capsnet-evaluate'; from capsnet_triton.evaluate import main",
-     "capsnet-evaluate: interrupted (Ctrl-C) before it began; nothing was done\n"),
+     "capsnet-evaluate: interrupted (Ctrl-C) before its work began\n"),
     ("import capsnet_triton.train", None),                # imported by other code: its KeyboardInterrupt
 ])
 def test_a_ctrl_c_while_a_command_loads_is_one_line(start, stderr):
@@ -273,6 +273,6 @@ def test_a_ctrl_c_while_the_command_reads_its_options_is_one_line(monkeypatch, c
         stopped = e
     err = capsys.readouterr().err
     assert isinstance(stopped, SystemExit) and stopped.code == 130
-    assert err.count("\n") == 1 and "interrupted (Ctrl-C) before it began" in err
+    assert err.count("\n") == 1 and "interrupted (Ctrl-C) before its work began" in err
     with pytest.raises(KeyboardInterrupt):
         train.main(["--out", "anywhere"])

@@ -26,19 +26,19 @@ def register_folding_rule(op, sample_axes, output_axes, new_axis=False):
         size = info.batch_size
         if None in axes_out or any(d is not None and axis is None for d, axis in zip(in_dims, sample_axes)):
             return _per_slice(op, size, in_dims, args, several)
-        folded = []
+        folded, samples = [], None
         for arg, d, axis in zip(args, in_dims, sample_axes):
             if axis is not None:
                 arg = arg.movedim(d, axis) if d is not None else arg.unsqueeze(axis).expand(
                     *arg.shape[:axis], size, *arg.shape[axis:])
+                samples = arg.shape[axis + 1] if samples is None else samples
                 if not new_axis:
                     arg = arg.flatten(axis, axis + 1)
             folded.append(arg)
         outputs = op(*folded)
         outputs = outputs if several else (outputs,)
-        if not new_axis:
-            outputs = tuple(out.unflatten(axis, (size, out.shape[axis] // size))
-                            for out, axis in zip(outputs, axes_out))
+        if not new_axis:                  # (size, samples): a vmap over 0 slices unfolds too
+            outputs = tuple(out.unflatten(axis, (size, samples)) for out, axis in zip(outputs, axes_out))
         return (outputs if several else outputs[0]), output_axes
 
     torch.library.register_vmap(op, rule)
@@ -46,6 +46,8 @@ def register_folding_rule(op, sample_axes, output_axes, new_axis=False):
 
 def _per_slice(op, size, in_dims, args, several):
     """op once per slice of the vmapped arguments, its outputs stacked on a new axis 0."""
+    if size == 0:                         # no slice to learn the outputs' shapes from
+        raise ValueError("vmap over 0 slices of an argument that the samples share (W, the bias) is not supported")
     results = [op(*(arg if d is None else arg.select(d, k) for arg, d in zip(args, in_dims))) for k in range(size)]
     if not several:
         return torch.stack(results), 0

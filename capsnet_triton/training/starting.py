@@ -39,6 +39,6 @@ def until_running(prog, command):
         if not command:
             raise
         if os.environ.get("RANK", "0") == "0":
-            sys.stderr.write(f"{prog}: interrupted (Ctrl-C) before it began; nothing was done\n")
+            sys.stderr.write(f"{prog}: interrupted (Ctrl-C) before its work began\n")
             sys.stderr.flush()
         raise SystemExit(INTERRUPTED_STATUS) from None
