@@ -127,15 +127,15 @@ def _guard_reads(monkeypatch):
     import numpy as np
     from triton.runtime import interpreter
 
-    storages = []                        # [start, end) bytes of the running launch's tensors
+    extents = []                         # [start, end) bytes of the running launch's tensors
     init_args = interpreter.GridExecutor._init_args_hst
 
     def init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         # Each tensor's own extent, not its storage's: a view's kernel must not read its neighbours.
-        storages[:] = [(t.data_ptr(), t.data_ptr() + t.element_size() * (
-                           1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))))
-                       for t in (*args_hst, *kwargs_hst.values()) if hasattr(t, "data_ptr") and t.numel()]
+        extents[:] = [(t.data_ptr(), t.data_ptr() + t.element_size() * (
+                          1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))))
+                      for t in (*args_hst, *kwargs_hst.values()) if hasattr(t, "data_ptr") and t.numel()]
         return args_hst, kwargs_hst
 
     masked_load = interpreter.InterpreterBuilder.create_masked_load
@@ -144,7 +144,7 @@ def _guard_reads(monkeypatch):
         addresses = ptrs.data[mask.data].astype(np.uint64)
         size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
         inside = np.zeros(addresses.shape, dtype=bool)
-        for start, end in storages:
+        for start, end in extents:
             inside |= (addresses >= start) & (addresses + size <= end)
         assert inside.all(), f"a kernel read {np.count_nonzero(~inside)} elements outside its launch's tensors"
         return masked_load(self, ptrs, mask, other, cache_policy, is_volatile)

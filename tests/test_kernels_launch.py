@@ -94,7 +94,6 @@ def test_each_variant_launches_its_own_kernels_and_the_default_the_split_ones(la
     """variant="sample": one forward launch and one kernel-A launch, a program per sample;
     "split" (the default, which the ops run): one launch per iteration and one more for the last
     squash, and one kernel-A launch per iteration; neither runs the other's kernels."""
-
     from capsnet_triton import capsule_linear, dynamic_routing
     launched, grids = [], []
 
@@ -112,10 +111,9 @@ def test_each_variant_launches_its_own_kernels_and_the_default_the_split_ones(la
     for names in _VARIANT_KERNELS[layer].values():
         for name in names:
             spy(name)
-    # Two chunks of I for "split" (none of the sample kernels' launches has any).
     iterations = 3
     launch = {} if variant is None else {"variant": variant}
-    if variant == "split":
+    if variant == "split":                    # two chunks of I (the sample kernels' launches have none)
         launch.update(splits=2, block_i=2)
     if layer == "routing":
         u_hat = sample(rng, (2, 5, 3, 4), torch.float32)

@@ -3,10 +3,10 @@
 One file per op, each holding, in order, the op's PyTorch path, its torch.library custom-op
 registration (`capsnet_triton::*`, fake, autograd and vmap rules, the last from batching.py) and
 its public function, which validates its input (with capsnet_triton.checks) and calls the custom
-op, so that `torch.compile(..., fullgraph=True)` traces through it as a single node. Where no backward may
-follow and nothing traces, transforms or recasts the call (checks.runs_as_function), the PyTorch
-path is called as a plain function instead: the op's dispatch would cost 25-80 us. Each op has two
-implementations, chosen by `backend`:
+op, so that `torch.compile(..., fullgraph=True)` traces through it as a single node. Where no
+backward may follow and nothing traces, transforms or recasts the call (checks.runs_as_function),
+the PyTorch path is called as a plain function instead: the op's dispatch would cost 25-80 us.
+Each op has two implementations, chosen by `backend`:
 
 - "triton": the fused kernels of `capsnet_triton.kernels` (CUDA tensors; CPU tensors only when
   TRITON_INTERPRET=1 was set before triton was imported);
